@@ -1,0 +1,149 @@
+"""The JSON-lines progress protocol spoken by ``iwseg predict --progress-format jsonl``.
+
+The backend writes one JSON object per line on **stdout**; the 3D Slicer module (or any
+other front end) reads them as they come. Human-readable logs go to stderr. Every object
+has a ``"stage"`` key; the other keys depend on the stage:
+
+=============  ==========================================================================
+stage          keys
+=============  ==========================================================================
+``start``      ``version``, ``cases`` (number of input cases), ``device``
+``load``       ``case``, ``message`` — reading the input or the checkpoint
+``preprocess`` ``case``
+``inference``  ``case``, ``done``, ``total`` (windows), ``eta_s`` (seconds, or null)
+``postprocess````case`` — thresholding, lesion analysis
+``write``      ``case``, ``path``
+``case_done``  ``case``, ``outputs`` (mapping name -> path), ``lesions`` (count), ``seconds``
+``warning``    ``message`` (e.g. "CUDA out of memory, retrying with batch size 1")
+``done``       ``seconds``, ``cases``
+``error``      ``message``, ``exit_code``
+=============  ==========================================================================
+
+A line that is not a JSON object is not an event (a stray print from a library); readers
+must skip it rather than fail. The process exit code is authoritative: 0 success, 2 bad
+input, 3 cancelled, anything else a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, TextIO
+
+STAGES = (
+    "start", "load", "preprocess", "inference", "postprocess", "write", "case_done", "warning", "done", "error",
+)
+
+
+@dataclass
+class ProgressEvent:
+    """One parsed protocol line."""
+
+    stage: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, default=None):
+        return self.data.get(key, default)
+
+    @property
+    def fraction(self) -> float | None:
+        """``done / total`` in [0, 1] for events that carry both, else None."""
+        done, total = self.data.get("done"), self.data.get("total")
+        if isinstance(done, (int, float)) and isinstance(total, (int, float)) and total > 0:
+            return max(0.0, min(1.0, done / total))
+        return None
+
+
+def parse_progress_line(line: str) -> ProgressEvent | None:
+    """Parse one stdout line of the backend; ``None`` for anything that is not a protocol event."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("stage"), str):
+        return None
+    stage = obj.pop("stage")
+    return ProgressEvent(stage, obj)
+
+
+class EtaEstimator:
+    """Seconds left from the rate so far (None until one step is done)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._start = clock()
+
+    def restart(self) -> None:
+        self._start = self._clock()
+
+    def eta(self, done: int, total: int) -> float | None:
+        if done <= 0 or total <= 0:
+            return None
+        elapsed = self._clock() - self._start
+        return round(elapsed / done * max(total - done, 0), 1)
+
+
+class ProgressReporter:
+    """Emits progress either as JSON lines (machine readable) or as plain text / tqdm bars.
+
+    ``fmt`` is ``"jsonl"`` or ``"text"``. In ``jsonl`` mode every call writes one flushed
+    line on ``stream`` (stdout by default); in ``text`` mode inference progress is shown as
+    a tqdm bar on stderr and other stages as short log lines.
+    """
+
+    def __init__(self, fmt: str = "text", stream: TextIO | None = None):
+        if fmt not in ("text", "jsonl"):
+            raise ValueError(f"progress format must be 'text' or 'jsonl', got {fmt!r}")
+        self.fmt = fmt
+        self.stream = stream
+        self._bar = None
+        self._eta = EtaEstimator()
+
+    def emit(self, stage: str, **data: Any) -> None:
+        if self.fmt == "jsonl":
+            out = self.stream or sys.stdout
+            out.write(json.dumps({"stage": stage, **data}, default=str) + "\n")
+            out.flush()
+            return
+        if stage == "inference":
+            self._text_bar(data)
+            return
+        self._close_bar()
+        message = data.get("message") or data.get("path") or ""
+        case = data.get("case")
+        prefix = f"[{case}] " if case else ""
+        if stage in ("warning", "error"):
+            print(f"{stage}: {prefix}{message}", file=self.stream or sys.stderr, flush=True)
+        elif message:
+            print(f"{prefix}{stage}: {message}", file=self.stream or sys.stderr, flush=True)
+
+    def inference_callback(self, case: str | None = None) -> Callable[[int, int], None]:
+        """A ``progress(done, total)`` callback for sliding-window inference that reports here."""
+        self._eta.restart()
+
+        def progress(done: int, total: int) -> None:
+            self.emit("inference", case=case, done=int(done), total=int(total), eta_s=self._eta.eta(done, total))
+
+        return progress
+
+    def _text_bar(self, data: dict) -> None:
+        from tqdm import tqdm
+
+        total, done = data.get("total") or 0, data.get("done") or 0
+        if self._bar is None or self._bar.total != total:
+            self._close_bar()
+            self._bar = tqdm(total=total, desc=f"{data.get('case') or 'inference'}", unit="win", leave=False)
+        self._bar.n = done
+        self._bar.refresh()
+        if done >= total:
+            self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

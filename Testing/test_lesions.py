@@ -1,0 +1,104 @@
+"""Lesion labelling, sizes and size groups on hand-made masks."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from IWSegmentationLib.errors import InputError
+from IWSegmentationLib.lesions import (
+    SIZE_PRESETS,
+    SizeThresholds,
+    analyze_lesions,
+    equivalent_diameter,
+    label_components,
+    relabel_by_size,
+    size_thresholds,
+)
+
+
+def test_corner_touching_lesions_depend_on_connectivity():
+    mask = np.zeros((8, 8, 8), np.uint8)
+    mask[0, 0, 0] = 1  # 1-voxel lesion
+    mask[1:4, 1:4, 1] = 1  # 9-voxel lesion; touches (0,0,0) only at the corner (1,1,1)
+    # (1,1,1) is a diagonal neighbour of (0,0,0) in all three axes: 26-connectivity joins them
+    assert label_components(mask, 26)[1] == 1
+    assert label_components(mask, 6)[1] == 2
+    assert label_components(mask, 18)[1] == 2  # 18-connectivity excludes the pure 3D corner
+
+
+def test_lesion_table_volumes_diameters_groups():
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[2:4, 2:4, 2:4] = 1  # 8 voxels
+    mask[10:18, 10:18, 10:18] = 1  # 512 voxels
+    spacing = (2.0, 0.5, 0.5)  # 0.5 mm³ per voxel
+    labels, lesions = analyze_lesions(mask, spacing, thresholds=SizeThresholds(3.0, 8.0))
+    assert [les.voxels for les in lesions] == [8, 512]
+    assert lesions[0].volume_mm3 == pytest.approx(4.0)  # 8 * 0.5
+    # d = (6*4/pi)^(1/3) = 1.969 mm -> small ; (6*256/pi)^(1/3) = 7.878 mm -> medium
+    assert lesions[0].diameter_mm == pytest.approx((24 / math.pi) ** (1 / 3))
+    assert [les.size_group for les in lesions] == ["small", "medium"]
+    assert lesions[1].centroid == pytest.approx((13.5, 13.5, 13.5))
+    assert lesions[1].bbox == (10, 10, 10, 18, 18, 18)
+    assert labels.max() == 2
+
+
+def test_confidence_is_max_probability_inside():
+    mask = np.zeros((6, 6, 6), np.uint8)
+    mask[1:3, 1:3, 1:3] = 1
+    prob = np.zeros(mask.shape, np.float32)
+    prob[1, 1, 1], prob[2, 2, 2] = 0.7, 0.9
+    prob[5, 5, 5] = 1.0  # outside the lesion, must not count
+    _, lesions = analyze_lesions(mask, probabilities=prob)
+    assert lesions[0].confidence == pytest.approx(0.9)
+
+
+def test_presets_and_threshold_resolution():
+    assert SIZE_PRESETS["lung"].small_mm == 10 and SIZE_PRESETS["metastases"].small_mm == 5
+    assert SIZE_PRESETS["liver"].small_mm == 12
+    assert size_thresholds(thresholds=[4, 9]) == SizeThresholds(4, 9)
+    with pytest.raises(InputError, match="unknown size preset"):
+        size_thresholds("kidney")
+    with pytest.raises(InputError, match="small < large"):
+        SizeThresholds(10, 5)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(InputError, match="3D"):
+        label_components(np.zeros((4, 4)))
+    with pytest.raises(InputError, match="connectivity"):
+        label_components(np.zeros((4, 4, 4)), connectivity=8)
+    with pytest.raises(InputError, match="spacing"):
+        analyze_lesions(np.ones((2, 2, 2)), spacing=(1, 0, 1))
+
+
+def test_empty_mask_has_no_lesions():
+    labels, lesions = analyze_lesions(np.zeros((5, 5, 5)))
+    assert lesions == [] and labels.max() == 0
+
+
+def test_relabel_by_size_orders_largest_first():
+    labels = np.zeros((1, 1, 10), np.int32)
+    labels[0, 0, :2] = 1  # size 2
+    labels[0, 0, 3:8] = 2  # size 5
+    labels[0, 0, 9] = 3  # size 1
+    new, order = relabel_by_size(labels)
+    assert list(order) == [2, 1, 3]
+    assert list(new[0, 0]) == [2, 2, 0, 1, 1, 1, 1, 1, 0, 3]
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.uint8, st.tuples(*[st.integers(1, 7)] * 3), elements=st.integers(0, 1)))
+def test_component_voxels_partition_the_mask(mask):
+    labels, lesions = analyze_lesions(mask)
+    assert sum(les.voxels for les in lesions) == int(mask.sum())
+    assert np.array_equal(labels > 0, mask > 0)
+    # fewer components with more connectivity
+    assert label_components(mask, 26)[1] <= label_components(mask, 18)[1] <= label_components(mask, 6)[1]
+
+
+def test_equivalent_diameter_of_unit_sphere():
+    assert equivalent_diameter(4 / 3 * math.pi) == pytest.approx(2.0)
