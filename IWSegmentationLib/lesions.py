@@ -23,6 +23,15 @@ from .errors import InputError
 CONNECTIVITIES = (6, 18, 26)
 SIZE_GROUPS = ("small", "medium", "large")
 
+#: The size-group colours, from the Okabe-Ito colour-blind-safe palette. The same values are
+#: used for the Slicer segments, the legend (Resources/) and the docs: small lesions get the
+#: most salient colour so they are not lost among large ones.
+SIZE_GROUP_COLORS: dict[str, tuple[int, int, int]] = {
+    "small": (213, 94, 0),  # vermillion  #D55E00
+    "medium": (240, 228, 66),  # yellow  #F0E442
+    "large": (0, 114, 178),  # blue  #0072B2
+}
+
 
 @dataclass(frozen=True)
 class SizeThresholds:

@@ -7,17 +7,25 @@ has a ``"stage"`` key; the other keys depend on the stage:
 =============  ==========================================================================
 stage          keys
 =============  ==========================================================================
-``start``      ``version``, ``cases`` (number of input cases), ``device``
-``load``       ``case``, ``message`` — reading the input or the checkpoint
+``start``      ``version``, ``cases`` (number of input cases), ``device``; ``precision``
+               (``fp32``/``fp16``/``bf16``), ``model`` (checkpoint path)
+``load``       ``case``, ``message`` — reading the input or the checkpoint (``case`` null)
 ``preprocess`` ``case``
-``inference``  ``case``, ``done``, ``total`` (windows), ``eta_s`` (seconds, or null)
+``inference``  ``case``, ``done``, ``total`` (windows that run, after background skipping),
+               ``eta_s`` (seconds, or null); at most about 5 lines a second, the last with
+               ``done == total``
 ``postprocess````case`` — thresholding, lesion analysis
-``write``      ``case``, ``path``
-``case_done``  ``case``, ``outputs`` (mapping name -> path), ``lesions`` (count), ``seconds``
-``warning``    ``message`` (e.g. "CUDA out of memory, retrying with batch size 1")
-``done``       ``seconds``, ``cases``
+``write``      ``case``, ``path`` — about to write this output (it appears atomically)
+``case_done``  ``case``, ``outputs`` (mapping name -> path), ``lesions`` (count), ``seconds``;
+               ``windows``, ``windows_total`` (windows run / in the full grid)
+``warning``    ``message`` (e.g. "CUDA out of memory, retrying with batch size 1"); ``case``
+               when it concerns one case (a folder case that failed and was skipped)
+``done``       ``seconds``, ``cases`` (cases that succeeded); ``failed`` (list of case names)
 ``error``      ``message``, ``exit_code``
 =============  ==========================================================================
+
+Keys after the semicolons were added after the first version; readers must not require them
+and must ignore keys they do not know.
 
 A line that is not a JSON object is not an event (a stray print from a library); readers
 must skip it rather than fail. The process exit code is authoritative: 0 success, 2 bad

@@ -1,0 +1,475 @@
+"""IWSegmentation: lesion segmentation with inverse-weighted 3D U-Nets, one segment per lesion.
+
+A thin 3D Slicer scripted module: Qt widgets, the parameter node and the wiring. The work is
+done elsewhere: inference in a separate backend process (``IWSegmentationLib.process``, which
+runs ``PythonSlicer -m IWSegmentationLib predict``), the texts and rows of the panel in
+``IWSegmentationLib.panel`` and the scene building in ``IWSegmentationLib.mrml``; all three are
+tested without Slicer. See docs/module.md.
+"""
+
+import importlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from IWSegmentationLib import errors, lesions, panel, process
+
+#: Device choices shown in the panel -> ``iwseg predict --device`` values.
+DEVICES = {"Auto": "auto", "CUDA": "cuda", "CPU": "cpu"}
+#: IWSegmentationLib modules reloaded (dependencies first) by the developer "Reload" button.
+LIB_MODULES = ("errors", "progress", "lesions", "imageio", "metrics", "panel", "process", "slicer_deps", "mrml")
+
+
+class IWSegmentation(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "IW Segmentation"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["IWSegmentation developers"]
+        self.parent.helpText = """
+Segments lesions with a 3D U-Net trained with inverse weighting, so that small lesions are not lost
+among large ones. Every lesion becomes its own segment, coloured by size group, with its diameter,
+volume, confidence and (given a reference) object Dice. Inference runs in a background process:
+Slicer stays usable and Apply turns into Cancel. See the <a href="https://github.com/iwsegmentation/SlicerIWSegmentation/blob/main/docs/module.md">module documentation</a>.
+"""
+        self.parent.acknowledgementText = """
+Method: B. Shirokikh, A. Shevtsov, A. Kurmukov et al., "Universal Loss Reweighting to Balance Lesion
+Size Inequality in 3D Medical Image Segmentation", MICCAI 2020, LNCS 12264, pp. 523-532,
+doi:10.1007/978-3-030-59719-1_51.
+"""
+
+
+@parameterNodeWrapper
+class IWSegmentationParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    organMask: vtkMRMLSegmentationNode
+    referenceSegmentation: vtkMRMLSegmentationNode
+    checkpointPath: str = ""
+    device: Annotated[str, Choice(list(DEVICES))] = "Auto"
+    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
+    threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
+    confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    outputSegmentation: vtkMRMLSegmentationNode
+
+
+class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None
+        self._progress = None
+        self._card = None
+        self._devices = None
+        self._rows = []
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/IWSegmentation.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = IWSegmentationLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onCheckpointChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceInfo)
+        self.ui.confidenceSliderWidget.connect("valueChanged(double)", self.onConfidenceChanged)
+        self.ui.lesionTableWidget.connect("cellClicked(int, int)", self.onLesionClicked)
+        self.ui.lesionTableWidget.setColumnCount(len(panel.LESION_COLUMNS))
+        self.ui.lesionTableWidget.setHorizontalHeaderLabels(list(panel.LESION_COLUMNS))
+        self.ui.progressBar.visible = False
+        self.ui.legendLabel.text = legendHtml()
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(150)
+        self._pollTimer.connect("timeout()", self.onPoll)
+        self._deviceProbe = process.DeviceProbe(self.logic.python)
+        self._deviceProbe.start()
+        self._devicesTimer = qt.QTimer()
+        self._devicesTimer.setInterval(300)
+        self._devicesTimer.connect("timeout()", self.updateDeviceInfo)
+        self._devicesTimer.start()
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self._pollTimer.stop()
+        self._devicesTimer.stop()
+        if self._run is not None and self._run.running:
+            self._run.backend.close()  # no orphan backend when Slicer closes
+        self.removeObservers()
+
+    def onReload(self):
+        for name in LIB_MODULES:
+            if f"IWSegmentationLib.{name}" in sys.modules:
+                importlib.reload(sys.modules[f"IWSegmentationLib.{name}"])
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+
+    def onSceneStartClose(self, caller, event):
+        if self._run is not None and self._run.running:
+            self._run.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+            if self.ui.checkpointPathLineEdit.currentPath != self._parameterNode.checkpointPath:
+                self.ui.checkpointPathLineEdit.currentPath = self._parameterNode.checkpointPath
+            self.updateApplyButton()
+
+    def updateApplyButton(self, caller=None, event=None):
+        running = self._run is not None and self._run.running
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._card is not None)
+        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.applyButton.enabled = running or ready
+        self.ui.applyButton.toolTip = ("Stop the backend process; the scene is left unchanged" if running else
+                                       "Segment the lesions" if ready else "Select an input volume and a checkpoint")
+
+    def onCheckpointChanged(self, path):
+        self._card = None
+        if self._parameterNode:
+            self._parameterNode.checkpointPath = path
+        if path:
+            try:
+                self._card = self.logic.readModelCard(path)
+                self.ui.modelCardLabel.text = panel.model_card_text(self._card)
+                if self._parameterNode:
+                    self._parameterNode.threshold = float(self._card.get("threshold", 0.5))
+            except (errors.InputError, ImportError) as exc:
+                self.ui.modelCardLabel.text = f"Cannot use this checkpoint: {exc}"
+        else:
+            self.ui.modelCardLabel.text = "No checkpoint selected."
+        self.updateApplyButton()
+
+    def updateDeviceInfo(self, *args):
+        self._devices = self._deviceProbe.poll() if self._devices is None else self._devices
+        if self._devices is not None:
+            self._devicesTimer.stop()
+        text, warning = panel.describe_devices(self._devices, DEVICES[self.ui.deviceComboBox.currentText or "Auto"])
+        self.ui.deviceInfoLabel.text = text + (f"\n⚠ {warning}" if warning else "")
+
+    def onApplyButton(self):
+        if self._run is not None and self._run.running:
+            self._run.cancel()
+            self.ui.statusLabel.text = "Cancelling…"
+            return
+        with slicer.util.tryWithErrorDisplay("Failed to start the segmentation.", waitCursor=True):
+            warnings = self.logic.checkInputs(self._parameterNode, self._card)
+            if warnings and not slicer.util.confirmOkCancelDisplay(
+                    "\n\n".join(warnings) + "\n\nRun the segmentation anyway?", "IWSegmentation: check the inputs"):
+                return
+            self._progress = panel.ProgressState()
+            self._run = self.logic.start(self._parameterNode, onProgress=self.onProgress, onFinished=self.onFinished)
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.visible = True
+            self.ui.statusLabel.text = "Starting the backend…"
+            self._pollTimer.start()
+        self.updateApplyButton()
+
+    def onPoll(self):
+        if self._run is None or not self._run.poll():
+            self._pollTimer.stop()
+
+    def onProgress(self, event):
+        self._progress.update(event)
+        self.ui.progressBar.value = self._progress.percent
+        self.ui.statusLabel.text = self._progress.text
+
+    def onFinished(self, result):
+        self._pollTimer.stop()
+        self.ui.progressBar.visible = False
+        self.updateApplyButton()
+        if result.outcome is process.Outcome.CANCELLED:
+            self.ui.statusLabel.text = "Cancelled. The scene was not changed."
+        elif not result.ok:
+            self.ui.statusLabel.text = f"Failed: {result.message}"
+            slicer.util.errorDisplay(result.report(), windowTitle="IWSegmentation: segmentation failed")
+        else:
+            self.showResults(result.loaded, result.seconds)
+
+    def showResults(self, results, seconds):
+        self._parameterNode.outputSegmentation = results.segmentation
+        self._rows = panel.lesion_rows(results.lesions, results.matches)
+        self.ui.resultsCollapsibleButton.enabled = True
+        found = len(results.lesions)
+        self.ui.statusLabel.text = f"Done in {seconds:.0f} s." if found else f"Done in {seconds:.0f} s: no lesions found."
+        self.ui.summaryLabel.text = (f"{found} lesion{'s' if found != 1 else ''} found" if found else
+                                     "No lesions found above the segmentation threshold.")
+        table = self.ui.lesionTableWidget
+        table.setRowCount(len(self._rows))
+        for r, row in enumerate(self._rows):
+            for c, text in enumerate(row["cells"]):
+                table.setItem(r, c, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
+        self.onConfidenceChanged(self._parameterNode.confidenceThreshold)
+
+    def onConfidenceChanged(self, value):
+        results = self.logic.results
+        if results is None:
+            return
+        self.logic.setConfidenceThreshold(results, value)
+        self.ui.countsLabel.text = panel.detection_counts(results.lesions, value, results.matches or None).text()
+
+    def onLesionClicked(self, row, column):
+        if 0 <= row < len(self._rows) and self.logic.results is not None:
+            self.logic.centerOnLesion(self.logic.results, self._rows[row])
+
+
+def legendHtml():
+    """The size-colour legend: one coloured square per size group (the segments' colours)."""
+    swatches = (f'<span style="background-color:#{r:02X}{g:02X}{b:02X}">&nbsp;&nbsp;&nbsp;&nbsp;</span>&nbsp;{group}'
+                for group, (r, g, b) in lesions.SIZE_GROUP_COLORS.items())
+    return "Size groups: " + " &nbsp; ".join(swatches)
+
+
+class IWSegmentationLogic(ScriptedLoadableModuleLogic):
+    """Runs the backend process and builds the scene from its outputs; usable without the widget."""
+
+    def __init__(self, python=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.python = python or shutil.which("PythonSlicer") or sys.executable
+        self.results = None
+
+    def getParameterNode(self):
+        return IWSegmentationParameterNode(super().getParameterNode())
+
+    def readModelCard(self, path):
+        from IWSegmentationLib import checkpoint
+
+        return checkpoint.read_metadata(path)
+
+    def checkInputs(self, parameters, card):
+        """Refuse unusable inputs (raises InputError); return warnings the user should confirm."""
+        volume = parameters.inputVolume
+        if volume is None or volume.GetImageData() is None:
+            raise errors.InputError("Select an input volume.")
+        image = volume.GetImageData()
+        panel.check_volume_shape(image.GetDimensions(), image.GetNumberOfScalarComponents(), volume.GetName())
+        if card is None:
+            raise errors.InputError("Select a readable model checkpoint.")
+        low, high = image.GetScalarRange()
+        return panel.compatibility_warnings(card, minimum=low, maximum=high, dicom_modality=dicomModality(volume))
+
+    def start(self, parameters, onProgress=None, onFinished=None):
+        """Start the backend on the parameters' volume; returns the running ``InferenceRun``."""
+        from IWSegmentationLib import slicer_deps
+
+        slicer_deps.ensure_in_slicer()
+        volume, organ = parameters.inputVolume, parameters.organMask
+        run = process.InferenceRun(
+            process.PredictParameters(parameters.checkpointPath, device=DEVICES[parameters.device],
+                                      overlap=parameters.overlap, threshold=parameters.threshold),
+            command_prefix=process.default_command_prefix(self.python),
+            loader=lambda outputs: self.loadResults(outputs, parameters),
+        )
+        if onProgress:
+            run.progress.connect(onProgress)
+        if onFinished:
+            run.finished.connect(onFinished)
+        run.log.connect(lambda line: logging.info(f"[iwseg] {line}"))
+        run.start(write_input=lambda path: exportOrFail(volume, path),
+                  write_organ_mask=(lambda path: exportSegmentationAsLabelmap(organ, volume, path)) if organ else None)
+        return run
+
+    def process(self, parameters, timeout=None):
+        """Blocking mode for scripts and tests: run, wait, and return the results (raises on failure)."""
+        run = self.start(parameters)
+        result = run.run_blocking(timeout=timeout) if not run.running else (run.backend.wait(timeout), run.result)[1]
+        if not result.ok:
+            raise RuntimeError(result.report())
+        return result.loaded
+
+    def loadResults(self, outputs, parameters):
+        """Read the backend's outputs onto the input volume's grid; on any error the scene is rolled back."""
+        from IWSegmentationLib import imageio, mrml
+
+        with sceneRollbackOnError(slicer.mrmlScene):
+            results = mrml.load_prediction(
+                slicer.mrmlScene, parameters.inputVolume,
+                imageio.read_image(outputs["mask"])[0], imageio.read_image(outputs["probabilities"])[0],
+                reference=parameters.referenceSegmentation,
+                size_thresholds_mm=panel.card_size_thresholds(self.readModelCard(parameters.checkpointPath)),
+            )
+        self.results = results
+        return results
+
+    def setConfidenceThreshold(self, results, value):
+        from IWSegmentationLib import mrml
+
+        mrml.set_confidence_threshold(results.segmentation, value)
+
+    def centerOnLesion(self, results, row):
+        segmentId = row.get("segment_id")
+        node = results.segmentation if row.get("status") != "FN" else results.reference
+        if node is None or not segmentId:
+            return
+        center = node.GetSegmentCenterRAS(segmentId)
+        slicer.modules.markups.logic().JumpSlicesToLocation(center[0], center[1], center[2], True)
+
+
+def dicomModality(volume):
+    """The DICOM Modality tag (0008,0060) of a volume loaded from DICOM, else None."""
+    uids = (volume.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids or not getattr(slicer, "dicomDatabase", None):
+        return None
+    return slicer.dicomDatabase.fileValue(slicer.dicomDatabase.fileForInstance(uids[0]), "0008,0060") or None
+
+
+def exportOrFail(node, path):
+    if not slicer.util.exportNode(node, str(path)):
+        raise errors.InputError(f"could not write {node.GetName()} to {path} (see the application log)")
+
+
+def exportSegmentationAsLabelmap(segmentation, referenceVolume, path):
+    """Merge a segmentation's segments into a labelmap on the volume's grid and write it to ``path``."""
+    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "IWSegmentation organ mask")
+    try:
+        slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(segmentation, labelmap, referenceVolume)
+        exportOrFail(labelmap, path)
+    finally:
+        slicer.mrmlScene.RemoveNode(labelmap)
+
+
+class sceneRollbackOnError:
+    """Context manager: if the block raises, remove every node it added to the scene."""
+
+    def __init__(self, scene):
+        self.scene = scene
+
+    def __enter__(self):
+        self.before = {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
+
+    def __exit__(self, excType, exc, tb):
+        if excType is not None:
+            added = [self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes())]
+            for node in [n for n in added if n.GetID() not in self.before]:
+                self.scene.RemoveNode(node)
+        return False
+
+
+class IWSegmentationTest(ScriptedLoadableModuleTest):
+    """Runs the real path inside Slicer: a known-answer checkpoint, a phantom, Apply in blocking mode."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+        self.tmp = tempfile.mkdtemp(prefix="IWSegmentationTest-")
+
+    def runTest(self):
+        self.setUp()
+        self.test_KnownAnswer()
+        self.setUp()
+        self.test_BadInput()
+
+    def makeCase(self):
+        import numpy as np
+
+        from IWSegmentationLib import phantom
+
+        case = phantom.phantom_case(spacing=(1.5, 0.9, 0.8))
+        ijkToRas = np.diag([-case.spacing[2], -case.spacing[1], case.spacing[0], 1.0])  # LPS file -> RAS
+        volume = slicer.util.addVolumeFromArray(case.image, ijkToRas, name="Phantom")
+        label = slicer.util.addVolumeFromArray(case.reference, ijkToRas, "PhantomReference", "vtkMRMLLabelMapVolumeNode")
+        reference = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Reference")
+        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(label, reference)
+        slicer.mrmlScene.RemoveNode(label)
+        ckpt = phantom.threshold_checkpoint(os.path.join(self.tmp, "threshold.safetensors"))
+        return case, volume, reference, str(ckpt)
+
+    def test_KnownAnswer(self):
+        self.delayDisplay("Known-answer segmentation of a phantom")
+        case, volume, reference, ckpt = self.makeCase()
+        logic = IWSegmentationLogic()
+        params = logic.getParameterNode()
+        params.inputVolume, params.referenceSegmentation, params.checkpointPath = volume, reference, ckpt
+        params.device = "CPU"
+        results = logic.process(params, timeout=600)
+
+        segmentation = results.segmentation.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 3)
+        for lesion in results.lesions:
+            color = segmentation.GetSegment(lesion["segment_id"]).GetColor()
+            expected = [c / 255.0 for c in lesions.SIZE_GROUP_COLORS[lesion["size_group"]]]
+            self.assertEqual([round(c, 3) for c in color], [round(c, 3) for c in expected])
+        self.assertEqual(sorted(les["size_group"] for les in results.lesions), ["large", "medium", "small"])
+        self.assertEqual(sorted(m["status"] for m in results.matches), ["TP", "TP", "TP"])
+        for match in results.matches:
+            self.assertAlmostEqual(match["dice"], 1.0, places=6)  # the prediction is the reference exactly
+
+        # The confidence slider: the small lesion (intensity 70) has confidence 0.982 < 0.99.
+        counts = panel.detection_counts(results.lesions, 0.99, results.matches)
+        self.assertEqual((counts.shown, counts.detected_reference, counts.false_positives), (2, 2, 0))
+        logic.setConfidenceThreshold(results, 0.99)
+        visible = [segmentation.GetNthSegmentID(i) for i in range(3)
+                   if results.segmentation.GetDisplayNode().GetSegmentVisibility(segmentation.GetNthSegmentID(i))]
+        self.assertEqual(len(visible), 2)
+
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        import ScreenCapture
+
+        capture = ScreenCapture.ScreenCaptureLogic()
+        for view in ("Red", "Green"):
+            path = os.path.join(self.tmp, f"IWSegmentationTest-{view}.png")
+            capture.captureImageFromView(slicer.app.layoutManager().sliceWidget(view).sliceView(), path)
+            self.assertTrue(os.path.getsize(path) > 0)
+        self.delayDisplay(f"Test passed; screenshots in {self.tmp}")
+
+    def test_BadInput(self):
+        self.delayDisplay("Bad input leaves the scene unchanged")
+        import numpy as np
+
+        logic = IWSegmentationLogic()
+        params = logic.getParameterNode()
+        params.inputVolume = slicer.util.addVolumeFromArray(np.zeros((1, 20, 20), dtype=np.float32), name="Slice")
+        with self.assertRaises(errors.InputError):
+            logic.checkInputs(params, {"preprocessing": {"modality": "MR"}})
+        nodes = slicer.mrmlScene.GetNumberOfNodes()
+        params.inputVolume = slicer.util.addVolumeFromArray(np.zeros((20, 20, 20), dtype=np.float32), name="Zeros")
+        params.checkpointPath = os.path.join(self.tmp, "missing.safetensors")
+        with self.assertRaises(errors.InputError):
+            logic.start(params)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes + 1)  # only the volume we added
+        self.delayDisplay("Test passed")

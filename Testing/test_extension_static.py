@@ -1,0 +1,355 @@
+"""Static checks of the 3D Slicer extension: CMake lists, the .ui file, the module's shape, icons.
+
+The real Slicer application cannot be installed on this project's machines, so what can be
+checked without it is checked here, in plain Python:
+
+* every file the CMake lists name exists, and every ``.py`` file of ``IWSegmentationLib`` is
+  shipped (listed) — a new engine module fails this test until it is added to
+  ``IWSegmentation/CMakeLists.txt``;
+* configuring the extension against a stand-in ``Slicer`` CMake package that copies files
+  exactly as Slicer's ``slicerMacroBuildScriptedModule`` / ``ctkMacroCompilePythonScript`` do
+  puts the module, its resources and the whole engine package where Slicer loads them, and
+  the shipped package runs (``python -m IWSegmentationLib --help``) from there;
+* every ``self.ui.X`` the module uses is an objectName in the ``.ui`` file, and every widget
+  bound to the parameter node (``SlicerParameterName``) names a declared parameter of a type
+  that widget can show;
+* the module stays thin: short, no torch/numpy at import, Slicer's current template idioms;
+* the icons are 128 x 128 and the legend's colours are the segments' palette.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from IWSegmentationLib.lesions import SIZE_GROUP_COLORS, SIZE_GROUPS
+
+ROOT = Path(__file__).resolve().parents[1]
+TOP_CMAKE = ROOT / "CMakeLists.txt"
+MODULE_DIR = ROOT / "IWSegmentation"
+MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+MODULE_PY = MODULE_DIR / "IWSegmentation.py"
+MODULE_UI = MODULE_DIR / "Resources" / "UI" / "IWSegmentation.ui"
+LIB_DIR = ROOT / "IWSegmentationLib"
+
+MAX_MODULE_LINES = 400
+
+
+# ---------------------------------------------------------------------------- CMake parsing
+
+
+def cmake_text(path: Path) -> str:
+    """CMake source without comments."""
+    return "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
+
+
+def cmake_set(path: Path, name: str) -> list[str]:
+    """The values of ``set(NAME v1 v2 ...)`` (quoted strings kept whole, quotes removed)."""
+    match = re.search(rf"\bset\(\s*{name}\b(.*?)\)", cmake_text(path), re.S)
+    assert match, f"{path.name} does not set {name}"
+    return [a.strip('"') for a in re.findall(r'"[^"]*"|\S+', match.group(1))]
+
+
+def shipped_lib_files() -> list[str]:
+    return cmake_set(MODULE_CMAKE, "IWSEG_LIB_PYTHON_SCRIPTS")
+
+
+def lib_python_files() -> list[str]:
+    return sorted(p.relative_to(LIB_DIR).as_posix() for p in LIB_DIR.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_extension_metadata_follows_the_template():
+    values = {name: cmake_set(TOP_CMAKE, name) for name in (
+        "EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS")}
+    for name, value in values.items():
+        assert value and all(value), f"{name} is empty"
+    assert values["EXTENSION_CATEGORY"] == ["Segmentation"]
+    assert "PyTorch" in " ".join(values["EXTENSION_DEPENDS"]).split()
+    assert values["EXTENSION_HOMEPAGE"][0].startswith("https://")
+    text = cmake_text(TOP_CMAKE)
+    for needed in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(IWSegmentation)",
+                   "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+        assert needed in text, f"top-level CMakeLists.txt lacks {needed}"
+
+
+def _repo_path_of_url(url: str) -> Path:
+    match = re.search(r"/(?:raw/|)main/(.+)$", url)
+    assert match, f"URL {url} does not point into the repository's main branch"
+    return ROOT / match.group(1)
+
+
+def test_extension_icon_url_points_to_the_icon_in_the_repository():
+    (url,) = cmake_set(TOP_CMAKE, "EXTENSION_ICONURL")
+    assert _repo_path_of_url(url) == ROOT / "Resources" / "Icons" / "IWSegmentation.png"
+    assert _repo_path_of_url(url).is_file()
+
+
+def test_extension_screenshot_urls_point_into_resources_screenshots():
+    urls = " ".join(cmake_set(TOP_CMAKE, "EXTENSION_SCREENSHOTURLS")).split()
+    missing = []
+    for url in urls:
+        path = _repo_path_of_url(url)
+        assert path.parent == ROOT / "Resources" / "Screenshots", url
+        if not path.is_file():
+            missing.append(path.relative_to(ROOT).as_posix())
+    if missing:
+        pytest.skip(f"screenshots for the Extensions Index not generated yet: {', '.join(missing)}")
+
+
+def test_every_file_the_module_cmake_lists_exists():
+    missing = [f"IWSegmentationLib/{f}" for f in shipped_lib_files() if not (LIB_DIR / f).is_file()]
+    module_name = cmake_set(MODULE_CMAKE, "MODULE_NAME")[0]
+    for entry in cmake_set(MODULE_CMAKE, "MODULE_PYTHON_SCRIPTS") + cmake_set(MODULE_CMAKE, "MODULE_PYTHON_RESOURCES"):
+        if "IWSEG_LIB" in entry:
+            continue
+        rel = entry.replace("${MODULE_NAME}", module_name)
+        if not (MODULE_DIR / rel).is_file():
+            missing.append(f"IWSegmentation/{rel}")
+    assert not missing, "IWSegmentation/CMakeLists.txt lists files that do not exist: " + ", ".join(missing)
+
+
+def test_every_engine_module_is_shipped():
+    listed = shipped_lib_files()
+    assert len(listed) == len(set(listed)), "IWSEG_LIB_PYTHON_SCRIPTS lists a file twice"
+    unlisted = sorted(set(lib_python_files()) - set(listed))
+    assert not unlisted, (
+        "IWSegmentationLib files the extension does not ship; add these lines to IWSEG_LIB_PYTHON_SCRIPTS "
+        "in IWSegmentation/CMakeLists.txt:\n" + "\n".join(f"  {f}" for f in unlisted)
+    )
+
+
+def test_the_module_test_is_registered_with_ctest():
+    text = cmake_text(MODULE_CMAKE)
+    assert re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py\s*\)", text)
+    assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME\s+\$\{MODULE_NAME\}", text)
+
+
+# ---------------------------------------------------------------------------- configure with a stand-in Slicer
+
+FAKE_USE_SLICER = r"""
+# A stand-in for Slicer's CMake package: the two macros the extension calls, with the file
+# placement rules of Slicer's slicerMacroBuildScriptedModule and CTK's ctkMacroCompilePythonScript
+# (relative scripts/resources keep their relative path; an absolute script lands at its path
+# relative to CMAKE_CURRENT_BINARY_DIR), done at configure time.
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.8/qt-scripted-modules)
+set(BUILD_TESTING ON)
+macro(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MY_SLICER "WITH_GENERIC_TESTS;WITH_SUBDIR;VERBOSE" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  if(MY_SLICER_UNPARSED_ARGUMENTS)
+    message(FATAL_ERROR "Unknown keywords given to slicerMacroBuildScriptedModule(): ${MY_SLICER_UNPARSED_ARGUMENTS}")
+  endif()
+  set(dest ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR})
+  foreach(file ${MY_SLICER_SCRIPTS})
+    set(src ${CMAKE_CURRENT_SOURCE_DIR}/${file})
+    set(tgt ${file})
+    if(IS_ABSOLUTE ${file})
+      set(src ${file})
+      file(RELATIVE_PATH tgt ${CMAKE_CURRENT_BINARY_DIR} ${file})
+    endif()
+    if(NOT EXISTS ${src})
+      message(FATAL_ERROR "slicerMacroBuildScriptedModule(SCRIPTS) given nonexistent file '${file}'")
+    endif()
+    configure_file(${src} ${dest}/${tgt} COPYONLY)
+  endforeach()
+  foreach(file ${MY_SLICER_RESOURCES})
+    if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${file})
+      message(FATAL_ERROR "slicerMacroBuildScriptedModule(RESOURCES) given nonexistent file '${file}'")
+    endif()
+    configure_file(${CMAKE_CURRENT_SOURCE_DIR}/${file} ${dest}/${file} COPYONLY)
+  endforeach()
+endmacro()
+macro(slicer_add_python_unittest)
+  cmake_parse_arguments(MY_TEST "" "SCRIPT;TESTNAME_PREFIX" "SLICER_ARGS" ${ARGN})
+  file(APPEND ${CMAKE_BINARY_DIR}/python_unittests.txt "${MY_TEST_SCRIPT}\n")
+endmacro()
+"""
+
+
+@pytest.fixture(scope="module")
+def configured_extension(tmp_path_factory):
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed")
+    tmp = tmp_path_factory.mktemp("extension")
+    fake = tmp / "FakeSlicer"
+    fake.mkdir()
+    (fake / "UseSlicer.cmake").write_text(FAKE_USE_SLICER)
+    (fake / "Empty.cmake").write_text("")
+    (fake / "SlicerConfig.cmake").write_text(textwrap.dedent("""
+        set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/UseSlicer.cmake)
+        set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/Empty.cmake)
+        set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/Empty.cmake)
+    """))
+    build = tmp / "build"
+    proc = subprocess.run(
+        [cmake, "-S", str(ROOT), "-B", str(build), f"-DSlicer_DIR={fake}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    if proc.returncode != 0 and "CMAKE_C_COMPILER" in proc.stderr + proc.stdout:
+        pytest.skip("no C/C++ compiler for CMake's project() checks")
+    assert proc.returncode == 0, f"cmake configure failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return build, build / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+
+
+def test_configured_extension_places_module_resources_and_engine(configured_extension):
+    build, modules = configured_extension
+    assert (modules / "IWSegmentation.py").read_text() == MODULE_PY.read_text()
+    assert (modules / "Resources" / "UI" / "IWSegmentation.ui").is_file()
+    assert (modules / "Resources" / "Icons" / "IWSegmentation.png").is_file()
+    for rel in shipped_lib_files():
+        assert (modules / "IWSegmentationLib" / rel).read_bytes() == (LIB_DIR / rel).read_bytes(), rel
+    assert (build / "python_unittests.txt").read_text().split() == ["IWSegmentation.py"]
+
+
+def test_shipped_engine_runs_from_the_module_folder(configured_extension, tmp_path):
+    _, modules = configured_extension
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(modules)
+    code = "import IWSegmentationLib, IWSegmentationLib.process, IWSegmentationLib.panel; print(IWSegmentationLib.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).parent == modules / "IWSegmentationLib"
+    help_out = subprocess.run([sys.executable, "-m", "IWSegmentationLib", "--help"], capture_output=True, text=True,
+                              cwd=modules, env=env, timeout=120)
+    assert help_out.returncode == 0, help_out.stderr
+    assert "predict" in help_out.stdout
+
+
+# ---------------------------------------------------------------------------- the .ui file and the module
+
+
+def ui_widgets() -> dict[str, ET.Element]:
+    root = ET.parse(MODULE_UI).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_PY.read_text(), filename=str(MODULE_PY))
+
+
+def parameter_fields() -> dict[str, str]:
+    """``name -> annotation source`` of the module's parameterNodeWrapper class."""
+    for node in module_tree().body:
+        if isinstance(node, ast.ClassDef) and any(
+                getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list):
+            return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError("the module has no @parameterNodeWrapper class")
+
+
+def test_every_ui_widget_the_module_uses_exists():
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_PY.read_text()))
+    widgets = ui_widgets()
+    assert used, "the module uses no self.ui widgets?"
+    missing = sorted(used - set(widgets))
+    assert not missing, f"the module uses widgets missing from {MODULE_UI.name}: {', '.join(missing)}"
+
+
+def _property(widget: ET.Element, name: str) -> ET.Element | None:
+    return next((p for p in widget.findall("property") if p.get("name") == name), None)
+
+
+def test_parameter_bindings_name_declared_parameters_of_a_matching_type():
+    fields = parameter_fields()
+    bound = {}
+    for name, widget in ui_widgets().items():
+        prop = _property(widget, "SlicerParameterName")
+        if prop is not None:
+            bound[prop.findtext("string")] = (name, widget)
+    assert bound, "no widget is bound to the parameter node"
+    for parameter, (name, widget) in bound.items():
+        assert parameter in fields, f"widget {name} is bound to undeclared parameter {parameter!r}"
+        annotation, cls = fields[parameter], widget.get("class")
+        if cls == "qMRMLNodeComboBox":
+            node_types = [s.text for s in _property(widget, "nodeTypes").iter("string")]
+            assert node_types == [annotation], f"{name} shows {node_types}, parameter {parameter} is {annotation}"
+        elif cls == "ctkSliderWidget":
+            assert annotation.startswith("Annotated[float, WithinRange("), f"{name} needs a bounded float, got {annotation}"
+        elif cls == "QComboBox":
+            assert "Choice(" in annotation, f"{name} needs a Choice parameter, got {annotation}"
+        else:
+            raise AssertionError(f"no check for widget class {cls} ({name})")
+
+
+def test_every_mrml_widget_gets_the_scene():
+    root = ET.parse(MODULE_UI).getroot()
+    receivers = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    combos = {n for n, w in ui_widgets().items() if w.get("class") == "qMRMLNodeComboBox"}
+    assert combos and combos <= receivers, f"MRML widgets without setMRMLScene: {sorted(combos - receivers)}"
+
+
+def test_module_file_stays_thin_and_follows_the_current_template():
+    text = MODULE_PY.read_text()
+    lines = text.count("\n") + 1
+    assert lines < MAX_MODULE_LINES, f"IWSegmentation.py has {lines} lines; move logic into IWSegmentationLib"
+    assert not re.search(r"^\s*(import|from)\s+torch\b", text, re.M), "the module must not import torch"
+    tree = module_tree()
+    top_imports = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    top_imports |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+    assert not top_imports & {"torch", "numpy", "SimpleITK", "scipy"}, "heavy imports at module load"
+    assert not re.search(r"^\s*import imp\b|\bimp\.reload\b", text, re.M), "use importlib.reload, never imp"
+    for idiom in ("parameterNodeWrapper", "tryWithErrorDisplay", "importlib.reload", "connectGui", "disconnectGui"):
+        assert idiom in text, f"the module does not use {idiom}"
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert {"IWSegmentation", "IWSegmentationWidget", "IWSegmentationLogic", "IWSegmentationTest"} <= classes
+    helptext = text[text.index("helpText"):text.index("acknowledgementText") + 600]
+    assert "Shirokikh" in helptext and "MICCAI 2020" in helptext, "the help must cite the paper"
+
+
+def test_device_choices_match_the_backend():
+    from IWSegmentationLib.process import DEVICES
+
+    match = re.search(r"^DEVICES = (\{.*?\})$", MODULE_PY.read_text(), re.M)
+    choices = ast.literal_eval(match.group(1))
+    assert set(choices.values()) <= set(DEVICES) and "auto" in choices.values()
+    items = [i.findtext("property/string") for i in ui_widgets()["deviceComboBox"].findall("item")]
+    assert items == list(choices), "the .ui's device items differ from the module's choices"
+
+
+# ---------------------------------------------------------------------------- icons, legend, example config
+
+
+def _load_make_icons():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_icons", ROOT / "Resources" / "Icons" / "make_icons.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_icons_are_128_pixel_pngs():
+    image = pytest.importorskip("PIL.Image")
+    for path in (ROOT / "Resources" / "Icons" / "IWSegmentation.png",
+                 MODULE_DIR / "Resources" / "Icons" / "IWSegmentation.png"):
+        with image.open(path) as icon:
+            assert icon.format == "PNG" and icon.size == (128, 128), path
+
+
+def test_legend_colours_are_the_segment_palette():
+    image = pytest.importorskip("PIL.Image")
+    make_icons = _load_make_icons()
+    with image.open(make_icons.LEGEND) as legend:
+        rgb = legend.convert("RGB")
+        for row, group in enumerate(SIZE_GROUPS):
+            assert rgb.getpixel(make_icons.swatch_center(row)) == SIZE_GROUP_COLORS[group], group
+    # and the panel's legend (HTML) uses the same colours
+    html_colours = re.findall(r"background-color:#\{r:02X\}\{g:02X\}\{b:02X\}", MODULE_PY.read_text())
+    assert html_colours and "lesions.SIZE_GROUP_COLORS.items()" in MODULE_PY.read_text()
+
+
+def test_example_training_config_is_accepted_by_the_trainer():
+    training = pytest.importorskip("IWSegmentationLib.training")
+    config = training.load_config(ROOT / "Resources" / "Configs" / "example_train.yaml")
+    assert config.loss == "iw-dice" and list(config.patch_size) == [128, 128, 128]

@@ -1,0 +1,300 @@
+"""Sliding-window inference: MONAI equality, grid/padding/cropping, skipping, cancel, OOM fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from IWSegmentationLib.errors import Cancelled, InputError
+from IWSegmentationLib.inference import (
+    InferenceStats,
+    foreground_windows,
+    importance_map,
+    padding_for,
+    predict_volume,
+    resolve_device,
+    resolve_precision,
+    sliding_window_inference,
+    window_starts,
+)
+
+
+def conv_net(in_channels: int = 1, out_channels: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A small random conv net: zero padding makes its output depend on the window position,
+    so overlapping windows disagree and the blend is really tested."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(in_channels, 4, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv3d(4, out_channels, 3, padding=1),
+    ).eval()
+
+
+def monai_reference(image: torch.Tensor, net, patch, overlap, blend, sigma_scale=0.125) -> torch.Tensor:
+    monai = pytest.importorskip("monai.inferers")
+    x = image if image.ndim == 4 else image[None]
+    with torch.no_grad():
+        return monai.sliding_window_inference(
+            x[None], patch, 3, net, overlap=overlap, mode=blend, sigma_scale=sigma_scale
+        )[0]
+
+
+# --------------------------------------------------------------------------- equality with MONAI
+
+MONAI_CASES = [
+    # shape, patch, overlap, blend
+    ((40, 50, 37), (16, 16, 16), 0.5, "gaussian"),
+    ((40, 50, 37), (16, 20, 12), 0.25, "constant"),
+    ((31, 33, 29), (16, 16, 16), 0.0, "gaussian"),
+    ((14, 17, 15), (8, 9, 10), 0.75, "gaussian"),
+    ((10, 50, 7), (16, 16, 16), 0.5, "gaussian"),  # patch larger than the image on two axes: padding
+    ((33, 33, 33), (33, 33, 33), 0.5, "constant"),  # patch == image: one window
+    ((5, 6, 7), (16, 16, 16), 0.25, "constant"),  # patch larger than the image on every axis
+]
+
+
+@pytest.mark.parametrize("shape,patch,overlap,blend", MONAI_CASES)
+def test_matches_monai(shape, patch, overlap, blend):
+    net = conv_net()
+    image = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    expected = monai_reference(image, net, patch, overlap, blend)
+    ours = sliding_window_inference(image, net, patch, overlap=overlap, blend=blend, batch_size=3)
+    assert ours.shape == expected.shape == (2, *shape)
+    assert torch.allclose(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_matches_monai_numpy_multichannel_sigma_and_batch_sizes():
+    net = conv_net(in_channels=2, out_channels=1)
+    image = np.random.default_rng(2).normal(size=(2, 30, 26, 41)).astype(np.float32)
+    expected = monai_reference(torch.from_numpy(image), net, (12, 16, 14), 0.4, "gaussian", sigma_scale=0.2)
+    for batch in (1, 5):
+        ours = sliding_window_inference(image, net, (12, 16, 14), overlap=0.4, sigma_scale=0.2, batch_size=batch)
+        assert isinstance(ours, np.ndarray) and ours.dtype == np.float32
+        np.testing.assert_allclose(ours, expected.numpy(), atol=1e-5, rtol=0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    size=st.tuples(*[st.integers(1, 60)] * 3),
+    patch=st.tuples(*[st.integers(3, 24)] * 3),
+    overlap=st.floats(0.0, 0.9),
+)
+def test_grid_and_padding_match_monai(size, patch, overlap):
+    data_utils = pytest.importorskip("monai.data.utils")
+    inferer_utils = pytest.importorskip("monai.inferers.utils")
+    pads = padding_for(size, patch)
+    padded = tuple(s + a + b for s, (a, b) in zip(size, pads))
+    assert padded == tuple(max(s, p) for s, p in zip(size, patch))
+    interval = inferer_utils._get_scan_interval(padded, patch, 3, (overlap,) * 3)
+    expected = sorted(tuple(s.start for s in sl) for sl in data_utils.dense_patch_slices(padded, patch, interval))
+    starts = window_starts(padded, patch, (overlap,) * 3)
+    ours = sorted(tuple(int(v) for v in c) for c in np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3))
+    assert ours == expected
+
+
+@pytest.mark.parametrize("patch,scale", [((16, 16, 16), 0.125), ((7, 12, 33), 0.125), ((64, 64, 64), 0.25)])
+def test_importance_map_matches_monai(patch, scale):
+    data_utils = pytest.importorskip("monai.data.utils")
+    expected = data_utils.compute_importance_map(patch, mode="gaussian", sigma_scale=scale)
+    ours = importance_map(patch, "gaussian", scale)
+    assert torch.equal(ours, expected)
+    # peak 1 at the centre (odd side) and the 1e-3 floor at the corners (4 sigma: exp(-8) < 1e-3)
+    if all(p % 2 for p in patch):
+        assert ours[tuple(p // 2 for p in patch)] == 1.0
+    if scale == 0.125:
+        assert float(ours.min()) == pytest.approx(1e-3)
+    else:  # sigma = 16: corner weight exp(-31.5**2 / 512)**3 = 0.003, above the floor
+        assert float(ours.min()) == pytest.approx(np.exp(-(31.5**2) / 512) ** 3, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- invariants without MONAI
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(1, 30)] * 3),
+    patch=st.tuples(*[st.integers(4, 16)] * 3),
+    overlap=st.sampled_from([0.0, 0.25, 0.5, 0.8]),
+    blend=st.sampled_from(["gaussian", "constant"]),
+)
+def test_pointwise_predictor_is_reproduced_exactly(shape, patch, overlap, blend):
+    """A voxel-wise predictor gives the same value in every window, so any weighted average of
+    them is that value: out == f(image) for every shape (odd, smaller than the patch, ...)."""
+    image = np.random.default_rng(sum(shape)).normal(size=shape).astype(np.float32)
+    out = sliding_window_inference(image, lambda x: 3 * x - 1, patch, overlap=overlap, blend=blend, batch_size=2)
+    assert out.shape == (1, *shape)
+    np.testing.assert_allclose(out[0], 3 * image - 1, atol=1e-5, rtol=1e-5)
+
+
+def test_window_starts_hand_computed():
+    # side 10, patch 4, overlap 0.5: interval int(4 * 0.5) = 2, starts 0 2 4 6 (6 + 4 reaches 10)
+    # side 9, patch 4, overlap 0.25: interval int(3.0) = 3, starts 0 3 then 6 -> shifted back to 5
+    # side 4 == patch: one window
+    assert window_starts((10, 9, 4), (4, 4, 4), (0.5, 0.25, 0.5)) == [[0, 2, 4, 6], [0, 3, 5], [0]]
+    assert padding_for((3, 10, 4), (6, 4, 7)) == [(1, 2), (0, 0), (1, 2)]
+
+
+def test_foreground_windows_hand_computed():
+    # side 8, patch 4, overlap 0.5: starts 0 2 4 on each axis; one foreground voxel at (1, 5, 7)
+    # z: windows [0,4) contain 1 -> z-starts 0 only; y: [2,6) and [4,8) contain 5; x: [4,8) contains 7
+    fg = np.zeros((8, 8, 8), bool)
+    fg[1, 5, 7] = True
+    starts = window_starts((8, 8, 8), (4, 4, 4), (0.5,) * 3)
+    hit = foreground_windows(fg, starts, (4, 4, 4))
+    expected = np.zeros((3, 3, 3), bool)
+    expected[0, 1:, 2] = True
+    assert np.array_equal(hit, expected)
+    assert not foreground_windows(np.zeros((8, 8, 8), bool), starts, (4, 4, 4)).any()
+
+
+def test_skipping_keeps_foreground_values_and_zeroes_uncovered():
+    net = conv_net(out_channels=1)
+    shape = (24, 48, 48)
+    image = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    fg = np.zeros(shape, bool)
+    fg[4:12, 5:15, 30:40] = True
+    full_stats, skip_stats = InferenceStats(), InferenceStats()
+    full = sliding_window_inference(image, net, 16, overlap=0.5, stats=full_stats)
+    skipped = sliding_window_inference(image, net, 16, overlap=0.5, foreground=fg, stats=skip_stats)
+    assert skip_stats.windows_run < full_stats.windows_run == full_stats.windows_total == 2 * 5 * 5
+    # every window holding a foreground voxel ran, so those voxels blend the same windows
+    np.testing.assert_allclose(skipped[0][fg], full[0][fg], atol=1e-6, rtol=0)
+    # voxels no window covers: fill value 0 (here: far corner, outside every run window)
+    assert np.all(skipped[0, :, 40:, :] == 0) and np.all(skipped[0, :, :, :8] == 0)
+    assert not np.allclose(full[0, :, 40:, :], 0)
+
+
+def test_empty_foreground_runs_nothing():
+    calls = []
+
+    def predictor(x):
+        calls.append(x.shape[0])
+        return x
+
+    out = sliding_window_inference(np.ones((10, 10, 10), np.float32), predictor, 4,
+                                   foreground=np.zeros((10, 10, 10), bool), fill_value=0.0)
+    assert out.shape == (1, 10, 10, 10) and not out.any()
+    assert calls == [1]  # only the probe that finds the output channel count
+
+
+def test_small_slabs_give_the_same_result(monkeypatch):
+    import IWSegmentationLib.inference as inference
+
+    net = conv_net(out_channels=1)
+    image = torch.randn(25, 16, 17, generator=torch.Generator().manual_seed(4))
+    big = sliding_window_inference(image, net, (9, 8, 8), overlap=0.5)
+    monkeypatch.setattr(inference, "_SLAB_VOXELS", 16 * 17 * 3)  # 3-slice slabs, not aligned with windows
+    small = sliding_window_inference(image, net, (9, 8, 8), overlap=0.5)
+    assert torch.equal(big, small)
+
+
+def test_progress_and_cancel():
+    net = conv_net(out_channels=1)
+    image = torch.randn(16, 16, 16)
+    seen = []
+    sliding_window_inference(image, net, 8, overlap=0.5, batch_size=4, progress=lambda d, t: seen.append((d, t)))
+    # 3 x 3 x 3 = 27 windows in batches of 4: 4, 8, ..., 24, 27
+    assert seen == [(d, 27) for d in (4, 8, 12, 16, 20, 24, 27)]
+    checks = []
+
+    def cancel():
+        checks.append(1)
+        return len(checks) > 2
+
+    with pytest.raises(Cancelled, match="after 8 of 27"):
+        sliding_window_inference(image, net, 8, overlap=0.5, batch_size=4, cancel=cancel)
+
+
+def test_out_of_memory_halves_the_batch_then_falls_back_to_cpu():
+    net = conv_net(out_channels=1)
+    image = torch.randn(20, 24, 28, generator=torch.Generator().manual_seed(5))
+    reference = sliding_window_inference(image, net, 8)
+
+    class BatchLimited(torch.nn.Module):
+        def __init__(self, limit):
+            super().__init__()
+            self.net, self.limit = net, limit
+
+        def forward(self, x):
+            if x.shape[0] > self.limit:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.net(x)
+
+    messages, stats = [], InferenceStats()
+    out = sliding_window_inference(image, BatchLimited(1), 8, batch_size=4, on_warning=messages.append, stats=stats)
+    assert stats.batch_size == 1 and len(messages) == 2 and "batch size 2" in messages[0]
+    assert torch.allclose(out, reference, atol=1e-6)
+
+    class AcceleratorOOM(BatchLimited):
+        def forward(self, x):
+            if x.device.type != "cpu":
+                raise torch.OutOfMemoryError("out of memory")
+            return self.net(x)
+
+    # the "meta" device stands in for a GPU that has no memory: every call there fails
+    messages, stats = [], InferenceStats()
+    out = sliding_window_inference(image, AcceleratorOOM(0), 8, batch_size=2, device="meta",
+                                   on_warning=messages.append, stats=stats)
+    assert stats.device == "cpu" and "continuing on the CPU" in messages[-1]
+    assert torch.allclose(out, reference, atol=1e-6)
+
+
+def test_precision_and_device_resolution():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    with pytest.raises(InputError, match="fp16"):
+        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(InputError, match="unknown device"):
+        resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="--device auto"):
+            resolve_device("cuda")
+    net = conv_net(out_channels=1)
+    image = torch.randn(12, 12, 12)
+    fp32 = sliding_window_inference(image, net, 8)
+    bf16 = sliding_window_inference(image, net, 8, precision="bf16")
+    assert (bf16 - fp32).abs().max() < 0.05  # bf16 has 8 mantissa bits: close, not equal
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"overlap": 1.0}, "overlap"),
+    ({"overlap": -0.1}, "overlap"),
+    ({"blend": "median"}, "blend"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"foreground": np.ones((3, 3, 3), bool)}, "foreground"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        sliding_window_inference(np.zeros((8, 8, 8), np.float32), lambda x: x, 4, **kwargs)
+    with pytest.raises(InputError, match="shape"):
+        sliding_window_inference(np.zeros((8, 8), np.float32), lambda x: x, 4)
+    with pytest.raises(InputError, match="patch_size"):
+        sliding_window_inference(np.zeros((8, 8, 8), np.float32), lambda x: x, (4, 4))
+
+
+def test_predict_volume_resamples_back_and_skips():
+    """predict_volume with a target spacing works on the coarse grid and returns the input grid;
+    the body threshold (-900 HU for ct-lung) skips the air windows, which get probability 0."""
+    from IWSegmentationLib.imageio import Geometry
+    from IWSegmentationLib.models import build_model, default_config
+    from IWSegmentationLib.preprocessing import get_preset
+
+    torch.manual_seed(0)
+    model = build_model(default_config("tiny"))
+    image = np.full((30, 64, 64), -1000, np.int16)
+    image[4:26, 8:20, 8:20] = 20  # on the 2x-coarser grid (15, 32, 32): y, x 4..10, window starts 0 12 16
+    geometry = Geometry(size=(64, 64, 30), spacing=(0.5, 0.5, 1.0), origin=(0.0, 0.0, 0.0))
+    meta = {"patch_size": [16, 16, 16], "threshold": 0.5,
+            "preprocessing": get_preset("ct-lung", target_spacing=[2.0, 1.0, 1.0])}
+    result = predict_volume(model, image, meta, geometry=geometry, device="cpu")
+    assert result.probabilities.shape == result.mask.shape == image.shape
+    assert result.probabilities.dtype == np.float32 and result.mask.dtype == np.uint8
+    # 1 z-window (15 < 16: padded) x 3 x 3; only the one at y = x = 0 holds body voxels
+    assert (result.stats.windows_run, result.stats.windows_total) == (1, 9)
+    assert np.all(result.probabilities[:, 40:, :] == 0) and np.all(result.probabilities[:, :, 40:] == 0)
+    assert np.all((result.probabilities > 0)[4:26, 8:20, 8:20])
+    assert np.array_equal(result.mask, (result.probabilities > 0.5).astype(np.uint8))

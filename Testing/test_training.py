@@ -1,0 +1,364 @@
+"""The trainer: config schema, schedule, per-patch inverse weights, real tiny training runs on CPU,
+exact resume, failing writes, bad input, and DDP with two gloo processes.
+
+Every run here trains the ``tiny`` U-Net (86 k parameters) on 16x32x32 synthetic cases with
+16^3 patches, a few steps per epoch, so a run takes about a second on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from IWSegmentationLib.checkpoint import load_checkpoint, read_metadata
+from IWSegmentationLib.cli import main as cli_main
+from IWSegmentationLib.errors import CheckpointError, GeometryMismatchError, InputError
+from IWSegmentationLib.imageio import read_image, write_image
+from IWSegmentationLib.training import (
+    LAST_CHECKPOINT,
+    RESUME_STATE,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    config_reference_markdown,
+    load_config,
+    load_training_data,
+    lr_at_epoch,
+    make_patch_dataset,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Four synthetic liver-CT cases of 16x32x32 voxels (8, 6, 3 and 3 lesions, seed 0)."""
+    from IWSegmentationLib.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    write_dataset(root, 4, 0, "ct-liver", shape=(16, 32, 32))
+    return root
+
+
+def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
+    values = {
+        "data": str(data), "out": str(out), "model_size": "tiny", "patch_size": [16, 16, 16],
+        "epochs": 2, "iters_per_epoch": 4, "num_workers": 0, "val_every": 0, "val_fraction": 0.25,
+        "tensorboard": False, "progress": False, "seed": 3,
+    }
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_unknown_config_key_is_rejected_with_the_valid_keys(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data: somewhere\nepochz: 3\n")
+    with pytest.raises(InputError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "'epochz'" in message and str(path) in message
+    assert "Valid keys:" in message and "epochs" in message and "iters_per_epoch" in message
+    with pytest.raises(InputError, match="unknown config key.*'lrate'"):
+        load_config(None, ["lrate=0.1"])
+    # the CLI maps it to exit code 2, one line on stderr
+    assert cli_main(["train", "--config", str(path)]) == 2
+
+
+def test_config_defaults_are_the_papers_and_overrides_parse(tmp_path):
+    c = TrainConfig()
+    assert (c.lr, c.lr_final, c.lr_decay_at, c.momentum, c.nesterov) == (1e-2, 1e-3, 0.8, 0.9, True)
+    assert (c.epochs, c.iters_per_epoch, c.batch_size, c.patch_size) == (100, 100, 2, [128, 128, 128])
+    assert (c.loss, c.lesion_probability, c.augment) == ("iw-dice", 0.5, False)
+    path = tmp_path / "run.yaml"
+    path.write_text("data: d\nloss: dice\nmodel: {blocks_per_level: 1}\n")
+    # "1e-3" is a string to PyYAML (YAML 1.1 needs a dot); the float key still takes it
+    c = load_config(path, ["lr=1e-3", "patch_size=64", "model.channels=[4,8,16,32]", "augment=yes"])
+    assert c.lr == 0.001 and c.patch_size == [64, 64, 64] and c.augment is True
+    assert c.model == {"blocks_per_level": 1, "channels": [4, 8, 16, 32]}  # dotted override merged
+    assert c.model_config()["channels"] == [4, 8, 16, 32]
+    with pytest.raises(InputError, match="'batch_size' must be an integer"):
+        load_config(None, ["batch_size=2.5"])
+    with pytest.raises(InputError, match="'lr_schedule' must be one of"):
+        load_config(None, ["lr_schedule=linear"])
+    with pytest.raises(InputError, match="config key 'loss': unknown loss 'iw-dise'"):
+        load_config(None, ["loss=iw-dise"])
+
+
+def test_config_reference_documents_every_key():
+    table = config_reference_markdown()
+    docs = (REPO / "docs" / "training.md").read_text()
+    for key in TrainConfig.key_names():
+        assert f"| `{key}` |" in table
+        assert f"`{key}`" in docs, f"docs/training.md does not document config key {key}"
+
+
+def test_step_schedule_drops_the_lr_at_80_percent():
+    # paper: 1e-2 for epochs 0..79, 1e-3 from epoch 80 of 100; here 10 epochs -> drop at epoch 8
+    config = TrainConfig(epochs=10)
+    model = torch.nn.Linear(2, 1)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    seen = []
+    for _ in range(config.epochs):
+        seen.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert seen == pytest.approx([1e-2] * 8 + [1e-3] * 2)
+    assert seen == pytest.approx([lr_at_epoch(config, e) for e in range(10)])
+    assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
+    cosine = TrainConfig(epochs=4, lr_schedule="cosine")
+    opt = build_optimizer(model, cosine)
+    sched = build_scheduler(opt, cosine)
+    got = []
+    for _ in range(4):
+        got.append(opt.param_groups[0]["lr"])
+        sched.step()
+    # 1e-3 + 9e-3 * (1 + cos(pi e / 4)) / 2 for e = 0..3
+    assert got == pytest.approx([1e-2, 1e-3 + 9e-3 * (1 + 2**-0.5) / 2, 5.5e-3, 1e-3 + 9e-3 * (1 - 2**-0.5) / 2])
+
+
+# --------------------------------------------------------------------------- patches and weights
+
+
+def _volume_with_lesions():
+    """A 16x32x32 case: a 6x6x6 cube lesion (216 voxels) straddling x = 16, a 2x2x2 lesion and a
+    single-voxel lesion, far apart (3 components under 26-connectivity)."""
+    from IWSegmentationLib.data import CaseVolume
+    from IWSegmentationLib.imageio import Geometry
+
+    lesion = np.zeros((16, 32, 32), np.uint8)
+    lesion[5:11, 5:11, 13:19] = 1
+    lesion[2:4, 25:27, 3:5] = 1
+    lesion[13, 28, 28] = 1
+    image = np.where(lesion > 0, 100.0, 20.0).astype(np.float32)
+    return CaseVolume("hand", image, lesion, None, Geometry.identity(lesion.shape))
+
+
+@pytest.mark.parametrize("mode", ["clip", "exact"])
+def test_weights_per_patch_equal_component_weights_of_cropped_labels(tmp_path, mode):
+    from IWSegmentationLib.lesions import label_components
+    from IWSegmentationLib.weights import component_weights
+
+    volume = _volume_with_lesions()
+    whole, k = label_components(volume.lesion)
+    assert k == 3
+    whole_counts = np.bincount(whole.ravel())
+    config = tiny_config(tmp_path, tmp_path / "out", loss="iw-dice", loss_params={"mode": mode},
+                         lesion_probability=1.0, batch_size=4)
+    ds = make_patch_dataset(config, [volume], config.preprocessing_params(), keep_labels=True)
+    cut_seen = False
+    for step in range(6):
+        batch = ds.batch(step)
+        assert batch["weight"].shape == batch["image"].shape == (4, 1, 16, 16, 16)
+        for b in range(4):
+            labels = batch["labels"][b, 0].numpy()
+            weight = batch["weight"][b, 0].numpy()
+            np.testing.assert_array_equal(batch["target"][b, 0].numpy(), labels > 0)
+            # equation (1) with in-patch counts: N / (C |L_j|), C = components present (K + 1)
+            ids, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+            w = labels.size / (len(ids) * counts.astype(np.float64))
+            if mode == "clip":
+                w = np.clip(w, 1.0, 2e5)
+            else:
+                assert weight.sum() == pytest.approx(labels.size, rel=1e-5)  # exact weights sum to N
+            np.testing.assert_allclose(weight, w[inverse].reshape(labels.shape), rtol=1e-6)
+            np.testing.assert_allclose(weight, component_weights(labels, mode=mode), rtol=1e-6)
+            # whole-image ids survive the crop; a lesion cut by the patch border is weighted by
+            # its in-patch count, not its whole-image size
+            for j, n in zip(ids, counts):
+                if j > 0 and n < whole_counts[j]:
+                    cut_seen = True
+    assert cut_seen, "no patch cut the straddling lesion; the test did not exercise cropped counts"
+
+
+def test_each_rank_and_step_gets_its_own_patches(tmp_path):
+    volume = _volume_with_lesions()
+    config = tiny_config(tmp_path, tmp_path / "out")
+    params = config.preprocessing_params()
+    r0 = make_patch_dataset(config, [volume], params, rank=0, world_size=2)
+    r1 = make_patch_dataset(config, [volume], params, rank=1, world_size=2)
+    again = make_patch_dataset(config, [volume], params, rank=0, world_size=2)
+    assert not torch.equal(r0.batch(0)["image"], r1.batch(0)["image"])
+    assert not torch.equal(r0.batch(0)["image"], r0.batch(1)["image"])
+    assert torch.equal(r0.batch(5)["image"], again.batch(5)["image"])  # a pure function of (seed, rank, step)
+    assert "weight" in r0.batch(0) and "labels" not in r0.batch(0)  # labels dropped after weighting
+    plain = make_patch_dataset(tiny_config(tmp_path, tmp_path / "o", loss="dice"), [volume], params)
+    assert "weight" not in plain.batch(0)  # non-iw losses get no inverse weights
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def test_two_epoch_tiny_run_decreases_the_loss_and_writes_everything(dataset, tmp_path):
+    out = tmp_path / "run"
+    # num_workers=1: patches come from a background worker process, as in real runs
+    config = tiny_config(dataset, out, epochs=2, iters_per_epoch=6, num_workers=1, val_every=2,
+                         tensorboard=True, lr=0.03)
+    result = train(config, verbose=False)
+    losses = [row["loss"] for row in result.history]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+    assert all(0 <= row["data_wait_fraction"] <= 1 for row in result.history)
+    for name in ("last.safetensors", "best.safetensors", "resume.safetensors", "config.yaml", "splits.json",
+                 "log.csv"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    rows = (out / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,lr,loss")
+    model, card = load_checkpoint(out / "best.safetensors")
+    assert card["loss"]["name"] == "iw-dice" and card["patch_size"] == [16, 16, 16]
+    assert card["preprocessing"]["name"] == "ct-liver"
+    assert card["size_thresholds"]["small_mm"] == 12.0  # liver preset
+    assert card["training_data"]["cases"] == {"train": 3, "val": 1}
+    val = card["validation_metrics"]
+    assert val["epoch"] == 1 and set(val["by_size"]) == {"small", "medium", "large"}
+    assert model.config["channels"] == [4, 8, 16, 32]
+    splits = json.loads((out / "splits.json").read_text())
+    assert not set(splits["train"]) & set(splits["val"])
+
+
+def test_resume_after_interruption_gives_the_same_weights(dataset, tmp_path):
+    # num_workers=0 only to keep the test fast (no worker start-up); the batch stream does not
+    # depend on the number of workers: batch s is drawn from a generator of (seed, rank, s).
+    common = {"epochs": 3, "iters_per_epoch": 3, "num_workers": 0, "val_every": 0}
+    straight = train(tiny_config(dataset, tmp_path / "straight", **common), verbose=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, step, loss):
+        if epoch == 1 and step == 1:  # in the middle of the second epoch
+            raise Killed
+
+    config = tiny_config(dataset, tmp_path / "killed", **common)
+    with pytest.raises(Killed):
+        train(config, verbose=False, on_step=kill)
+    assert read_metadata(tmp_path / "killed" / LAST_CHECKPOINT)["training"]["epochs_done"] == 1
+    with pytest.raises(InputError, match="already holds a training run"):
+        train(config, verbose=False)  # a new run must not clobber it silently
+    resumed = train(config, resume=True, verbose=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+    a, _ = load_checkpoint(tmp_path / "straight" / LAST_CHECKPOINT)
+    b, _ = load_checkpoint(tmp_path / "killed" / LAST_CHECKPOINT)
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), f"{name} differs after resume (max |diff| {(ta - tb).abs().max()})"
+    assert straight.history[-1]["loss"] == resumed.history[-1]["loss"]
+    log = (tmp_path / "killed" / "log.csv").read_text().strip().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == ["0", "1", "2"]  # no duplicate rows
+
+    # another architecture cannot resume this run
+    other = tiny_config(dataset, tmp_path / "killed", **common, model={"channels": [4, 8, 16, 64]})
+    with pytest.raises(CheckpointError, match="different architecture"):
+        train(other, resume=True, verbose=False)
+    with pytest.raises(InputError, match="different config.*iters_per_epoch"):
+        train(tiny_config(dataset, tmp_path / "killed", **{**common, "iters_per_epoch": 5}), resume=True,
+              verbose=False)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(dataset, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    out = tmp_path / "run"
+    real_save = safetensors.torch.save_file
+    full = {"on": False}
+
+    def save_file(tensors, filename, metadata=None):
+        if full["on"]:
+            with open(filename, "wb") as fh:
+                fh.write(b"\0" * 100)  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+    def fill_disk(epoch, row):
+        full["on"] = True
+
+    with pytest.raises(CheckpointError, match="No space left on device.*intact"):
+        train(tiny_config(dataset, out, iters_per_epoch=2), verbose=False, on_epoch_end=fill_disk)
+    _, card = load_checkpoint(out / LAST_CHECKPOINT)  # still complete, sha256 verified
+    assert card["training"]["epochs_done"] == 1
+    assert not [p.name for p in out.iterdir() if ".partial-" in p.name]
+    full["on"] = False
+    resumed = train(tiny_config(dataset, out, iters_per_epoch=2), resume=True, verbose=False)
+    assert resumed.history[0]["epoch"] == 1
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_data_gives_errors_naming_the_case_or_key(dataset, tmp_path):
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": ["synth_000"], "val": []}))
+    with pytest.raises(InputError, match="split 'val' is empty"):
+        load_training_data(tiny_config(dataset, tmp_path / "o", splits=str(splits)), verbose=False)
+    with pytest.raises(InputError, match="config key 'data' is required"):
+        train(TrainConfig.from_dict({"out": str(tmp_path / "o")}), verbose=False)
+
+    # a label on another grid
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    label_path = broken / "labelsTr" / "synth_001.nii.gz"
+    label, geometry = read_image(label_path)
+    write_image(label_path, label[:, :, :-1], type(geometry).identity(label[:, :, :-1].shape, geometry.spacing_zyx))
+    with pytest.raises(GeometryMismatchError, match="synth_001"):
+        load_training_data(tiny_config(broken, tmp_path / "o", val_fraction=0.0), verbose=False)
+
+    # cases without lesions
+    empty = tmp_path / "empty"
+    shutil.copytree(dataset, empty)
+    for path in (empty / "labelsTr").iterdir():
+        label, geometry = read_image(path)
+        if path.name.startswith(("synth_000", "synth_002")):
+            label[:] = 0
+        write_image(path, label, geometry)
+    with pytest.raises(InputError, match="without any lesion: synth_000, synth_002"):
+        load_training_data(tiny_config(empty, tmp_path / "o", val_fraction=0.0, empty_cases="error"),
+                           verbose=False)
+    data = load_training_data(tiny_config(empty, tmp_path / "o", val_fraction=0.0, empty_cases="skip"),
+                              verbose=False)
+    assert [v.id for v in data.train_cases] == ["synth_001", "synth_003"]
+    for path in (empty / "labelsTr").iterdir():
+        label, geometry = read_image(path)
+        write_image(path, np.zeros_like(label), geometry)
+    with pytest.raises(InputError, match="no training case .* contains a lesion"):
+        load_training_data(tiny_config(empty, tmp_path / "o", val_fraction=0.0), verbose=False)
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_train_and_only_rank0_writes(dataset, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+        str(REPO / "scripts" / "train.py"),
+        "--set", f"data={dataset}", "--set", f"out={out}", "--set", "model_size=tiny",
+        "--set", "patch_size=16", "--set", "epochs=2", "--set", "iters_per_epoch=2",
+        "--set", "num_workers=0", "--set", "val_every=2", "--set", "val_fraction=0.25",
+        "--set", "tensorboard=false", "--set", "progress=false", "--set", "device=cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    card = read_metadata(out / LAST_CHECKPOINT)
+    assert card["training"]["world_size"] == 2 and card["training"]["epochs_done"] == 2
+    assert card["validation_metrics"]["epoch"] == 1
+    rows = (out / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header + 2 epochs: one writer
+    assert proc.stdout.count("trained 2 epoch(s)") == 1  # only rank 0 reports
+    assert (out / RESUME_STATE).is_file()
