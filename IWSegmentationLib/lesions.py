@@ -102,9 +102,12 @@ def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarr
     _check_volume(mask, "mask")
     if connectivity not in CONNECTIVITIES:
         raise InputError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity}")
-    binary = np.ascontiguousarray(mask != 0, dtype=np.uint8)
-    labels, k = cc3d.connected_components(binary, connectivity=connectivity, return_N=True, out_dtype=np.uint32)
-    return labels.astype(np.int32, copy=False), int(k)
+    binary = np.ascontiguousarray(mask != 0)
+    labels, k = cc3d.connected_components(
+        binary, connectivity=connectivity, return_N=True, out_dtype=np.uint32, binary_image=True
+    )
+    # uint32 -> int32 reinterpretation is free (no copy); ids never exceed 2**31 for a 3D volume.
+    return labels.view(np.int32), int(k)
 
 
 def equivalent_diameter(volume_mm3):
@@ -142,9 +145,12 @@ def component_sizes(labels: np.ndarray, k: int | None = None) -> np.ndarray:
 
 
 def component_max(labels: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
-    """Maximum of ``values`` inside each label 0..K (``-inf`` where a label is absent), in one pass."""
+    """Maximum of ``values`` inside each label 1..K (``-inf`` where a label is absent), in one pass.
+
+    Index 0 (background) is left at ``-inf``: only lesion voxels are visited."""
     out = np.full(k + 1, -np.inf, dtype=np.float64)
-    np.maximum.at(out, labels.ravel(), values.ravel().astype(np.float64, copy=False))
+    inside = labels > 0  # only lesion voxels: no full-size float64 copy of a whole CT
+    np.maximum.at(out, labels[inside], values[inside].astype(np.float64))
     return out
 
 

@@ -520,7 +520,7 @@ class _Pool:
             chosen[images] = True
             les_ok &= chosen[self.les_image]
             fp_ok &= chosen[self.comp_image]
-            n_images = int(np.count_nonzero(chosen))
+            pass
         return self.les_conf[les_ok], self.comp_conf[fp_ok], n_images
 
     def froc(self, group: str | None = None, images: np.ndarray | None = None) -> Froc:

@@ -424,7 +424,8 @@ def _dilate26(mask: np.ndarray) -> np.ndarray:
 
 
 def _place_lesions(rng, anatomy: _Anatomy, spacing, shape, n, diam_lo, diam_hi, exponent):
-    """Place ``n`` non-touching lesions inside the organ; returns (label, lesions, weights list)."""
+    """Place ``n`` non-touching lesions inside the organ (adding them to ``anatomy.image``);
+    returns ``(label, lesions)``."""
     label = np.zeros(shape, np.uint8)
     organ = anatomy.organ
     cand = np.flatnonzero(organ)
@@ -568,6 +569,19 @@ def case_id(index: int) -> str:
     return f"synth_{index:03d}"
 
 
+def _remove_stale_cases(folders, keep: set[str]) -> None:
+    """After ``--force`` over a larger earlier dataset, drop its ``synth_NNN`` files that the
+    new ``dataset.json`` does not list (only files of that exact generated name pattern)."""
+    import re
+
+    pattern = re.compile(r"^(synth_\d{3,})\.nii\.gz$")
+    for folder in folders:
+        for file in folder.iterdir():
+            m = pattern.match(file.name)
+            if m and m.group(1) not in keep:
+                file.unlink()
+
+
 def write_dataset(
     out: str | os.PathLike,
     cases: int,
@@ -625,6 +639,7 @@ def write_dataset(
         if progress is not None:
             progress(i + 1, cases, cid)
 
+    _remove_stale_cases(dirs.values(), {case_id(i) for i in range(cases)})
     with atomic_output(out / "lesions.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["case", "lesion", "voxels", "diameter_vox", "contrast", "kind", "z", "y", "x"])

@@ -190,5 +190,9 @@ def test_iwseg_synth_refuses_a_non_empty_folder(tmp_path, capsys):
     assert cli_main(args) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "dataset.json").exists()
-    assert cli_main([*args, "--force"]) == 0
-    assert (tmp_path / "dataset.json").exists()
+    assert cli_main([*args[:4], "2", *args[5:], "--force"]) == 0  # 2 cases
+    assert cli_main([*args, "--force"]) == 0  # then 1 case over them
+    assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 1
+    # the stale case of the larger run is gone; files that are not ours stay
+    assert sorted(p.name for p in (tmp_path / "labelsTr").iterdir()) == ["synth_000.nii.gz"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -282,8 +282,9 @@ def _size_thresholds(args: argparse.Namespace, card: dict) -> SizeThresholds:
 
 def lesion_report(case: Case, prediction, geometry: Geometry, thresholds: SizeThresholds,
                   connectivity: int) -> tuple[dict, int]:
-    """The lesion JSON of one case: one entry per connected component of the mask, largest first
-    is *not* imposed (scan order ids, as in the label map); centroids in voxels and in LPS mm."""
+    """The lesion JSON of one case and its lesion count: one entry per connected component of the
+    mask, ids in scan order (as ``lesions.label_components`` numbers them), centroids in voxel
+    indices and in physical LPS mm."""
     _, lesions = analyze_lesions(
         prediction.mask, geometry.spacing_zyx, connectivity=connectivity, thresholds=thresholds,
         probabilities=prediction.probabilities,
