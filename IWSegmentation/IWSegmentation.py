@@ -296,46 +296,45 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def start(self, parameters, onProgress=None, onFinished=None):
         """Start the backend on the parameters' volume; returns the running ``InferenceRun``."""
-        from IWSegmentationLib import slicer_deps
+        from IWSegmentationLib import imageio, mrml, slicer_deps
 
+        predict = process.PredictParameters(parameters.checkpointPath, device=DEVICES[parameters.device],
+                                            overlap=parameters.overlap, threshold=parameters.threshold)
+        predict.validate()
         slicer_deps.ensure_in_slicer()
         volume, organ = parameters.inputVolume, parameters.organMask
-        run = process.InferenceRun(
-            process.PredictParameters(parameters.checkpointPath, device=DEVICES[parameters.device],
-                                      overlap=parameters.overlap, threshold=parameters.threshold),
-            command_prefix=process.default_command_prefix(self.python),
-            loader=lambda outputs: self.loadResults(outputs, parameters),
-        )
-        if onProgress:
-            run.progress.connect(onProgress)
-        if onFinished:
-            run.finished.connect(onFinished)
-        run.log.connect(lambda line: logging.info(f"[iwseg] {line}"))
-        run.start(write_input=lambda path: exportOrFail(volume, path),
-                  write_organ_mask=(lambda path: exportSegmentationAsLabelmap(organ, volume, path)) if organ else None)
+        array, geometry = mrml.volume_to_array(volume)
+        run = process.InferenceRun(predict, command_prefix=process.default_command_prefix(self.python),
+                                   env=process.backend_environment(slicer.util.startupEnvironment()),
+                                   loader=lambda outputs: self.loadResults(outputs, parameters))
+        for signal, slot in ((run.progress, onProgress), (run.finished, onFinished),
+                             (run.log, lambda line: logging.info(f"[iwseg] {line}"))):
+            if slot:
+                signal.connect(slot)
+        writeOrgan = None
+        if organ is not None:
+            writeOrgan = lambda path: imageio.write_image(path, mrml.segmentation_to_array(organ, volume), geometry)  # noqa: E731
+        run.start(write_input=lambda path: imageio.write_image(path, array, geometry), write_organ_mask=writeOrgan)
         return run
 
     def process(self, parameters, timeout=None):
-        """Blocking mode for scripts and tests: run, wait, and return the results (raises on failure)."""
-        run = self.start(parameters)
-        result = run.run_blocking(timeout=timeout) if not run.running else (run.backend.wait(timeout), run.result)[1]
+        """Blocking mode for scripts and tests: run, wait, return the results; raise with the report on failure."""
+        result = self.start(parameters).wait(timeout)
         if not result.ok:
             raise RuntimeError(result.report())
         return result.loaded
 
     def loadResults(self, outputs, parameters):
-        """Read the backend's outputs onto the input volume's grid; on any error the scene is rolled back."""
+        """Build the scene from the backend's outputs, on the input volume's grid; roll back on any error."""
         from IWSegmentationLib import imageio, mrml
 
+        mask, probabilities = (imageio.read_image(outputs[key])[0] for key in ("mask", "probabilities"))
+        sizes = panel.card_size_thresholds(self.readModelCard(parameters.checkpointPath))
         with sceneRollbackOnError(slicer.mrmlScene):
-            results = mrml.load_prediction(
-                slicer.mrmlScene, parameters.inputVolume,
-                imageio.read_image(outputs["mask"])[0], imageio.read_image(outputs["probabilities"])[0],
-                reference=parameters.referenceSegmentation,
-                size_thresholds_mm=panel.card_size_thresholds(self.readModelCard(parameters.checkpointPath)),
-            )
-        self.results = results
-        return results
+            self.results = mrml.prediction_results(
+                slicer.mrmlScene, parameters.inputVolume, mask, probabilities,
+                reference=parameters.referenceSegmentation, size_thresholds_mm=sizes)
+        return self.results
 
     def setConfidenceThreshold(self, results, value):
         from IWSegmentationLib import mrml
@@ -343,12 +342,10 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
         mrml.set_confidence_threshold(results.segmentation, value)
 
     def centerOnLesion(self, results, row):
-        segmentId = row.get("segment_id")
-        node = results.segmentation if row.get("status") != "FN" else results.reference
-        if node is None or not segmentId:
-            return
-        center = node.GetSegmentCenterRAS(segmentId)
-        slicer.modules.markups.logic().JumpSlicesToLocation(center[0], center[1], center[2], True)
+        node = results.reference if row["reference"] else results.segmentation
+        if node is not None and row.get("segment_id"):
+            center = node.GetSegmentCenterRAS(row["segment_id"])
+            slicer.modules.markups.logic().JumpSlicesToLocation(center[0], center[1], center[2], True)
 
 
 def dicomModality(volume):
@@ -359,34 +356,21 @@ def dicomModality(volume):
     return slicer.dicomDatabase.fileValue(slicer.dicomDatabase.fileForInstance(uids[0]), "0008,0060") or None
 
 
-def exportOrFail(node, path):
-    if not slicer.util.exportNode(node, str(path)):
-        raise errors.InputError(f"could not write {node.GetName()} to {path} (see the application log)")
-
-
-def exportSegmentationAsLabelmap(segmentation, referenceVolume, path):
-    """Merge a segmentation's segments into a labelmap on the volume's grid and write it to ``path``."""
-    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "IWSegmentation organ mask")
-    try:
-        slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(segmentation, labelmap, referenceVolume)
-        exportOrFail(labelmap, path)
-    finally:
-        slicer.mrmlScene.RemoveNode(labelmap)
-
-
 class sceneRollbackOnError:
-    """Context manager: if the block raises, remove every node it added to the scene."""
+    """Context manager: if the block raises, remove every node it added, so the scene is unchanged."""
 
     def __init__(self, scene):
         self.scene = scene
 
+    def nodes(self):
+        return [self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes())]
+
     def __enter__(self):
-        self.before = {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
+        self.before = {node.GetID() for node in self.nodes()}
 
     def __exit__(self, excType, exc, tb):
         if excType is not None:
-            added = [self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes())]
-            for node in [n for n in added if n.GetID() not in self.before]:
+            for node in [n for n in self.nodes() if n.GetID() not in self.before]:
                 self.scene.RemoveNode(node)
         return False
 

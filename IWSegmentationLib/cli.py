@@ -21,6 +21,7 @@ COMMANDS = {
     "predict": "predict",
     "train": "train",
     "synth": "synth",
+    "inspect": "inspect",
 }
 
 

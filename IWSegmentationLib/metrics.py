@@ -520,7 +520,7 @@ class _Pool:
             chosen[images] = True
             les_ok &= chosen[self.les_image]
             fp_ok &= chosen[self.comp_image]
-            pass
+            n_images = int(np.count_nonzero(chosen))
         return self.les_conf[les_ok], self.comp_conf[fp_ok], n_images
 
     def froc(self, group: str | None = None, images: np.ndarray | None = None) -> Froc:
@@ -611,7 +611,7 @@ def bootstrap(
 ) -> dict:
     """Bootstrap of ``cpm`` and ``avg_recall_0_5`` over image subsets.
 
-    ``n_resamples`` draws of ``round(fraction · #images)`` (at least 1) images without
+    ``n_resamples`` draws of ``fraction · #images`` (rounded half up, at least 1) images without
     replacement, from ``numpy.random.default_rng(seed)``, images ordered by case name;
     FP/image divides by the subset size. Returns ``{"cpm": {"mean", "std"},
     "avg_recall_0_5": {"mean", "std"}, "n"}`` where ``n`` counts the resamples that hold at

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import InputError
+from .lesions import SIZE_GROUP_COLORS
 from .progress import ProgressEvent
 
 #: Free GPU memory (MiB) under which the panel warns: the paper network at a 128³ patch needs
@@ -397,3 +398,17 @@ def detection_counts(
                    and float(r["confidence"]) >= threshold for r in references)
     false_positives = sum(_shown(c, threshold) and not (c.get("hit_dice") or 0) > 0 for c in components)
     return DetectionCounts(shown, len(components) - shown, detected, false_positives, len(references))
+
+
+def result_texts(found: int, seconds: float) -> tuple[str, str]:
+    """``(status line, summary line)`` after a successful run that found ``found`` lesions."""
+    if not found:
+        return f"Done in {seconds:.0f} s: no lesions found.", "No lesions found above the segmentation threshold."
+    return f"Done in {seconds:.0f} s.", f"{found} lesion{'s' if found != 1 else ''} found (one segment each)"
+
+
+def legend_html(colors: Mapping[str, Sequence[int]] = SIZE_GROUP_COLORS) -> str:
+    """The size-colour legend for a rich-text label: one coloured square per size group."""
+    swatches = (f'<span style="background-color:#{r:02X}{g:02X}{b:02X}">&nbsp;&nbsp;&nbsp;&nbsp;</span>&nbsp;{group}'
+                for group, (r, g, b) in colors.items())
+    return "Size groups: " + " &nbsp; ".join(swatches)

@@ -20,7 +20,14 @@ import numpy as np
 
 from ..errors import InputError
 from ..imageio import Geometry, atomic_output, check_same_grid, pair_cases, read_image
-from ..lesions import CONNECTIVITIES, SIZE_GROUP_COLORS, SIZE_GROUPS, SIZE_PRESETS, SizeThresholds, size_thresholds
+from ..lesions import (
+    CONNECTIVITIES,
+    SIZE_GROUP_COLORS,
+    SIZE_GROUPS,
+    SIZE_PRESETS,
+    SizeThresholds,
+    size_thresholds,
+)
 from ..metrics import (
     BOOTSTRAP_FRACTION,
     CPM_FP_RATES,
@@ -237,15 +244,16 @@ def plot_froc(path: Path, report: dict, results: Sequence[CaseResult], threshold
         ax.plot(CPM_FP_RATES, cpm_recall, "o", ms=7, mfc="white", mec="black", mew=1.6, zorder=5,
                 label="CPM points (1/8 ... 8 FP/image)")
         for x, y in zip(CPM_FP_RATES, cpm_recall):
-            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 8), ha="center",
-                        fontsize=8, zorder=6)
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 9), ha="center",
+                        fontsize=8, zorder=6, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                                                    "alpha": 0.85})
     else:
         ax.text(0.5, 0.5, "no reference lesions: recall is undefined", transform=ax.transAxes,
                 ha="center", va="center", fontsize=12, color="0.3")
 
     ax.set_xscale("log")
     ax.set_xlim(x_lo, x_hi)
-    ax.set_ylim(0.0, 1.05)
+    ax.set_ylim(-0.03, 1.06)
     ax.set_xticks(CPM_FP_RATES)
     ax.set_xticklabels(["1/8", "1/4", "1/2", "1", "2", "4", "8"])
     ax.minorticks_off()
