@@ -7,6 +7,7 @@ runs ``PythonSlicer -m IWSegmentationLib predict``), the texts and rows of the p
 tested without Slicer. See docs/module.md.
 """
 
+import contextlib
 import importlib
 import logging
 import os
@@ -43,17 +44,13 @@ class IWSegmentation(ScriptedLoadableModule):
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
         self.parent.contributors = ["IWSegmentation developers"]
-        self.parent.helpText = """
-Segments lesions with a 3D U-Net trained with inverse weighting, so that small lesions are not lost
-among large ones. Every lesion becomes its own segment, coloured by size group, with its diameter,
-volume, confidence and (given a reference) object Dice. Inference runs in a background process:
-Slicer stays usable and Apply turns into Cancel. See the <a href="https://github.com/iwsegmentation/SlicerIWSegmentation/blob/main/docs/module.md">module documentation</a>.
-"""
-        self.parent.acknowledgementText = """
-Method: B. Shirokikh, A. Shevtsov, A. Kurmukov et al., "Universal Loss Reweighting to Balance Lesion
-Size Inequality in 3D Medical Image Segmentation", MICCAI 2020, LNCS 12264, pp. 523-532,
-doi:10.1007/978-3-030-59719-1_51.
-"""
+        self.parent.helpText = """Segments lesions with a 3D U-Net trained with inverse weighting, so small lesions are
+not lost among large ones: one segment per lesion, coloured by size, with diameter, volume, confidence and Dice.
+Inference runs in a background process (Apply turns into Cancel). See the
+<a href="https://github.com/iwsegmentation/SlicerIWSegmentation/blob/main/docs/module.md">documentation</a>."""
+        self.parent.acknowledgementText = """Method: B. Shirokikh, A. Shevtsov, A. Kurmukov et al., "Universal Loss
+Reweighting to Balance Lesion Size Inequality in 3D Medical Image Segmentation", MICCAI 2020, LNCS 12264,
+pp. 523-532, doi:10.1007/978-3-030-59719-1_51."""
 
 
 @parameterNodeWrapper
@@ -73,13 +70,8 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._run = None
-        self._progress = None
-        self._card = None
-        self._devices = None
+        self.logic = self._parameterNode = self._parameterNodeGuiTag = None
+        self._run = self._progress = self._card = self._devices = None
         self._rows = []
 
     def setup(self):
@@ -100,22 +92,20 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lesionTableWidget.setColumnCount(len(panel.LESION_COLUMNS))
         self.ui.lesionTableWidget.setHorizontalHeaderLabels(list(panel.LESION_COLUMNS))
         self.ui.progressBar.visible = False
-        self.ui.legendLabel.text = legendHtml()
+        self.ui.legendLabel.text = panel.legend_html()
 
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(150)
-        self._pollTimer.connect("timeout()", self.onPoll)
-        self._deviceProbe = process.DeviceProbe(self.logic.python)
+        # One timer polls the device probe (until it answers) and the running backend; the
+        # backend's callbacks are therefore always called on the GUI thread.
+        self._deviceProbe = process.DeviceProbe(self.logic.python, env=self.logic.environment())
         self._deviceProbe.start()
-        self._devicesTimer = qt.QTimer()
-        self._devicesTimer.setInterval(300)
-        self._devicesTimer.connect("timeout()", self.updateDeviceInfo)
-        self._devicesTimer.start()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(150)
+        self._timer.connect("timeout()", self.onPoll)
+        self._timer.start()
         self.initializeParameterNode()
 
     def cleanup(self):
-        self._pollTimer.stop()
-        self._devicesTimer.stop()
+        self._timer.stop()
         if self._run is not None and self._run.running:
             self._run.backend.close()  # no orphan backend when Slicer closes
         self.removeObservers()
@@ -130,10 +120,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event):
         if self._run is not None and self._run.running:
@@ -166,31 +153,36 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._card is not None)
         self.ui.applyButton.text = "Cancel" if running else "Apply"
         self.ui.applyButton.enabled = running or ready
-        self.ui.applyButton.toolTip = ("Stop the backend process; the scene is left unchanged" if running else
+        self.ui.applyButton.toolTip = ("Stop the backend; the scene is left unchanged" if running else
                                        "Segment the lesions" if ready else "Select an input volume and a checkpoint")
 
     def onCheckpointChanged(self, path):
-        self._card = None
+        self._card, text = None, "No checkpoint selected."
         if self._parameterNode:
             self._parameterNode.checkpointPath = path
         if path:
             try:
                 self._card = self.logic.readModelCard(path)
-                self.ui.modelCardLabel.text = panel.model_card_text(self._card)
+                text = panel.model_card_text(self._card)
                 if self._parameterNode:
                     self._parameterNode.threshold = float(self._card.get("threshold", 0.5))
             except (errors.InputError, ImportError) as exc:
-                self.ui.modelCardLabel.text = f"Cannot use this checkpoint: {exc}"
-        else:
-            self.ui.modelCardLabel.text = "No checkpoint selected."
+                text = f"Cannot use this checkpoint: {exc}"
+        self.ui.modelCardLabel.text = text
         self.updateApplyButton()
 
     def updateDeviceInfo(self, *args):
-        self._devices = self._deviceProbe.poll() if self._devices is None else self._devices
-        if self._devices is not None:
-            self._devicesTimer.stop()
         text, warning = panel.describe_devices(self._devices, DEVICES[self.ui.deviceComboBox.currentText or "Auto"])
         self.ui.deviceInfoLabel.text = text + (f"\n⚠ {warning}" if warning else "")
+
+    def onPoll(self):
+        if self._devices is None and self._deviceProbe.poll() is not None:
+            self._devices = self._deviceProbe.result
+            self.updateDeviceInfo()
+        if self._run is not None and self._run.running:
+            self._run.poll()
+        elif self._devices is not None:
+            self._timer.stop()
 
     def onApplyButton(self):
         if self._run is not None and self._run.running:
@@ -204,15 +196,10 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self._progress = panel.ProgressState()
             self._run = self.logic.start(self._parameterNode, onProgress=self.onProgress, onFinished=self.onFinished)
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.visible = True
+            self.ui.progressBar.value, self.ui.progressBar.visible = 0, True
             self.ui.statusLabel.text = "Starting the backend…"
-            self._pollTimer.start()
+            self._timer.start()
         self.updateApplyButton()
-
-    def onPoll(self):
-        if self._run is None or not self._run.poll():
-            self._pollTimer.stop()
 
     def onProgress(self, event):
         self._progress.update(event)
@@ -220,7 +207,6 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = self._progress.text
 
     def onFinished(self, result):
-        self._pollTimer.stop()
         self.ui.progressBar.visible = False
         self.updateApplyButton()
         if result.outcome is process.Outcome.CANCELLED:
@@ -229,41 +215,29 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Failed: {result.message}"
             slicer.util.errorDisplay(result.report(), windowTitle="IWSegmentation: segmentation failed")
         else:
-            self.showResults(result.loaded, result.seconds)
-
-    def showResults(self, results, seconds):
-        self._parameterNode.outputSegmentation = results.segmentation
-        self._rows = panel.lesion_rows(results.lesions, results.matches)
-        self.ui.resultsCollapsibleButton.enabled = True
-        found = len(results.lesions)
-        self.ui.statusLabel.text = f"Done in {seconds:.0f} s." if found else f"Done in {seconds:.0f} s: no lesions found."
-        self.ui.summaryLabel.text = (f"{found} lesion{'s' if found != 1 else ''} found" if found else
-                                     "No lesions found above the segmentation threshold.")
-        table = self.ui.lesionTableWidget
-        table.setRowCount(len(self._rows))
-        for r, row in enumerate(self._rows):
-            for c, text in enumerate(row["cells"]):
-                table.setItem(r, c, qt.QTableWidgetItem(text))
-        table.resizeColumnsToContents()
-        self.onConfidenceChanged(self._parameterNode.confidenceThreshold)
+            results = result.loaded
+            self._parameterNode.outputSegmentation = results.segmentation
+            self._rows = panel.lesion_rows(results.components, results.references)
+            self.ui.statusLabel.text, self.ui.summaryLabel.text = panel.result_texts(len(results.components),
+                                                                                   result.seconds)
+            self.ui.resultsCollapsibleButton.enabled = True
+            table = self.ui.lesionTableWidget
+            table.setRowCount(len(self._rows))
+            for r, row in enumerate(self._rows):
+                for c, text in enumerate(row["cells"]):
+                    table.setItem(r, c, qt.QTableWidgetItem(text))
+            table.resizeColumnsToContents()
+            self.onConfidenceChanged(self._parameterNode.confidenceThreshold)
 
     def onConfidenceChanged(self, value):
         results = self.logic.results
-        if results is None:
-            return
-        self.logic.setConfidenceThreshold(results, value)
-        self.ui.countsLabel.text = panel.detection_counts(results.lesions, value, results.matches or None).text()
+        if results is not None:
+            self.logic.setConfidenceThreshold(results, value)
+            self.ui.countsLabel.text = panel.detection_counts(results.components, value, results.references).text()
 
     def onLesionClicked(self, row, column):
         if 0 <= row < len(self._rows) and self.logic.results is not None:
             self.logic.centerOnLesion(self.logic.results, self._rows[row])
-
-
-def legendHtml():
-    """The size-colour legend: one coloured square per size group (the segments' colours)."""
-    swatches = (f'<span style="background-color:#{r:02X}{g:02X}{b:02X}">&nbsp;&nbsp;&nbsp;&nbsp;</span>&nbsp;{group}'
-                for group, (r, g, b) in lesions.SIZE_GROUP_COLORS.items())
-    return "Size groups: " + " &nbsp; ".join(swatches)
 
 
 class IWSegmentationLogic(ScriptedLoadableModuleLogic):
@@ -276,6 +250,11 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def getParameterNode(self):
         return IWSegmentationParameterNode(super().getParameterNode())
+
+    def environment(self):
+        """The backend's environment: Slicer's startup environment, so PythonSlicer sets itself up."""
+        startup = slicer.util.startupEnvironment() if hasattr(slicer.util, "startupEnvironment") else None
+        return process.backend_environment(startup)
 
     def readModelCard(self, path):
         from IWSegmentationLib import checkpoint
@@ -292,7 +271,8 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
         if card is None:
             raise errors.InputError("Select a readable model checkpoint.")
         low, high = image.GetScalarRange()
-        return panel.compatibility_warnings(card, minimum=low, maximum=high, dicom_modality=dicomModality(volume))
+        modality = panel.dicom_modality(volume.GetAttribute("DICOM.instanceUIDs"), getattr(slicer, "dicomDatabase", None))
+        return panel.compatibility_warnings(card, minimum=low, maximum=high, dicom_modality=modality)
 
     def start(self, parameters, onProgress=None, onFinished=None):
         """Start the backend on the parameters' volume; returns the running ``InferenceRun``."""
@@ -305,7 +285,7 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
         volume, organ = parameters.inputVolume, parameters.organMask
         array, geometry = mrml.volume_to_array(volume)
         run = process.InferenceRun(predict, command_prefix=process.default_command_prefix(self.python),
-                                   env=process.backend_environment(slicer.util.startupEnvironment()),
+                                   env=self.environment(),
                                    loader=lambda outputs: self.loadResults(outputs, parameters))
         for signal, slot in ((run.progress, onProgress), (run.finished, onFinished),
                              (run.log, lambda line: logging.info(f"[iwseg] {line}"))):
@@ -348,35 +328,22 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
             slicer.modules.markups.logic().JumpSlicesToLocation(center[0], center[1], center[2], True)
 
 
-def dicomModality(volume):
-    """The DICOM Modality tag (0008,0060) of a volume loaded from DICOM, else None."""
-    uids = (volume.GetAttribute("DICOM.instanceUIDs") or "").split()
-    if not uids or not getattr(slicer, "dicomDatabase", None):
-        return None
-    return slicer.dicomDatabase.fileValue(slicer.dicomDatabase.fileForInstance(uids[0]), "0008,0060") or None
-
-
-class sceneRollbackOnError:
-    """Context manager: if the block raises, remove every node it added, so the scene is unchanged."""
-
-    def __init__(self, scene):
-        self.scene = scene
-
-    def nodes(self):
-        return [self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes())]
-
-    def __enter__(self):
-        self.before = {node.GetID() for node in self.nodes()}
-
-    def __exit__(self, excType, exc, tb):
-        if excType is not None:
-            for node in [n for n in self.nodes() if n.GetID() not in self.before]:
-                self.scene.RemoveNode(node)
-        return False
+@contextlib.contextmanager
+def sceneRollbackOnError(scene):
+    """If the block raises, remove every node it added to ``scene``, so the scene is left unchanged."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    except Exception:
+        for node in [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]:
+            if node.GetID() not in before:
+                scene.RemoveNode(node)
+        raise
 
 
 class IWSegmentationTest(ScriptedLoadableModuleTest):
-    """Runs the real path inside Slicer: a known-answer checkpoint, a phantom, Apply in blocking mode."""
+    """The real path inside Slicer: a known-answer checkpoint (IWSegmentationLib/phantom.py), a
+    phantom volume and reference, Apply in blocking mode, then segments, colours, Dice, slider, screenshots."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -388,72 +355,65 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_BadInput()
 
-    def makeCase(self):
+    def test_KnownAnswer(self):
         import numpy as np
 
         from IWSegmentationLib import phantom
 
+        self.delayDisplay("Known-answer segmentation of a phantom")
         case = phantom.phantom_case(spacing=(1.5, 0.9, 0.8))
-        ijkToRas = np.diag([-case.spacing[2], -case.spacing[1], case.spacing[0], 1.0])  # LPS file -> RAS
+        ijkToRas = np.diag([-case.spacing[2], -case.spacing[1], case.spacing[0], 1.0])
         volume = slicer.util.addVolumeFromArray(case.image, ijkToRas, name="Phantom")
-        label = slicer.util.addVolumeFromArray(case.reference, ijkToRas, "PhantomReference", "vtkMRMLLabelMapVolumeNode")
+        label = slicer.util.addVolumeFromArray(case.reference, ijkToRas, "Reference", "vtkMRMLLabelMapVolumeNode")
         reference = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Reference")
         slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(label, reference)
-        slicer.mrmlScene.RemoveNode(label)
-        ckpt = phantom.threshold_checkpoint(os.path.join(self.tmp, "threshold.safetensors"))
-        return case, volume, reference, str(ckpt)
-
-    def test_KnownAnswer(self):
-        self.delayDisplay("Known-answer segmentation of a phantom")
-        case, volume, reference, ckpt = self.makeCase()
         logic = IWSegmentationLogic()
         params = logic.getParameterNode()
-        params.inputVolume, params.referenceSegmentation, params.checkpointPath = volume, reference, ckpt
-        params.device = "CPU"
+        params.inputVolume, params.referenceSegmentation, params.device = volume, reference, "CPU"
+        params.checkpointPath = str(phantom.threshold_checkpoint(os.path.join(self.tmp, "threshold.safetensors")))
         results = logic.process(params, timeout=600)
 
         segmentation = results.segmentation.GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), 3)
-        for lesion in results.lesions:
-            color = segmentation.GetSegment(lesion["segment_id"]).GetColor()
-            expected = [c / 255.0 for c in lesions.SIZE_GROUP_COLORS[lesion["size_group"]]]
-            self.assertEqual([round(c, 3) for c in color], [round(c, 3) for c in expected])
-        self.assertEqual(sorted(les["size_group"] for les in results.lesions), ["large", "medium", "small"])
-        self.assertEqual(sorted(m["status"] for m in results.matches), ["TP", "TP", "TP"])
-        for match in results.matches:
-            self.assertAlmostEqual(match["dice"], 1.0, places=6)  # the prediction is the reference exactly
+        self.assertEqual(sorted(c["size_group"] for c in results.components), ["large", "medium", "small"])
+        for component in results.components:
+            color = segmentation.GetSegment(component["segment_id"]).GetColor()
+            expected = [v / 255.0 for v in lesions.SIZE_GROUP_COLORS[component["size_group"]]]
+            self.assertEqual([round(v, 3) for v in color], [round(v, 3) for v in expected])
+            self.assertAlmostEqual(component["hit_dice"], 1.0, places=6)  # the prediction is the reference
+        self.assertEqual([r["status"] for r in panel.lesion_rows(results.components, results.references)], ["TP"] * 3)
 
-        # The confidence slider: the small lesion (intensity 70) has confidence 0.982 < 0.99.
-        counts = panel.detection_counts(results.lesions, 0.99, results.matches)
-        self.assertEqual((counts.shown, counts.detected_reference, counts.false_positives), (2, 2, 0))
+        # The slider: the intensity-70 lesion has confidence sigmoid(20 (0.7 - 0.5)) = 0.982 < 0.99.
+        counts = panel.detection_counts(results.components, 0.99, results.references)
+        self.assertEqual((counts.shown, counts.detected, counts.false_positives), (2, 2, 0))
         logic.setConfidenceThreshold(results, 0.99)
-        visible = [segmentation.GetNthSegmentID(i) for i in range(3)
-                   if results.segmentation.GetDisplayNode().GetSegmentVisibility(segmentation.GetNthSegmentID(i))]
-        self.assertEqual(len(visible), 2)
+        display = results.segmentation.GetDisplayNode()
+        ids = [segmentation.GetNthSegmentID(i) for i in range(3)]
+        self.assertEqual(sum(bool(display.GetSegmentVisibility(i)) for i in ids), 2)
 
-        slicer.util.setSliceViewerLayers(background=volume, fit=True)
         import ScreenCapture
 
-        capture = ScreenCapture.ScreenCaptureLogic()
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
         for view in ("Red", "Green"):
             path = os.path.join(self.tmp, f"IWSegmentationTest-{view}.png")
-            capture.captureImageFromView(slicer.app.layoutManager().sliceWidget(view).sliceView(), path)
-            self.assertTrue(os.path.getsize(path) > 0)
+            ScreenCapture.ScreenCaptureLogic().captureImageFromView(
+                slicer.app.layoutManager().sliceWidget(view).sliceView(), path)
+            self.assertGreater(os.path.getsize(path), 0)
         self.delayDisplay(f"Test passed; screenshots in {self.tmp}")
 
     def test_BadInput(self):
-        self.delayDisplay("Bad input leaves the scene unchanged")
         import numpy as np
 
+        self.delayDisplay("Bad input is refused and leaves the scene unchanged")
         logic = IWSegmentationLogic()
         params = logic.getParameterNode()
-        params.inputVolume = slicer.util.addVolumeFromArray(np.zeros((1, 20, 20), dtype=np.float32), name="Slice")
+        params.inputVolume = slicer.util.addVolumeFromArray(np.zeros((1, 20, 20), np.float32), name="Slice")
         with self.assertRaises(errors.InputError):
             logic.checkInputs(params, {"preprocessing": {"modality": "MR"}})
-        nodes = slicer.mrmlScene.GetNumberOfNodes()
-        params.inputVolume = slicer.util.addVolumeFromArray(np.zeros((20, 20, 20), dtype=np.float32), name="Zeros")
+        params.inputVolume = slicer.util.addVolumeFromArray(np.zeros((20, 20, 20), np.float32), name="Zeros")
         params.checkpointPath = os.path.join(self.tmp, "missing.safetensors")
+        nodes = slicer.mrmlScene.GetNumberOfNodes()
         with self.assertRaises(errors.InputError):
             logic.start(params)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes + 1)  # only the volume we added
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
         self.delayDisplay("Test passed")

@@ -102,10 +102,10 @@ def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarr
     _check_volume(mask, "mask")
     if connectivity not in CONNECTIVITIES:
         raise InputError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity}")
-    binary = np.ascontiguousarray(mask != 0)
-    labels, k = cc3d.connected_components(
-        binary, connectivity=connectivity, return_N=True, out_dtype=np.uint32, binary_image=True
-    )
+    # uint8 input, not cc3d's binary_image mode: that mode under-allocates its union-find
+    # table on tiny volumes (e.g. [1, 0, 1, 0, 1] raises) in cc3d 4.1.
+    binary = np.ascontiguousarray(mask != 0, dtype=np.uint8)
+    labels, k = cc3d.connected_components(binary, connectivity=connectivity, return_N=True, out_dtype=np.uint32)
     # uint32 -> int32 reinterpretation is free (no copy); ids never exceed 2**31 for a 3D volume.
     return labels.view(np.int32), int(k)
 
@@ -137,11 +137,40 @@ class Lesion:
         return d
 
 
+def _label_statistics(labels: np.ndarray) -> dict:
+    """Voxel counts, bounding boxes and centroids of every label id in one C++ pass (cc3d)."""
+    import cc3d
+
+    labels = np.ascontiguousarray(labels)
+    if labels.dtype.kind == "i":  # cc3d wants unsigned ids; ours are never negative
+        labels = labels.view(labels.dtype.str.replace("i", "u"))
+    elif labels.dtype.kind != "u":
+        raise InputError(f"labels must be an integer array, got {labels.dtype}")
+    top = int(labels.max()) if labels.size else 0
+    if top < labels.size:
+        return cc3d.statistics(labels)
+    # ids larger than the voxel count (a small crop of a whole-image labelling): compact the
+    # ids for cc3d, then spread the results back to the original ids.
+    ids, compact = np.unique(labels, return_inverse=True)
+    stats = cc3d.statistics(compact.reshape(labels.shape).astype(np.uint32))
+    counts = np.zeros(top + 1, dtype=stats["voxel_counts"].dtype)
+    counts[ids] = stats["voxel_counts"]
+    centroids = np.full((top + 1, 3), np.nan)
+    centroids[ids] = stats["centroids"]
+    boxes: list = [None] * (top + 1)
+    for new_id, old_id in enumerate(ids):
+        boxes[old_id] = stats["bounding_boxes"][new_id]
+    return {"voxel_counts": counts, "bounding_boxes": boxes, "centroids": centroids}
+
+
 def component_sizes(labels: np.ndarray, k: int | None = None) -> np.ndarray:
     """Voxel count of every label 0..K (index 0 is the background) in one pass."""
-    flat = labels.ravel()
-    k = int(flat.max()) if k is None and flat.size else (k or 0)
-    return np.bincount(flat, minlength=k + 1)
+    counts = _label_statistics(labels)["voxel_counts"]
+    k = len(counts) - 1 if k is None else k
+    out = np.zeros(k + 1, dtype=np.int64)
+    n = min(len(counts), k + 1)
+    out[:n] = counts[:n]
+    return out
 
 
 def component_max(labels: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
@@ -164,11 +193,10 @@ def lesion_table(
 ) -> list[Lesion]:
     """Describe every component of a label map (from :func:`label_components`).
 
-    ``spacing`` is ``(sz, sy, sx)`` in mm. Costs one pass per statistic over the volume
-    and one small pass per lesion bounding box (via ``scipy.ndimage.find_objects``).
+    ``spacing`` is ``(sz, sy, sx)`` in mm. Voxel counts, bounding boxes and centroids come
+    from one pass of ``cc3d.statistics``; confidences from one pass over lesion voxels only.
+    Ids absent from ``labels`` (e.g. after cropping) are skipped.
     """
-    from scipy import ndimage
-
     _check_volume(labels, "labels")
     sp = _check_spacing(spacing)
     thresholds = thresholds or SIZE_PRESETS[DEFAULT_SIZE_PRESET]
@@ -178,19 +206,16 @@ def lesion_table(
         return []
     if probabilities is not None and probabilities.shape != labels.shape:
         raise InputError(f"probabilities shape {probabilities.shape} differs from labels shape {labels.shape}")
-    counts = component_sizes(labels, k)
+    stats = _label_statistics(labels)
+    counts, boxes, centroids = stats["voxel_counts"], stats["bounding_boxes"], stats["centroids"]
     conf = component_max(labels, probabilities, k) if probabilities is not None else None
     voxel_mm3 = float(np.prod(sp))
-    objects = ndimage.find_objects(labels, max_label=k)
     out = []
-    for j in range(1, k + 1):
-        sl = objects[j - 1]
-        if sl is None:
+    for j in range(1, min(k, len(counts) - 1) + 1):
+        if counts[j] == 0:
             continue
-        sub = labels[sl] == j
-        idx = np.nonzero(sub)
-        centroid = tuple(float(idx[a].mean() + sl[a].start) for a in range(3))
-        volume = counts[j] * voxel_mm3
+        box = boxes[j]
+        volume = int(counts[j]) * voxel_mm3
         diameter = float(equivalent_diameter(volume))
         out.append(
             Lesion(
@@ -199,8 +224,8 @@ def lesion_table(
                 volume_mm3=float(volume),
                 diameter_mm=diameter,
                 size_group=thresholds.group(diameter),
-                centroid=centroid,
-                bbox=(sl[0].start, sl[1].start, sl[2].start, sl[0].stop, sl[1].stop, sl[2].stop),
+                centroid=tuple(float(c) for c in centroids[j]),
+                bbox=(box[0].start, box[1].start, box[2].start, box[0].stop, box[1].stop, box[2].stop),
                 confidence=None if conf is None else float(conf[j]),
             )
         )

@@ -229,6 +229,15 @@ def guess_modality(minimum: float, maximum: float, dicom_modality: str | None = 
     return None
 
 
+def dicom_modality(instance_uids: str | None, database: Any) -> str | None:
+    """The DICOM Modality (0008,0060) of a volume's first instance, read from Slicer's DICOM
+    database (``slicer.dicomDatabase``), or None for a volume not loaded from DICOM."""
+    uids = (instance_uids or "").split()
+    if not uids or database is None:
+        return None
+    return database.fileValue(database.fileForInstance(uids[0]), "0008,0060") or None
+
+
 def compatibility_warnings(
     card: Mapping[str, Any], *, minimum: float, maximum: float, dicom_modality: str | None = None,
 ) -> list[str]:

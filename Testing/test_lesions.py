@@ -13,8 +13,10 @@ from IWSegmentationLib.lesions import (
     SIZE_PRESETS,
     SizeThresholds,
     analyze_lesions,
+    component_sizes,
     equivalent_diameter,
     label_components,
+    lesion_table,
     relabel_by_size,
     size_thresholds,
 )
@@ -102,3 +104,23 @@ def test_component_voxels_partition_the_mask(mask):
 
 def test_equivalent_diameter_of_unit_sphere():
     assert equivalent_diameter(4 / 3 * math.pi) == pytest.approx(2.0)
+
+
+def test_sizes_and_table_of_a_crop_with_large_ids():
+    # a 1x1x4 crop of a whole-image labelling keeps ids 0, 2, 2, 5 (5 > the 4 voxels of the crop)
+    labels = np.array([[[0, 2, 2, 5]]], np.int64)
+    assert list(component_sizes(labels)) == [1, 0, 2, 0, 0, 1]
+    assert list(component_sizes(labels, k=2)) == [1, 0, 2]
+    table = lesion_table(labels)
+    assert [(les.id, les.voxels, les.centroid, les.bbox) for les in table] == [
+        (2, 2, (0.0, 0.0, 1.5), (0, 0, 1, 1, 1, 3)),
+        (5, 1, (0.0, 0.0, 3.0), (0, 0, 3, 1, 1, 4)),
+    ]
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_tiny_alternating_mask_labels_without_error(connectivity):
+    # three isolated voxels on a 1x1x5 line: 3 components under any connectivity
+    mask = np.array([1, 0, 1, 0, 1], np.uint8).reshape(1, 1, 5)
+    labels, k = label_components(mask, connectivity)
+    assert k == 3 and list(labels.ravel()) == [1, 0, 2, 0, 3]
