@@ -7,7 +7,6 @@ runs ``PythonSlicer -m IWSegmentationLib predict``), the texts and rows of the p
 tested without Slicer. See docs/module.md.
 """
 
-import contextlib
 import importlib
 import logging
 import os
@@ -29,12 +28,13 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from IWSegmentationLib import errors, lesions, panel, process
+from IWSegmentationLib import errors, lesions, panel, process, slicer_logic
 
 #: Device choices shown in the panel -> ``iwseg predict --device`` values.
 DEVICES = {"Auto": "auto", "CUDA": "cuda", "CPU": "cpu"}
 #: IWSegmentationLib modules reloaded (dependencies first) by the developer "Reload" button.
-LIB_MODULES = ("errors", "progress", "lesions", "imageio", "metrics", "panel", "process", "slicer_deps", "mrml")
+LIB_MODULES = ("errors", "progress", "lesions", "imageio", "metrics", "mrml", "panel", "process", "slicer_deps",
+               "slicer_logic")
 
 
 class IWSegmentation(ScriptedLoadableModule):
@@ -96,7 +96,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         # One timer polls the device probe (until it answers) and the running backend; the
         # backend's callbacks are therefore always called on the GUI thread.
-        self._deviceProbe = process.DeviceProbe(self.logic.python, env=self.logic.environment())
+        self._deviceProbe = process.DeviceProbe(self.logic.python, env=self.logic.env)
         self._deviceProbe.start()
         self._timer = qt.QTimer()
         self._timer.setInterval(150)
@@ -165,8 +165,10 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._card = self.logic.readModelCard(path)
                 text = panel.model_card_text(self._card)
                 if self._parameterNode:
-                    self._parameterNode.threshold = float(self._card.get("threshold", 0.5))
-            except (errors.InputError, ImportError) as exc:
+                    self._parameterNode.threshold = min(max(float(self._card.get("threshold", 0.5)), 0.05), 0.95)
+            except ImportError:  # PyTorch not installed yet: Apply installs it, then the card shows
+                self._card, text = {}, "The model card shows once Apply has installed PyTorch."
+            except errors.InputError as exc:
                 text = f"Cannot use this checkpoint: {exc}"
         self.ui.modelCardLabel.text = text
         self.updateApplyButton()
@@ -196,6 +198,8 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self._progress = panel.ProgressState()
             self._run = self.logic.start(self._parameterNode, onProgress=self.onProgress, onFinished=self.onFinished)
+            if not self._card:
+                self.onCheckpointChanged(self._parameterNode.checkpointPath)  # PyTorch is there now
             self.ui.progressBar.value, self.ui.progressBar.visible = 0, True
             self.ui.statusLabel.text = "Starting the backend…"
             self._timer.start()
@@ -217,9 +221,8 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             results = result.loaded
             self._parameterNode.outputSegmentation = results.segmentation
-            self._rows = panel.lesion_rows(results.components, results.references)
-            self.ui.statusLabel.text, self.ui.summaryLabel.text = panel.result_texts(len(results.components),
-                                                                                   result.seconds)
+            self._rows = panel.lesion_rows(results.lesions, results.matches)
+            self.ui.statusLabel.text, self.ui.summaryLabel.text = panel.result_texts(len(results.lesions), result.seconds)
             self.ui.resultsCollapsibleButton.enabled = True
             table = self.ui.lesionTableWidget
             table.setRowCount(len(self._rows))
@@ -232,113 +235,65 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onConfidenceChanged(self, value):
         results = self.logic.results
         if results is not None:
-            self.logic.setConfidenceThreshold(results, value)
-            self.ui.countsLabel.text = panel.detection_counts(results.components, value, results.references).text()
+            self.ui.countsLabel.text = self.logic.setConfidenceThreshold(results, value).text()
 
     def onLesionClicked(self, row, column):
-        if 0 <= row < len(self._rows) and self.logic.results is not None:
-            self.logic.centerOnLesion(self.logic.results, self._rows[row])
+        if 0 <= row < len(self._rows):
+            self.logic.centerOnLesion(self._rows[row])
 
 
 class IWSegmentationLogic(ScriptedLoadableModuleLogic):
-    """Runs the backend process and builds the scene from its outputs; usable without the widget."""
+    """Adapts the parameter node to ``IWSegmentationLib.slicer_logic`` (Qt-free, tested with slicer-core)."""
 
     def __init__(self, python=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self.python = python or shutil.which("PythonSlicer") or sys.executable
-        self.results = None
+        startup = slicer.util.startupEnvironment() if hasattr(slicer.util, "startupEnvironment") else None
+        self.env = process.backend_environment(startup)  # PythonSlicer sets itself up from a clean environment
+        self.lesionLogic = slicer_logic.LesionSegmentationLogic(slicer.mrmlScene, python=self.python, env=self.env)
+
+    @property
+    def results(self):
+        return self.lesionLogic.results
 
     def getParameterNode(self):
         return IWSegmentationParameterNode(super().getParameterNode())
 
-    def environment(self):
-        """The backend's environment: Slicer's startup environment, so PythonSlicer sets itself up."""
-        startup = slicer.util.startupEnvironment() if hasattr(slicer.util, "startupEnvironment") else None
-        return process.backend_environment(startup)
-
     def readModelCard(self, path):
-        from IWSegmentationLib import checkpoint
-
-        return checkpoint.read_metadata(path)
+        return self.lesionLogic.read_model_card(path)
 
     def checkInputs(self, parameters, card):
         """Refuse unusable inputs (raises InputError); return warnings the user should confirm."""
         volume = parameters.inputVolume
-        if volume is None or volume.GetImageData() is None:
-            raise errors.InputError("Select an input volume.")
-        image = volume.GetImageData()
-        panel.check_volume_shape(image.GetDimensions(), image.GetNumberOfScalarComponents(), volume.GetName())
-        if card is None:
-            raise errors.InputError("Select a readable model checkpoint.")
-        low, high = image.GetScalarRange()
-        modality = panel.dicom_modality(volume.GetAttribute("DICOM.instanceUIDs"), getattr(slicer, "dicomDatabase", None))
-        return panel.compatibility_warnings(card, minimum=low, maximum=high, dicom_modality=modality)
+        modality = volume and panel.dicom_modality(volume.GetAttribute("DICOM.instanceUIDs"),
+                                                   getattr(slicer, "dicomDatabase", None))
+        return self.lesionLogic.check_inputs(volume, card, modality)
 
     def start(self, parameters, onProgress=None, onFinished=None):
-        """Start the backend on the parameters' volume; returns the running ``InferenceRun``."""
-        from IWSegmentationLib import imageio, mrml, slicer_deps
+        """Install missing dependencies (first use), then start the backend; returns the running run."""
+        from IWSegmentationLib import slicer_deps
 
-        predict = process.PredictParameters(parameters.checkpointPath, device=DEVICES[parameters.device],
-                                            overlap=parameters.overlap, threshold=parameters.threshold)
-        predict.validate()
+        process.PredictParameters(parameters.checkpointPath).validate()
         slicer_deps.ensure_in_slicer()
-        volume, organ = parameters.inputVolume, parameters.organMask
-        array, geometry = mrml.volume_to_array(volume)
-        run = process.InferenceRun(predict, command_prefix=process.default_command_prefix(self.python),
-                                   env=self.environment(),
-                                   loader=lambda outputs: self.loadResults(outputs, parameters))
-        for signal, slot in ((run.progress, onProgress), (run.finished, onFinished),
-                             (run.log, lambda line: logging.info(f"[iwseg] {line}"))):
-            if slot:
-                signal.connect(slot)
-        writeOrgan = None
-        if organ is not None:
-            writeOrgan = lambda path: imageio.write_image(path, mrml.segmentation_to_array(organ, volume), geometry)  # noqa: E731
-        run.start(write_input=lambda path: imageio.write_image(path, array, geometry), write_organ_mask=writeOrgan)
-        return run
+        return self.lesionLogic.start(
+            parameters.inputVolume, parameters.checkpointPath, device=DEVICES[parameters.device],
+            overlap=parameters.overlap, threshold=parameters.threshold, organ_mask=parameters.organMask,
+            reference=parameters.referenceSegmentation, on_progress=onProgress, on_finished=onFinished,
+            on_log=lambda line: logging.info(f"[iwseg] {line}"))
 
     def process(self, parameters, timeout=None):
         """Blocking mode for scripts and tests: run, wait, return the results; raise with the report on failure."""
         result = self.start(parameters).wait(timeout)
         if not result.ok:
-            raise RuntimeError(result.report())
+            raise process.BackendError(result.report())
         return result.loaded
 
-    def loadResults(self, outputs, parameters):
-        """Build the scene from the backend's outputs, on the input volume's grid; roll back on any error."""
-        from IWSegmentationLib import imageio, mrml
-
-        mask, probabilities = (imageio.read_image(outputs[key])[0] for key in ("mask", "probabilities"))
-        sizes = panel.card_size_thresholds(self.readModelCard(parameters.checkpointPath))
-        with sceneRollbackOnError(slicer.mrmlScene):
-            self.results = mrml.prediction_results(
-                slicer.mrmlScene, parameters.inputVolume, mask, probabilities,
-                reference=parameters.referenceSegmentation, size_thresholds_mm=sizes)
-        return self.results
-
     def setConfidenceThreshold(self, results, value):
-        from IWSegmentationLib import mrml
+        return self.lesionLogic.set_confidence_threshold(results, value)
 
-        mrml.set_confidence_threshold(results.segmentation, value)
-
-    def centerOnLesion(self, results, row):
-        node = results.reference if row["reference"] else results.segmentation
-        if node is not None and row.get("segment_id"):
-            center = node.GetSegmentCenterRAS(row["segment_id"])
-            slicer.modules.markups.logic().JumpSlicesToLocation(center[0], center[1], center[2], True)
-
-
-@contextlib.contextmanager
-def sceneRollbackOnError(scene):
-    """If the block raises, remove every node it added to ``scene``, so the scene is left unchanged."""
-    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-    try:
-        yield
-    except Exception:
-        for node in [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]:
-            if node.GetID() not in before:
-                scene.RemoveNode(node)
-        raise
+    def centerOnLesion(self, row):
+        if row.get("center_ras"):
+            slicer.modules.markups.logic().JumpSlicesToLocation(*row["center_ras"], True)
 
 
 class IWSegmentationTest(ScriptedLoadableModuleTest):
@@ -375,16 +330,17 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
 
         segmentation = results.segmentation.GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), 3)
-        self.assertEqual(sorted(c["size_group"] for c in results.components), ["large", "medium", "small"])
-        for component in results.components:
-            color = segmentation.GetSegment(component["segment_id"]).GetColor()
-            expected = [v / 255.0 for v in lesions.SIZE_GROUP_COLORS[component["size_group"]]]
+        self.assertEqual([c["size_group"] for c in results.lesions], ["large", "medium", "small"])  # largest first
+        for lesion in results.lesions:
+            color = segmentation.GetSegment(lesion["segment_id"]).GetColor()
+            expected = [v / 255.0 for v in lesions.SIZE_GROUP_COLORS[lesion["size_group"]]]
             self.assertEqual([round(v, 3) for v in color], [round(v, 3) for v in expected])
-            self.assertAlmostEqual(component["hit_dice"], 1.0, places=6)  # the prediction is the reference
-        self.assertEqual([r["status"] for r in panel.lesion_rows(results.components, results.references)], ["TP"] * 3)
+            self.assertAlmostEqual(lesion["hit_dice"], 1.0, places=6)  # the prediction is the reference
+        self.assertEqual([r["status"] for r in panel.lesion_rows(results.lesions, results.matches)], ["TP"] * 3)
+        self.assertEqual(results.table.GetNumberOfRows(), 3)
 
         # The slider: the intensity-70 lesion has confidence sigmoid(20 (0.7 - 0.5)) = 0.982 < 0.99.
-        counts = panel.detection_counts(results.components, 0.99, results.references)
+        counts = panel.detection_counts(results.lesions, 0.99, results.matches)
         self.assertEqual((counts.shown, counts.detected, counts.false_positives), (2, 2, 0))
         logic.setConfidenceThreshold(results, 0.99)
         display = results.segmentation.GetDisplayNode()

@@ -217,8 +217,8 @@ def check_on_volume_grid(geometry: Geometry, volume_node, what: str = "image") -
 def add_volume_from_array(scene, array: np.ndarray, geometry: Geometry, name: str = "Volume", *,
                           labelmap: bool = False):
     """Add a scalar (or labelmap) volume node holding a ``[z, y, x]`` array on ``geometry``."""
-    from vtkmodules.util import numpy_support
     import vtk
+    from vtkmodules.util import numpy_support
 
     slicer = _slicer()
     if not isinstance(array, np.ndarray) or array.ndim != 3:
@@ -256,6 +256,31 @@ def ensure_converter_rules() -> None:
                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
         if cls.__name__ not in have:
             factory.RegisterConverterRule(cls())
+
+
+def headless_scene():
+    """A new scene and application logic set up the way Slicer sets up its own, for use outside
+    Slicer (``slicer-core``): default colour tables (labelmaps look them up), slice orientation
+    presets (slice views need them), empty slice/view logic collections (views register there)
+    and the segmentation conversion rules. Returns ``(scene, app_logic)``.
+
+    Keep ``app_logic`` alive as long as the scene is used (labelmap display nodes look their
+    colour table up through it). Inside Slicer use ``slicer.mrmlScene`` and
+    ``slicer.app.applicationLogic()`` instead.
+    """
+    import vtk
+
+    slicer = _slicer()
+    ensure_converter_rules()
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    app_logic.GetColorLogic().SetMRMLScene(scene)
+    app_logic.GetColorLogic().AddDefaultColorNodes()
+    app_logic.SetSliceLogics(vtk.vtkCollection())
+    app_logic.SetViewLogics(vtk.vtkCollection())
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene, True)
+    return scene, app_logic
 
 
 def _resolve_thresholds(size_thresholds_mm) -> SizeThresholds:
@@ -507,8 +532,8 @@ def labelmap_on_volume_grid(segmentation_node, volume_node, segment_ids: Sequenc
     segments overlap, the later one wins. No node is left in the scene.
     """
     slicer = _slicer()
-    from vtkmodules.util import numpy_support
     import vtk
+    from vtkmodules.util import numpy_support
 
     _check_volume_node(volume_node, "volume_node")
     ids = list(_segment_ids(segmentation_node) if segment_ids is None else segment_ids)

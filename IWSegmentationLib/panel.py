@@ -331,7 +331,9 @@ def lesion_rows(
     Status: ``TP`` for a detected lesion that overlaps a reference lesion, ``FP`` for one that
     overlaps none, ``FN`` for a missed reference lesion, ``–`` without a reference. Each row
     has ``cells`` (strings for :data:`LESION_COLUMNS`), ``status``, ``confidence``,
-    ``segment_id`` and ``reference`` (True for FN rows, whose segment is in the reference).
+    ``segment_id``, ``reference`` (True for FN rows, whose segment is in the reference) and
+    ``center_ras`` (passed through, for centring the slice views; None when not given).
+    :func:`IWSegmentationLib.mrml.load_prediction` returns both lists in this form.
     """
     rows = []
     has_reference = references is not None
@@ -340,7 +342,7 @@ def lesion_rows(
         status = ("TP" if (dice or 0) > 0 else "FP") if has_reference else "–"
         rows.append({
             "segment_id": lesion.get("segment_id"), "status": status, "confidence": lesion.get("confidence"),
-            "reference": False,
+            "reference": False, "center_ras": lesion.get("center_ras"),
             "cells": [
                 str(lesion.get("name") or f"Lesion {lesion.get('id')}"), _fmt(lesion.get("diameter_mm"), 1),
                 _fmt(lesion.get("volume_mm3"), 0), str(lesion.get("size_group") or "–"),
@@ -352,6 +354,7 @@ def lesion_rows(
             continue
         rows.append({
             "segment_id": ref.get("segment_id"), "status": "FN", "confidence": None, "reference": True,
+            "center_ras": ref.get("center_ras"),
             "cells": [
                 str(ref.get("name") or f"Missed reference lesion {ref.get('id')}"), _fmt(ref.get("diameter_mm"), 1),
                 _fmt(ref.get("volume_mm3"), 0), str(ref.get("size_group") or "–"), "–", _fmt(0.0, 2), "FN",

@@ -61,7 +61,8 @@ TREE_SCAN_INTERVAL_S = 1.0
 
 
 class BackendError(IWSegError):
-    """The backend could not be started (interpreter missing, not executable)."""
+    """The backend could not be started (interpreter missing, not executable), or a blocking
+    run did not succeed (the message is :meth:`RunResult.report`)."""
 
 
 class Signal:
@@ -488,8 +489,9 @@ class PredictParameters:
 
     def arguments(self, input_path: Path, outputs: dict[str, Path], organ_mask: Path | None = None) -> list[str]:
         """The ``predict`` sub-command and its options (see ``iwseg predict --help``)."""
+        # absolute: the backend runs in its working folder, not in the caller's current folder
         args = [
-            "predict", "--model", str(self.checkpoint), "--input", str(input_path),
+            "predict", "--model", str(Path(self.checkpoint).resolve()), "--input", str(input_path),
             "--output", str(outputs["mask"]), "--device", self.device, "--progress-format", "jsonl",
         ]
         if "probabilities" in outputs:
@@ -611,7 +613,7 @@ class InferenceRun:
         self._with_organ_mask = False
         if workdir_parent is not None and not Path(workdir_parent).is_dir():
             raise InputError(f"working folder parent does not exist: {workdir_parent}")
-        self.workdir: Path | None = Path(tempfile.mkdtemp(prefix="iwseg-run-", dir=workdir_parent))
+        self.workdir: Path | None = Path(tempfile.mkdtemp(prefix="iwseg-run-", dir=workdir_parent)).resolve()
 
     @property
     def input_path(self) -> Path:

@@ -167,7 +167,9 @@ def ensure_in_slicer(requester: str = "IWSegmentation") -> None:
             slicer_packaging = None
         if slicer_packaging is not None and hasattr(slicer_packaging, "pip_ensure"):
             requirements = [_requirement(spec) for spec in missing]
-            slicer_packaging.pip_ensure(requirements, constraints=str(constraints), requester=requester)
+            # skip_in_testing=False: Slicer's own test runner needs the packages as much as a user does
+            slicer_packaging.pip_ensure(requirements, constraints=str(constraints), requester=requester,
+                                        skip_in_testing=False)
         else:
             _legacy_install(missing, constraints, requester)
     except RuntimeError as exc:  # pip_ensure raises RuntimeError when the user declines

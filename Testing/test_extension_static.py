@@ -344,9 +344,12 @@ def test_legend_colours_are_the_segment_palette():
         rgb = legend.convert("RGB")
         for row, group in enumerate(SIZE_GROUPS):
             assert rgb.getpixel(make_icons.swatch_center(row)) == SIZE_GROUP_COLORS[group], group
-    # and the panel's legend (HTML) uses the same colours
-    html_colours = re.findall(r"background-color:#\{r:02X\}\{g:02X\}\{b:02X\}", MODULE_PY.read_text())
-    assert html_colours and "lesions.SIZE_GROUP_COLORS.items()" in MODULE_PY.read_text()
+    # and the panel's legend (rich text) shows the same colours, in the same order
+    from IWSegmentationLib.panel import legend_html
+
+    html = re.findall(r"background-color:#([0-9A-F]{6})", legend_html())
+    assert html == [f"{r:02X}{g:02X}{b:02X}" for r, g, b in (SIZE_GROUP_COLORS[g] for g in SIZE_GROUPS)]
+    assert "panel.legend_html()" in MODULE_PY.read_text()
 
 
 def test_example_training_config_is_accepted_by_the_trainer():

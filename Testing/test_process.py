@@ -9,6 +9,7 @@ the wrapper starts real process groups, reads real pipes and kills real process 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -226,14 +227,14 @@ def test_predict_arguments_are_the_cli_contract(tmp_path, checkpoint):
     params = PredictParameters(checkpoint, device="cuda", overlap=0.25, threshold=0.4)
     outputs = {"mask": tmp_path / "m.nrrd", "probabilities": tmp_path / "p.nrrd", "lesions": tmp_path / "l.json"}
     assert params.arguments(tmp_path / "in.nrrd", outputs, tmp_path / "organ.nrrd") == [
-        "predict", "--model", str(checkpoint), "--input", str(tmp_path / "in.nrrd"),
+        "predict", "--model", str(checkpoint.resolve()), "--input", str(tmp_path / "in.nrrd"),
         "--output", str(tmp_path / "m.nrrd"), "--device", "cuda", "--progress-format", "jsonl",
         "--probabilities", str(tmp_path / "p.nrrd"), "--lesions", str(tmp_path / "l.json"),
         "--organ-mask", str(tmp_path / "organ.nrrd"), "--overlap", "0.25", "--threshold", "0.4",
     ]
     # no overlap/threshold: the checkpoint's own are used, so the options are left out
     args = PredictParameters(checkpoint).arguments(tmp_path / "in.nrrd", {"mask": tmp_path / "m.nrrd"})
-    assert args == ["predict", "--model", str(checkpoint), "--input", str(tmp_path / "in.nrrd"),
+    assert args == ["predict", "--model", str(checkpoint.resolve()), "--input", str(tmp_path / "in.nrrd"),
                     "--output", str(tmp_path / "m.nrrd"), "--device", "auto", "--progress-format", "jsonl"]
 
 
@@ -251,6 +252,18 @@ def test_predict_parameters_name_the_bad_parameter(checkpoint, change, needle):
     params = PredictParameters(checkpoint, **change)
     with pytest.raises(InputError, match=needle):
         params.validate()
+
+
+def test_relative_paths_become_absolute_for_the_backend(checkpoint, tmp_path, monkeypatch):
+    # the backend runs inside its working folder, so a relative path would point elsewhere
+    monkeypatch.chdir(checkpoint.parent)
+    run = InferenceRun(PredictParameters(Path(checkpoint.name)), workdir_parent=".")
+    try:
+        command = run.command
+        assert command[command.index("--model") + 1] == str(checkpoint.resolve())
+        assert run.workdir.is_absolute() and Path(command[command.index("--input") + 1]).is_absolute()
+    finally:
+        run.discard()
 
 
 def test_missing_checkpoint_is_refused_before_anything_starts(tmp_path):
@@ -593,3 +606,39 @@ def test_real_backend_end_to_end_with_a_known_answer(tmp_path):
     assert [g for g, _ in found] == [g for g, _ in expected]
     assert np.allclose([c for _, c in found], [c for _, c in expected], atol=1e-3)
     assert result.workdir is None  # success: the working folder is gone
+
+
+# ---------------------------------------------------------------------------- the known-answer model
+
+
+def test_threshold_model_is_the_pointwise_function_it_claims():
+    torch = pytest.importorskip("torch")
+    np = pytest.importorskip("numpy")
+    from IWSegmentationLib import phantom
+
+    model = phantom.threshold_model(gain=20.0, level=0.5)
+    x = torch.rand(1, 1, 20, 27, 33, generator=torch.Generator().manual_seed(0))  # odd sizes: padded and cropped
+    with torch.no_grad():
+        logits = model(x)
+    # logit = 20 (x - 0.5), up to BatchNorm's eps: three BN layers scale by (1 + 1e-5)^-1/2 each
+    assert logits.shape == x.shape
+    assert np.abs((logits - 20.0 * (x - 0.5)).numpy()).max() < 1e-3
+
+
+def test_phantom_case_geometry_and_refusals():
+    np = pytest.importorskip("numpy")
+    from IWSegmentationLib import phantom
+
+    case = phantom.phantom_case(spacing=(2.0, 1.0, 1.0))
+    assert case.image.shape == case.reference.shape == (32, 48, 48) and case.spacing == (2.0, 1.0, 1.0)
+    assert set(np.unique(case.image[case.reference > 0])) == {70.0, 85.0, 100.0}
+    assert case.image.dtype == np.float32 and case.reference.dtype == np.uint8
+    # sigmoid(20 (v/100 - 0.5)) for v = 70, 85, 100
+    assert case.confidences() == pytest.approx([1 / (1 + math.exp(-4)), 1 / (1 + math.exp(-7)),
+                                                1 / (1 + math.exp(-10))])
+    with pytest.raises(InputError, match="overlaps"):
+        phantom.phantom_case(lesions=[(16, 24, 24, 4.0, 100.0), (16, 26, 24, 4.0, 90.0)])
+    with pytest.raises(InputError, match="0.5%"):
+        phantom.phantom_case(lesions=[(16, 24, 24, 1.0, 100.0)])
+    with pytest.raises(InputError, match="shape"):
+        phantom.phantom_case(shape=(4, 48, 48))

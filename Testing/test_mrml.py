@@ -1,0 +1,419 @@
+"""IWSegmentationLib.mrml with Slicer's real MRML (the ``slicer-core`` wheel, no Qt).
+
+What is checked, and against what (never against mrml's own code):
+
+* geometry: LPS <-> RAS and IJKToRAS against ``Geometry.index_to_physical`` (hypothesis) and a
+  hand-written matrix; an oblique NRRD read by *Slicer's own* volume reader
+  (``vtkMRMLVolumeArchetypeStorageNode``) gives the same grid and voxels;
+* segments: count, order, names, palette colours, terminology (as Slicer's terminology logic
+  serialises it), tags (hand-computed diameters), reference geometry, and every segment voxel
+  landing on the RAS point SimpleITK computes for the mask voxel, on an oblique anisotropic grid;
+* object Dice: a hand-computed case, and rows equal to ``metrics.match_case`` on the arrays;
+  a reference drawn on another grid (finer, flipped axis) is resampled exactly;
+* the confidence slider's visibility and counts; the table node; the module's entry point.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from IWSegmentationLib import imageio, lesions, metrics, mrml
+from IWSegmentationLib.errors import GeometryMismatchError, InputError
+
+
+def _rotation(angle_z: float, angle_x: float = 0.0) -> np.ndarray:
+    cz, sz, cx, sx = math.cos(angle_z), math.sin(angle_z), math.cos(angle_x), math.sin(angle_x)
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    return rz @ rx
+
+
+#: An oblique (rotated about two axes), anisotropic grid: 40 x 30 x 20 voxels (x, y, z).
+OBLIQUE = imageio.Geometry(
+    size=(40, 30, 20), spacing=(0.7, 0.9, 2.5), origin=(10.0, -20.0, 30.0),
+    direction=tuple(_rotation(0.3, 0.2).ravel()),
+)
+
+
+# ============================================================================ without Slicer
+
+
+def test_module_imports_without_slicer():
+    # mrml imports slicer lazily: with `slicer` made unimportable the module still loads.
+    code = "import sys; sys.modules['slicer'] = None; import IWSegmentationLib.mrml as m; print(m.LABELMAP)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "Binary labelmap"
+
+
+def test_ijk_to_ras_by_hand():
+    # Axis-aligned LPS grid, spacing (0.5, 0.7, 2), origin (1, 2, 3) LPS = (-1, -2, 3) RAS.
+    # RAS = diag(-1, -1, 1) * (origin + spacing * ijk): the first two rows flip sign.
+    g = imageio.Geometry(size=(4, 5, 6), spacing=(0.5, 0.7, 2.0), origin=(1.0, 2.0, 3.0))
+    expected = np.array([[-0.5, 0, 0, -1], [0, -0.7, 0, -2], [0, 0, 2, 3], [0, 0, 0, 1]])
+    np.testing.assert_allclose(mrml.ijk_to_ras_matrix(g), expected)
+
+
+rotations = st.tuples(st.floats(-3.1, 3.1), st.floats(-1.5, 1.5))
+spacings = st.tuples(*[st.floats(0.1, 5.0)] * 3)
+origins = st.tuples(*[st.floats(-500, 500)] * 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rotations, spacings, origins, st.tuples(*[st.integers(1, 300)] * 3))
+def test_geometry_round_trip_and_voxel_positions(angles, spacing, origin, size):
+    g = imageio.Geometry(size=size, spacing=spacing, origin=origin, direction=tuple(_rotation(*angles).ravel()))
+    m = mrml.ijk_to_ras_matrix(g)
+    back = mrml.geometry_from_ijk_to_ras(m, g.shape_zyx)
+    assert back.differences(g, rtol=1e-9, atol=1e-9) == []
+    # A voxel's RAS point is its LPS point (Geometry.index_to_physical) with x and y negated.
+    ijk = np.array([size[0] - 1, 0, size[2] // 2], dtype=float)
+    lps = np.array(g.index_to_physical(ijk[::-1]))
+    np.testing.assert_allclose((m @ np.r_[ijk, 1])[:3], lps * [-1, -1, 1], atol=1e-9)
+
+
+def test_degenerate_matrix_is_refused():
+    with pytest.raises(InputError, match="degenerate"):
+        mrml.geometry_from_ijk_to_ras(np.diag([1.0, 0.0, 1.0, 1.0]), (2, 2, 2))
+
+
+# ============================================================================ with slicer-core
+
+needs_slicer = pytest.mark.slicer
+
+
+@pytest.fixture(scope="session")
+def slicer():
+    return pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 'slicer-core==5.13.*')")
+
+
+@pytest.fixture
+def scene(slicer):
+    scene, app_logic = mrml.headless_scene()
+    yield scene  # app_logic stays alive for the test, as Slicer's does
+    del app_logic
+
+
+def _sphere(shape, center_zyx, radius_vox) -> np.ndarray:
+    zz, yy, xx = np.indices(shape)
+    c = center_zyx
+    return ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) <= radius_vox**2
+
+
+@pytest.fixture
+def oblique_case():
+    """Three lesions of 1, 12 and 125 voxels on the oblique grid, probabilities 0.6/0.8/0.95."""
+    shape = OBLIQUE.shape_zyx
+    mask = np.zeros(shape, np.uint8)
+    prob = np.zeros(shape, np.float32)
+    mask[15, 25, 35] = 1  # 1 voxel
+    prob[15, 25, 35] = 0.6
+    mask[2:4, 3:5, 30:33] = 1  # 2 x 2 x 3 = 12 voxels
+    prob[2:4, 3:5, 30:33] = 0.5
+    prob[3, 4, 31] = 0.8
+    mask[8:13, 10:15, 5:10] = 1  # 5 x 5 x 5 = 125 voxels
+    prob[8:13, 10:15, 5:10] = 0.95
+    image = (mask * 100).astype(np.int16)
+    return image, mask, prob
+
+
+@needs_slicer
+def test_slicer_reader_agrees_with_geometry(scene, tmp_path, oblique_case, slicer):
+    image = oblique_case[0]
+    path = tmp_path / "oblique.nrrd"
+    imageio.write_image(path, image, OBLIQUE)
+    node = slicer.vtkMRMLScalarVolumeNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    np.testing.assert_allclose(mrml.volume_ijk_to_ras(node), mrml.ijk_to_ras_matrix(OBLIQUE), atol=1e-6)
+    array, geometry = mrml.array_from_volume(node)
+    assert geometry.differences(OBLIQUE) == []
+    np.testing.assert_array_equal(array, image)
+    mrml.check_on_volume_grid(OBLIQUE, node)
+    shifted = imageio.Geometry(OBLIQUE.size, OBLIQUE.spacing, (10.0, -20.0, 31.0), OBLIQUE.direction)
+    with pytest.raises(GeometryMismatchError, match="origin"):
+        mrml.check_on_volume_grid(shifted, node, "mask.nrrd")
+
+
+@needs_slicer
+def test_lesion_segments(scene, oblique_case, slicer):
+    import vtk
+
+    image, mask, prob = oblique_case
+    volume = mrml.add_volume_from_array(scene, image, OBLIQUE, "CT")
+    node = mrml.lesion_segmentation(scene, volume, mask, probabilities=prob, size_thresholds_mm=(3.0, 6.0))
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 3
+    assert node.GetName() == "CT lesions" and node.GetAttribute(mrml.ATTR_LESION_COUNT) == "3"
+
+    # Voxel volume 0.7 * 0.9 * 2.5 = 1.575 mm³; d = (6 V / π)^(1/3):
+    # 125 voxels -> 196.875 mm³ -> (376.00)^(1/3) = 7.2177 mm (large, >= 6); 12 -> 18.9 mm³ -> 3.305 mm (medium);
+    # 1 -> 1.575 mm³ -> 1.444 mm (small, < 3). Largest first.
+    expected = [
+        ("Lesion 01 · 7.2 mm · large", 125, 7.2177, "large", 0.95),
+        ("Lesion 02 · 3.3 mm · medium", 12, 3.3049, "medium", 0.8),
+        ("Lesion 03 · 1.4 mm · small", 1, 1.4435, "small", 0.6),
+    ]
+    rows = mrml.lesion_rows(node)
+    assert [r["segment_id"] for r in rows] == ["lesion_01", "lesion_02", "lesion_03"]
+    terminology = slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(
+        "Segmentation category and type - DICOM master list", "49755003", "SCT",
+        "Morphologically Altered Structure", "52988006", "SCT", "Lesion", "", "", "", "", "", "", "", "", "", "")
+    for row, (name, voxels, diameter, group, confidence) in zip(rows, expected):
+        segment = segmentation.GetSegment(row["segment_id"])
+        assert segment.GetName() == row["name"] == name
+        assert row["voxels"] == voxels and row["size_group"] == group
+        assert row["diameter_mm"] == pytest.approx(diameter, abs=1e-4)
+        assert row["volume_mm3"] == pytest.approx(voxels * 1.575)
+        assert row["confidence"] == pytest.approx(confidence, abs=1e-6)
+        assert tuple(round(c * 255) for c in segment.GetColor()) == lesions.SIZE_GROUP_COLORS[group]
+        assert segment.GetTerminology() == terminology == mrml.LESION_TERMINOLOGY
+        assert segment.GetLabelValue() == row["id"]
+
+    # Reference geometry is the volume's grid (Slicer's own serialisation of it).
+    probe = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(probe)
+    probe.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    key = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    assert segmentation.GetConversionParameter(key) == probe.GetSegmentation().GetConversionParameter(key)
+    assert mrml.reference_volume_node(node) is volume
+
+    # Every segment voxel sits on the RAS point SimpleITK gives the mask voxel (LPS, x/y negated).
+    itk = imageio.to_sitk(mask, OBLIQUE)
+    for row in rows:
+        labelmap = segmentation.GetSegment(row["segment_id"]).GetRepresentation(mrml.LABELMAP)
+        from vtkmodules.util import numpy_support
+
+        extent = labelmap.GetExtent()
+        values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(
+            extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+        k, j, i = np.nonzero(values == labelmap_value(segmentation, row["segment_id"]))
+        ijk = np.c_[i + extent[0], j + extent[2], k + extent[4]]
+        matrix = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(matrix)
+        m = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+        ras = (m @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+        lps = np.array([itk.TransformIndexToPhysicalPoint([int(v) for v in p]) for p in ijk])
+        np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=1e-6)
+        assert np.all(mask[ijk[:, 2], ijk[:, 1], ijk[:, 0]] == 1) and len(ijk) == row["voxels"]
+    # The 125-voxel cube is symmetric: Slicer's segment centre equals our centroid tag.
+    np.testing.assert_allclose(node.GetSegmentCenterRAS("lesion_01"), rows[0]["center_ras"], atol=1e-6)
+    sitk_center = np.array(itk.TransformContinuousIndexToPhysicalPoint([7.0, 12.0, 10.0])) * [-1, -1, 1]
+    np.testing.assert_allclose(rows[0]["center_ras"], sitk_center, atol=1e-6)
+    # The 3D view's representation exists.
+    assert segmentation.GetSegment("lesion_01").GetRepresentation(mrml.CLOSED_SURFACE).GetNumberOfPoints() > 0
+
+
+def labelmap_value(segmentation, segment_id):
+    return segmentation.GetSegment(segment_id).GetLabelValue()
+
+
+@needs_slicer
+def test_empty_mask_and_bad_input(scene, oblique_case, slicer):
+    image, mask, prob = oblique_case
+    volume = mrml.add_volume_from_array(scene, image, OBLIQUE, "CT")
+    empty = mrml.lesion_segmentation(scene, volume, np.zeros_like(mask))
+    assert empty.GetSegmentation().GetNumberOfSegments() == 0
+    assert empty.GetAttribute(mrml.ATTR_LESION_COUNT) == "0"
+    with pytest.raises(GeometryMismatchError, match=r"shape \(20, 30, 41\).*'CT'"):
+        mrml.lesion_segmentation(scene, volume, np.zeros((20, 30, 41), np.uint8))
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        mrml.lesion_segmentation(scene, volume, mask, probabilities=prob * 3)
+    with pytest.raises(InputError, match="size thresholds"):
+        mrml.lesion_segmentation(scene, volume, mask, size_thresholds_mm=(6.0, 3.0))
+    with pytest.raises(InputError, match="volume node"):
+        mrml.lesion_segmentation(scene, None, mask)
+    vector = slicer.vtkMRMLVectorVolumeNode()
+    scene.AddNode(vector)
+    import vtk
+
+    rgb = vtk.vtkImageData()
+    rgb.SetDimensions(4, 4, 4)
+    rgb.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    vector.SetAndObserveImageData(rgb)
+    vector.SetName("RGB")
+    with pytest.raises(InputError, match="'RGB' has 3 components"):
+        mrml.array_from_volume(vector)
+
+
+@needs_slicer
+def test_confidence_threshold_hides_and_counts(scene, oblique_case, slicer):
+    image, mask, prob = oblique_case
+    volume = mrml.add_volume_from_array(scene, image, OBLIQUE, "CT")
+    node = mrml.lesion_segmentation(scene, volume, mask, probabilities=prob, closed_surface=False)
+    display = node.GetDisplayNode()
+    # Confidences 0.95, 0.8, 0.6 (largest first). τ = 0.8 keeps >= 0.8: two shown.
+    assert mrml.set_confidence_threshold(node, 0.8) == {"threshold": 0.8, "shown": 2, "hidden": 1, "total": 3}
+    assert [display.GetSegmentVisibility(s) for s in ("lesion_01", "lesion_02", "lesion_03")] == [True, True, False]
+    assert mrml.set_confidence_threshold(node, 0.96)["shown"] == 0
+    assert mrml.set_confidence_threshold(node, 0.0)["hidden"] == 0
+    assert node.GetAttribute(mrml.ATTR_CONFIDENCE_THRESHOLD) == "0.0"
+    assert all(r["visible"] for r in mrml.lesion_rows(node))
+    with pytest.raises(InputError, match="confidence threshold"):
+        mrml.set_confidence_threshold(node, 1.5)
+    # Without a probability map there are no confidences: nothing is ever hidden.
+    plain = mrml.lesion_segmentation(scene, volume, mask, closed_surface=False)
+    assert mrml.set_confidence_threshold(plain, 0.99) == {"threshold": 0.99, "shown": 3, "hidden": 0, "total": 3}
+
+
+# ---------------------------------------------------------------------------- object Dice
+
+
+@needs_slicer
+def test_object_dice_by_hand(scene, slicer):
+    # Reference: a 3x3x3 cube (27 voxels) and a lone voxel far away (missed: FN).
+    # Prediction: 2 of the cube's 3 slices (18 voxels) -> Dice 2*18/(27+18) = 0.8 (TP),
+    # and a 2-voxel blob where there is no reference (FP, Dice 0).
+    g = imageio.Geometry.identity((12, 12, 12), (2.0, 1.0, 1.0))
+    ref = np.zeros((12, 12, 12), np.uint8)
+    ref[1:4, 1:4, 1:4] = 1
+    ref[10, 10, 10] = 1
+    pred = np.zeros_like(ref)
+    pred[1:3, 1:4, 1:4] = 1
+    pred[6, 8, 1:3] = 1
+    prob = pred * 0.9
+    volume = mrml.add_volume_from_array(scene, np.zeros_like(ref, dtype=np.int16), g, "V")
+    seg = mrml.lesion_segmentation(scene, volume, pred, probabilities=prob, closed_surface=False)
+    reference = mrml.lesion_segmentation(scene, volume, ref, name="Reference", closed_surface=False)
+    rows = mrml.object_dice_table(seg, reference)
+    assert [(r["segment_id"], r["status"]) for r in rows] == [("lesion_01", "TP"), ("lesion_02", "FP"), ("lesion_02", "FN")]
+    assert rows[0]["dice"] == pytest.approx(0.8) and rows[1]["dice"] == 0.0 and rows[2]["dice"] == 0.0
+    # An FN row's segment is the *reference* segment holding the missed voxel (its lesion_02).
+    match = mrml.match_segmentations(seg, reference)
+    fn = [r for r in match.references if r["status"] == "FN"][0]
+    assert fn["segment_id"] == "lesion_02" and fn["voxels"] == 1
+    # Voxel (10, 10, 10) [z, y, x] with spacing (2, 1, 1) is at LPS (10, 10, 20) = RAS (-10, -10, 20).
+    np.testing.assert_allclose(fn["center_ras"], (-10.0, -10.0, 20.0))
+
+
+def _metrics_rows(prob, ref, spacing):
+    case = metrics.match_case(prob, ref, spacing, threshold=0.5)
+    comps = sorted(((c.voxels, c.hit_dice, c.confidence, c.false_positive) for c in case.components), reverse=True)
+    refs = sorted((les.voxels, les.hit_dice, les.confidence) for les in case.lesions)
+    return comps, refs
+
+
+@needs_slicer
+def test_object_dice_equals_metrics(scene, rng, slicer):
+    # Random blobs: the segments' table must carry exactly match_case's numbers.
+    from scipy import ndimage
+
+    shape = (20, 40, 40)
+    ref = ndimage.binary_dilation(rng.random(shape) > 0.998, iterations=2).astype(np.uint8)
+    shift = np.roll(ref, 1, axis=2)
+    fps = np.zeros_like(ref)
+    fps[::7, ::9, ::11] = 1
+    prob = np.clip(shift * rng.uniform(0.55, 1.0, shape) + fps * 0.7, 0, 1).astype(np.float32)
+    pred = (prob > 0.5).astype(np.uint8)
+    g = imageio.Geometry(size=shape[::-1], spacing=(0.8, 0.8, 2.0), origin=(3.0, 4.0, 5.0),
+                         direction=tuple(_rotation(0.4).ravel()))
+    volume = mrml.add_volume_from_array(scene, ref.astype(np.int16), g, "V")
+    seg = mrml.lesion_segmentation(scene, volume, pred, probabilities=prob, closed_surface=False)
+    reference = mrml.lesion_segmentation(scene, volume, ref, name="Reference", closed_surface=False)
+    match = mrml.match_segmentations(seg, reference)
+    comps, refs = _metrics_rows(prob, ref, g.spacing_zyx)
+    assert len(comps) > 5 and any(c[3] for c in comps) and any(not c[3] for c in comps)
+    got_comps = sorted(((d["voxels"], d["dice"], d["confidence"], d["status"] == "FP") for d in match.detections),
+                       reverse=True)
+    assert [c[:2] + (c[3],) for c in got_comps] == [c[:2] + (c[3],) for c in comps]
+    np.testing.assert_allclose([c[2] for c in got_comps], [c[2] for c in comps], atol=1e-6)
+    got_refs = sorted((r["voxels"], r["dice"], r["confidence"]) for r in match.references)
+    assert [r[:2] for r in got_refs] == [r[:2] for r in refs]
+    for (_, _, a), (_, _, b) in zip(got_refs, refs):
+        assert (a is None and b is None) or a == pytest.approx(b, abs=1e-6)
+    assert {r["status"] for r in match.references} <= {"TP", "FN"}
+    assert len(match.rows) == len(match.detections) + sum(r["status"] == "FN" for r in match.references)
+
+
+@needs_slicer
+def test_reference_on_another_grid_is_resampled(scene, slicer):
+    # The reference is drawn on a grid 3x finer with its x axis flipped. Fine voxels 3i..3i+2
+    # tile coarse voxel i and the middle one's centre is the coarse centre, so resampling onto
+    # the volume's grid must give back the coarse mask exactly (and Dice 1 for every lesion).
+    coarse = imageio.Geometry(size=(16, 14, 10), spacing=(1.0, 1.2, 3.0), origin=(0.0, 0.0, 0.0),
+                              direction=tuple(_rotation(0.25).ravel()))
+    mask = np.zeros(coarse.shape_zyx, np.uint8)
+    mask[2:5, 3:7, 2:6] = 1
+    mask[7, 10, 12:14] = 1
+    volume = mrml.add_volume_from_array(scene, mask.astype(np.int16), coarse, "V")
+    d = coarse.direction_matrix
+    fine_spacing = np.asarray(coarse.spacing) / 3
+    flip = d @ np.diag([-1.0, 1.0, 1.0])
+    # fine voxel 0 along x is the last third of coarse voxel 15; along y, z the first third of voxel 0
+    start = np.array([15 + 1 / 3, -1 / 3, -1 / 3]) * np.asarray(coarse.spacing)
+    fine = imageio.Geometry(size=tuple(s * 3 for s in coarse.size), spacing=tuple(fine_spacing),
+                            origin=tuple(d @ start), direction=tuple(flip.ravel()))
+    fine_mask = mask.repeat(3, 0).repeat(3, 1).repeat(3, 2)[:, :, ::-1]
+    ref_volume = mrml.add_volume_from_array(scene, fine_mask, fine, "fine", labelmap=True)
+    reference = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(reference)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(ref_volume, reference)
+    before = scene.GetNumberOfNodes()
+    np.testing.assert_array_equal(mrml.labelmap_on_volume_grid(reference, volume) > 0, mask > 0)
+    assert scene.GetNumberOfNodes() == before  # no temporary node left behind
+    seg = mrml.lesion_segmentation(scene, volume, mask, closed_surface=False)
+    rows = mrml.object_dice_table(seg, reference)
+    assert [(r["status"], r["dice"]) for r in rows] == [("TP", 1.0), ("TP", 1.0)]
+    with pytest.raises(InputError, match="no segment"):
+        mrml.object_dice_table(seg, reference, reference_segment_ids=["nope"])
+
+
+@needs_slicer
+def test_dice_table_node(scene, slicer):
+    rows = [
+        {"name": "Lesion 01 · 7.2 mm · large", "status": "TP", "diameter_mm": 7.2, "volume_mm3": 196.9,
+         "size_group": "large", "confidence": 0.95, "dice": 0.8, "reference_id": 2, "segment_id": "lesion_01"},
+        {"name": "Reference 01", "status": "FN", "diameter_mm": 1.4, "volume_mm3": 1.6,
+         "size_group": "small", "confidence": None, "dice": 0.0, "reference_id": 1, "segment_id": None},
+    ]
+    table = mrml.dice_table_node(scene, rows, "Dice")
+    assert table.GetNumberOfRows() == 2 and table.GetNumberOfColumns() == len(mrml.DICE_TABLE_COLUMNS)
+    vtable = table.GetTable()
+    assert vtable.GetColumnByName("Lesion").GetValue(0) == "Lesion 01 · 7.2 mm · large"
+    assert vtable.GetColumnByName("Dice").GetValue(0) == pytest.approx(0.8)
+    assert math.isnan(vtable.GetColumnByName("Confidence").GetValue(1))
+    assert vtable.GetColumnByName("Reference lesion").GetValue(1) == 1
+    assert vtable.GetColumnByName("Segment ID").GetValue(1) == ""
+    assert table.GetColumnUnitLabel("Diameter") == "mm"
+
+
+@needs_slicer
+def test_load_prediction_phantom_known_answer(scene, slicer):
+    # The module's known-answer case without the backend: the prediction is the reference.
+    from IWSegmentationLib import panel, phantom
+
+    case = phantom.phantom_case(spacing=(1.5, 0.9, 0.8))
+    g = imageio.Geometry.identity(case.reference.shape, case.spacing)
+    volume = mrml.add_volume_from_array(scene, case.image, g, "Phantom")
+    reference = mrml.lesion_segmentation(scene, volume, case.reference, name="Reference", closed_surface=False)
+    confidences = case.confidences()
+    labels, _ = lesions.label_components(case.reference)
+    prob = np.zeros(case.reference.shape, np.float32)
+    for component, value in zip(range(1, 4), sorted(confidences)):
+        prob[labels == component] = value
+    results = mrml.load_prediction(scene, volume, case.reference, prob, reference=reference,
+                                   size_thresholds_mm=phantom.DEFAULT_SIZE_THRESHOLDS, keep_probabilities=True)
+    assert [les["size_group"] for les in results.lesions] == ["large", "medium", "small"]
+    assert [m["status"] for m in results.matches] == ["TP", "TP", "TP"]
+    assert all(m["dice"] == 1.0 and les["status"] == "TP" for m, les in zip(results.matches, results.lesions))
+    assert results.table.GetNumberOfRows() == 3
+    assert mrml.array_from_volume(results.probabilities)[0].max() == pytest.approx(max(confidences))
+    rows = panel.lesion_rows(results.lesions, results.matches)
+    assert [r["status"] for r in rows] == ["TP", "TP", "TP"]
+    tau = sorted(les["confidence"] for les in results.lesions)[1]
+    counts = panel.detection_counts(results.lesions, tau, results.matches)
+    shown = mrml.set_confidence_threshold(results.segmentation, tau)["shown"]
+    assert counts.shown == shown == 2 and counts.detected == 2 and counts.false_positives == 0
+    # Without a reference: no matches, the table lists the lesions.
+    alone = mrml.load_prediction(scene, volume, case.reference, prob, make_table=False)
+    assert alone.matches is None and alone.table is None and len(alone.lesions) == 3

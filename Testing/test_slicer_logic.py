@@ -1,0 +1,174 @@
+"""The module's logic without Qt (IWSegmentationLib.slicer_logic) on Slicer's real MRML (slicer-core),
+with the real backend process: the path the Apply button takes, minus the widgets.
+
+The known answer comes from IWSegmentationLib.phantom: a pointwise hand-wired checkpoint that
+returns the phantom's reference mask exactly, so segments, colours, Dice and the confidence
+slider all have hand-computable expected values.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("slicer-core (Slicer's MRML) is not installed", allow_module_level=True)
+
+from IWSegmentationLib import imageio, mrml, panel, phantom, process  # noqa: E402
+from IWSegmentationLib.errors import InputError  # noqa: E402
+from IWSegmentationLib.lesions import SIZE_GROUP_COLORS  # noqa: E402
+from IWSegmentationLib.slicer_logic import LesionSegmentationLogic, scene_rollback  # noqa: E402
+
+pytestmark = pytest.mark.slicer
+
+
+def oblique_geometry(case) -> imageio.Geometry:
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    return imageio.Geometry(size=case.image.shape[::-1], spacing=case.spacing[::-1], origin=(10.0, -5.0, 3.0),
+                            direction=(c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def phantom_scene(scene):
+    case = phantom.phantom_case(spacing=(1.5, 0.9, 0.8))
+    geometry = oblique_geometry(case)
+    volume = mrml.add_volume_from_array(scene, case.image, geometry, "Phantom")
+    reference = mrml.lesion_segmentation(scene, volume, case.reference, name="Reference")
+    return case, volume, reference
+
+
+def node_ids(scene) -> list[str]:
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def make_logic(scene, tmp_path) -> LesionSegmentationLogic:
+    return LesionSegmentationLogic(scene, python=sys.executable, env=process.backend_environment(),
+                                   workdir_parent=tmp_path)
+
+
+@pytest.mark.slow
+def test_known_answer_through_the_real_backend(phantom_scene, scene, tmp_path):
+    case, volume, reference = phantom_scene
+    organ = mrml.lesion_segmentation(scene, volume, (case.image > 0).astype(np.uint8), name="Body")
+    checkpoint = phantom.threshold_checkpoint(tmp_path / "threshold.safetensors")
+    logic = make_logic(scene, tmp_path)
+    stages = []
+    results = logic.run_blocking(volume, checkpoint, timeout=300, device="cpu", reference=reference,
+                                 organ_mask=organ, on_progress=lambda e: stages.append(e.stage))
+    assert stages[0] == "start" and stages[-1] == "done"
+    assert results is logic.results
+
+    segmentation = results.segmentation.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 3
+    # largest first; phantom radii 7, 4, 2 mm -> diameters about 14, 8, 4 mm with cut-offs (5, 10) mm
+    assert [row["size_group"] for row in results.lesions] == ["large", "medium", "small"]
+    for row in results.lesions:
+        color = segmentation.GetSegment(row["segment_id"]).GetColor()
+        assert np.allclose(color, np.array(SIZE_GROUP_COLORS[row["size_group"]]) / 255.0, atol=1e-6)
+        assert row["hit_dice"] == pytest.approx(1.0)  # the prediction is the reference, voxel for voxel
+    # confidences sigmoid(20 (v/100 - 0.5)) for intensities 100, 85, 70
+    expected_conf = sorted(case.confidences(), reverse=True)
+    assert [row["confidence"] for row in results.lesions] == pytest.approx(expected_conf, abs=1e-3)
+
+    rows = panel.lesion_rows(results.lesions, results.matches)
+    assert [r["status"] for r in rows] == ["TP", "TP", "TP"]
+    assert [r["cells"][5] for r in rows] == ["1.00", "1.00", "1.00"]
+    assert results.table.GetNumberOfRows() == 3
+    prob_geometry = mrml.volume_geometry(results.probabilities)
+    assert prob_geometry.differences(mrml.volume_geometry(volume)) == []
+
+    # The slider at 0.99 hides the least confident lesion (0.982), keeps recall 2/3 and no FP.
+    counts = logic.set_confidence_threshold(results, 0.99)
+    assert (counts.shown, counts.hidden, counts.detected, counts.false_positives) == (2, 1, 2, 0)
+    display = results.segmentation.GetDisplayNode()
+    visible = [row["size_group"] for row in results.lesions if display.GetSegmentVisibility(row["segment_id"])]
+    assert visible == ["large", "medium"]
+    assert logic.set_confidence_threshold(results, 0.0).shown == 3
+
+
+def test_cancel_leaves_the_scene_unchanged(phantom_scene, scene, tmp_path):
+    _, volume, reference = phantom_scene
+    checkpoint = phantom.threshold_checkpoint(tmp_path / "threshold.safetensors")
+    before = node_ids(scene)
+    logic = make_logic(scene, tmp_path)
+    run = logic.start(volume, checkpoint, device="cpu", reference=reference)
+    workdir = run.workdir
+    run.cancel()  # at once: the backend is still importing torch
+    result = run.wait(timeout=60)
+    assert result.outcome is process.Outcome.CANCELLED
+    assert node_ids(scene) == before and logic.results is None
+    assert not workdir.exists()
+    assert not process.pid_alive(run.backend.pid)
+
+
+def test_failed_loading_rolls_the_scene_back(phantom_scene, scene, tmp_path, monkeypatch):
+    case, volume, reference = phantom_scene
+    geometry = mrml.volume_geometry(volume)
+    outputs = {"mask": imageio.write_image(tmp_path / "mask.nrrd", case.reference, geometry),
+               "probabilities": imageio.write_image(tmp_path / "prob.nrrd", case.reference.astype(np.float32), geometry)}
+    before = node_ids(scene)
+
+    def broken_table(*args, **kwargs):
+        raise RuntimeError("disk full while building the table")
+
+    monkeypatch.setattr(mrml, "dice_table_node", broken_table)  # fails after the segments were added
+    logic = make_logic(scene, tmp_path)
+    with pytest.raises(RuntimeError, match="disk full"):
+        logic.load_results(outputs, volume, reference)
+    assert node_ids(scene) == before
+
+
+def test_outputs_on_another_grid_are_refused(phantom_scene, scene, tmp_path):
+    case, volume, _ = phantom_scene
+    wrong = imageio.Geometry.identity(case.image.shape, case.spacing)
+    outputs = {"mask": imageio.write_image(tmp_path / "mask.nrrd", case.reference, wrong),
+               "probabilities": imageio.write_image(tmp_path / "prob.nrrd", case.image, wrong)}
+    before = node_ids(scene)
+    with pytest.raises(InputError, match="not on the voxel grid"):
+        make_logic(scene, tmp_path).load_results(outputs, volume)
+    assert node_ids(scene) == before
+
+
+def test_scene_rollback_keeps_what_existed(scene):
+    kept = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "kept")
+    with pytest.raises(ValueError), scene_rollback(scene):
+        scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "added")
+        raise ValueError("boom")
+    assert node_ids(scene) == [kept.GetID()]
+    with scene_rollback(scene):
+        added = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "added")
+    assert node_ids(scene) == [kept.GetID(), added.GetID()]
+
+
+def test_check_inputs(scene, tmp_path):
+    logic = make_logic(scene, tmp_path)
+    flat = mrml.add_volume_from_array(scene, np.zeros((1, 20, 20), np.float32),
+                                      imageio.Geometry.identity((1, 20, 20)), "Slice")
+    with pytest.raises(InputError, match="Slice is 2D"):
+        logic.check_inputs(flat, {"preprocessing": {"modality": "MR"}})
+    with pytest.raises(InputError, match="Select an input volume"):
+        logic.check_inputs(None, {})
+    ct = mrml.add_volume_from_array(scene, np.full((8, 8, 8), -1000.0, np.float32),
+                                    imageio.Geometry.identity((8, 8, 8)), "CT")
+    with pytest.raises(InputError, match="checkpoint"):
+        logic.check_inputs(ct, None)
+    (warning,) = logic.check_inputs(ct, {"preprocessing": {"name": "mr", "modality": "MR"}})
+    assert "trained on MR" in warning
+    assert logic.check_inputs(ct, {"preprocessing": {"name": "ct-liver", "modality": "CT"}}) == []
+
+
+def test_bad_checkpoint_is_refused_before_anything_runs(phantom_scene, scene, tmp_path):
+    _, volume, _ = phantom_scene
+    before = node_ids(scene)
+    with pytest.raises(InputError, match="checkpoint not found"):
+        make_logic(scene, tmp_path).start(volume, tmp_path / "missing.safetensors")
+    assert node_ids(scene) == before and list(tmp_path.iterdir()) == []

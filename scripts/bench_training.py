@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Training speed: CPU iterations/s of the demo configuration, the share of the step spent
+waiting for data, and what the paper's full run (100 x 100 iterations, 128³ patches, batch 2)
+costs on a GPU.
+
+    python scripts/bench_training.py --quick                 # a smoke run (a minute)
+    python scripts/bench_training.py --markdown docs/benchmarks_training.md
+
+What is measured (CPU):
+
+* ``train()`` on synthetic data with the demo's network, patch and batch (scripts/demo.py),
+  once with background DataLoader workers (the default) and once with ``num_workers=0``
+  (patches sampled in the training process), to show what background loading buys;
+* each run trains ``warmup`` epochs first (oneDNN builds its kernels on the first steps, the
+  workers start) and reports the median over the ``epochs`` timed epochs after them of
+  iterations/s and of the data-wait fraction (time blocked on the next batch / step time;
+  goal < 5%).
+
+The GPU cost is an *estimate from FLOP counts*, not a measurement (no GPU was available when
+this was written): convolution FLOPs per voxel from :func:`IWSegmentationLib.models.flops_per_voxel`
+(the paper's U-Net: 0.399 MFLOP per voxel forward), a training step taken as 3x the forward
+(backward = 2x forward), and a range of achieved fractions of each GPU's dense peak. Activation
+memory is counted from a forward pass with hooks (every module output kept for backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Dense peak TFLOP/s (vendor data sheets) of GPUs people train on: (name, mixed-precision peak,
+#: fp32 peak). Mixed precision means bf16/fp16 tensor cores without sparsity.
+GPUS = (
+    ("NVIDIA Tesla M40 (the paper's)", None, 7.0),
+    ("NVIDIA V100", 125.0, 15.7),
+    ("NVIDIA A100", 312.0, 19.5),
+    ("NVIDIA H100 SXM", 989.0, 67.0),
+)
+#: Fractions of peak a 3D U-Net with few channels at full resolution typically reaches (its
+#: first levels are memory-bound): a pessimistic and an optimistic end.
+UTILISATION = (0.15, 0.40)
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("iwseg_demo", REPO / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_cpu(data: Path, settings: dict, *, num_workers: int, iters: int, epochs: int, warmup: int) -> dict:
+    """Median iterations/s and data-wait fraction over the timed epochs of a real ``train()``."""
+    from IWSegmentationLib.training import TrainConfig, train
+
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig.from_dict({
+            **settings, "data": str(data), "out": out, "epochs": warmup + epochs, "iters_per_epoch": iters,
+            "num_workers": num_workers, "val_every": 0, "tensorboard": False, "progress": False,
+            "lr_schedule": "constant",
+        })
+        result = train(config, verbose=False)
+    timed = result.history[warmup:]
+    return {
+        "iters_per_s": statistics.median(r["iters_per_s"] for r in timed),
+        "data_wait": statistics.median(r["data_wait_fraction"] for r in timed),
+        "epochs": len(timed),
+        "iters": iters,
+    }
+
+
+def activation_bytes_per_voxel(config: dict) -> float:
+    """Bytes of module outputs kept for backward per input voxel (fp32), from a 32³ forward."""
+    import torch
+
+    from IWSegmentationLib.models import build_model
+
+    model = build_model(config)
+    total = [0]
+
+    def hook(_module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel() * 4
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 32, 32, 32))
+    for h in handles:
+        h.remove()
+    return total[0] / 32**3
+
+
+def gpu_estimate(epochs: int = 100, iters: int = 100, patch: int = 128, batch: int = 2) -> dict:
+    from IWSegmentationLib.models import count_parameters, build_model, default_config, flops_per_voxel
+
+    config = default_config("paper")
+    voxels = batch * patch**3
+    step_flops = 3.0 * flops_per_voxel(config) * voxels
+    total = step_flops * epochs * iters
+    rows = []
+    for name, mixed, fp32 in GPUS:
+        peak = (mixed or fp32) * 1e12
+        slow, fast = (total / (peak * u) for u in UTILISATION)
+        rows.append({"gpu": name, "precision": "bf16/fp16" if mixed else "fp32", "peak_tflops": peak / 1e12,
+                     "hours_pessimistic": slow / 3600, "hours_optimistic": fast / 3600,
+                     "step_ms": (step_flops / (peak * UTILISATION[0]) * 1e3, step_flops / (peak * UTILISATION[1]) * 1e3)})
+    act = activation_bytes_per_voxel(config)
+    return {
+        "params": count_parameters(build_model(config)),
+        "flops_per_voxel": flops_per_voxel(config),
+        "step_tflop": step_flops / 1e12,
+        "total_pflop": total / 1e15,
+        "steps": epochs * iters,
+        "activation_gib_fp32": act * voxels / 2**30,
+        "rows": rows,
+    }
+
+
+def markdown(cpu: list[tuple[str, dict]], demo_settings: dict, gpu: dict, command: str) -> str:
+    lines = ["# Training speed", "", f"Command: `{command}`", ""]
+    if cpu:
+        s = demo_settings
+        lines += [
+            f"CPU, demo configuration: `{s['model_size']}` U-Net, patch {s['patch_size']}, batch {s['batch_size']}, "
+            f"loss {s['loss']}; torch threads {__import__('torch').get_num_threads()}.",
+            "",
+            "| data loading | iterations/s | data wait (share of step time) | timed |",
+            "|---|---:|---:|---|",
+        ]
+        for label, r in cpu:
+            lines.append(f"| {label} | {r['iters_per_s']:.2f} | {100 * r['data_wait']:.1f}% | "
+                         f"median of {r['epochs']} epochs x {r['iters']} it |")
+        lines.append("")
+    lines += [
+        "## GPU cost of the paper's run (estimate from FLOP counts)",
+        "",
+        f"The paper's U-Net ({gpu['params'] / 1e6:.2f} M parameters, {gpu['flops_per_voxel'] / 1e6:.3f} MFLOP of "
+        f"convolution per voxel forward), 128³ patches, batch 2: one training step is about "
+        f"{gpu['step_tflop']:.1f} TFLOP (3x the forward), the {gpu['steps']:,}-step run {gpu['total_pflop']:.0f} PFLOP. "
+        f"Activations kept for backward: about {gpu['activation_gib_fp32']:.1f} GiB in fp32 "
+        f"(half in bf16/fp16) plus the model and optimizer (< 0.2 GiB).",
+        "",
+        f"| GPU | precision | dense peak TFLOP/s | step at {int(UTILISATION[0] * 100)}-{int(UTILISATION[1] * 100)}% of peak | "
+        "100 x 100 iterations |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in gpu["rows"]:
+        lines.append(f"| {r['gpu']} | {r['precision']} | {r['peak_tflops']:g} | "
+                     f"{r['step_ms'][1]:.0f}-{r['step_ms'][0]:.0f} ms | "
+                     f"{_hours(r['hours_optimistic'])}-{_hours(r['hours_pessimistic'])} |")
+    lines += [
+        "",
+        "These are estimates, not measurements: 3D U-Nets with 16 channels at full resolution are "
+        "memory-bound in their first levels, which is why 15-40% of the dense peak is assumed. The paper "
+        "reports 26 hours on a Tesla M40 (training and validation), about 1/10 of that GPU's fp32 peak. "
+        "Validation (sliding-window prediction of whole cases every `val_every` epochs) comes on top.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _hours(h: float) -> str:
+    return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few iterations (a smoke run, about a minute)")
+    parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table to FILE")
+    parser.add_argument("--no-cpu", action="store_true", help="only the GPU estimate")
+    args = parser.parse_args(argv)
+
+    demo = load_demo()
+    settings = dict(demo.TRAIN_SETTINGS)
+    cpu: list[tuple[str, dict]] = []
+    if not args.no_cpu:
+        from IWSegmentationLib.synth import write_dataset
+
+        iters, epochs, warmup = (4, 1, 1) if args.quick else (20, 3, 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "data"
+            write_dataset(data, 6 if args.quick else 12, 0, demo.SYNTH_PRESET, shape=demo.SYNTH_SHAPE)
+            for label, workers in ((f"{settings['num_workers']} background workers (default)",
+                                    settings["num_workers"]), ("in the training process (num_workers=0)", 0)):
+                t = time.perf_counter()
+                r = measure_cpu(data, settings, num_workers=workers, iters=iters, epochs=epochs, warmup=warmup)
+                print(f"{label}: {r['iters_per_s']:.2f} it/s, data wait {100 * r['data_wait']:.1f}% "
+                      f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+                cpu.append((label, r))
+    gpu = gpu_estimate()
+    command = "python scripts/bench_training.py" + (" --quick" if args.quick else "") + \
+        (" --no-cpu" if args.no_cpu else "")
+    text = markdown(cpu, settings, gpu, command)
+    print(text)
+    if args.markdown:
+        from IWSegmentationLib.imageio import atomic_output
+
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(args.markdown) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        print(f"written: {args.markdown}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
