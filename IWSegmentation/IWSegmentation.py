@@ -221,13 +221,13 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             results = result.loaded
             self._parameterNode.outputSegmentation = results.segmentation
-            self._rows = panel.lesion_rows(results.lesions, results.matches)
+            self._rows = results.rows  # detected lesions, then missed reference lesions (FN)
             self.ui.statusLabel.text, self.ui.summaryLabel.text = panel.result_texts(len(results.lesions), result.seconds)
             self.ui.resultsCollapsibleButton.enabled = True
             table = self.ui.lesionTableWidget
             table.setRowCount(len(self._rows))
             for r, row in enumerate(self._rows):
-                for c, text in enumerate(row["cells"]):
+                for c, text in enumerate(panel.lesion_cells(row)):
                     table.setItem(r, c, qt.QTableWidgetItem(text))
             table.resizeColumnsToContents()
             self.onConfidenceChanged(self._parameterNode.confidenceThreshold)
@@ -283,17 +283,14 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def process(self, parameters, timeout=None):
         """Blocking mode for scripts and tests: run, wait, return the results; raise with the report on failure."""
-        result = self.start(parameters).wait(timeout)
-        if not result.ok:
-            raise process.BackendError(result.report())
-        return result.loaded
+        return self.start(parameters).wait(timeout).loaded_or_raise()
 
     def setConfidenceThreshold(self, results, value):
         return self.lesionLogic.set_confidence_threshold(results, value)
 
     def centerOnLesion(self, row):
-        if row.get("center_ras"):
-            slicer.modules.markups.logic().JumpSlicesToLocation(*row["center_ras"], True)
+        """Centre the slice views on a lesion-table row (a missed reference lesion too)."""
+        return self.lesionLogic.center_views_on(row)
 
 
 class IWSegmentationTest(ScriptedLoadableModuleTest):
@@ -336,7 +333,7 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
             expected = [v / 255.0 for v in lesions.SIZE_GROUP_COLORS[lesion["size_group"]]]
             self.assertEqual([round(v, 3) for v in color], [round(v, 3) for v in expected])
             self.assertAlmostEqual(lesion["hit_dice"], 1.0, places=6)  # the prediction is the reference
-        self.assertEqual([r["status"] for r in panel.lesion_rows(results.lesions, results.matches)], ["TP"] * 3)
+        self.assertEqual([r["status"] for r in results.rows], ["TP"] * 3)
         self.assertEqual(results.table.GetNumberOfRows(), 3)
 
         # The slider: the intensity-70 lesion has confidence sigmoid(20 (0.7 - 0.5)) = 0.982 < 0.99.
@@ -350,6 +347,11 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
         import ScreenCapture
 
         slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        smallest = results.rows[-1]  # a click on its row centres every slice view on it
+        logic.centerOnLesion(smallest)
+        red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode().GetSliceToRAS()
+        for axis in range(3):
+            self.assertAlmostEqual(red.GetElement(axis, 3), smallest["center_ras"][axis], places=4)
         for view in ("Red", "Green"):
             path = os.path.join(self.tmp, f"IWSegmentationTest-{view}.png")
             ScreenCapture.ScreenCaptureLogic().captureImageFromView(

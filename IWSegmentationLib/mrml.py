@@ -28,6 +28,12 @@ Object Dice (:func:`object_dice_table`)
     segmentation logic (which resamples a reference drawn on another grid), and matched by
     :func:`IWSegmentationLib.metrics.match_case` — the same definitions and numbers as
     ``iwseg evaluate``. Each detection's confidence is its segment's confidence tag.
+
+The lesion table (:func:`lesion_rows`)
+    Built here and only here, from the segments' tags and the match: the module shows these rows
+    (:func:`IWSegmentationLib.panel.lesion_cells` formats them), the table node holds them, and
+    each row's ``center_ras`` — the lesion's own centroid, also for a missed reference lesion
+    whose reference segment holds several — is where :func:`center_slice_views` takes the views.
 """
 
 from __future__ import annotations
@@ -154,6 +160,12 @@ def _vtk_matrix(m: np.ndarray):
         for c in range(4):
             out.SetElement(r, c, float(m[r, c]))
     return out
+
+
+def centroid_ras(ijk_to_ras: np.ndarray, centroid_zyx: Sequence[float]) -> tuple[float, float, float]:
+    """The RAS point (mm) of a ``[z, y, x]`` (continuous) voxel index on a grid with this ``IJKToRAS``."""
+    ijk = np.asarray(centroid_zyx, dtype=float)[::-1]
+    return tuple(float(v) for v in (ijk_to_ras @ np.r_[ijk, 1.0])[:3])
 
 
 def volume_ijk_to_ras(volume_node) -> np.ndarray:
@@ -400,7 +412,6 @@ def lesion_segmentation(
     was_modifying = node.StartModify()
     try:
         for number, les in enumerate(found, start=1):
-            center = ijk_to_ras @ np.r_[les.centroid[::-1], 1.0]
             segment = slicer.vtkSegment()
             segment.SetName(segment_name(number, les.diameter_mm, les.size_group, width))
             segment.SetColor(*(c / 255.0 for c in SIZE_GROUP_COLORS[les.size_group]))
@@ -414,7 +425,7 @@ def lesion_segmentation(
                 "volume_mm3": repr(float(les.volume_mm3)),
                 "diameter_mm": repr(float(les.diameter_mm)),
                 "size_group": les.size_group,
-                "center_ras": ",".join(repr(float(v)) for v in center[:3]),
+                "center_ras": ",".join(repr(v) for v in centroid_ras(ijk_to_ras, les.centroid)),
             }
             if les.confidence is not None:
                 tags["confidence"] = repr(float(les.confidence))
@@ -451,12 +462,23 @@ def _float_tag(segment, key: str) -> float | None:
         return None
 
 
-def lesion_rows(segmentation_node) -> list[dict]:
-    """The lesions of a segmentation made by :func:`lesion_segmentation`, read back from its tags.
+def lesion_rows(segmentation_node, match: DiceMatch | None = None) -> list[dict]:
+    """The rows of the lesion table: the segments' lesions (read back from their tags) and, given
+    the ``match`` of :func:`match_segmentations`, their status and Dice, then the missed
+    reference lesions.
 
-    One dict per segment in segment order: ``segment_id, name, id`` (the lesion number),
-    ``component_id, voxels, volume_mm3, diameter_mm, size_group, confidence, center_ras,
-    visible``. Numbers missing from a segment's tags (a segment drawn by hand) are None.
+    The one place that builds the table: the module shows these rows (formatted by
+    :func:`IWSegmentationLib.panel.lesion_cells`), the table node (:func:`dice_table_node`)
+    holds them, and a click on one centres the views on its ``center_ras``
+    (:func:`center_slice_views`).
+
+    One dict per segment in segment order, ``row`` = ``"detection"``: ``segment_id, name, id``
+    (the lesion number), ``component_id, voxels, volume_mm3, diameter_mm, size_group,
+    confidence, center_ras, visible`` (numbers missing from the tags of a segment drawn by hand
+    are None) and ``status, dice, hit_dice, reference_id`` (None without a ``match``; ``TP``/``FP``
+    with one). With a ``match``, then one row per missed reference lesion (``row`` =
+    ``"reference"``, ``status`` ``FN``; its ``segment_id`` is the *reference* segment holding it,
+    which may hold other lesions too, and its ``center_ras`` that lesion's own centroid).
     """
     rows = []
     display = segmentation_node.GetDisplayNode()
@@ -468,6 +490,7 @@ def lesion_rows(segmentation_node) -> list[dict]:
         voxels = _float_tag(segment, "voxels")
         center = get_tag(segment, TAGS["center_ras"])
         rows.append({
+            "row": "detection",
             "segment_id": segment_id,
             "name": segment.GetName(),
             "id": int(number) if number is not None else index,
@@ -479,8 +502,44 @@ def lesion_rows(segmentation_node) -> list[dict]:
             "confidence": _float_tag(segment, "confidence"),
             "center_ras": tuple(float(v) for v in center.split(",")) if center else None,
             "visible": bool(display.GetSegmentVisibility(segment_id)) if display else True,
+            "status": None, "dice": None, "hit_dice": None, "reference_id": None,
         })
-    return rows
+    if match is None:
+        return rows
+    by_segment = {d["segment_id"]: d for d in match.detections}
+    for row in rows:
+        detection = by_segment.get(row["segment_id"], {})
+        row.update({key: detection.get(key) for key in ("status", "dice", "hit_dice", "reference_id")})
+    return _with_missed(rows, match.references)
+
+
+def _with_missed(detections: list[dict], references: Sequence[dict]) -> list[dict]:
+    """The table order: the detections, then the reference lesions no detection overlaps (FN)."""
+    return detections + [r for r in references if r["status"] == "FN"]
+
+
+def center_slice_views(scene, center_ras: Sequence[float], volume_node=None) -> tuple[float, float, float]:
+    """Centre every slice view of ``scene`` on a point: what a click on a lesion-table row does.
+
+    ``center_ras`` is a row's ``center_ras`` (mm, in the volume's RAS frame, as every row's is);
+    when ``volume_node`` sits under a transform the point is moved to world coordinates first.
+    Each slice plane goes through the point and the point is put at the view's centre
+    (``vtkMRMLSliceNode.JumpAllSlices`` in centred mode — no Qt, no Markups module). Returns the
+    world point.
+    """
+    slicer = _slicer()
+    import vtk
+
+    if center_ras is None or len(center_ras) != 3 or not all(math.isfinite(float(v)) for v in center_ras):
+        raise InputError(f"a lesion centre needs three finite RAS coordinates, got {center_ras!r}")
+    point = [float(v) for v in center_ras]
+    parent = volume_node.GetParentTransformNode() if volume_node is not None else None
+    if parent is not None:
+        to_world = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(parent, None, to_world)
+        point = list(to_world.TransformPoint(point))
+    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *point, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+    return tuple(point)
 
 
 def set_confidence_threshold(segmentation_node, threshold: float) -> dict:
@@ -530,6 +589,10 @@ def labelmap_on_volume_grid(segmentation_node, volume_node, segment_ids: Sequenc
     Slicer's segmentation logic does the resampling, so a segmentation drawn on another grid
     (another volume, another resolution, oblique, under a transform) lands on this one. Where
     segments overlap, the later one wins. No node is left in the scene.
+
+    Fast path: segments whose labelmap layers already lie on the volume's grid (what
+    :func:`lesion_segmentation` makes) are read directly, one pass per layer; Slicer's export
+    merges segment by segment over the whole grid, which costs seconds for hundreds of lesions.
     """
     slicer = _slicer()
     import vtk
@@ -544,6 +607,9 @@ def labelmap_on_volume_grid(segmentation_node, volume_node, segment_ids: Sequenc
         raise InputError(f"segmentation {segmentation_node.GetName()!r} has no segment(s) {', '.join(missing)}")
     if not ids:
         return np.zeros(shape, dtype=np.int16)
+    direct = _layers_on_volume_grid(segmentation_node, volume_node, ids)
+    if direct is not None:
+        return direct
     scene = segmentation_node.GetScene() or volume_node.GetScene()
     if scene is None:
         raise InputError(f"segmentation {segmentation_node.GetName()!r} is not in a scene")
@@ -577,6 +643,54 @@ def labelmap_on_volume_grid(segmentation_node, volume_node, segment_ids: Sequenc
                 scene.RemoveNode(added)
 
 
+def _layers_on_volume_grid(segmentation_node, volume_node, ids: list[str]) -> np.ndarray | None:
+    """:func:`labelmap_on_volume_grid` read straight from the layers, or None when a segment has
+    no labelmap on exactly the volume's grid (then Slicer resamples)."""
+    import vtk
+    from vtkmodules.util import numpy_support
+
+    if segmentation_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
+        return None
+    segmentation = segmentation_node.GetSegmentation()
+    grid = volume_ijk_to_ras(volume_node)
+    shape = volume_geometry(volume_node).shape_zyx
+    layers: dict[int, list[tuple[int, int]]] = {}  # layer -> [(label value, output value)]
+    for n, segment_id in enumerate(ids, start=1):
+        segment = segmentation.GetSegment(segment_id)
+        if segment.GetRepresentation(LABELMAP) is None:
+            return None
+        layers.setdefault(segmentation.GetLayerIndex(segment_id), []).append((segment.GetLabelValue(), n))
+    out = np.zeros(shape, dtype=np.int16 if len(ids) < 2**15 else np.int32)
+    for layer, pairs in layers.items():
+        image = segmentation.GetLayerDataObject(layer)
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        if image.GetPointData().GetScalars() is None or image.GetNumberOfScalarComponents() != 1:
+            return None
+        if not np.allclose(_as_numpy_matrix(matrix), grid, rtol=1e-6, atol=1e-6):
+            return None
+        e = image.GetExtent()
+        if e[1] < e[0] or e[3] < e[2] or e[5] < e[4]:
+            continue  # an empty layer
+        values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+            e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+        lo = np.array([e[4], e[2], e[0]])
+        hi = np.array([e[5], e[3], e[1]]) + 1
+        a, b = np.maximum(lo, 0), np.minimum(hi, shape)
+        if np.any(b <= a):
+            continue
+        values = values[a[0] - lo[0]:b[0] - lo[0], a[1] - lo[1]:b[1] - lo[1], a[2] - lo[2]:b[2] - lo[2]]
+        labels = [v for v, _ in pairs]
+        if min(labels) < 0 or max(labels) > 2**20:
+            return None
+        lut = np.zeros(max(max(labels), int(values.max(initial=0))) + 1, dtype=out.dtype)
+        for value, n in pairs:
+            lut[value] = max(lut[value], n)
+        window = out[a[0]:b[0], a[1]:b[1], a[2]:b[2]]
+        np.maximum(window, lut[np.clip(values, 0, None)], out=window)  # later segments win
+    return out
+
+
 @dataclass
 class DiceMatch:
     """The matching of one segmentation against a reference, in table-ready rows.
@@ -593,7 +707,7 @@ class DiceMatch:
     @property
     def rows(self) -> list[dict]:
         """The Dice table: the detections, then the missed reference lesions (FN)."""
-        return self.detections + [r for r in self.references if r["status"] == "FN"]
+        return _with_missed(self.detections, self.references)
 
 
 def _thresholds_of(segmentation_node, size_thresholds_mm) -> SizeThresholds:
@@ -629,7 +743,8 @@ def match_segmentations(
     """
     from . import metrics
 
-    volume_node = volume_node or reference_volume_node(segmentation_node)
+    if volume_node is None:
+        volume_node = reference_volume_node(segmentation_node)
     if volume_node is None:
         raise InputError(
             f"segmentation {segmentation_node.GetName()!r} records no reference volume; pass volume_node"
@@ -667,8 +782,7 @@ def match_segmentations(
     ijk_to_ras = volume_ijk_to_ras(volume_node)
 
     def center(centroid_zyx) -> tuple[float, float, float]:
-        ijk = (np.asarray(centroid_zyx, dtype=float) + offset)[::-1]
-        return tuple(float(v) for v in (ijk_to_ras @ np.r_[ijk, 1.0])[:3])
+        return centroid_ras(ijk_to_ras, np.asarray(centroid_zyx, dtype=float) + offset)
 
     def owner(label_map: np.ndarray, component_labels: np.ndarray, k: int) -> np.ndarray:
         """For each component 1..k, the (largest) segment label found inside it, in one pass."""
@@ -832,23 +946,27 @@ def dice_table_node(scene, rows: Sequence[dict], name: str = "Lesion Dice"):
 
 @dataclass
 class PredictionResults:
-    """What :func:`load_prediction` put into the scene and the rows the panel shows.
+    """What :func:`load_prediction` put into the scene, and the rows the panel shows.
 
-    ``lesions``: one dict per detected lesion (the ``components`` of
-    :func:`IWSegmentationLib.panel.lesion_rows`): ``segment_id, name, id, diameter_mm,
-    volume_mm3, size_group, confidence, center_ras`` and, with a reference, ``hit_dice, dice,
-    status, reference_id``. ``matches``: one dict per reference lesion (the panel's
-    ``references``, ``status`` TP/FN, ``dice``/``hit_dice``, ``confidence`` of its match,
-    ``segment_id`` in ``reference``), or None without a reference. ``table``: the Dice table
-    node (or a lesion table without a reference).
+    ``rows``: the lesion table (:func:`lesion_rows`): one row per detected lesion (segment
+    order, largest first) and, with a reference, one per missed reference lesion (FN).
+    ``matches``: one dict per reference lesion (``status`` TP/FN, ``dice``/``hit_dice``,
+    ``confidence`` of its match, ``segment_id`` in ``reference``, ``center_ras``), or None
+    without a reference. ``table``: the table node holding ``rows``. ``probabilities``: the
+    probability volume node (when kept).
     """
 
     segmentation: Any
-    lesions: list[dict]
+    rows: list[dict]
     matches: list[dict] | None = None
     reference: Any = None
     table: Any = None
     probabilities: Any = None
+
+    @property
+    def lesions(self) -> list[dict]:
+        """The detected lesions: the rows that are segments of :attr:`segmentation` (no FN rows)."""
+        return [row for row in self.rows if row["row"] == "detection"]
 
 
 def load_prediction(
@@ -864,33 +982,34 @@ def load_prediction(
     connectivity: int = 26,
     keep_probabilities: bool = False,
     make_table: bool = True,
+    closed_surface: bool = True,
+    geometry: Geometry | None = None,
+    probabilities_geometry: Geometry | None = None,
 ) -> PredictionResults:
     """Turn the backend's outputs (read onto the volume's grid) into segments and table rows.
 
     Calls :func:`lesion_segmentation` and, given a ``reference`` segmentation node,
-    :func:`match_segmentations`; optionally adds the probability map as a volume node
-    (``keep_probabilities``) and the table node (``make_table``).
+    :func:`match_segmentations`; the rows are :func:`lesion_rows`. Optionally adds the
+    probability map as a volume node (``keep_probabilities``) and the table node
+    (``make_table``). Pass the ``geometry`` (and ``probabilities_geometry``) that
+    :func:`IWSegmentationLib.imageio.read_image` returned with the mask (and the probability
+    map): a file on another grid is refused with :class:`GeometryMismatchError` naming what
+    differs, before anything is added to the scene — the arrays alone cannot tell.
     """
+    if geometry is not None:
+        check_on_volume_grid(geometry, volume_node, "the backend's lesion mask")
+    if probabilities_geometry is not None:
+        check_on_volume_grid(probabilities_geometry, volume_node, "the backend's probability map")
     segmentation = lesion_segmentation(
         scene, volume_node, lesion_mask, probabilities=probabilities, size_thresholds_mm=size_thresholds_mm,
-        name=name, connectivity=connectivity,
+        name=name, connectivity=connectivity, closed_surface=closed_surface,
     )
-    lesions = lesion_rows(segmentation)
-    matches = None
+    match = None
     if reference is not None:
         match = match_segmentations(segmentation, reference, reference_segment_ids, volume_node,
                                     connectivity=connectivity)
-        by_segment = {d["segment_id"]: d for d in match.detections}
-        for row in lesions:
-            d = by_segment.get(row["segment_id"], {})
-            row.update({k: d.get(k) for k in ("hit_dice", "dice", "status", "reference_id")})
-        matches = match.references
-        table_rows = match.rows
-    else:
-        table_rows = lesions
-    table = None
-    if make_table:
-        table = dice_table_node(scene, table_rows, f"{segmentation.GetName()} table")
+    rows = lesion_rows(segmentation, match)
+    table = dice_table_node(scene, rows, f"{segmentation.GetName()} table") if make_table else None
     probability_node = None
     if keep_probabilities and probabilities is not None:
         probability_node = add_volume_from_array(
@@ -899,4 +1018,5 @@ def load_prediction(
         )
         if volume_node.GetTransformNodeID():
             probability_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
-    return PredictionResults(segmentation, lesions, matches, reference, table, probability_node)
+    return PredictionResults(segmentation, rows, match.references if match else None, reference, table,
+                             probability_node)

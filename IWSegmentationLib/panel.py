@@ -11,8 +11,10 @@ for the texts, rows and warnings and only puts them into widgets.
   :func:`compatibility_warnings` says when a checkpoint does not fit the volume (modality,
   organ-mask preset) so the user can confirm or stop;
 * :func:`describe_devices` words the device probe's answer, with a low-memory warning;
-* :func:`lesion_rows` and :func:`detection_counts` build the lesion table and the
-  recall / false-positive line of the confidence slider.
+* :func:`lesion_cells` formats a lesion-table row (the rows themselves come from
+  :func:`IWSegmentationLib.mrml.lesion_rows`); :func:`detection_counts` makes the
+  recall / false-positive line of the confidence slider; :func:`result_texts` says what a run
+  found, "no lesions found" included.
 """
 
 from __future__ import annotations
@@ -162,10 +164,8 @@ def model_card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows.append(("Training loss", str(loss or "unknown")))
     if card.get("threshold") is not None:
         rows.append(("Threshold", _fmt_number(card.get("threshold"))))
-    sizes = card.get("size_thresholds")
-    if isinstance(sizes, Mapping):
-        sizes = [sizes.get("small_mm"), sizes.get("large_mm")]
-    if isinstance(sizes, Sequence) and len(sizes) == 2 and all(isinstance(s, (int, float)) for s in sizes):
+    sizes = card_size_thresholds(card)
+    if sizes is not None:
         rows.append(("Size groups", f"small < {sizes[0]:g} mm ≤ medium < {sizes[1]:g} mm ≤ large"))
     metrics = _metric_items(card.get("validation_metrics"))
     rows.append(("Validation", ", ".join(metrics) if metrics else "no metrics recorded"))
@@ -314,53 +314,19 @@ def _shown(lesion: Mapping[str, Any], threshold: float) -> bool:
     return confidence is None or float(confidence) >= threshold
 
 
-def lesion_rows(
-    components: Iterable[Mapping[str, Any]], references: Iterable[Mapping[str, Any]] | None = None,
-) -> list[dict]:
-    """Rows of the lesion table: one per detected lesion, then one per missed reference lesion.
+def lesion_cells(row: Mapping[str, Any]) -> list[str]:
+    """The texts of one lesion-table row, one per :data:`LESION_COLUMNS`.
 
-    The inputs follow :mod:`IWSegmentationLib.metrics` (``match_case``):
-
-    * ``components`` — the detected lesions: ``id``, ``diameter_mm``, ``volume_mm3``,
-      ``size_group``, ``confidence``, and with a reference ``hit_dice`` (best Dice with any
-      reference lesion, 0 if it overlaps none); optionally ``segment_id`` and ``name``;
-    * ``references`` — the reference lesions: ``id``, ``diameter_mm``, ``volume_mm3``,
-      ``size_group``, ``hit_dice`` (0 when missed), optionally ``segment_id``; or None when
-      there is no reference.
-
-    Status: ``TP`` for a detected lesion that overlaps a reference lesion, ``FP`` for one that
-    overlaps none, ``FN`` for a missed reference lesion, ``–`` without a reference. Each row
-    has ``cells`` (strings for :data:`LESION_COLUMNS`), ``status``, ``confidence``,
-    ``segment_id``, ``reference`` (True for FN rows, whose segment is in the reference) and
-    ``center_ras`` (passed through, for centring the slice views; None when not given).
-    :func:`IWSegmentationLib.mrml.load_prediction` returns both lists in this form.
+    ``row`` is a row of :func:`IWSegmentationLib.mrml.lesion_rows` (built there from the scene
+    and the reference match; this only formats it): name, diameter (mm, 1 decimal), volume
+    (mm³, whole), size group, confidence (3 decimals), Dice (2 decimals) and status (``TP``,
+    ``FP``, ``FN``). What a row does not have (no reference, no probability map) shows as ``–``.
     """
-    rows = []
-    has_reference = references is not None
-    for lesion in components:
-        dice = lesion.get("hit_dice") if has_reference else None
-        status = ("TP" if (dice or 0) > 0 else "FP") if has_reference else "–"
-        rows.append({
-            "segment_id": lesion.get("segment_id"), "status": status, "confidence": lesion.get("confidence"),
-            "reference": False, "center_ras": lesion.get("center_ras"),
-            "cells": [
-                str(lesion.get("name") or f"Lesion {lesion.get('id')}"), _fmt(lesion.get("diameter_mm"), 1),
-                _fmt(lesion.get("volume_mm3"), 0), str(lesion.get("size_group") or "–"),
-                _fmt(lesion.get("confidence"), 3), _fmt(dice, 2), status,
-            ],
-        })
-    for ref in references or ():
-        if (ref.get("hit_dice") or 0) > 0:
-            continue
-        rows.append({
-            "segment_id": ref.get("segment_id"), "status": "FN", "confidence": None, "reference": True,
-            "center_ras": ref.get("center_ras"),
-            "cells": [
-                str(ref.get("name") or f"Missed reference lesion {ref.get('id')}"), _fmt(ref.get("diameter_mm"), 1),
-                _fmt(ref.get("volume_mm3"), 0), str(ref.get("size_group") or "–"), "–", _fmt(0.0, 2), "FN",
-            ],
-        })
-    return rows
+    return [
+        str(row.get("name") or f"Lesion {row.get('id')}"), _fmt(row.get("diameter_mm"), 1),
+        _fmt(row.get("volume_mm3"), 0), str(row.get("size_group") or "–"), _fmt(row.get("confidence"), 3),
+        _fmt(row.get("dice"), 2), str(row.get("status") or "–"),
+    ]
 
 
 @dataclass(frozen=True)

@@ -548,6 +548,15 @@ class RunResult:
     def ok(self) -> bool:
         return self.outcome is Outcome.OK
 
+    def loaded_or_raise(self) -> Any:
+        """What the loader returned; :class:`BackendError` with :meth:`report` if the run did not succeed.
+
+        The blocking mode's ending, for scripts and tests: ``run.wait(timeout).loaded_or_raise()``.
+        """
+        if not self.ok:
+            raise BackendError(self.report())
+        return self.loaded
+
     def report(self, log_lines: int = 15) -> str:
         """Multi-line text for an error dialog: the message, the kept folder, the last log lines."""
         parts = [self.message]

@@ -135,21 +135,17 @@ class LesionSegmentationLogic:
 
         mask, mask_geometry = imageio.read_image(outputs["mask"], what="lesion mask")
         probabilities, prob_geometry = imageio.read_image(outputs["probabilities"], what="probability map")
-        mrml.check_on_volume_grid(mask_geometry, volume_node, "the backend's mask")
-        mrml.check_on_volume_grid(prob_geometry, volume_node, "the backend's probability map")
         with scene_rollback(self.scene):
             self.results = mrml.load_prediction(
                 self.scene, volume_node, mask, probabilities, reference=reference,
                 size_thresholds_mm=size_thresholds_mm, keep_probabilities=True,
+                geometry=mask_geometry, probabilities_geometry=prob_geometry,
             )
         return self.results
 
     def run_blocking(self, volume_node, checkpoint_path, timeout: float | None = None, **options):
         """Scripts and tests: run to the end; return the results or raise with the backend's report."""
-        result = self.start(volume_node, checkpoint_path, **options).wait(timeout)
-        if not result.ok:
-            raise process.BackendError(result.report())
-        return result.loaded
+        return self.start(volume_node, checkpoint_path, **options).wait(timeout).loaded_or_raise()
 
     @staticmethod
     def set_confidence_threshold(results, value: float) -> panel.DetectionCounts:
@@ -158,3 +154,13 @@ class LesionSegmentationLogic:
 
         mrml.set_confidence_threshold(results.segmentation, value)
         return panel.detection_counts(results.lesions, value, results.matches)
+
+    def center_views_on(self, row: Mapping[str, Any]) -> tuple[float, float, float] | None:
+        """Centre the slice views on a lesion-table row of :attr:`results` (its ``center_ras``,
+        in the input volume's frame); returns the world point, or None for a row without a centre."""
+        from . import mrml
+
+        if self.results is None or row.get("center_ras") is None:
+            return None
+        volume = mrml.reference_volume_node(self.results.segmentation)
+        return mrml.center_slice_views(self.scene, row["center_ras"], volume)

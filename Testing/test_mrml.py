@@ -294,6 +294,10 @@ def test_object_dice_by_hand(scene, slicer):
     assert fn["segment_id"] == "lesion_02" and fn["voxels"] == 1
     # Voxel (10, 10, 10) [z, y, x] with spacing (2, 1, 1) is at LPS (10, 10, 20) = RAS (-10, -10, 20).
     np.testing.assert_allclose(fn["center_ras"], (-10.0, -10.0, 20.0))
+    # Nothing found: every reference lesion is FN; nothing in the reference: every detection FP.
+    empty = mrml.lesion_segmentation(scene, volume, np.zeros_like(pred), closed_surface=False)
+    assert [r["status"] for r in mrml.object_dice_table(empty, reference)] == ["FN", "FN"]
+    assert [r["status"] for r in mrml.object_dice_table(seg, empty)] == ["FP", "FP"]
 
 
 def _metrics_rows(prob, ref, spacing):
@@ -408,12 +412,160 @@ def test_load_prediction_phantom_known_answer(scene, slicer):
     assert all(m["dice"] == 1.0 and les["status"] == "TP" for m, les in zip(results.matches, results.lesions))
     assert results.table.GetNumberOfRows() == 3
     assert mrml.array_from_volume(results.probabilities)[0].max() == pytest.approx(max(confidences))
-    rows = panel.lesion_rows(results.lesions, results.matches)
-    assert [r["status"] for r in rows] == ["TP", "TP", "TP"]
+    assert [r["status"] for r in results.rows] == ["TP", "TP", "TP"] and results.rows == results.lesions
     tau = sorted(les["confidence"] for les in results.lesions)[1]
     counts = panel.detection_counts(results.lesions, tau, results.matches)
     shown = mrml.set_confidence_threshold(results.segmentation, tau)["shown"]
     assert counts.shown == shown == 2 and counts.detected == 2 and counts.false_positives == 0
     # Without a reference: no matches, the table lists the lesions.
-    alone = mrml.load_prediction(scene, volume, case.reference, prob, make_table=False)
+    alone = mrml.load_prediction(scene, volume, case.reference, prob, make_table=False, geometry=g)
     assert alone.matches is None and alone.table is None and len(alone.lesions) == 3
+    assert [r["status"] for r in alone.rows] == [None] * 3  # no reference: no TP/FP
+    # A mask read from a file on another grid is refused, naming what differs, and adds nothing.
+    nodes = scene.GetNumberOfNodes()
+    other = imageio.Geometry(g.size, g.spacing, (0.0, 0.0, 1.0), g.direction)
+    with pytest.raises(GeometryMismatchError, match="lesion mask.*origin"):
+        mrml.load_prediction(scene, volume, case.reference, prob, geometry=other)
+    assert scene.GetNumberOfNodes() == nodes
+
+
+@needs_slicer
+def test_direct_layer_read_equals_slicer_export(scene, oblique_case, slicer):
+    # labelmap_on_volume_grid reads layers on the volume's grid directly; under an identity
+    # transform it must fall back to Slicer's export. Both must agree voxel for voxel, including
+    # "later segment wins" where a hand-drawn segment (own layer) overlaps a lesion.
+    import vtk
+    from vtkmodules.util import numpy_support
+
+    image, mask, prob = oblique_case
+    volume = mrml.add_volume_from_array(scene, image, OBLIQUE, "CT")
+    node = mrml.lesion_segmentation(scene, volume, mask, closed_surface=False)
+    extra = np.zeros(mask.shape, np.uint8)
+    extra[10:12, 12:20, 7:9] = 1  # overlaps lesion_01 (the cube at [8:13, 10:15, 5:10])
+    layer = slicer.vtkOrientedImageData()
+    layer.SetDimensions(*mask.shape[::-1])
+    layer.GetPointData().SetScalars(numpy_support.numpy_to_vtk(extra.ravel(), deep=True))
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    layer.SetImageToWorldMatrix(m)
+    segment = slicer.vtkSegment()
+    segment.SetName("drawn")
+    segment.AddRepresentation(mrml.LABELMAP, layer)
+    node.GetSegmentation().AddSegment(segment, "drawn")
+    assert node.GetSegmentation().GetNumberOfLayers() == 2
+    for ids in (["lesion_01", "drawn", "lesion_03"], ["drawn", "lesion_01"]):
+        direct = mrml.labelmap_on_volume_grid(node, volume, ids)
+        transform = slicer.vtkMRMLLinearTransformNode()
+        scene.AddNode(transform)
+        node.SetAndObserveTransformNodeID(transform.GetID())
+        exported = mrml.labelmap_on_volume_grid(node, volume, ids)
+        node.SetAndObserveTransformNodeID(None)
+        np.testing.assert_array_equal(direct, exported)
+        assert direct[11, 12, 8] == 2  # the overlap belongs to the later of the two: 2nd in both lists
+
+
+# ---------------------------------------------------------------------------- lesion table rows
+
+
+#: A small oblique grid: 30° about the z axis, spacing (1, 2, 3) mm (x, y, z), LPS origin (10, -5, 3).
+COS30, SIN30 = math.sqrt(3) / 2, 0.5
+SMALL_OBLIQUE = imageio.Geometry(size=(8, 10, 6), spacing=(1.0, 2.0, 3.0), origin=(10.0, -5.0, 3.0),
+                                 direction=(COS30, -SIN30, 0.0, SIN30, COS30, 0.0, 0.0, 0.0, 1.0))
+
+
+def _slice_nodes(scene, slicer):
+    """Red (axial) and Green (coronal) slice nodes, as Slicer's layout makes them."""
+    nodes = []
+    for name, orientation in (("Red", "Axial"), ("Green", "Coronal")):
+        node = scene.CreateNodeByClass("vtkMRMLSliceNode")  # copies the scene's orientation presets
+        node.SetName(name)
+        node.SetLayoutName(name)
+        node.SetOrientation(orientation)
+        scene.AddNode(node)
+        nodes.append(node)
+    return nodes
+
+
+def _slice_center(node) -> np.ndarray:
+    m = node.GetSliceToRAS()
+    return np.array([m.GetElement(r, 3) for r in range(3)])
+
+
+@needs_slicer
+def test_table_rows_carry_lesion_centres_and_centre_the_views(scene, slicer):
+    # RAS = diag(-1, -1, 1) · (origin + D · (spacing ⊙ ijk)), D the 30° rotation about z:
+    # * prediction A = reference lesion A, the 3×3×3 cube x 2..4, y 4..6, z 1..3: centroid ijk (3, 5, 2),
+    #   spacing ⊙ ijk = (3, 10, 6), D · that = (3c - 10s, 3s + 10c, 6) = (-2.401924, 10.160254, 6),
+    #   LPS = (7.598076, 5.160254, 9), RAS = (-7.598076, -5.160254, 9);
+    # * prediction B, one voxel ijk (0, 9, 0) with no reference (FP): (0, 18, 0) -> D · = (-9, 15.588457, 0),
+    #   LPS (1, 10.588457, 3), RAS (-1, -10.588457, 3);
+    # * reference lesion C, one voxel ijk (6, 1, 5), missed (FN): (6, 2, 15) -> (6c - 2s, 6s + 2c, 15) =
+    #   (4.196152, 4.732051, 15), LPS (14.196152, -0.267949, 18), RAS (-14.196152, 0.267949, 18).
+    # A and C are ONE reference segment (one label value): the FN row must point at C, not the segment.
+    pred = np.zeros(SMALL_OBLIQUE.shape_zyx, np.uint8)
+    pred[1:4, 4:7, 2:5] = 1
+    pred[0, 9, 0] = 1
+    ref = np.zeros_like(pred)
+    ref[1:4, 4:7, 2:5] = 1
+    ref[5, 1, 6] = 1
+    volume = mrml.add_volume_from_array(scene, np.zeros(pred.shape, np.int16), SMALL_OBLIQUE, "Oblique")
+    label = mrml.add_volume_from_array(scene, ref, SMALL_OBLIQUE, "Reference label", labelmap=True)
+    reference = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(reference)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, reference)
+    (reference_segment,) = [reference.GetSegmentation().GetNthSegmentID(0)]
+    assert reference.GetSegmentation().GetNumberOfSegments() == 1
+
+    results = mrml.load_prediction(scene, volume, pred, reference=reference, closed_surface=False,
+                                   geometry=SMALL_OBLIQUE)
+    expected = [
+        ("detection", "TP", "lesion_01", (-7.598076, -5.160254, 9.0)),
+        ("detection", "FP", "lesion_02", (-1.0, -10.588457, 3.0)),
+        ("reference", "FN", reference_segment, (-14.196152, 0.267949, 18.0)),
+    ]
+    assert [(r["row"], r["status"], r["segment_id"]) for r in results.rows] == [e[:3] for e in expected]
+    for row, (*_, ras) in zip(results.rows, expected):
+        np.testing.assert_allclose(row["center_ras"], ras, atol=1e-5)
+    assert results.rows[0]["dice"] == 1.0 and results.rows[2]["dice"] == 0.0
+    assert results.table.GetNumberOfRows() == 3  # the table node holds the same rows
+    # The reference segment's own centre lies between A and C: centring on it would miss C.
+    segment_center = np.array(reference.GetSegmentCenterRAS(reference_segment))
+    assert np.linalg.norm(segment_center - np.array(expected[2][3])) > 5.0
+
+    # A click on a row centres every slice view on that lesion.
+    red, green = _slice_nodes(scene, slicer)
+    for row, (*_, ras) in zip(results.rows, expected):
+        assert mrml.center_slice_views(scene, row["center_ras"], volume) == pytest.approx(ras, abs=1e-5)
+        for node in (red, green):
+            np.testing.assert_allclose(_slice_center(node), ras, atol=1e-5)
+    # Under a transform (volume and segments move together), the views go to the moved lesion.
+    transform = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(transform)
+    import vtk
+
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 5.0)
+    shift.SetElement(2, 3, -2.0)
+    transform.SetMatrixTransformToParent(shift)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    world = mrml.center_slice_views(scene, results.rows[2]["center_ras"], volume)
+    np.testing.assert_allclose(world, (-9.196152, 0.267949, 16.0), atol=1e-5)
+    np.testing.assert_allclose(_slice_center(red), world, atol=1e-5)
+    with pytest.raises(InputError, match="three finite RAS"):
+        mrml.center_slice_views(scene, None)
+
+
+@needs_slicer
+def test_mask_on_another_grid_is_refused(scene, slicer):
+    # Same shape, another grid: the arrays alone cannot tell, the geometry read with the mask does.
+    volume = mrml.add_volume_from_array(scene, np.zeros(SMALL_OBLIQUE.shape_zyx, np.int16), SMALL_OBLIQUE, "Oblique")
+    mask = np.zeros(SMALL_OBLIQUE.shape_zyx, np.uint8)
+    mask[1:4, 4:7, 2:5] = 1
+    axis_aligned = imageio.Geometry(SMALL_OBLIQUE.size, SMALL_OBLIQUE.spacing, SMALL_OBLIQUE.origin)
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match=r"lesion mask is not on the voxel grid of volume 'Oblique'.*direction"):
+        mrml.load_prediction(scene, volume, mask, geometry=axis_aligned)
+    with pytest.raises(InputError, match=r"probability map .*spacing"):
+        mrml.load_prediction(scene, volume, mask, mask.astype(np.float32), geometry=SMALL_OBLIQUE,
+                             probabilities_geometry=imageio.Geometry.identity(SMALL_OBLIQUE.shape_zyx))
+    assert scene.GetNumberOfNodes() == nodes

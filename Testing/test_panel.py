@@ -210,24 +210,34 @@ REFERENCES = [
 ]
 
 
-def test_lesion_rows_with_a_reference():
-    rows = panel.lesion_rows(COMPONENTS, REFERENCES)
-    assert [r["cells"] for r in rows] == [
-        ["Lesion 01 · 14.0 mm · large", "14.0", "1437", "large", "0.990", "0.80", "TP"],
-        ["Lesion 2", "6.2", "125", "medium", "0.620", "0.00", "FP"],
-        ["Lesion 3", "3.9", "31", "small", "0.910", "0.50", "TP"],
-        ["Missed reference lesion 3", "2.5", "8", "small", "–", "0.00", "FN"],
+def test_lesion_cells_format_the_rows_mrml_builds():
+    # Rows as mrml.lesion_rows gives them: a TP, an FP, a missed reference lesion (FN), and a
+    # lesion found without a reference or probability map (no status, Dice or confidence).
+    rows = [
+        {"row": "detection", "id": 1, "name": "Lesion 01 · 14.0 mm · large", "diameter_mm": 14.0,
+         "volume_mm3": 1436.8, "size_group": "large", "confidence": 0.99, "dice": 0.8, "status": "TP"},
+        {"row": "detection", "id": 2, "name": None, "diameter_mm": 6.24, "volume_mm3": 124.6,
+         "size_group": "medium", "confidence": 0.6249, "dice": 0.0, "status": "FP"},
+        {"row": "reference", "id": 3, "name": "Reference 03 · 2.5 mm · small (Segment_1)", "diameter_mm": 2.5,
+         "volume_mm3": 8.2, "size_group": "small", "confidence": None, "dice": 0.0, "status": "FN"},
+        {"row": "detection", "id": 4, "name": "Lesion 04 · 3.9 mm · small", "diameter_mm": 3.9,
+         "volume_mm3": 31.0, "size_group": "small", "confidence": None, "dice": None, "status": None},
     ]
-    assert [(r["segment_id"], r["reference"]) for r in rows] == [("s1", False), ("s2", False), ("s3", False),
-                                                                  ("r3", True)]
-    assert all(len(r["cells"]) == len(panel.LESION_COLUMNS) for r in rows)
+    assert [panel.lesion_cells(r) for r in rows] == [
+        ["Lesion 01 · 14.0 mm · large", "14.0", "1437", "large", "0.990", "0.80", "TP"],
+        ["Lesion 2", "6.2", "125", "medium", "0.625", "0.00", "FP"],
+        ["Reference 03 · 2.5 mm · small (Segment_1)", "2.5", "8", "small", "–", "0.00", "FN"],
+        ["Lesion 04 · 3.9 mm · small", "3.9", "31", "small", "–", "–", "–"],
+    ]
+    assert all(len(panel.lesion_cells(r)) == len(panel.LESION_COLUMNS) for r in rows)
+    assert panel.lesion_cells({"id": 7, "diameter_mm": float("nan")})[:2] == ["Lesion 7", "–"]
 
 
-def test_lesion_rows_without_a_reference():
-    rows = panel.lesion_rows(COMPONENTS)
-    assert [r["status"] for r in rows] == ["–", "–", "–"]
-    assert [r["cells"][5] for r in rows] == ["–", "–", "–"]
-    assert panel.lesion_rows([]) == []
+def test_result_texts_say_no_lesions_found():
+    status, summary = panel.result_texts(0, 12.4)
+    assert status == "Done in 12 s: no lesions found." and "no lesions found" in summary.lower()
+    assert panel.result_texts(1, 3.0) == ("Done in 3 s.", "1 lesion found (one segment each)")
+    assert panel.result_texts(5, 3.0)[1] == "5 lesions found (one segment each)"
 
 
 @pytest.mark.parametrize(

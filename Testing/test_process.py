@@ -310,7 +310,7 @@ def test_successful_run_delivers_events_in_order_and_removes_the_folder(fake_bac
     assert events[-2].get("lesions") == 3
     assert "a stray line from some library" in logs and "loading the checkpoint" in logs
     assert seen_outputs == {"mask": "--output", "probabilities": "--probabilities", "lesions": "--lesions"}
-    assert result.loaded == "loaded into the scene"
+    assert result.loaded == result.loaded_or_raise() == "loaded into the scene"
     assert finished == [result]
     assert result.workdir is None and run.workdir is None and not workdir.exists()
     assert result.outputs == {}
@@ -353,6 +353,8 @@ def test_crash_keeps_the_folder_and_the_last_stderr_lines(fake_backend, checkpoi
     assert "log line 0" not in "\n".join(result.stderr_tail)
     assert result.message == "the backend exited with code 1: RuntimeError: CUDA exploded"
     assert result.workdir.is_dir() and str(result.workdir) in result.report()
+    with pytest.raises(BackendError, match=r"(?s)code 1: RuntimeError: CUDA exploded.*working folder was kept"):
+        result.loaded_or_raise()  # the blocking mode's ending: the whole report, not just "failed"
 
 
 @posix_only

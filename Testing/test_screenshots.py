@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,10 +83,11 @@ def offscreen():
         pytest.skip("offscreen OpenGL probe timed out")
     words = out.stdout.split()
     if out.returncode != 0 or len(words) != 2 or float(words[1]) != 255.0:
-        tail = " | ".join((out.stderr or out.stdout).strip().splitlines()[-3:])
+        text = re.sub(r"\x1b\[[0-9;]*m", "", out.stderr or out.stdout).strip().splitlines()
         pytest.skip(
-            "offscreen OpenGL rendering is not available (needs libEGL + Mesa, e.g. Debian packages "
-            f"libegl1 libgl1 libegl-mesa0 libgl1-mesa-dri): rc={out.returncode} {tail}"
+            "offscreen OpenGL rendering is not available (it needs EGL and Mesa's software renderer: "
+            f"Debian/Ubuntu packages libegl1 libegl-mesa0 libgl1-mesa-dri): exit {out.returncode}: "
+            + " | ".join(line.split("| ", 1)[-1] for line in text[-2:])
         )
     return words[0]
 
@@ -124,6 +126,20 @@ def _offscreen_window(layers: int = 1):
     return window
 
 
+def _displayable_managers(factory, app_logic, renderer, names: tuple[str, ...]):
+    """A displayable manager group drawing into ``renderer``, with ``names`` registered in ``factory``
+    (Slicer's slice- or 3D-view factory), as Slicer's views set theirs up."""
+    import slicer
+
+    factory.SetMRMLApplicationLogic(app_logic)
+    for manager in names:
+        if not factory.IsDisplayableManagerRegistered(manager):
+            factory.RegisterDisplayableManager(manager)
+    managers = slicer.vtkMRMLDisplayableManagerGroup()
+    managers.Initialize(factory, renderer)
+    return managers
+
+
 class SliceView:
     """A Slicer slice view without Qt: slice logic + the slice displayable managers.
 
@@ -147,13 +163,9 @@ class SliceView:
         self.interactor = vtk.vtkRenderWindowInteractor()
         self.interactor.SetRenderWindow(self.window)
 
-        factory = slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance()
-        factory.SetMRMLApplicationLogic(app_logic)
-        for manager in ("vtkMRMLSegmentationsDisplayableManager2D",):
-            if not factory.IsDisplayableManagerRegistered(manager):
-                factory.RegisterDisplayableManager(manager)
-        self.managers = slicer.vtkMRMLDisplayableManagerGroup()
-        self.managers.Initialize(factory, self.renderer)
+        self.managers = _displayable_managers(
+            slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance(), app_logic, self.renderer,
+            ("vtkMRMLSegmentationsDisplayableManager2D",))
 
         self.logic = slicer.vtkMRMLSliceLogic()
         self.logic.SetMRMLApplicationLogic(app_logic)
@@ -211,14 +223,10 @@ class ThreeDView:
         self.window.AddRenderer(self.renderer)
         self.interactor = vtk.vtkRenderWindowInteractor()
         self.interactor.SetRenderWindow(self.window)
-        factory = slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance()
-        factory.SetMRMLApplicationLogic(app_logic)
-        for manager in ("vtkMRMLCameraDisplayableManager", "vtkMRMLViewDisplayableManager",
-                        "vtkMRMLSegmentationsDisplayableManager3D"):
-            if not factory.IsDisplayableManagerRegistered(manager):
-                factory.RegisterDisplayableManager(manager)
-        self.managers = slicer.vtkMRMLDisplayableManagerGroup()
-        self.managers.Initialize(factory, self.renderer)
+        self.managers = _displayable_managers(
+            slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance(), app_logic, self.renderer,
+            ("vtkMRMLCameraDisplayableManager", "vtkMRMLViewDisplayableManager",
+             "vtkMRMLSegmentationsDisplayableManager3D"))
         self.logic = slicer.vtkMRMLViewLogic()
         self.logic.SetMRMLApplicationLogic(app_logic)
         app_logic.GetViewLogics().AddItem(self.logic)
@@ -404,9 +412,13 @@ def test_slice_view_colours_every_lesion(case, orientation, output_dir):
         assert np.any(np.abs(legend.astype(float) - drawn).max(axis=1) <= 4.5), (group, drawn)
         np.testing.assert_allclose(drawn, lesions.SIZE_GROUP_COLORS[group], atol=4.5)
 
-    # The screenshot: a slice through the largest lesion.
-    largest = case["rows"][0]
-    view.through(_ras_of(case["geometry"], _probe_voxel(case["labels"], largest["id"])))
+    # The screenshot: of the slices through the lesions' centroids, the one showing most lesions.
+    def lesions_shown(row):
+        view.through(_ras_of(case["geometry"], _probe_voxel(case["labels"], row["id"])))
+        return len(np.unique(_expected_labels(case, view))) - 1, -row["id"]
+
+    best = max(case["rows"], key=lesions_shown)
+    view.through(_ras_of(case["geometry"], _probe_voxel(case["labels"], best["id"])))
     shot = view.capture()
     name = orientation.lower()
     _save_png(output_dir / "screenshots" / f"{name}.png", shot)
@@ -462,3 +474,24 @@ def test_three_d_view(case, output_dir):
         checked += 1
     assert checked >= 3
     _check_baseline("3d", shown)
+    _montage(output_dir / "screenshots")
+
+
+def _montage(folder: Path) -> None:
+    """``views.png``: axial | coronal | 3D side by side over the size legend (for the docs)."""
+    from PIL import Image
+
+    names = ("axial", "coronal", "3d")
+    if not all((folder / f"{n}.png").exists() for n in names):
+        return
+    shots = [Image.open(folder / f"{n}.png").convert("RGB") for n in names]
+    legend = Image.open(LEGEND).convert("RGB")
+    gap = 6
+    width = sum(s.width for s in shots) + gap * (len(shots) - 1)
+    out = Image.new("RGB", (width, shots[0].height + gap + legend.height), (255, 255, 255))
+    x = 0
+    for shot in shots:
+        out.paste(shot, (x, 0))
+        x += shot.width + gap
+    out.paste(legend, (0, shots[0].height + gap))
+    out.save(folder / "views.png")

@@ -79,9 +79,8 @@ def test_known_answer_through_the_real_backend(phantom_scene, scene, tmp_path):
     expected_conf = sorted(case.confidences(), reverse=True)
     assert [row["confidence"] for row in results.lesions] == pytest.approx(expected_conf, abs=1e-3)
 
-    rows = panel.lesion_rows(results.lesions, results.matches)
-    assert [r["status"] for r in rows] == ["TP", "TP", "TP"]
-    assert [r["cells"][5] for r in rows] == ["1.00", "1.00", "1.00"]
+    assert [r["status"] for r in results.rows] == ["TP", "TP", "TP"]
+    assert [panel.lesion_cells(r)[5] for r in results.rows] == ["1.00", "1.00", "1.00"]
     assert results.table.GetNumberOfRows() == 3
     prob_geometry = mrml.volume_geometry(results.probabilities)
     assert prob_geometry.differences(mrml.volume_geometry(volume)) == []
@@ -127,15 +126,67 @@ def test_failed_loading_rolls_the_scene_back(phantom_scene, scene, tmp_path, mon
     assert node_ids(scene) == before
 
 
+def write_outputs(folder, mask, probabilities, mask_geometry, probabilities_geometry=None) -> dict:
+    """The files the backend writes, on the given grids."""
+    return {"mask": imageio.write_image(folder / "mask.nrrd", mask, mask_geometry),
+            "probabilities": imageio.write_image(folder / "prob.nrrd", probabilities.astype(np.float32),
+                                                 probabilities_geometry or mask_geometry)}
+
+
 def test_outputs_on_another_grid_are_refused(phantom_scene, scene, tmp_path):
+    # The mask has the volume's shape but an axis-aligned grid (the volume is oblique): without
+    # the geometry read with it, it would be silently put on the volume's grid.
     case, volume, _ = phantom_scene
+    right = mrml.volume_geometry(volume)
     wrong = imageio.Geometry.identity(case.image.shape, case.spacing)
-    outputs = {"mask": imageio.write_image(tmp_path / "mask.nrrd", case.reference, wrong),
-               "probabilities": imageio.write_image(tmp_path / "prob.nrrd", case.image, wrong)}
     before = node_ids(scene)
-    with pytest.raises(InputError, match="not on the voxel grid"):
-        make_logic(scene, tmp_path).load_results(outputs, volume)
-    assert node_ids(scene) == before
+    logic = make_logic(scene, tmp_path)
+    outputs = write_outputs(tmp_path, case.reference, case.reference, wrong, right)
+    with pytest.raises(InputError, match="lesion mask is not on the voxel grid of volume 'Phantom'.*direction"):
+        logic.load_results(outputs, volume)
+    outputs = write_outputs(tmp_path, case.reference, case.reference, right, wrong)
+    with pytest.raises(InputError, match="probability map is not on the voxel grid"):
+        logic.load_results(outputs, volume)
+    assert node_ids(scene) == before and logic.results is None
+
+
+def test_an_empty_result_says_no_lesions_found(phantom_scene, scene, tmp_path):
+    case, volume, reference = phantom_scene
+    nothing = np.zeros(case.image.shape, np.uint8)
+    logic = make_logic(scene, tmp_path)
+    outputs = write_outputs(tmp_path, nothing, nothing, mrml.volume_geometry(volume))
+    results = logic.load_results(outputs, volume)
+    assert results.segmentation.GetSegmentation().GetNumberOfSegments() == 0 and results.rows == []
+    assert "no lesions found" in panel.result_texts(len(results.lesions), 4.0)[0]
+    assert "No lesions found" in panel.result_texts(len(results.lesions), 4.0)[1]
+    # With a reference the table is not empty either: the 3 missed reference lesions are listed.
+    results = logic.load_results(outputs, volume, reference)
+    assert results.lesions == [] and [r["status"] for r in results.rows] == ["FN", "FN", "FN"]
+    assert "no lesions found" in panel.result_texts(len(results.lesions), 4.0)[0]
+    counts = logic.set_confidence_threshold(results, 0.5)
+    assert counts.text() == ("0 lesions shown, 0 hidden · recall 0% (0 of 3 reference lesions) · "
+                             "0 false positives")
+
+
+def test_clicking_a_row_centres_the_slice_views(phantom_scene, scene, tmp_path):
+    case, volume, reference = phantom_scene
+    geometry = mrml.volume_geometry(volume)
+    found = case.reference.copy()
+    found[mrml.labelmap_on_volume_grid(reference, volume, ["lesion_03"]) > 0] = 0  # miss the smallest
+    logic = make_logic(scene, tmp_path)
+    results = logic.load_results(write_outputs(tmp_path, found, found, geometry), volume, reference)
+    assert [r["status"] for r in results.rows] == ["TP", "TP", "FN"]
+    red = scene.CreateNodeByClass("vtkMRMLSliceNode")
+    red.SetLayoutName("Red")
+    scene.AddNode(red)
+    for row in results.rows:
+        # The row's centre is the lesion's centroid on the oblique grid: its voxel is in the lesion.
+        ijk = np.linalg.inv(mrml.volume_ijk_to_ras(volume)) @ np.r_[row["center_ras"], 1.0]
+        assert case.reference[tuple(np.round(ijk[2::-1]).astype(int))] == 1
+        assert logic.center_views_on(row) == pytest.approx(row["center_ras"])
+        m = red.GetSliceToRAS()
+        assert [m.GetElement(r, 3) for r in range(3)] == pytest.approx(row["center_ras"])
+    assert logic.center_views_on({"center_ras": None}) is None
 
 
 def test_scene_rollback_keeps_what_existed(scene):

@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     result, model_path = train_model(train_dir, out, settings)
 
     stage(3, total, f"predicting the {n_heldout} held-out cases (iwseg predict)")
+    for name in ("masks", "probabilities", "lesions"):
+        (out / name).mkdir()
     run_cli(["predict", "--model", str(model_path), "--input", str(heldout_dir / "imagesTr"),
              "--organ-mask", str(heldout_dir / "masksTr"), "--output", str(out / "masks"),
              "--probabilities", str(out / "probabilities"), "--lesions", str(out / "lesions"), "--device", "cpu"])
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("model.safetensors", "the trained checkpoint (best validation avg recall) with its model card"),
         ("training/", "training run: last/best checkpoints, resume state, log.csv, tensorboard/, config.yaml"),
-        ("data/train, data/heldout", "the synthetic datasets (MSD layout)"),
+        ("data/", "the synthetic datasets, train/ and heldout/ (MSD layout)"),
         ("masks/", "predicted lesion masks of the held-out cases"),
         ("probabilities/", "predicted probability maps"),
         ("lesions/", "per-case lesion tables (JSON: volume, diameter, size group, confidence)"),
