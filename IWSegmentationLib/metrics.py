@@ -58,6 +58,7 @@ from .lesions import (
     DEFAULT_SIZE_PRESET,
     SIZE_GROUPS,
     SIZE_PRESETS,
+    Lesion,
     SizeThresholds,
     label_components,
     lesion_table,
@@ -77,24 +78,16 @@ BOOTSTRAP_FRACTION = 0.8
 
 
 @dataclass
-class LesionResult:
-    """One reference lesion and its best-matching predicted component.
+class LesionResult(Lesion):
+    """One reference lesion (a :class:`~IWSegmentationLib.lesions.Lesion`) and its best-matching
+    predicted component.
 
-    ``centroid`` is a voxel index ``(z, y, x)``; ``bbox`` is ``(z0, y0, x0, z1, y1, x1)``
-    (exclusive ends). ``component`` is the id of the matched component in the prediction's
-    label map (None when missed) and ``confidence`` its confidence (``hit_conf``).
+    ``component`` is the id of the matched component in the prediction's label map (None when
+    missed) and ``confidence`` its confidence (``hit_conf``).
     """
 
-    id: int
-    voxels: int
-    volume_mm3: float
-    diameter_mm: float
-    size_group: str
-    centroid: tuple[float, float, float]
-    bbox: tuple[int, int, int, int, int, int]
     hit_dice: float = 0.0
     component: int | None = None
-    confidence: float | None = None
 
     @property
     def detected(self) -> bool:
@@ -114,18 +107,11 @@ class LesionResult:
 
 
 @dataclass
-class ComponentResult:
-    """One predicted component. ``lesion`` is the id of the reference lesion it overlaps with
+class ComponentResult(Lesion):
+    """One predicted component (a :class:`~IWSegmentationLib.lesions.Lesion` whose ``confidence``
+    is its maximum probability). ``lesion`` is the id of the reference lesion it overlaps with
     the highest Dice (None for a false positive); ``hit_dice`` that Dice (0 if none)."""
 
-    id: int
-    voxels: int
-    volume_mm3: float
-    diameter_mm: float
-    size_group: str
-    centroid: tuple[float, float, float]
-    bbox: tuple[int, int, int, int, int, int]
-    confidence: float
     hit_dice: float = 0.0
     lesion: int | None = None
 
@@ -328,8 +314,7 @@ def match_case(
         hit = lesion_best.get(les.id)
         lesions.append(
             LesionResult(
-                id=les.id, voxels=les.voxels, volume_mm3=les.volume_mm3, diameter_mm=les.diameter_mm,
-                size_group=les.size_group, centroid=les.centroid, bbox=les.bbox,
+                **_lesion_fields(les),
                 hit_dice=hit[1] if hit else 0.0,
                 component=hit[0] if hit else None,
                 confidence=float(confidence[hit[0]]) if hit else None,
@@ -340,8 +325,7 @@ def match_case(
         hit = comp_best.get(comp.id)
         components.append(
             ComponentResult(
-                id=comp.id, voxels=comp.voxels, volume_mm3=comp.volume_mm3, diameter_mm=comp.diameter_mm,
-                size_group=comp.size_group, centroid=comp.centroid, bbox=comp.bbox,
+                **_lesion_fields(comp),
                 confidence=float(confidence[comp.id]),
                 hit_dice=hit[1] if hit else 0.0,
                 lesion=hit[0] if hit else None,
@@ -352,6 +336,15 @@ def match_case(
         ref_voxels=int(ref_sizes.sum()), pred_voxels=int(pred_sizes.sum()), overlap_voxels=int(pair_overlap.sum()),
         ref_labels=ref_labels if keep_labels else None, pred_labels=pred_labels if keep_labels else None,
     )
+
+
+def _lesion_fields(lesion: Lesion) -> dict:
+    """The geometric fields of a lesion-table row (everything but confidence and extras)."""
+    return {
+        "id": lesion.id, "voxels": lesion.voxels, "volume_mm3": lesion.volume_mm3,
+        "diameter_mm": lesion.diameter_mm, "size_group": lesion.size_group,
+        "centroid": lesion.centroid, "bbox": lesion.bbox,
+    }
 
 
 def _sizes_by_id(table, k: int) -> np.ndarray:

@@ -51,6 +51,7 @@ from .errors import CheckpointError, InputError
 VAL_METRICS = ("avg_recall_0_5", "cpm", "object_dice", "small_avg_recall_0_5", "small_object_dice")
 LR_SCHEDULES = ("step", "cosine", "constant")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 DATA_FORMATS = ("auto", "msd", "lits", "luna", "folder")
 
 
@@ -126,6 +127,9 @@ class TrainConfig:
     # -- optimisation ------------------------------------------------------------------------
     epochs: int = _key(100, "int", "Number of epochs.", section="optimisation")
     iters_per_epoch: int = _key(100, "int", "Optimizer steps per epoch.", section="optimisation")
+    optimizer: str = _key("sgd", "str", f"One of {', '.join(('sgd', 'adam', 'adamw'))}: SGD with (Nesterov) momentum "
+                          "(the paper), or Adam/AdamW (betas 0.9, 0.999; 'momentum' and 'nesterov' unused).",
+                          section="optimisation")
     lr: float = _key(1e-2, "float", "Initial learning rate.", section="optimisation")
     lr_schedule: str = _key("step", "str", f"One of {', '.join(LR_SCHEDULES)}: 'step' drops lr to lr_final at "
                             "lr_decay_at of the epochs (the paper); 'cosine' anneals to lr_final.",
@@ -220,6 +224,7 @@ class TrainConfig:
         need(self.intensity_shift >= 0, "intensity_shift", "must be >= 0")
         need(self.epochs >= 1, "epochs", "must be >= 1")
         need(self.iters_per_epoch >= 1, "iters_per_epoch", "must be >= 1")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.lr_final > 0, "lr_final", "must be > 0")
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
@@ -447,9 +452,12 @@ def config_reference_markdown() -> str:
 
 
 def build_optimizer(model, config: TrainConfig):
-    """SGD with (Nesterov) momentum, the paper's optimiser."""
+    """SGD with (Nesterov) momentum, the paper's optimiser; or Adam/AdamW."""
     import torch
 
+    if config.optimizer in ("adam", "adamw"):
+        cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+        return cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(
         model.parameters(),
         lr=config.lr,
@@ -961,7 +969,7 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
             "epochs": config.epochs,
             "iterations": (epoch + 1) * config.iters_per_epoch,
             "batch_size": config.batch_size,
-            "optimizer": {"name": "sgd", "lr": config.lr, "lr_final": config.lr_final,
+            "optimizer": {"name": config.optimizer, "lr": config.lr, "lr_final": config.lr_final,
                           "lr_schedule": config.lr_schedule, "momentum": config.momentum,
                           "nesterov": config.nesterov},
             "lesion_probability": config.lesion_probability,
