@@ -509,6 +509,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: Any = None  # torch.device
+    owns_group: bool = False  # this call created the process group (and destroys it at the end)
 
     @property
     def is_main(self) -> bool:
@@ -559,6 +560,7 @@ def setup_distributed(config: TrainConfig) -> DistInfo:
     device = resolve_device(config.device, local_rank)
     info = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     if world_size > 1 and not dist.is_initialized():
+        info.owns_group = True
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -667,7 +669,7 @@ class RunLogger:
             w.writeheader()
             w.writerows(rows)
 
-    def step(self, global_step: int, loss: float, lr: float) -> None:
+    def step(self, global_step: int, loss: float) -> None:
         if self.writer is not None:
             self.writer.add_scalar("train/loss_step", loss, global_step)
 
@@ -685,14 +687,20 @@ class RunLogger:
                     self.writer.add_scalar(tag, float(row[key]), global_step)
             for key, value in row.items():
                 if key.startswith("val_") and value is not None:
-                    self.writer.add_scalar("val/" + key[4:].replace("_", "/", 1) if key[4:].split("_")[0] in
-                                           ("small", "medium", "large") else "val/" + key[4:], float(value), global_step)
+                    self.writer.add_scalar(_tensorboard_tag(key), float(value), global_step)
             self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _tensorboard_tag(key: str) -> str:
+    """``val_small_avg_recall_0_5`` -> ``val/small/avg_recall_0_5``; ``val_cpm`` -> ``val/cpm``."""
+    name = key[len("val_"):]
+    group, _, rest = name.partition("_")
+    return f"val/{group}/{rest}" if group in ("small", "medium", "large") else f"val/{name}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1028,13 +1036,10 @@ def train(config: TrainConfig, *, resume: bool = False, verbose: bool = True,
     (an exception they raise stops the run as a crash would; tests use this to interrupt a run).
     """
     info = setup_distributed(config)
-    import torch.distributed as dist
-
-    created_group = info.distributed and dist.is_initialized()
     try:
         return _Run(config, info, resume=resume, verbose=verbose, on_step=on_step, on_epoch_end=on_epoch_end).run()
     finally:
-        if created_group:
+        if info.owns_group:
             cleanup_distributed()
 
 
@@ -1103,11 +1108,6 @@ class _Run:
         t_start = time.perf_counter()
         if info.is_main:
             self._check_output()
-            self.out.mkdir(parents=True, exist_ok=True)
-            if config.overwrite and not self.resume:
-                for name in (RESUME_STATE,):
-                    (self.out / name).unlink(missing_ok=True)
-        _barrier(info)
         state = self._load_resume_state() if self.resume else None
 
         seed_everything(config.seed)
@@ -1117,7 +1117,11 @@ class _Run:
             raise InputError(f"cannot resume the run in {self.out}: the dataset split differs from the one it "
                              "was trained on (check 'data', 'splits' and the dataset folder)")
         if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if config.overwrite and not self.resume:
+                (self.out / RESUME_STATE).unlink(missing_ok=True)
             self._write_run_files(data, write_splits)
+        _barrier(info)
 
         device = info.device
         model = build_model(config.model_config()).to(device)
@@ -1244,7 +1248,7 @@ class _Run:
             losses.append(value)
             step = epoch * iters + i
             if self.info.is_main:
-                logger.step(step, value, optimizer.param_groups[0]["lr"])
+                logger.step(step, value)
             if bar is not None:
                 bar.update(1)
                 if i % 5 == 0 or i == iters - 1:

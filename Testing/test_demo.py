@@ -23,7 +23,7 @@ def test_demo_quick_writes_every_output(tmp_path):
     from IWSegmentationLib.checkpoint import load_checkpoint
 
     _, card = load_checkpoint(out / "model.safetensors")
-    assert card["loss"]["name"] == "iw-dice" and card["preprocessing"]["name"] == "ct-liver"
+    assert card["loss"]["name"] == "iw-dice" and card["preprocessing"]["name"] == "ct-lung"
     heldout = sorted(p.name for p in (out / "data" / "heldout" / "imagesTr").iterdir())
     assert len(heldout) == 2
     assert sorted(p.name for p in (out / "masks").iterdir()) == heldout
