@@ -35,9 +35,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check IWSegmentationLib IWSegmentation Testing scripts
 
 bench: $(STAMP)
-	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 $(PY) scripts/bench_weights.py
-	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 $(PY) scripts/bench_evaluate.py
-	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 $(PY) scripts/bench_inference.py
+	scripts/run_benchmarks.sh
 
 clean:
 	rm -rf demo_output Testing/_output .pytest_cache

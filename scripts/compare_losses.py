@@ -290,6 +290,9 @@ def run_parallel(losses: list[str], args, work: Path) -> None:
     base = [sys.executable, str(Path(__file__).resolve()), "--worker", "--work", str(work)]
     if args.quick:
         base.append("--quick")
+    for flag, value in (("--epochs", args.epochs), ("--iters", args.iters)):
+        if value:
+            base += [flag, str(value)]
     pending, running = list(losses), []
     while pending or running:
         while pending and len(running) < max(1, args.jobs):
@@ -322,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="retrain losses whose report already exists")
     parser.add_argument("--jobs", type=int, default=2,
                         help="losses trained side by side, one CPU thread each (default 2; results do not depend on it)")
+    parser.add_argument("--epochs", type=int, help=f"override the budget's epochs (default {TRAIN['epochs']})")
+    parser.add_argument("--iters", type=int, help=f"override the iterations per epoch (default {TRAIN['iters_per_epoch']})")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -333,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         data.update(QUICK["data"])
         settings.update(QUICK["train"])
         losses = tuple(args.losses or QUICK["losses"])
+    if args.epochs:
+        settings["epochs"] = args.epochs
+    if args.iters:
+        settings["iters_per_epoch"] = args.iters
     command = "python scripts/compare_losses.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                        else sys.argv[1:]))
     work = args.work
