@@ -402,22 +402,24 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats, args.patch, args.net = 1, 32, "tiny"
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     lines = ["## Sliding-window inference benchmark", "", machine_line(args), ""]
+    runners = {"compare": lambda tmp: part_compare(args, tmp), "paper": lambda tmp: part_paper(args),
+               "ct": lambda tmp: part_ct(args, tmp)}
     with tempfile.TemporaryDirectory(prefix="iwseg-bench-") as tmp:
-        tmp = Path(tmp)
-        if "compare" in parts:
-            lines += part_compare(args, tmp)[0]
-        if "paper" in parts:
-            lines += part_paper(args)[0]
-        if "ct" in parts:
-            lines += part_ct(args, tmp)[0]
+        for part in parts:
+            # each finished part is printed and saved at once, so a long run keeps what it measured
+            lines += runners[part](Path(tmp))[0]
+            _publish(lines, args.markdown)
+    return 0
+
+
+def _publish(lines: list[str], markdown: Path | None) -> None:
     text = "\n".join(lines)
-    print(text)
-    if args.markdown is not None:
+    print(text, flush=True)
+    if markdown is not None:
         from IWSegmentationLib.imageio import atomic_output
 
-        with atomic_output(args.markdown) as tmp_path:
+        with atomic_output(markdown) as tmp_path:
             tmp_path.write_text(text + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "data"
             write_dataset(data, 6 if args.quick else 12, 0, demo.SYNTH_PRESET, shape=demo.SYNTH_SHAPE)
-            for label, workers in ((f"{settings['num_workers']} background workers (default)",
-                                    settings["num_workers"]), ("in the training process (num_workers=0)", 0)):
+            n = settings["num_workers"]
+            for label, workers in ((f"{n} background worker{'s' if n != 1 else ''} (the demo's setting)", n),
+                                   ("in the training process (num_workers=0)", 0)):
                 t = time.perf_counter()
                 r = measure_cpu(data, settings, num_workers=workers, iters=iters, epochs=epochs, warmup=warmup)
                 print(f"{label}: {r['iters_per_s']:.2f} it/s, data wait {100 * r['data_wait']:.1f}% "
