@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     stage(5, total, "rendering lesions coloured by size (3D Slicer's slicer-core)")
     picture = render(out, heldout_dir)
     if picture is None:
-        print("  skipped: needs IWSegmentationLib.mrml with slicer-core (pip install slicer-core)")
+        print("  skipped: no offscreen lesion renderer available (needs slicer-core, and "
+              "IWSegmentationLib.mrml.render_lesions_png, which is not built yet)")
 
     minutes = (time.perf_counter() - t0) / 60
     print(f"\nDemo finished in {minutes:.1f} min. Everything is in {out}/:")
