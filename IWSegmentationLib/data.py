@@ -35,7 +35,17 @@ import numpy as np
 from torch.utils.data import IterableDataset
 
 from .errors import InputError
-from .imageio import Geometry, atomic_output, case_name, check_same_grid, list_images, read_image
+from .imageio import (
+    Geometry,
+    atomic_output,
+    case_name,
+    check_pairs,
+    check_same_grid,
+    list_images,
+    natural_key,
+    preview_names,
+    read_image,
+)
 from .lesions import label_components
 
 LAYOUTS = ("msd", "lits", "luna16", "plain")
@@ -54,11 +64,6 @@ LUNA_NODULE_DIRS = ("seg-nodules", "nodule-masks", "nodule_masks")
 LUNA_LUNG_DIRS = ("seg-lungs-LUNA16", "seg-lungs", "lung-masks", "lung_masks")
 
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-
-
-def natural_key(text: str) -> list:
-    """Sort key that orders ``case_2`` before ``case_10``."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,22 +129,27 @@ class Dataset:
         for c in self.cases:
             if c.id == case_id:
                 return c
-        raise InputError(f"case {case_id!r} is not in dataset {self.root}; it has {_preview(self.ids)}")
+        raise InputError(f"case {case_id!r} is not in dataset {self.root}; it has {preview_names(self.ids)}")
 
     def subset(self, ids: Sequence[str]) -> list[Case]:
         """The cases with these ids, in this order (unknown ids are an error)."""
         by_id = {c.id: c for c in self.cases}
         unknown = [i for i in ids if i not in by_id]
         if unknown:
-            raise InputError(f"case id(s) {_preview(unknown)} are not in dataset {self.root}; "
-                             f"it has {_preview(self.ids)}")
+            raise InputError(f"case id(s) {preview_names(unknown)} are not in dataset {self.root}; "
+                             f"it has {preview_names(self.ids)}")
         return [by_id[i] for i in ids]
 
 
-def _preview(items: Sequence[Any], n: int = 8) -> str:
-    items = list(items)
-    shown = ", ".join(repr(i) for i in items[:n])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
+def _read_json(path: Path, *, what: str, missing: str) -> Any:
+    """The JSON document in ``path``; :class:`InputError` with ``missing`` if the file does not
+    exist, or naming ``what`` and the file if it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(missing) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {what} {path}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,12 +299,8 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
     """
     root = Path(root)
     path = root / "dataset.json"
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{root} has no dataset.json (Medical Segmentation Decathlon layout)") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
+    meta = _read_json(path, what="dataset description",
+                      missing=f"{root} has no dataset.json (Medical Segmentation Decathlon layout)")
     if not isinstance(meta, Mapping):
         raise InputError(f"{path} must hold a JSON object")
     lesion, other, mask_values = _msd_values(_msd_labels(meta, path), lesion_values, path)
@@ -327,7 +333,8 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
                     raise InputError(f"{images_dir} holds two images for case {cid!r}: {images[cid].name}, {file.name}")
                 images[cid] = file
         labels = list_images(labels_dir, what="labelsTr folder")
-        _check_pairs(images, labels, images_dir, labels_dir)
+        check_pairs(images, labels, first_what="image", second_what="label", first_dir=images_dir,
+                    second_dir=labels_dir)
         entries = [(cid, images[cid], labels[cid], masks.get(cid)) for cid in images]
     if not entries:
         raise InputError(f"{root}: dataset.json lists no training cases and {images_dir} holds no images")
@@ -343,20 +350,6 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
             cases.append(Case(cid, image, label, mask, lesion, other))
     cases.sort(key=lambda c: natural_key(c.id))
     return Dataset(root, "msd", cases, name=str(meta.get("name", root.name)))
-
-
-def _check_pairs(images: Mapping[str, Path], labels: Mapping[str, Path], images_dir: Path, labels_dir: Path):
-    if not images:
-        raise InputError(f"{images_dir} holds no images")
-    problems = []
-    no_label = sorted(set(images) - set(labels), key=natural_key)
-    no_image = sorted(set(labels) - set(images), key=natural_key)
-    if no_label:
-        problems.append(f"no label in {labels_dir} for case(s) {_preview(no_label)}")
-    if no_image:
-        problems.append(f"no image in {images_dir} for label(s) {_preview(no_image)}")
-    if problems:
-        raise InputError("; ".join(problems))
 
 
 _LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$", re.IGNORECASE)
@@ -386,8 +379,8 @@ def read_lits(
     segs = _lits_files(root, _LITS_SEG, "segmentation")
     if not volumes:
         raise InputError(f"{root} holds no LiTS volume-N.nii files")
-    _check_pairs({f"volume-{n}": p for n, p in volumes.items()},
-                 {f"volume-{n}": p for n, p in segs.items()}, root, root)
+    check_pairs({f"volume-{n}": p for n, p in volumes.items()}, {f"volume-{n}": p for n, p in segs.items()},
+                first_what="volume", second_what="segmentation", first_dir=root, second_dir=root)
     lesion = tuple(lesion_values) if lesion_values is not None else (2,)
     other = tuple(v for v in (1, 2) if v not in lesion)
     cases = [
@@ -433,7 +426,7 @@ def read_luna16(
     nodules = list_images(nodule_dir, what="nodule-mask folder")
     missing = sorted(set(scans) - set(nodules), key=natural_key)
     if missing:
-        raise InputError(f"no nodule mask in {nodule_dir} for scan(s) {_preview(missing)} "
+        raise InputError(f"no nodule mask in {nodule_dir} for scan(s) {preview_names(missing)} "
                          "(write an empty mask for a scan without nodules)")
     lungs = list_images(lung_dir, what="lung-mask folder") if lung_dir is not None else {}
     lesion = tuple(lesion_values) if lesion_values is not None else (1,)
@@ -453,7 +446,7 @@ def read_plain(
     images_dir, labels_dir, masks_dir = root / "images", root / "labels", root / "masks"
     images = list_images(images_dir, what="images folder")
     labels = list_images(labels_dir, what="labels folder")
-    _check_pairs(images, labels, images_dir, labels_dir)
+    check_pairs(images, labels, first_what="image", second_what="label", first_dir=images_dir, second_dir=labels_dir)
     masks = list_images(masks_dir, what="masks folder") if masks_dir.is_dir() else {}
     lesion = tuple(lesion_values) if lesion_values is not None else (1,)
     cases = [Case(cid, images[cid], labels[cid], masks.get(cid), lesion_values=lesion,
@@ -559,7 +552,7 @@ def make_splits(
     ids = [str(i) for i in case_ids]
     dup = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dup:
-        raise InputError(f"duplicate case id(s) {_preview(dup)}")
+        raise InputError(f"duplicate case id(s) {preview_names(dup)}")
     if isinstance(fractions, Mapping):
         frac = {str(k): fractions[k] for k in fractions}
     else:
@@ -599,7 +592,7 @@ def check_splits(
         raise InputError(f"{source} must be a JSON object {{\"train\": [...], \"val\": [...]}}, got {type(splits).__name__}")
     bad_keys = [k for k in splits if k not in SPLIT_NAMES]
     if bad_keys:
-        raise InputError(f"{source}: unknown split name(s) {_preview(bad_keys)}; valid names are {', '.join(SPLIT_NAMES)}")
+        raise InputError(f"{source}: unknown split name(s) {preview_names(bad_keys)}; valid names are {', '.join(SPLIT_NAMES)}")
     if "train" not in splits:
         raise InputError(f"{source} has no 'train' split")
     out: dict[str, list[str]] = {}
@@ -619,8 +612,8 @@ def check_splits(
         known = set(case_ids)
         unknown = [i for i in owner if i not in known]
         if unknown:
-            raise InputError(f"{source}: case id(s) {_preview(unknown)} are not in the dataset; "
-                             f"known ids: {_preview(sorted(known, key=natural_key))}")
+            raise InputError(f"{source}: case id(s) {preview_names(unknown)} are not in the dataset; "
+                             f"known ids: {preview_names(sorted(known, key=natural_key))}")
     return out
 
 
@@ -631,12 +624,7 @@ def read_splits(
     :func:`check_splits`. An nnU-Net ``splits_final.json`` (a list of such objects, one per
     fold) is accepted too: ``fold`` picks one."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"split file not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read split file {path}: {exc}") from None
+    data = _read_json(path, what="split file", missing=f"split file not found: {path}")
     if isinstance(data, list):
         if not (0 <= fold < len(data)):
             raise InputError(f"split file {path} has {len(data)} fold(s); fold {fold} does not exist")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -224,19 +225,45 @@ def list_images(folder: str | os.PathLike, *, what: str = "folder") -> dict[str,
     return out
 
 
-def pair_cases(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
-    """Pair prediction and reference files by case name; a file without a partner is an error."""
-    preds = list_images(pred_dir, what="prediction folder")
-    refs = list_images(ref_dir, what="reference folder")
-    if not refs:
-        raise InputError(f"reference folder {ref_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    missing_pred = sorted(set(refs) - set(preds))
-    missing_ref = sorted(set(preds) - set(refs))
+def natural_key(text: str) -> list:
+    """Sort key that orders ``case_2`` before ``case_10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def preview_names(items: Sequence[Any], n: int = 8) -> str:
+    """``'a', 'b', ... (12 in all)``: the first ``n`` items quoted, for error messages."""
+    items = list(items)
+    shown = ", ".join(repr(i) for i in items[:n])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def check_pairs(
+    first: Mapping[str, Path], second: Mapping[str, Path], *, first_what: str, second_what: str,
+    first_dir: str | os.PathLike, second_dir: str | os.PathLike,
+) -> None:
+    """Check that two case name -> file maps (e.g. images and labels, from :func:`list_images`)
+    hold the same cases, and that ``first`` is not empty.
+
+    One :class:`InputError` names every case without a partner, both ways, e.g.
+    ``no label in labels/ for image case(s) 'b'; no image in images/ for label case(s) 'c'``.
+    """
+    if not first:
+        raise InputError(f"{first_what} folder {first_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     problems = []
-    if missing_pred:
-        problems.append(f"no prediction in {pred_dir} for reference case(s) {', '.join(missing_pred)}")
-    if missing_ref:
-        problems.append(f"no reference in {ref_dir} for prediction case(s) {', '.join(missing_ref)}")
+    no_second = sorted(set(first) - set(second), key=natural_key)
+    no_first = sorted(set(second) - set(first), key=natural_key)
+    if no_second:
+        problems.append(f"no {second_what} in {second_dir} for {first_what} case(s) {preview_names(no_second)}")
+    if no_first:
+        problems.append(f"no {first_what} in {first_dir} for {second_what} case(s) {preview_names(no_first)}")
     if problems:
         raise InputError("; ".join(problems))
+
+
+def pair_cases(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
+    """Pair prediction and reference files by case name, sorted by name; a file without a
+    partner, or an empty reference folder, is an error (see :func:`check_pairs`)."""
+    preds = list_images(pred_dir, what="prediction folder")
+    refs = list_images(ref_dir, what="reference folder")
+    check_pairs(refs, preds, first_what="reference", second_what="prediction", first_dir=ref_dir, second_dir=pred_dir)
     return [(name, preds[name], refs[name]) for name in sorted(refs)]

@@ -56,6 +56,7 @@ from .errors import Cancelled, InputError, IWSegError
 
 BLEND_MODES = ("gaussian", "constant")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+ENGINES = ("auto", "eager", "frozen")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: Voxels per slab when the blend weights are summed at the end (bounds that buffer to 64 MB).
 _SLAB_VOXELS = 16 * 1024 * 1024
@@ -243,6 +244,7 @@ class InferenceStats:
     batch_size: int = 0
     device: str = "cpu"
     precision: str = "fp32"
+    engine: str = "eager"
     seconds_total: float = 0.0
     seconds_forward: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -516,6 +518,95 @@ def _normalise_(accumulator: torch.Tensor, grid: np.ndarray, weight: torch.Tenso
             block.masked_fill_(uncovered.expand_as(block), float(fill_value))
 
 
+# --------------------------------------------------------------------------- CPU engine
+
+
+class FrozenNetwork(nn.Module):
+    """A network compiled for fp32 CPU inference: TorchScript-traced, frozen and passed through
+    ``torch.jit.optimize_for_inference``, which folds each BatchNorm into the convolution before
+    it, pre-packs the convolution weights for oneDNN, fuses ReLUs, and keeps activations in
+    oneDNN's blocked layout between layers instead of converting at every convolution.
+
+    Why: the narrow 3D U-Nets used on CPUs are memory-bound, and those conversions cost as much as
+    the arithmetic — the ``small`` net runs a 64³ window 2.1x faster this way (0.17 s vs 0.36 s on
+    2 cores), outputs equal to the eager network within 3e-7. The wide ``paper`` net is
+    compute-bound and gains little. Build it with :func:`freeze_for_cpu`.
+
+    The trace has no shape-dependent branches for inputs whose sides are multiples of the
+    network's stride, so one trace serves every window and batch size; other sizes are padded
+    here exactly as the network pads them (:func:`models.pad_to_multiple`) and cropped back.
+    """
+
+    def __init__(self, frozen: torch.jit.ScriptModule, stride: int, config: Mapping[str, Any] | None):
+        super().__init__()
+        self.frozen = frozen
+        self.stride = int(stride)
+        self.config = dict(config or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .models import pad_to_multiple
+
+        spatial = tuple(x.shape[2:])
+        out = self.frozen(pad_to_multiple(x.contiguous(), self.stride))
+        if tuple(out.shape[2:]) != spatial:
+            out = out[:, :, : spatial[0], : spatial[1], : spatial[2]]
+        return out
+
+
+def freeze_for_cpu(model: nn.Module, *, tolerance: float = 1e-4,
+                   on_warning: Callable[[str], None] | None = None) -> FrozenNetwork | None:
+    """:class:`FrozenNetwork` of ``model`` (a :class:`models.ResidualUNet3D` on the CPU), or None.
+
+    The trace is taken on a small probe (two strides per side: milliseconds, no full window) and
+    checked against the eager network on a second random probe; it must agree within
+    ``tolerance · (1 + max|logit|)``. When tracing fails, the model is not a stride-aligned U-Net,
+    or the check fails, ``on_warning`` says why and None is returned: the caller runs eagerly.
+    """
+    stride = getattr(model, "stride", None)
+    config = getattr(model, "config", None)
+    if not isinstance(stride, int) or not isinstance(config, Mapping) or "in_channels" not in config:
+        return None
+    if any(t.device.type != "cpu" for t in model.parameters()):
+        return None
+    model.eval()
+    side = 2 * stride
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn((2, int(config["in_channels"]), side, side + stride, side), generator=generator)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TracerWarnings about the shape checks, which hold here
+            traced = torch.jit.trace(model, probe[:1, :, :side, :side, :side], check_trace=False)
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+        network = FrozenNetwork(frozen, stride, config)
+        with torch.inference_mode():
+            expected, got = model(probe), network(probe)
+        error = float((expected - got).abs().max())
+        limit = tolerance * (1.0 + float(expected.abs().max()))
+    except Exception as exc:  # an unusual module or a torch build without oneDNN: run eagerly
+        if on_warning is not None:
+            on_warning(f"could not compile the network for the CPU ({type(exc).__name__}: {exc}); running it eagerly")
+        return None
+    if not error <= limit:
+        if on_warning is not None:
+            on_warning(f"the CPU-compiled network differs from the eager one by {error:.3g} (> {limit:.3g}); "
+                       "running it eagerly")
+        return None
+    return network
+
+
+def resolve_engine(engine: str, device: torch.device, precision: str) -> str:
+    """``auto`` → ``frozen`` for fp32 on the CPU, else ``eager``; ``frozen`` elsewhere is an error."""
+    if engine not in ENGINES:
+        raise InputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    frozen_possible = device.type == "cpu" and precision == "fp32"
+    if engine == "auto":
+        return "frozen" if frozen_possible else "eager"
+    if engine == "frozen" and not frozen_possible:
+        raise InputError(f"engine 'frozen' runs fp32 on the CPU only (device {device}, precision {precision}); "
+                         "use --engine eager or auto")
+    return engine
+
+
 # --------------------------------------------------------------------------- whole volumes
 
 
@@ -573,6 +664,7 @@ def predict_volume(
     precision: str = "auto",
     skip_background: bool = True,
     channels_last: bool | None = None,
+    engine: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     on_warning: Callable[[str], None] | None = None,
@@ -581,7 +673,8 @@ def predict_volume(
 
     Steps: :func:`preprocessing.prepare_case` (resampling to the card's target spacing, if any,
     then intensity scaling and the organ mask), the foreground for skipping
-    (:func:`preprocessing.foreground_mask`: the organ mask, else the preset's body threshold),
+    (:func:`preprocessing.foreground_mask`: the organ mask, else the lung field for ``ct-lung``,
+    else the preset's body threshold),
     :func:`sliding_window_inference` of ``sigmoid(model(x))``, resampling back to the input grid,
     and ``mask = probabilities > threshold``.
 
@@ -596,8 +689,11 @@ def predict_volume(
         overlap, threshold, blend: override the card's values (see :func:`inference_settings`).
         precision: ``auto`` (fp16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``fp16``, ``bf16``.
         skip_background: skip windows outside the foreground (their voxels get probability 0).
-        channels_last: use ``channels_last_3d`` weights (default: on for CPU and CUDA, where it
-            is faster for 3D convolutions; off on MPS).
+        channels_last: use ``channels_last_3d`` weights with the eager engine (default: on for
+            CPU and CUDA, where it is faster for 3D convolutions; off on MPS).
+        engine: ``auto`` (``frozen`` for fp32 on the CPU, else ``eager``), ``frozen``
+            (:func:`freeze_for_cpu`; falls back to eager with a warning if it cannot be built)
+            or ``eager`` (the module as it is).
     """
     from .imageio import Geometry
     from .preprocessing import foreground_mask, prepare_case, resample_to_geometry, validate_params
@@ -618,23 +714,33 @@ def predict_volume(
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
 
+    stats = InferenceStats()
+    report = on_warning or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=2))
+
+    def warn(message: str) -> None:
+        stats.warnings.append(message)
+        report(message)
+
     network_input, work_geometry, _ = prepare_case(image, geometry, params, organ_mask)
     foreground = None
     if skip_background:
-        foreground = foreground_mask(image, params, organ_mask)
+        foreground = foreground_mask(image, params, organ_mask, on_warning=warn, spacing_zyx=geometry.spacing_zyx)
         if foreground is not None and work_geometry != geometry:
             foreground = resample_to_geometry(foreground.view(np.uint8), geometry, work_geometry, is_mask=True) != 0
 
-    use_channels_last = device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last)
+    engine = resolve_engine(engine, device, precision)
     model.eval()
     model.to(device)
+    network = freeze_for_cpu(model, on_warning=warn) if engine == "frozen" else None
+    stats.engine = "eager" if network is None else "frozen"
+    use_channels_last = network is None and (
+        device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last))
     if use_channels_last:
         model.to(memory_format=torch.channels_last_3d)
-    stats = InferenceStats()
     try:
         probs = sliding_window_inference(
             network_input,
-            ProbabilityPredictor(model),
+            ProbabilityPredictor(model if network is None else network),
             settings["patch_size"],
             overlap=settings["overlap"] if overlap is None else overlap,
             blend=blend or settings["blend"],

@@ -17,7 +17,8 @@ stage          keys
 ``postprocess````case`` — thresholding, lesion analysis
 ``write``      ``case``, ``path`` — about to write this output (it appears atomically)
 ``case_done``  ``case``, ``outputs`` (mapping name -> path), ``lesions`` (count), ``seconds``;
-               ``windows``, ``windows_total`` (windows run / in the full grid)
+               ``windows``, ``windows_total`` (windows run / in the full grid); ``engine``
+               (``frozen`` or ``eager``, see ``inference.freeze_for_cpu``)
 ``warning``    ``message`` (e.g. "CUDA out of memory, retrying with batch size 1"); ``case``
                when it concerns one case (a folder case that failed and was skipped)
 ``done``       ``seconds``, ``cases`` (cases that succeeded); ``failed`` (list of case names)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _subprocess import run_in_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_quick_writes_every_output(tmp_path):
     out = tmp_path / "demo_output"
     cmd = [sys.executable, str(REPO / "scripts" / "demo.py"), "--quick", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = run_in_group(cmd, timeout=600)  # a timeout also kills the DataLoader worker
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     from IWSegmentationLib.checkpoint import load_checkpoint

@@ -298,3 +298,77 @@ def test_predict_volume_resamples_back_and_skips():
     assert np.all(result.probabilities[:, 40:, :] == 0) and np.all(result.probabilities[:, :, 40:] == 0)
     assert np.all((result.probabilities > 0)[4:26, 8:20, 8:20])
     assert np.array_equal(result.mask, (result.probabilities > 0.5).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------- the frozen CPU engine
+
+
+def unet_with_running_stats(size: str = "tiny", seed: int = 0) -> torch.nn.Module:
+    """A U-Net in eval mode whose BatchNorms have non-trivial running statistics, so that folding
+    them into the convolutions (what the frozen engine does) changes the arithmetic for real."""
+    from IWSegmentationLib.models import build_model, default_config
+
+    torch.manual_seed(seed)
+    model = build_model(default_config(size)).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 16, 16, 16), (3, 1, 24, 16, 32), (2, 1, 13, 20, 9)])
+def test_frozen_network_equals_eager(shape):
+    """Traced once on a 16x24x16 probe, the frozen network serves other batch sizes and sides,
+    including sides that are not multiples of the stride (13, 9: padded and cropped back)."""
+    from IWSegmentationLib.inference import FrozenNetwork, freeze_for_cpu
+
+    model = unet_with_running_stats()
+    network = freeze_for_cpu(model)
+    assert isinstance(network, FrozenNetwork)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected, got = model(x), network(x)
+    assert got.shape == expected.shape == (shape[0], 1, *shape[2:])
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_engine_refuses_what_it_cannot_check():
+    """No stride/config (a plain conv net): None, silently. A check that cannot pass (negative
+    tolerance): None, with a warning that says the engine falls back to eager."""
+    from IWSegmentationLib.inference import freeze_for_cpu
+
+    assert freeze_for_cpu(conv_net()) is None
+    said = []
+    assert freeze_for_cpu(unet_with_running_stats(), tolerance=-1.0, on_warning=said.append) is None
+    assert len(said) == 1 and "running it eagerly" in said[0]
+
+
+def test_engine_resolution():
+    from IWSegmentationLib.inference import resolve_engine
+
+    cpu = torch.device("cpu")
+    assert resolve_engine("auto", cpu, "fp32") == "frozen"
+    assert resolve_engine("auto", cpu, "bf16") == "eager"  # autocast needs the eager module
+    assert resolve_engine("auto", torch.device("cuda"), "fp16") == "eager"
+    assert resolve_engine("eager", cpu, "fp32") == "eager"
+    with pytest.raises(InputError, match="engine 'frozen' runs fp32 on the CPU only"):
+        resolve_engine("frozen", cpu, "bf16")
+    with pytest.raises(InputError, match="engine must be one of"):
+        resolve_engine("jit", cpu, "fp32")
+
+
+def test_predict_volume_frozen_and_eager_agree():
+    """The default (frozen) and the eager engine give the same probabilities on a whole volume."""
+    from IWSegmentationLib.preprocessing import get_preset
+
+    model = unet_with_running_stats()
+    image = np.random.default_rng(0).normal(0, 300, (20, 40, 36)).astype(np.float32)
+    meta = {"patch_size": [16, 24, 16], "threshold": 0.5, "preprocessing": get_preset("ct-liver")}
+    frozen = predict_volume(model, image, meta, device="cpu", skip_background=False)
+    eager = predict_volume(model, image, meta, device="cpu", skip_background=False, engine="eager")
+    assert (frozen.stats.engine, eager.stats.engine) == ("frozen", "eager")
+    assert frozen.stats.windows_run == eager.stats.windows_run == frozen.stats.windows_total
+    np.testing.assert_allclose(frozen.probabilities, eager.probabilities, atol=1e-6)

@@ -18,6 +18,7 @@ from IWSegmentationLib.preprocessing import (
     PRESETS,
     foreground_mask,
     get_preset,
+    lung_field,
     prepare_case,
     preprocess,
     resample_to_geometry,
@@ -129,6 +130,71 @@ def test_foreground_mask():
         foreground_mask(image, get_preset("ct-lung"), mask=_vol([1, 0, 0, 0], np.uint8)).ravel(), [1, 0, 0, 0]
     )
     assert foreground_mask(image, get_preset("mr")) is None
+
+
+def _chest(shape=(24, 160, 160)) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A chest-like HU volume: outside air -1000, an elliptic body 40 HU, two lungs -850 HU,
+    a nodule inside the left lung and a mass on the right lung's outer wall, half of it
+    outside the aerated lung (in the chest wall); regions returned for the checks."""
+    d, h, w = shape
+    z, y, x = np.ogrid[:d, :h, :w]
+    body = ((y - h / 2) / (0.40 * h)) ** 2 + ((x - w / 2) / (0.45 * w)) ** 2 <= 1
+    lungs = [((y - h / 2) / (0.25 * h)) ** 2 + ((x - w / 2 - s * 0.2 * w) / (0.12 * w)) ** 2 <= 1 for s in (-1, 1)]
+    lung = (lungs[0] | lungs[1]) & (z >= 3) & (z < d - 3)
+    image = np.full(shape, -1000, np.int16)
+    image[np.broadcast_to(body, shape)] = 40
+    image[lung] = -850
+    nodule = (z - 12) ** 2 + (y - h / 2) ** 2 + (x - (w / 2 - 0.2 * w)) ** 2 <= 9
+    # the right lung ends at x = w/2 + 0.32 w = 131.2; the mass (radius 6) reaches 134: 3 voxels in the wall
+    mass = (z - 12) ** 2 + (y - h / 2) ** 2 + (x - (w / 2 + 0.30 * w)) ** 2 <= 36
+    image[nodule | mass] = 30
+    return image, {"body": np.broadcast_to(body, shape), "lung": lung, "nodule": nodule, "mass": mass}
+
+
+def test_lung_field_keeps_lungs_and_lesions_and_drops_outside_air():
+    image, parts = _chest()
+    field = lung_field(image, (2.0, 1.0, 1.0))
+    assert field.shape == image.shape and field.dtype == bool
+    # the mass's aerated side ends at x = 128 - 6 = 122 and its wall side reaches 134: 12 mm at
+    # 1 mm voxels, inside the default 15 mm margin (and not enclosed by air, so no hole filling)
+    for name in ("lung", "nodule", "mass"):
+        assert field[parts[name]].all(), name
+    assert not field[:, :5, :5].any()  # the air around the patient (touching the border) is not lung
+    # the 15 mm margin is a box: nothing farther than 15·√3 mm (+ a voxel) from the lungs is in the field
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(~(parts["lung"] | parts["mass"]), sampling=(2.0, 1.0, 1.0))
+    assert not field[distance > 15 * math.sqrt(3) + 2].any()
+    assert field.mean() < parts["body"].mean()
+    small_margin = lung_field(image, (2.0, 1.0, 1.0), margin_mm=4.0)
+    assert not small_margin[parts["mass"]].all()  # a 4 mm margin loses the outer part of the mass
+
+
+def test_lung_field_absent_falls_back_to_the_body_threshold():
+    """An image without enclosed air (a body in air, no lungs): no lung field, and the ct-lung
+    foreground falls back to the body threshold, saying so."""
+    image, parts = _chest()
+    image[parts["lung"]] = 40
+    assert lung_field(image) is None
+    said = []
+    fg = foreground_mask(image, get_preset("ct-lung"), on_warning=said.append)
+    np.testing.assert_array_equal(fg, image > -900)
+    assert len(said) == 1 and "body threshold" in said[0]
+    image, parts = _chest()
+    fg = foreground_mask(image, get_preset("ct-lung"), spacing_zyx=(2.0, 1.0, 1.0))
+    assert fg[parts["lung"]].all() and fg.sum() < (image > -900).sum()
+
+
+def test_lung_field_of_real_chest_cts_holds_every_tumour_voxel(clinical_data):
+    """The pyradiomics chest CTs (5 mm slices): every voxel of the reference tumour masks lies in
+    the lung field (lung2's tumour sits on the posterior chest wall), and the field is smaller
+    than the body."""
+    for case in ("lung1", "lung2"):
+        image, geometry = read_image(clinical_data / f"{case}_image.nrrd")
+        label, _ = read_image(clinical_data / f"{case}_label.nrrd")
+        field = lung_field(image, geometry.spacing_zyx)
+        assert field is not None and field[label > 0].all(), case
+        assert field.mean() < 0.7 * (image > -900).mean(), case
 
 
 # ----------------------------------------------------------------------------- resampling

@@ -2,9 +2,9 @@
 
 The scene is built by :mod:`IWSegmentationLib.mrml` from a synthetic CT case (oblique,
 anisotropic grid, lesions of all three size groups). Axial and coronal slice views and a 3D view
-are rendered offscreen (EGL) by Slicer's slice logic and its segmentation displayable managers,
-the same code that draws Slicer's views, and saved to ``Testing/_output/screenshots/`` for a
-person to look at. Then, on the pixels:
+are rendered offscreen (EGL, :mod:`IWSegmentationLib.views`) by Slicer's slice logic and its
+segmentation displayable managers, the same code that draws Slicer's views, and saved to
+``Testing/_output/screenshots/`` for a person to look at. Then, on the pixels:
 
 * slice views — every pixel is predicted from the mask: where the nearest voxel is lesion
   ``n`` (at least 2 pixels inside), the pixel is Slicer's 2D fill, ``B + α (c_n − B)`` with
@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from IWSegmentationLib import imageio, lesions, mrml
+from IWSegmentationLib import imageio, lesions, mrml, views
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_DIR = ROOT / "Testing" / "Baseline"
@@ -53,207 +50,15 @@ pytestmark = pytest.mark.slicer
 
 # ---------------------------------------------------------------------------- offscreen OpenGL
 
-_PROBE = """
-import vtk
-w = vtk.vtkRenderWindow(); w.SetOffScreenRendering(1); w.SetSize(8, 8)
-r = vtk.vtkRenderer(); r.SetBackground(1, 0, 0); w.AddRenderer(r); w.Render()
-f = vtk.vtkWindowToImageFilter(); f.SetInput(w); f.Update()
-print(w.GetClassName(), f.GetOutput().GetScalarComponentAsDouble(4, 4, 0, 0))
-"""
-
-
-def _use_egl_without_display() -> None:
-    # Without an X display VTK falls back to EGL after a warning; ask for EGL directly.
-    if not os.environ.get("DISPLAY"):
-        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-
 
 @pytest.fixture(scope="module")
 def offscreen():
-    """Skip (with the reason) unless slicer-core imports and an offscreen OpenGL window renders.
-
-    The probe runs in a subprocess: a missing libEGL/libGL can abort the process, not raise.
-    """
-    pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 'slicer-core==5.13.*')")
-    _use_egl_without_display()
+    """Skip (with the reason) unless slicer-core imports and an offscreen OpenGL window renders
+    (:func:`IWSegmentationLib.views.probe_offscreen`, which probes in a subprocess)."""
     try:
-        out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120,
-                             env=dict(os.environ))
-    except subprocess.TimeoutExpired:
-        pytest.skip("offscreen OpenGL probe timed out")
-    words = out.stdout.split()
-    if out.returncode != 0 or len(words) != 2 or float(words[1]) != 255.0:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", out.stderr or out.stdout).strip().splitlines()
-        pytest.skip(
-            "offscreen OpenGL rendering is not available (it needs EGL and Mesa's software renderer: "
-            f"Debian/Ubuntu packages libegl1 libegl-mesa0 libgl1-mesa-dri): exit {out.returncode}: "
-            + " | ".join(line.split("| ", 1)[-1] for line in text[-2:])
-        )
-    return words[0]
-
-
-# ---------------------------------------------------------------------------- views
-
-
-def _grab(render_window) -> np.ndarray:
-    """The window's pixels as a top-down ``(H, W, 3)`` uint8 array."""
-    import vtk
-    from vtkmodules.util import numpy_support
-
-    render_window.Render()
-    grab = vtk.vtkWindowToImageFilter()
-    grab.SetInput(render_window)
-    grab.ReadFrontBufferOff()
-    grab.Update()
-    image = grab.GetOutput()
-    w, h, _ = image.GetDimensions()
-    rgb = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[:, :, :3]
-    return rgb[::-1].copy()
-
-
-def _matrix(vtk_matrix) -> np.ndarray:
-    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _offscreen_window(layers: int = 1):
-    import vtk
-
-    window = vtk.vtkRenderWindow()
-    window.SetOffScreenRendering(1)
-    window.SetMultiSamples(0)
-    window.SetSize(*VIEW_SIZE)
-    window.SetNumberOfLayers(layers)
-    return window
-
-
-def _displayable_managers(factory, app_logic, renderer, names: tuple[str, ...]):
-    """A displayable manager group drawing into ``renderer``, with ``names`` registered in ``factory``
-    (Slicer's slice- or 3D-view factory), as Slicer's views set theirs up."""
-    import slicer
-
-    factory.SetMRMLApplicationLogic(app_logic)
-    for manager in names:
-        if not factory.IsDisplayableManagerRegistered(manager):
-            factory.RegisterDisplayableManager(manager)
-    managers = slicer.vtkMRMLDisplayableManagerGroup()
-    managers.Initialize(factory, renderer)
-    return managers
-
-
-class SliceView:
-    """A Slicer slice view without Qt: slice logic + the slice displayable managers.
-
-    As in Slicer (CTK's lightbox manager), the volume slice image (the slice logic's RGBA
-    output) is drawn in its own bottom renderer layer and the displayable managers draw in the
-    layer above, so the 2D segment fill blends over the image.
-    """
-
-    def __init__(self, scene, app_logic, name: str, orientation: str):
-        import slicer
-        import vtk
-
-        self.window = _offscreen_window(layers=2)
-        self.image_renderer = vtk.vtkRenderer()
-        self.image_renderer.SetLayer(0)
-        self.renderer = vtk.vtkRenderer()
-        self.renderer.SetLayer(1)
-        self.renderer.GetActiveCamera().ParallelProjectionOn()
-        self.window.AddRenderer(self.image_renderer)
-        self.window.AddRenderer(self.renderer)
-        self.interactor = vtk.vtkRenderWindowInteractor()
-        self.interactor.SetRenderWindow(self.window)
-
-        self.managers = _displayable_managers(
-            slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance(), app_logic, self.renderer,
-            ("vtkMRMLSegmentationsDisplayableManager2D",))
-
-        self.logic = slicer.vtkMRMLSliceLogic()
-        self.logic.SetMRMLApplicationLogic(app_logic)
-        app_logic.GetSliceLogics().AddItem(self.logic)
-        self.logic.SetMRMLScene(scene)
-        self.node = self.logic.AddSliceNode(name)
-        self.managers.SetMRMLDisplayableNode(self.node)
-        self.node.SetOrientation(orientation)
-
-        mapper = vtk.vtkImageMapper()
-        mapper.SetColorWindow(255)  # the slice logic already applied the volume's window/level
-        mapper.SetColorLevel(127.5)
-        self.image_actor = vtk.vtkActor2D()
-        self.image_actor.SetMapper(mapper)
-        self.image_renderer.AddViewProp(self.image_actor)
-
-    def show(self, volume_node) -> None:
-        self.logic.GetSliceCompositeNode().SetBackgroundVolumeID(volume_node.GetID())
-        self.logic.ResizeSliceNode(*VIEW_SIZE)
-        self.logic.FitSliceToBackground()
-        self.image_actor.GetMapper().SetInputConnection(self.logic.GetImageDataConnection())
-
-    def through(self, ras) -> None:
-        """Move the slice plane (not the field of view) to pass through the RAS point."""
-        self.node.JumpSliceByOffsetting(*[float(v) for v in ras])
-
-    def capture(self) -> np.ndarray:
-        return _grab(self.window)
-
-    def pixel_ras(self) -> np.ndarray:
-        """RAS of every pixel centre, ``(H, W, 3)``, top-down like :meth:`capture`."""
-        w, h = VIEW_SIZE
-        xy_to_ras = _matrix(self.node.GetXYToRAS())
-        x, y = np.meshgrid(np.arange(w, dtype=float), np.arange(h, dtype=float)[::-1])
-        xy = np.stack([x, y, np.zeros_like(x), np.ones_like(x)], axis=-1)
-        return (xy @ xy_to_ras.T)[..., :3]
-
-    def ras_to_pixel(self, ras) -> tuple[int, int]:
-        """(row, column) of the pixel showing a RAS point on the current slice."""
-        xy_to_ras = _matrix(self.node.GetXYToRAS())
-        x, y = (np.linalg.inv(xy_to_ras) @ np.r_[np.asarray(ras, float), 1.0])[:2]
-        return VIEW_SIZE[1] - 1 - int(round(y)), int(round(x))
-
-
-class ThreeDView:
-    """A Slicer 3D view without Qt: view logic + the 3D displayable managers (camera, view,
-    segmentations)."""
-
-    def __init__(self, scene, app_logic, name: str = "1"):
-        import slicer
-        import vtk
-
-        self.window = _offscreen_window()
-        self.renderer = vtk.vtkRenderer()
-        self.window.AddRenderer(self.renderer)
-        self.interactor = vtk.vtkRenderWindowInteractor()
-        self.interactor.SetRenderWindow(self.window)
-        self.managers = _displayable_managers(
-            slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance(), app_logic, self.renderer,
-            ("vtkMRMLCameraDisplayableManager", "vtkMRMLViewDisplayableManager",
-             "vtkMRMLSegmentationsDisplayableManager3D"))
-        self.logic = slicer.vtkMRMLViewLogic()
-        self.logic.SetMRMLApplicationLogic(app_logic)
-        app_logic.GetViewLogics().AddItem(self.logic)
-        self.logic.SetMRMLScene(scene)
-        self.node = self.logic.AddViewNode(name)
-        self.managers.SetMRMLDisplayableNode(self.node)
-        self.node.SetBoxVisible(0)
-        self.node.SetAxisLabelsVisible(0)
-
-    def look_from_anterior(self) -> None:
-        import slicer
-
-        camera = self.managers.GetDisplayableManagerByClassName("vtkMRMLCameraDisplayableManager").GetCameraNode()
-        self.renderer.ResetCamera()
-        camera.RotateTo(slicer.vtkMRMLCameraNode.Anterior)
-        self.renderer.ResetCamera()
-        self.renderer.ResetCameraClippingRange()
-
-    def capture(self) -> np.ndarray:
-        return _grab(self.window)
-
-    def project(self, ras) -> tuple[float, float, float]:
-        """(row, column, depth) of a RAS point in the captured image."""
-        self.renderer.SetWorldPoint(*[float(v) for v in ras], 1.0)
-        self.renderer.WorldToDisplay()
-        x, y, z = self.renderer.GetDisplayPoint()
-        return VIEW_SIZE[1] - 1 - y, x, z
+        return views.probe_offscreen()
+    except views.OffscreenRenderingError as exc:
+        pytest.skip(str(exc))
 
 
 # ---------------------------------------------------------------------------- the scene
@@ -315,16 +120,9 @@ def _ras_of(geometry: imageio.Geometry, zyx) -> np.ndarray:
     return (mrml.ijk_to_ras_matrix(geometry) @ np.r_[np.asarray(zyx, float)[::-1], 1.0])[:3]
 
 
-def _expected_labels(case, view: SliceView) -> np.ndarray:
+def _expected_labels(case, view: views.SliceView) -> np.ndarray:
     """Lesion number shown at each pixel: that of the voxel nearest the pixel's RAS point."""
-    ras = view.pixel_ras().reshape(-1, 3)
-    ijk = (np.linalg.inv(mrml.ijk_to_ras_matrix(case["geometry"])) @ np.c_[ras, np.ones(len(ras))].T)[:3].T
-    ijk = np.round(ijk).astype(int)
-    shape = case["labels"].shape
-    ok = np.all((ijk >= 0) & (ijk < np.array(shape[::-1])), axis=1)
-    out = np.zeros(len(ras), np.int32)
-    out[ok] = case["labels"][ijk[ok, 2], ijk[ok, 1], ijk[ok, 0]]
-    return out.reshape(VIEW_SIZE[1], VIEW_SIZE[0])
+    return view.sample(case["labels"], mrml.ijk_to_ras_matrix(case["geometry"]))
 
 
 def _render_pair(view, segmentation):
@@ -385,7 +183,8 @@ def _check_slice_pixels(case, view, shown, hidden, alpha):
 
 @pytest.mark.parametrize("orientation", ["Axial", "Coronal"])
 def test_slice_view_colours_every_lesion(case, orientation, output_dir):
-    view = SliceView(case["scene"], case["app"], "Red" if orientation == "Axial" else "Green", orientation)
+    view = views.SliceView(case["scene"], case["app"], "Red" if orientation == "Axial" else "Green", orientation,
+                           VIEW_SIZE)
     view.show(case["volume"])
     display = case["segmentation"].GetDisplayNode()
     alpha = display.GetOpacity2DFill() * display.GetOpacity()
@@ -428,7 +227,7 @@ def test_slice_view_colours_every_lesion(case, orientation, output_dir):
 def test_three_d_view(case, output_dir):
     from scipy import ndimage
 
-    view = ThreeDView(case["scene"], case["app"])
+    view = views.ThreeDView(case["scene"], case["app"], size=VIEW_SIZE)
     view.look_from_anterior()
     display = case["segmentation"].GetDisplayNode()
     shown = view.capture()

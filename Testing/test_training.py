@@ -10,13 +10,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _subprocess import run_in_group
 
 from IWSegmentationLib.checkpoint import load_checkpoint, read_metadata
 from IWSegmentationLib.cli import main as cli_main
@@ -357,7 +357,7 @@ def test_ddp_two_cpu_processes_train_and_only_rank0_writes(dataset, tmp_path):
         "--set", "tensorboard=false", "--set", "progress=false", "--set", "device=cpu",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    proc = run_in_group(cmd, timeout=240, env=env)  # a timeout kills torchrun *and* its workers
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     card = read_metadata(out / LAST_CHECKPOINT)
     assert card["training"]["world_size"] == 2 and card["training"]["epochs_done"] == 2

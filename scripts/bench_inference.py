@@ -10,16 +10,17 @@ Three parts, every measured job in a **fresh subprocess** (so each peak RSS is i
    noise 20 HU), the same network (default: the library's ``small`` U-Net, 0.7 M parameters),
    patch (64³) and overlap (0.25), ``sigmoid(net(x))`` blended with Gaussian weights,
    ``torch.inference_mode`` for both, ``--threads`` threads:
-   ``monai`` = ``monai.inferers.sliding_window_inference``; ``plain`` = ours without skipping
-   (must be >= 1.0x MONAI's speed, max |diff| <= 1e-5); ``plain+cl`` = plus ``channels_last_3d``;
-   ``default`` = ours as ``iwseg predict`` runs it (background skipping by the ``ct-lung`` body
-   threshold -900 HU, ``channels_last_3d``): speed ratio and max |diff| inside the body
+   ``monai`` = ``monai.inferers.sliding_window_inference`` with the eager network; ``plain`` =
+   ours without skipping (must be >= 1.0x MONAI's speed, max |diff| <= 1e-5); ``plain+cl`` = plus
+   ``channels_last_3d``; ``plain+frozen`` = with the frozen CPU engine; ``skip (eager)`` =
+   background skipping alone; ``default`` = ours as ``iwseg predict`` runs it (skipping by the
+   ``ct-lung`` body threshold -900 HU, frozen engine): speed ratio and max |diff| inside the body
    (goal <= 1e-4). Reported: median seconds of ``--repeats`` runs after a warm-up forward pass,
    windows run, seconds per window, the fraction of time outside the network's forward pass,
    peak RSS and RSS above the job's baseline (volume and network built, before inference).
 2. **The paper's network** (11.07 M parameters, 0.40 MFLOP/voxel) on 128³ windows, batch 1:
-   seconds per window and achieved GFLOP/s, in fp32, fp32 + ``channels_last_3d`` and
-   bf16 autocast + ``channels_last_3d`` (goal: fp32 >= 80% of the measured conv peak, ~235
+   seconds per window and achieved GFLOP/s, in fp32, fp32 + ``channels_last_3d``, bf16 autocast
+   + ``channels_last_3d`` and the frozen fp32 engine (goal: fp32 >= 80% of the measured conv peak, ~235
    GFLOP/s on the 2-core development machine).
 3. **A 512x512x300 CT end to end** through ``iwseg predict`` (read, preprocess, inference with
    the paper network at 128³ / overlap 0.25, threshold, lesions, write): wall time and peak
@@ -144,9 +145,7 @@ def job_window(spec: dict) -> dict:
     # the phantom is made once by the parent: no transient generation peak inflates the baseline
     image = np.load(spec["image"])
     body = np.load(spec["body"]) if spec["skip"] else None
-    net = _build_net(spec["net"]).to(device)
-    if spec["channels_last"]:
-        net = net.to(memory_format=torch.channels_last_3d)
+    net, setup = _prepared_net(spec, device)
     patch = (spec["patch"],) * 3
     with torch.inference_mode():  # warm-up: oneDNN/cuDNN pick their kernels for this shape
         net(torch.zeros((spec["batch_size"], 1, *patch), device=device))
@@ -184,8 +183,26 @@ def job_window(spec: dict) -> dict:
     return {
         "seconds": statistics.median(times), "all_seconds": times, "windows_run": run_windows,
         "windows_total": total_windows, "outside_forward": statistics.median(outside),
-        "peak_rss_mb": _rss_mb(), "baseline_rss_mb": baseline, "peak_gpu_mb": peak_gpu,
+        "peak_rss_mb": _rss_mb(), "baseline_rss_mb": baseline, "peak_gpu_mb": peak_gpu, "setup_seconds": setup,
     }
+
+
+def _prepared_net(spec: dict, device):
+    """The job's network as its ``engine`` runs it — ``eager``, ``eager+cl`` (channels_last_3d
+    weights) or ``frozen`` (:func:`inference.freeze_for_cpu`) — and the seconds that took."""
+    import torch
+
+    from IWSegmentationLib.inference import freeze_for_cpu
+
+    net = _build_net(spec["net"]).to(device)
+    start = time.perf_counter()
+    if spec["engine"] == "eager+cl":
+        net = net.to(memory_format=torch.channels_last_3d)
+    elif spec["engine"] == "frozen":
+        net = freeze_for_cpu(net)
+        if net is None:
+            raise SystemExit("the frozen engine could not be built")
+    return net, time.perf_counter() - start
 
 
 def _monai_windows(shape, patch, overlap) -> int:
@@ -204,9 +221,7 @@ def job_paper(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    net = _build_net(spec["net"]).to(device)
-    if spec["channels_last"]:
-        net = net.to(memory_format=torch.channels_last_3d)
+    net, _ = _prepared_net(spec, device)
     x = torch.rand((1, 1, *(spec["patch"],) * 3), device=device)
     times = []
     with torch.inference_mode(), _autocast(device, spec["precision"]):
@@ -242,10 +257,12 @@ def part_compare(args, tmp: Path) -> tuple[list[str], dict]:
     base = {"kind": "window", "shape": list(shape), "net": args.net, "patch": args.patch, "overlap": args.overlap,
             "batch_size": args.batch_size, "threads": args.threads, "device": args.device, "repeats": args.repeats}
     jobs = {
-        "monai": {"impl": "monai", "skip": False, "channels_last": False},
-        "plain": {"impl": "ours", "skip": False, "channels_last": False},
-        "plain+cl": {"impl": "ours", "skip": False, "channels_last": True},
-        "default": {"impl": "ours", "skip": True, "channels_last": True},
+        "monai": {"impl": "monai", "skip": False, "engine": "eager"},
+        "plain": {"impl": "ours", "skip": False, "engine": "eager"},
+        "plain+cl": {"impl": "ours", "skip": False, "engine": "eager+cl"},
+        "plain+frozen": {"impl": "ours", "skip": False, "engine": "frozen"},
+        "skip (eager)": {"impl": "ours", "skip": True, "engine": "eager"},
+        "default": {"impl": "ours", "skip": True, "engine": "frozen"},
     }
     volume = ct_phantom(shape, seed=0)
     body = volume > BODY_THRESHOLD
@@ -271,17 +288,21 @@ def part_compare(args, tmp: Path) -> tuple[list[str], dict]:
         f"{args.threads} threads, {args.device}",
         "",
         "| path | windows run / total | median s | speed vs MONAI | s / window | outside forward | "
-        "max abs diff (all) | max abs diff (body) | peak RSS MB | RSS above baseline MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "max abs diff (all) | max abs diff (body) | peak RSS MB | RSS above baseline MB | setup s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['windows_run']} / {r['windows_total']} | {r['seconds']:.2f} | "
             f"{monai_s / r['seconds']:.2f}x | {r['seconds'] / max(1, r['windows_run']):.3f} | "
             f"{r['outside_forward']:.1%} | {r['max_diff']:.1e} | {r['max_diff_body']:.1e} | "
-            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} |"
+            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} | {r['setup_seconds']:.2f} |"
         )
-    lines += ["", "Goals: plain >= 1.0x with max diff <= 1e-5; default >= 2x with body diff <= 1e-4; "
+    lines += ["", "Paths: `plain` = our loop, eager network, no skipping; `+cl` = channels_last_3d weights; "
+              "`+frozen` = the CPU engine `iwseg predict` uses (`inference.freeze_for_cpu`); `skip (eager)` = "
+              "background skipping alone; `default` = skipping + frozen engine, as `iwseg predict` runs. "
+              "`setup s` = building the engine (not in `median s`; a one-off per run of `iwseg predict`).", "",
+              "Goals: plain >= 1.0x with max diff <= 1e-5; default >= 2x with body diff <= 1e-4; "
               "peak RSS <= MONAI's; outside forward < 10%.", ""]
     return lines, results
 
@@ -290,14 +311,16 @@ def part_paper(args) -> tuple[list[str], dict]:
     net, patch = ("tiny", 32) if args.quick else ("paper", 128)
     base = {"kind": "paper", "net": net, "patch": patch, "threads": args.threads, "device": args.device,
             "repeats": 1 if args.quick else max(3, args.repeats)}
-    modes = {"fp32": ("fp32", False), "fp32 + channels_last_3d": ("fp32", True),
-             "bf16 autocast + channels_last_3d": ("bf16", True)}
+    modes = {"fp32": ("fp32", "eager"), "fp32 + channels_last_3d": ("fp32", "eager+cl"),
+             "bf16 autocast + channels_last_3d": ("bf16", "eager+cl")}
     if args.device.startswith("cuda"):
-        modes["fp16 autocast + channels_last_3d"] = ("fp16", True)
+        modes["fp16 autocast + channels_last_3d"] = ("fp16", "eager+cl")
+    else:
+        modes["fp32 frozen engine"] = ("fp32", "frozen")
     results = {}
-    for name, (precision, cl) in modes.items():
+    for name, (precision, engine) in modes.items():
         print(f"  {net} {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_worker({**base, "precision": precision, "channels_last": cl})
+        results[name] = run_worker({**base, "precision": precision, "engine": engine})
     lines = [f"### The `{net}` network on one {patch}³ window (batch 1, {args.threads} threads, {args.device})", "",
              "| mode | s / window | GFLOP/s | % of the 235 GFLOP/s fp32 conv peak | Mvoxel/s |", "|---|---|---|---|---|"]
     for name, r in results.items():

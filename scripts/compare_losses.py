@@ -188,6 +188,11 @@ def _v(value, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _optimiser(settings: dict) -> str:
+    name = settings.get("optimizer", "sgd")
+    return "SGD (Nesterov 0.9)" if name == "sgd" else {"adam": "Adam", "adamw": "AdamW"}.get(name, name)
+
+
 def markdown(rows: dict, settings: dict, data: dict, command: str, seconds: float, thresholds, jobs: int) -> str:
     s = settings
     lines = [
@@ -198,7 +203,7 @@ def markdown(rows: dict, settings: dict, data: dict, command: str, seconds: floa
         f"**Command:** `{command}`",
         "",
         f"**Budget (the same for every loss):** {s['epochs']} epochs x {s['iters_per_epoch']} iterations = "
-        f"{s['epochs'] * s['iters_per_epoch']} SGD steps (Nesterov 0.9, lr {s['lr']:g} -> {s['lr_final']:g} at 80%), "
+        f"{s['epochs'] * s['iters_per_epoch']} {_optimiser(s)} steps (lr {s['lr']:g} -> {s['lr_final']:g} at 80%), "
         f"batch {s['batch_size']} of {'x'.join(map(str, s['patch_size']))} patches "
         f"({s['batch_size'] * s['epochs'] * s['iters_per_epoch']} patches in all), `{s['model_size']}` U-Net, "
         f"lesion-centred sampling p = {s['lesion_probability']}, no augmentation, seed {s['seed']}, CPU fp32, "
@@ -314,6 +319,20 @@ def run_parallel(losses: list[str], args, work: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def _overrides(pairs: list[str], parser: argparse.ArgumentParser) -> dict:
+    """``KEY=VALUE`` pairs as a dict, values parsed as YAML (so ``lr=1e-3`` is a float); the
+    trainer's own config check names any unknown key or bad value when the first run starts."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("compare_output"),
@@ -327,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="losses trained side by side, one CPU thread each (default 2; results do not depend on it)")
     parser.add_argument("--epochs", type=int, help=f"override the budget's epochs (default {TRAIN['epochs']})")
     parser.add_argument("--iters", type=int, help=f"override the iterations per epoch (default {TRAIN['iters_per_epoch']})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training key of the budget for every loss, e.g. --set optimizer=adam "
+                             "--set lr=0.001 (values parsed as YAML; repeatable)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -342,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         settings["epochs"] = args.epochs
     if args.iters:
         settings["iters_per_epoch"] = args.iters
+    settings.update(_overrides(args.overrides, parser))
     command = "python scripts/compare_losses.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                        else sys.argv[1:]))
     work = args.work

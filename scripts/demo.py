@@ -61,6 +61,8 @@ QUICK = {"n_train": 6, "n_heldout": 2, "shape": (32, 64, 64),
          "train": {"model_size": "tiny", "patch_size": [32, 32, 32], "epochs": 2, "iters_per_epoch": 3,
                    "val_every": 2, "val_fraction": 0.34}}
 MARKER = ".iwseg-demo"
+#: Display window and level of the rendered picture (HU): the usual lung window.
+LUNG_WINDOW = (1500.0, -600.0)
 
 
 def stage(number: int, total: int, text: str) -> None:
@@ -121,24 +123,22 @@ def run_cli(argv: list[str]) -> None:
 
 
 def render(out: Path, heldout: Path) -> Path | None:
-    """A picture of the first held-out case's predicted lesions coloured by size group, when the
-    Slicer scene builder (IWSegmentationLib.mrml with slicer-core) can make one; else None."""
-    try:
-        from IWSegmentationLib import mrml
-    except Exception:  # slicer-core not installed, or the module not built yet
-        return None
-    renderer = getattr(mrml, "render_lesions_png", None)
-    if renderer is None:
-        return None
+    """A picture of the first held-out case's predicted lesions coloured by size group
+    (:func:`IWSegmentationLib.views.render_lesions_png`: Slicer's views rendered offscreen with
+    slicer-core), or None when it cannot be made here (the reason is printed)."""
+    from IWSegmentationLib.views import render_lesions_png
+
     images = sorted((heldout / "imagesTr").glob("*.nii.gz"))
     if not images:
         return None
     case = images[0].name
     png = out / "lesions_by_size.png"
     try:
-        renderer(image=images[0], mask=out / "masks" / case, output=png, size_preset=TRAIN_SETTINGS["size_preset"])
+        render_lesions_png(image=images[0], mask=out / "masks" / case, output=png,
+                           size_preset=TRAIN_SETTINGS["size_preset"], window_level=LUNG_WINDOW,
+                           title=f"{case}: predicted lesions by size (held-out case)")
     except Exception as exc:  # rendering is a bonus: report and go on
-        print(f"  (rendering skipped: {exc})")
+        print(f"  skipped: {exc}")
         return None
     return png if png.is_file() else None
 
@@ -178,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
     stage(5, total, "rendering lesions coloured by size (3D Slicer's slicer-core)")
     picture = render(out, heldout_dir)
-    if picture is None:
-        print("  skipped: no offscreen lesion renderer available (needs slicer-core, and "
-              "IWSegmentationLib.mrml.render_lesions_png, which is not built yet)")
+    if picture is not None:
+        print(f"  {picture}")
 
     minutes = (time.perf_counter() - t0) / 60
     print(f"\nDemo finished in {minutes:.1f} min. Everything is in {out}/:")
