@@ -290,7 +290,8 @@ def test_predict_volume_resamples_back_and_skips():
     geometry = Geometry(size=(64, 64, 30), spacing=(0.5, 0.5, 1.0), origin=(0.0, 0.0, 0.0))
     meta = {"patch_size": [16, 16, 16], "threshold": 0.5,
             "preprocessing": get_preset("ct-lung", target_spacing=[2.0, 1.0, 1.0])}
-    result = predict_volume(model, image, meta, geometry=geometry, device="cpu")
+    with pytest.warns(RuntimeWarning, match="no lung field found"):  # a body without lungs
+        result = predict_volume(model, image, meta, geometry=geometry, device="cpu")
     assert result.probabilities.shape == result.mask.shape == image.shape
     assert result.probabilities.dtype == np.float32 and result.mask.dtype == np.uint8
     # 1 z-window (15 < 16: padded) x 3 x 3; only the one at y = x = 0 holds body voxels
@@ -351,6 +352,9 @@ def test_engine_resolution():
 
     cpu = torch.device("cpu")
     assert resolve_engine("auto", cpu, "fp32") == "frozen"
+    # the paper U-Net (0.40 MFLOP/voxel) is compute-bound: eager + channels_last is faster there
+    assert resolve_engine("auto", cpu, "fp32", flops_per_voxel=0.399e6) == "eager"
+    assert resolve_engine("auto", cpu, "fp32", flops_per_voxel=0.05e6) == "frozen"
     assert resolve_engine("auto", cpu, "bf16") == "eager"  # autocast needs the eager module
     assert resolve_engine("auto", torch.device("cuda"), "fp16") == "eager"
     assert resolve_engine("eager", cpu, "fp32") == "eager"

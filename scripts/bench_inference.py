@@ -62,7 +62,9 @@ CONV_PEAK_GFLOPS = 235.0  # measured fp32 conv3d peak of the 2-core development 
 def ct_phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     """A CT-like int16 volume in HU: air -1000; an elliptic body (semi-axes 0.85 W/2 and 0.6 H/2:
     pi * 0.85 * 0.6 / 4 = 40% of the slice) of soft tissue 40 HU with a fat rim -100 HU, two
-    lungs -850 HU, a spine 400 HU and a few nodules 30 HU; Gaussian noise sigma 20 HU."""
+    lungs -850 HU (37% of the body, inside a chest wall at least 2% of the width thick: the
+    lung field sees them as lungs, not as outside air), a spine 400 HU and a few nodules 30 HU;
+    Gaussian noise sigma 20 HU."""
     rng = np.random.default_rng(seed)
     d, h, w = shape
     y, x = np.ogrid[:h, :w]
@@ -72,7 +74,7 @@ def ct_phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     plane[ell <= 1] = -100.0
     plane[ell <= 0.85] = 40.0
     for side in (-1, 1):
-        lung = ((x - cx - side * 0.22 * w) / (0.17 * w)) ** 2 + ((y - cy + 0.03 * h) / (0.2 * h)) ** 2
+        lung = ((x - cx - side * 0.2 * w) / (0.14 * w)) ** 2 + ((y - cy + 0.03 * h) / (0.17 * h)) ** 2
         plane[lung <= 1] = -850.0
     plane[((x - cx) / (0.05 * w)) ** 2 + ((y - cy - 0.17 * h) / (0.05 * h)) ** 2 <= 1] = 400.0
     volume = np.empty(shape, np.int16)
@@ -82,7 +84,7 @@ def ct_phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
         volume[z0:z1] = np.clip(np.rint(slab), -1024, 3071).astype(np.int16)
     zz, yy, xx = np.ogrid[:d, :h, :w]
     for _ in range(6):
-        c = (rng.uniform(0.2, 0.8) * d, cy + rng.uniform(-0.1, 0.1) * h, cx + rng.choice([-1, 1]) * 0.22 * w)
+        c = (rng.uniform(0.2, 0.8) * d, cy + rng.uniform(-0.1, 0.1) * h, cx + rng.choice([-1, 1]) * 0.2 * w)
         r = rng.uniform(2.0, 6.0)
         nodule = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r * r
         volume[nodule] = 30

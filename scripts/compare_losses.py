@@ -298,6 +298,8 @@ def run_parallel(losses: list[str], args, work: Path) -> None:
     for flag, value in (("--epochs", args.epochs), ("--iters", args.iters)):
         if value:
             base += [flag, str(value)]
+    for pair in args.overrides:
+        base += ["--set", pair]
     pending, running = list(losses), []
     while pending or running:
         while pending and len(running) < max(1, args.jobs):

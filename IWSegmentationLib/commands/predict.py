@@ -71,7 +71,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="auto (fp16 autocast on CUDA, fp32 elsewhere), fp32, fp16 (GPU) or bf16 (opt-in on CPU: "
                         "about 2x faster on CPUs with AVX-512 bf16/AMX, slightly different masks)")
     p.add_argument("--engine", default="auto", choices=ENGINES,
-                   help="auto (frozen for fp32 on the CPU, else eager), frozen (TorchScript + oneDNN, fp32 CPU "
+                   help="auto (frozen for fp32 on the CPU with a narrow net, else eager), frozen (TorchScript + oneDNN, fp32 CPU "
                         "only: up to 2x faster for narrow nets, same outputs within 1e-6) or eager")
     p.add_argument("--no-skip", action="store_true", help="run every window (no background skipping)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
