@@ -307,3 +307,24 @@ def test_command_constants_match_the_library():
 
     assert predict.DEVICES == inference.DEVICES and predict.PRECISIONS == inference.PRECISIONS
     assert predict.ENGINES == inference.ENGINES
+
+
+def test_engines_agree_and_are_reported(tmp_path, checkpoint):
+    """``--engine eager`` and the default (the frozen CPU engine for this narrow net) write the
+    same probabilities, and ``case_done`` says which engine ran."""
+    image, _ = ct_volume()
+    src = tmp_path / "case.nrrd"
+    write_image(src, image, oblique_geometry(image.shape))
+    probs, engines = {}, {}
+    for engine in ("auto", "eager"):
+        out, prob = tmp_path / f"mask_{engine}.nrrd", tmp_path / f"prob_{engine}.nrrd"
+        proc = run_cli("--model", checkpoint, "--input", src, "--output", out, "--probabilities", prob,
+                       "--engine", engine, "--progress-format", "jsonl", "--device", "cpu")
+        assert proc.returncode == 0, proc.stderr
+        engines[engine] = next(e.get("engine") for e in events(proc.stdout) if e.stage == "case_done")
+        probs[engine] = read_image(prob)[0]
+    assert engines == {"auto": "frozen", "eager": "eager"}
+    np.testing.assert_allclose(probs["auto"], probs["eager"], atol=1e-5)
+    proc = run_cli("--model", checkpoint, "--input", src, "--output", tmp_path / "m.nrrd", "--engine", "frozen",
+                   "--precision", "bf16", "--device", "cpu")
+    assert proc.returncode == 2 and "engine 'frozen' runs fp32 on the CPU only" in proc.stderr
