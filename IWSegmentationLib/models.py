@@ -33,6 +33,7 @@ so the parameter count is unchanged.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -51,7 +52,14 @@ PAPER_CONFIG: dict[str, Any] = {
     "channels": [16, 64, 128, 256],
     "blocks_per_level": 2,
     "kernel_size": 3,
+    "norm": "batch",
 }
+
+#: Normalisation layers of the pre-activation units: the paper's ``batch`` (BatchNorm3d), or
+#: ``instance`` (InstanceNorm3d with affine parameters) and ``group`` (GroupNorm, 8 groups or
+#: fewer) whose statistics do not depend on the batch (see docs/results/README.md: BatchNorm at
+#: batch size 2 makes eval-mode outputs depend on the last steps' running averages).
+NORMS = ("batch", "instance", "group")
 
 #: Same topology (3 poolings, stride 8), narrow and shallow: for CPU tests and demos.
 TINY_CONFIG: dict[str, Any] = {
@@ -109,6 +117,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     k = out["kernel_size"]
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k % 2 == 0:
         raise InputError(f"model config 'kernel_size' must be an odd positive int, got {k!r}")
+    if out["norm"] not in NORMS:
+        raise InputError(f"model config 'norm' must be one of {', '.join(NORMS)}, got {out['norm']!r}")
     return out
 
 
@@ -117,12 +127,25 @@ def model_stride(config: dict[str, Any]) -> int:
     return 2 ** (len(validate_config(config)["channels"]) - 1)
 
 
-class PreActivation3d(nn.Sequential):
-    """``BatchNorm3d(in) -> ReLU -> Conv3d(in, out, k, padding=k//2)``."""
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """The normalisation of a pre-activation unit (see :data:`NORMS`)."""
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    raise InputError(f"norm must be one of {', '.join(NORMS)}, got {kind!r}")
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, bias: bool = True):
+
+class PreActivation3d(nn.Sequential):
+    """``Norm(in) -> ReLU -> Conv3d(in, out, k, padding=k//2)``; the norm is BatchNorm3d unless
+    ``norm`` says otherwise."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, bias: bool = True,
+                 norm: str = "batch"):
         super().__init__(
-            nn.BatchNorm3d(in_channels),
+            norm_layer(norm, in_channels),
             nn.ReLU(inplace=True),
             nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias),
         )
@@ -134,11 +157,11 @@ class ResBlock3d(nn.Module):
     The shortcut is the identity when ``in == out`` channels, else a bias-free 1x1x1 conv.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, norm: str = "batch"):
         super().__init__()
         self.conv_path = nn.Sequential(
-            PreActivation3d(in_channels, out_channels, kernel_size, bias=False),
-            PreActivation3d(out_channels, out_channels, kernel_size, bias=False),
+            PreActivation3d(in_channels, out_channels, kernel_size, bias=False, norm=norm),
+            PreActivation3d(out_channels, out_channels, kernel_size, bias=False, norm=norm),
         )
         self.shortcut: nn.Module = (
             nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1, bias=False)
@@ -149,9 +172,9 @@ class ResBlock3d(nn.Module):
         return self.shortcut(x) + self.conv_path(x)
 
 
-def _blocks(widths: list[int], kernel_size: int) -> nn.Sequential:
+def _blocks(widths: list[int], kernel_size: int, norm: str = "batch") -> nn.Sequential:
     """Residual blocks along ``widths``: ``[a, b, c]`` gives ``a->b``, ``b->c``."""
-    return nn.Sequential(*(ResBlock3d(a, b, kernel_size) for a, b in zip(widths[:-1], widths[1:])))
+    return nn.Sequential(*(ResBlock3d(a, b, kernel_size, norm) for a, b in zip(widths[:-1], widths[1:])))
 
 
 class ResidualUNet3D(nn.Module):
@@ -167,27 +190,28 @@ class ResidualUNet3D(nn.Module):
         ch = self.config["channels"]
         b = self.config["blocks_per_level"]
         k = self.config["kernel_size"]
+        norm = self.config["norm"]
         levels = len(ch)
         self.stride = 2 ** (levels - 1)
 
         self.stem = nn.Sequential(
             nn.Conv3d(self.config["in_channels"], ch[0], k, padding=k // 2, bias=False),
-            PreActivation3d(ch[0], ch[0], k),
+            PreActivation3d(ch[0], ch[0], k, norm=norm),
         )
         self.pool = nn.MaxPool3d(2)
         # encoder[i]: level i, input has ch[i-1] channels (ch[0] at level 0)
         self.encoder = nn.ModuleList(
-            _blocks([ch[max(i - 1, 0)]] + [ch[i]] * b, k) for i in range(levels - 1)
+            _blocks([ch[max(i - 1, 0)]] + [ch[i]] * b, k, norm) for i in range(levels - 1)
         )
-        self.bottleneck = _blocks([ch[-2]] + [ch[-1]] * b + [ch[-2]], k)
-        self.skips = nn.ModuleList(PreActivation3d(ch[i], ch[i], 1) for i in range(levels - 1))
+        self.bottleneck = _blocks([ch[-2]] + [ch[-1]] * b + [ch[-2]], k, norm)
+        self.skips = nn.ModuleList(PreActivation3d(ch[i], ch[i], 1, norm=norm) for i in range(levels - 1))
         # decoder[i]: level i, output has ch[i-1] channels (ch[0] at level 0)
         self.decoder = nn.ModuleList(
-            _blocks([ch[i]] * b + [ch[max(i - 1, 0)]], k) for i in range(levels - 1)
+            _blocks([ch[i]] * b + [ch[max(i - 1, 0)]], k, norm) for i in range(levels - 1)
         )
         self.head = nn.Sequential(
-            ResBlock3d(ch[0], ch[0], 1),
-            PreActivation3d(ch[0], self.config["out_channels"], 1),
+            ResBlock3d(ch[0], ch[0], 1, norm),
+            PreActivation3d(ch[0], self.config["out_channels"], 1, norm=norm),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -155,3 +155,38 @@ def test_bad_input_shape_is_a_clear_error():
         model(torch.zeros(1, 8, 8, 8))
     with pytest.raises(InputError, match="input channel"):
         model(torch.zeros(1, 2, 8, 8, 8))
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize("norm", ["instance", "group"])
+def test_batch_independent_norms(norm):
+    """InstanceNorm and GroupNorm have the same 2·C affine parameters per unit as BatchNorm (so
+    the parameter count is unchanged), and their output for one sample does not depend on the
+    other samples of the batch — in training mode too, where BatchNorm's does."""
+    torch.manual_seed(0)
+    config = default_config("tiny", norm=norm)
+    assert count_parameters(build_model(config)) == count_parameters(build_model(default_config("tiny")))
+    x = torch.randn(2, 1, 16, 16, 16)
+    for kind, expect_equal in ((norm, True), ("batch", False)):
+        model = build_model(default_config("tiny", norm=kind)).train()
+        with torch.no_grad():
+            alone, together = model(x[:1]), model(x)[:1]
+        assert torch.allclose(alone, together, atol=1e-5) is expect_equal, kind
+
+
+def test_unknown_norm_is_refused():
+    with pytest.raises(InputError, match="'norm' must be one of batch, instance, group"):
+        default_config("tiny", norm="layer")
+
+
+def test_frozen_engine_with_instance_norm():
+    from IWSegmentationLib.inference import freeze_for_cpu
+
+    torch.manual_seed(0)
+    model = build_model(default_config("tiny", norm="instance")).eval()
+    network = freeze_for_cpu(model)
+    x = torch.randn(2, 1, 24, 16, 16)
+    with torch.inference_mode():
+        assert torch.allclose(network(x), model(x), atol=1e-5)
