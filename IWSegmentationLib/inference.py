@@ -617,15 +617,10 @@ def resolve_engine(engine: str, device: torch.device, precision: str, flops_per_
 
 
 def _flops_per_voxel(model: nn.Module) -> float | None:
-    config = getattr(model, "config", None)
-    if not isinstance(config, Mapping):
-        return None
-    from .models import flops_per_voxel
+    """Convolution FLOPs per voxel of one of our U-Nets, counted on ``model`` itself; else None."""
+    from .models import ResidualUNet3D, network_macs_per_voxel
 
-    try:
-        return flops_per_voxel(dict(config))
-    except Exception:  # not one of our architectures
-        return None
+    return 2.0 * network_macs_per_voxel(model) if isinstance(model, ResidualUNet3D) else None
 
 
 # --------------------------------------------------------------------------- whole volumes

@@ -272,7 +272,11 @@ def macs_per_voxel(config: dict[str, Any]) -> float:
     and additions are not counted (they are < 1% of the work). Padding to the stride is not
     counted either: this is the cost per voxel of a stride-aligned input.
     """
-    model = build_model(config)
+    return network_macs_per_voxel(build_model(config))
+
+
+def network_macs_per_voxel(model: ResidualUNet3D) -> float:
+    """:func:`macs_per_voxel` of an already built network (no second copy is built)."""
     total = 0.0
     levels = {id(m): 0 for m in model.stem.modules()}
     for level, module in enumerate(model.encoder):

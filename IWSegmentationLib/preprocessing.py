@@ -293,6 +293,8 @@ def lung_field(image: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)
     import cc3d
     from scipy import ndimage
 
+    from .lesions import component_sizes
+
     image = np.asarray(image)
     if image.ndim != 3:
         raise InputError(f"lung_field needs a 3D image, got shape {image.shape}")
@@ -304,7 +306,7 @@ def lung_field(image: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)
         return None
     outside = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
                                         labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    voxels = np.asarray(cc3d.statistics(labels)["voxel_counts"])
+    voxels = component_sizes(labels)
     keep = voxels >= min_fraction * labels.size
     keep[outside] = False
     keep[0] = False

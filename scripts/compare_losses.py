@@ -321,20 +321,6 @@ def run_parallel(losses: list[str], args, work: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def _overrides(pairs: list[str], parser: argparse.ArgumentParser) -> dict:
-    """``KEY=VALUE`` pairs as a dict, values parsed as YAML (so ``lr=1e-3`` is a float); the
-    trainer's own config check names any unknown key or bad value when the first run starts."""
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            parser.error(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("compare_output"),
@@ -350,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, help=f"override the iterations per epoch (default {TRAIN['iters_per_epoch']})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training key of the budget for every loss, e.g. --set optimizer=adam "
-                             "--set lr=0.001 (values parsed as YAML; repeatable)")
+                             "--set model.norm=instance (as iwseg train --set: values are YAML; repeatable)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -366,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         settings["epochs"] = args.epochs
     if args.iters:
         settings["iters_per_epoch"] = args.iters
-    settings.update(_overrides(args.overrides, parser))
+    from IWSegmentationLib.errors import InputError
+    from IWSegmentationLib.training import merge_config, parse_overrides
+
+    try:
+        settings = merge_config(settings, parse_overrides(args.overrides))
+    except InputError as exc:
+        parser.error(f"--set: {exc}")
     command = "python scripts/compare_losses.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                        else sys.argv[1:]))
     work = args.work
