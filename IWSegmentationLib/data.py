@@ -47,6 +47,7 @@ from .imageio import (
     read_image,
 )
 from .lesions import label_components
+from .preprocessing import prepare_case, resample_to_geometry
 
 LAYOUTS = ("msd", "lits", "luna16", "plain")
 #: Other spellings accepted for ``layout`` (the trainer's config uses ``luna`` and ``folder``).
@@ -93,13 +94,19 @@ class Case:
 @dataclass
 class CaseVolume:
     """A case in memory: ``image`` float32, ``lesion`` uint8 {0, 1}, ``organ`` uint8 {0, 1} or
-    None, all ``[z, y, x]`` on ``geometry``."""
+    None, all ``[z, y, x]`` on ``geometry``.
+
+    ``preprocessing`` is the preset the image was prepared with by :func:`prepare_volume`
+    (network input), or None while it holds the raw intensities :func:`load_case` read. It
+    makes "prepared exactly once" checkable: :func:`prepare_volume` refuses a prepared case.
+    """
 
     id: str
     image: np.ndarray
     lesion: np.ndarray
     organ: np.ndarray | None
     geometry: Geometry
+    preprocessing: dict | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -219,6 +226,33 @@ def load_case(case: Case, *, dtype=np.float32) -> CaseVolume:
         else:
             organ = np.isin(mask_array, _as_label_values(case.mask_values, mask_array.dtype)).astype(np.uint8)
     return CaseVolume(case.id, image, lesion, organ, geometry)
+
+
+def prepare_volume(volume: CaseVolume, params: Mapping[str, Any]) -> CaseVolume:
+    """A raw case turned into network input by the preprocessing preset ``params``, through
+    :func:`preprocessing.prepare_case`, the function inference uses too; the lesion mask
+    follows a resampling (nearest neighbour). Top-level, so DataLoader workers can pickle it.
+
+    Raises:
+        InputError: naming the case, when its image cannot be prepared.
+        RuntimeError: when ``volume`` is already prepared (a program error: preparing twice
+            re-windows values already in [0, 1] and crushes the contrast).
+    """
+    if volume.preprocessing is not None:
+        raise RuntimeError(f"case {volume.id} is already preprocessed; a case must be prepared exactly once")
+    try:
+        image, geometry, organ = prepare_case(volume.image, volume.geometry, dict(params), volume.organ)
+    except InputError as exc:
+        raise InputError(f"case {volume.id}: {exc}") from None
+    lesion = volume.lesion
+    if geometry != volume.geometry:
+        lesion = resample_to_geometry(lesion, volume.geometry, geometry, is_mask=True)
+    return CaseVolume(volume.id, image, lesion, organ, geometry, preprocessing=dict(params))
+
+
+def load_prepared_case(case: Case, params: Mapping[str, Any]) -> CaseVolume:
+    """:func:`load_case` then :func:`prepare_volume`: a case record as network input."""
+    return prepare_volume(load_case(case), params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,7 +710,8 @@ class PreparedCase:
 class Patch:
     """One training patch: ``image`` float32, ``target`` uint8 {0, 1} and ``labels`` int32
     (the whole-image component ids, cropped — ids need not be contiguous), all of
-    ``patch_size``. ``start`` is the corner in the padded volume; ``lesion`` the id of the
+    ``patch_size``. ``start`` is the corner in the padded volume and ``origin`` the same corner
+    on the case's own grid (negative where the volume was padded); ``lesion`` the id of the
     lesion the patch was centred on (0 for a uniformly placed patch)."""
 
     case: str
@@ -685,6 +720,7 @@ class Patch:
     labels: np.ndarray
     start: tuple[int, int, int]
     lesion: int
+    origin: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def lesion_centred(self) -> bool:
@@ -763,7 +799,8 @@ class PatchSampler:
         start, lesion = self.patch_start(case, rng)
         box = tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))
         labels = case.labels[box].astype(np.int32)
-        return Patch(case.id, case.image[box].copy(), (labels > 0).astype(np.uint8), labels, start, lesion)
+        origin = tuple(int(s - b) for s, b in zip(start, case.pad_before))
+        return Patch(case.id, case.image[box].copy(), (labels > 0).astype(np.uint8), labels, start, lesion, origin)
 
 
 def augment_patch(
@@ -809,7 +846,8 @@ class PatchDataset(IterableDataset):
     Each item is one *batch* (a dict): ``image`` and ``target`` float32 tensors
     ``(B, 1, D, H, W)``, ``labels`` int32 ``(B, 1, D, H, W)`` (cropped whole-image component
     ids, for :func:`~IWSegmentationLib.weights.component_weights`), ``lesion_centred`` bool
-    ``(B,)``, ``case`` (list of ids) and ``step``.
+    ``(B,)``, ``origin`` int64 ``(B, 3)`` (each patch's corner on its case's grid), ``case``
+    (list of ids) and ``step``.
 
     **Determinism.** Batch ``step`` is drawn from its own generator
     ``rng_factory(step)`` (default :func:`default_batch_rng` of ``(seed, rank, step)``): which
@@ -819,9 +857,12 @@ class PatchDataset(IterableDataset):
     the same for any number of workers, and a resumed run (``start_step``) continues it
     exactly. Each rank draws its own stream over all cases.
 
-    **Cache.** Cases are loaded (``loader``, default :func:`load_case`), passed through
-    ``preprocess`` (``CaseVolume -> CaseVolume``, e.g. the intensity preset), labelled and
-    padded once, then kept in memory (at most ``cache_size`` cases, least recently used out;
+    **Cases are used as given.** A :class:`CaseVolume` source is sampled as it is; a
+    :class:`Case` record is turned into one by ``loader`` (default :func:`load_case`; the
+    trainer passes :func:`load_prepared_case`). The dataset never transforms a volume itself,
+    so whoever builds it decides, in one place, how a case is prepared.
+
+    **Cache.** Cases are loaded, labelled and padded once, then kept in memory (at most ``cache_size`` cases, least recently used out;
     None = all; about 5–7 bytes per voxel). Call :meth:`preload` before creating the
     DataLoader: with the ``fork`` start method the workers then share the cached volumes.
 
@@ -841,7 +882,6 @@ class PatchDataset(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        preprocess: Callable[[CaseVolume], CaseVolume] | None = None,
         augment: Callable[[Patch, np.random.Generator], Patch] | None = None,
         transform: Callable[[dict], dict] | None = None,
         loader: Callable[[Case], CaseVolume] = load_case,
@@ -867,7 +907,7 @@ class PatchDataset(IterableDataset):
         self.steps = steps
         self.start_step = start_step
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
-        self.preprocess, self.augment, self.transform, self.loader = preprocess, augment, transform, loader
+        self.augment, self.transform, self.loader = augment, transform, loader
         self.cache_size = cache_size
         self.rng_factory = rng_factory
         self._cache: OrderedDict[int, PreparedCase] = OrderedDict()
@@ -885,8 +925,6 @@ class PatchDataset(IterableDataset):
             return hit
         source = self.cases[index]
         volume = self.loader(source) if isinstance(source, Case) else source
-        if self.preprocess is not None:
-            volume = self.preprocess(volume)
         prepared = self.sampler.prepare(volume.image, volume.lesion, volume.id)
         self._cache[index] = prepared
         if self.cache_size is not None:
@@ -928,6 +966,7 @@ class PatchDataset(IterableDataset):
             "target": torch.from_numpy(np.stack([p.target for p in patches])[:, None].astype(np.float32)),
             "labels": torch.from_numpy(np.stack([p.labels for p in patches])[:, None]),
             "lesion_centred": torch.tensor([p.lesion_centred for p in patches]),
+            "origin": torch.tensor([p.origin for p in patches], dtype=torch.int64),
             "case": [p.case for p in patches],
             "step": step,
         }

@@ -708,23 +708,6 @@ def _tensorboard_tag(key: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_volume(volume, params: Mapping[str, Any]):
-    """A loaded case (``data.CaseVolume``) turned into network input by the preprocessing preset,
-    through the same :func:`preprocessing.prepare_case` inference uses; the lesion mask follows
-    a resampling (nearest neighbour). Top-level, so DataLoader workers can pickle it."""
-    from .data import CaseVolume
-    from .preprocessing import prepare_case, resample_to_geometry
-
-    try:
-        image, geometry, organ = prepare_case(volume.image, volume.geometry, dict(params), volume.organ)
-    except InputError as exc:
-        raise InputError(f"case {volume.id}: {exc}") from None
-    lesion = volume.lesion
-    if geometry != volume.geometry:
-        lesion = resample_to_geometry(lesion, volume.geometry, geometry, is_mask=True)
-    return CaseVolume(volume.id, image, lesion, organ, geometry)
-
-
 class BatchWeights:
     """DataLoader-worker transform of a batch: add the per-patch inverse ``weight`` of iw-* losses.
 
@@ -775,7 +758,7 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
     grid or holds unexpected values, training cases without lesions (``empty_cases: error``)
     or a training split without any lesion at all.
     """
-    from .data import load_case, load_dataset, make_splits, read_splits
+    from .data import load_dataset, load_prepared_case, make_splits, read_splits
 
     if not config.data:
         raise InputError("config key 'data' is required: the dataset folder to train on")
@@ -808,7 +791,7 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
         train_cases = []
         bar = tqdm(train_records, desc="loading training cases", unit="case", disable=not verbose, leave=False)
         for record in bar:
-            volume = prepare_volume(load_case(record), params)
+            volume = load_prepared_case(record, params)
             lesion_counts[record.id] = label_components(volume.lesion, config.connectivity)[1]
             train_cases.append(volume)
         bar.close()
@@ -853,11 +836,21 @@ def make_patch_dataset(config: TrainConfig, cases: Sequence, params: Mapping[str
     """The data module's :class:`~IWSegmentationLib.data.PatchDataset` with this config's sampler,
     augmentation, preprocessing (for lazily loaded cases) and per-patch inverse weights.
 
+    ``cases`` are :class:`~IWSegmentationLib.data.Case` records, prepared with ``params`` when
+    first loaded, or volumes already prepared with ``params`` (:func:`load_training_data`'s
+    in-memory path); a raw volume or one prepared with other parameters is refused, so a case
+    reaches the network prepared exactly once, as :func:`inference.predict_volume` prepares it.
     Batch ``s`` is a pure function of ``(seed, rank, s)``, whatever the number of workers.
     """
     import functools
 
-    from .data import PatchDataset, PatchSampler, augment_patch
+    from .data import CaseVolume, PatchDataset, PatchSampler, augment_patch, load_prepared_case
+
+    for case in cases:
+        if isinstance(case, CaseVolume) and case.preprocessing != dict(params):
+            state = "raw" if case.preprocessing is None else "prepared with other parameters"
+            raise RuntimeError(f"case {case.id} is {state}: the patch dataset takes records or volumes "
+                               "prepared with these parameters (data.prepare_volume)")
 
     sampler = PatchSampler(config.patch_size, lesion_probability=config.lesion_probability,
                            connectivity=config.connectivity)
@@ -869,7 +862,7 @@ def make_patch_dataset(config: TrainConfig, cases: Sequence, params: Mapping[str
         list(cases), sampler,
         batch_size=config.batch_size, steps=steps, start_step=start_step,
         seed=config.seed, rank=rank, world_size=world_size,
-        preprocess=functools.partial(prepare_volume, params=dict(params)),
+        loader=functools.partial(load_prepared_case, params=dict(params)),
         augment=augment,
         transform=BatchWeights(config.inverse_weighted, config.weight_params(), keep_labels),
         cache_size=config.cache_size,

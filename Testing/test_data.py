@@ -442,18 +442,21 @@ def test_patch_dataset_stream_is_independent_of_workers_and_resumable(synth_volu
         make(rank=2, world_size=2)
 
 
-def test_patch_dataset_preprocess_transform_and_cache(synth_volumes, tmp_path):
+def test_patch_dataset_loader_transform_and_cache(synth_volumes, tmp_path):
     calls = []
+    by_id = {v.id: v for v in synth_volumes}
 
-    def preprocess(vol):
-        calls.append(vol.id)
+    def loader(record):
+        calls.append(record.id)
+        vol = by_id[record.id]
         return CaseVolume(vol.id, np.zeros_like(vol.image), vol.lesion, vol.organ, vol.geometry)
 
     def add_weights(batch):
         batch["weight"] = torch.ones_like(batch["image"])
         return batch
 
-    ds = PatchDataset(synth_volumes, PatchSampler((8, 8, 8)), batch_size=4, steps=5, preprocess=preprocess,
+    records = [Case(v.id, tmp_path / f"{v.id}.nii.gz", tmp_path / f"{v.id}_l.nii.gz") for v in synth_volumes]
+    ds = PatchDataset(records, PatchSampler((8, 8, 8)), batch_size=4, steps=5, loader=loader,
                       transform=add_weights, cache_size=1)
     out = list(ds)
     assert all(float(b["image"].abs().max()) == 0.0 and "weight" in b for b in out)

@@ -22,6 +22,7 @@ from IWSegmentationLib.checkpoint import load_checkpoint, read_metadata
 from IWSegmentationLib.cli import main as cli_main
 from IWSegmentationLib.errors import CheckpointError, GeometryMismatchError, InputError
 from IWSegmentationLib.imageio import read_image, write_image
+from IWSegmentationLib.data import prepare_volume
 from IWSegmentationLib.training import (
     LAST_CHECKPOINT,
     RESUME_STATE,
@@ -158,7 +159,8 @@ def test_weights_per_patch_equal_component_weights_of_cropped_labels(tmp_path, m
     whole_counts = np.bincount(whole.ravel())
     config = tiny_config(tmp_path, tmp_path / "out", loss="iw-dice", loss_params={"mode": mode},
                          lesion_probability=1.0, batch_size=4)
-    ds = make_patch_dataset(config, [volume], config.preprocessing_params(), keep_labels=True)
+    params = config.preprocessing_params()
+    ds = make_patch_dataset(config, [prepare_volume(volume, params)], params, keep_labels=True)
     cut_seen = False
     for step in range(6):
         batch = ds.batch(step)
@@ -188,6 +190,7 @@ def test_each_rank_and_step_gets_its_own_patches(tmp_path):
     volume = _volume_with_lesions()
     config = tiny_config(tmp_path, tmp_path / "out")
     params = config.preprocessing_params()
+    volume = prepare_volume(volume, params)
     r0 = make_patch_dataset(config, [volume], params, rank=0, world_size=2)
     r1 = make_patch_dataset(config, [volume], params, rank=1, world_size=2)
     again = make_patch_dataset(config, [volume], params, rank=0, world_size=2)
