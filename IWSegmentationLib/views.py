@@ -46,6 +46,14 @@ PICTURE_MUTED = (160, 160, 160)
 THREE_D_BACKGROUND = (0.0, 0.0, 0.0)
 #: How many of the largest lesions are tried as the point the slice views go through.
 FOCUS_CANDIDATES = 32
+#: Review colours, when a reference is given (Okabe-Ito, distinct from the size colours and
+#: from each other for colour-blind readers): a predicted lesion that overlaps no reference
+#: lesion (false positive), and a reference lesion no prediction hit (missed, outline only).
+REVIEW_COLORS: dict[str, tuple[int, int, int]] = {
+    "FP": (204, 121, 167),  # reddish purple  #CC79A7
+    "FN": (86, 180, 233),  # sky blue  #56B4E9
+}
+REVIEW_LABELS = {"FP": "false positive", "FN": "missed reference lesion"}
 
 
 class OffscreenRenderingError(IWSegError, RuntimeError):
@@ -301,7 +309,8 @@ class LesionPicture:
     boxes of the views in the PNG (right/bottom exclusive); ``counts``: lesions per size group;
     ``focus``: the lesion row (:func:`IWSegmentationLib.mrml.lesion_rows`) the slice views go
     through, or None for an empty mask (then they go through the volume's centre);
-    ``focus_ras``: that point (RAS mm).
+    ``focus_ras``: that point (RAS mm); ``review``: with a reference, the detection counts
+    ``{"TP", "FP", "FN"}`` (TP and FP count predicted lesions, FN reference lesions), else None.
     """
 
     path: Path
@@ -311,6 +320,20 @@ class LesionPicture:
     focus: dict | None
     focus_ras: tuple[float, float, float]
     rows: list[dict] = field(default_factory=list, repr=False)
+    review: dict[str, int] | None = None
+
+
+def _read_mask(path, geometry, image, what: str) -> np.ndarray:
+    """A binary mask on the image's grid; InputError naming the file when it is unusable."""
+    from . import imageio
+
+    labels, mask_geometry = imageio.read_image(path, what=what)
+    imageio.check_same_grid(geometry, mask_geometry, f"image {image}", f"{what} {path}")
+    if not np.all(np.isfinite(labels)):
+        from .errors import InputError
+
+        raise InputError(f"{what} {path} holds NaN or infinite values")
+    return labels != 0
 
 
 def _read_case(image, mask):
@@ -318,13 +341,32 @@ def _read_case(image, mask):
     from . import imageio
 
     volume, geometry = imageio.read_image(image, what="image")
-    labels, mask_geometry = imageio.read_image(mask, what="lesion mask")
-    imageio.check_same_grid(geometry, mask_geometry, f"image {image}", f"lesion mask {mask}")
-    if not np.all(np.isfinite(labels)):
-        from .errors import InputError
+    return volume, _read_mask(mask, geometry, image, "lesion mask"), geometry
 
-        raise InputError(f"lesion mask {mask} holds NaN or infinite values")
-    return volume, labels != 0, geometry
+
+def _show_review(scene, volume_node, segmentation, reference_mask, thresholds) -> tuple[dict, list[dict]]:
+    """Colour the predicted lesions that hit no reference lesion as false positives, and add the
+    reference lesions no prediction hit as outlined segments (the matching of
+    :func:`mrml.match_segmentations`, the paper's rule). Returns the counts and the missed rows."""
+    from . import mrml
+
+    reference = mrml.lesion_segmentation(scene, volume_node, reference_mask, size_thresholds_mm=thresholds,
+                                         name="Reference lesions")
+    match = mrml.match_segmentations(segmentation, reference, volume_node=volume_node, size_thresholds_mm=thresholds)
+    segments = segmentation.GetSegmentation()
+    fp = {d["segment_id"] for d in match.detections if d["status"] == "FP"}
+    for segment_id in fp:
+        segments.GetSegment(segment_id).SetColor(*(c / 255 for c in REVIEW_COLORS["FP"]))
+    missed = [r for r in match.references if r["status"] == "FN"]
+    missed_ids = {r["segment_id"] for r in missed}
+    display = reference.GetDisplayNode()
+    display.SetOpacity2DFill(0.0)  # outline only: a miss is drawn around, not over, the tissue
+    display.SetOpacity3D(0.6)
+    for segment_id in mrml._segment_ids(reference):
+        display.SetSegmentVisibility(segment_id, segment_id in missed_ids)
+        reference.GetSegmentation().GetSegment(segment_id).SetColor(*(c / 255 for c in REVIEW_COLORS["FN"]))
+    counts = {"TP": len({d["segment_id"] for d in match.detections} - fp), "FP": len(fp), "FN": len(missed)}
+    return counts, missed
 
 
 def _choose_focus(view: SliceView, rows: list[dict], labels: np.ndarray, ijk_to_ras: np.ndarray) -> dict | None:
@@ -350,6 +392,7 @@ def render_lesions_png(
     view_size: Sequence[int] = (360, 360),
     window_level: tuple[float, float] | None = None,
     title: str | None = None,
+    reference: str | os.PathLike | None = None,
 ) -> LesionPicture:
     """Render an image and its predicted lesion mask, lesions coloured by size group, to one PNG.
 
@@ -362,6 +405,11 @@ def render_lesions_png(
     lesions' 3D surfaces seen from the front; a title with the lesion counts above, and the
     size legend (with the thresholds used and the count per group) below.
 
+    With a ``reference`` mask the picture is a review: predicted lesions that overlap no
+    reference lesion are drawn in the false-positive colour, reference lesions that no
+    prediction hit are outlined in the "missed" colour (:data:`REVIEW_COLORS`), the title
+    gives the TP/FP/missed counts and the legend names both colours.
+
     Args:
         image: the scalar volume (NIfTI, NRRD, ...).
         mask: the lesion mask on the image's voxel grid; nonzero = lesion.
@@ -371,6 +419,7 @@ def render_lesions_png(
         view_size: ``(width, height)`` of each of the four views, pixels.
         window_level: display window and level of the image; None = Slicer's automatic one.
         title: the title line (default: the image's case name).
+        reference: an optional reference lesion mask on the image's grid; nonzero = lesion.
 
     Raises :class:`~IWSegmentationLib.errors.InputError` naming the file for a missing or
     unreadable input, or a mask on another grid, and :class:`OffscreenRenderingError` when
@@ -389,6 +438,7 @@ def render_lesions_png(
         raise InputError(f"view_size must be (width, height) between 64 and 4096 pixels, got {tuple(view_size)}")
     thresholds = size_thresholds(None if size_thresholds_mm else size_preset, size_thresholds_mm)
     volume, lesion_mask, geometry = _read_case(image, mask)
+    reference_mask = None if reference is None else _read_mask(reference, geometry, image, "reference mask")
     probe_offscreen()
 
     scene, app_logic = mrml.headless_scene()
@@ -399,6 +449,8 @@ def render_lesions_png(
         display.SetWindowLevel(float(window_level[0]), float(window_level[1]))
     segmentation = mrml.lesion_segmentation(scene, volume_node, lesion_mask, size_thresholds_mm=thresholds)
     rows = mrml.lesion_rows(segmentation)
+    review, missed = (None, []) if reference_mask is None else _show_review(
+        scene, volume_node, segmentation, reference_mask, thresholds)
     labels = mrml.labelmap_on_volume_grid(segmentation, volume_node)
     ijk_to_ras = mrml.ijk_to_ras_matrix(geometry)
 
@@ -406,7 +458,7 @@ def render_lesions_png(
               for name, layout in (("axial", "Red"), ("coronal", "Green"), ("sagittal", "Yellow"))}
     for view in slices.values():
         view.show(volume_node)
-    focus = _choose_focus(slices["axial"], rows, labels, ijk_to_ras)
+    focus = _choose_focus(slices["axial"], rows, labels, ijk_to_ras) or (missed[0] if missed else None)
     center_ijk = (np.array(geometry.shape_zyx[::-1], float) - 1) / 2
     focus_ras = tuple(focus["center_ras"]) if focus else tuple((ijk_to_ras @ np.r_[center_ijk, 1.0])[:3])
     shots = {}
@@ -422,10 +474,11 @@ def render_lesions_png(
 
     counts = {group: sum(1 for row in rows if row["size_group"] == group) for group in SIZE_GROUPS}
     picture, panels = _compose(shots, counts, thresholds, size_preset if not size_thresholds_mm else None,
-                               title or imageio.case_name(image), focus)
+                               title or imageio.case_name(image), focus, review)
     with imageio.atomic_output(output) as tmp:
         picture.save(tmp, format="PNG")
-    return LesionPicture(output, picture.size, panels, counts, focus, tuple(float(v) for v in focus_ras), rows)
+    return LesionPicture(output, picture.size, panels, counts, focus, tuple(float(v) for v in focus_ras), rows,
+                         review)
 
 
 # ---------------------------------------------------------------------------- composing the PNG
@@ -452,12 +505,13 @@ def _font(size: int):
     return ImageFont.load_default(size=size)
 
 
-def _compose(shots, counts, thresholds, preset, title, focus):
+def _compose(shots, counts, thresholds, preset, title, focus, review=None):
     """Lay the views out in a row under a title, over the legend. Returns (PIL image, panel boxes).
 
-    Header: the title, the lesion counts, the slices' lesion, then each view's name above it;
-    footer: the legend swatches (with the thresholds and counts), then a note (on the same line
-    when it fits, else on the next).
+    Header: the title, the lesion counts (and, with a ``review``, the TP/FP/missed counts), the
+    slices' lesion, then each view's name above it; footer: the legend swatches (with the
+    thresholds and counts, then the review colours), then a note (on the same line when it
+    fits, else on the next).
     """
     from PIL import Image, ImageDraw
 
@@ -469,20 +523,32 @@ def _compose(shots, counts, thresholds, preset, title, focus):
     ranges = {"small": f"d < {thresholds.small_mm:g} mm",
               "medium": f"{thresholds.small_mm:g} ≤ d < {thresholds.large_mm:g} mm",
               "large": f"d ≥ {thresholds.large_mm:g} mm"}
-    legend = [(group, f"{group}  {ranges[group]}  ({counts[group]})") for group in SIZE_GROUPS]
+    legend = [(SIZE_GROUP_COLORS[group], f"{group}  {ranges[group]}  ({counts[group]})") for group in SIZE_GROUPS]
+    if review is not None:
+        legend += [(REVIEW_COLORS[k], f"{REVIEW_LABELS[k]} ({review[k]})") for k in ("FP", "FN")]
     note = ("d: equivalent diameter" + (f", {preset} preset" if preset else "")
             + " · rendered by 3D Slicer (slicer-core)")
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    legend_width = sum(56 + int(measure.textlength(text, font=small)) for _, text in legend)
+    # swatches fill lines left to right; the note goes at the end of the last one when it fits
+    places, x, row = [], margin, 0
+    for colour, text in legend:
+        item = 56 + int(measure.textlength(text, font=small))
+        if x > margin and x + item - 28 > width - margin:
+            x, row = margin, row + 1
+        places.append((x, row, colour, text))
+        x += item
     note_width = int(measure.textlength(note, font=small))
-    one_line = margin + legend_width + note_width <= width - margin
-    height = header + h + 16 + line * (1 if one_line else 2) + 12
+    one_line = x + note_width <= width - margin
+    lines = row + 1 + (0 if one_line else 1)
+    height = header + h + 16 + line * lines + 12
 
     picture = Image.new("RGB", (width, height), PICTURE_BACKGROUND)
     draw = ImageDraw.Draw(picture)
     total = sum(counts.values())
     summary = (f"{total} lesion{'s' if total != 1 else ''}: "
                + " · ".join(f"{counts[g]} {g}" for g in SIZE_GROUPS) if total else "no lesions found")
+    if review is not None:
+        summary += f"  ·  vs reference: {review['TP']} TP, {review['FP']} FP, {review['FN']} missed"
     if focus is not None:
         summary += f"  —  slices through {focus['name']}"
     draw.text((margin, 8), title, fill=PICTURE_TEXT, font=big)
@@ -500,11 +566,12 @@ def _compose(shots, counts, thresholds, preset, title, focus):
         draw.text((x0 + w // 2, header + 5), letters["top"], fill=PICTURE_TEXT, anchor="mt", **label)
         draw.text((x0 + w // 2, header + h - 5), letters["bottom"], fill=PICTURE_TEXT, anchor="mb", **label)
 
-    x, y = margin, header + h + 16
-    for group, text in legend:
-        draw.rectangle((x, y, x + 20, y + 16), fill=SIZE_GROUP_COLORS[group])
+    top = header + h + 16
+    for x, row, colour, text in places:
+        y = top + row * line
+        draw.rectangle((x, y, x + 20, y + 16), fill=colour)
         draw.text((x + 28, y), text, fill=PICTURE_TEXT, font=small)
-        x += 56 + int(draw.textlength(text, font=small))
-    note_xy = (width - margin - note_width, y + 1) if one_line else (margin, y + line + 1)
+    last = top + (lines - 1) * line
+    note_xy = (width - margin - note_width, last + 1) if one_line else (margin, last + 1)
     draw.text(note_xy, note, fill=PICTURE_MUTED, font=small)
     return picture, panels

@@ -98,6 +98,45 @@ def test_picture_shows_lesions_in_their_size_colours(renderer_ready, tmp_path, o
     shutil.copyfile(out, output_dir / "lesions_by_size_synthetic.png")
 
 
+FP_CENTER, FP_RADIUS = (24, 32, 50), 3.0
+
+
+@pytest.mark.slicer
+def test_review_picture_shows_false_positives_and_misses(renderer_ready, tmp_path, output_dir):
+    """Reference: the large and the small sphere. Prediction: the large sphere (a TP, kept in its
+    size colour) and a sphere at x = 50 that no reference lesion overlaps (an FP). The small
+    sphere is missed. All three lie on slice z = 24, so the axial view shows, left to right
+    (radiological: low x on the left), the TP's blue, the FP's purple and the miss's sky-blue
+    outline, and no vermillion (the small lesion was not predicted)."""
+    from PIL import Image
+
+    reference = _sphere(LARGE_CENTER, LARGE_RADIUS) | _sphere(SMALL_CENTER, SMALL_RADIUS)
+    predicted = _sphere(LARGE_CENTER, LARGE_RADIUS) | _sphere(FP_CENTER, FP_RADIUS)
+    image_path, mask_path = _write_case(tmp_path, predicted)
+    ref_path = imageio.write_image(tmp_path / "case_001_ref.nii.gz", reference.astype(np.uint8),
+                                   imageio.Geometry.identity(SHAPE))
+    out = tmp_path / "review.png"
+    picture = views.render_lesions_png(image_path, mask_path, out, "lung", view_size=VIEW, reference=ref_path)
+    assert picture.review == {"TP": 1, "FP": 1, "FN": 1}
+    assert picture.counts == {"small": 1, "medium": 0, "large": 1}  # the predicted lesions, by size
+    rgb = np.asarray(Image.open(out).convert("RGB"))
+    axial = _panel(picture, rgb, "axial")
+
+    def pure(colour):
+        return np.abs(axial - np.array(colour)).max(axis=-1) <= 3
+
+    tp, fp, fn = pure(SIZE_GROUP_COLORS["large"]), pure(views.REVIEW_COLORS["FP"]), pure(views.REVIEW_COLORS["FN"])
+    assert tp.sum() > 20 and fp.sum() > 5 and fn.sum() > 5, (tp.sum(), fp.sum(), fn.sum())
+    assert not _pure(axial, "small").any()
+    cols = np.indices(tp.shape)[1]
+    assert cols[tp].mean() < cols[fp].mean() < cols[fn].mean()
+    # the legend names both review colours: their swatches are drawn below the views
+    below = rgb[picture.panels["axial"][3]:].astype(int)
+    for colour in views.REVIEW_COLORS.values():
+        assert (np.abs(below - np.array(colour)).max(axis=-1) == 0).sum() >= 20 * 16
+    shutil.copyfile(out, output_dir / "lesions_review_synthetic.png")
+
+
 @pytest.mark.slicer
 def test_empty_mask_gives_a_picture_without_lesion_colour(renderer_ready, tmp_path):
     from PIL import Image

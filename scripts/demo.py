@@ -125,7 +125,8 @@ def run_cli(argv: list[str]) -> None:
 
 
 def render(out: Path, heldout: Path) -> Path | None:
-    """A picture of the first held-out case's predicted lesions coloured by size group
+    """A review picture of the first held-out case: predicted lesions coloured by size group,
+    false positives and missed reference lesions in their own colours
     (:func:`IWSegmentationLib.views.render_lesions_png`: Slicer's views rendered offscreen with
     slicer-core), or None when it cannot be made here (the reason is printed)."""
     from IWSegmentationLib.views import render_lesions_png
@@ -138,7 +139,8 @@ def render(out: Path, heldout: Path) -> Path | None:
     try:
         render_lesions_png(image=images[0], mask=out / "masks" / case, output=png,
                            size_preset=TRAIN_SETTINGS["size_preset"], window_level=LUNG_WINDOW,
-                           title=f"{case}: predicted lesions by size (held-out case)")
+                           reference=heldout / "labelsTr" / case,
+                           title=f"{case}: predicted lesions by size, against the reference (held-out case)")
     except Exception as exc:  # rendering is a bonus: report and go on
         print(f"  skipped: {exc}")
         return None
