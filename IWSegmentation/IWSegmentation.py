@@ -1,9 +1,9 @@
 """IWSegmentation: lesion segmentation with inverse-weighted 3D U-Nets, one segment per lesion.
 
 A thin 3D Slicer scripted module: Qt widgets, the parameter node and the wiring. The work is
-done elsewhere: inference in a separate backend process (``IWSegmentationLib.process``, which
+done elsewhere: inference in a separate backend process (``IWSegmentationLib.slicer.process``, which
 runs ``PythonSlicer -m IWSegmentationLib predict``), the texts and rows of the panel in
-``IWSegmentationLib.panel`` and the scene building in ``IWSegmentationLib.mrml``; all three are
+``IWSegmentationLib.slicer.panel`` and the scene building in ``IWSegmentationLib.slicer.mrml``; all three are
 tested without Slicer. See docs/module.md.
 """
 
@@ -28,7 +28,9 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from IWSegmentationLib import errors, lesions, panel, process, slicer_logic
+from IWSegmentationLib.core import errors, lesions
+from IWSegmentationLib.slicer import logic as slicer_logic
+from IWSegmentationLib.slicer import panel, process
 
 #: Device choices shown in the panel -> ``iwseg predict --device`` values.
 DEVICES = {"Auto": "auto", "CUDA": "cuda", "CPU": "cpu"}
@@ -243,7 +245,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class IWSegmentationLogic(ScriptedLoadableModuleLogic):
-    """Adapts the parameter node to ``IWSegmentationLib.slicer_logic`` (Qt-free, tested with slicer-core)."""
+    """Adapts the parameter node to ``IWSegmentationLib.slicer.logic`` (Qt-free, tested with slicer-core)."""
 
     def __init__(self, python=None):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -271,7 +273,7 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def start(self, parameters, onProgress=None, onFinished=None):
         """Install missing dependencies (first use), then start the backend; returns the running run."""
-        from IWSegmentationLib import slicer_deps
+        from IWSegmentationLib.slicer import deps as slicer_deps
 
         process.PredictParameters(parameters.checkpointPath).validate()
         slicer_deps.ensure_in_slicer()
@@ -310,7 +312,7 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
     def test_KnownAnswer(self):
         import numpy as np
 
-        from IWSegmentationLib import phantom
+        from IWSegmentationLib.testing import phantom
 
         self.delayDisplay("Known-answer segmentation of a phantom")
         case = phantom.phantom_case(spacing=(1.5, 0.9, 0.8))

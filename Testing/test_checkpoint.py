@@ -20,20 +20,22 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from IWSegmentationLib import __version__
-from IWSegmentationLib.checkpoint import (
+from IWSegmentationLib.core.errors import CheckpointError, InputError
+from IWSegmentationLib.core.lesions import SIZE_PRESETS
+from IWSegmentationLib.nn.checkpoint import (
     FORMAT_VERSION,
-    capture_rng_state,
     load_checkpoint,
-    load_training_state,
     read_metadata,
-    restore_rng_state,
     save_checkpoint,
-    save_training_state,
     weights_sha256,
 )
-from IWSegmentationLib.errors import CheckpointError, InputError
-from IWSegmentationLib.lesions import SIZE_PRESETS
-from IWSegmentationLib.models import SMALL_CONFIG, TINY_CONFIG, build_model
+from IWSegmentationLib.nn.training_state import (
+    capture_rng_state,
+    load_training_state,
+    restore_rng_state,
+    save_training_state,
+)
+from IWSegmentationLib.nn.unet import SMALL_CONFIG, TINY_CONFIG, build_model
 from IWSegmentationLib.preprocessing import get_preset
 
 
@@ -108,12 +110,12 @@ def test_metadata_round_trip(saved):
 
 def test_inspect_command_prints_card_and_fails_cleanly(saved, tmp_path):
     path, _ = saved
-    cmd = [sys.executable, "-m", "IWSegmentationLib.checkpoint"]
+    cmd = [sys.executable, "-m", "IWSegmentationLib.nn"]
     done = subprocess.run([*cmd, str(path), "--verify"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["architecture"]["channels"] == [4, 8, 16, 32]
     # reading a model card needs neither torch nor the weights (the Slicer GUI shows it)
-    probe = ("import sys, IWSegmentationLib.checkpoint as c; "
+    probe = ("import sys, IWSegmentationLib.nn as c; "
              f"c.read_metadata({str(path)!r}); print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
@@ -187,7 +189,7 @@ def _rewrite_header(path: Path, edit) -> None:
     """Rewrite a safetensors file with ``edit(metadata_dict)`` applied to its ``__metadata__``."""
     from safetensors.torch import load_file
 
-    from IWSegmentationLib.checkpoint import read_header
+    from IWSegmentationLib.nn.checkpoint import read_header
 
     meta = read_header(path)["__metadata__"]
     tensors = load_file(str(path))

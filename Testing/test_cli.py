@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-from IWSegmentationLib.checkpoint import save_checkpoint
-from IWSegmentationLib.models import build_model, default_config
+from IWSegmentationLib.nn.checkpoint import save_checkpoint
+from IWSegmentationLib.nn.unet import build_model, default_config
 from IWSegmentationLib.preprocessing import get_preset
 
 

@@ -16,6 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from IWSegmentationLib.core.errors import GeometryMismatchError, InputError
+from IWSegmentationLib.core.imageio import Geometry
+from IWSegmentationLib.core.lesions import label_components
 from IWSegmentationLib.data import (
     Case,
     CaseVolume,
@@ -32,10 +35,7 @@ from IWSegmentationLib.data import (
     read_splits,
     write_splits,
 )
-from IWSegmentationLib.errors import GeometryMismatchError, InputError
-from IWSegmentationLib.imageio import Geometry
-from IWSegmentationLib.lesions import label_components
-from IWSegmentationLib.synth import generate_case
+from IWSegmentationLib.data.synth import generate_case
 
 SHAPE = (6, 8, 10)
 

@@ -21,7 +21,7 @@ def test_demo_quick_writes_every_output(tmp_path):
     proc = run_in_group(cmd, timeout=600)  # a timeout also kills the DataLoader worker
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    from IWSegmentationLib.checkpoint import load_checkpoint
+    from IWSegmentationLib.nn.checkpoint import load_checkpoint
 
     _, card = load_checkpoint(out / "model.safetensors")
     assert card["loss"]["name"] == "iw-dice" and card["preprocessing"]["name"] == "ct-lung"

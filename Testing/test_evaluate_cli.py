@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 from test_metrics import hand_case_arrays  # Testing/ is on sys.path (pytest rootdir, no __init__.py)
 
-from IWSegmentationLib.imageio import read_image, write_image
+from IWSegmentationLib.core.imageio import read_image, write_image
 
 
 def write(path: Path, array: np.ndarray, spacing_xyz=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> Path:

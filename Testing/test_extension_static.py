@@ -3,9 +3,10 @@
 The real Slicer application cannot be installed on this project's machines, so what can be
 checked without it is checked here, in plain Python:
 
-* every file the CMake lists name exists, and every ``.py`` file of ``IWSegmentationLib`` is
-  shipped (listed) — a new engine module fails this test until it is added to
-  ``IWSegmentation/CMakeLists.txt``;
+* the CMake file ships whole engine folders: every sub-package of ``IWSegmentationLib`` is named
+  either as shipped or as not shipped (a new folder fails this test until it is placed), and no
+  shipped file imports a folder that is not shipped (except the ``iwseg`` commands the shipped CLI
+  leaves out);
 * configuring the extension against a stand-in ``Slicer`` CMake package that copies files
   exactly as Slicer's ``slicerMacroBuildScriptedModule`` / ``ctkMacroCompilePythonScript`` do
   puts the module, its resources and the whole engine package where Slicer loads them, and
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from IWSegmentationLib.lesions import SIZE_GROUP_COLORS, SIZE_GROUPS
+from IWSegmentationLib.core.lesions import SIZE_GROUP_COLORS, SIZE_GROUPS
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_CMAKE = ROOT / "CMakeLists.txt"
@@ -59,12 +60,25 @@ def cmake_set(path: Path, name: str) -> list[str]:
     return [a.strip('"') for a in re.findall(r'"[^"]*"|\S+', match.group(1))]
 
 
+def shipped_folders() -> list[str]:
+    return cmake_set(MODULE_CMAKE, "IWSEG_LIB_SHIPPED_FOLDERS")
+
+
+def not_shipped_folders() -> list[str]:
+    return cmake_set(MODULE_CMAKE, "IWSEG_LIB_NOT_SHIPPED_FOLDERS")
+
+
 def shipped_lib_files() -> list[str]:
-    return cmake_set(MODULE_CMAKE, "IWSEG_LIB_PYTHON_SCRIPTS")
+    """What the CMake globs ship: the package's top-level files and every .py of each shipped folder."""
+    files = [p.name for p in LIB_DIR.glob("*.py")]
+    for folder in shipped_folders():
+        files += [p.relative_to(LIB_DIR).as_posix() for p in (LIB_DIR / folder).glob("*.py")]
+    return sorted(files)
 
 
-def lib_python_files() -> list[str]:
-    return sorted(p.relative_to(LIB_DIR).as_posix() for p in LIB_DIR.rglob("*.py") if "__pycache__" not in p.parts)
+def lib_folders() -> list[str]:
+    return sorted(p.parent.relative_to(LIB_DIR).as_posix() for p in LIB_DIR.rglob("__init__.py")
+                  if p.parent != LIB_DIR)
 
 
 def test_extension_metadata_follows_the_template():
@@ -118,14 +132,51 @@ def test_every_file_the_module_cmake_lists_exists():
     assert not missing, "IWSegmentation/CMakeLists.txt lists files that do not exist: " + ", ".join(missing)
 
 
-def test_every_engine_module_is_shipped():
-    listed = shipped_lib_files()
-    assert len(listed) == len(set(listed)), "IWSEG_LIB_PYTHON_SCRIPTS lists a file twice"
-    unlisted = sorted(set(lib_python_files()) - set(listed))
-    assert not unlisted, (
-        "IWSegmentationLib files the extension does not ship; add these lines to IWSEG_LIB_PYTHON_SCRIPTS "
-        "in IWSegmentation/CMakeLists.txt:\n" + "\n".join(f"  {f}" for f in unlisted)
+def test_every_engine_folder_is_placed_once():
+    shipped, not_shipped = shipped_folders(), not_shipped_folders()
+    assert not set(shipped) & set(not_shipped), "a folder is both shipped and not shipped"
+    unplaced = sorted(set(lib_folders()) - set(shipped) - set(not_shipped))
+    assert not unplaced, (
+        "IWSegmentationLib folders IWSegmentation/CMakeLists.txt does not place; add each to "
+        "IWSEG_LIB_SHIPPED_FOLDERS or IWSEG_LIB_NOT_SHIPPED_FOLDERS:\n" + "\n".join(f"  {f}" for f in unplaced)
     )
+    assert {"training", "data"} <= set(not_shipped), "the module never trains: training/ and data/ stay out"
+    assert not (set(shipped) | set(not_shipped)) - set(lib_folders()), "CMake names a folder that does not exist"
+
+
+#: Shipped files that may import a folder the extension does not ship: the ``iwseg`` commands the
+#: shipped CLI leaves out (cli/main.py skips a command whose engine folder is missing).
+COMMANDS_NOT_SHIPPED = {"cli/commands/train.py", "cli/commands/synth.py"}
+
+
+def _imported_folders(path: Path) -> set[str]:
+    """The engine folders a file imports (at any depth, lazy imports included)."""
+    tree = ast.parse(path.read_text())
+    package = path.relative_to(LIB_DIR).parent.parts
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(package[: len(package) - node.level + 1])
+                parts = base + (node.module.split(".") if node.module else [])
+            elif (node.module or "").startswith("IWSegmentationLib."):
+                parts = node.module.split(".")[1:]
+            else:
+                continue
+            if parts:
+                found.add(parts[0])
+    return found
+
+
+def test_shipped_files_import_only_shipped_folders():
+    top = {f.split("/")[0] for f in shipped_folders()}
+    bad = []
+    for rel in shipped_lib_files():
+        if rel in COMMANDS_NOT_SHIPPED:
+            continue
+        missing = {f for f in _imported_folders(LIB_DIR / rel) if (LIB_DIR / f).is_dir() and f not in top}
+        bad += [f"{rel} imports {f}/" for f in sorted(missing)]
+    assert not bad, "shipped files need folders the extension does not ship:\n" + "\n".join(bad)
 
 
 def test_the_module_test_is_registered_with_ctest():
@@ -215,7 +266,7 @@ def test_shipped_engine_runs_from_the_module_folder(configured_extension, tmp_pa
     _, modules = configured_extension
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(modules)
-    code = "import IWSegmentationLib, IWSegmentationLib.process, IWSegmentationLib.panel; print(IWSegmentationLib.__file__)"
+    code = "import IWSegmentationLib, IWSegmentationLib.slicer.process, IWSegmentationLib.slicer.panel; print(IWSegmentationLib.__file__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -224,6 +275,14 @@ def test_shipped_engine_runs_from_the_module_folder(configured_extension, tmp_pa
                               cwd=modules, env=env, timeout=120)
     assert help_out.returncode == 0, help_out.stderr
     assert "predict" in help_out.stdout
+    # the venv's editable install of this repository would lend the shipped copy its missing folders
+    # (its finder serves any IWSegmentationLib.* that the path does not have): drop it, as Slicer has none
+    shipped_only = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path "
+                    "if 'editable' not in (getattr(f, '__module__', '') or '').lower()]; "
+                    "sys.argv = ['iwseg', 'train', '--help']; runpy.run_module('IWSegmentationLib', run_name='__main__')")
+    train_out = subprocess.run([sys.executable, "-c", shipped_only], capture_output=True,
+                               text=True, cwd=modules, env=env, timeout=120)
+    assert train_out.returncode == 2 and "invalid choice: 'train'" in train_out.stderr, "training/ is not shipped"
 
 
 # ---------------------------------------------------------------------------- the .ui file and the module
@@ -308,7 +367,7 @@ def test_module_file_stays_thin_and_follows_the_current_template():
 
 
 def test_device_choices_match_the_backend():
-    from IWSegmentationLib.process import DEVICES
+    from IWSegmentationLib.slicer.process import DEVICES
 
     match = re.search(r"^DEVICES = (\{.*?\})$", MODULE_PY.read_text(), re.M)
     choices = ast.literal_eval(match.group(1))
@@ -345,7 +404,7 @@ def test_legend_colours_are_the_segment_palette():
         for row, group in enumerate(SIZE_GROUPS):
             assert rgb.getpixel(make_icons.swatch_center(row)) == SIZE_GROUP_COLORS[group], group
     # and the panel's legend (rich text) shows the same colours, in the same order
-    from IWSegmentationLib.panel import legend_html
+    from IWSegmentationLib.slicer.panel import legend_html
 
     html = re.findall(r"background-color:#([0-9A-F]{6})", legend_html())
     assert html == [f"{r:02X}{g:02X}{b:02X}" for r, g, b in (SIZE_GROUP_COLORS[g] for g in SIZE_GROUPS)]

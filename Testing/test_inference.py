@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from IWSegmentationLib.errors import Cancelled, InputError
+from IWSegmentationLib.core.errors import Cancelled, InputError
 from IWSegmentationLib.inference import (
     InferenceStats,
     foreground_windows,
@@ -180,12 +180,12 @@ def test_empty_foreground_runs_nothing():
 
 
 def test_small_slabs_give_the_same_result(monkeypatch):
-    import IWSegmentationLib.inference as inference
+    import IWSegmentationLib.inference.sliding_window as sliding_window
 
     net = conv_net(out_channels=1)
     image = torch.randn(25, 16, 17, generator=torch.Generator().manual_seed(4))
     big = sliding_window_inference(image, net, (9, 8, 8), overlap=0.5)
-    monkeypatch.setattr(inference, "_SLAB_VOXELS", 16 * 17 * 3)  # 3-slice slabs, not aligned with windows
+    monkeypatch.setattr(sliding_window, "_SLAB_VOXELS", 16 * 17 * 3)  # 3-slice slabs, not aligned with windows
     small = sliding_window_inference(image, net, (9, 8, 8), overlap=0.5)
     assert torch.equal(big, small)
 
@@ -279,8 +279,8 @@ def test_bad_arguments(kwargs, match):
 def test_predict_volume_resamples_back_and_skips():
     """predict_volume with a target spacing works on the coarse grid and returns the input grid;
     the body threshold (-900 HU for ct-lung) skips the air windows, which get probability 0."""
-    from IWSegmentationLib.imageio import Geometry
-    from IWSegmentationLib.models import build_model, default_config
+    from IWSegmentationLib.core.imageio import Geometry
+    from IWSegmentationLib.nn.unet import build_model, default_config
     from IWSegmentationLib.preprocessing import get_preset
 
     torch.manual_seed(0)
@@ -307,7 +307,7 @@ def test_predict_volume_resamples_back_and_skips():
 def unet_with_running_stats(size: str = "tiny", seed: int = 0) -> torch.nn.Module:
     """A U-Net in eval mode whose BatchNorms have non-trivial running statistics, so that folding
     them into the convolutions (what the frozen engine does) changes the arithmetic for real."""
-    from IWSegmentationLib.models import build_model, default_config
+    from IWSegmentationLib.nn.unet import build_model, default_config
 
     torch.manual_seed(seed)
     model = build_model(default_config(size)).eval()

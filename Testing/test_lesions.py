@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from IWSegmentationLib.errors import InputError
-from IWSegmentationLib.lesions import (
+from IWSegmentationLib.core.errors import InputError
+from IWSegmentationLib.core.lesions import (
     SIZE_PRESETS,
     SizeThresholds,
     analyze_lesions,

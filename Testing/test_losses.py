@@ -16,9 +16,9 @@ import math
 import pytest
 import torch
 
-from IWSegmentationLib.errors import InputError
-from IWSegmentationLib.losses import LOSS_NAMES, get_loss, loss_parameters
-from IWSegmentationLib.weights import inverse_weights
+from IWSegmentationLib.core.errors import InputError
+from IWSegmentationLib.core.weights import inverse_weights
+from IWSegmentationLib.nn.losses import LOSS_NAMES, get_loss, loss_parameters
 
 SHAPE = (1, 1, 2, 2, 2)
 X = torch.tensor([2, -1, 0.5, -3, 1, 0, -2, 3.0]).view(SHAPE)

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from IWSegmentationLib.errors import InputError
-from IWSegmentationLib.lesions import SizeThresholds
-from IWSegmentationLib.metrics import (
+from IWSegmentationLib.core.errors import InputError
+from IWSegmentationLib.core.lesions import SizeThresholds
+from IWSegmentationLib.evaluation import (
     CPM_FP_RATES,
     avg_recall,
     bootstrap,
@@ -204,7 +204,7 @@ def test_binary_prediction_is_one_operating_point():
 
 
 def test_clinical_label_against_itself_is_perfect(clinical_data):
-    from IWSegmentationLib.imageio import read_image
+    from IWSegmentationLib.core.imageio import read_image
 
     ref, geom = read_image(clinical_data / "lung1_label.nrrd")
     case = match_case(ref.astype(np.float32), ref, geom.spacing_zyx, case="lung1")

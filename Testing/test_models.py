@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from IWSegmentationLib.errors import InputError
-from IWSegmentationLib.models import (
+from IWSegmentationLib.core.errors import InputError
+from IWSegmentationLib.nn.unet import (
     PAPER_CONFIG,
     TINY_CONFIG,
     build_model,

@@ -1,4 +1,4 @@
-"""IWSegmentationLib.mrml with Slicer's real MRML (the ``slicer-core`` wheel, no Qt).
+"""IWSegmentationLib.slicer.mrml with Slicer's real MRML (the ``slicer-core`` wheel, no Qt).
 
 What is checked, and against what (never against mrml's own code):
 
@@ -24,8 +24,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from IWSegmentationLib import imageio, lesions, metrics, mrml
-from IWSegmentationLib.errors import GeometryMismatchError, InputError
+from IWSegmentationLib import evaluation as metrics
+from IWSegmentationLib.core import imageio, lesions
+from IWSegmentationLib.core.errors import GeometryMismatchError, InputError
+from IWSegmentationLib.slicer import mrml
 
 
 def _rotation(angle_z: float, angle_x: float = 0.0) -> np.ndarray:
@@ -47,7 +49,7 @@ OBLIQUE = imageio.Geometry(
 
 def test_module_imports_without_slicer():
     # mrml imports slicer lazily: with `slicer` made unimportable the module still loads.
-    code = "import sys; sys.modules['slicer'] = None; import IWSegmentationLib.mrml as m; print(m.LABELMAP)"
+    code = "import sys; sys.modules['slicer'] = None; import IWSegmentationLib.slicer.mrml as m; print(m.LABELMAP)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "Binary labelmap"
@@ -394,7 +396,8 @@ def test_dice_table_node(scene, slicer):
 @needs_slicer
 def test_load_prediction_phantom_known_answer(scene, slicer):
     # The module's known-answer case without the backend: the prediction is the reference.
-    from IWSegmentationLib import panel, phantom
+    from IWSegmentationLib.slicer import panel
+    from IWSegmentationLib.testing import phantom
 
     case = phantom.phantom_case(spacing=(1.5, 0.9, 0.8))
     g = imageio.Geometry.identity(case.reference.shape, case.spacing)

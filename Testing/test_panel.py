@@ -1,5 +1,5 @@
-"""What the Slicer panel shows (IWSegmentationLib.panel) and the dependency policy
-(IWSegmentationLib.slicer_deps), tested without Slicer: hand-written expected texts and numbers."""
+"""What the Slicer panel shows (IWSegmentationLib.slicer.panel) and the dependency policy
+(IWSegmentationLib.slicer.deps), tested without Slicer: hand-written expected texts and numbers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from IWSegmentationLib import panel, slicer_deps
-from IWSegmentationLib.errors import InputError
-from IWSegmentationLib.progress import ProgressEvent, parse_progress_line
+from IWSegmentationLib.core.errors import InputError
+from IWSegmentationLib.core.progress import ProgressEvent, parse_progress_line
+from IWSegmentationLib.slicer import deps as slicer_deps
+from IWSegmentationLib.slicer import panel
 
 # ---------------------------------------------------------------------------- progress
 
@@ -106,7 +107,8 @@ def test_model_card_rows_summarise_the_card():
 
 def test_model_card_of_a_real_checkpoint(tmp_path):
     pytest.importorskip("torch")
-    from IWSegmentationLib import checkpoint, phantom
+    from IWSegmentationLib import nn as checkpoint
+    from IWSegmentationLib.testing import phantom
 
     card = checkpoint.read_metadata(phantom.threshold_checkpoint(tmp_path / "t.safetensors"))
     rows = dict(panel.model_card_rows(card))
@@ -266,7 +268,7 @@ def test_detection_counts_text():
 def test_detection_counts_agree_with_the_metrics_module():
     """The slider's TP/FP at a threshold are the metrics' FROC counts (metrics.evaluate_cases)."""
     np = pytest.importorskip("numpy")
-    from IWSegmentationLib import metrics
+    from IWSegmentationLib import evaluation as metrics
 
     prob = np.zeros((12, 24, 24), dtype=np.float32)
     ref = np.zeros_like(prob, dtype=np.uint8)

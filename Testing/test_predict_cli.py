@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from IWSegmentationLib.cli.main.main import main
 
-from IWSegmentationLib.checkpoint import save_checkpoint
-from IWSegmentationLib.cli import main
-from IWSegmentationLib.imageio import Geometry, read_image, write_image
-from IWSegmentationLib.models import build_model, default_config
+from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
+from IWSegmentationLib.core.progress import parse_progress_line
+from IWSegmentationLib.nn.checkpoint import save_checkpoint
+from IWSegmentationLib.nn.unet import build_model, default_config
 from IWSegmentationLib.preprocessing import get_preset
-from IWSegmentationLib.progress import parse_progress_line
 
 GAIN = 40.0  # logit = GAIN * (x - 0.5): +100 HU -> +13.8, -800 HU -> -13.8
 
@@ -302,8 +302,9 @@ def test_bad_input_exit_code_in_a_real_process(tmp_path, checkpoint):
 
 def test_command_constants_match_the_library():
     """predict.py repeats the device/precision names so that `iwseg --help` needs no torch import."""
+    from IWSegmentationLib.cli.main.commands import predict
+
     from IWSegmentationLib import inference
-    from IWSegmentationLib.commands import predict
 
     assert predict.DEVICES == inference.DEVICES and predict.PRECISIONS == inference.PRECISIONS
     assert predict.ENGINES == inference.ENGINES

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from IWSegmentationLib.errors import InputError
-from IWSegmentationLib.imageio import Geometry, read_image
+from IWSegmentationLib.core.errors import InputError
+from IWSegmentationLib.core.imageio import Geometry, read_image
 from IWSegmentationLib.preprocessing import (
     PARAM_KEYS,
     PRESETS,

@@ -1,4 +1,4 @@
-"""The backend process wrapper (IWSegmentationLib.process), tested with real subprocesses.
+"""The backend process wrapper (IWSegmentationLib.slicer.process), tested with real subprocesses.
 
 Each test writes a small fake backend script that speaks the JSON-lines protocol the way
 ``iwseg predict --progress-format jsonl`` does (events on stdout, logs on stderr, exit code
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from IWSegmentationLib.errors import InputError
-from IWSegmentationLib.process import (
+from IWSegmentationLib.core.errors import InputError
+from IWSegmentationLib.slicer.process import (
     BackendError,
     BackendProcess,
     DeviceProbe,
@@ -575,7 +575,8 @@ def test_real_backend_end_to_end_with_a_known_answer(tmp_path):
     """
     np = pytest.importorskip("numpy")
     pytest.importorskip("torch")
-    from IWSegmentationLib import imageio, phantom
+    from IWSegmentationLib.core import imageio
+    from IWSegmentationLib.testing import phantom
 
     case = phantom.phantom_case(spacing=(1.5, 0.9, 0.8))
     model_path = phantom.threshold_checkpoint(tmp_path / "threshold.safetensors")
@@ -616,7 +617,7 @@ def test_real_backend_end_to_end_with_a_known_answer(tmp_path):
 def test_threshold_model_is_the_pointwise_function_it_claims():
     torch = pytest.importorskip("torch")
     np = pytest.importorskip("numpy")
-    from IWSegmentationLib import phantom
+    from IWSegmentationLib.testing import phantom
 
     model = phantom.threshold_model(gain=20.0, level=0.5)
     x = torch.rand(1, 1, 20, 27, 33, generator=torch.Generator().manual_seed(0))  # odd sizes: padded and cropped
@@ -629,7 +630,7 @@ def test_threshold_model_is_the_pointwise_function_it_claims():
 
 def test_phantom_case_geometry_and_refusals():
     np = pytest.importorskip("numpy")
-    from IWSegmentationLib import phantom
+    from IWSegmentationLib.testing import phantom
 
     case = phantom.phantom_case(spacing=(2.0, 1.0, 1.0))
     assert case.image.shape == case.reference.shape == (32, 48, 48) and case.spacing == (2.0, 1.0, 1.0)

@@ -1,8 +1,8 @@
 """Screenshots rendered by Slicer's own displayable managers (slicer-core, offscreen), checked.
 
-The scene is built by :mod:`IWSegmentationLib.mrml` from a synthetic CT case (oblique,
+The scene is built by :mod:`IWSegmentationLib.slicer.mrml` from a synthetic CT case (oblique,
 anisotropic grid, lesions of all three size groups). Axial and coronal slice views and a 3D view
-are rendered offscreen (EGL, :mod:`IWSegmentationLib.views`) by Slicer's slice logic and its
+are rendered offscreen (EGL, :mod:`IWSegmentationLib.slicer.views`) by Slicer's slice logic and its
 segmentation displayable managers, the same code that draws Slicer's views, and saved to
 ``Testing/_output/screenshots/`` for a person to look at. Then, on the pixels:
 
@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from IWSegmentationLib import imageio, lesions, mrml, views
+from IWSegmentationLib.core import imageio, lesions
+from IWSegmentationLib.slicer import mrml, views
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_DIR = ROOT / "Testing" / "Baseline"
@@ -54,7 +55,7 @@ pytestmark = pytest.mark.slicer
 @pytest.fixture(scope="module")
 def offscreen():
     """Skip (with the reason) unless slicer-core imports and an offscreen OpenGL window renders
-    (:func:`IWSegmentationLib.views.probe_offscreen`, which probes in a subprocess)."""
+    (:func:`IWSegmentationLib.slicer.views.probe_offscreen`, which probes in a subprocess)."""
     try:
         return views.probe_offscreen()
     except views.OffscreenRenderingError as exc:
@@ -75,7 +76,7 @@ def _oblique_geometry(shape_zyx, spacing_zyx) -> imageio.Geometry:
 @pytest.fixture(scope="module")
 def case(offscreen):
     """The scene: a synthetic liver CT (seed 5: 6 lesions, all size groups) and its segments."""
-    from IWSegmentationLib import synth
+    from IWSegmentationLib import data as synth
 
     data = synth.synth_case(5, (40, 128, 128), "ct-liver", mean_lesions=6, diameter_range=(4, 30))
     geometry = _oblique_geometry(data.image.shape, data.spacing)

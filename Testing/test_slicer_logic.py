@@ -1,7 +1,7 @@
-"""The module's logic without Qt (IWSegmentationLib.slicer_logic) on Slicer's real MRML (slicer-core),
+"""The module's logic without Qt (IWSegmentationLib.slicer.logic) on Slicer's real MRML (slicer-core),
 with the real backend process: the path the Apply button takes, minus the widgets.
 
-The known answer comes from IWSegmentationLib.phantom: a pointwise hand-wired checkpoint that
+The known answer comes from IWSegmentationLib.testing.phantom: a pointwise hand-wired checkpoint that
 returns the phantom's reference mask exactly, so segments, colours, Dice and the confidence
 slider all have hand-computable expected values.
 """
@@ -18,10 +18,12 @@ slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core (Slicer's MRML) is not installed", allow_module_level=True)
 
-from IWSegmentationLib import imageio, mrml, panel, phantom, process  # noqa: E402
-from IWSegmentationLib.errors import InputError  # noqa: E402
-from IWSegmentationLib.lesions import SIZE_GROUP_COLORS  # noqa: E402
-from IWSegmentationLib.slicer_logic import LesionSegmentationLogic, scene_rollback  # noqa: E402
+from IWSegmentationLib.core import imageio  # noqa: E402
+from IWSegmentationLib.core.errors import InputError  # noqa: E402
+from IWSegmentationLib.core.lesions import SIZE_GROUP_COLORS  # noqa: E402
+from IWSegmentationLib.slicer import mrml, panel, process  # noqa: E402
+from IWSegmentationLib.slicer.logic import LesionSegmentationLogic, scene_rollback  # noqa: E402
+from IWSegmentationLib.testing import phantom  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 
@@ -119,7 +121,7 @@ def test_failed_loading_rolls_the_scene_back(phantom_scene, scene, tmp_path, mon
     def broken_table(*args, **kwargs):
         raise RuntimeError("disk full while building the table")
 
-    monkeypatch.setattr(mrml, "dice_table_node", broken_table)  # fails after the segments were added
+    monkeypatch.setattr(mrml.loading, "dice_table_node", broken_table)  # fails after the segments were added
     logic = make_logic(scene, tmp_path)
     with pytest.raises(RuntimeError, match="disk full"):
         logic.load_results(outputs, volume, reference)

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from IWSegmentationLib.cli.main.main import main as cli_main
 
-from IWSegmentationLib.cli import main as cli_main
+from IWSegmentationLib.core.errors import InputError
+from IWSegmentationLib.core.lesions import component_sizes, label_components
 from IWSegmentationLib.data import load_case, load_dataset
-from IWSegmentationLib.errors import InputError
-from IWSegmentationLib.lesions import component_sizes, label_components
-from IWSegmentationLib.synth import PRESETS, generate_case, sample_diameters, synth_case
+from IWSegmentationLib.data.synth import PRESETS, generate_case, synth_case
+from IWSegmentationLib.data.synth_anatomy import sample_diameters
 
 SMALL = (32, 64, 64)
 REPO = Path(__file__).resolve().parents[1]

@@ -21,10 +21,11 @@ import pytest
 import torch
 from torch import nn
 
-from IWSegmentationLib.data import Case, CaseVolume, load_case, load_dataset, make_loader, prepare_volume
-from IWSegmentationLib.imageio import read_image
+from IWSegmentationLib.core.imageio import read_image
+from IWSegmentationLib.data import Case, CaseVolume, load_case, load_dataset, prepare_volume
+from IWSegmentationLib.data.loader import make_loader
+from IWSegmentationLib.data.synth import write_dataset
 from IWSegmentationLib.inference import predict_volume
-from IWSegmentationLib.synth import write_dataset
 from IWSegmentationLib.training import (
     TrainConfig,
     load_training_data,

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 from _subprocess import run_in_group
+from IWSegmentationLib.cli.main.main import main as cli_main
 
-from IWSegmentationLib.checkpoint import load_checkpoint, read_metadata
-from IWSegmentationLib.cli import main as cli_main
-from IWSegmentationLib.errors import CheckpointError, GeometryMismatchError, InputError
-from IWSegmentationLib.imageio import read_image, write_image
+from IWSegmentationLib.core.errors import CheckpointError, GeometryMismatchError, InputError
+from IWSegmentationLib.core.imageio import read_image, write_image
 from IWSegmentationLib.data import prepare_volume
+from IWSegmentationLib.nn.checkpoint import load_checkpoint, read_metadata
 from IWSegmentationLib.training import (
     LAST_CHECKPOINT,
     RESUME_STATE,
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """Four synthetic liver-CT cases of 16x32x32 voxels (8, 6, 3 and 3 lesions, seed 0)."""
-    from IWSegmentationLib.synth import write_dataset
+    from IWSegmentationLib.data.synth import write_dataset
 
     root = tmp_path_factory.mktemp("synth") / "data"
     write_dataset(root, 4, 0, "ct-liver", shape=(16, 32, 32))
@@ -137,8 +137,8 @@ def test_step_schedule_drops_the_lr_at_80_percent():
 def _volume_with_lesions():
     """A 16x32x32 case: a 6x20x6 bar lesion, longer than the patch, a 2x2x2 lesion and a
     single-voxel lesion, far apart (3 components under 26-connectivity)."""
+    from IWSegmentationLib.core.imageio import Geometry
     from IWSegmentationLib.data import CaseVolume
-    from IWSegmentationLib.imageio import Geometry
 
     lesion = np.zeros((16, 32, 32), np.uint8)
     lesion[5:11, 6:26, 13:19] = 1
@@ -150,8 +150,8 @@ def _volume_with_lesions():
 
 @pytest.mark.parametrize("mode", ["clip", "exact"])
 def test_weights_per_patch_equal_component_weights_of_cropped_labels(tmp_path, mode):
-    from IWSegmentationLib.lesions import label_components
-    from IWSegmentationLib.weights import component_weights
+    from IWSegmentationLib.core.lesions import label_components
+    from IWSegmentationLib.core.weights import component_weights
 
     volume = _volume_with_lesions()
     whole, k = label_components(volume.lesion)

@@ -1,4 +1,4 @@
-"""The lesions-by-size picture (:func:`IWSegmentationLib.views.render_lesions_png`), on real files.
+"""The lesions-by-size picture (:func:`IWSegmentationLib.slicer.views.render_lesions_png`), on real files.
 
 A synthetic case is written with SimpleITK: a 1 mm isotropic grid (identity direction, so
 LPS x grows towards the patient's left) holding a large sphere (radius 12 mm, equivalent
@@ -23,8 +23,9 @@ import shutil
 import numpy as np
 import pytest
 
-from IWSegmentationLib import errors, imageio, views
-from IWSegmentationLib.lesions import SIZE_GROUP_COLORS
+from IWSegmentationLib.core import errors, imageio
+from IWSegmentationLib.core.lesions import SIZE_GROUP_COLORS
+from IWSegmentationLib.slicer import views
 
 SHAPE = (48, 64, 96)  # z, y, x voxels of 1 mm
 VIEW = (200, 200)

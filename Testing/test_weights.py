@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from IWSegmentationLib.errors import InputError
-from IWSegmentationLib.lesions import label_components
-from IWSegmentationLib.weights import (
+from IWSegmentationLib.core.errors import InputError
+from IWSegmentationLib.core.lesions import label_components
+from IWSegmentationLib.core.weights import (
     class_balance_weights,
     component_weights,
     dilate_ball,

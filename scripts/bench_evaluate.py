@@ -8,7 +8,7 @@ so Dice < 1), and 10 false-positive blobs. Timed separately, median of ``--repea
 one warm-up run:
 
 * ``match_case``: input checks, thresholding, labelling reference and prediction (cc3d),
-  the two lesion tables, confidences and all overlaps (:mod:`IWSegmentationLib.metrics`);
+  the two lesion tables, confidences and all overlaps (:mod:`IWSegmentationLib.evaluation`);
 * ``evaluate_cases``: FROC, CPM, avg recall, object Dice, 100 bootstrap resamples, for all
   lesions and the three size groups;
 * ``read 2 files``: reading the prediction and reference as uncompressed NRRD (``--with-io``).
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from IWSegmentationLib.imageio import Geometry, atomic_output, read_image, write_image
-from IWSegmentationLib.lesions import SIZE_PRESETS
-from IWSegmentationLib.metrics import evaluate_cases, match_case
+from IWSegmentationLib.core.imageio import Geometry, atomic_output, read_image, write_image
+from IWSegmentationLib.core.lesions import SIZE_PRESETS
+from IWSegmentationLib.evaluation import evaluate_cases, match_case
 
 TARGET_S = 1.5
 SPACING = (1.0, 0.7, 0.7)  # (sz, sy, sx) mm, a typical chest CT

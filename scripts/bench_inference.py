@@ -111,7 +111,7 @@ def _rss_mb() -> float:
 def _build_net(size: str, seed: int = 0):
     import torch
 
-    from IWSegmentationLib.models import build_model, default_config
+    from IWSegmentationLib.nn.unet import build_model, default_config
 
     torch.manual_seed(seed)
     return build_model(default_config(size)).eval()
@@ -218,8 +218,8 @@ def job_paper(spec: dict) -> dict:
     """Seconds per window and GFLOP/s of the paper network (or ``spec['net']``) on one window."""
     import torch
 
-    from IWSegmentationLib.inference import _autocast
-    from IWSegmentationLib.models import default_config, flops_per_voxel
+    from IWSegmentationLib.inference.devices import _autocast
+    from IWSegmentationLib.nn.unet import default_config, flops_per_voxel
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -335,8 +335,8 @@ def part_paper(args) -> tuple[list[str], dict]:
 def part_ct(args, tmp: Path) -> tuple[list[str], dict]:
     """``iwseg predict`` on a full CT in a child process: wall time and the child's own peak RSS."""
 
-    from IWSegmentationLib.checkpoint import save_checkpoint
-    from IWSegmentationLib.imageio import Geometry, write_image
+    from IWSegmentationLib.core.imageio import Geometry, write_image
+    from IWSegmentationLib.nn.checkpoint import save_checkpoint
     from IWSegmentationLib.preprocessing import get_preset
 
     shape = (64, 96, 96) if args.quick else tuple(args.ct_shape)
@@ -441,7 +441,7 @@ def _publish(lines: list[str], markdown: Path | None) -> None:
     text = "\n".join(lines)
     print(text, flush=True)
     if markdown is not None:
-        from IWSegmentationLib.imageio import atomic_output
+        from IWSegmentationLib.core.imageio import atomic_output
 
         with atomic_output(markdown) as tmp_path:
             tmp_path.write_text(text + "\n")

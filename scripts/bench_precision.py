@@ -12,7 +12,7 @@ voxel. For every case it runs :func:`inference.predict_volume` twice (fp32 with 
 engine, then bf16 autocast with the eager engine) and reports the wall time of each, the largest
 probability difference, the share of voxels whose mask value flips, the Dice between the two
 masks and the lesion counts. With ``--labels`` it also scores both against the reference
-lesion by lesion (:mod:`IWSegmentationLib.metrics`): avg recall and object Dice, fp32 vs bf16.
+lesion by lesion (:mod:`IWSegmentationLib.evaluation`): avg recall and object Dice, fp32 vs bf16.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _dice(a, b) -> float:
     """:func:`metrics.voxel_dice`, with two empty masks counted as identical (1, not NaN)."""
     import math
 
-    from IWSegmentationLib.metrics import voxel_dice
+    from IWSegmentationLib.evaluation import voxel_dice
 
     dice = voxel_dice(a, b)
     return 1.0 if math.isnan(dice) else dice
@@ -47,10 +47,10 @@ def measure(args) -> tuple[list[dict], dict | None]:
     import numpy as np
     import torch
 
-    from IWSegmentationLib.checkpoint import load_checkpoint
-    from IWSegmentationLib.imageio import list_images, read_image
-    from IWSegmentationLib.lesions import label_components, size_thresholds
-    from IWSegmentationLib.metrics import evaluate_cases, match_case
+    from IWSegmentationLib.core.imageio import list_images, read_image
+    from IWSegmentationLib.core.lesions import label_components, size_thresholds
+    from IWSegmentationLib.evaluation import evaluate_cases, match_case
+    from IWSegmentationLib.nn.checkpoint import load_checkpoint
 
     torch.set_num_threads(args.threads)
     model, card = load_checkpoint(args.model)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows, reports, args)
     print(text)
     if args.markdown:
-        from IWSegmentationLib.imageio import atomic_output
+        from IWSegmentationLib.core.imageio import atomic_output
 
         with atomic_output(args.markdown) as tmp:
             tmp.write_text(text + "\n")

@@ -17,7 +17,7 @@ What is measured (CPU):
   goal < 5%).
 
 The GPU cost is an *estimate from FLOP counts*, not a measurement (no GPU was available when
-this was written): convolution FLOPs per voxel from :func:`IWSegmentationLib.models.flops_per_voxel`
+this was written): convolution FLOPs per voxel from :func:`IWSegmentationLib.nn.unet.flops_per_voxel`
 (the paper's U-Net: 0.399 MFLOP per voxel forward), a training step taken as 3x the forward
 (backward = 2x forward), and a range of achieved fractions of each GPU's dense peak. Activation
 memory is counted from a forward pass with hooks (every module output kept for backward).
@@ -82,7 +82,7 @@ def activation_bytes_per_voxel(config: dict) -> float:
     """Bytes of module outputs kept for backward per input voxel (fp32), from a 32³ forward."""
     import torch
 
-    from IWSegmentationLib.models import build_model
+    from IWSegmentationLib.nn.unet import build_model
 
     model = build_model(config)
     total = [0]
@@ -101,7 +101,7 @@ def activation_bytes_per_voxel(config: dict) -> float:
 
 
 def gpu_estimate(epochs: int = 100, iters: int = 100, patch: int = 128, batch: int = 2) -> dict:
-    from IWSegmentationLib.models import build_model, count_parameters, default_config, flops_per_voxel
+    from IWSegmentationLib.nn.unet import build_model, count_parameters, default_config, flops_per_voxel
 
     config = default_config("paper")
     voxels = batch * patch**3
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(demo.TRAIN_SETTINGS)
     cpu: list[tuple[str, dict]] = []
     if not args.no_cpu:
-        from IWSegmentationLib.synth import write_dataset
+        from IWSegmentationLib.data.synth import write_dataset
 
         iters, epochs, warmup = (4, 1, 1) if args.quick else (20, 3, 1)
         with tempfile.TemporaryDirectory() as tmp:
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(cpu, settings, gpu, command)
     print(text)
     if args.markdown:
-        from IWSegmentationLib.imageio import atomic_output
+        from IWSegmentationLib.core.imageio import atomic_output
 
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(args.markdown) as tmp:

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from IWSegmentationLib.imageio import atomic_output
-from IWSegmentationLib.lesions import label_components
-from IWSegmentationLib.weights import inverse_weights
+from IWSegmentationLib.core.imageio import atomic_output
+from IWSegmentationLib.core.lesions import label_components
+from IWSegmentationLib.core.weights import inverse_weights
 
 TARGET_MS = 15.0
 TARGET_RATIO = 50.0

@@ -101,7 +101,7 @@ def run_id(optimiser: str, arm: str, seed: int) -> str:
 
 def make_data(work: Path, data: dict) -> tuple[Path, Path]:
     """Write the training and held-out sets once (re-used when ``dataset.json`` matches)."""
-    from IWSegmentationLib.synth import write_dataset
+    from IWSegmentationLib.data.synth import write_dataset
 
     out = []
     for name, n, seed in (("train", data["train_cases"], data["train_seed"]),
@@ -129,7 +129,7 @@ def _config(arm: str, settings: dict, train_dir: Path, out: Path):
 
 def train_ours(config):
     """``iwseg train``'s own loop; returns the trained network, its card and the last loss."""
-    from IWSegmentationLib.checkpoint import load_checkpoint
+    from IWSegmentationLib.nn.checkpoint import load_checkpoint
     from IWSegmentationLib.training import train
 
     result = train(config, verbose=False)
@@ -193,7 +193,7 @@ def run_one(optimiser: str, arm: str, seed: int, work: Path, train_dir: Path, he
     """Train one arm, predict the held-out set, keep its probabilities and a run record (atomically)."""
     import torch
 
-    from IWSegmentationLib.imageio import atomic_output
+    from IWSegmentationLib.core.imageio import atomic_output
 
     torch.set_num_threads(THREADS)
     rid = run_id(optimiser, arm, seed)
@@ -257,8 +257,8 @@ def run_parallel(todo: list[tuple[str, str, int]], args, work: Path) -> None:
 
 def score_run(work: Path, rid: str, heldout_cases: dict, size_preset: str) -> dict:
     """The run's held-out report, scored now from its kept probabilities."""
-    from IWSegmentationLib.lesions import size_thresholds
-    from IWSegmentationLib.metrics import evaluate_cases, match_case
+    from IWSegmentationLib.core.lesions import size_thresholds
+    from IWSegmentationLib.evaluation import evaluate_cases, match_case
 
     record = json.loads((work / "reports" / f"{rid}.json").read_text())
     thresholds = size_thresholds(size_preset)
@@ -330,7 +330,7 @@ def aggregate(scores: list[dict], key: str, group: str | None = None) -> tuple[f
 
 
 def _spacing(preset: str):
-    from IWSegmentationLib.synth import DEFAULT_SPACING
+    from IWSegmentationLib.data.synth import DEFAULT_SPACING
 
     return DEFAULT_SPACING[preset]
 
@@ -380,7 +380,7 @@ def table(optimiser: str, scores: dict[str, list[dict]], groups: list[str]) -> l
 
 def markdown(scores: dict[str, dict[str, list[dict]]], settings: dict, data: dict, seeds, command: str,
              wall_seconds: float | None, jobs: int) -> str:
-    from IWSegmentationLib.lesions import size_thresholds
+    from IWSegmentationLib.core.lesions import size_thresholds
 
     s = settings
     thresholds = size_thresholds(s["size_preset"])
@@ -420,7 +420,7 @@ def markdown(scores: dict[str, dict[str, list[dict]]], settings: dict, data: dic
         + f"). Size groups (equivalent diameter, preset `{s['size_preset']}`): small < {thresholds.small_mm:g} mm "
         f"<= medium < {thresholds.large_mm:g} mm <= large.",
         "",
-        "**Metrics** (held-out set, `IWSegmentationLib.metrics`, the paper's matching rule): **CPM** = mean "
+        "**Metrics** (held-out set, `IWSegmentationLib.evaluation`, the paper's matching rule): **CPM** = mean "
         "recall at 1/8, 1/4, 1/2, 1, 2, 4 and 8 FP/image, which is what the paper's Table 2 calls \"avg "
         "Recall\" (see docs/metrics.md); object Dice = mean Dice of the detected lesions with their best-matching "
         "component. Each cell: **mean over seeds ± std over seeds (mean bootstrap std over 100 resamples of 80% of "
@@ -468,9 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    from IWSegmentationLib.core.errors import InputError
+    from IWSegmentationLib.core.imageio import atomic_output
     from IWSegmentationLib.data import load_case, load_dataset
-    from IWSegmentationLib.errors import InputError
-    from IWSegmentationLib.imageio import atomic_output
     from IWSegmentationLib.training import merge_config, parse_overrides
 
     data, base = dict(DATA), dict(TRAIN)

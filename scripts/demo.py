@@ -88,7 +88,7 @@ def prepare_output(out: Path) -> None:
 def generate(out: Path, n_train: int, n_heldout: int, shape) -> tuple[Path, Path]:
     from tqdm import tqdm
 
-    from IWSegmentationLib.synth import write_dataset
+    from IWSegmentationLib.data.synth import write_dataset
 
     sets = []
     for name, n, seed in (("train", n_train, SYNTH_SEED), ("heldout", n_heldout, HELDOUT_SEED)):
@@ -117,7 +117,7 @@ def train_model(train_dir: Path, out: Path, settings: dict):
 
 
 def run_cli(argv: list[str]) -> None:
-    from IWSegmentationLib.cli import main
+    from IWSegmentationLib.cli.main.main import main
 
     code = main(argv)
     if code:
@@ -127,9 +127,9 @@ def run_cli(argv: list[str]) -> None:
 def render(out: Path, heldout: Path) -> Path | None:
     """A review picture of the first held-out case: predicted lesions coloured by size group,
     false positives and missed reference lesions in their own colours
-    (:func:`IWSegmentationLib.views.render_lesions_png`: Slicer's views rendered offscreen with
+    (:func:`IWSegmentationLib.slicer.views.render_lesions_png`: Slicer's views rendered offscreen with
     slicer-core), or None when it cannot be made here (the reason is printed)."""
-    from IWSegmentationLib.views import render_lesions_png
+    from IWSegmentationLib.slicer.views import render_lesions_png
 
     images = sorted((heldout / "imagesTr").glob("*.nii.gz"))
     if not images:

@@ -7,7 +7,7 @@
 
 import sys
 
-from IWSegmentationLib.cli import main
+from IWSegmentationLib.cli.main.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

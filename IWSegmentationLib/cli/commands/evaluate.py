@@ -1,0 +1,262 @@
+"""``iwseg evaluate``: lesion-wise evaluation of predicted probability maps against references.
+
+Pairs prediction and reference files by case name, matches lesions per case
+(:func:`IWSegmentationLib.evaluation.match_case`), pools the cases
+(:func:`IWSegmentationLib.evaluation.evaluate_cases`), prints a summary table and optionally
+writes a JSON report, a per-lesion CSV and a FROC plot. Definitions: ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence, TextIO
+
+import numpy as np
+
+from ...core.errors import InputError
+from ...core.imageio import Geometry, atomic_output, check_same_grid, pair_cases, read_image
+from ...core.lesions import (
+    CONNECTIVITIES,
+    SIZE_GROUP_COLORS,
+    SIZE_GROUPS,
+    SIZE_PRESETS,
+    SizeThresholds,
+    size_thresholds,
+)
+from ...evaluation.bootstrap import BOOTSTRAP_FRACTION, N_BOOTSTRAP, bootstrap_recall_curves
+from ...evaluation.froc import CPM_FP_RATES
+from ...evaluation.matching import CaseResult, match_case
+from ...evaluation.report import evaluate_cases
+
+CSV_COLUMNS = (
+    "case", "lesion_id", "voxels", "volume_mm3", "diameter_mm", "size_group",
+    "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+    "detected", "hit_dice", "confidence", "matched_component",
+)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="lesion-wise evaluation (FROC, CPM, avg recall, object Dice) of predictions against references",
+        description=(
+            "Lesion-wise evaluation as in Shirokikh et al. (MICCAI 2020). Pairs the files of --pred and "
+            "--ref by case name (NIfTI/NRRD/MHA); predictions are probability maps in [0, 1] or binary "
+            "masks, references binary lesion masks on the same voxel grid. See docs/metrics.md."
+        ),
+    )
+    p.add_argument("--pred", required=True, type=Path, metavar="DIR", help="folder of predictions (probability maps)")
+    p.add_argument("--ref", required=True, type=Path, metavar="DIR", help="folder of reference lesion masks")
+    p.add_argument("--threshold", type=float, default=0.5, metavar="T",
+                   help="segmentation threshold t_seg: components are those of prob > T (default 0.5)")
+    p.add_argument("--spacing-from", choices=("ref", "pred"), default="ref",
+                   help="image whose voxel spacing gives volumes and diameters (default ref)")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--size-preset", choices=sorted(SIZE_PRESETS), default=None,
+                       help="size-group diameter cut-offs (default lung: small < 10 mm <= medium < 20 mm <= large)")
+    sizes.add_argument("--size-thresholds", type=float, nargs=2, metavar=("S", "M"), default=None,
+                       help="size-group cut-offs in mm: small if d < S, medium if S <= d < M, large if d >= M")
+    p.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=26,
+                   help="connected-component connectivity for lesions and predictions (default 26)")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the full report as JSON")
+    p.add_argument("--csv", type=Path, metavar="OUT", help="write one row per reference lesion as CSV")
+    p.add_argument("--froc-png", type=Path, metavar="OUT", help="write the FROC plot as PNG")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    thresholds = size_thresholds(args.size_preset, args.size_thresholds)
+    if not (0.0 <= args.threshold < 1.0):
+        raise InputError(f"--threshold must be in [0, 1), got {args.threshold}")
+    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--froc-png", args.froc_png)):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise InputError(f"{flag}: output folder does not exist: {path.parent}")
+    pairs = pair_cases(args.pred, args.ref)
+
+    from tqdm import tqdm
+
+    results: list[CaseResult] = []
+    geometries: dict[str, Geometry] = {}
+    bar = tqdm(pairs, desc="evaluate", unit="case", file=sys.stderr, leave=False, disable=args.no_progress)
+    for name, pred_path, ref_path in bar:
+        bar.set_postfix_str(name)
+        results.append(_evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries))
+    bar.close()
+
+    report = evaluate_cases(results, seed=args.seed)
+    print_summary(report, results, thresholds, threshold=args.threshold)
+    if args.json is not None:
+        write_json(args.json, report)
+    if args.csv is not None:
+        write_lesion_csv(args.csv, results, geometries)
+    if args.froc_png is not None:
+        plot_froc(args.froc_png, report, results, thresholds, threshold=args.threshold, seed=args.seed)
+    for flag, path in (("JSON", args.json), ("CSV", args.csv), ("FROC plot", args.froc_png)):
+        if path is not None:
+            print(f"{flag}: {path}")
+    return 0
+
+
+def _evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries) -> CaseResult:
+    ref, ref_geom = read_image(ref_path, what="reference")
+    prob, pred_geom = read_image(pred_path, what="prediction")
+    check_same_grid(ref_geom, pred_geom, f"reference {ref_path}", f"prediction {pred_path}")
+    geom = ref_geom if args.spacing_from == "ref" else pred_geom
+    geometries[name] = geom
+    return match_case(
+        prob, ref, geom.spacing_zyx, threshold=args.threshold, thresholds=thresholds,
+        connectivity=args.connectivity, case=name, pred_name=str(pred_path), ref_name=str(ref_path),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Summary table
+# --------------------------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _group_label(group: str, thresholds: SizeThresholds) -> str:
+    s, m = f"{thresholds.small_mm:g}", f"{thresholds.large_mm:g}"
+    return {"small": f"d < {s} mm", "medium": f"{s}-{m} mm", "large": f"d >= {m} mm"}[group]
+
+
+def print_summary(report: dict, results: Sequence[CaseResult], thresholds: SizeThresholds, *,
+                  threshold: float = 0.5, file: TextIO | None = None) -> None:
+    """Print the readable summary table: one row for all lesions and one per size group."""
+    out = file or sys.stdout
+    n_fp = {g: 0 for g in SIZE_GROUPS}
+    n_hit = {g: 0 for g in SIZE_GROUPS}
+    for r in results:
+        for c in r.components:
+            n_fp[c.size_group] += c.false_positive
+        for les in r.lesions:
+            n_hit[les.size_group] += les.detected
+    n_img = report["n_images"]
+    dices = [r.voxel_dice for r in results if not math.isnan(r.voxel_dice)]
+    print(f"iwseg evaluate: {n_img} image(s), {report['n_lesions']} reference lesion(s), "
+          f"components of prob > {threshold:g}", file=out)
+    header = (f"{'group':<20}{'lesions':>8}{'hit':>6}{'recall':>8}{'FP/img':>8}{'CPM':>8}"
+              f"{'avg rec 0-5':>13}{'obj Dice':>10}{'(n)':>6}{'CPM bootstrap':>17}")
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    rows = [("all", report, sum(n_hit.values()), sum(n_fp.values()))]
+    rows += [(f"{g} ({_group_label(g, thresholds)})", report["by_size"][g], n_hit[g], n_fp[g]) for g in SIZE_GROUPS]
+    for label, s, hits, fps in rows:
+        recall = hits / s["n_lesions"] if s["n_lesions"] else None
+        boot = s["bootstrap"]["cpm"]
+        boot_txt = "n/a" if boot["mean"] is None else f"{boot['mean']:.3f} ± {boot['std']:.3f}"
+        print(f"{label:<20}{s['n_lesions']:>8}{hits:>6}{_fmt(recall):>8}{fps / n_img:>8.2f}{_fmt(s['cpm']):>8}"
+              f"{_fmt(s['avg_recall_0_5']):>13}{_fmt(s['object_dice']['mean']):>10}"
+              f"{s['object_dice']['n']:>6}{boot_txt:>17}", file=out)
+    mean_dice = f"{np.mean(dices):.3f}" if dices else "n/a"
+    print(f"recall and FP/img at the segmentation threshold (all components); voxel Dice, mean over "
+          f"{len(dices)} image(s): {mean_dice}", file=out)
+
+
+# --------------------------------------------------------------------------------------
+# Output files
+# --------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, report: dict) -> None:
+    """The report as JSON (strict: undefined values are null, never NaN)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def write_lesion_csv(path: Path, results: Sequence[CaseResult], geometries: dict[str, Geometry]) -> None:
+    """One row per reference lesion; centroids in physical (LPS) mm when the geometry is known."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for r in results:
+            geom = geometries.get(r.case)
+            for les in r.lesions:
+                if geom is not None:
+                    centroid = geom.index_to_physical(les.centroid)
+                else:
+                    centroid = tuple(c * s for c, s in zip(les.centroid[::-1], r.spacing[::-1]))
+                writer.writerow([
+                    r.case, les.id, les.voxels, f"{les.volume_mm3:.3f}", f"{les.diameter_mm:.3f}", les.size_group,
+                    *(f"{v:.2f}" for v in centroid),
+                    int(les.detected), f"{les.hit_dice:.4f}",
+                    "" if les.confidence is None else f"{les.confidence:.4f}",
+                    "" if les.component is None else les.component,
+                ])
+
+
+def _color(group: str) -> tuple[float, float, float]:
+    return tuple(v / 255 for v in SIZE_GROUP_COLORS[group])
+
+
+def plot_froc(path: Path, report: dict, results: Sequence[CaseResult], thresholds: SizeThresholds, *,
+              threshold: float = 0.5, seed: int = 0) -> None:
+    """FROC plot: recall vs FP/image on a log axis (1/8 ... 8, as LUNA16), all lesions with a
+    ±1 std bootstrap band and the CPM points marked, plus one curve per size group."""
+    from matplotlib import patheffects
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 6.0), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    x_lo, x_hi = 0.1, 10.0
+    grid = np.geomspace(x_lo, x_hi, 300)
+    stroke = [patheffects.withStroke(linewidth=3.6, foreground=(0.25, 0.25, 0.25))]
+
+    for group in SIZE_GROUPS:
+        s = report["by_size"][group]
+        label = f"{group} ({_group_label(group, thresholds)}), n={s['n_lesions']}"
+        if not s["n_lesions"]:
+            ax.plot([], [], color=_color(group), lw=2, label=label + ": no lesions")
+            continue
+        recall = np.interp(grid, s["froc"]["fp_per_image"], s["froc"]["recall"])
+        ax.plot(grid, recall, color=_color(group), lw=2.2, path_effects=stroke,
+                label=f"{label}: CPM {_fmt(s['cpm'])}")
+
+    if report["n_lesions"]:
+        fr = report["froc"]
+        recall = np.interp(grid, fr["fp_per_image"], fr["recall"])
+        band = bootstrap_recall_curves(results, grid, n_resamples=N_BOOTSTRAP, fraction=BOOTSTRAP_FRACTION, seed=seed)
+        band = band[np.isfinite(band[:, 0])]
+        if band.shape[0] > 1:
+            std = band.std(axis=0)
+            ax.fill_between(grid, np.clip(recall - std, 0, 1), np.clip(recall + std, 0, 1), color="0.6",
+                            alpha=0.35, lw=0, label=f"all lesions, ±1 std over {band.shape[0]} bootstrap resamples")
+        ax.plot(grid, recall, color="black", lw=2.4,
+                label=f"all lesions, n={report['n_lesions']}: CPM {_fmt(report['cpm'])}, "
+                      f"avg recall 0-5 {_fmt(report['avg_recall_0_5'])}")
+        cpm_recall = np.interp(CPM_FP_RATES, fr["fp_per_image"], fr["recall"])
+        ax.plot(CPM_FP_RATES, cpm_recall, "o", ms=7, mfc="white", mec="black", mew=1.6, zorder=5,
+                label="CPM points (1/8 ... 8 FP/image)")
+        for x, y in zip(CPM_FP_RATES, cpm_recall):
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 9), ha="center",
+                        fontsize=8, zorder=6, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                                                    "alpha": 0.85})
+    else:
+        ax.text(0.5, 0.5, "no reference lesions: recall is undefined", transform=ax.transAxes,
+                ha="center", va="center", fontsize=12, color="0.3")
+
+    ax.set_xscale("log")
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(-0.03, 1.06)
+    ax.set_xticks(CPM_FP_RATES)
+    ax.set_xticklabels(["1/8", "1/4", "1/2", "1", "2", "4", "8"])
+    ax.minorticks_off()
+    ax.grid(True, which="major", color="0.85", lw=0.8)
+    ax.set_xlabel("False positives per image")
+    ax.set_ylabel("Lesion recall (sensitivity)")
+    ax.set_title(f"FROC: {report['n_images']} image(s), {report['n_lesions']} lesion(s), "
+                 f"components of prob > {threshold:g}", fontsize=11)
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.92)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")

@@ -1,0 +1,133 @@
+"""One case in memory: :class:`CaseVolume`, read by :func:`load_case` and prepared (once) by :func:`prepare_volume`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.imageio import (
+    Geometry,
+    check_same_grid,
+    read_image,
+)
+from ..preprocessing.resampling import prepare_case, resample_to_geometry
+
+if TYPE_CHECKING:
+    from .datasets import Case
+
+
+@dataclass
+class CaseVolume:
+    """A case in memory: ``image`` float32, ``lesion`` uint8 {0, 1}, ``organ`` uint8 {0, 1} or
+    None, all ``[z, y, x]`` on ``geometry``.
+
+    ``preprocessing`` is the preset the image was prepared with by :func:`prepare_volume`
+    (network input), or None while it holds the raw intensities :func:`load_case` read. It
+    makes "prepared exactly once" checkable: :func:`prepare_volume` refuses a prepared case.
+    """
+
+    id: str
+    image: np.ndarray
+    lesion: np.ndarray
+    organ: np.ndarray | None
+    geometry: Geometry
+    preprocessing: dict | None = None
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.geometry.spacing_zyx
+
+
+def lesion_mask(
+    label: np.ndarray,
+    lesion_values: Sequence[float] = (1,),
+    other_values: Sequence[float] = (),
+    *,
+    name: str = "label",
+) -> np.ndarray:
+    """Binary uint8 lesion mask of ``label``: 1 where the value is in ``lesion_values``.
+
+    The label may only hold 0, ``lesion_values`` and ``other_values``; any other value raises
+    :class:`InputError` naming ``name`` and the values found, so a label map with an
+    unexpected class (or a probability map) is never silently read as background.
+    """
+    if not lesion_values:
+        raise InputError(f"{name}: lesion_values must name at least one label value")
+    allowed = np.unique(np.asarray([0, *lesion_values, *other_values], dtype=np.float64))
+    ok = np.isin(label, _as_label_values(allowed, label.dtype))
+    if not ok.all():
+        bad = np.unique(label[~ok])
+        shown = ", ".join(f"{v:g}" for v in bad[:10].astype(np.float64)) + (" ..." if bad.size > 10 else "")
+        raise InputError(
+            f"{name} holds unexpected label value(s) {shown} in {int((~ok).sum())} voxels; expected only "
+            f"{', '.join(f'{v:g}' for v in allowed)} (lesion: {', '.join(f'{v:g}' for v in lesion_values)}). "
+            "Give the lesion label values explicitly (lesion_values / --lesion-values)."
+        )
+    return np.isin(label, _as_label_values(lesion_values, label.dtype)).astype(np.uint8)
+
+
+def _as_label_values(values: Sequence[float], dtype: np.dtype) -> np.ndarray:
+    """``values`` in the label's own dtype, so ``np.isin`` can use its fast lookup table for
+    integer labels (a value an integer label cannot hold is dropped: it cannot match)."""
+    v = np.asarray(values, dtype=np.float64)
+    if np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        v = v[(v == np.round(v)) & (v >= info.min) & (v <= info.max)]
+        return v.astype(dtype)
+    return v
+
+
+def load_case(case: Case, *, dtype=np.float32) -> CaseVolume:
+    """Read a case: the image as ``dtype``, the binary lesion mask and the organ mask (if any).
+
+    Raises :class:`~IWSegmentationLib.core.errors.GeometryMismatchError` naming the case when the
+    label or mask is not on the image's voxel grid, and :class:`InputError` naming the case for
+    unexpected label values or unreadable files.
+    """
+    image, geometry = read_image(case.image, what=f"case {case.id}: image", dtype=dtype)
+    label, label_geometry = read_image(case.label, what=f"case {case.id}: label")
+    check_same_grid(geometry, label_geometry, f"case {case.id}: image {case.image}", f"label {case.label}")
+    lesion = lesion_mask(label, case.lesion_values, case.other_values, name=f"case {case.id}: label {case.label}")
+    organ = None
+    if case.mask is not None:
+        if Path(case.mask) == Path(case.label):
+            mask_array = label
+        else:
+            mask_array, mask_geometry = read_image(case.mask, what=f"case {case.id}: mask")
+            check_same_grid(geometry, mask_geometry, f"case {case.id}: image {case.image}", f"mask {case.mask}")
+        if case.mask_values is None:
+            organ = (mask_array != 0).astype(np.uint8)
+        else:
+            organ = np.isin(mask_array, _as_label_values(case.mask_values, mask_array.dtype)).astype(np.uint8)
+    return CaseVolume(case.id, image, lesion, organ, geometry)
+
+
+def prepare_volume(volume: CaseVolume, params: Mapping[str, Any]) -> CaseVolume:
+    """A raw case turned into network input by the preprocessing preset ``params``, through
+    :func:`preprocessing.prepare_case`, the function inference uses too; the lesion mask
+    follows a resampling (nearest neighbour). Top-level, so DataLoader workers can pickle it.
+
+    Raises:
+        InputError: naming the case, when its image cannot be prepared.
+        RuntimeError: when ``volume`` is already prepared (a program error: preparing twice
+            re-windows values already in [0, 1] and crushes the contrast).
+    """
+    if volume.preprocessing is not None:
+        raise RuntimeError(f"case {volume.id} is already preprocessed; a case must be prepared exactly once")
+    try:
+        image, geometry, organ = prepare_case(volume.image, volume.geometry, dict(params), volume.organ)
+    except InputError as exc:
+        raise InputError(f"case {volume.id}: {exc}") from None
+    lesion = volume.lesion
+    if geometry != volume.geometry:
+        lesion = resample_to_geometry(lesion, volume.geometry, geometry, is_mask=True)
+    return CaseVolume(volume.id, image, lesion, organ, geometry, preprocessing=dict(params))
+
+
+def load_prepared_case(case: Case, params: Mapping[str, Any]) -> CaseVolume:
+    """:func:`load_case` then :func:`prepare_volume`: a case record as network input."""
+    return prepare_volume(load_case(case), params)

@@ -1,0 +1,174 @@
+"""Patch sampling as in the paper: lesion-centred with probability ``p_lesion``, else uniform; augmentation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence, Union
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.lesions import label_components
+from .cases import CaseVolume
+from .datasets import Case
+
+
+def _label_dtype(k: int):
+    return np.uint8 if k < 2**8 else np.uint16 if k < 2**16 else np.int32
+
+
+@dataclass
+class PreparedCase:
+    """A case ready for sampling (built once, then cached): the image and the whole-image
+    component labels, both padded to at least the patch size, and per lesion the flat indices
+    of its voxels (``lesion_voxels[offsets[j-1]:offsets[j]]`` for lesion ``j``)."""
+
+    id: str
+    image: np.ndarray
+    labels: np.ndarray
+    num_lesions: int
+    lesion_voxels: np.ndarray
+    offsets: np.ndarray
+    pad_before: tuple[int, int, int]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.shape)  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.image.nbytes + self.labels.nbytes + self.lesion_voxels.nbytes)
+
+
+@dataclass
+class Patch:
+    """One training patch: ``image`` float32, ``target`` uint8 {0, 1} and ``labels`` int32
+    (the whole-image component ids, cropped — ids need not be contiguous), all of
+    ``patch_size``. ``start`` is the corner in the padded volume and ``origin`` the same corner
+    on the case's own grid (negative where the volume was padded); ``lesion`` the id of the
+    lesion the patch was centred on (0 for a uniformly placed patch)."""
+
+    case: str
+    image: np.ndarray
+    target: np.ndarray
+    labels: np.ndarray
+    start: tuple[int, int, int]
+    lesion: int
+    origin: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def lesion_centred(self) -> bool:
+        return self.lesion > 0
+
+
+class PatchSampler:
+    """The paper's patch sampler.
+
+    With probability ``lesion_probability`` a patch is centred on a random voxel of a lesion
+    chosen uniformly among the case's lesions (so small lesions are chosen as often as large
+    ones); near the border the patch is shifted inside the volume, so it still contains that
+    voxel. Otherwise its corner is uniform over all positions inside the volume. A case
+    without lesions always gets uniform patches. Lesions are the ``connectivity``-connected
+    components (26 by default, as the paper) of the *whole* lesion mask, labelled once per
+    case in :meth:`prepare`. A volume smaller than the patch is padded (centred) with
+    ``pad_value`` (default: the image minimum) and label 0.
+    """
+
+    def __init__(self, patch_size: Sequence[int], *, lesion_probability: float = 0.5,
+                 connectivity: int = 26, pad_value: float | None = None):
+        try:
+            size = tuple(int(v) for v in patch_size)
+        except (TypeError, ValueError):
+            raise InputError(f"patch_size must be three positive integers, got {patch_size!r}") from None
+        if len(size) != 3 or min(size) < 1:
+            raise InputError(f"patch_size must be three positive integers (z, y, x), got {tuple(patch_size)}")
+        if not (0.0 <= float(lesion_probability) <= 1.0):
+            raise InputError(f"lesion_probability must be in [0, 1], got {lesion_probability}")
+        if connectivity not in (6, 18, 26):
+            raise InputError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+        self.patch_size = size
+        self.lesion_probability = float(lesion_probability)
+        self.connectivity = connectivity
+        self.pad_value = pad_value
+
+    def prepare(self, image: np.ndarray, lesion: np.ndarray, case_id: str = "case") -> PreparedCase:
+        """Label the lesions of the whole image, pad to the patch size, index lesion voxels."""
+        if image.ndim != 3 or tuple(lesion.shape) != tuple(image.shape):
+            raise InputError(f"case {case_id}: image {image.shape} and lesion mask {lesion.shape} must be the same 3D shape")
+        labels, k = label_components(lesion, self.connectivity)
+        labels = labels.astype(_label_dtype(k), copy=False)
+        image = np.asarray(image, dtype=np.float32)
+        pad = [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2) for p, s in zip(self.patch_size, image.shape)]
+        if any(a or b for a, b in pad):
+            value = float(image.min()) if self.pad_value is None else float(self.pad_value)
+            image = np.pad(image, pad, constant_values=value)
+            labels = np.pad(labels, pad, constant_values=0)
+        flat = labels.ravel()
+        idx = np.flatnonzero(flat)
+        order = np.argsort(flat[idx], kind="stable")
+        voxels = idx[order]
+        counts = np.bincount(flat[idx].astype(np.intp), minlength=k + 1)[1:]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return PreparedCase(case_id, np.ascontiguousarray(image), labels, k, voxels, offsets,
+                            tuple(a for a, _ in pad))
+
+    def patch_start(self, case: PreparedCase, rng: np.random.Generator) -> tuple[tuple[int, int, int], int]:
+        """Corner of the next patch and the lesion it is centred on (0: uniform)."""
+        shape = np.asarray(case.shape)
+        size = np.asarray(self.patch_size)
+        hi = shape - size  # >= 0 after padding
+        centred = rng.random() < self.lesion_probability
+        if centred and case.num_lesions > 0:
+            j = int(rng.integers(1, case.num_lesions + 1))
+            a, b = int(case.offsets[j - 1]), int(case.offsets[j])
+            flat = int(case.lesion_voxels[a + int(rng.integers(b - a))])
+            centre = np.asarray(np.unravel_index(flat, case.shape))
+            start = np.clip(centre - size // 2, 0, hi)
+            return tuple(int(v) for v in start), j  # type: ignore[return-value]
+        start = [int(rng.integers(0, h + 1)) for h in hi]
+        return tuple(start), 0  # type: ignore[return-value]
+
+    def sample(self, case: PreparedCase, rng: np.random.Generator) -> Patch:
+        """One patch from a prepared case (copies, so the cached volume is never modified)."""
+        start, lesion = self.patch_start(case, rng)
+        box = tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))
+        labels = case.labels[box].astype(np.int32)
+        origin = tuple(int(s - b) for s, b in zip(start, case.pad_before))
+        return Patch(case.id, case.image[box].copy(), (labels > 0).astype(np.uint8), labels, start, lesion, origin)
+
+
+def augment_patch(
+    patch: Patch,
+    rng: np.random.Generator,
+    *,
+    flip_axes: Sequence[int] = (0, 1, 2),
+    flip_probability: float = 0.5,
+    intensity_scale: float = 0.1,
+    intensity_shift: float = 0.1,
+) -> Patch:
+    """Light augmentation: flip each axis of ``flip_axes`` with ``flip_probability`` (image,
+    target and labels alike, so in-patch lesion sizes are unchanged), then jitter the image
+    intensity ``x -> x * (1 + a) + b`` with ``a ~ U(-intensity_scale, intensity_scale)`` and
+    ``b ~ U(-intensity_shift, intensity_shift)`` (in preprocessed units, [0, 1] for CT)."""
+    if any(a not in (0, 1, 2) for a in flip_axes):
+        raise InputError(f"flip_axes must be among 0, 1, 2, got {tuple(flip_axes)}")
+    if not (0.0 <= flip_probability <= 1.0) or intensity_scale < 0 or intensity_shift < 0:
+        raise InputError("flip_probability must be in [0, 1] and the intensity jitter non-negative")
+    flips = tuple(a for a in flip_axes if rng.random() < flip_probability)
+    scale = 1.0 + rng.uniform(-intensity_scale, intensity_scale)
+    shift = rng.uniform(-intensity_shift, intensity_shift)
+    image, target, labels = patch.image, patch.target, patch.labels
+    if flips:
+        image = np.ascontiguousarray(np.flip(image, flips))
+        target = np.ascontiguousarray(np.flip(target, flips))
+        labels = np.ascontiguousarray(np.flip(labels, flips))
+    image = (image * np.float32(scale) + np.float32(shift)).astype(np.float32, copy=False)
+    return replace(patch, image=image, target=target, labels=labels)
+
+
+def default_batch_rng(seed: int, rank: int, step: int) -> np.random.Generator:
+    """The generator of global training step ``step`` on DDP rank ``rank``."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(rank), int(step), 0x5A3D])
+
+
+CaseSource = Union[Case, CaseVolume]

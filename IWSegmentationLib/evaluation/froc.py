@@ -1,0 +1,114 @@
+"""FROC curves and their summaries: the LUNA16 CPM and the paper's avg Recall."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..core.errors import InputError
+
+#: FP/image rates of the LUNA16 competition performance metric (CPM).
+CPM_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+#: FP/image grid of the paper's "avg Recall": 501 points from 0 to 5.
+AVG_RECALL_FP_RATES: np.ndarray = np.linspace(0.0, 5.0, 501)
+
+
+@dataclass
+class Froc:
+    """A FROC curve: points sorted by FP/image, with the highest τ that gives each point.
+
+    ``threshold[0]`` is ``inf`` when the first point is the added (0, 0). ``recall`` is all
+    NaN when there are no lesions.
+    """
+
+    fp_per_image: np.ndarray
+    recall: np.ndarray
+    threshold: np.ndarray
+    n_lesions: int
+    n_images: int
+
+    def recall_at(self, fp_per_image) -> np.ndarray:
+        """Recall at the given FP/image rates: linear interpolation, clamped at the ends."""
+        return np.interp(np.asarray(fp_per_image, dtype=float), self.fp_per_image, self.recall)
+
+    def as_dict(self) -> dict:
+        return {
+            "fp_per_image": [float(v) for v in self.fp_per_image],
+            "recall": [_json_float(v) for v in self.recall],
+            "threshold": [_json_float(v) for v in self.threshold],
+        }
+
+
+def froc(
+    hit_conf: Sequence[float],
+    fp_conf: Sequence[float],
+    n_images: int,
+    *,
+    thresholds: Iterable[float] | None = None,
+) -> Froc:
+    """FROC curve from the lesions' ``hit_conf`` and the false positives' confidences.
+
+    Args:
+        hit_conf: one value per reference lesion: the confidence of its matched component,
+            NaN for a missed lesion (``hit_dice = 0``). Its length is the recall denominator.
+        fp_conf: confidence of every false-positive component (``hit_dice = 0``).
+        n_images: FP/image denominator (every image counts).
+        thresholds: the candidate τ (the issue's "all distinct component confidences").
+            Default: the distinct values of ``hit_conf`` and ``fp_conf``, where the counts
+            change; any superset gives the same curve.
+
+    For each τ: TP = #(hit_conf ≥ τ), FP = #(fp_conf ≥ τ). The point (0, 0) is added with
+    τ = inf; per FP count the highest recall is kept, reported with the highest τ giving it.
+    """
+    if int(n_images) < 1:
+        raise InputError(f"FROC needs at least one image, got n_images={n_images}")
+    hit_conf = np.asarray(hit_conf, dtype=float).ravel()
+    fp_conf = np.asarray(fp_conf, dtype=float).ravel()
+    tp_sorted = np.sort(hit_conf[np.isfinite(hit_conf)])
+    fp_sorted = np.sort(fp_conf)
+    if thresholds is None:
+        taus = np.unique(np.concatenate([tp_sorted, fp_sorted]))
+    else:
+        taus = np.unique(np.asarray(list(thresholds), dtype=float))
+    taus = np.r_[np.inf, taus[::-1]]  # descending, led by the added (0, 0) point
+    tp = tp_sorted.size - np.searchsorted(tp_sorted, taus, side="left")  # count >= tau
+    fp = fp_sorted.size - np.searchsorted(fp_sorted, taus, side="left")
+    # TP and FP are non-decreasing along the descending taus. Per FP count keep the last
+    # point (highest TP) and report the first tau of its (FP, TP) run (the highest tau).
+    run_start = np.r_[True, (fp[1:] != fp[:-1]) | (tp[1:] != tp[:-1])]
+    run_id = np.cumsum(run_start) - 1
+    group_end = np.flatnonzero(np.r_[fp[1:] != fp[:-1], True])
+    keep = np.flatnonzero(run_start)[run_id[group_end]]
+    n_lesions = hit_conf.size
+    recall = tp[keep] / n_lesions if n_lesions else np.full(keep.size, np.nan)
+    return Froc(
+        fp_per_image=fp[keep] / float(n_images),
+        recall=recall.astype(float),
+        threshold=taus[keep],
+        n_lesions=int(n_lesions),
+        n_images=int(n_images),
+    )
+
+
+def cpm(curve: Froc) -> float:
+    """LUNA16 competition performance metric: mean recall at 1/8 ... 8 FP/image (NaN without lesions)."""
+    if curve.n_lesions == 0:
+        return math.nan
+    return float(np.mean(curve.recall_at(CPM_FP_RATES)))
+
+
+def avg_recall(curve: Froc, max_fp: float = 5.0, n_points: int = 501) -> float:
+    """Mean recall over ``linspace(0, max_fp, n_points)`` FP/image (the paper's "avg Recall")."""
+    if curve.n_lesions == 0:
+        return math.nan
+    return float(np.mean(curve.recall_at(np.linspace(0.0, max_fp, n_points))))
+
+
+def _json_float(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None

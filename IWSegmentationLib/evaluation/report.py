@@ -1,0 +1,41 @@
+"""The evaluation report of a set of cases (what ``iwseg evaluate`` and validation write)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from ..core.lesions import (
+    SIZE_GROUPS,
+)
+from .bootstrap import BOOTSTRAP_FRACTION, N_BOOTSTRAP, _check_cases, _Pool, _summary
+
+if TYPE_CHECKING:
+    from .froc import Froc
+    from .matching import CaseResult
+
+
+def evaluate_cases(
+    cases: Sequence[CaseResult],
+    *,
+    n_resamples: int = N_BOOTSTRAP,
+    fraction: float = BOOTSTRAP_FRACTION,
+    seed: int = 0,
+) -> dict:
+    """The evaluation report over images, JSON-ready (undefined values are None).
+
+    Keys: ``n_images, n_lesions, object_dice{mean,std,n}, cpm, avg_recall_0_5,
+    froc{fp_per_image,recall,threshold}, bootstrap{cpm{mean,std}, avg_recall_0_5{mean,std}, n},
+    by_size{small,medium,large -> the same fields}, cases[...]`` (in input order, see
+    :meth:`CaseResult.as_dict`). A FROC threshold of None is the added (0, 0) point (τ = ∞).
+    """
+    ordered = _check_cases(cases)
+    pool = _Pool.from_cases(ordered)
+    report = _summary(pool, None, n_resamples, fraction, seed)
+    report["by_size"] = {g: _summary(pool, g, n_resamples, fraction, seed) for g in SIZE_GROUPS}
+    report["cases"] = [c.as_dict() for c in cases]
+    return report
+
+
+def froc_of_cases(cases: Sequence[CaseResult], size_group: str | None = None) -> Froc:
+    """The pooled FROC curve of a list of cases (all lesions, or one size group)."""
+    return _Pool.from_cases(_check_cases(cases)).froc(size_group)

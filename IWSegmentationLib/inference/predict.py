@@ -1,0 +1,178 @@
+"""Whole volumes: preprocessing, sliding window and resampling back, driven by the checkpoint's model card."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.errors import InputError
+from .devices import resolve_device, resolve_precision
+from .engine import _flops_per_voxel, freeze_for_cpu, resolve_engine
+from .sliding_window import InferenceStats, _triple, sliding_window_inference
+
+
+class ProbabilityPredictor(nn.Module):
+    """``sigmoid(model(x))``: blending probabilities (as nnU-Net does) makes skipped regions, which
+    get 0, read as zero probability. Being a module, it can be moved to the CPU on out-of-memory."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(x))
+
+
+@dataclass
+class VolumePrediction:
+    """:func:`predict_volume`'s result, on the input grid: float32 probabilities, the uint8 mask
+    ``probabilities > threshold``, the threshold used and the run's :class:`InferenceStats`."""
+
+    probabilities: np.ndarray
+    mask: np.ndarray
+    threshold: float
+    stats: InferenceStats
+
+
+def inference_settings(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Patch size, overlap and blend a checkpoint asks for: its optional ``inference`` entry
+    (``patch_size``, ``overlap``, ``blend``), else ``patch_size``, overlap 0.25, Gaussian blend."""
+    extra = metadata.get("inference") or {}
+    if not isinstance(extra, Mapping):
+        raise InputError(f"checkpoint metadata 'inference' must be a dict, got {extra!r}")
+    patch = extra.get("patch_size") or metadata.get("patch_size")
+    if patch is None:
+        raise InputError("checkpoint metadata has no 'patch_size': cannot choose the sliding-window size")
+    return {
+        "patch_size": _triple(patch, "patch_size", int),
+        "overlap": float(extra.get("overlap", 0.25)),
+        "blend": str(extra.get("blend", "gaussian")),
+    }
+
+
+def predict_volume(
+    model: nn.Module,
+    image: np.ndarray,
+    metadata: Mapping[str, Any],
+    *,
+    geometry=None,
+    organ_mask: np.ndarray | None = None,
+    device: str | torch.device = "auto",
+    overlap: float | None = None,
+    threshold: float | None = None,
+    blend: str | None = None,
+    batch_size: int | None = None,
+    precision: str = "auto",
+    skip_background: bool = True,
+    channels_last: bool | None = None,
+    engine: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> VolumePrediction:
+    """Lesion probabilities of a raw 3D image with a trained network and its model card.
+
+    Steps: :func:`preprocessing.prepare_case` (resampling to the card's target spacing, if any,
+    then intensity scaling and the organ mask), the foreground for skipping
+    (:func:`preprocessing.foreground_mask`: the organ mask, else the lung field for ``ct-lung``,
+    else the preset's body threshold),
+    :func:`sliding_window_inference` of ``sigmoid(model(x))``, resampling back to the input grid,
+    and ``mask = probabilities > threshold``.
+
+    Args:
+        model: the network (``load_checkpoint``'s first value); it is put in ``eval()`` mode and
+            moved to ``device`` (to the CPU on an out-of-memory fallback).
+        image: raw ``[z, y, x]`` intensities (HU for CT). NaN/inf voxels raise :class:`InputError`.
+        metadata: the checkpoint's model card (``patch_size``, ``preprocessing``, ``threshold``).
+        geometry: the image's :class:`~IWSegmentationLib.core.imageio.Geometry` (spacing matters when
+            the card resamples); default: 1 mm isotropic, axis-aligned.
+        organ_mask: the organ mask the preset names (e.g. lungs for ``ct-lung``), same grid.
+        overlap, threshold, blend: override the card's values (see :func:`inference_settings`).
+        precision: ``auto`` (fp16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``fp16``, ``bf16``.
+        skip_background: skip windows outside the foreground (their voxels get probability 0).
+        channels_last: use ``channels_last_3d`` weights with the eager engine (default: on for
+            CPU and CUDA, where it is faster for 3D convolutions; off on MPS).
+        engine: ``auto`` (``frozen`` for fp32 on the CPU with a narrow network, see
+            :func:`resolve_engine`; else ``eager``), ``frozen``
+            (:func:`freeze_for_cpu`; falls back to eager with a warning if it cannot be built)
+            or ``eager`` (the module as it is).
+    """
+    from ..core.imageio import Geometry
+    from ..preprocessing.foreground import foreground_mask
+    from ..preprocessing.presets import validate_params
+    from ..preprocessing.resampling import prepare_case, resample_to_geometry
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(metadata, Mapping) or "preprocessing" not in metadata:
+        raise InputError("checkpoint metadata lacks 'preprocessing': cannot prepare the image")
+    settings = inference_settings(metadata)
+    params = validate_params(dict(metadata["preprocessing"]))
+    threshold = float(metadata.get("threshold", 0.5) if threshold is None else threshold)
+    if not 0.0 <= threshold < 1.0:
+        raise InputError(f"threshold must be in [0, 1), got {threshold}")
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise InputError(f"image must be a 3D array [z, y, x], got shape {image.shape}")
+    geometry = geometry or Geometry.identity(image.shape)
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+
+    stats = InferenceStats()
+    report = on_warning or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=2))
+
+    def warn(message: str) -> None:
+        stats.warnings.append(message)
+        report(message)
+
+    network_input, work_geometry, _ = prepare_case(image, geometry, params, organ_mask)
+    foreground = None
+    if skip_background:
+        foreground = foreground_mask(image, params, organ_mask, on_warning=warn, spacing_zyx=geometry.spacing_zyx)
+        if foreground is not None and work_geometry != geometry:
+            foreground = resample_to_geometry(foreground.view(np.uint8), geometry, work_geometry, is_mask=True) != 0
+
+    engine = resolve_engine(engine, device, precision, _flops_per_voxel(model))
+    model.eval()
+    model.to(device)
+    network = freeze_for_cpu(model, on_warning=warn) if engine == "frozen" else None
+    stats.engine = "eager" if network is None else "frozen"
+    use_channels_last = network is None and (
+        device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last))
+    if use_channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    try:
+        probs = sliding_window_inference(
+            network_input,
+            ProbabilityPredictor(model if network is None else network),
+            settings["patch_size"],
+            overlap=settings["overlap"] if overlap is None else overlap,
+            blend=blend or settings["blend"],
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            foreground=foreground,
+            pad_value=float(network_input.min()),
+            fill_value=0.0,
+            progress=progress,
+            cancel=cancel,
+            on_warning=on_warning,
+            stats=stats,
+        )
+    finally:
+        if use_channels_last:
+            model.to(memory_format=torch.contiguous_format)
+    del network_input, foreground
+    if probs.shape[0] != 1:
+        raise InputError(f"the model returns {probs.shape[0]} channels; lesion segmentation needs 1")
+    probs = probs[0]
+    if work_geometry != geometry:
+        probs = resample_to_geometry(probs, work_geometry, geometry)
+    np.clip(probs, 0.0, 1.0, out=probs)
+    mask = (probs > threshold).view(np.uint8)
+    return VolumePrediction(probabilities=probs, mask=mask, threshold=threshold, stats=stats)

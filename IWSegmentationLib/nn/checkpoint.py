@@ -1,0 +1,510 @@
+"""Safe checkpoints: one ``.safetensors`` file with the weights and a JSON model card.
+
+A checkpoint is a standard `safetensors <https://huggingface.co/docs/safetensors>`_ file:
+the network's ``state_dict`` tensors, and in the header's ``__metadata__`` (a string->string
+map) three entries:
+
+* ``format``: ``"iwsegmentation.checkpoint"``;
+* ``format_version``: the integer :data:`FORMAT_VERSION` as a string;
+* ``model_card``: the JSON model card (architecture, patch size, preprocessing, threshold,
+  loss, size thresholds, training data, validation metrics, versions, creation time and the
+  sha256 of the weights). ``docs/checkpoints.md`` documents every field.
+
+Nothing is ever unpickled: safetensors holds only raw tensor bytes and JSON. A pickled
+PyTorch file (``.pt``/``.pth``) is refused, unless the caller passes ``allow_torch_load=True``,
+which reads it with ``torch.load(weights_only=True)`` only (tensors and plain containers; no
+arbitrary objects, so no code runs).
+
+The trainer's resume state (optimizer, scheduler, RNG, epoch) uses the same container through
+:func:`save_training_state` / :func:`load_training_state`: any nesting of dicts, lists, tuples,
+tensors, numpy arrays and JSON scalars, with no pickle either.
+
+Inspect a checkpoint from a shell: ``python -m IWSegmentationLib.nn MODEL.safetensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from .. import __version__
+from ..core.errors import CheckpointError, InputError
+from ..core.imageio import atomic_output
+
+if TYPE_CHECKING:  # torch is imported lazily: reading a model card must not need it
+    import torch
+    from torch import nn
+
+
+FORMAT = "iwsegmentation.checkpoint"
+
+
+TRAINING_STATE_FORMAT = "iwsegmentation.training_state"
+
+
+#: Bumped only when a reader of the previous version would misread a new file; adding an
+#: optional model-card field does not bump it. Readers accept versions <= their own.
+FORMAT_VERSION = 1
+
+
+#: Model-card fields the caller must give (the rest have defaults or are filled in).
+REQUIRED_FIELDS = ("patch_size", "preprocessing")
+
+
+#: Fields :func:`save_checkpoint` fills in itself; a caller's values for them are replaced.
+AUTOMATIC_FIELDS = (
+    "format", "format_version", "architecture", "library_version", "torch_version",
+    "created", "num_parameters", "weights_sha256",
+)
+
+
+#: Optional fields and their defaults.
+OPTIONAL_FIELDS: dict[str, Any] = {
+    "threshold": 0.5,
+    "loss": None,
+    "size_thresholds": None,
+    "training_data": None,
+    "validation_metrics": None,
+    "description": "",
+}
+
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+
+
+#: safetensors refuses headers above 100 MB; so do we, before reading them into memory.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _dtype_codes() -> dict:
+    """safetensors dtype codes (the header's "dtype" strings) of the torch dtypes we store."""
+    import torch
+
+    return {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+        torch.uint8: "U8", torch.bool: "BOOL",
+    }
+
+
+def weights_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state dict, independent of file layout and header.
+
+    For each tensor in sorted name order the hash takes: the UTF-8 name, ``\\0``, the
+    safetensors dtype code (``F32``...), ``\\0``, the shape as comma-separated ints, ``\\0``,
+    then the tensor's raw little-endian bytes in C order.
+    """
+    import torch
+
+    codes = _dtype_codes()
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if t.dtype not in codes:
+            raise InputError(f"tensor {name!r} has dtype {t.dtype}, which checkpoints do not store")
+        digest.update(name.encode("utf-8") + b"\0")
+        digest.update(codes[t.dtype].encode() + b"\0")
+        digest.update(",".join(str(s) for s in t.shape).encode() + b"\0")
+        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _to_json_value(value: Any, where: str) -> Any:
+    """Plain-JSON copy of ``value``: numpy scalars/arrays, tuples, dataclasses and paths are
+    converted; non-finite floats become ``None`` (strict JSON has no NaN)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        return _to_json_value(value.tolist(), where)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor) and value.numel() <= 1024:
+        return _to_json_value(value.detach().cpu().tolist(), where)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _to_json_value(dataclasses.asdict(value), where)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InputError(f"checkpoint metadata {where}: key {k!r} is not a string")
+            out[k] = _to_json_value(v, f"{where}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_to_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise InputError(
+        f"checkpoint metadata {where}: {type(value).__name__} is not JSON-serialisable; "
+        "use numbers, strings, lists and dicts"
+    )
+
+
+def build_model_card(model: nn.Module, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict:
+    """The full model card :func:`save_checkpoint` writes: ``metadata`` validated, defaults
+    added, and the automatic fields (format, versions, time, architecture, sha256) filled in."""
+    if not isinstance(metadata, Mapping):
+        raise InputError(f"checkpoint metadata must be a dict, got {type(metadata).__name__}")
+    missing = [k for k in REQUIRED_FIELDS if metadata.get(k) is None]
+    if missing:
+        raise InputError(
+            f"checkpoint metadata lacks {', '.join(missing)}: a checkpoint must say how to "
+            "reproduce a prediction (see docs/checkpoints.md)"
+        )
+    card = _to_json_value(dict(metadata), "metadata")
+    architecture = getattr(model, "config", None) or card.get("architecture")
+    if not architecture:
+        raise InputError(
+            "the model has no .config and metadata has no 'architecture': build the model with "
+            "models.build_model(config) or pass metadata['architecture']"
+        )
+    from .unet import validate_config
+
+    patch = card["patch_size"]
+    if isinstance(patch, int):
+        patch = [patch] * 3
+    if not (isinstance(patch, list) and len(patch) == 3 and all(isinstance(p, int) and p > 0 for p in patch)):
+        raise InputError(f"checkpoint metadata 'patch_size' must be 3 positive ints (z, y, x), got {patch!r}")
+    from ..preprocessing.presets import validate_params
+
+    try:
+        preprocessing = validate_params(card["preprocessing"])
+    except InputError as exc:
+        raise InputError(f"checkpoint metadata 'preprocessing' (use preprocessing.get_preset): {exc}") from None
+    threshold = card.get("threshold", OPTIONAL_FIELDS["threshold"])
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 < threshold < 1.0:
+        raise InputError(f"checkpoint metadata 'threshold' must be a probability in (0, 1), got {threshold!r}")
+    for key, default in OPTIONAL_FIELDS.items():
+        card.setdefault(key, default)
+    import torch
+
+    card.update(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        architecture=_to_json_value(validate_config(dict(architecture)), "architecture"),
+        patch_size=patch,
+        preprocessing=preprocessing,
+        threshold=float(threshold),
+        library_version=__version__,
+        torch_version=torch.__version__.split("+")[0],
+        created=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        num_parameters=int(sum(p.numel() for p in model.parameters())),
+        weights_sha256=weights_sha256(tensors),
+    )
+    return card
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain network inside a ``DistributedDataParallel``/``DataParallel`` (``.module``) or
+    ``torch.compile`` (``._orig_mod``) wrapper, so saved names carry no wrapper prefix."""
+    for _ in range(4):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None or inner is model:
+            break
+        model = inner
+    return model
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, storage-independent copies of the state dict, as safetensors needs."""
+    out = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
+    """Write atomically (temp file beside ``path``, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: Mapping[str, Any]) -> dict:
+    """Write ``model``'s weights and the model card to ``path`` (a ``.safetensors`` file).
+
+    ``metadata`` must hold ``patch_size`` and ``preprocessing`` (a preset dict from
+    :func:`IWSegmentationLib.preprocessing.get_preset`) and may hold ``threshold`` (default
+    0.5), ``loss``, ``size_thresholds``, ``training_data``, ``validation_metrics``,
+    ``description`` and any other JSON-serialisable keys. The architecture is taken from
+    ``model.config`` (DDP and ``torch.compile`` wrappers are unwrapped first). The file is written atomically: an existing checkpoint at ``path`` is
+    replaced only once the new one is complete. Returns the model card written.
+    """
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise InputError(f"checkpoint {path}: use a .safetensors name; pickled formats are not written")
+    model = unwrap_model(model)
+    tensors = _state_tensors(model)
+    card = build_model_card(model, metadata, tensors)
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+              "model_card": json.dumps(card, allow_nan=False, sort_keys=True)}
+    _write_safetensors(path, tensors, header)
+    return card
+
+
+def _looks_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with a little-endian u64 header length, then ``{``."""
+    return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8
+
+
+def _looks_pickled(path: Path, head: bytes, size: int) -> bool:
+    """torch.save writes a zip archive (``PK\x03\x04``); legacy torch.save and pickle protocol
+    >= 2 start with ``\x80`` and the protocol number. A safetensors header length can also
+    start with ``\x80``, so the safetensors shape is checked first."""
+    if _looks_safetensors(head, size):
+        return False
+    return (
+        path.suffix.lower() in PICKLE_SUFFIXES
+        or head[:4] == b"PK\x03\x04"
+        or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+    )
+
+
+def _refuse_pickle(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is a pickled PyTorch file, which can run arbitrary code when loaded; "
+        "IWSegmentation reads only .safetensors checkpoints. If you trust its source, convert it "
+        "with load_checkpoint(path, allow_torch_load=True, metadata=...) (tensors only, "
+        "torch.load(weights_only=True)) followed by save_checkpoint(...)"
+    )
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a safetensors header (without reading the tensors) and check it against the file
+    size. Raises :class:`CheckpointError` naming ``path`` for missing, pickled, truncated or
+    corrupt files."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a .safetensors file")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+        if _looks_pickled(path, head, size):
+            raise _refuse_pickle(path)
+        fh.seek(8)
+        if len(head) < 8:
+            raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head[:8])
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or not a safetensors file "
+                f"(header claims {n} bytes, file has {size})"
+            )
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt: unreadable header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: header is not a JSON object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise CheckpointError(f"checkpoint {path} is corrupt: bad entry for tensor {name!r}") from None
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated: tensors need {8 + n + end} bytes, the file has {size}"
+        )
+    return header
+
+
+def _check_format(path: Path, meta: Mapping[str, str], expected: str) -> int:
+    if meta.get("format") != expected:
+        raise CheckpointError(
+            f"checkpoint {path} has no IWSegmentation metadata (format {meta.get('format')!r}, "
+            f"expected {expected!r}); was it written by save_checkpoint/save_training_state?"
+        )
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise CheckpointError(f"checkpoint {path} has a bad format_version {meta.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} uses format version {version}, newer than this library "
+            f"(iwsegmentation {__version__} reads versions <= {FORMAT_VERSION}); upgrade iwsegmentation"
+        )
+    if version < 1:
+        raise CheckpointError(f"checkpoint {path} has an invalid format_version {version}")
+    return version
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The model card of a checkpoint, read from the header only (no weights, no model).
+
+    Raises :class:`CheckpointError` for a missing, pickled, corrupt or truncated file, a file
+    without a model card, or one written by a newer incompatible format version.
+    """
+    path = Path(path)
+    header = read_header(path)
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or "model_card" not in meta:
+        raise CheckpointError(
+            f"checkpoint {path} has no model card (no IWSegmentation metadata in its header); "
+            "it cannot say how to preprocess or threshold. Re-save it with save_checkpoint"
+        )
+    _check_format(path, meta, FORMAT)
+    try:
+        card = json.loads(meta["model_card"])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {path} has a corrupt model card: {exc}") from None
+    missing = [k for k in ("architecture", "weights_sha256", *REQUIRED_FIELDS) if k not in card]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} model card lacks {', '.join(missing)}")
+    return card
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise CheckpointError(f"checkpoint {path} is corrupt: {exc}") from None
+
+
+def _build_and_load(path: Path, card: Mapping[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+    from .unet import build_model
+
+    try:
+        model = build_model(card["architecture"])
+    except InputError as exc:
+        raise CheckpointError(f"checkpoint {path}: bad architecture: {exc}") from None
+    missing, unexpected = [], []
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append(f"wrong shape {', '.join(wrong[:5])}")
+        raise CheckpointError(f"checkpoint {path}: weights do not fit its architecture: {'; '.join(parts)}")
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    *,
+    allow_torch_load: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network of a checkpoint and load its weights: ``(model in eval mode, card)``.
+
+    Verifies the weights' sha256 against the model card. Every problem (missing, truncated or
+    corrupt file, no model card, sha256 mismatch, newer format version, weights that do not fit
+    the architecture, a pickled file) raises :class:`CheckpointError` naming ``path``.
+
+    ``allow_torch_load=True`` accepts a pickled ``.pt``/``.pth`` holding a state dict (or
+    ``{"state_dict": ..., "metadata": ...}``), read with ``torch.load(weights_only=True)``
+    only; its model card comes from the file's ``metadata`` entry or the ``metadata`` argument.
+    """
+    path = Path(path)
+    if allow_torch_load and path.exists() and path.is_file():
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+        if _looks_pickled(path, head, path.stat().st_size):
+            model, card = _load_torch_weights_only(path, metadata)
+            return model.to(map_location), card
+    card = read_metadata(path)
+    from ..preprocessing.presets import validate_params
+
+    try:
+        card["preprocessing"] = validate_params(card["preprocessing"])
+    except InputError as exc:
+        raise CheckpointError(f"checkpoint {path}: bad preprocessing in the model card: {exc}") from None
+    tensors = _load_tensors(path)
+    digest = weights_sha256(tensors)
+    if digest != card["weights_sha256"]:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its weights' sha256 {digest[:12]}... does not match "
+            f"the model card's {str(card['weights_sha256'])[:12]}..."
+        )
+    model = _build_and_load(path, card, tensors)
+    return model.to(map_location), card
+
+
+def _load_torch_weights_only(path: Path, metadata: Mapping[str, Any] | None) -> tuple[nn.Module, dict]:
+    """Read a pickled state dict with ``torch.load(weights_only=True)``; never full unpickling."""
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for disallowed globals, RuntimeError for damage
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read safely with torch.load(weights_only=True): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    card = dict(metadata or (obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}) or {})
+    if "architecture" not in card:
+        raise CheckpointError(
+            f"checkpoint {path} is a bare state dict without a model card: pass metadata= with at "
+            "least 'architecture', 'patch_size' and 'preprocessing'"
+        )
+    model = _build_and_load(path, card, dict(state))
+    return model, build_model_card(model, card, _state_tensors(model))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m IWSegmentationLib.nn CKPT [--verify]``: print the model card."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m IWSegmentationLib.nn",
+                                     description="Print a checkpoint's model card (JSON).")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--verify", action="store_true",
+                        help="also load the weights and check their sha256 and architecture")
+    args = parser.parse_args(argv)
+    try:
+        if args.verify:
+            _, card = load_checkpoint(args.checkpoint)
+        else:
+            card = read_metadata(args.checkpoint)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(card, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Preprocessing, one code path for training and inference: presets, intensities, foreground, resampling.
+"""
+
+from .foreground import (  # noqa: F401  (re-exported)
+    foreground_mask,
+    lung_field,
+)
+from .intensity import (  # noqa: F401  (re-exported)
+    preprocess,
+)
+from .presets import (  # noqa: F401  (re-exported)
+    MODALITIES,
+    PARAM_KEYS,
+    PRESETS,
+    SCALINGS,
+    get_preset,
+    validate_params,
+)
+from .resampling import (  # noqa: F401  (re-exported)
+    prepare_case,
+    resample_to_geometry,
+    resample_to_spacing,
+    resampled_geometry,
+)
+
+__all__ = [
+    "SCALINGS",
+    "MODALITIES",
+    "PARAM_KEYS",
+    "PRESETS",
+    "get_preset",
+    "validate_params",
+    "preprocess",
+    "foreground_mask",
+    "lung_field",
+    "resampled_geometry",
+    "resample_to_geometry",
+    "resample_to_spacing",
+    "prepare_case",
+]

@@ -1,0 +1,105 @@
+"""Resampling to a spacing or a grid, and :func:`prepare_case`, the one preprocessing entry point."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.imageio import Geometry, to_sitk
+from .intensity import _check_image, _check_mask, _preprocess_inplace, preprocess
+from .presets import validate_params
+
+
+def resampled_geometry(geometry: Geometry, spacing_zyx: Sequence[float | None]) -> Geometry:
+    """The grid with ``spacing_zyx`` (``None`` entries keep the axis) covering the same physical
+    extent as ``geometry``: same direction, voxel edges aligned at the origin corner,
+    ``size = max(1, floor(n * s / s_new + 0.5))`` (halves round up)."""
+    if len(spacing_zyx) != 3:
+        raise InputError(f"target spacing must have 3 entries (z, y, x), got {spacing_zyx!r}")
+    old_xyz = np.asarray(geometry.spacing, dtype=float)
+    new_xyz = np.array([old_xyz[i] if spacing_zyx[2 - i] is None else float(spacing_zyx[2 - i]) for i in range(3)])
+    if np.any(new_xyz <= 0):
+        raise InputError(f"target spacing must be > 0, got {spacing_zyx!r}")
+    size = np.maximum(1, np.floor(np.asarray(geometry.size) * old_xyz / new_xyz + 0.5 + 1e-9)).astype(int)
+    origin = np.asarray(geometry.origin) + geometry.direction_matrix @ (0.5 * (new_xyz - old_xyz))
+    return Geometry(
+        size=tuple(int(v) for v in size),
+        spacing=tuple(float(v) for v in new_xyz),
+        origin=tuple(float(v) for v in origin),
+        direction=geometry.direction,
+    )
+
+
+#: dtypes SimpleITK interpolates directly (into a float32 output), without a float32 copy first
+_SITK_NATIVE = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.float32))
+
+
+def resample_to_geometry(
+    array: np.ndarray, geometry: Geometry, target: Geometry, *, is_mask: bool = False
+) -> np.ndarray:
+    """Resample ``array`` (on ``geometry``) onto the grid ``target`` with SimpleITK.
+
+    Images: linear interpolation, float32 out. Masks (``is_mask=True``): nearest neighbour,
+    the input dtype kept. Points outside the source image get 0 (edge voxels are extended by
+    half a voxel, as ITK does, so grids from :func:`resampled_geometry` have no empty border).
+    """
+    import SimpleITK as sitk
+
+    if array.ndim != 3:
+        raise InputError(f"array to resample must be 3D [z, y, x], got shape {array.shape}")
+    if array.dtype == bool:
+        array = array.view(np.uint8)
+    if not is_mask and array.dtype not in _SITK_NATIVE:
+        array = array.astype(np.float32)  # float64, float16, int64...: interpolate in float32
+    source = to_sitk(array, geometry)
+    out_type = source.GetPixelID() if is_mask else sitk.sitkFloat32
+    result = sitk.Resample(
+        source,
+        [int(v) for v in target.size],
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor if is_mask else sitk.sitkLinear,
+        [float(v) for v in target.origin],
+        [float(v) for v in target.spacing],
+        [float(v) for v in target.direction],
+        0.0,
+        out_type,
+    )
+    return sitk.GetArrayFromImage(result)
+
+
+def resample_to_spacing(
+    array: np.ndarray, geometry: Geometry, spacing_zyx: Sequence[float | None], *, is_mask: bool = False
+) -> tuple[np.ndarray, Geometry]:
+    """Resample onto :func:`resampled_geometry` ``(geometry, spacing_zyx)``; returns the array
+    and its new geometry. Linear for images, nearest for masks (``is_mask=True``)."""
+    target = resampled_geometry(geometry, spacing_zyx)
+    if target == geometry:
+        return (array if is_mask else array.astype(np.float32, copy=False)), geometry
+    return resample_to_geometry(array, geometry, target, is_mask=is_mask), target
+
+
+def prepare_case(
+    image: np.ndarray, geometry: Geometry, params: dict[str, Any], mask: np.ndarray | None = None
+) -> tuple[np.ndarray, Geometry, np.ndarray | None]:
+    """The whole input path used by training and inference: resample image (linear) and mask
+    (nearest) to ``params["target_spacing"]`` if set, then :func:`preprocess`.
+
+    Returns ``(network_input float32, its geometry, resampled mask or None)``. Bring outputs
+    back with ``resample_to_geometry(prob, returned_geometry, geometry)``.
+    """
+    params = validate_params(params)
+    _check_image(image)
+    if tuple(image.shape) != geometry.shape_zyx:
+        raise InputError(f"image shape {image.shape} does not match its geometry {geometry.shape_zyx}")
+    if mask is not None:
+        _check_mask(mask, image.shape)
+    target = geometry if params["target_spacing"] is None else resampled_geometry(geometry, params["target_spacing"])
+    if target == geometry:
+        return preprocess(image, params, mask), geometry, mask
+    # the resampled image is a fresh float32 array: preprocess it in place (no second copy)
+    work = resample_to_geometry(image, geometry, target)
+    if mask is not None:
+        mask = resample_to_geometry(np.asarray(mask != 0, dtype=np.uint8), geometry, target, is_mask=True)
+    return _preprocess_inplace(work, params, mask), target, mask

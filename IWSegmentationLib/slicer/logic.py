@@ -1,0 +1,168 @@
+"""The module's logic without Qt: volume node in, backend process, lesion segments out.
+
+The scripted module's ``IWSegmentationLogic`` is a thin adapter from its parameter node to
+:class:`LesionSegmentationLogic` (the SlicerNNUnet pattern: the logic lives in the library, the
+module only wires widgets). Everything here uses MRML nodes, :mod:`IWSegmentationLib.slicer.mrml`,
+:mod:`IWSegmentationLib.slicer.process` and :mod:`IWSegmentationLib.slicer.panel` — no Qt, no ``slicer.app``
+— so it runs, with the real backend, under the ``slicer-core`` wheel in the tests.
+
+Flow of one run:
+
+1. :meth:`LesionSegmentationLogic.check_inputs` refuses what cannot work (no volume, 2D,
+   vector voxels, no model card) and returns warnings for the user to confirm (modality,
+   organ-mask preset);
+2. :meth:`~LesionSegmentationLogic.start` writes the volume (and the organ mask, on the
+   volume's grid) into the run's temporary folder with their exact geometry and starts
+   ``python -m IWSegmentationLib predict`` (see :class:`~IWSegmentationLib.slicer.process.InferenceRun`);
+3. on success the run's loader reads the mask and probabilities and calls
+   :func:`IWSegmentationLib.slicer.mrml.load_prediction` inside :func:`scene_rollback`: if anything
+   fails, every node it added is removed, so a failed run leaves the scene as it was. A
+   cancelled or failed backend never touches the scene at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator, Mapping
+
+from ..core.errors import InputError
+from . import panel, process
+
+
+@contextlib.contextmanager
+def scene_rollback(scene) -> Iterator[None]:
+    """If the block raises, remove every node it added to ``scene`` (then re-raise)."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    except BaseException:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in added:
+            if node is not None and node.GetID() not in before:
+                scene.RemoveNode(node)
+        raise
+
+
+def check_volume_node(volume_node) -> None:
+    """Refuse a missing volume, an empty one, 2D slices or vector voxels (:class:`InputError`)."""
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise InputError("Select an input volume.")
+    image = volume_node.GetImageData()
+    panel.check_volume_shape(image.GetDimensions(), image.GetNumberOfScalarComponents(), volume_node.GetName())
+
+
+class LesionSegmentationLogic:
+    """Segment the lesions of a volume node with a checkpoint, in a backend process.
+
+    ``python`` is the interpreter that runs the backend (``PythonSlicer`` inside Slicer),
+    ``env`` its environment (default :func:`~IWSegmentationLib.slicer.process.backend_environment`),
+    ``workdir_parent`` where the temporary run folders go (default: the system's temp folder).
+    :attr:`results` holds the last :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`.
+    """
+
+    def __init__(self, scene, *, python: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+                 workdir_parent: str | os.PathLike | None = None) -> None:
+        self.scene = scene
+        self.python = python
+        self.env = dict(env) if env is not None else None
+        self.workdir_parent = workdir_parent
+        self.results = None
+
+    @staticmethod
+    def read_model_card(checkpoint_path: str | os.PathLike) -> dict:
+        """The checkpoint's model card (header only, no weights)."""
+        from ..nn.checkpoint import read_metadata
+
+        return read_metadata(checkpoint_path)
+
+    def check_inputs(self, volume_node, card: Mapping[str, Any] | None, dicom_modality: str | None = None) -> list[str]:
+        """Raise :class:`InputError` for unusable inputs; return warnings the user should confirm."""
+        check_volume_node(volume_node)
+        if card is None:
+            raise InputError("Select a readable model checkpoint.")
+        low, high = volume_node.GetImageData().GetScalarRange()
+        return panel.compatibility_warnings(card, minimum=low, maximum=high, dicom_modality=dicom_modality)
+
+    def start(
+        self,
+        volume_node,
+        checkpoint_path: str | os.PathLike,
+        *,
+        device: str = "auto",
+        overlap: float | None = None,
+        threshold: float | None = None,
+        organ_mask=None,
+        reference=None,
+        on_progress: Callable[[Any], Any] | None = None,
+        on_finished: Callable[[process.RunResult], Any] | None = None,
+        on_log: Callable[[str], Any] | None = None,
+    ) -> process.InferenceRun:
+        """Write the inputs and start the backend; returns the running :class:`~IWSegmentationLib.slicer.process.InferenceRun`.
+
+        Poll it (``run.poll()`` from a timer) or wait for it (``run.wait()``). On success its
+        result's ``loaded`` is the :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`.
+        """
+        from ..core import imageio
+        from . import mrml
+
+        parameters = process.PredictParameters(checkpoint_path, device=device, overlap=overlap, threshold=threshold)
+        parameters.validate()
+        check_volume_node(volume_node)
+        sizes = panel.card_size_thresholds(self.read_model_card(checkpoint_path))
+        array, geometry = mrml.array_from_volume(volume_node)
+
+        def write_organ(path):
+            organ = mrml.labelmap_on_volume_grid(organ_mask, volume_node) > 0
+            imageio.write_image(path, organ.astype("uint8"), geometry)
+
+        run = process.InferenceRun(
+            parameters,
+            command_prefix=process.default_command_prefix(self.python),
+            env=self.env,
+            workdir_parent=self.workdir_parent,
+            loader=lambda outputs: self.load_results(outputs, volume_node, reference, sizes),
+        )
+        for signal, slot in ((run.progress, on_progress), (run.finished, on_finished), (run.log, on_log)):
+            if slot is not None:
+                signal.connect(slot)
+        run.start(write_input=lambda path: imageio.write_image(path, array, geometry),
+                  write_organ_mask=write_organ if organ_mask is not None else None)
+        return run
+
+    def load_results(self, outputs: Mapping[str, os.PathLike], volume_node, reference=None, size_thresholds_mm=None):
+        """Read the backend's outputs onto the volume's grid and build the scene (all or nothing)."""
+        from ..core import imageio
+        from . import mrml
+
+        mask, mask_geometry = imageio.read_image(outputs["mask"], what="lesion mask")
+        probabilities, prob_geometry = imageio.read_image(outputs["probabilities"], what="probability map")
+        with scene_rollback(self.scene):
+            self.results = mrml.load_prediction(
+                self.scene, volume_node, mask, probabilities, reference=reference,
+                size_thresholds_mm=size_thresholds_mm, keep_probabilities=True,
+                geometry=mask_geometry, probabilities_geometry=prob_geometry,
+            )
+        return self.results
+
+    def run_blocking(self, volume_node, checkpoint_path, timeout: float | None = None, **options):
+        """Scripts and tests: run to the end; return the results or raise with the backend's report."""
+        return self.start(volume_node, checkpoint_path, **options).wait(timeout).loaded_or_raise()
+
+    @staticmethod
+    def set_confidence_threshold(results, value: float) -> panel.DetectionCounts:
+        """Show only lesions with confidence >= ``value``; return the counts the panel shows."""
+        from . import mrml
+
+        mrml.set_confidence_threshold(results.segmentation, value)
+        return panel.detection_counts(results.lesions, value, results.matches)
+
+    def center_views_on(self, row: Mapping[str, Any]) -> tuple[float, float, float] | None:
+        """Centre the slice views on a lesion-table row of :attr:`results` (its ``center_ras``,
+        in the input volume's frame); returns the world point, or None for a row without a centre."""
+        from . import mrml
+
+        if self.results is None or row.get("center_ras") is None:
+            return None
+        volume = mrml.reference_volume_node(self.results.segmentation)
+        return mrml.center_slice_views(self.scene, row["center_ras"], volume)

@@ -1,0 +1,95 @@
+"""The module's entry point into the scene: load one prediction (mask, probabilities, reference) as nodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ...core.imageio import Geometry
+from ...core.lesions import (
+    SizeThresholds,
+)
+from .geometry import add_volume_from_array, check_on_volume_grid, volume_geometry
+from .matching import match_segmentations
+from .segments import lesion_rows, lesion_segmentation
+from .tables import dice_table_node
+
+
+@dataclass
+class PredictionResults:
+    """What :func:`load_prediction` put into the scene, and the rows the panel shows.
+
+    ``rows``: the lesion table (:func:`lesion_rows`): one row per detected lesion (segment
+    order, largest first) and, with a reference, one per missed reference lesion (FN).
+    ``matches``: one dict per reference lesion (``status`` TP/FN, ``dice``/``hit_dice``,
+    ``confidence`` of its match, ``segment_id`` in ``reference``, ``center_ras``), or None
+    without a reference. ``table``: the table node holding ``rows``. ``probabilities``: the
+    probability volume node (when kept).
+    """
+
+    segmentation: Any
+    rows: list[dict]
+    matches: list[dict] | None = None
+    reference: Any = None
+    table: Any = None
+    probabilities: Any = None
+
+    @property
+    def lesions(self) -> list[dict]:
+        """The detected lesions: the rows that are segments of :attr:`segmentation` (no FN rows)."""
+        return [row for row in self.rows if row["row"] == "detection"]
+
+
+def load_prediction(
+    scene,
+    volume_node,
+    lesion_mask: np.ndarray,
+    probabilities: np.ndarray | None = None,
+    *,
+    reference=None,
+    reference_segment_ids: Sequence[str] | None = None,
+    size_thresholds_mm: Sequence[float] | SizeThresholds | str | None = None,
+    name: str | None = None,
+    connectivity: int = 26,
+    keep_probabilities: bool = False,
+    make_table: bool = True,
+    closed_surface: bool = True,
+    geometry: Geometry | None = None,
+    probabilities_geometry: Geometry | None = None,
+) -> PredictionResults:
+    """Turn the backend's outputs (read onto the volume's grid) into segments and table rows.
+
+    Calls :func:`lesion_segmentation` and, given a ``reference`` segmentation node,
+    :func:`match_segmentations`; the rows are :func:`lesion_rows`. Optionally adds the
+    probability map as a volume node (``keep_probabilities``) and the table node
+    (``make_table``). Pass the ``geometry`` (and ``probabilities_geometry``) that
+    :func:`IWSegmentationLib.core.imageio.read_image` returned with the mask (and the probability
+    map): a file on another grid is refused with :class:`GeometryMismatchError` naming what
+    differs, before anything is added to the scene — the arrays alone cannot tell.
+    """
+    if geometry is not None:
+        check_on_volume_grid(geometry, volume_node, "the backend's lesion mask")
+    if probabilities_geometry is not None:
+        check_on_volume_grid(probabilities_geometry, volume_node, "the backend's probability map")
+    segmentation = lesion_segmentation(
+        scene, volume_node, lesion_mask, probabilities=probabilities, size_thresholds_mm=size_thresholds_mm,
+        name=name, connectivity=connectivity, closed_surface=closed_surface,
+    )
+    match = None
+    if reference is not None:
+        match = match_segmentations(segmentation, reference, reference_segment_ids, volume_node,
+                                    connectivity=connectivity)
+    rows = lesion_rows(segmentation, match)
+    table = dice_table_node(scene, rows, f"{segmentation.GetName()} table") if make_table else None
+    probability_node = None
+    if keep_probabilities and probabilities is not None:
+        probability_node = add_volume_from_array(
+            scene, probabilities.astype(np.float32, copy=False), volume_geometry(volume_node),
+            f"{segmentation.GetName()} probabilities",
+        )
+        if volume_node.GetTransformNodeID():
+            probability_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    return PredictionResults(segmentation, rows, match.references if match else None, reference, table,
+                             probability_node)

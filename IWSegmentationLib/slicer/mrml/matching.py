@@ -1,0 +1,336 @@
+"""Object Dice in the scene: segments and reference exported onto the volume grid and matched by the evaluation code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ...core.errors import GeometryMismatchError, InputError
+from ...core.lesions import (
+    DEFAULT_SIZE_PRESET,
+    SIZE_PRESETS,
+    SizeThresholds,
+)
+from .geometry import _as_numpy_matrix, _check_volume_node, centroid_ras, volume_geometry, volume_ijk_to_ras
+from .scene import _slicer
+from .segments import (
+    ATTR_SIZE_THRESHOLDS,
+    LABELMAP,
+    _resolve_thresholds,
+    _segment_ids,
+    _with_missed,
+    lesion_rows,
+)
+
+
+def reference_volume_node(segmentation_node):
+    """The volume whose grid is the segmentation's reference geometry (None if not recorded)."""
+    role = segmentation_node.GetReferenceImageGeometryReferenceRole()
+    return segmentation_node.GetNodeReference(role)
+
+
+def labelmap_on_volume_grid(segmentation_node, volume_node, segment_ids: Sequence[str] | None = None) -> np.ndarray:
+    """Export segments onto the volume's voxel grid: ``[z, y, x]`` int array, 0 = background and
+    ``n + 1`` where the ``n``-th of ``segment_ids`` (default: all, in order) is.
+
+    Slicer's segmentation logic does the resampling, so a segmentation drawn on another grid
+    (another volume, another resolution, oblique, under a transform) lands on this one. Where
+    segments overlap, the later one wins. No node is left in the scene.
+
+    Fast path: segments whose labelmap layers already lie on the volume's grid (what
+    :func:`lesion_segmentation` makes) are read directly, one pass per layer; Slicer's export
+    merges segment by segment over the whole grid, which costs seconds for hundreds of lesions.
+    """
+    slicer = _slicer()
+    import vtk
+    from vtkmodules.util import numpy_support
+
+    _check_volume_node(volume_node, "volume_node")
+    ids = list(_segment_ids(segmentation_node) if segment_ids is None else segment_ids)
+    shape = volume_geometry(volume_node).shape_zyx
+    known = set(_segment_ids(segmentation_node))
+    missing = [s for s in ids if s not in known]
+    if missing:
+        raise InputError(f"segmentation {segmentation_node.GetName()!r} has no segment(s) {', '.join(missing)}")
+    if not ids:
+        return np.zeros(shape, dtype=np.int16)
+    direct = _layers_on_volume_grid(segmentation_node, volume_node, ids)
+    if direct is not None:
+        return direct
+    scene = segmentation_node.GetScene() or volume_node.GetScene()
+    if scene is None:
+        raise InputError(f"segmentation {segmentation_node.GetName()!r} is not in a scene")
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(labelmap)
+    try:
+        id_array = vtk.vtkStringArray()
+        for segment_id in ids:
+            id_array.InsertNextValue(segment_id)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, id_array, labelmap, volume_node,
+        )
+        image = labelmap.GetImageData()
+        if not ok or image is None:
+            raise InputError(
+                f"could not export segmentation {segmentation_node.GetName()!r} onto the grid of {volume_node.GetName()!r}"
+            )
+        dims = image.GetDimensions()
+        out = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+        if out.shape != shape or not np.allclose(volume_ijk_to_ras(labelmap), volume_ijk_to_ras(volume_node), atol=1e-6):
+            raise GeometryMismatchError(  # pragma: no cover - Slicer's contract
+                f"exported labelmap of {segmentation_node.GetName()!r} is not on the grid of {volume_node.GetName()!r}"
+            )
+        # Label values follow the order of ids (Slicer writes 1..n unless told otherwise).
+        return out
+    finally:
+        for i in reversed(range(scene.GetNumberOfNodes())):
+            added = scene.GetNthNode(i)
+            if added is not None and added.GetID() not in before:
+                scene.RemoveNode(added)
+
+
+def _layers_on_volume_grid(segmentation_node, volume_node, ids: list[str]) -> np.ndarray | None:
+    """:func:`labelmap_on_volume_grid` read straight from the layers, or None when a segment has
+    no labelmap on exactly the volume's grid (then Slicer resamples)."""
+    import vtk
+    from vtkmodules.util import numpy_support
+
+    if segmentation_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
+        return None
+    segmentation = segmentation_node.GetSegmentation()
+    grid = volume_ijk_to_ras(volume_node)
+    shape = volume_geometry(volume_node).shape_zyx
+    layers: dict[int, list[tuple[int, int]]] = {}  # layer -> [(label value, output value)]
+    for n, segment_id in enumerate(ids, start=1):
+        segment = segmentation.GetSegment(segment_id)
+        if segment.GetRepresentation(LABELMAP) is None:
+            return None
+        layers.setdefault(segmentation.GetLayerIndex(segment_id), []).append((segment.GetLabelValue(), n))
+    out = np.zeros(shape, dtype=np.int16 if len(ids) < 2**15 else np.int32)
+    for layer, pairs in layers.items():
+        image = segmentation.GetLayerDataObject(layer)
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        if image.GetPointData().GetScalars() is None or image.GetNumberOfScalarComponents() != 1:
+            return None
+        if not np.allclose(_as_numpy_matrix(matrix), grid, rtol=1e-6, atol=1e-6):
+            return None
+        e = image.GetExtent()
+        if e[1] < e[0] or e[3] < e[2] or e[5] < e[4]:
+            continue  # an empty layer
+        values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+            e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+        lo = np.array([e[4], e[2], e[0]])
+        hi = np.array([e[5], e[3], e[1]]) + 1
+        a, b = np.maximum(lo, 0), np.minimum(hi, shape)
+        if np.any(b <= a):
+            continue
+        values = values[a[0] - lo[0]:b[0] - lo[0], a[1] - lo[1]:b[1] - lo[1], a[2] - lo[2]:b[2] - lo[2]]
+        labels = [v for v, _ in pairs]
+        if min(labels) < 0 or max(labels) > 2**20:
+            return None
+        lut = np.zeros(max(max(labels), int(values.max(initial=0))) + 1, dtype=out.dtype)
+        for value, n in pairs:
+            lut[value] = max(lut[value], n)
+        window = out[a[0]:b[0], a[1]:b[1], a[2]:b[2]]
+        np.maximum(window, lut[np.clip(values, 0, None)], out=window)  # later segments win
+    return out
+
+
+@dataclass
+class DiceMatch:
+    """The matching of one segmentation against a reference, in table-ready rows.
+
+    ``detections``: one row per detected lesion (component of the segments, in segment order)
+    with ``status`` TP/FP; ``references``: one row per reference lesion with ``status`` TP/FN;
+    ``case``: the :class:`~IWSegmentationLib.evaluation.CaseResult` they come from.
+    """
+
+    detections: list[dict]
+    references: list[dict]
+    case: Any = field(repr=False, default=None)
+
+    @property
+    def rows(self) -> list[dict]:
+        """The Dice table: the detections, then the missed reference lesions (FN)."""
+        return _with_missed(self.detections, self.references)
+
+
+def _thresholds_of(segmentation_node, size_thresholds_mm) -> SizeThresholds:
+    if size_thresholds_mm is not None:
+        return _resolve_thresholds(size_thresholds_mm)
+    stored = segmentation_node.GetAttribute(ATTR_SIZE_THRESHOLDS)
+    if stored:
+        try:
+            small, large = (float(v) for v in stored.split(";"))
+            return SizeThresholds(small, large)
+        except ValueError:
+            pass
+    return SIZE_PRESETS[DEFAULT_SIZE_PRESET]
+
+
+def match_segmentations(
+    segmentation_node,
+    reference_segmentation_node,
+    reference_segment_ids: Sequence[str] | None = None,
+    volume_node=None,
+    *,
+    size_thresholds_mm: Sequence[float] | SizeThresholds | str | None = None,
+    connectivity: int = 26,
+) -> DiceMatch:
+    """Match the lesions of ``segmentation_node`` to those of a reference, on the volume's grid.
+
+    Detections are the connected components of all the segments (for a segmentation made by
+    :func:`lesion_segmentation`, exactly its segments); reference lesions are the connected
+    components of the union of ``reference_segment_ids`` (default: all). Both are put on
+    ``volume_node``'s grid (default: the segmentation's reference volume) and matched by
+    :func:`IWSegmentationLib.evaluation.match_case`, with each detection's confidence taken from
+    its segment's confidence tag (1.0 when absent).
+    """
+    from ... import evaluation as metrics
+
+    if volume_node is None:
+        volume_node = reference_volume_node(segmentation_node)
+    if volume_node is None:
+        raise InputError(
+            f"segmentation {segmentation_node.GetName()!r} records no reference volume; pass volume_node"
+        )
+    if reference_segmentation_node is None:
+        raise InputError("a reference segmentation is needed for the Dice table")
+    geometry = volume_geometry(volume_node)
+    thresholds = _thresholds_of(segmentation_node, size_thresholds_mm)
+
+    seg_ids = _segment_ids(segmentation_node)
+    seg_labels = labelmap_on_volume_grid(segmentation_node, volume_node, seg_ids)
+    ref_ids = list(_segment_ids(reference_segmentation_node) if reference_segment_ids is None
+                   else reference_segment_ids)
+    ref_labels = labelmap_on_volume_grid(reference_segmentation_node, volume_node, ref_ids)
+
+    rows = {row["segment_id"]: row for row in lesion_rows(segmentation_node)}
+    seg_conf = np.ones(len(seg_ids) + 1, dtype=np.float32)
+    seg_conf[0] = 0.0
+    for n, segment_id in enumerate(seg_ids, start=1):
+        if rows[segment_id]["confidence"] is not None:
+            # match_case keeps prob > 0: a confidence of exactly 0 would drop the lesion.
+            seg_conf[n] = max(float(rows[segment_id]["confidence"]), np.finfo(np.float32).tiny)
+
+    # Match inside the bounding box of everything (same components, same numbers, less memory).
+    box = _bounding_box((seg_labels > 0) | (ref_labels > 0))
+    seg_labels, ref_labels = seg_labels[box], ref_labels[box]
+    offset = np.array([sl.start for sl in box], dtype=float)
+    case = metrics.match_case(
+        seg_conf[seg_labels], (ref_labels > 0).astype(np.uint8), geometry.spacing_zyx, threshold=0.0,
+        thresholds=thresholds, connectivity=connectivity, case=segmentation_node.GetName(),
+        pred_name=f"segmentation {segmentation_node.GetName()!r}",
+        ref_name=f"reference {reference_segmentation_node.GetName()!r}", keep_labels=True,
+    )
+
+    ijk_to_ras = volume_ijk_to_ras(volume_node)
+
+    def center(centroid_zyx) -> tuple[float, float, float]:
+        return centroid_ras(ijk_to_ras, np.asarray(centroid_zyx, dtype=float) + offset)
+
+    def owner(label_map: np.ndarray, component_labels: np.ndarray, k: int) -> np.ndarray:
+        """For each component 1..k, the (largest) segment label found inside it, in one pass."""
+        out = np.zeros(k + 1, dtype=np.int64)
+        inside = component_labels > 0
+        np.maximum.at(out, component_labels[inside], label_map[inside].astype(np.int64))
+        return out
+
+    comp_segment = owner(seg_labels, case.pred_labels, len(case.components) and int(case.pred_labels.max()))
+    les_segment = owner(ref_labels, case.ref_labels, len(case.lesions) and int(case.ref_labels.max()))
+    lesion_by_id = {les.id: les for les in case.lesions}
+    comp_by_id = {comp.id: comp for comp in case.components}
+    ref_names = [reference_segmentation_node.GetSegmentation().GetSegment(s).GetName() for s in ref_ids]
+
+    detections = []
+    for comp in case.components:
+        segment_id = seg_ids[comp_segment[comp.id] - 1]
+        row = rows[segment_id]
+        status = "TP" if comp.hit_dice > 0 else "FP"
+        matched = lesion_by_id.get(comp.lesion) if comp.lesion is not None else None
+        detections.append({
+            "row": "detection",
+            "segment_id": segment_id,
+            "name": row["name"],
+            "id": row["id"],
+            "component": comp.id,
+            "voxels": comp.voxels,
+            "volume_mm3": comp.volume_mm3,
+            "diameter_mm": comp.diameter_mm,
+            "size_group": comp.size_group,
+            "confidence": row["confidence"],
+            "hit_dice": comp.hit_dice,
+            "dice": comp.hit_dice,
+            "status": status,
+            "reference_id": comp.lesion,
+            "reference_diameter_mm": matched.diameter_mm if matched else None,
+            "center_ras": center(comp.centroid),
+        })
+    order = {segment_id: i for i, segment_id in enumerate(seg_ids)}
+    detections.sort(key=lambda d: (order[d["segment_id"]], d["component"]))
+
+    references = []
+    for les in sorted(case.lesions, key=lambda x: (-x.voxels, x.id)):
+        n = les_segment[les.id]
+        segment_id = ref_ids[n - 1] if n > 0 else None
+        comp = comp_by_id.get(les.component) if les.component is not None else None
+        status = "TP" if les.hit_dice > 0 else "FN"
+        source = f" ({ref_names[n - 1]})" if n > 0 else ""
+        references.append({
+            "row": "reference",
+            "segment_id": segment_id,
+            "reference_segmentation": reference_segmentation_node.GetID(),
+            "name": f"Reference {les.id:02d} · {les.diameter_mm:.1f} mm · {les.size_group}{source}",
+            "id": les.id,
+            "reference_id": les.id,
+            "voxels": les.voxels,
+            "volume_mm3": les.volume_mm3,
+            "diameter_mm": les.diameter_mm,
+            "size_group": les.size_group,
+            "hit_dice": les.hit_dice,
+            "dice": les.hit_dice,
+            # hit_conf, read from the matched segment's tag (the float32 map only ranks them)
+            "confidence": rows[seg_ids[comp_segment[comp.id] - 1]]["confidence"] if comp is not None else None,
+            "status": status,
+            "matched_segment_id": (seg_ids[comp_segment[comp.id] - 1] if comp is not None else None),
+            "center_ras": center(les.centroid),
+        })
+    return DiceMatch(detections, references, case)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """Slices of the smallest box holding every nonzero voxel (a 1-voxel box when there is none)."""
+    out = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        out.append(slice(int(hits[0]), int(hits[-1]) + 1) if hits.size else slice(0, 1))
+    return tuple(out)
+
+
+def object_dice_table(
+    segmentation_node,
+    reference_segmentation_node,
+    reference_segment_ids: Sequence[str] | None = None,
+    volume_node=None,
+    *,
+    size_thresholds_mm: Sequence[float] | SizeThresholds | str | None = None,
+    connectivity: int = 26,
+) -> list[dict]:
+    """Object Dice of every detected lesion against a reference, and the missed reference lesions.
+
+    Rows (dicts): one per detected lesion, in segment order, with ``status`` ``TP`` (overlaps a
+    reference lesion; ``dice`` = its best Dice, ``reference_id`` that lesion) or ``FP``
+    (``dice`` 0); then one ``FN`` row per reference lesion no detection overlaps. Every row has
+    ``name, status, segment_id, diameter_mm, volume_mm3, size_group, confidence, dice,
+    reference_id, center_ras``. See :func:`match_segmentations` for the definitions; the
+    numbers are those of :func:`IWSegmentationLib.evaluation.match_case` on the volume's grid.
+    """
+    return match_segmentations(
+        segmentation_node, reference_segmentation_node, reference_segment_ids, volume_node,
+        size_thresholds_mm=size_thresholds_mm, connectivity=connectivity,
+    ).rows

@@ -1,0 +1,318 @@
+"""Lesion segments: one segment per lesion, coloured by size group, tagged with its numbers; the lesion rows."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from ...core.errors import GeometryMismatchError, InputError
+from ...core.lesions import (
+    DEFAULT_SIZE_PRESET,
+    SIZE_GROUP_COLORS,
+    SIZE_PRESETS,
+    SizeThresholds,
+    analyze_lesions,
+    size_thresholds,
+)
+from .geometry import _check_volume_node, _vtk_matrix, centroid_ras, volume_geometry, volume_ijk_to_ras
+from .scene import _slicer, ensure_converter_rules
+
+if TYPE_CHECKING:
+    from .matching import DiceMatch
+
+
+#: Segment tags written by :func:`lesion_segmentation` (values are strings, as MRML stores them).
+TAG_PREFIX = "IWSegmentation."
+
+
+TAGS = {
+    "number": TAG_PREFIX + "LesionNumber",  # 1 = largest lesion
+    "component": TAG_PREFIX + "ComponentId",  # id in scan order, as the backend's lesion JSON
+    "voxels": TAG_PREFIX + "Voxels",
+    "volume_mm3": TAG_PREFIX + "VolumeMm3",
+    "diameter_mm": TAG_PREFIX + "DiameterMm",
+    "size_group": TAG_PREFIX + "SizeGroup",
+    "confidence": TAG_PREFIX + "Confidence",  # absent when no probability map was given
+    "center_ras": TAG_PREFIX + "CenterRAS",  # "r,a,s" mm, the centroid of the voxels
+}
+
+
+#: Segmentation-node attributes.
+ATTR_LESION_COUNT = TAG_PREFIX + "LesionCount"
+
+
+ATTR_SIZE_THRESHOLDS = TAG_PREFIX + "SizeThresholdsMm"  # "small;large"
+
+
+ATTR_CONFIDENCE_THRESHOLD = TAG_PREFIX + "ConfidenceThreshold"
+
+
+#: Terminology of every lesion segment: DICOM master list, category SCT 49755003
+#: "Morphologically Altered Structure", type SCT 52988006 "Lesion" (the serialised form that
+#: ``vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry`` writes).
+LESION_TERMINOLOGY = (
+    "Segmentation category and type - DICOM master list"
+    "~SCT^49755003^Morphologically Altered Structure~SCT^52988006^Lesion~^^~~^^~^^"
+)
+
+
+LABELMAP = "Binary labelmap"
+
+
+CLOSED_SURFACE = "Closed surface"
+
+
+def _resolve_thresholds(size_thresholds_mm) -> SizeThresholds:
+    if size_thresholds_mm is None:
+        return SIZE_PRESETS[DEFAULT_SIZE_PRESET]
+    if isinstance(size_thresholds_mm, SizeThresholds):
+        return size_thresholds_mm
+    if isinstance(size_thresholds_mm, str):
+        return size_thresholds(size_thresholds_mm)
+    return size_thresholds(None, list(size_thresholds_mm))
+
+
+def _check_mask_arrays(volume_node, lesion_mask, probabilities) -> None:
+    shape = volume_geometry(volume_node).shape_zyx
+    name = volume_node.GetName()
+    if not isinstance(lesion_mask, np.ndarray) or lesion_mask.ndim != 3:
+        raise InputError(f"lesion_mask must be a 3D [z, y, x] array, got {getattr(lesion_mask, 'shape', type(lesion_mask))}")
+    if lesion_mask.shape != shape:
+        raise GeometryMismatchError(
+            f"lesion_mask has shape {lesion_mask.shape} but volume {name!r} has {shape} voxels [z, y, x]; "
+            "read the backend's output onto the volume's grid first"
+        )
+    if probabilities is None:
+        return
+    if not isinstance(probabilities, np.ndarray) or probabilities.shape != shape:
+        raise GeometryMismatchError(
+            f"probabilities have shape {getattr(probabilities, 'shape', None)} but volume {name!r} has {shape}"
+        )
+    lo, hi = float(np.min(probabilities)), float(np.max(probabilities))
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > 1:
+        raise InputError(f"probabilities must be finite values in [0, 1], got range [{lo:g}, {hi:g}]")
+
+
+def segment_name(number: int, diameter_mm: float, size_group: str, width: int = 2) -> str:
+    """``Lesion 07 · 4.2 mm · small``."""
+    return f"Lesion {number:0{width}d} · {diameter_mm:.1f} mm · {size_group}"
+
+
+def _smallest_uint(k: int):
+    return np.uint8 if k < 2**8 else np.uint16 if k < 2**16 else np.uint32
+
+
+def lesion_segmentation(
+    scene,
+    volume_node,
+    lesion_mask: np.ndarray,
+    *,
+    probabilities: np.ndarray | None = None,
+    size_thresholds_mm: Sequence[float] | SizeThresholds | str | None = None,
+    name: str | None = None,
+    connectivity: int = 26,
+    closed_surface: bool = True,
+):
+    """Build a segmentation node with one segment per lesion of ``lesion_mask``.
+
+    Args:
+        scene: the MRML scene (``slicer.mrmlScene`` inside Slicer).
+        volume_node: the scalar volume the mask was computed on; its grid (``IJKToRAS``,
+            oblique and anisotropic included) becomes the segmentation's reference geometry,
+            and its parent transform the segmentation's.
+        lesion_mask: ``[z, y, x]`` array on the volume's IJK grid; nonzero = lesion.
+        probabilities: optional ``[z, y, x]`` probability map on the same grid; a lesion's
+            confidence is its maximum inside the lesion (as ``lesions.lesion_table``).
+        size_thresholds_mm: ``(small, large)`` diameter cut-offs in mm, a
+            :class:`SizeThresholds`, a preset name, or None for the default preset.
+        name: node name (default ``"<volume name> lesions"``).
+        connectivity: 6, 18 or 26, for the connected components.
+        closed_surface: also make the closed-surface representation (what the 3D view shows).
+
+    Returns the new ``vtkMRMLSegmentationNode``, with segments ordered largest first and the
+    attribute ``IWSegmentation.LesionCount`` (0 for an empty mask: the node is still made, so
+    the caller can say "no lesions found").
+    """
+    slicer = _slicer()
+    from vtkmodules.util import numpy_support
+
+    _check_volume_node(volume_node, "volume_node")
+    _check_mask_arrays(volume_node, lesion_mask, probabilities)
+    thresholds = _resolve_thresholds(size_thresholds_mm)
+    geometry = volume_geometry(volume_node)
+    labels, found = analyze_lesions(
+        lesion_mask, geometry.spacing_zyx, connectivity=connectivity, thresholds=thresholds,
+        probabilities=probabilities,
+    )
+    # Largest first; ties keep scan order (stable sort), as lesions.relabel_by_size.
+    found = sorted(found, key=lambda les: -les.voxels)
+    ijk_to_ras = volume_ijk_to_ras(volume_node)
+
+    ensure_converter_rules()
+    node = slicer.vtkMRMLSegmentationNode()
+    node.SetName(name or f"{volume_node.GetName()} lesions")
+    scene.AddNode(node)
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    if volume_node.GetTransformNodeID():
+        node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    node.SetAttribute(ATTR_LESION_COUNT, str(len(found)))
+    node.SetAttribute(ATTR_SIZE_THRESHOLDS, f"{thresholds.small_mm:g};{thresholds.large_mm:g}")
+    if not found:
+        return node
+
+    # One shared labelmap (value = lesion number) cropped to the union of the lesions' boxes.
+    k = len(found)
+    lut = np.zeros(int(labels.max()) + 1, dtype=_smallest_uint(k))
+    for number, les in enumerate(found, start=1):
+        lut[les.id] = number
+    lo = np.min([les.bbox[:3] for les in found], axis=0)
+    hi = np.max([les.bbox[3:] for les in found], axis=0)
+    crop = lut[labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]]
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(int(lo[2]), int(hi[2]) - 1, int(lo[1]), int(hi[1]) - 1, int(lo[0]), int(hi[0]) - 1)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(crop).ravel(), deep=True))
+    image.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras))
+
+    width = max(2, len(str(k)))
+    segmentation = node.GetSegmentation()
+    was_modifying = node.StartModify()
+    try:
+        for number, les in enumerate(found, start=1):
+            segment = slicer.vtkSegment()
+            segment.SetName(segment_name(number, les.diameter_mm, les.size_group, width))
+            segment.SetColor(*(c / 255.0 for c in SIZE_GROUP_COLORS[les.size_group]))
+            segment.SetLabelValue(number)
+            segment.AddRepresentation(LABELMAP, image)
+            segment.SetTerminology(LESION_TERMINOLOGY)
+            tags = {
+                "number": str(number),
+                "component": str(les.id),
+                "voxels": str(les.voxels),
+                "volume_mm3": repr(float(les.volume_mm3)),
+                "diameter_mm": repr(float(les.diameter_mm)),
+                "size_group": les.size_group,
+                "center_ras": ",".join(repr(v) for v in centroid_ras(ijk_to_ras, les.centroid)),
+            }
+            if les.confidence is not None:
+                tags["confidence"] = repr(float(les.confidence))
+            for key, value in tags.items():
+                segment.SetTag(TAGS[key], value)
+            segmentation.AddSegment(segment, f"lesion_{number:0{width}d}")
+    finally:
+        node.EndModify(was_modifying)
+    if closed_surface:
+        node.CreateClosedSurfaceRepresentation()
+    return node
+
+
+def _segment_ids(segmentation_node) -> list[str]:
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+
+def get_tag(segment, tag: str) -> str | None:
+    """A segment tag's value, or None when the segment does not have it."""
+    from vtkmodules.vtkCommonCore import reference
+
+    value = reference("")
+    return str(value) if segment.GetTag(tag, value) else None
+
+
+def _float_tag(segment, key: str) -> float | None:
+    value = get_tag(segment, TAGS[key])
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def lesion_rows(segmentation_node, match: DiceMatch | None = None) -> list[dict]:
+    """The rows of the lesion table: the segments' lesions (read back from their tags) and, given
+    the ``match`` of :func:`match_segmentations`, their status and Dice, then the missed
+    reference lesions.
+
+    The one place that builds the table: the module shows these rows (formatted by
+    :func:`IWSegmentationLib.slicer.panel.lesion_cells`), the table node (:func:`dice_table_node`)
+    holds them, and a click on one centres the views on its ``center_ras``
+    (:func:`center_slice_views`).
+
+    One dict per segment in segment order, ``row`` = ``"detection"``: ``segment_id, name, id``
+    (the lesion number), ``component_id, voxels, volume_mm3, diameter_mm, size_group,
+    confidence, center_ras, visible`` (numbers missing from the tags of a segment drawn by hand
+    are None) and ``status, dice, hit_dice, reference_id`` (None without a ``match``; ``TP``/``FP``
+    with one). With a ``match``, then one row per missed reference lesion (``row`` =
+    ``"reference"``, ``status`` ``FN``; its ``segment_id`` is the *reference* segment holding it,
+    which may hold other lesions too, and its ``center_ras`` that lesion's own centroid).
+    """
+    rows = []
+    display = segmentation_node.GetDisplayNode()
+    segmentation = segmentation_node.GetSegmentation()
+    for index, segment_id in enumerate(_segment_ids(segmentation_node), start=1):
+        segment = segmentation.GetSegment(segment_id)
+        number = _float_tag(segment, "number")
+        component = _float_tag(segment, "component")
+        voxels = _float_tag(segment, "voxels")
+        center = get_tag(segment, TAGS["center_ras"])
+        rows.append({
+            "row": "detection",
+            "segment_id": segment_id,
+            "name": segment.GetName(),
+            "id": int(number) if number is not None else index,
+            "component_id": int(component) if component is not None else None,
+            "voxels": int(voxels) if voxels is not None else None,
+            "volume_mm3": _float_tag(segment, "volume_mm3"),
+            "diameter_mm": _float_tag(segment, "diameter_mm"),
+            "size_group": get_tag(segment, TAGS["size_group"]),
+            "confidence": _float_tag(segment, "confidence"),
+            "center_ras": tuple(float(v) for v in center.split(",")) if center else None,
+            "visible": bool(display.GetSegmentVisibility(segment_id)) if display else True,
+            "status": None, "dice": None, "hit_dice": None, "reference_id": None,
+        })
+    if match is None:
+        return rows
+    by_segment = {d["segment_id"]: d for d in match.detections}
+    for row in rows:
+        detection = by_segment.get(row["segment_id"], {})
+        row.update({key: detection.get(key) for key in ("status", "dice", "hit_dice", "reference_id")})
+    return _with_missed(rows, match.references)
+
+
+def _with_missed(detections: list[dict], references: Sequence[dict]) -> list[dict]:
+    """The table order: the detections, then the reference lesions no detection overlaps (FN)."""
+    return detections + [r for r in references if r["status"] == "FN"]
+
+
+def set_confidence_threshold(segmentation_node, threshold: float) -> dict:
+    """Show the segments whose confidence is ``>= threshold`` and hide the others.
+
+    The confidence slider of the module: no inference is rerun, only segment visibility
+    changes (in one display-node modification, so views redraw once). Segments without a
+    confidence tag stay visible. Returns ``{"threshold", "shown", "hidden", "total"}``; the
+    threshold is also kept as the node attribute ``IWSegmentation.ConfidenceThreshold``.
+    """
+    threshold = float(threshold)
+    if not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
+        raise InputError(f"confidence threshold must be in [0, 1], got {threshold}")
+    display = segmentation_node.GetDisplayNode()
+    if display is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+        display = segmentation_node.GetDisplayNode()
+    segmentation = segmentation_node.GetSegmentation()
+    shown = hidden = 0
+    was_modifying = display.StartModify()
+    try:
+        for segment_id in _segment_ids(segmentation_node):
+            confidence = _float_tag(segmentation.GetSegment(segment_id), "confidence")
+            visible = confidence is None or confidence >= threshold
+            display.SetSegmentVisibility(segment_id, visible)
+            shown += visible
+            hidden += not visible
+    finally:
+        display.EndModify(was_modifying)
+    segmentation_node.SetAttribute(ATTR_CONFIDENCE_THRESHOLD, repr(threshold))
+    return {"threshold": threshold, "shown": shown, "hidden": hidden, "total": shown + hidden}

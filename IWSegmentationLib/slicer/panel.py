@@ -1,0 +1,392 @@
+"""What the Slicer panel shows, computed without Qt or Slicer (so it is tested in plain Python).
+
+The scripted module (``IWSegmentation/IWSegmentation.py``) stays thin: it asks this module
+for the texts, rows and warnings and only puts them into widgets.
+
+* :class:`ProgressState` turns the backend's JSON-lines events into a percentage and a
+  status line with the stage and the ETA;
+* :func:`model_card_rows` summarises a checkpoint's model card (modality, preset, patch
+  size, loss, threshold, validation metrics);
+* :func:`check_volume_shape` refuses 2D and multi-component volumes;
+  :func:`compatibility_warnings` says when a checkpoint does not fit the volume (modality,
+  organ-mask preset) so the user can confirm or stop;
+* :func:`describe_devices` words the device probe's answer, with a low-memory warning;
+* :func:`lesion_cells` formats a lesion-table row (the rows themselves come from
+  :func:`IWSegmentationLib.slicer.mrml.lesion_rows`); :func:`detection_counts` makes the
+  recall / false-positive line of the confidence slider; :func:`result_texts` says what a run
+  found, "no lesions found" included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..core.errors import InputError
+from ..core.lesions import SIZE_GROUP_COLORS
+from ..core.progress import ProgressEvent
+
+#: Free GPU memory (MiB) under which the panel warns: the paper network at a 128³ patch needs
+#: about 2 GiB with batch 1 in fp32; the backend retries smaller batches and falls back to CPU.
+LOW_GPU_MEMORY_MB = 2048
+
+# --------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------
+
+STAGE_LABELS = {
+    "start": "Starting",
+    "load": "Loading",
+    "preprocess": "Preprocessing",
+    "inference": "Running the network",
+    "postprocess": "Finding lesions",
+    "write": "Writing results",
+    "case_done": "Reading results",
+    "done": "Reading results",
+    "error": "Failed",
+}
+
+#: Percent of the whole run at which each stage starts and ends (inference is most of it).
+STAGE_SPANS = {
+    "start": (0, 2),
+    "load": (2, 8),
+    "preprocess": (8, 12),
+    "inference": (12, 90),
+    "postprocess": (90, 95),
+    "write": (95, 98),
+    "case_done": (98, 99),
+    "done": (99, 99),
+}
+
+
+def format_eta(seconds: float | None) -> str:
+    """``"ETA 1 min 05 s"``, ``"ETA 12 s"``, ``"ETA 2 h 03 min"``; empty when unknown."""
+    if seconds is None or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        return ""
+    s = int(round(seconds))
+    if s < 60:
+        return f"ETA {s} s"
+    if s < 3600:
+        return f"ETA {s // 60} min {s % 60:02d} s"
+    return f"ETA {s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+@dataclass
+class ProgressState:
+    """Percent and status text of a run, updated from each :class:`ProgressEvent`.
+
+    The percentage never goes back (a late ``load`` event after ``inference`` does not move the
+    bar backwards); warnings are collected for the log.
+    """
+
+    percent: int = 0
+    text: str = "Starting"
+    warnings: list[str] = field(default_factory=list)
+    device: str | None = None
+
+    def update(self, event: ProgressEvent) -> None:
+        stage = event.stage
+        if stage == "warning":
+            message = str(event.get("message") or "warning")
+            self.warnings.append(message)
+            self.text = f"Warning: {message}"
+            return
+        if stage == "start" and event.get("device"):
+            self.device = str(event.get("device"))
+        label = STAGE_LABELS.get(stage, stage.capitalize())
+        span = STAGE_SPANS.get(stage)
+        if span is not None:
+            lo, hi = span
+            fraction = event.fraction if stage == "inference" else None
+            self.percent = max(self.percent, int(lo + (hi - lo) * fraction) if fraction is not None else lo)
+        if stage == "inference" and event.get("total"):
+            eta = format_eta(event.get("eta_s"))
+            label = f"{label}: window {event.get('done')} of {event.get('total')}" + (f" · {eta}" if eta else "")
+        elif stage == "load" and event.get("message"):
+            label = f"{label} {event.get('message')}"
+        elif stage == "error":
+            label = f"Failed: {event.get('message') or 'error'}"
+        if self.device and stage in ("start", "load", "preprocess", "inference"):
+            label = f"{label} (on {self.device})"
+        self.text = label
+
+
+# --------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 10:
+        return str(int(value))
+    return f"{value:.3g}"
+
+
+def _metric_items(metrics: Any, limit: int = 6) -> list[str]:
+    """Flatten ``{name: number}`` (one level of nesting, e.g. per size group) into ``name value``."""
+    if not isinstance(metrics, Mapping):
+        return []
+    items = []
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            items.append(f"{key} {_fmt_number(value)}")
+        elif isinstance(value, Mapping):
+            items.extend(f"{key}/{k} {_fmt_number(v)}" for k, v in value.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return items[:limit]
+
+
+def model_card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(label, value)`` rows summarising a checkpoint's model card for the panel."""
+    if not isinstance(card, Mapping):
+        raise InputError(f"model card must be a mapping, got {type(card).__name__}")
+    pre = card.get("preprocessing") if isinstance(card.get("preprocessing"), Mapping) else {}
+    rows: list[tuple[str, str]] = []
+    rows.append(("Modality", str(pre.get("modality") or card.get("modality") or "unknown")))
+    preset = str(pre.get("name") or card.get("preset") or "unknown")
+    if pre.get("mask"):
+        preset += f" (organ mask: {pre['mask']})"
+    rows.append(("Preset", preset))
+    patch = card.get("patch_size")
+    if isinstance(patch, Sequence) and not isinstance(patch, str):
+        rows.append(("Patch size", " × ".join(str(p) for p in patch)))
+    elif patch is not None:
+        rows.append(("Patch size", str(patch)))
+    spacing = pre.get("target_spacing")
+    if isinstance(spacing, Sequence) and not isinstance(spacing, str):
+        rows.append(("Spacing", " × ".join("native" if s is None else f"{s:g}" for s in spacing) + " mm"))
+    loss = card.get("loss")
+    if isinstance(loss, Mapping):
+        loss = loss.get("name") or ", ".join(f"{k}={v}" for k, v in loss.items())
+    rows.append(("Training loss", str(loss or "unknown")))
+    if card.get("threshold") is not None:
+        rows.append(("Threshold", _fmt_number(card.get("threshold"))))
+    sizes = card_size_thresholds(card)
+    if sizes is not None:
+        rows.append(("Size groups", f"small < {sizes[0]:g} mm ≤ medium < {sizes[1]:g} mm ≤ large"))
+    metrics = _metric_items(card.get("validation_metrics"))
+    rows.append(("Validation", ", ".join(metrics) if metrics else "no metrics recorded"))
+    for key, label in (("library_version", "Library"), ("created", "Created")):
+        if card.get(key):
+            rows.append((label, str(card[key])))
+    return rows
+
+
+def model_card_text(card: Mapping[str, Any]) -> str:
+    """The rows of :func:`model_card_rows` as ``Label: value`` lines."""
+    return "\n".join(f"{label}: {value}" for label, value in model_card_rows(card))
+
+
+def card_size_thresholds(card: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The checkpoint's ``(small_mm, large_mm)`` size cut-offs, if it records them."""
+    sizes = card.get("size_thresholds") if isinstance(card, Mapping) else None
+    if isinstance(sizes, Mapping):
+        sizes = [sizes.get("small_mm"), sizes.get("large_mm")]
+    if isinstance(sizes, Sequence) and len(sizes) == 2 and all(isinstance(s, (int, float)) for s in sizes):
+        return float(sizes[0]), float(sizes[1])
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The input volume
+# --------------------------------------------------------------------------------------------
+
+
+def check_volume_shape(dimensions_xyz: Sequence[int], components: int, name: str = "input volume") -> None:
+    """Refuse what the 3D network cannot take: a missing image, 2D slices, vector/RGB voxels."""
+    if dimensions_xyz is None or len(dimensions_xyz) != 3 or any(int(d) <= 0 for d in dimensions_xyz):
+        raise InputError(f"{name} has no image data")
+    if any(int(d) == 1 for d in dimensions_xyz):
+        raise InputError(
+            f"{name} is 2D ({' × '.join(str(int(d)) for d in dimensions_xyz)} voxels); a 3D volume is needed"
+        )
+    if int(components) != 1:
+        raise InputError(
+            f"{name} has {int(components)} components per voxel (vector or colour image); "
+            "a single-component (scalar) volume is needed"
+        )
+
+
+def guess_modality(minimum: float, maximum: float, dicom_modality: str | None = None) -> str | None:
+    """``"CT"``, ``"MR"`` or None (unsure), from the DICOM tag when known, else from intensities.
+
+    CT in Hounsfield units reaches air at about -1000, so a minimum below -200 means CT. MR
+    intensities are arbitrary but non-negative: a minimum >= 0 *suggests* MR (or an unrescaled
+    CT), which is only reported, not asserted, by :func:`compatibility_warnings`.
+    """
+    if dicom_modality:
+        tag = dicom_modality.strip().upper()
+        if tag in ("CT", "MR"):
+            return tag
+        return None
+    if minimum < -200:
+        return "CT"
+    if minimum >= 0:
+        return "MR"
+    return None
+
+
+def dicom_modality(instance_uids: str | None, database: Any) -> str | None:
+    """The DICOM Modality (0008,0060) of a volume's first instance, read from Slicer's DICOM
+    database (``slicer.dicomDatabase``), or None for a volume not loaded from DICOM."""
+    uids = (instance_uids or "").split()
+    if not uids or database is None:
+        return None
+    return database.fileValue(database.fileForInstance(uids[0]), "0008,0060") or None
+
+
+def compatibility_warnings(
+    card: Mapping[str, Any], *, minimum: float, maximum: float, dicom_modality: str | None = None,
+) -> list[str]:
+    """Reasons to doubt that the checkpoint fits this volume; empty when nothing is suspicious."""
+    pre = card.get("preprocessing") if isinstance(card.get("preprocessing"), Mapping) else {}
+    expected = str(pre.get("modality") or "").upper() or None
+    warnings = []
+    guess = guess_modality(minimum, maximum, dicom_modality)
+    if expected in ("CT", "MR") and guess is not None and guess != expected:
+        if dicom_modality:
+            why = f"the volume's DICOM modality is {dicom_modality.strip().upper()}"
+        elif guess == "CT":
+            why = f"the volume has values down to {minimum:g}, like CT in Hounsfield units"
+        else:
+            why = (f"the volume has no negative values (range {minimum:g} … {maximum:g}), "
+                   "unusual for CT in Hounsfield units")
+        warnings.append(f"The model was trained on {expected} ({pre.get('name', 'its preset')}) but {why}.")
+    clip = pre.get("clip")
+    if expected == "CT" and isinstance(clip, Sequence) and len(clip) == 2 and guess == "CT" and maximum < clip[0]:
+        warnings.append(f"The volume lies entirely below the preset's window {clip[0]:g} … {clip[1]:g}.")
+    if pre.get("mask"):
+        warnings.append(
+            f"The model's preset ({pre.get('name')}) was trained with a {pre['mask']} mask applied; without "
+            f"it, findings outside the {pre['mask']} are more likely to be false positives."
+        )
+    return warnings
+
+
+# --------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------
+
+
+def describe_devices(info: Mapping[str, Any] | None, choice: str = "auto",
+                     low_mb: int = LOW_GPU_MEMORY_MB) -> tuple[str, str | None]:
+    """``(text, warning)`` for the device row, from :class:`~IWSegmentationLib.slicer.process.DeviceProbe`'s answer."""
+    if info is None:
+        return "Checking devices…", None
+    if not info.get("torch"):
+        reason = info.get("error") or "PyTorch is not installed"
+        return "PyTorch not available yet", f"{reason}. It will be installed when you press Apply."
+    gpus = list(info.get("cuda") or [])
+    if not gpus:
+        text = "Apple GPU (MPS) available" if info.get("mps") else "No CUDA GPU: inference runs on the CPU"
+        warning = "CUDA was chosen but no CUDA GPU is available." if choice == "cuda" else None
+        return text, warning
+    gpu = gpus[0]
+    free, total = gpu.get("free_mb"), gpu.get("total_mb")
+    text = f"{gpu.get('name', 'GPU')}: {free / 1024:.1f} of {total / 1024:.1f} GiB free"
+    if len(gpus) > 1:
+        text += f" (+{len(gpus) - 1} more)"
+    warning = None
+    if choice != "cpu" and isinstance(free, (int, float)) and free < low_mb:
+        warning = (f"Low GPU memory ({free} MiB free): inference retries with smaller batches and falls back to "
+                   "the CPU if needed. Close other GPU programs to keep it fast.")
+    return text, warning
+
+
+# --------------------------------------------------------------------------------------------
+# Lesion table and detection counts
+# --------------------------------------------------------------------------------------------
+
+LESION_COLUMNS = ("Lesion", "Diameter (mm)", "Volume (mm³)", "Size", "Confidence", "Dice", "Status")
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{float(value):.{digits}f}"
+
+
+def _shown(lesion: Mapping[str, Any], threshold: float) -> bool:
+    confidence = lesion.get("confidence")
+    return confidence is None or float(confidence) >= threshold
+
+
+def lesion_cells(row: Mapping[str, Any]) -> list[str]:
+    """The texts of one lesion-table row, one per :data:`LESION_COLUMNS`.
+
+    ``row`` is a row of :func:`IWSegmentationLib.slicer.mrml.lesion_rows` (built there from the scene
+    and the reference match; this only formats it): name, diameter (mm, 1 decimal), volume
+    (mm³, whole), size group, confidence (3 decimals), Dice (2 decimals) and status (``TP``,
+    ``FP``, ``FN``). What a row does not have (no reference, no probability map) shows as ``–``.
+    """
+    return [
+        str(row.get("name") or f"Lesion {row.get('id')}"), _fmt(row.get("diameter_mm"), 1),
+        _fmt(row.get("volume_mm3"), 0), str(row.get("size_group") or "–"), _fmt(row.get("confidence"), 3),
+        _fmt(row.get("dice"), 2), str(row.get("status") or "–"),
+    ]
+
+
+@dataclass(frozen=True)
+class DetectionCounts:
+    """What a confidence cut-off keeps: lesions shown/hidden and, with a reference, TP/FP/recall."""
+
+    shown: int
+    hidden: int
+    detected: int | None = None
+    false_positives: int | None = None
+    reference_lesions: int | None = None
+
+    @property
+    def recall(self) -> float | None:
+        if not self.reference_lesions:
+            return None
+        return self.detected / self.reference_lesions
+
+    def text(self) -> str:
+        base = f"{self.shown} lesion{'s' if self.shown != 1 else ''} shown, {self.hidden} hidden"
+        if self.reference_lesions is None:
+            return base
+        recall = "–" if self.recall is None else f"{self.recall:.0%}"
+        fp = self.false_positives
+        return (f"{base} · recall {recall} ({self.detected} of {self.reference_lesions} reference lesions)"
+                f" · {fp} false positive{'s' if fp != 1 else ''}")
+
+
+def detection_counts(
+    components: Iterable[Mapping[str, Any]], threshold: float,
+    references: Iterable[Mapping[str, Any]] | None = None,
+) -> DetectionCounts:
+    """Counts at confidence cut-off ``threshold``, with the definitions of :mod:`IWSegmentationLib.evaluation`.
+
+    A detected lesion is shown when its ``confidence >= threshold`` (always, without a
+    confidence). With ``references``: a reference lesion is *detected* when ``hit_dice > 0``
+    and its ``confidence`` (that of its best-matching detection) is ``>= threshold``; a false
+    positive is a shown detection with ``hit_dice == 0``. These are the TP and FP of one
+    point of the FROC curve, so moving the slider walks along it.
+    """
+    components = list(components)
+    shown = sum(_shown(c, threshold) for c in components)
+    if references is None:
+        return DetectionCounts(shown, len(components) - shown)
+    references = list(references)
+    detected = sum((r.get("hit_dice") or 0) > 0 and r.get("confidence") is not None
+                   and float(r["confidence"]) >= threshold for r in references)
+    false_positives = sum(_shown(c, threshold) and not (c.get("hit_dice") or 0) > 0 for c in components)
+    return DetectionCounts(shown, len(components) - shown, detected, false_positives, len(references))
+
+
+def result_texts(found: int, seconds: float) -> tuple[str, str]:
+    """``(status line, summary line)`` after a successful run that found ``found`` lesions."""
+    if not found:
+        return f"Done in {seconds:.0f} s: no lesions found.", "No lesions found above the segmentation threshold."
+    return f"Done in {seconds:.0f} s.", f"{found} lesion{'s' if found != 1 else ''} found (one segment each)"
+
+
+def legend_html(colors: Mapping[str, Sequence[int]] = SIZE_GROUP_COLORS) -> str:
+    """The size-colour legend for a rich-text label: one coloured square per size group."""
+    swatches = (f'<span style="background-color:#{r:02X}{g:02X}{b:02X}">&nbsp;&nbsp;&nbsp;&nbsp;</span>&nbsp;{group}'
+                for group, (r, g, b) in colors.items())
+    return "Size groups: " + " &nbsp; ".join(swatches)

@@ -1,0 +1,40 @@
+"""The model card a run writes into each checkpoint (what inference needs to reproduce training)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .inputs import TrainingData
+
+
+def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validation_metrics: Mapping | None,
+               world_size: int = 1) -> dict:
+    """The checkpoint metadata of this run (see docs/checkpoints.md)."""
+    thresholds = config.size_groups()
+    return {
+        "patch_size": list(config.patch_size),
+        "preprocessing": data.params,
+        "threshold": config.threshold,
+        "loss": {"name": config.loss, "params": dict(config.loss_params)},
+        "size_thresholds": {"small_mm": thresholds.small_mm, "large_mm": thresholds.large_mm,
+                            "preset": None if config.size_thresholds else config.size_preset},
+        "inference": {"patch_size": config.inference_patch_size, "overlap": config.val_overlap, "blend": "gaussian"},
+        "training_data": data.summary,
+        "validation_metrics": dict(validation_metrics) if validation_metrics else None,
+        "training": {
+            "epochs_done": epoch + 1,
+            "epochs": config.epochs,
+            "iterations": (epoch + 1) * config.iters_per_epoch,
+            "batch_size": config.batch_size,
+            "optimizer": {"name": config.optimizer, "lr": config.lr, "lr_final": config.lr_final,
+                          "lr_schedule": config.lr_schedule, "momentum": config.momentum,
+                          "nesterov": config.nesterov},
+            "lesion_probability": config.lesion_probability,
+            "augment": config.augment,
+            "seed": config.seed,
+            "world_size": world_size,
+        },
+        "description": f"{config.loss} U-Net trained by iwseg train on {data.summary['dataset']}",
+    }

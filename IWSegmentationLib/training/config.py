@@ -1,0 +1,444 @@
+"""The trainer: patch-based training of the inverse-weighted 3D U-Net, as in the paper.
+
+Shirokikh et al., "Universal Loss Reweighting to Balance Lesion Size Inequality in 3D
+Medical Image Segmentation" (MICCAI 2020), section 4.2: SGD with Nesterov momentum 0.9,
+lr 1e-2 lowered to 1e-3 at 80% of training, 100 epochs of 100 iterations, batches of two
+128³ patches; with probability 0.5 a patch is centred on a random voxel of a uniformly
+chosen lesion, otherwise placed uniformly. Lesions are the connected components of the
+whole reference mask; the inverse weights of a patch are computed from the in-patch voxel
+counts of its cropped label map (:func:`IWSegmentationLib.core.weights.component_weights`).
+
+Everything is configurable through :class:`TrainConfig` (a YAML file plus ``--set key=value``
+overrides; unknown keys are refused with the list of valid ones). One call of
+:func:`train` runs the whole job:
+
+* cases are read, preprocessed (the same :mod:`preprocessing` code path inference uses) and
+  split by case id; patches come from the data module's sampler in DataLoader worker
+  processes, so the step does not wait on data (the wait is measured and logged);
+* the content of every batch is a function of ``(seed, rank, epoch)`` only, which makes a
+  run reproducible on CPU and lets ``resume`` continue *exactly* where a killed run stopped
+  (the resume state -- weights, optimizer, scheduler, AMP scaler, RNG states, epoch -- is
+  written atomically at the end of every epoch, without pickle);
+* every ``val_every`` epochs the model is evaluated with the lesion-wise metrics
+  (sliding-window prediction of whole validation cases) and the best and last checkpoints
+  are written atomically with their model card;
+* under ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, nccl on GPU); each
+  rank samples with its own seed and only rank 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..core.errors import InputError
+
+#: Metrics a run can select its best checkpoint by (keys of the validation report; higher is better).
+VAL_METRICS = ("avg_recall_0_5", "cpm", "object_dice", "small_avg_recall_0_5", "small_object_dice")
+
+
+LR_SCHEDULES = ("step", "cosine", "constant")
+
+
+AMP_MODES = ("auto", "off", "fp16", "bf16")
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+DATA_FORMATS = ("auto", "msd", "lits", "luna", "folder")
+
+
+def _key(default: Any, kind: str, help: str, *, section: str):
+    """A config field: its default, its kind (for parsing ``--set`` values) and its documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)),
+                     metadata={"kind": kind, "help": help, "section": section})
+    return field(default=default, metadata={"kind": kind, "help": help, "section": section})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Defaults reproduce the paper's setup (section 4.2).
+
+    Build one with :func:`load_config` (YAML + overrides) or ``TrainConfig.from_dict``;
+    both refuse unknown keys. ``kind`` in each field's metadata says how a ``--set`` value
+    is parsed; ``help`` is the documentation shown in ``docs/training.md``.
+    """
+
+    # -- data ---------------------------------------------------------------------------------
+    data: str = _key("", "str", "Dataset folder (MSD layout with dataset.json, LiTS, LUNA16-style or a plain "
+                     "folder of image/label pairs). Required.", section="data")
+    data_format: str = _key("auto", "str", f"Dataset layout: one of {', '.join(DATA_FORMATS)}.", section="data")
+    splits: str | None = _key(None, "str?", "JSON file with case-id lists under 'train', 'val' (and optionally "
+                              "'test'); when null the split is drawn from the fractions below.", section="data")
+    val_fraction: float = _key(0.2, "float", "Fraction of cases held out for validation (when 'splits' is null).",
+                               section="data")
+    test_fraction: float = _key(0.0, "float", "Fraction of cases held out as a test split, never touched by "
+                                "training (when 'splits' is null).", section="data")
+    split_seed: int = _key(0, "int", "Seed of the random split.", section="data")
+    preprocessing: str = _key("ct-liver", "str", "Intensity preset (ct-lung, ct-liver, mr); stored in the "
+                              "checkpoint and applied identically at inference.", section="data")
+    target_spacing: list | None = _key(None, "float3?", "Resample every case to this spacing (z, y, x) in mm; "
+                                       "null keeps the native grid.", section="data")
+    lesion_values: list | None = _key(None, "list?", "Label values that are lesion (null: from the dataset "
+                                      "definition, e.g. LiTS tumour = 2, or 1).", section="data")
+    empty_cases: str = _key("warn", "str", "Training cases without any lesion: 'warn' (keep them; they give "
+                            "uniform patches), 'skip' (drop them) or 'error'.", section="data")
+    cache_size: int | None = _key(None, "int?", "Training cases kept in memory per process (null: all, loaded and "
+                                  "checked before training; else loaded lazily by the workers).", section="data")
+    connectivity: int = _key(26, "int", "Connectivity (6, 18, 26) used to label lesions on the whole image.",
+                             section="data")
+    # -- model and loss ----------------------------------------------------------------------
+    model_size: str = _key("paper", "str", "Network preset of models.default_config: paper (11.07 M parameters), "
+                           "small (the demo's) or tiny (tests).", section="model")
+    model: dict = _key({}, "dict", "Overrides of the preset (e.g. {channels: [8, 16, 32, 64], blocks_per_level: 1}); "
+                       "dotted overrides work: --set model.channels=[8,16,32,64].", section="model")
+    loss: str = _key("iw-dice", "str", "Loss name from losses.LOSS_NAMES (bce, iw-bce, focal, iw-focal, dice, "
+                     "iw-dice, asl, iw-asl, wce, gdl, dbce, combo, iw-combo).", section="model")
+    loss_params: dict = _key({}, "dict", "Keyword arguments of losses.get_loss (e.g. {beta: 1.5} for asl). For "
+                             "iw-* losses, mode (clip/exact), w_min and w_max also set the per-patch inverse weights.",
+                             section="model")
+    init_checkpoint: str | None = _key(None, "str?", "Start from the weights of this checkpoint (same "
+                                       "architecture) instead of a random initialisation.", section="model")
+    # -- sampling ----------------------------------------------------------------------------
+    patch_size: list = _key([128, 128, 128], "int3", "Training patch size (z, y, x) in voxels; each side a "
+                            "multiple of the network stride.", section="sampling")
+    batch_size: int = _key(2, "int", "Patches per step (per rank under DDP).", section="sampling")
+    lesion_probability: float = _key(0.5, "float", "Probability that a patch is centred on a random voxel of a "
+                                     "uniformly chosen lesion (else placed uniformly).", section="sampling")
+    num_workers: int = _key(2, "int", "DataLoader worker processes that sample patches in the background "
+                            "(0 = in the training process).", section="sampling")
+    prefetch_factor: int = _key(4, "int", "Batches each worker prepares ahead.", section="sampling")
+    augment: bool = _key(False, "bool", "Light augmentation: random flips and intensity scale/shift (the paper "
+                         "used none).", section="sampling")
+    flip_prob: float = _key(0.5, "float", "Probability of flipping each axis when 'augment' is on.",
+                            section="sampling")
+    intensity_scale: float = _key(0.1, "float", "Intensity multiplied by U(1-s, 1+s) when 'augment' is on.",
+                                  section="sampling")
+    intensity_shift: float = _key(0.1, "float", "Intensity shifted by U(-s, s) when 'augment' is on.",
+                                  section="sampling")
+    # -- optimisation ------------------------------------------------------------------------
+    epochs: int = _key(100, "int", "Number of epochs.", section="optimisation")
+    iters_per_epoch: int = _key(100, "int", "Optimizer steps per epoch.", section="optimisation")
+    optimizer: str = _key("sgd", "str", f"One of {', '.join(('sgd', 'adam', 'adamw'))}: SGD with (Nesterov) momentum "
+                          "(the paper), or Adam/AdamW (betas 0.9, 0.999; 'momentum' and 'nesterov' unused).",
+                          section="optimisation")
+    lr: float = _key(1e-2, "float", "Initial learning rate.", section="optimisation")
+    lr_schedule: str = _key("step", "str", f"One of {', '.join(LR_SCHEDULES)}: 'step' drops lr to lr_final at "
+                            "lr_decay_at of the epochs (the paper); 'cosine' anneals to lr_final.",
+                            section="optimisation")
+    lr_final: float = _key(1e-3, "float", "Learning rate after the drop (step) or at the end (cosine).",
+                           section="optimisation")
+    lr_decay_at: float = _key(0.8, "float", "Fraction of the epochs after which the step schedule drops the lr.",
+                              section="optimisation")
+    momentum: float = _key(0.9, "float", "SGD momentum.", section="optimisation")
+    nesterov: bool = _key(True, "bool", "Nesterov momentum.", section="optimisation")
+    weight_decay: float = _key(0.0, "float", "L2 weight decay.", section="optimisation")
+    grad_clip: float | None = _key(None, "float?", "Clip the gradient norm to this value (null: no clipping).",
+                                   section="optimisation")
+    amp: str = _key("auto", "str", f"Mixed precision: one of {', '.join(AMP_MODES)}; 'auto' is bf16 (or fp16 "
+                    "with loss scaling) on CUDA and off on CPU.", section="optimisation")
+    seed: int = _key(0, "int", "Seed of weights initialisation, patch sampling and augmentation.",
+                     section="optimisation")
+    device: str = _key("auto", "str", "auto, cpu, cuda, cuda:N or mps. Under torchrun each rank uses "
+                       "cuda:LOCAL_RANK.", section="optimisation")
+    # -- validation --------------------------------------------------------------------------
+    val_every: int = _key(10, "int", "Validate every this many epochs (and after the last); 0 disables "
+                          "validation (then 'best' is the last).", section="validation")
+    val_metric: str = _key("avg_recall_0_5", "str", f"Metric that picks the best checkpoint: one of "
+                           f"{', '.join(VAL_METRICS)}.", section="validation")
+    val_max_cases: int | None = _key(None, "int?", "Validate on at most this many validation cases "
+                                     "(null: all).", section="validation")
+    val_patch_size: list | None = _key(None, "int3?", "Sliding-window size for validation and the checkpoint's "
+                                       "inference default (null: patch_size).", section="validation")
+    val_overlap: float = _key(0.25, "float", "Sliding-window overlap at validation.", section="validation")
+    threshold: float = _key(0.5, "float", "Probability threshold of the predicted mask.", section="validation")
+    size_preset: str = _key("liver", "str", "Lesion size groups (lung, liver, metastases) for by-size metrics; "
+                            "stored in the checkpoint.", section="validation")
+    size_thresholds: list | None = _key(None, "float2?", "Explicit [small_mm, large_mm] equivalent-diameter "
+                                        "cut-offs, overriding size_preset.", section="validation")
+    # -- output ------------------------------------------------------------------------------
+    out: str = _key("runs/iwseg", "str", "Output folder: checkpoints, resume state, CSV log, TensorBoard "
+                    "events, the resolved config.", section="output")
+    overwrite: bool = _key(False, "bool", "Start a new run even if OUT already holds one (its checkpoints and "
+                           "logs are replaced as the new run writes them).", section="output")
+    tensorboard: bool = _key(True, "bool", "Write TensorBoard scalars to OUT/tensorboard (needs tensorboard).",
+                             section="output")
+    progress: bool = _key(True, "bool", "Show a tqdm progress bar.", section="output")
+    ddp_timeout_min: float = _key(60.0, "float", "DDP collective timeout in minutes (rank 0 validates while "
+                                  "the others wait).", section="output")
+
+    # ---------------------------------------------------------------------------------------
+    @classmethod
+    def key_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
+        """Build a config from a mapping; unknown keys raise :class:`InputError` listing the valid ones."""
+        if not isinstance(values, Mapping):
+            raise InputError(f"{source} must be a mapping of key: value, got {type(values).__name__}")
+        valid = cls.key_names()
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise InputError(
+                f"{source}: unknown config key(s) {', '.join(map(repr, unknown))}. "
+                f"Valid keys: {', '.join(valid)}"
+            )
+        kinds = {f.name: f.metadata["kind"] for f in fields(cls)}
+        parsed = {k: _coerce(k, v, kinds[k], source) for k, v in values.items()}
+        config = cls(**parsed)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Check ranges and choices; raise :class:`InputError` naming the key."""
+        def need(cond: bool, key: str, what: str) -> None:
+            if not cond:
+                raise InputError(f"config key {key!r} {what}, got {getattr(self, key)!r}")
+
+        need(self.empty_cases in ("warn", "skip", "error"), "empty_cases", "must be 'warn', 'skip' or 'error'")
+        need(self.cache_size is None or self.cache_size >= 1, "cache_size", "must be >= 1 or null")
+        need(self.data_format in DATA_FORMATS, "data_format", f"must be one of {', '.join(DATA_FORMATS)}")
+        need(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
+        need(0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1, "test_fraction",
+             "must be in [0, 1) with val_fraction + test_fraction < 1")
+        need(self.connectivity in (6, 18, 26), "connectivity", "must be 6, 18 or 26")
+        need(all(v > 0 for v in self.patch_size), "patch_size", "must be three positive sizes")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(0 <= self.lesion_probability <= 1, "lesion_probability", "must be in [0, 1]")
+        need(self.num_workers >= 0, "num_workers", "must be >= 0")
+        need(self.prefetch_factor >= 1, "prefetch_factor", "must be >= 1")
+        need(0 <= self.flip_prob <= 1, "flip_prob", "must be in [0, 1]")
+        need(0 <= self.intensity_scale < 1, "intensity_scale", "must be in [0, 1)")
+        need(self.intensity_shift >= 0, "intensity_shift", "must be >= 0")
+        need(self.epochs >= 1, "epochs", "must be >= 1")
+        need(self.iters_per_epoch >= 1, "iters_per_epoch", "must be >= 1")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.lr_final > 0, "lr_final", "must be > 0")
+        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
+        need(0 < self.lr_decay_at <= 1, "lr_decay_at", "must be in (0, 1]")
+        need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
+        need(self.amp in AMP_MODES, "amp", f"must be one of {', '.join(AMP_MODES)}")
+        need(self.val_every >= 0, "val_every", "must be >= 0")
+        need(self.val_metric in VAL_METRICS, "val_metric", f"must be one of {', '.join(VAL_METRICS)}")
+        need(self.val_max_cases is None or self.val_max_cases >= 1, "val_max_cases", "must be >= 1 or null")
+        need(self.val_patch_size is None or all(v > 0 for v in self.val_patch_size), "val_patch_size",
+             "must be three positive sizes or null")
+        need(0 <= self.val_overlap < 1, "val_overlap", "must be in [0, 1)")
+        need(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
+        need(self.ddp_timeout_min > 0, "ddp_timeout_min", "must be > 0")
+        need(bool(self.out), "out", "must name an output folder")
+        self._validate_components()
+        if self.size_thresholds is not None:
+            need(0 < self.size_thresholds[0] < self.size_thresholds[1], "size_thresholds",
+                 "must be [small_mm, large_mm] with 0 < small < large")
+        else:
+            from ..core.lesions import SIZE_PRESETS
+
+            need(self.size_preset in SIZE_PRESETS, "size_preset", f"must be one of {', '.join(SIZE_PRESETS)}")
+
+    def _validate_components(self) -> None:
+        """Check the names other modules resolve (model, loss, preset), so a typo fails before any data is read."""
+        from ..nn.losses import get_loss
+        from ..preprocessing.presets import PRESETS
+
+        if self.preprocessing not in PRESETS:
+            raise InputError(f"config key 'preprocessing' must be one of {', '.join(PRESETS)}, got {self.preprocessing!r}")
+        for key, check in (("model", lambda: self.model_config()), ("loss", lambda: get_loss(self.loss, **self.loss_params))):
+            try:
+                check()
+            except InputError as exc:
+                raise InputError(f"config key {key!r}: {exc}") from None
+
+    def model_config(self) -> dict:
+        """The validated architecture config: preset ``model_size`` with the ``model`` overrides."""
+        from ..nn.unet import default_config
+
+        return default_config(self.model_size, **self.model)
+
+    def preprocessing_params(self) -> dict:
+        """The preprocessing preset dict stored in the checkpoint (with ``target_spacing`` applied)."""
+        from ..preprocessing.presets import get_preset
+
+        return get_preset(self.preprocessing, target_spacing=self.target_spacing)
+
+    def weight_params(self) -> dict:
+        """``component_weights`` keyword arguments of an iw-* loss (its mode, w_min, w_max)."""
+        from ..nn.losses import loss_parameters
+
+        defaults = loss_parameters(self.loss)
+        return {k: self.loss_params.get(k, defaults[k]) for k in ("mode", "w_min", "w_max") if k in defaults}
+
+    @property
+    def inverse_weighted(self) -> bool:
+        """Whether the loss takes per-patch inverse weights (``iw-*`` losses)."""
+        return self.loss.strip().lower().replace("_", "-").startswith("iw-")
+
+    def size_groups(self):
+        from ..core.lesions import size_thresholds
+
+        return size_thresholds(self.size_preset, self.size_thresholds)
+
+    @property
+    def inference_patch_size(self) -> list[int]:
+        return list(self.val_patch_size or self.patch_size)
+
+
+def _coerce(key: str, value: Any, kind: str, source: str) -> Any:
+    """Check/convert one config value to its declared kind; errors name the key."""
+    optional = kind.endswith("?")
+    base = kind.rstrip("?")
+    if value is None:
+        if optional:
+            return None
+        raise InputError(f"{source}: config key {key!r} may not be null")
+
+    def bad(what: str):
+        return InputError(f"{source}: config key {key!r} must be {what}, got {value!r}")
+
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise bad("true or false")
+    if base == "int":
+        if isinstance(value, bool):
+            raise bad("an integer")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise bad("an integer") from None
+        if not as_float.is_integer():
+            raise bad("an integer")
+        return int(as_float)
+    if base == "float":
+        if isinstance(value, bool):
+            raise bad("a number")
+        try:
+            out = float(value)  # also takes YAML's "1e-3", which PyYAML reads as a string
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+        if not math.isfinite(out):
+            raise bad("a finite number")
+        return out
+    if base in ("int3", "float3", "float2"):
+        n = int(base[-1])
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and base == "int3":
+            value = [value] * 3  # "patch_size: 96" means 96³
+        if not isinstance(value, (list, tuple)) or len(value) != n:
+            raise bad(f"a list of {n} numbers")
+        item = "int" if base.startswith("int") else "float"
+        return [_coerce(key, v, item, source) for v in value]
+    if base == "list":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        return list(value)
+    if base == "dict":
+        if not isinstance(value, Mapping):
+            raise bad("a mapping")
+        return dict(value)
+    raise AssertionError(f"unknown config kind {kind}")
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Parse ``["key=value", "model.channels=[8,16,32,64]"]`` into a nested dict (values are YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in overrides or ():
+        if "=" not in item:
+            raise InputError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise InputError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise InputError(f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+        head, _, rest = key.partition(".")
+        if rest:
+            out.setdefault(head, {})
+            if not isinstance(out[head], dict):
+                raise InputError(f"override {item!r} conflicts with an earlier override of {head!r}")
+            out[head][rest] = value
+        else:
+            out[key] = value
+    return out
+
+
+def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``overrides``; a dotted override (dict value) updates a dict key of ``base``."""
+    merged = dict(base)
+    dict_keys = {f.name for f in fields(TrainConfig) if f.metadata["kind"] == "dict"}
+    for key, value in overrides.items():
+        if key in dict_keys and isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainConfig:
+    """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides.
+
+    ``overrides`` is a list of ``key=value`` strings (the CLI's ``--set``) or a mapping.
+    Unknown keys, in the file or the overrides, raise :class:`InputError` listing the valid keys.
+    """
+    import yaml
+
+    values: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise InputError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise InputError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, Mapping):
+            raise InputError(f"config file {path} must hold a mapping of key: value")
+        values = dict(loaded)
+    extra = parse_overrides(overrides) if not isinstance(overrides, Mapping) else dict(overrides)
+    if extra:
+        source = f"{source} + overrides" if path is not None else "overrides"
+    return TrainConfig.from_dict(merge_config(values, extra), source=source)
+
+
+def config_reference_markdown() -> str:
+    """The config reference table (every key, default, meaning) as markdown, grouped by section."""
+    lines: list[str] = []
+    section = None
+    for f in fields(TrainConfig):
+        if f.metadata["section"] != section:
+            section = f.metadata["section"]
+            lines += ["", f"### {section.capitalize()}", "", "| key | default | meaning |", "|---|---|---|"]
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        shown = "null" if default is None else json.dumps(default)
+        if isinstance(default, str):
+            shown = default or '""'
+        lines.append(f"| `{f.name}` | `{shown}` | {f.metadata['help']} |")
+    return "\n".join(lines).lstrip() + "\n"

@@ -1,0 +1,130 @@
+"""Where a run executes: device, DistributedDataParallel under ``torchrun``, AMP, seeding."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..core.errors import InputError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in a (possibly single-process) job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: Any = None  # torch.device
+    owns_group: bool = False  # this call created the process group (and destroys it at the end)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0):
+    """``auto`` -> cuda:LOCAL_RANK if available, else mps, else cpu; an unavailable device is an InputError."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"config key 'device': unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("config key 'device' is 'cuda' but no CUDA GPU is available; use device: auto or cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("config key 'device' is 'mps' but MPS is not available; use device: auto or cpu")
+    return device
+
+
+def setup_distributed(config: TrainConfig) -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1), else a single process.
+
+    Backend: nccl when the ranks train on CUDA, gloo otherwise (CPU). Each rank trains on
+    ``cuda:LOCAL_RANK`` when ``device`` is auto/cuda.
+    """
+    import torch
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(config.device, local_rank)
+    info = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    if world_size > 1 and not dist.is_initialized():
+        info.owns_group = True
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(minutes=config.ddp_timeout_min), **kwargs
+        )
+    return info
+
+
+def cleanup_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.distributed:
+        import torch.distributed as dist
+
+        if info.device is not None and info.device.type == "cuda":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+def amp_settings(config: TrainConfig, device) -> tuple[bool, Any, bool]:
+    """``(enabled, dtype, use_grad_scaler)`` for ``torch.autocast`` on ``device``."""
+    import torch
+
+    mode = config.amp
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return False, None, False
+    if device.type != "cuda":
+        if mode == "fp16":
+            raise InputError("config key 'amp': fp16 needs a CUDA device; use amp: bf16 or off on CPU")
+        return True, torch.bfloat16, False
+    if mode == "auto":
+        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode == "bf16":
+        return True, torch.bfloat16, False
+    return True, torch.float16, True
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices) global generators."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,179 @@
+"""What a run trains on: cases read and prepared once, the patch dataset, the batch weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from ..core.errors import InputError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+class BatchWeights:
+    """DataLoader-worker transform of a batch: add the per-patch inverse ``weight`` of iw-* losses.
+
+    ``component_weights`` runs on the *cropped* whole-image component labels of each patch, so
+    the weights use in-patch voxel counts, as the authors trained (lesions labelled on the
+    whole image). The labels are then dropped (unless ``keep_labels``) to save the transfer.
+    """
+
+    def __init__(self, inverse_weighted: bool, weight_params: Mapping[str, Any], keep_labels: bool = False):
+        self.inverse_weighted = inverse_weighted
+        self.weight_params = dict(weight_params)
+        self.keep_labels = keep_labels
+
+    def __call__(self, batch: dict) -> dict:
+        from ..core.weights import component_weights
+
+        labels = batch["labels"] if self.keep_labels else batch.pop("labels")
+        if self.inverse_weighted:
+            batch["weight"] = component_weights(labels, **self.weight_params)
+        return batch
+
+
+@dataclass
+class TrainingData:
+    """What :func:`load_training_data` found: the split, the training cases (preprocessed
+    ``CaseVolume`` objects, or ``Case`` records loaded lazily when ``cache_size`` is set), the
+    validation ``Case`` records and a summary for the model card."""
+
+    root: Path
+    layout: str
+    splits: dict[str, list[str]]
+    params: dict
+    train_cases: list
+    val_cases: list
+    summary: dict
+
+
+def _log(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message)
+
+
+def load_training_data(config: TrainConfig, *, verbose: bool = True) -> TrainingData:
+    """Read the dataset listing, split it, load and preprocess the training cases.
+
+    Errors name the case or key: an empty split, a case whose label/mask is not on its image's
+    grid or holds unexpected values, training cases without lesions (``empty_cases: error``)
+    or a training split without any lesion at all.
+    """
+    from ..data.cases import load_prepared_case
+    from ..data.datasets import load_dataset
+    from ..data.splits import make_splits, read_splits
+
+    if not config.data:
+        raise InputError("config key 'data' is required: the dataset folder to train on")
+    dataset = load_dataset(config.data, config.data_format, lesion_values=config.lesion_values)
+    if len(dataset) == 0:
+        raise InputError(f"dataset {config.data} holds no cases")
+    if config.splits:
+        splits = read_splits(config.splits, dataset.ids)
+    else:
+        fractions = {"train": 1.0 - config.val_fraction - config.test_fraction}
+        if config.val_fraction > 0:
+            fractions["val"] = config.val_fraction
+        if config.test_fraction > 0:
+            fractions["test"] = config.test_fraction
+        splits = make_splits(dataset.ids, fractions, config.split_seed)
+    if not splits.get("train"):
+        raise InputError(f"the training split of {config.data} is empty")
+    params = config.preprocessing_params()
+    train_records = dataset.subset(splits["train"])
+    val_records = dataset.subset(splits.get("val", []))
+    if config.val_max_cases is not None:
+        val_records = val_records[: config.val_max_cases]
+
+    lesion_counts: dict[str, int] = {}
+    if config.cache_size is None:
+        from tqdm import tqdm
+
+        from ..core.lesions import label_components
+
+        train_cases = []
+        bar = tqdm(train_records, desc="loading training cases", unit="case", disable=not verbose, leave=False)
+        for record in bar:
+            volume = load_prepared_case(record, params)
+            lesion_counts[record.id] = label_components(volume.lesion, config.connectivity)[1]
+            train_cases.append(volume)
+        bar.close()
+        empty = [cid for cid, k in lesion_counts.items() if k == 0]
+        if empty and len(empty) == len(train_cases):
+            raise InputError(
+                f"no training case of {config.data} contains a lesion ({len(empty)} cases, e.g. {empty[0]}); "
+                "check lesion_values (which label values are lesion)"
+            )
+        if empty:
+            listing = ", ".join(empty[:10]) + (f", ... ({len(empty)} in all)" if len(empty) > 10 else "")
+            if config.empty_cases == "error":
+                raise InputError(f"training case(s) without any lesion: {listing} (set empty_cases: warn or skip "
+                                 "to train on them anyway)")
+            if config.empty_cases == "skip":
+                train_cases = [v for v in train_cases if lesion_counts[v.id] > 0]
+                if verbose:
+                    _log(f"note: skipping {len(empty)} training case(s) without lesions: {listing}")
+            elif verbose:
+                _log(f"note: {len(empty)} training case(s) have no lesion and give only uniform patches: {listing}")
+    else:
+        train_cases = list(train_records)
+
+    spacings = [v.geometry.spacing_zyx for v in train_cases if hasattr(v, "geometry")]
+    summary = {
+        "dataset": str(Path(config.data).name),
+        "root": str(Path(config.data).resolve()),
+        "layout": dataset.layout,
+        "cases": {name: len(ids) for name, ids in splits.items()},
+        "train_cases_used": len(train_cases),
+        "split_seed": None if config.splits else config.split_seed,
+        "split_file": config.splits,
+        "train_lesions": int(sum(lesion_counts.values())) if lesion_counts else None,
+        "median_spacing_zyx": [float(v) for v in np.median(np.asarray(spacings), axis=0)] if spacings else None,
+    }
+    return TrainingData(Path(config.data), dataset.layout, splits, params, train_cases, val_records, summary)
+
+
+def make_patch_dataset(config: TrainConfig, cases: Sequence, params: Mapping[str, Any], *, rank: int = 0,
+                       world_size: int = 1, start_step: int = 0, steps: int | None = None,
+                       keep_labels: bool = False):
+    """The data module's :class:`~IWSegmentationLib.data.PatchDataset` with this config's sampler,
+    augmentation, preprocessing (for lazily loaded cases) and per-patch inverse weights.
+
+    ``cases`` are :class:`~IWSegmentationLib.data.Case` records, prepared with ``params`` when
+    first loaded, or volumes already prepared with ``params`` (:func:`load_training_data`'s
+    in-memory path); a raw volume or one prepared with other parameters is refused, so a case
+    reaches the network prepared exactly once, as :func:`inference.predict_volume` prepares it.
+    Batch ``s`` is a pure function of ``(seed, rank, s)``, whatever the number of workers.
+    """
+    import functools
+
+    from ..data.cases import CaseVolume, load_prepared_case
+    from ..data.loader import PatchDataset
+    from ..data.sampling import PatchSampler, augment_patch
+
+    for case in cases:
+        if isinstance(case, CaseVolume) and case.preprocessing != dict(params):
+            state = "raw" if case.preprocessing is None else "prepared with other parameters"
+            raise RuntimeError(f"case {case.id} is {state}: the patch dataset takes records or volumes "
+                               "prepared with these parameters (data.prepare_volume)")
+
+    sampler = PatchSampler(config.patch_size, lesion_probability=config.lesion_probability,
+                           connectivity=config.connectivity)
+    augment = None
+    if config.augment:
+        augment = functools.partial(augment_patch, flip_probability=config.flip_prob,
+                                    intensity_scale=config.intensity_scale, intensity_shift=config.intensity_shift)
+    return PatchDataset(
+        list(cases), sampler,
+        batch_size=config.batch_size, steps=steps, start_step=start_step,
+        seed=config.seed, rank=rank, world_size=world_size,
+        loader=functools.partial(load_prepared_case, params=dict(params)),
+        augment=augment,
+        transform=BatchWeights(config.inverse_weighted, config.weight_params(), keep_labels),
+        cache_size=config.cache_size,
+    )

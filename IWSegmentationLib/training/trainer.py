@@ -1,0 +1,418 @@
+"""The training loop: :func:`train` runs a job as a short sequence of named steps.
+
+The loop is :meth:`_Run.run`; each step (``on_train_start``, ``on_epoch_start``, ``train_step``,
+``on_validation``, ``on_epoch_end``, ``on_train_end``) is a method, so the loop reads as the recipe
+(as nnU-Net v2's ``run_training`` does).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import numpy as np
+
+from ..core.errors import CheckpointError, InputError
+from .card import model_card
+from .distributed import _barrier, amp_settings, cleanup_distributed, seed_everything, setup_distributed
+from .inputs import _log, load_training_data, make_patch_dataset
+from .logger import RunLogger
+from .optim import build_optimizer, build_scheduler
+from .validation import _metric_value, compact_metrics, metric_row, validate
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .distributed import DistInfo
+    from .inputs import TrainingData
+
+
+CONFIG_FILE = "config.yaml"
+
+
+SPLITS_FILE = "splits.json"
+
+
+LAST_CHECKPOINT = "last.safetensors"
+
+
+BEST_CHECKPOINT = "best.safetensors"
+
+
+RESUME_STATE = "resume.safetensors"
+
+
+#: Config keys a resumed run may change: they do not alter the sequence of weights it computes.
+RESUME_MAY_CHANGE = ("data", "out", "overwrite", "num_workers", "prefetch_factor", "cache_size", "progress",
+                     "tensorboard", "val_every", "val_max_cases", "device", "ddp_timeout_min")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced (on every rank; only rank 0 wrote files)."""
+
+    out: Path
+    last_checkpoint: Path
+    best_checkpoint: Path
+    epochs_done: int
+    history: list[dict] = field(default_factory=list)
+    best_metric: str = ""
+    best_value: float | None = None
+    best_epoch: int | None = None
+    seconds: float = 0.0
+    is_main: bool = True
+
+    def summary(self) -> str:
+        best = (f"best {self.best_metric} {self.best_value:.4f} at epoch {self.best_epoch}"
+                if self.best_value is not None else "no validation metric")
+        return (f"trained {self.epochs_done} epoch(s) in {self.seconds:.0f} s; {best}\n"
+                f"  best checkpoint: {self.best_checkpoint}\n  last checkpoint: {self.last_checkpoint}\n"
+                f"  log: {self.out / 'log.csv'}")
+
+
+def train(config: TrainConfig, *, resume: bool = False, verbose: bool = True,
+          on_step: Callable[[int, int, float], None] | None = None,
+          on_epoch_end: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run (or, with ``resume``, continue) the training described by ``config``.
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DistributedDataParallel.
+    ``on_step(epoch, step, loss)`` and ``on_epoch_end(epoch, row)`` are called on every rank
+    (an exception they raise stops the run as a crash would; tests use this to interrupt a run).
+    """
+    info = setup_distributed(config)
+    try:
+        return _Run(config, info, resume=resume, verbose=verbose, on_step=on_step, on_epoch_end=on_epoch_end).run()
+    finally:
+        if info.owns_group:
+            cleanup_distributed()
+
+
+class _Run:
+    """One training run; see :func:`train`."""
+
+    def __init__(self, config: TrainConfig, info: DistInfo, *, resume: bool, verbose: bool, on_step, on_epoch_end):
+        self.config = config
+        self.info = info
+        self.resume = resume
+        self.verbose = verbose and info.is_main
+        self.on_step = on_step
+        self.on_epoch_end = on_epoch_end
+        self.out = Path(config.out)
+        self.best: dict[str, Any] = {"metric": config.val_metric, "value": None, "epoch": None}
+        self.latest_validation: dict | None = None
+        self.history: list[dict] = []
+
+    # -- setup -----------------------------------------------------------------------------
+    def _check_output(self) -> None:
+        state = self.out / RESUME_STATE
+        if self.resume:
+            if not state.is_file():
+                raise InputError(f"--resume: {self.out} holds no resume state ({RESUME_STATE}); "
+                                 "start the run without --resume")
+        elif state.is_file() and not self.config.overwrite:
+            raise InputError(
+                f"output folder {self.out} already holds a training run ({RESUME_STATE}); continue it with "
+                "--resume, or choose another 'out', or set overwrite: true to start over"
+            )
+
+    def _load_resume_state(self):
+        from ..nn.training_state import load_training_state
+
+        path = self.out / RESUME_STATE
+        state = load_training_state(path)
+        saved_arch = state.get("architecture")
+        arch = self.config.model_config()
+        if saved_arch != arch:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written by a different architecture "
+                f"({_describe_arch(saved_arch)}) than the config asks for ({_describe_arch(arch)}); "
+                "resume with the same model settings, or start a new run in another 'out' folder"
+            )
+        saved = dict(state.get("config") or {})
+        now = self.config.to_dict()
+        changed = sorted(k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k])
+        if changed:
+            detail = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+            raise InputError(
+                f"cannot resume the run in {self.out} with a different config ({detail}); a resumed run must "
+                f"repeat the same computation. Only {', '.join(RESUME_MAY_CHANGE)} may change"
+            )
+        return state
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        import torch
+
+        from ..data.loader import make_loader
+        from ..data.splits import write_splits
+        from ..nn.losses import get_loss
+        from ..nn.training_state import restore_rng_state
+        from ..nn.unet import build_model
+
+        config, info = self.config, self.info
+        t_start = time.perf_counter()
+        if info.is_main:
+            self._check_output()
+        state = self._load_resume_state() if self.resume else None
+
+        seed_everything(config.seed)
+        data = load_training_data(config, verbose=self.verbose)
+        self.data = data
+        if state is not None and state.get("splits") and state["splits"] != data.splits:
+            raise InputError(f"cannot resume the run in {self.out}: the dataset split differs from the one it "
+                             "was trained on (check 'data', 'splits' and the dataset folder)")
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if config.overwrite and not self.resume:
+                (self.out / RESUME_STATE).unlink(missing_ok=True)
+            self._write_run_files(data, write_splits)
+        _barrier(info)
+
+        device = info.device
+        model = build_model(config.model_config()).to(device)
+        if config.init_checkpoint and state is None:
+            self._init_from_checkpoint(model)
+        loss_fn = get_loss(config.loss, **config.loss_params)
+        optimizer = build_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, config)
+        amp_on, amp_dtype, use_scaler = amp_settings(config, device)
+        scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=use_scaler)
+        start_epoch = 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            self.best = dict(state.get("best") or self.best)
+            self.latest_validation = state.get("latest_validation")
+            start_epoch = int(state["epoch"]) + 1
+            restore_rng_state(state["rng"])
+            if self.verbose:
+                _log(f"resuming {self.out} at epoch {start_epoch + 1}/{config.epochs}")
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last_3d)
+        self.model = model
+        train_model = model
+        if info.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        iters = config.iters_per_epoch
+        result_paths = (self.out / LAST_CHECKPOINT, self.out / BEST_CHECKPOINT)
+        if start_epoch >= config.epochs:
+            if self.verbose:
+                _log(f"the run in {self.out} already finished its {config.epochs} epochs")
+            return self._result(config.epochs, result_paths, t_start)
+
+        dataset = make_patch_dataset(config, data.train_cases, data.params, rank=info.rank,
+                                     world_size=info.world_size, start_step=start_epoch * iters,
+                                     steps=(config.epochs - start_epoch) * iters)
+        if config.cache_size is None:
+            dataset.preload()
+        loader = make_loader(dataset, num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                             prefetch_factor=config.prefetch_factor)
+        logger = RunLogger(self.out, enabled=info.is_main, tensorboard=config.tensorboard,
+                           start_epoch=start_epoch, iters_per_epoch=iters)
+        bar = None
+        if self.verbose and config.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=config.epochs * iters, initial=start_epoch * iters, desc="training", unit="it",
+                       dynamic_ncols=True)
+        stream = iter(loader)
+        val_cache: dict | None = {} if config.cache_size is None else None
+        try:
+            for epoch in range(start_epoch, config.epochs):
+                row = self._train_epoch(epoch, stream, train_model, loss_fn, optimizer, scaler,
+                                        (amp_on, amp_dtype), logger, bar)
+                scheduler.step()
+                report = None
+                if self._validation_due(epoch):
+                    if info.is_main:
+                        if bar is not None:
+                            bar.set_description("validating")
+                        card = model_card(config, data, epoch=epoch, validation_metrics=None)
+                        report = validate(model, data.val_cases, config, card, device=device, cache=val_cache,
+                                          verbose=self.verbose)
+                        model.train()
+                        if bar is not None:
+                            bar.set_description("training")
+                    _barrier(info)
+                if info.is_main:
+                    self._end_epoch(epoch, row, report, model, optimizer, scheduler, scaler, logger, bar)
+                _barrier(info)
+                self.history.append(row)
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(epoch, row)
+        finally:
+            if bar is not None:
+                bar.close()
+            logger.close()
+            del stream
+        return self._result(config.epochs, result_paths, t_start)
+
+    def _train_epoch(self, epoch, stream, model, loss_fn, optimizer, scaler, amp, logger, bar) -> dict:
+        import torch
+
+        config, device = self.config, self.info.device
+        amp_on, amp_dtype = amp
+        model.train()
+        iters = config.iters_per_epoch
+        wait = 0.0
+        losses = []
+        t0 = time.perf_counter()
+        for i in range(iters):
+            t = time.perf_counter()
+            batch = next(stream)
+            wait += time.perf_counter() - t
+            image = batch["image"].to(device, non_blocking=True)
+            target = batch["target"].to(device, non_blocking=True)
+            weight = batch.get("weight")
+            if weight is not None:
+                weight = weight.to(device, non_blocking=True)
+            if device.type == "cuda":
+                image = image.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_on):
+                logits = model(image)
+            loss = loss_fn(logits.float(), target, weight)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise InputError(
+                    f"training diverged: the {config.loss} loss is {value} at epoch {epoch + 1}, step {i + 1}; "
+                    "lower 'lr' or set 'grad_clip'"
+                )
+            losses.append(value)
+            step = epoch * iters + i
+            if self.info.is_main:
+                logger.step(step, value)
+            if bar is not None:
+                bar.update(1)
+                if i % 5 == 0 or i == iters - 1:
+                    bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{np.mean(losses[-20:]):.4f}",
+                                    wait=f"{100 * wait / max(time.perf_counter() - t0, 1e-9):.0f}%", refresh=False)
+            if self.on_step is not None:
+                self.on_step(epoch, i, value)
+        seconds = time.perf_counter() - t0
+        return {
+            "epoch": epoch,
+            "lr": optimizer.param_groups[0]["lr"],
+            "loss": float(np.mean(losses)),
+            "seconds": round(seconds, 3),
+            "iters_per_s": round(iters / seconds, 4) if seconds > 0 else None,
+            "data_wait_fraction": round(wait / seconds, 4) if seconds > 0 else None,
+        }
+
+    def _validation_due(self, epoch: int) -> bool:
+        config = self.config
+        if config.val_every == 0 or not self.data.val_cases:
+            return False
+        return (epoch + 1) % config.val_every == 0 or epoch == config.epochs - 1
+
+    # -- saving ----------------------------------------------------------------------------
+    def _end_epoch(self, epoch, row, report, model, optimizer, scheduler, scaler, logger, bar) -> None:
+        from ..nn.checkpoint import save_checkpoint
+        from ..nn.training_state import capture_rng_state, save_training_state
+
+        config = self.config
+        improved = False
+        if report is not None:
+            self.latest_validation = compact_metrics(report, epoch)
+            row.update(metric_row(report))
+            value = _metric_value(report, config.val_metric)
+            if value is not None and (self.best["value"] is None or value > self.best["value"]):
+                self.best = {"metric": config.val_metric, "value": value, "epoch": epoch}
+                improved = True
+        no_validation = config.val_every == 0 or not self.data.val_cases
+        if no_validation:
+            self.best = {"metric": "last", "value": None, "epoch": epoch}
+            improved = True
+        row["best"] = int(improved)
+        card = model_card(config, self.data, epoch=epoch, validation_metrics=self.latest_validation,
+                          world_size=self.info.world_size)
+        _guarded_write(self.out / LAST_CHECKPOINT, lambda p: save_checkpoint(p, model, card))
+        if improved:
+            _guarded_write(self.out / BEST_CHECKPOINT, lambda p: save_checkpoint(p, model, card))
+        state = {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng": capture_rng_state(),
+            "best": self.best,
+            "latest_validation": self.latest_validation,
+            "architecture": config.model_config(),
+            "config": config.to_dict(),
+            "splits": self.data.splits,
+        }
+        _guarded_write(self.out / RESUME_STATE, lambda p: save_training_state(p, state))
+        logger.epoch(row, (epoch + 1) * config.iters_per_epoch)
+        if self.verbose:
+            parts = [f"epoch {epoch + 1}/{config.epochs}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2g}",
+                     f"{row['iters_per_s']:.2f} it/s", f"data wait {100 * row['data_wait_fraction']:.1f}%"]
+            if report is not None:
+                for key in ("avg_recall_0_5", "cpm", "object_dice"):
+                    v = row.get(f"val_{key}")
+                    parts.append(f"{key} {'n/a' if v is None else f'{v:.3f}'}")
+                small = row.get("val_small_avg_recall_0_5")
+                parts.append(f"small avg_recall {'n/a' if small is None else f'{small:.3f}'}")
+                if improved:
+                    parts.append("(best)")
+            _log(" | ".join(parts))
+
+    def _write_run_files(self, data: TrainingData, write_splits) -> None:
+        import yaml
+
+        from ..core.imageio import atomic_output
+
+        with atomic_output(self.out / CONFIG_FILE) as tmp:
+            tmp.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False), encoding="utf-8")
+        write_splits(self.out / SPLITS_FILE, data.splits)
+
+    def _init_from_checkpoint(self, model) -> None:
+        from ..nn.checkpoint import load_checkpoint
+
+        source, card = load_checkpoint(self.config.init_checkpoint)
+        if card["architecture"] != model.config:
+            raise CheckpointError(
+                f"init_checkpoint {self.config.init_checkpoint} has a different architecture "
+                f"({_describe_arch(card['architecture'])}) than the config ({_describe_arch(model.config)})"
+            )
+        model.load_state_dict(source.state_dict())
+
+    def _result(self, epochs_done: int, paths, t_start: float) -> TrainResult:
+        return TrainResult(
+            out=self.out, last_checkpoint=paths[0], best_checkpoint=paths[1], epochs_done=epochs_done,
+            history=self.history, best_metric=self.best.get("metric", ""), best_value=self.best.get("value"),
+            best_epoch=self.best.get("epoch"), seconds=time.perf_counter() - t_start, is_main=self.info.is_main,
+        )
+
+
+def _describe_arch(arch: Any) -> str:
+    if not isinstance(arch, Mapping):
+        return repr(arch)
+    return f"channels {arch.get('channels')}, blocks_per_level {arch.get('blocks_per_level')}"
+
+
+def _guarded_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Run an atomic writer; a failure (disk full, permissions) keeps the previous file and is
+    reported as a :class:`CheckpointError` naming the file."""
+    try:
+        write(path)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CheckpointError(
+            f"could not write {path}: {reason}. The previous {path.name} (if any) is intact; free disk "
+            "space and continue with --resume"
+        ) from exc

@@ -1,0 +1,87 @@
+"""Validation during training: whole cases through the inference code path, lesion-wise metrics."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+def validate(model, cases: Sequence, config: TrainConfig, card: Mapping[str, Any], *, device=None,
+             cache: dict | None = None, verbose: bool = True) -> dict:
+    """Lesion-wise evaluation of ``model`` on whole validation cases.
+
+    Each case is predicted with :func:`inference.predict_volume` (the checkpoint's own
+    preprocessing, sliding window of ``val_patch_size`` with ``val_overlap``), matched with
+    :func:`metrics.match_case` and the report built by :func:`metrics.evaluate_cases`.
+    ``cache`` (a dict) keeps loaded cases between validations. Returns the report (see
+    :func:`metrics.evaluate_cases`); the model is left in eval mode.
+    """
+    from tqdm import tqdm
+
+    from ..data.cases import load_case
+    from ..evaluation.matching import match_case
+    from ..evaluation.report import evaluate_cases
+    from ..inference.predict import predict_volume
+
+    thresholds = config.size_groups()
+    results = []
+    bar = tqdm(cases, desc="validating", unit="case", leave=False, disable=not verbose)
+    for record in bar:
+        volume = cache.get(record.id) if cache is not None else None
+        if volume is None:
+            volume = load_case(record)
+            if cache is not None:
+                cache[record.id] = volume
+        pred = predict_volume(model, volume.image, card, geometry=volume.geometry, organ_mask=volume.organ,
+                              device=device or "cpu", overlap=config.val_overlap, channels_last=False)
+        results.append(match_case(pred.probabilities, volume.lesion, volume.geometry.spacing_zyx,
+                                  threshold=config.threshold, thresholds=thresholds,
+                                  connectivity=config.connectivity, case=record.id))
+    bar.close()
+    return evaluate_cases(results, seed=config.seed)
+
+
+def metric_row(report: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """The flat ``val_*`` numbers of a validation report (CSV columns, TensorBoard, best metric)."""
+    if not report:
+        return {}
+    row = {
+        "val_cpm": report.get("cpm"),
+        "val_avg_recall_0_5": report.get("avg_recall_0_5"),
+        "val_object_dice": (report.get("object_dice") or {}).get("mean"),
+    }
+    for group, sub in (report.get("by_size") or {}).items():
+        row[f"val_{group}_avg_recall_0_5"] = sub.get("avg_recall_0_5")
+        row[f"val_{group}_cpm"] = sub.get("cpm")
+        row[f"val_{group}_object_dice"] = (sub.get("object_dice") or {}).get("mean")
+    return row
+
+
+def compact_metrics(report: Mapping[str, Any] | None, epoch: int) -> dict | None:
+    """The validation numbers stored in the model card (no per-case lists, no curves)."""
+    if not report:
+        return None
+
+    def part(sub: Mapping[str, Any]) -> dict:
+        od = sub.get("object_dice") or {}
+        boot = sub.get("bootstrap") or {}
+        return {
+            "n_lesions": sub.get("n_lesions"),
+            "cpm": sub.get("cpm"),
+            "avg_recall_0_5": sub.get("avg_recall_0_5"),
+            "avg_recall_0_5_std": (boot.get("avg_recall_0_5") or {}).get("std"),
+            "object_dice": od.get("mean"),
+            "object_dice_std": od.get("std"),
+        }
+
+    out = {"epoch": epoch, "n_images": report.get("n_images"), **part(report)}
+    out["by_size"] = {g: part(sub) for g, sub in (report.get("by_size") or {}).items()}
+    return out
+
+
+def _metric_value(report: Mapping[str, Any] | None, name: str) -> float | None:
+    value = metric_row(report).get(f"val_{name}")
+    return None if value is None or not math.isfinite(float(value)) else float(value)
