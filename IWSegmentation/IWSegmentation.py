@@ -29,14 +29,15 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from IWSegmentationLib.core import errors, lesions
-from IWSegmentationLib.slicer import logic as slicer_logic
 from IWSegmentationLib.slicer import panel, process
+from IWSegmentationLib.slicer.logic import LesionSegmentationLogic
 
-#: Device choices shown in the panel -> ``iwseg predict --device`` values.
-DEVICES = {"Auto": "auto", "CUDA": "cuda", "CPU": "cpu"}
 #: IWSegmentationLib modules reloaded (dependencies first) by the developer "Reload" button.
-LIB_MODULES = ("errors", "progress", "lesions", "imageio", "metrics", "mrml", "panel", "process", "slicer_deps",
-               "slicer_logic")
+LIB_MODULES = ("core.errors", "core.devices", "core.progress", "core.lesions", "core.imageio",
+               "evaluation.matching", "evaluation.froc", "evaluation.bootstrap", "evaluation.report", "evaluation",
+               "slicer.mrml.scene", "slicer.mrml.geometry", "slicer.mrml.segments", "slicer.mrml.matching",
+               "slicer.mrml.tables", "slicer.mrml.loading", "slicer.mrml", "slicer.panel", "slicer.process",
+               "slicer.deps", "slicer.logic")
 
 
 class IWSegmentation(ScriptedLoadableModule):
@@ -61,7 +62,7 @@ class IWSegmentationParameterNode:
     organMask: vtkMRMLSegmentationNode
     referenceSegmentation: vtkMRMLSegmentationNode
     checkpointPath: str = ""
-    device: Annotated[str, Choice(list(DEVICES))] = "Auto"
+    device: Annotated[str, Choice(list(panel.DEVICE_CHOICES))] = "Auto"
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
@@ -176,7 +177,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateApplyButton()
 
     def updateDeviceInfo(self, *args):
-        text, warning = panel.describe_devices(self._devices, DEVICES[self.ui.deviceComboBox.currentText or "Auto"])
+        text, warning = panel.describe_devices(self._devices, panel.DEVICE_CHOICES[self.ui.deviceComboBox.currentText or "Auto"])
         self.ui.deviceInfoLabel.text = text + (f"\n⚠ {warning}" if warning else "")
 
     def onPoll(self):
@@ -252,7 +253,7 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
         self.python = python or shutil.which("PythonSlicer") or sys.executable
         startup = slicer.util.startupEnvironment() if hasattr(slicer.util, "startupEnvironment") else None
         self.env = process.backend_environment(startup)  # PythonSlicer sets itself up from a clean environment
-        self.lesionLogic = slicer_logic.LesionSegmentationLogic(slicer.mrmlScene, python=self.python, env=self.env)
+        self.lesionLogic = LesionSegmentationLogic(slicer.mrmlScene, python=self.python, env=self.env)
 
     @property
     def results(self):
@@ -273,19 +274,19 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def start(self, parameters, onProgress=None, onFinished=None):
         """Install missing dependencies (first use), then start the backend; returns the running run."""
-        from IWSegmentationLib.slicer import deps as slicer_deps
+        from IWSegmentationLib.slicer import deps
 
         process.PredictParameters(parameters.checkpointPath).validate()
-        slicer_deps.ensure_in_slicer()
+        deps.ensure_in_slicer()
         return self.lesionLogic.start(
-            parameters.inputVolume, parameters.checkpointPath, device=DEVICES[parameters.device],
+            parameters.inputVolume, parameters.checkpointPath, device=panel.DEVICE_CHOICES[parameters.device],
             overlap=parameters.overlap, threshold=parameters.threshold, organ_mask=parameters.organMask,
             reference=parameters.referenceSegmentation, on_progress=onProgress, on_finished=onFinished,
             on_log=lambda line: logging.info(f"[iwseg] {line}"))
 
     def process(self, parameters, timeout=None):
         """Blocking mode for scripts and tests: run, wait, return the results; raise with the report on failure."""
-        return self.start(parameters).wait(timeout).loaded_or_raise()
+        return self.start(parameters).wait_loaded(timeout)
 
     def setConfidenceThreshold(self, results, value):
         return self.lesionLogic.set_confidence_threshold(results, value)

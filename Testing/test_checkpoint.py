@@ -110,12 +110,12 @@ def test_metadata_round_trip(saved):
 
 def test_inspect_command_prints_card_and_fails_cleanly(saved, tmp_path):
     path, _ = saved
-    cmd = [sys.executable, "-m", "IWSegmentationLib.nn"]
+    cmd = [sys.executable, "-m", "IWSegmentationLib", "inspect"]
     done = subprocess.run([*cmd, str(path), "--verify"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["architecture"]["channels"] == [4, 8, 16, 32]
     # reading a model card needs neither torch nor the weights (the Slicer GUI shows it)
-    probe = ("import sys, IWSegmentationLib.nn as c; "
+    probe = ("import sys, IWSegmentationLib.nn.checkpoint as c; "
              f"c.read_metadata({str(path)!r}); print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr

@@ -22,7 +22,6 @@ from IWSegmentationLib.core.lesions import label_components
 from IWSegmentationLib.data import (
     Case,
     CaseVolume,
-    PatchDataset,
     PatchSampler,
     augment_patch,
     check_splits,
@@ -30,11 +29,11 @@ from IWSegmentationLib.data import (
     lesion_mask,
     load_case,
     load_dataset,
-    make_loader,
     make_splits,
     read_splits,
     write_splits,
 )
+from IWSegmentationLib.data.loader import PatchDataset, make_loader
 from IWSegmentationLib.data.synth import generate_case
 
 SHAPE = (6, 8, 10)

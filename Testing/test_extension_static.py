@@ -367,10 +367,10 @@ def test_module_file_stays_thin_and_follows_the_current_template():
 
 
 def test_device_choices_match_the_backend():
-    from IWSegmentationLib.slicer.process import DEVICES
+    from IWSegmentationLib.core.devices import DEVICES
+    from IWSegmentationLib.slicer.panel import DEVICE_CHOICES as choices
 
-    match = re.search(r"^DEVICES = (\{.*?\})$", MODULE_PY.read_text(), re.M)
-    choices = ast.literal_eval(match.group(1))
+    assert "panel.DEVICE_CHOICES" in MODULE_PY.read_text() and "DEVICES =" not in MODULE_PY.read_text()
     assert set(choices.values()) <= set(DEVICES) and "auto" in choices.values()
     items = [i.findtext("property/string") for i in ui_widgets()["deviceComboBox"].findall("item")]
     assert items == list(choices), "the .ui's device items differ from the module's choices"

@@ -8,7 +8,7 @@ What is checked, and against what (never against mrml's own code):
 * segments: count, order, names, palette colours, terminology (as Slicer's terminology logic
   serialises it), tags (hand-computed diameters), reference geometry, and every segment voxel
   landing on the RAS point SimpleITK computes for the mask voxel, on an oblique anisotropic grid;
-* object Dice: a hand-computed case, and rows equal to ``metrics.match_case`` on the arrays;
+* object Dice: a hand-computed case, and rows equal to ``evaluation.match_case`` on the arrays;
   a reference drawn on another grid (finer, flipped axis) is resampled exactly;
 * the confidence slider's visibility and counts; the table node; the module's entry point.
 """
@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from IWSegmentationLib import evaluation as metrics
+from IWSegmentationLib import evaluation
 from IWSegmentationLib.core import imageio, lesions
 from IWSegmentationLib.core.errors import GeometryMismatchError, InputError
 from IWSegmentationLib.slicer import mrml
@@ -303,7 +303,7 @@ def test_object_dice_by_hand(scene, slicer):
 
 
 def _metrics_rows(prob, ref, spacing):
-    case = metrics.match_case(prob, ref, spacing, threshold=0.5)
+    case = evaluation.match_case(prob, ref, spacing, threshold=0.5)
     comps = sorted(((c.voxels, c.hit_dice, c.confidence, c.false_positive) for c in case.components), reverse=True)
     refs = sorted((les.voxels, les.hit_dice, les.confidence) for les in case.lesions)
     return comps, refs

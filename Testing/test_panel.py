@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 from IWSegmentationLib.core.errors import InputError
 from IWSegmentationLib.core.progress import ProgressEvent, parse_progress_line
-from IWSegmentationLib.slicer import deps as slicer_deps
-from IWSegmentationLib.slicer import panel
+from IWSegmentationLib.slicer import deps, panel
 
 # ---------------------------------------------------------------------------- progress
 
@@ -107,7 +106,7 @@ def test_model_card_rows_summarise_the_card():
 
 def test_model_card_of_a_real_checkpoint(tmp_path):
     pytest.importorskip("torch")
-    from IWSegmentationLib import nn as checkpoint
+    from IWSegmentationLib.nn import checkpoint
     from IWSegmentationLib.testing import phantom
 
     card = checkpoint.read_metadata(phantom.threshold_checkpoint(tmp_path / "t.safetensors"))
@@ -193,7 +192,7 @@ def test_describe_devices():
 
 # ---------------------------------------------------------------------------- lesion table and counts
 
-# Three detections and three reference lesions, as metrics.match_case would describe them:
+# Three detections and three reference lesions, as evaluation.match_case would describe them:
 # detection 1 matches reference 1 (Dice 0.8), detection 2 overlaps nothing (FP),
 # detection 3 matches reference 2 (Dice 0.5); reference 3 is missed.
 COMPONENTS = [
@@ -266,9 +265,9 @@ def test_detection_counts_text():
 
 
 def test_detection_counts_agree_with_the_metrics_module():
-    """The slider's TP/FP at a threshold are the metrics' FROC counts (metrics.evaluate_cases)."""
+    """The slider's TP/FP at a threshold are the metrics' FROC counts (evaluation.evaluate_cases)."""
     np = pytest.importorskip("numpy")
-    from IWSegmentationLib import evaluation as metrics
+    from IWSegmentationLib import evaluation
 
     prob = np.zeros((12, 24, 24), dtype=np.float32)
     ref = np.zeros_like(prob, dtype=np.uint8)
@@ -278,7 +277,7 @@ def test_detection_counts_agree_with_the_metrics_module():
     prob[8:11, 18:21, 18:21] = 0.75  # hits reference lesion B
     ref[8:11, 18:22, 18:22] = 1
     ref[2:4, 18:20, 2:4] = 1        # reference lesion C, missed
-    case = metrics.match_case(prob, ref)
+    case = evaluation.match_case(prob, ref)
     components = [{"id": c.id, "confidence": c.confidence, "hit_dice": c.hit_dice} for c in case.components]
     references = [{"id": g.id, "confidence": g.confidence, "hit_dice": g.hit_dice} for g in case.lesions]
     for threshold in (0.0, 0.6, 0.7, 0.8, 0.95):
@@ -299,23 +298,23 @@ def fake_versions(**installed):
 
 def test_missing_requirements():
     version_of = fake_versions(scipy="1.13.0", safetensors="0.3.1", tqdm="4.66.0", pyyaml="6.0.1")
-    assert slicer_deps.missing_requirements(version_of=version_of) == [
+    assert deps.missing_requirements(version_of=version_of) == [
         "connected-components-3d>=3.12",  # not installed
         "safetensors>=0.4",               # too old
     ]
     everything = fake_versions(**{"scipy": "1.10", "connected-components-3d": "3.12.4", "safetensors": "0.4.5",
                                   "tqdm": "4.60", "pyyaml": "6.0"})
-    assert slicer_deps.missing_requirements(version_of=everything) == []
-    with pytest.raises(slicer_deps.DependencyError, match="invalid requirement"):
-        slicer_deps.missing_requirements(["scipy>>1"], version_of=everything)
+    assert deps.missing_requirements(version_of=everything) == []
+    with pytest.raises(deps.DependencyError, match="invalid requirement"):
+        deps.missing_requirements(["scipy>>1"], version_of=everything)
 
 
 def test_constraints_pin_what_slicer_owns(tmp_path):
     version_of = fake_versions(numpy="1.26.4", SimpleITK="2.4.0", torch="2.5.1+cu121")
-    assert slicer_deps.constraints_lines(version_of=version_of) == [
+    assert deps.constraints_lines(version_of=version_of) == [
         "numpy==1.26.4", "SimpleITK==2.4.0", "torch==2.5.1+cu121"]
-    assert slicer_deps.constraints_lines(version_of=fake_versions(numpy="2.0.0")) == ["numpy==2.0.0"]
-    path = slicer_deps.write_constraints(tmp_path / "c.txt", version_of=version_of)
+    assert deps.constraints_lines(version_of=fake_versions(numpy="2.0.0")) == ["numpy==2.0.0"]
+    path = deps.write_constraints(tmp_path / "c.txt", version_of=version_of)
     assert path.read_text() == "numpy==1.26.4\nSimpleITK==2.4.0\ntorch==2.5.1+cu121\n"
 
 
@@ -349,15 +348,15 @@ def test_constraints_really_stop_pip_from_replacing_numpy(tmp_path):
             "--disable-pip-version-check", "numpy>=99"]
     free = subprocess.run(base, capture_output=True, text=True, timeout=120)
     assert free.returncode == 0 and "numpy-99.0.0" in free.stdout, free.stdout + free.stderr
-    constraints = slicer_deps.write_constraints(tmp_path / "constraints.txt")
+    constraints = deps.write_constraints(tmp_path / "constraints.txt")
     pinned = subprocess.run(base + ["-c", str(constraints)], capture_output=True, text=True, timeout=120)
     assert pinned.returncode != 0
-    assert f"numpy=={slicer_deps.installed_version('numpy')}" in pinned.stdout + pinned.stderr
+    assert f"numpy=={deps.installed_version('numpy')}" in pinned.stdout + pinned.stderr
 
 
 def test_protected_packages_are_not_backend_requirements():
-    names = {slicer_deps._requirement(spec).name.lower() for spec in slicer_deps.BACKEND_REQUIREMENTS}
-    assert not names & {p.lower() for p in slicer_deps.PROTECTED_PACKAGES}
+    names = {deps._requirement(spec).name.lower() for spec in deps.BACKEND_REQUIREMENTS}
+    assert not names & {p.lower() for p in deps.PROTECTED_PACKAGES}
 
 
 @pytest.mark.parametrize(
@@ -366,7 +365,7 @@ def test_protected_packages_are_not_backend_requirements():
      ("2.5.1+cu121", None), ("2.13.0.dev20250101", None), ("garbage", "unreadable version")],
 )
 def test_torch_problem(version, problem):
-    found = slicer_deps.torch_problem(fake_versions(torch=version) if version else fake_versions())
+    found = deps.torch_problem(fake_versions(torch=version) if version else fake_versions())
     if problem is None:
         assert found is None
     else:

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from IWSegmentationLib.cli.main.main import main
 
+from IWSegmentationLib.cli import build_parser, main
 from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
 from IWSegmentationLib.core.progress import parse_progress_line
 from IWSegmentationLib.nn.checkpoint import save_checkpoint
@@ -300,14 +300,22 @@ def test_bad_input_exit_code_in_a_real_process(tmp_path, checkpoint):
     assert "absent.nrrd" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_command_constants_match_the_library():
-    """predict.py repeats the device/precision names so that `iwseg --help` needs no torch import."""
-    from IWSegmentationLib.cli.main.commands import predict
+def test_device_precision_and_engine_names_have_one_definition():
+    """The parser, the backend wrapper, the panel and the engine use core.devices' tuples, not copies."""
+    from IWSegmentationLib.cli.commands import predict
+    from IWSegmentationLib.core import devices
+    from IWSegmentationLib.inference import devices as inference_devices
+    from IWSegmentationLib.inference import engine
+    from IWSegmentationLib.slicer import panel, process
 
-    from IWSegmentationLib import inference
-
-    assert predict.DEVICES == inference.DEVICES and predict.PRECISIONS == inference.PRECISIONS
-    assert predict.ENGINES == inference.ENGINES
+    assert predict.DEVICES is devices.DEVICES is process.DEVICES is inference_devices.DEVICES
+    assert predict.PRECISIONS is devices.PRECISIONS is inference_devices.PRECISIONS
+    assert predict.ENGINES is devices.ENGINES is engine.ENGINES
+    assert set(panel.DEVICE_CHOICES.values()) <= set(devices.DEVICES)
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["predict"]
+    choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
+    assert choices["device"] == devices.DEVICES and choices["engine"] == devices.ENGINES
 
 
 def test_engines_agree_and_are_reported(tmp_path, checkpoint):

@@ -64,8 +64,8 @@ def test_known_answer_through_the_real_backend(phantom_scene, scene, tmp_path):
     checkpoint = phantom.threshold_checkpoint(tmp_path / "threshold.safetensors")
     logic = make_logic(scene, tmp_path)
     stages = []
-    results = logic.run_blocking(volume, checkpoint, timeout=300, device="cpu", reference=reference,
-                                 organ_mask=organ, on_progress=lambda e: stages.append(e.stage))
+    results = logic.start(volume, checkpoint, device="cpu", reference=reference, organ_mask=organ,
+                          on_progress=lambda e: stages.append(e.stage)).wait_loaded(timeout=300)
     assert stages[0] == "start" and stages[-1] == "done"
     assert results is logic.results
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from IWSegmentationLib.cli.main.main import main as cli_main
 
+from IWSegmentationLib.cli import main as cli_main
 from IWSegmentationLib.core.errors import InputError
 from IWSegmentationLib.core.lesions import component_sizes, label_components
 from IWSegmentationLib.data import load_case, load_dataset

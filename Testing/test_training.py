@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 from _subprocess import run_in_group
-from IWSegmentationLib.cli.main.main import main as cli_main
 
+from IWSegmentationLib.cli import main as cli_main
 from IWSegmentationLib.core.errors import CheckpointError, GeometryMismatchError, InputError
 from IWSegmentationLib.core.imageio import read_image, write_image
 from IWSegmentationLib.data import prepare_volume
@@ -353,7 +353,7 @@ def test_ddp_two_cpu_processes_train_and_only_rank0_writes(dataset, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(REPO / "scripts" / "train.py"),
+        "-m", "IWSegmentationLib", "train",
         "--set", f"data={dataset}", "--set", f"out={out}", "--set", "model_size=tiny",
         "--set", "patch_size=16", "--set", "epochs=2", "--set", "iters_per_epoch=2",
         "--set", "num_workers=0", "--set", "val_every=2", "--set", "val_fraction=0.25",

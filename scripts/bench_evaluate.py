@@ -24,17 +24,16 @@ Run quietly (the lead's setting), e.g.::
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _bench
 import numpy as np
 
-from IWSegmentationLib.core.imageio import Geometry, atomic_output, read_image, write_image
+from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
 from IWSegmentationLib.core.lesions import SIZE_PRESETS
 from IWSegmentationLib.evaluation import evaluate_cases, match_case
 
@@ -113,12 +112,10 @@ def run(shape, n_lesions: int, repeats: int, with_io: bool) -> tuple[list[tuple[
 
 
 def markdown_table(rows, shape, n_lesions, info, repeats) -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
         f"Evaluation of one {'x'.join(map(str, shape[::-1]))} (x·y·z) case, {n_lesions} lesions "
         f"({info['components']} predicted components, {info['false positives']} FP); median of {repeats} "
-        f"after a warm-up; {cores} CPU core(s), {platform.processor() or platform.machine()}, "
-        f"numpy {np.__version__}, Python {platform.python_version()}. Target: total in memory <= {TARGET_S} s.",
+        f"after a warm-up. {_bench.machine_line()} Target: total in memory <= {TARGET_S} s.",
         "",
         "| step | seconds |",
         "|---|---:|",
@@ -138,10 +135,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.quick else 7)
     rows, info = run(shape, n_lesions, repeats, args.with_io)
     table = markdown_table(rows, shape, n_lesions, info, repeats)
-    print(table)
-    if args.markdown:
-        with atomic_output(args.markdown) as tmp:
-            tmp.write_text(table)
+    _bench.write_report(args.markdown, table)
     total = dict(rows)["total in memory"]
     if not args.quick and total > TARGET_S:
         print(f"note: {total:.2f} s is above the {TARGET_S} s target", file=sys.stderr)

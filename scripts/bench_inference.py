@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -50,6 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _bench
 import numpy as np
 
 SCRIPT = Path(__file__).resolve()
@@ -380,24 +380,8 @@ def part_ct(args, tmp: Path) -> tuple[list[str], dict]:
 
 
 def machine_line(args) -> str:
-    import torch
-
-    try:
-        import monai
-
-        monai_version = monai.__version__
-    except ImportError:
-        monai_version = "not installed"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"Machine: {cpu}{gpu}, {os.cpu_count()} logical CPUs (using {args.threads} threads); "
-            f"torch {torch.__version__}, MONAI {monai_version}, Python {platform.python_version()}; "
-            f"median of {args.repeats} run(s) after a warm-up.")
+    return (_bench.machine_line(("torch", "monai"), threads=args.threads)
+            + f" Median of {args.repeats} run(s) after a warm-up.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,13 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _publish(lines: list[str], markdown: Path | None) -> None:
-    text = "\n".join(lines)
-    print(text, flush=True)
-    if markdown is not None:
-        from IWSegmentationLib.core.imageio import atomic_output
-
-        with atomic_output(markdown) as tmp_path:
-            tmp_path.write_text(text + "\n")
+    _bench.write_report(markdown, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import _bench
+
 
 def _dice(a, b) -> float:
     """:func:`metrics.voxel_dice`, with two empty masks counted as identical (1, not NaN)."""
@@ -87,13 +89,12 @@ def measure(args) -> tuple[list[dict], dict | None]:
 
 
 def markdown(rows: list[dict], reports: dict | None, args) -> str:
-    import torch
 
     lines = ["## fp32 against bf16 autocast on a trained checkpoint", "",
              f"Command: `python scripts/bench_precision.py --model {args.model} --input {args.input}"
              + (f" --organ-mask {args.organ_mask}" if args.organ_mask else "")
-             + (f" --labels {args.labels}" if args.labels else "") + f"` ({args.threads} threads, "
-             f"torch {torch.__version__}; one warm-up case per precision).", "",
+             + (f" --labels {args.labels}" if args.labels else "") + "` (one warm-up case per precision). "
+             + _bench.machine_line(("torch",), threads=args.threads), "",
              "| case | fp32 s | bf16 s | speed-up | max abs Δp | voxels flipped | Dice fp32 vs bf16 mask | "
              "lesions fp32 / bf16 |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -124,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows, reports = measure(args)
     text = markdown(rows, reports, args)
-    print(text)
-    if args.markdown:
-        from IWSegmentationLib.core.imageio import atomic_output
-
-        with atomic_output(args.markdown) as tmp:
-            tmp.write_text(text + "\n")
+    _bench.write_report(args.markdown, text)
     return 0
 
 

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _bench
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: Dense peak TFLOP/s (vendor data sheets) of GPUs people train on: (name, mixed-precision peak,
@@ -127,7 +129,7 @@ def gpu_estimate(epochs: int = 100, iters: int = 100, patch: int = 128, batch: i
 
 
 def markdown(cpu: list[tuple[str, dict]], demo_settings: dict, gpu: dict, command: str) -> str:
-    lines = ["# Training speed", "", f"Command: `{command}`", ""]
+    lines = ["# Training speed", "", f"Command: `{command}`", "", _bench.machine_line(("torch",)), ""]
     if cpu:
         s = demo_settings
         lines += [
@@ -205,13 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/bench_training.py" + (" --quick" if args.quick else "") + \
         (" --no-cpu" if args.no_cpu else "")
     text = markdown(cpu, settings, gpu, command)
-    print(text)
+    _bench.write_report(args.markdown, text)
     if args.markdown:
-        from IWSegmentationLib.core.imageio import atomic_output
-
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(args.markdown) as tmp:
-            tmp.write_text(text, encoding="utf-8")
         print(f"written: {args.markdown}", file=sys.stderr)
     return 0
 

@@ -17,17 +17,15 @@ Run it on a quiet machine, pinned to two cores, e.g.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _bench
 import numpy as np
 import torch
 
-from IWSegmentationLib.core.imageio import atomic_output
 from IWSegmentationLib.core.lesions import label_components
 from IWSegmentationLib.core.weights import inverse_weights
 
@@ -116,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"Inverse weights, medians of {repeats} runs after {warmup} warm-up runs "
-        f"(loop: {loop_repeats} runs); torch {torch.__version__}, numpy {np.__version__}, "
-        f"{args.threads} torch threads, {os.cpu_count()} CPUs visible, {platform.processor() or platform.machine()}"
+        f"(loop: {loop_repeats} runs). {_bench.machine_line(('torch', 'numpy'), threads=args.threads)}"
         + (" — QUICK smoke run, not a measurement" if args.quick else ""),
         "",
         "| case | lesions / sample | median ms | target | met |",
@@ -126,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, k, ms, target, met in rows:
         lines.append(f"| {name} | {k} | {'' if ms is None else f'{ms:.2f}'} | {target} | {met} |")
     table = "\n".join(lines) + "\n"
-    print(table)
-    if args.markdown:
-        with atomic_output(args.markdown) as tmp:
-            tmp.write_text(table, encoding="utf-8")
+    _bench.write_report(args.markdown, table)
     return 0
 
 

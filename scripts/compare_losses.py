@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import _bench
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -404,7 +404,7 @@ def markdown(scores: dict[str, dict[str, list[dict]]], settings: dict, data: dic
         f"sampling p = {s['lesion_probability']}, no augmentation, `{s['model_size']}` U-Net ({ours_params:,} "
         f"parameters), seeds {', '.join(map(str, seeds))} (network initialisation and patch stream), CPU fp32, "
         f"{THREADS} torch thread per run. {len(any_runs)} runs, median {np.median(run_seconds):.0f} s each "
-        f"(training and held-out prediction); {wall} on {platform.machine()} ({os.cpu_count()} cores, shared "
+        f"(training and held-out prediction); {wall} on {_bench.cpu_name()} ({_bench.visible_cores()} cores, shared "
         "with other work).",
         "",
         f"**Peer arm** `{PEER}`: MONAI's `UNet` (channels {PEER_NET['channels']}, {PEER_NET['num_res_units']} "
@@ -469,7 +469,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from IWSegmentationLib.core.errors import InputError
-    from IWSegmentationLib.core.imageio import atomic_output
     from IWSegmentationLib.data import load_case, load_dataset
     from IWSegmentationLib.training import merge_config, parse_overrides
 
@@ -525,10 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                        else sys.argv[1:]))
     wall = time.perf_counter() - t0 if todo and len(todo) == len(runs) else None
     text = markdown(scores, settings_for(optimisers[0], seeds[0]), data, seeds, command.strip(), wall, args.jobs)
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(args.markdown) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    print(text)
+    _bench.write_report(args.markdown, text)
     print(f"written: {args.markdown} ({(time.perf_counter() - t0) / 60:.1f} min)")
     return 0
 

@@ -117,7 +117,7 @@ def train_model(train_dir: Path, out: Path, settings: dict):
 
 
 def run_cli(argv: list[str]) -> None:
-    from IWSegmentationLib.cli.main.main import main
+    from IWSegmentationLib.cli import main
 
     code = main(argv)
     if code:

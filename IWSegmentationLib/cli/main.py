@@ -1,4 +1,4 @@
-"""The ``iwseg`` command line: one sub-command per job, each in :mod:`IWSegmentationLib.cli.main.commands`.
+"""The ``iwseg`` command line: one sub-command per job, each in :mod:`IWSegmentationLib.cli.commands`.
 
 Errors a user can cause are printed as one clear line (no traceback) with exit code 2;
 a cancel (SIGINT/SIGTERM) exits with 3. ``IWSEG_DEBUG=1`` shows full tracebacks.
@@ -14,7 +14,7 @@ import sys
 from .. import __version__
 from ..core.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, Cancelled, IWSegError
 
-#: sub-command name -> module in IWSegmentationLib.cli.main.commands; each module defines
+#: sub-command name -> module in IWSegmentationLib.cli.commands; each module defines
 #: ``register(subparsers)`` that adds its parser and sets ``func=run``.
 COMMANDS = {
     "evaluate": "evaluate",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -45,6 +45,11 @@ class SizeThresholds:
             raise InputError(
                 f"size thresholds must satisfy 0 < small < large, got small={self.small_mm} large={self.large_mm}"
             )
+
+    @property
+    def attribute(self) -> str:
+        """``"S;L"``: how a Slicer segmentation node stores them (read back by :func:`parse_size_thresholds`)."""
+        return f"{self.small_mm:g};{self.large_mm:g}"
 
     def group(self, diameter_mm: float) -> str:
         if diameter_mm < self.small_mm:
@@ -77,6 +82,33 @@ def size_thresholds(preset: str | None = None, thresholds: Sequence[float] | Non
     return SIZE_PRESETS[preset]
 
 
+def parse_size_thresholds(value: Any) -> SizeThresholds:
+    """The size groups from any shape they are stored or given in, read in this one place.
+
+    Args:
+        value: None (the default preset, ``lung``); a :class:`SizeThresholds`; a preset name
+            (``"liver"``); ``"S;L"`` (a segmentation node's attribute, :attr:`SizeThresholds.attribute`);
+            ``(S, L)`` in mm; or a model card's ``{"small_mm": S, "large_mm": L, ...}``.
+
+    Raises:
+        InputError: any other value, or cut-offs that break ``0 < small < large``.
+    """
+    if value is None or isinstance(value, SizeThresholds):
+        return value if value is not None else size_thresholds()
+    if isinstance(value, str):
+        if ";" not in value:
+            return size_thresholds(value)
+        value = value.split(";")
+    if isinstance(value, Mapping) and {"small_mm", "large_mm"} <= set(value):
+        value = (value["small_mm"], value["large_mm"])
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        try:
+            return size_thresholds(None, [float(v) for v in value])
+        except (TypeError, ValueError):
+            pass
+    raise InputError(f"size thresholds must be a preset name, (small_mm, large_mm) or 'small;large', got {value!r}")
+
+
 def _check_volume(array: np.ndarray, name: str) -> None:
     if not isinstance(array, np.ndarray):
         raise InputError(f"{name} must be a numpy array, got {type(array).__name__}")
@@ -84,11 +116,16 @@ def _check_volume(array: np.ndarray, name: str) -> None:
         raise InputError(f"{name} must be a 3D array [z, y, x], got shape {array.shape}")
 
 
-def _check_spacing(spacing: Sequence[float]) -> np.ndarray:
-    sp = np.asarray(spacing, dtype=float)
-    if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise InputError(f"spacing must be three positive numbers (sz, sy, sx), got {spacing!r}")
-    return sp
+def check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
+    """A voxel spacing ``(sz, sy, sx)`` in mm as three floats; :class:`InputError` unless three
+    finite positive numbers (the one check for every array function that takes a spacing)."""
+    try:
+        sp = tuple(float(v) for v in spacing)
+    except (TypeError, ValueError):
+        raise InputError(f"spacing must be three positive numbers sz sy sx (mm), got {spacing!r}") from None
+    if len(sp) != 3 or not all(math.isfinite(v) and v > 0 for v in sp):
+        raise InputError(f"spacing must be three positive numbers sz sy sx (mm), got {tuple(spacing)}")
+    return sp  # type: ignore[return-value]
 
 
 def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
@@ -198,7 +235,7 @@ def lesion_table(
     Ids absent from ``labels`` (e.g. after cropping) are skipped.
     """
     _check_volume(labels, "labels")
-    sp = _check_spacing(spacing)
+    sp = np.asarray(check_spacing(spacing))
     thresholds = thresholds or SIZE_PRESETS[DEFAULT_SIZE_PRESET]
     if k is None:
         k = int(labels.max()) if labels.size else 0

@@ -3,51 +3,66 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
 
 import torch
 
+from ..core.devices import DEVICES, PRECISIONS
 from ..core.errors import InputError
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
+def resolve_device(name: str | torch.device | None = "auto", *, local_rank: int | None = None,
+                   option: str = "--device ") -> torch.device:
+    """The ``torch.device`` for a device name, for inference and training alike.
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
+    Args:
+        name: ``"auto"`` (CUDA if available, else Apple MPS, else the CPU), ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"`` or ``"mps"`` (see :data:`~IWSegmentationLib.core.devices.DEVICES`).
+        local_rank: a training rank under ``torchrun``: ``auto`` and a bare ``cuda`` become
+            ``cuda:LOCAL_RANK`` (modulo the visible GPUs). None (inference): a bare ``cuda``.
+        option: how the user sets the device, for the messages (``"--device "`` on the command
+            line, ``"device: "`` in a training config).
 
-
-def resolve_device(name: str | torch.device | None = "auto", *, on_warning: Callable[[str], None] | None = None
-                   ) -> torch.device:
-    """``"auto"`` -> CUDA if available, else Apple MPS, else CPU; ``"cpu"``/``"cuda[:i]"``/``"mps"``
-    are checked and an unavailable one raises :class:`InputError` saying what to use instead."""
+    Raises:
+        InputError: an unknown or unavailable device, saying what to use instead.
+    """
     if isinstance(name, torch.device):
         name = str(name)
     name = (name or "auto").strip().lower()
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return _cuda(None, local_rank)
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise InputError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}") from None
+        raise InputError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)} (or cuda:N)") from None
     if device.type == "cpu":
         return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(
                 "device 'cuda' is not available (this PyTorch build has no CUDA or no GPU is visible); "
-                "use --device auto (falls back to the CPU) or --device cpu"
+                f"use {option}auto (falls back to the CPU) or {option}cpu"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise InputError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-        return device
+        return _cuda(device.index, local_rank)
     if device.type == "mps":
         if not _mps_available():
-            raise InputError("device 'mps' (Apple GPU) is not available here; use --device auto or --device cpu")
+            raise InputError(f"device 'mps' (Apple GPU) is not available here; use {option}auto or {option}cpu")
         return device
     raise InputError(f"unsupported device {name!r}; choose one of {', '.join(DEVICES)}")
+
+
+def _cuda(index: int | None, local_rank: int | None) -> torch.device:
+    """``cuda:index``; without an index, ``cuda:LOCAL_RANK`` for a training rank, else plain ``cuda``."""
+    if index is not None:
+        return torch.device("cuda", index)
+    if local_rank is None:
+        return torch.device("cuda")
+    return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
 
 
 def _mps_available() -> bool:

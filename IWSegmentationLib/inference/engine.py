@@ -8,9 +8,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..core.devices import ENGINES
 from ..core.errors import InputError
-
-ENGINES = ("auto", "eager", "frozen")
 
 
 class FrozenNetwork(nn.Module):

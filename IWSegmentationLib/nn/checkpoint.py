@@ -19,7 +19,7 @@ The trainer's resume state (optimizer, scheduler, RNG, epoch) uses the same cont
 :func:`save_training_state` / :func:`load_training_state`: any nesting of dicts, lists, tuples,
 tensors, numpy arrays and JSON scalars, with no pickle either.
 
-Inspect a checkpoint from a shell: ``python -m IWSegmentationLib.nn MODEL.safetensors``.
+Inspect a checkpoint from a shell: ``iwseg inspect MODEL.safetensors [--verify]``.
 """
 
 from __future__ import annotations
@@ -482,29 +482,3 @@ def _load_torch_weights_only(path: Path, metadata: Mapping[str, Any] | None) -> 
         )
     model = _build_and_load(path, card, dict(state))
     return model, build_model_card(model, card, _state_tensors(model))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m IWSegmentationLib.nn CKPT [--verify]``: print the model card."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m IWSegmentationLib.nn",
-                                     description="Print a checkpoint's model card (JSON).")
-    parser.add_argument("checkpoint")
-    parser.add_argument("--verify", action="store_true",
-                        help="also load the weights and check their sha256 and architecture")
-    args = parser.parse_args(argv)
-    try:
-        if args.verify:
-            _, card = load_checkpoint(args.checkpoint)
-        else:
-            card = read_metadata(args.checkpoint)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(card, indent=2, sort_keys=True))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

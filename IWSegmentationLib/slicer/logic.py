@@ -100,7 +100,7 @@ class LesionSegmentationLogic:
     ) -> process.InferenceRun:
         """Write the inputs and start the backend; returns the running :class:`~IWSegmentationLib.slicer.process.InferenceRun`.
 
-        Poll it (``run.poll()`` from a timer) or wait for it (``run.wait()``). On success its
+        Poll it (``run.poll()`` from a timer) or wait for it (``run.wait_loaded(timeout)``, the blocking mode). On success its
         result's ``loaded`` is the :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`.
         """
         from ..core import imageio
@@ -144,10 +144,6 @@ class LesionSegmentationLogic:
                 geometry=mask_geometry, probabilities_geometry=prob_geometry,
             )
         return self.results
-
-    def run_blocking(self, volume_node, checkpoint_path, timeout: float | None = None, **options):
-        """Scripts and tests: run to the end; return the results or raise with the backend's report."""
-        return self.start(volume_node, checkpoint_path, **options).wait(timeout).loaded_or_raise()
 
     @staticmethod
     def set_confidence_threshold(results, value: float) -> panel.DetectionCounts:

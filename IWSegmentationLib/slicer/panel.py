@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..core.errors import InputError
-from ..core.lesions import SIZE_GROUP_COLORS
+from ..core.lesions import SIZE_GROUP_COLORS, parse_size_thresholds
 from ..core.progress import ProgressEvent
 
 #: Free GPU memory (MiB) under which the panel warns: the paper network at a 128³ patch needs
 #: about 2 GiB with batch 1 in fp32; the backend retries smaller batches and falls back to CPU.
 LOW_GPU_MEMORY_MB = 2048
+#: Device choices shown in the panel -> ``iwseg predict --device`` values (a subset of ``core.devices.DEVICES``).
+DEVICE_CHOICES = {"Auto": "auto", "CUDA": "cuda", "CPU": "cpu"}
 
 # --------------------------------------------------------------------------------------------
 # Progress
@@ -183,11 +185,13 @@ def model_card_text(card: Mapping[str, Any]) -> str:
 def card_size_thresholds(card: Mapping[str, Any]) -> tuple[float, float] | None:
     """The checkpoint's ``(small_mm, large_mm)`` size cut-offs, if it records them."""
     sizes = card.get("size_thresholds") if isinstance(card, Mapping) else None
-    if isinstance(sizes, Mapping):
-        sizes = [sizes.get("small_mm"), sizes.get("large_mm")]
-    if isinstance(sizes, Sequence) and len(sizes) == 2 and all(isinstance(s, (int, float)) for s in sizes):
-        return float(sizes[0]), float(sizes[1])
-    return None
+    if sizes is None:
+        return None
+    try:
+        thresholds = parse_size_thresholds(sizes)
+    except InputError:
+        return None  # a card the panel cannot read is shown without its size groups, not refused
+    return thresholds.small_mm, thresholds.large_mm
 
 
 # --------------------------------------------------------------------------------------------

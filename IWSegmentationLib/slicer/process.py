@@ -43,10 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..core.devices import DEVICES
 from ..core.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, InputError, IWSegError
 from ..core.progress import ProgressEvent, parse_progress_line
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 #: Seconds a cancelled backend gets to stop by itself (it removes partial outputs and exits
 #: with code 3) before the whole tree is killed.
@@ -509,7 +508,7 @@ class PredictParameters:
 
 def default_command_prefix(python: str | os.PathLike | None = None) -> list[str]:
     """``[python, "-m", "IWSegmentationLib"]``; inside Slicer pass the ``PythonSlicer`` path."""
-    return [os.fspath(python or sys.executable), "-m", __package__ or "IWSegmentationLib"]
+    return [os.fspath(python or sys.executable), "-m", __package__.split(".")[0]]
 
 
 def backend_environment(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -519,7 +518,7 @@ def backend_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     ``PYTHONPATH`` a ``PythonSlicer`` child sees, so the package's parent folder is prepended.
     """
     env = dict(os.environ if base is None else base)
-    package_parent = str(Path(__file__).resolve().parent.parent)
+    package_parent = str(Path(__file__).resolve().parents[len(__package__.split("."))])  # above IWSegmentationLib/
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([package_parent] + [p for p in paths if p != package_parent])
     env["PYTHONUNBUFFERED"] = "1"
@@ -551,7 +550,7 @@ class RunResult:
     def loaded_or_raise(self) -> Any:
         """What the loader returned; :class:`BackendError` with :meth:`report` if the run did not succeed.
 
-        The blocking mode's ending, for scripts and tests: ``run.wait(timeout).loaded_or_raise()``.
+        The blocking mode's ending (:meth:`InferenceRun.wait_loaded`).
         """
         if not self.ok:
             raise BackendError(self.report())
@@ -739,6 +738,11 @@ class InferenceRun:
             self._backend.close()
             raise
         return self.result
+
+    def wait_loaded(self, timeout: float | None = None) -> Any:
+        """The one blocking mode (scripts, tests, the module's ``process``): wait for a started run;
+        return what its loader loaded, or raise :class:`BackendError` with the run's report."""
+        return self.wait(timeout).loaded_or_raise()
 
     def discard(self) -> None:
         """Remove the working folder (safe to call twice)."""

@@ -22,7 +22,6 @@ from .distributed import (  # noqa: F401  (re-exported)
     DistInfo,
     amp_settings,
     cleanup_distributed,
-    resolve_device,
     seed_everything,
     setup_distributed,
 )
@@ -72,7 +71,6 @@ __all__ = [
     "build_scheduler",
     "lr_at_epoch",
     "DistInfo",
-    "resolve_device",
     "setup_distributed",
     "cleanup_distributed",
     "amp_settings",

@@ -35,31 +35,6 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0):
-    """``auto`` -> cuda:LOCAL_RANK if available, else mps, else cpu; an unavailable device is an InputError."""
-    import torch
-
-    name = (name or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"config key 'device': unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("config key 'device' is 'cuda' but no CUDA GPU is available; use device: auto or cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("config key 'device' is 'mps' but MPS is not available; use device: auto or cpu")
-    return device
-
-
 def setup_distributed(config: TrainConfig) -> DistInfo:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1), else a single process.
 
@@ -69,10 +44,12 @@ def setup_distributed(config: TrainConfig) -> DistInfo:
     import torch
     import torch.distributed as dist
 
+    from ..inference.devices import resolve_device  # with torch: the CLI imports training/ at start-up
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(config.device, local_rank)
+    device = resolve_device(config.device, local_rank=local_rank, option="device: ")
     info = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     if world_size > 1 and not dist.is_initialized():
         info.owns_group = True

@@ -141,7 +141,7 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
 def make_patch_dataset(config: TrainConfig, cases: Sequence, params: Mapping[str, Any], *, rank: int = 0,
                        world_size: int = 1, start_step: int = 0, steps: int | None = None,
                        keep_labels: bool = False):
-    """The data module's :class:`~IWSegmentationLib.data.PatchDataset` with this config's sampler,
+    """The data module's :class:`~IWSegmentationLib.data.loader.PatchDataset` with this config's sampler,
     augmentation, preprocessing (for lazily loaded cases) and per-patch inverse weights.
 
     ``cases`` are :class:`~IWSegmentationLib.data.Case` records, prepared with ``params`` when

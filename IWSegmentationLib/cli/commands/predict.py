@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from ... import __version__
+from ...core.devices import DEVICES, ENGINES, PRECISIONS
 from ...core.errors import EXIT_FAILURE, Cancelled, InputError, IWSegError
 from ...core.imageio import (
     IMAGE_SUFFIXES,
@@ -37,14 +38,16 @@ from ...core.imageio import (
     read_image,
     write_image,
 )
-from ...core.lesions import CONNECTIVITIES, SIZE_PRESETS, SizeThresholds, analyze_lesions, size_thresholds
+from ...core.lesions import (
+    CONNECTIVITIES,
+    SIZE_PRESETS,
+    SizeThresholds,
+    analyze_lesions,
+    parse_size_thresholds,
+    size_thresholds,
+)
 from ...core.progress import ProgressReporter
 
-#: Same as inference.DEVICES / PRECISIONS / ENGINES, repeated so that ``iwseg --help`` and the other
-#: sub-commands start without importing torch.
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-ENGINES = ("auto", "eager", "frozen")
 #: Seconds between two ``inference`` progress lines of one case (the last one always goes out).
 PROGRESS_INTERVAL_S = 0.2
 
@@ -147,8 +150,8 @@ class CancelState:
 
 
 @dataclass
-class Case:
-    """One input volume and where its outputs go."""
+class PredictJob:
+    """One ``iwseg predict`` input volume and where its outputs go (a dataset case is ``data.Case``)."""
 
     name: str
     image: Path
@@ -203,7 +206,7 @@ def _check_output_folder(flag: str, path: Path) -> None:
         raise InputError(f"{flag} {path}: with a folder of cases as --input this must be an existing folder")
 
 
-def collect_cases(args: argparse.Namespace) -> list[Case]:
+def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
     """The cases to process (after ``--shard``), with their output paths; checks every path first."""
     src: Path = args.input
     if not src.exists():
@@ -245,7 +248,7 @@ def collect_cases(args: argparse.Namespace) -> list[Case]:
         organ = args.organ_mask
         if organ is not None and not organ.exists():
             raise InputError(f"--organ-mask not found: {organ}")
-        return [Case(name, path, args.output, args.probabilities, args.lesions, organ)]
+        return [PredictJob(name, path, args.output, args.probabilities, args.lesions, organ)]
 
     _check_output_folder("--output", args.output)
     folders = [args.output.resolve()]
@@ -265,7 +268,7 @@ def collect_cases(args: argparse.Namespace) -> list[Case]:
     for name in sorted(inputs)[i::n]:
         path = inputs[name]
         suffix = _image_suffix(path) or ".nii.gz"
-        cases.append(Case(
+        cases.append(PredictJob(
             name, path, args.output / f"{name}{suffix}",
             args.probabilities / f"{name}{suffix}" if args.probabilities is not None else None,
             args.lesions / f"{name}.json" if args.lesions is not None else None,
@@ -282,17 +285,10 @@ def _size_thresholds(args: argparse.Namespace, card: dict) -> SizeThresholds:
     """The command line's size groups, else the checkpoint's (list, dict or preset name), else lung."""
     if args.size_preset is not None or args.size_thresholds is not None:
         return size_thresholds(args.size_preset, args.size_thresholds)
-    value = card.get("size_thresholds")
-    if isinstance(value, str):
-        return size_thresholds(value)
-    if isinstance(value, (list, tuple)):
-        return size_thresholds(None, value)
-    if isinstance(value, dict) and {"small_mm", "large_mm"} <= set(value):
-        return SizeThresholds(float(value["small_mm"]), float(value["large_mm"]))
-    return size_thresholds(None, None)
+    return parse_size_thresholds(card.get("size_thresholds"))
 
 
-def lesion_report(case: Case, prediction, geometry: Geometry, thresholds: SizeThresholds,
+def lesion_report(case: PredictJob, prediction, geometry: Geometry, thresholds: SizeThresholds,
                   connectivity: int) -> tuple[dict, int]:
     """The lesion JSON of one case and its lesion count: one entry per connected component of the
     mask, ids in scan order (as ``lesions.label_components`` numbers them), centroids in voxel
@@ -430,7 +426,7 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
     return 0
 
 
-def _predict_case(case: Case, model, card: dict, args, device, precision, thresholds, reporter, state) -> None:
+def _predict_case(case: PredictJob, model, card: dict, args, device, precision, thresholds, reporter, state) -> None:
     from ...inference.predict import predict_volume
 
     t0 = time.monotonic()
@@ -463,7 +459,7 @@ def _predict_case(case: Case, model, card: dict, args, device, precision, thresh
                   engine=prediction.stats.engine, seconds=round(time.monotonic() - t0, 2))
 
 
-def _write_outputs(case: Case, prediction, geometry: Geometry, report: dict, args, reporter,
+def _write_outputs(case: PredictJob, prediction, geometry: Geometry, report: dict, args, reporter,
                    state: CancelState) -> dict[str, str]:
     """Write every output of a case to temporary names, then rename them all (signals deferred
     during the renames), so a case's outputs appear together or not at all."""

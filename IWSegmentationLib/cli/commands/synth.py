@@ -1,6 +1,6 @@
 """``iwseg synth``: write a synthetic multi-lesion dataset (MSD layout) for demos, tests, benchmarks.
 
-See :mod:`IWSegmentationLib.data` for the model and ``docs/data.md`` for the layout.
+See :mod:`IWSegmentationLib.data.synth` for the model and ``docs/data.md`` for the layout.
 """
 
 from __future__ import annotations

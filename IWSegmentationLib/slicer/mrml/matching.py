@@ -9,16 +9,15 @@ import numpy as np
 
 from ...core.errors import GeometryMismatchError, InputError
 from ...core.lesions import (
-    DEFAULT_SIZE_PRESET,
-    SIZE_PRESETS,
     SizeThresholds,
+    parse_size_thresholds,
 )
+from ...evaluation.matching import match_case
 from .geometry import _as_numpy_matrix, _check_volume_node, centroid_ras, volume_geometry, volume_ijk_to_ras
 from .scene import _slicer
 from .segments import (
     ATTR_SIZE_THRESHOLDS,
     LABELMAP,
-    _resolve_thresholds,
     _segment_ids,
     _with_missed,
     lesion_rows,
@@ -161,15 +160,11 @@ class DiceMatch:
 
 def _thresholds_of(segmentation_node, size_thresholds_mm) -> SizeThresholds:
     if size_thresholds_mm is not None:
-        return _resolve_thresholds(size_thresholds_mm)
-    stored = segmentation_node.GetAttribute(ATTR_SIZE_THRESHOLDS)
-    if stored:
-        try:
-            small, large = (float(v) for v in stored.split(";"))
-            return SizeThresholds(small, large)
-        except ValueError:
-            pass
-    return SIZE_PRESETS[DEFAULT_SIZE_PRESET]
+        return parse_size_thresholds(size_thresholds_mm)
+    try:
+        return parse_size_thresholds(segmentation_node.GetAttribute(ATTR_SIZE_THRESHOLDS) or None)
+    except InputError:
+        return parse_size_thresholds(None)  # an attribute edited by hand: the default groups
 
 
 def match_segmentations(
@@ -190,8 +185,6 @@ def match_segmentations(
     :func:`IWSegmentationLib.evaluation.match_case`, with each detection's confidence taken from
     its segment's confidence tag (1.0 when absent).
     """
-    from ... import evaluation as metrics
-
     if volume_node is None:
         volume_node = reference_volume_node(segmentation_node)
     if volume_node is None:
@@ -221,7 +214,7 @@ def match_segmentations(
     box = _bounding_box((seg_labels > 0) | (ref_labels > 0))
     seg_labels, ref_labels = seg_labels[box], ref_labels[box]
     offset = np.array([sl.start for sl in box], dtype=float)
-    case = metrics.match_case(
+    case = match_case(
         seg_conf[seg_labels], (ref_labels > 0).astype(np.uint8), geometry.spacing_zyx, threshold=0.0,
         thresholds=thresholds, connectivity=connectivity, case=segmentation_node.GetName(),
         pred_name=f"segmentation {segmentation_node.GetName()!r}",

@@ -9,12 +9,10 @@ import numpy as np
 
 from ...core.errors import GeometryMismatchError, InputError
 from ...core.lesions import (
-    DEFAULT_SIZE_PRESET,
     SIZE_GROUP_COLORS,
-    SIZE_PRESETS,
     SizeThresholds,
     analyze_lesions,
-    size_thresholds,
+    parse_size_thresholds,
 )
 from .geometry import _check_volume_node, _vtk_matrix, centroid_ras, volume_geometry, volume_ijk_to_ras
 from .scene import _slicer, ensure_converter_rules
@@ -62,16 +60,6 @@ LABELMAP = "Binary labelmap"
 
 
 CLOSED_SURFACE = "Closed surface"
-
-
-def _resolve_thresholds(size_thresholds_mm) -> SizeThresholds:
-    if size_thresholds_mm is None:
-        return SIZE_PRESETS[DEFAULT_SIZE_PRESET]
-    if isinstance(size_thresholds_mm, SizeThresholds):
-        return size_thresholds_mm
-    if isinstance(size_thresholds_mm, str):
-        return size_thresholds(size_thresholds_mm)
-    return size_thresholds(None, list(size_thresholds_mm))
 
 
 def _check_mask_arrays(volume_node, lesion_mask, probabilities) -> None:
@@ -140,7 +128,7 @@ def lesion_segmentation(
 
     _check_volume_node(volume_node, "volume_node")
     _check_mask_arrays(volume_node, lesion_mask, probabilities)
-    thresholds = _resolve_thresholds(size_thresholds_mm)
+    thresholds = parse_size_thresholds(size_thresholds_mm)
     geometry = volume_geometry(volume_node)
     labels, found = analyze_lesions(
         lesion_mask, geometry.spacing_zyx, connectivity=connectivity, thresholds=thresholds,
@@ -159,7 +147,7 @@ def lesion_segmentation(
     if volume_node.GetTransformNodeID():
         node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     node.SetAttribute(ATTR_LESION_COUNT, str(len(found)))
-    node.SetAttribute(ATTR_SIZE_THRESHOLDS, f"{thresholds.small_mm:g};{thresholds.large_mm:g}")
+    node.SetAttribute(ATTR_SIZE_THRESHOLDS, thresholds.attribute)
     if not found:
         return node
 
