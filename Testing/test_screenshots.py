@@ -76,7 +76,7 @@ def _oblique_geometry(shape_zyx, spacing_zyx) -> imageio.Geometry:
 @pytest.fixture(scope="module")
 def case(offscreen):
     """The scene: a synthetic liver CT (seed 5: 6 lesions, all size groups) and its segments."""
-    from IWSegmentationLib import data as synth
+    from IWSegmentationLib.data import synth
 
     data = synth.synth_case(5, (40, 128, 128), "ct-liver", mean_lesions=6, diameter_range=(4, 30))
     geometry = _oblique_geometry(data.image.shape, data.spacing)

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..core.errors import InputError
 from ..core.lesions import SIZE_GROUP_COLORS, parse_size_thresholds
 from ..core.progress import ProgressEvent
+from .lesion_row import LesionRow
 
 #: Free GPU memory (MiB) under which the panel warns: the paper network at a 128³ patch needs
 #: about 2 GiB with batch 1 in fp32; the backend retries smaller batches and falls back to CPU.
@@ -313,12 +314,12 @@ def _fmt(value: Any, digits: int) -> str:
     return f"{float(value):.{digits}f}"
 
 
-def _shown(lesion: Mapping[str, Any], threshold: float) -> bool:
+def _shown(lesion: LesionRow, threshold: float) -> bool:
     confidence = lesion.get("confidence")
     return confidence is None or float(confidence) >= threshold
 
 
-def lesion_cells(row: Mapping[str, Any]) -> list[str]:
+def lesion_cells(row: LesionRow) -> list[str]:
     """The texts of one lesion-table row, one per :data:`LESION_COLUMNS`.
 
     ``row`` is a row of :func:`IWSegmentationLib.slicer.mrml.lesion_rows` (built there from the scene
@@ -360,8 +361,8 @@ class DetectionCounts:
 
 
 def detection_counts(
-    components: Iterable[Mapping[str, Any]], threshold: float,
-    references: Iterable[Mapping[str, Any]] | None = None,
+    components: Iterable[LesionRow], threshold: float,
+    references: Iterable[LesionRow] | None = None,
 ) -> DetectionCounts:
     """Counts at confidence cut-off ``threshold``, with the definitions of :mod:`IWSegmentationLib.evaluation`.
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..core.errors import IWSegError
 from ..core.lesions import SIZE_GROUP_COLORS, SIZE_GROUPS, size_thresholds
+from .lesion_row import LesionRow
 
 #: Default size of one view, ``(width, height)`` pixels.
 VIEW_SIZE = (320, 320)
@@ -319,7 +320,7 @@ class LesionPicture:
     counts: dict[str, int]
     focus: dict | None
     focus_ras: tuple[float, float, float]
-    rows: list[dict] = field(default_factory=list, repr=False)
+    rows: list[LesionRow] = field(default_factory=list, repr=False)
     review: dict[str, int] | None = None
 
 
@@ -344,7 +345,7 @@ def _read_case(image, mask):
     return volume, _read_mask(mask, geometry, image, "lesion mask"), geometry
 
 
-def _show_review(scene, volume_node, segmentation, reference_mask, thresholds) -> tuple[dict, list[dict]]:
+def _show_review(scene, volume_node, segmentation, reference_mask, thresholds) -> tuple[dict, list[LesionRow]]:
     """Colour the predicted lesions that hit no reference lesion as false positives, and add the
     reference lesions no prediction hit as outlined segments (the matching of
     :func:`mrml.match_segmentations`, the paper's rule). Returns the counts and the missed rows."""
@@ -362,14 +363,14 @@ def _show_review(scene, volume_node, segmentation, reference_mask, thresholds) -
     display = reference.GetDisplayNode()
     display.SetOpacity2DFill(0.0)  # outline only: a miss is drawn around, not over, the tissue
     display.SetOpacity3D(0.6)
-    for segment_id in mrml._segment_ids(reference):
+    for segment_id in mrml.list_segment_ids(reference):
         display.SetSegmentVisibility(segment_id, segment_id in missed_ids)
         reference.GetSegmentation().GetSegment(segment_id).SetColor(*(c / 255 for c in REVIEW_COLORS["FN"]))
     counts = {"TP": len({d["segment_id"] for d in match.detections} - fp), "FP": len(fp), "FN": len(missed)}
     return counts, missed
 
 
-def _choose_focus(view: SliceView, rows: list[dict], labels: np.ndarray, ijk_to_ras: np.ndarray) -> dict | None:
+def _choose_focus(view: SliceView, rows: list[LesionRow], labels: np.ndarray, ijk_to_ras: np.ndarray) -> LesionRow | None:
     """Of the largest lesions, the one whose axial slice through its centroid shows most lesions
     (ties: the larger lesion). None when there is no lesion."""
     best, best_key = None, None

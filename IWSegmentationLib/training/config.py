@@ -33,7 +33,18 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import (
+    Annotated,
+    Any,
+    Callable,
+    Mapping,
+    Optional,
+    Sequence,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from ..core.errors import InputError
 
@@ -53,12 +64,26 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 DATA_FORMATS = ("auto", "msd", "lits", "luna", "folder")
 
 
-def _key(default: Any, kind: str, help: str, *, section: str):
-    """A config field: its default, its kind (for parsing ``--set`` values) and its documentation."""
+@dataclass(frozen=True)
+class Vector:
+    """Type marker of a list of ``n`` numbers of type ``item`` (``Annotated[list, Vector(3, int)]``)."""
+
+    n: int
+    item: type
+
+
+#: Field types that say how a value is parsed (the annotation is the only place a key's type is written).
+Int3 = Annotated[list, Vector(3, int)]
+Float3 = Annotated[list, Vector(3, float)]
+Float2 = Annotated[list, Vector(2, float)]
+
+
+def _key(default: Any, help: str, *, section: str):
+    """A config field: its default and its documentation (its type is the field's annotation)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)),
-                     metadata={"kind": kind, "help": help, "section": section})
-    return field(default=default, metadata={"kind": kind, "help": help, "section": section})
+                     metadata={"help": help, "section": section})
+    return field(default=default, metadata={"help": help, "section": section})
 
 
 @dataclass
@@ -71,106 +96,106 @@ class TrainConfig:
     """
 
     # -- data ---------------------------------------------------------------------------------
-    data: str = _key("", "str", "Dataset folder (MSD layout with dataset.json, LiTS, LUNA16-style or a plain "
+    data: str = _key("", "Dataset folder (MSD layout with dataset.json, LiTS, LUNA16-style or a plain "
                      "folder of image/label pairs). Required.", section="data")
-    data_format: str = _key("auto", "str", f"Dataset layout: one of {', '.join(DATA_FORMATS)}.", section="data")
-    splits: str | None = _key(None, "str?", "JSON file with case-id lists under 'train', 'val' (and optionally "
+    data_format: str = _key("auto", f"Dataset layout: one of {', '.join(DATA_FORMATS)}.", section="data")
+    splits: Optional[str] = _key(None, "JSON file with case-id lists under 'train', 'val' (and optionally "
                               "'test'); when null the split is drawn from the fractions below.", section="data")
-    val_fraction: float = _key(0.2, "float", "Fraction of cases held out for validation (when 'splits' is null).",
+    val_fraction: float = _key(0.2, "Fraction of cases held out for validation (when 'splits' is null).",
                                section="data")
-    test_fraction: float = _key(0.0, "float", "Fraction of cases held out as a test split, never touched by "
+    test_fraction: float = _key(0.0, "Fraction of cases held out as a test split, never touched by "
                                 "training (when 'splits' is null).", section="data")
-    split_seed: int = _key(0, "int", "Seed of the random split.", section="data")
-    preprocessing: str = _key("ct-liver", "str", "Intensity preset (ct-lung, ct-liver, mr); stored in the "
+    split_seed: int = _key(0, "Seed of the random split.", section="data")
+    preprocessing: str = _key("ct-liver", "Intensity preset (ct-lung, ct-liver, mr); stored in the "
                               "checkpoint and applied identically at inference.", section="data")
-    target_spacing: list | None = _key(None, "float3?", "Resample every case to this spacing (z, y, x) in mm; "
+    target_spacing: Optional[Float3] = _key(None, "Resample every case to this spacing (z, y, x) in mm; "
                                        "null keeps the native grid.", section="data")
-    lesion_values: list | None = _key(None, "list?", "Label values that are lesion (null: from the dataset "
+    lesion_values: Optional[list] = _key(None, "Label values that are lesion (null: from the dataset "
                                       "definition, e.g. LiTS tumour = 2, or 1).", section="data")
-    empty_cases: str = _key("warn", "str", "Training cases without any lesion: 'warn' (keep them; they give "
+    empty_cases: str = _key("warn", "Training cases without any lesion: 'warn' (keep them; they give "
                             "uniform patches), 'skip' (drop them) or 'error'.", section="data")
-    cache_size: int | None = _key(None, "int?", "Training cases kept in memory per process (null: all, loaded and "
+    cache_size: Optional[int] = _key(None, "Training cases kept in memory per process (null: all, loaded and "
                                   "checked before training; else loaded lazily by the workers).", section="data")
-    connectivity: int = _key(26, "int", "Connectivity (6, 18, 26) used to label lesions on the whole image.",
+    connectivity: int = _key(26, "Connectivity (6, 18, 26) used to label lesions on the whole image.",
                              section="data")
     # -- model and loss ----------------------------------------------------------------------
-    model_size: str = _key("paper", "str", "Network preset of models.default_config: paper (11.07 M parameters), "
+    model_size: str = _key("paper", "Network preset of models.default_config: paper (11.07 M parameters), "
                            "small (the demo's) or tiny (tests).", section="model")
-    model: dict = _key({}, "dict", "Overrides of the preset (e.g. {channels: [8, 16, 32, 64], blocks_per_level: 1}); "
+    model: dict = _key({}, "Overrides of the preset (e.g. {channels: [8, 16, 32, 64], blocks_per_level: 1}); "
                        "dotted overrides work: --set model.channels=[8,16,32,64].", section="model")
-    loss: str = _key("iw-dice", "str", "Loss name from losses.LOSS_NAMES (bce, iw-bce, focal, iw-focal, dice, "
+    loss: str = _key("iw-dice", "Loss name from losses.LOSS_NAMES (bce, iw-bce, focal, iw-focal, dice, "
                      "iw-dice, asl, iw-asl, wce, gdl, dbce, combo, iw-combo).", section="model")
-    loss_params: dict = _key({}, "dict", "Keyword arguments of losses.get_loss (e.g. {beta: 1.5} for asl). For "
+    loss_params: dict = _key({}, "Keyword arguments of losses.get_loss (e.g. {beta: 1.5} for asl). For "
                              "iw-* losses, mode (clip/exact), w_min and w_max also set the per-patch inverse weights.",
                              section="model")
-    init_checkpoint: str | None = _key(None, "str?", "Start from the weights of this checkpoint (same "
+    init_checkpoint: Optional[str] = _key(None, "Start from the weights of this checkpoint (same "
                                        "architecture) instead of a random initialisation.", section="model")
     # -- sampling ----------------------------------------------------------------------------
-    patch_size: list = _key([128, 128, 128], "int3", "Training patch size (z, y, x) in voxels; each side a "
+    patch_size: Int3 = _key([128, 128, 128], "Training patch size (z, y, x) in voxels; each side a "
                             "multiple of the network stride.", section="sampling")
-    batch_size: int = _key(2, "int", "Patches per step (per rank under DDP).", section="sampling")
-    lesion_probability: float = _key(0.5, "float", "Probability that a patch is centred on a random voxel of a "
+    batch_size: int = _key(2, "Patches per step (per rank under DDP).", section="sampling")
+    lesion_probability: float = _key(0.5, "Probability that a patch is centred on a random voxel of a "
                                      "uniformly chosen lesion (else placed uniformly).", section="sampling")
-    num_workers: int = _key(2, "int", "DataLoader worker processes that sample patches in the background "
+    num_workers: int = _key(2, "DataLoader worker processes that sample patches in the background "
                             "(0 = in the training process).", section="sampling")
-    prefetch_factor: int = _key(4, "int", "Batches each worker prepares ahead.", section="sampling")
-    augment: bool = _key(False, "bool", "Light augmentation: random flips and intensity scale/shift (the paper "
+    prefetch_factor: int = _key(4, "Batches each worker prepares ahead.", section="sampling")
+    augment: bool = _key(False, "Light augmentation: random flips and intensity scale/shift (the paper "
                          "used none).", section="sampling")
-    flip_prob: float = _key(0.5, "float", "Probability of flipping each axis when 'augment' is on.",
+    flip_prob: float = _key(0.5, "Probability of flipping each axis when 'augment' is on.",
                             section="sampling")
-    intensity_scale: float = _key(0.1, "float", "Intensity multiplied by U(1-s, 1+s) when 'augment' is on.",
+    intensity_scale: float = _key(0.1, "Intensity multiplied by U(1-s, 1+s) when 'augment' is on.",
                                   section="sampling")
-    intensity_shift: float = _key(0.1, "float", "Intensity shifted by U(-s, s) when 'augment' is on.",
+    intensity_shift: float = _key(0.1, "Intensity shifted by U(-s, s) when 'augment' is on.",
                                   section="sampling")
     # -- optimisation ------------------------------------------------------------------------
-    epochs: int = _key(100, "int", "Number of epochs.", section="optimisation")
-    iters_per_epoch: int = _key(100, "int", "Optimizer steps per epoch.", section="optimisation")
-    optimizer: str = _key("sgd", "str", f"One of {', '.join(('sgd', 'adam', 'adamw'))}: SGD with (Nesterov) momentum "
+    epochs: int = _key(100, "Number of epochs.", section="optimisation")
+    iters_per_epoch: int = _key(100, "Optimizer steps per epoch.", section="optimisation")
+    optimizer: str = _key("sgd", f"One of {', '.join(('sgd', 'adam', 'adamw'))}: SGD with (Nesterov) momentum "
                           "(the paper), or Adam/AdamW (betas 0.9, 0.999; 'momentum' and 'nesterov' unused).",
                           section="optimisation")
-    lr: float = _key(1e-2, "float", "Initial learning rate.", section="optimisation")
-    lr_schedule: str = _key("step", "str", f"One of {', '.join(LR_SCHEDULES)}: 'step' drops lr to lr_final at "
+    lr: float = _key(1e-2, "Initial learning rate.", section="optimisation")
+    lr_schedule: str = _key("step", f"One of {', '.join(LR_SCHEDULES)}: 'step' drops lr to lr_final at "
                             "lr_decay_at of the epochs (the paper); 'cosine' anneals to lr_final.",
                             section="optimisation")
-    lr_final: float = _key(1e-3, "float", "Learning rate after the drop (step) or at the end (cosine).",
+    lr_final: float = _key(1e-3, "Learning rate after the drop (step) or at the end (cosine).",
                            section="optimisation")
-    lr_decay_at: float = _key(0.8, "float", "Fraction of the epochs after which the step schedule drops the lr.",
+    lr_decay_at: float = _key(0.8, "Fraction of the epochs after which the step schedule drops the lr.",
                               section="optimisation")
-    momentum: float = _key(0.9, "float", "SGD momentum.", section="optimisation")
-    nesterov: bool = _key(True, "bool", "Nesterov momentum.", section="optimisation")
-    weight_decay: float = _key(0.0, "float", "L2 weight decay.", section="optimisation")
-    grad_clip: float | None = _key(None, "float?", "Clip the gradient norm to this value (null: no clipping).",
+    momentum: float = _key(0.9, "SGD momentum.", section="optimisation")
+    nesterov: bool = _key(True, "Nesterov momentum.", section="optimisation")
+    weight_decay: float = _key(0.0, "L2 weight decay.", section="optimisation")
+    grad_clip: Optional[float] = _key(None, "Clip the gradient norm to this value (null: no clipping).",
                                    section="optimisation")
-    amp: str = _key("auto", "str", f"Mixed precision: one of {', '.join(AMP_MODES)}; 'auto' is bf16 (or fp16 "
+    amp: str = _key("auto", f"Mixed precision: one of {', '.join(AMP_MODES)}; 'auto' is bf16 (or fp16 "
                     "with loss scaling) on CUDA and off on CPU.", section="optimisation")
-    seed: int = _key(0, "int", "Seed of weights initialisation, patch sampling and augmentation.",
+    seed: int = _key(0, "Seed of weights initialisation, patch sampling and augmentation.",
                      section="optimisation")
-    device: str = _key("auto", "str", "auto, cpu, cuda, cuda:N or mps. Under torchrun each rank uses "
+    device: str = _key("auto", "auto, cpu, cuda, cuda:N or mps. Under torchrun each rank uses "
                        "cuda:LOCAL_RANK.", section="optimisation")
     # -- validation --------------------------------------------------------------------------
-    val_every: int = _key(10, "int", "Validate every this many epochs (and after the last); 0 disables "
+    val_every: int = _key(10, "Validate every this many epochs (and after the last); 0 disables "
                           "validation (then 'best' is the last).", section="validation")
-    val_metric: str = _key("avg_recall_0_5", "str", f"Metric that picks the best checkpoint: one of "
+    val_metric: str = _key("avg_recall_0_5", f"Metric that picks the best checkpoint: one of "
                            f"{', '.join(VAL_METRICS)}.", section="validation")
-    val_max_cases: int | None = _key(None, "int?", "Validate on at most this many validation cases "
+    val_max_cases: Optional[int] = _key(None, "Validate on at most this many validation cases "
                                      "(null: all).", section="validation")
-    val_patch_size: list | None = _key(None, "int3?", "Sliding-window size for validation and the checkpoint's "
+    val_patch_size: Optional[Int3] = _key(None, "Sliding-window size for validation and the checkpoint's "
                                        "inference default (null: patch_size).", section="validation")
-    val_overlap: float = _key(0.25, "float", "Sliding-window overlap at validation.", section="validation")
-    threshold: float = _key(0.5, "float", "Probability threshold of the predicted mask.", section="validation")
-    size_preset: str = _key("liver", "str", "Lesion size groups (lung, liver, metastases) for by-size metrics; "
+    val_overlap: float = _key(0.25, "Sliding-window overlap at validation.", section="validation")
+    threshold: float = _key(0.5, "Probability threshold of the predicted mask.", section="validation")
+    size_preset: str = _key("liver", "Lesion size groups (lung, liver, metastases) for by-size metrics; "
                             "stored in the checkpoint.", section="validation")
-    size_thresholds: list | None = _key(None, "float2?", "Explicit [small_mm, large_mm] equivalent-diameter "
+    size_thresholds: Optional[Float2] = _key(None, "Explicit [small_mm, large_mm] equivalent-diameter "
                                         "cut-offs, overriding size_preset.", section="validation")
     # -- output ------------------------------------------------------------------------------
-    out: str = _key("runs/iwseg", "str", "Output folder: checkpoints, resume state, CSV log, TensorBoard "
+    out: str = _key("runs/iwseg", "Output folder: checkpoints, resume state, CSV log, TensorBoard "
                     "events, the resolved config.", section="output")
-    overwrite: bool = _key(False, "bool", "Start a new run even if OUT already holds one (its checkpoints and "
+    overwrite: bool = _key(False, "Start a new run even if OUT already holds one (its checkpoints and "
                            "logs are replaced as the new run writes them).", section="output")
-    tensorboard: bool = _key(True, "bool", "Write TensorBoard scalars to OUT/tensorboard (needs tensorboard).",
+    tensorboard: bool = _key(True, "Write TensorBoard scalars to OUT/tensorboard (needs tensorboard).",
                              section="output")
-    progress: bool = _key(True, "bool", "Show a tqdm progress bar.", section="output")
-    ddp_timeout_min: float = _key(60.0, "float", "DDP collective timeout in minutes (rank 0 validates while "
+    progress: bool = _key(True, "Show a tqdm progress bar.", section="output")
+    ddp_timeout_min: float = _key(60.0, "DDP collective timeout in minutes (rank 0 validates while "
                                   "the others wait).", section="output")
 
     # ---------------------------------------------------------------------------------------
@@ -190,8 +215,8 @@ class TrainConfig:
                 f"{source}: unknown config key(s) {', '.join(map(repr, unknown))}. "
                 f"Valid keys: {', '.join(valid)}"
             )
-        kinds = {f.name: f.metadata["kind"] for f in fields(cls)}
-        parsed = {k: _coerce(k, v, kinds[k], source) for k, v in values.items()}
+        types = field_types()
+        parsed = {k: _coerce(k, v, types[k], source) for k, v in values.items()}
         config = cls(**parsed)
         config.validate()
         return config
@@ -296,67 +321,95 @@ class TrainConfig:
         return list(self.val_patch_size or self.patch_size)
 
 
-def _coerce(key: str, value: Any, kind: str, source: str) -> Any:
-    """Check/convert one config value to its declared kind; errors name the key."""
-    optional = kind.endswith("?")
-    base = kind.rstrip("?")
+def field_types() -> dict[str, Any]:
+    """Key -> declared type of every :class:`TrainConfig` field, read from the annotations."""
+    if not _FIELD_TYPES:
+        _FIELD_TYPES.update(get_type_hints(TrainConfig, include_extras=True))
+    return _FIELD_TYPES
+
+
+_FIELD_TYPES: dict[str, Any] = {}
+
+
+def _coerce(key: str, value: Any, declared: Any, source: str) -> Any:
+    """Check/convert one config value to its declared type; errors name the key."""
+    optional = get_origin(declared) is Union and type(None) in get_args(declared)
+    if optional:
+        declared = next(a for a in get_args(declared) if a is not type(None))
     if value is None:
         if optional:
             return None
         raise InputError(f"{source}: config key {key!r} may not be null")
 
-    def bad(what: str):
+    def bad(what: str) -> InputError:
         return InputError(f"{source}: config key {key!r} must be {what}, got {value!r}")
 
-    if base == "str":
-        if not isinstance(value, str):
-            raise bad("a string")
+    if get_origin(declared) is Annotated:
+        return _as_vector(value, get_args(declared)[1], bad)
+    return _CONVERTERS[declared](value, bad)
+
+
+def _as_str(value: Any, bad: Callable[[str], InputError]) -> str:
+    if not isinstance(value, str):
+        raise bad("a string")
+    return value
+
+
+def _as_bool(value: Any, bad: Callable[[str], InputError]) -> bool:
+    if isinstance(value, bool):
         return value
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise bad("true or false")
-    if base == "int":
-        if isinstance(value, bool):
-            raise bad("an integer")
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise bad("an integer") from None
-        if not as_float.is_integer():
-            raise bad("an integer")
-        return int(as_float)
-    if base == "float":
-        if isinstance(value, bool):
-            raise bad("a number")
-        try:
-            out = float(value)  # also takes YAML's "1e-3", which PyYAML reads as a string
-        except (TypeError, ValueError):
-            raise bad("a number") from None
-        if not math.isfinite(out):
-            raise bad("a finite number")
-        return out
-    if base in ("int3", "float3", "float2"):
-        n = int(base[-1])
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and base == "int3":
-            value = [value] * 3  # "patch_size: 96" means 96³
-        if not isinstance(value, (list, tuple)) or len(value) != n:
-            raise bad(f"a list of {n} numbers")
-        item = "int" if base.startswith("int") else "float"
-        return [_coerce(key, v, item, source) for v in value]
-    if base == "list":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise bad("a list")
-        return list(value)
-    if base == "dict":
-        if not isinstance(value, Mapping):
-            raise bad("a mapping")
-        return dict(value)
-    raise AssertionError(f"unknown config kind {kind}")
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        return value.lower() in ("true", "yes", "on", "1")
+    raise bad("true or false")
+
+
+def _as_int(value: Any, bad: Callable[[str], InputError]) -> int:
+    try:
+        as_float = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        raise bad("an integer") from None
+    if not as_float.is_integer():
+        raise bad("an integer")
+    return int(as_float)
+
+
+def _as_float(value: Any, bad: Callable[[str], InputError]) -> float:
+    if isinstance(value, bool):
+        raise bad("a number")
+    try:
+        out = float(value)  # also takes YAML's "1e-3", which PyYAML reads as a string
+    except (TypeError, ValueError):
+        raise bad("a number") from None
+    if not math.isfinite(out):
+        raise bad("a finite number")
+    return out
+
+
+def _as_list(value: Any, bad: Callable[[str], InputError]) -> list:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise bad("a list")
+    return list(value)
+
+
+def _as_dict(value: Any, bad: Callable[[str], InputError]) -> dict:
+    if not isinstance(value, Mapping):
+        raise bad("a mapping")
+    return dict(value)
+
+
+def _as_vector(value: Any, vector: Vector, bad: Callable[[str], InputError]) -> list:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and vector == Vector(3, int):
+        value = [value] * 3  # "patch_size: 96" means 96³
+    if not isinstance(value, (list, tuple)) or len(value) != vector.n:
+        raise bad(f"a list of {vector.n} numbers")
+    return [_CONVERTERS[vector.item](v, bad) for v in value]
+
+
+_CONVERTERS: dict[type, Callable[[Any, Callable[[str], InputError]], Any]] = {
+    str: _as_str, bool: _as_bool, int: _as_int, float: _as_float, list: _as_list, dict: _as_dict,
+}
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -389,7 +442,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` updated by ``overrides``; a dotted override (dict value) updates a dict key of ``base``."""
     merged = dict(base)
-    dict_keys = {f.name for f in fields(TrainConfig) if f.metadata["kind"] == "dict"}
+    dict_keys = {name for name, declared in field_types().items() if declared is dict}
     for key, value in overrides.items():
         if key in dict_keys and isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
             merged[key] = {**merged[key], **value}

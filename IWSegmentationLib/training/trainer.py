@@ -90,21 +90,153 @@ def train(config: TrainConfig, *, resume: bool = False, verbose: bool = True,
 
 
 class _Run:
-    """One training run; see :func:`train`."""
+    """One training run (see :func:`train`): :meth:`run` is the recipe, each step a method."""
 
     def __init__(self, config: TrainConfig, info: DistInfo, *, resume: bool, verbose: bool, on_step, on_epoch_end):
         self.config = config
         self.info = info
         self.resume = resume
         self.verbose = verbose and info.is_main
-        self.on_step = on_step
-        self.on_epoch_end = on_epoch_end
+        self.step_callback = on_step
+        self.epoch_callback = on_epoch_end
         self.out = Path(config.out)
         self.best: dict[str, Any] = {"metric": config.val_metric, "value": None, "epoch": None}
         self.latest_validation: dict | None = None
         self.history: list[dict] = []
+        self.start_epoch = 0
+        self.logger: RunLogger | None = None
+        self.bar = None
+        self.stream = None
+        self.val_cache: dict | None = None
 
-    # -- setup -----------------------------------------------------------------------------
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """Set up; then, epoch by epoch, train, validate and save; always close what was opened."""
+        t_start = time.perf_counter()
+        if self.on_train_start():
+            try:
+                for epoch in range(self.start_epoch, self.config.epochs):
+                    self.on_epoch_start(epoch)
+                    row = self.train_epoch(epoch)
+                    report = self.on_validation(epoch)
+                    self.on_epoch_end(epoch, row, report)
+            finally:
+                self.on_train_end()
+        return self._result(t_start)
+
+    # -- the steps -------------------------------------------------------------------------
+    def on_train_start(self) -> bool:
+        """Check the output folder, read the data, build the model (restored on resume) and open the
+        patch stream. False when the run has nothing left to train."""
+        state = self._prepare_output_and_data()
+        self._build_model(state)
+        if self.start_epoch >= self.config.epochs:
+            if self.verbose:
+                _log(f"the run in {self.out} already finished its {self.config.epochs} epochs")
+            return False
+        self._open_stream()
+        return True
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Put the network in training mode (validation left it in eval mode)."""
+        self.train_model.train()
+
+    def train_epoch(self, epoch: int) -> dict:
+        """``iters_per_epoch`` steps, then the scheduler's step; returns the epoch's log row."""
+        config = self.config
+        iters = config.iters_per_epoch
+        wait = 0.0
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        for i in range(iters):
+            t = time.perf_counter()
+            batch = next(self.stream)
+            wait += time.perf_counter() - t
+            value = self.train_step(batch)
+            if not math.isfinite(value):
+                raise InputError(
+                    f"training diverged: the {config.loss} loss is {value} at epoch {epoch + 1}, step {i + 1}; "
+                    "lower 'lr' or set 'grad_clip'"
+                )
+            losses.append(value)
+            self._report_step(epoch, i, value, losses, wait, t0)
+        seconds = time.perf_counter() - t0
+        row = {
+            "epoch": epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "loss": float(np.mean(losses)),
+            "seconds": round(seconds, 3),
+            "iters_per_s": round(iters / seconds, 4) if seconds > 0 else None,
+            "data_wait_fraction": round(wait / seconds, 4) if seconds > 0 else None,
+        }
+        self.scheduler.step()
+        return row
+
+    def train_step(self, batch: Mapping[str, Any]) -> float:
+        """One optimiser step on one batch (AMP, gradient clipping); returns the loss."""
+        import torch
+
+        config, device = self.config, self.info.device
+        amp_on, amp_dtype = self.amp
+        image = batch["image"].to(device, non_blocking=True)
+        target = batch["target"].to(device, non_blocking=True)
+        weight = batch.get("weight")
+        if weight is not None:
+            weight = weight.to(device, non_blocking=True)
+        if device.type == "cuda":
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_on):
+            logits = self.train_model(image)
+        loss = self.loss_fn(logits.float(), target, weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+    def on_validation(self, epoch: int) -> dict | None:
+        """Rank 0 validates when due (the others wait at the barrier); the report, or None."""
+        if not self._validation_due(epoch):
+            return None
+        report = None
+        if self.info.is_main:
+            if self.bar is not None:
+                self.bar.set_description("validating")
+            card = model_card(self.config, self.data, epoch=epoch, validation_metrics=None)
+            report = validate(self.model, self.data.val_cases, self.config, card, device=self.info.device,
+                              cache=self.val_cache, verbose=self.verbose)
+            self.model.train()
+            if self.bar is not None:
+                self.bar.set_description("training")
+        _barrier(self.info)
+        return report
+
+    def on_epoch_end(self, epoch: int, row: dict, report: dict | None) -> None:
+        """Rank 0 updates the best, writes the checkpoints, the resume state and the log; then all ranks
+        record the row and call the user's ``on_epoch_end``."""
+        if self.info.is_main:
+            improved = self._update_best(epoch, row, report)
+            self._save(epoch, improved)
+            self.logger.epoch(row, (epoch + 1) * self.config.iters_per_epoch)
+            if self.verbose:
+                _log(_epoch_line(row, report, improved, self.config.epochs))
+        _barrier(self.info)
+        self.history.append(row)
+        if self.epoch_callback is not None:
+            self.epoch_callback(epoch, row)
+
+    def on_train_end(self) -> None:
+        """Close the progress bar, the log and the patch stream (also after a crash)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.logger is not None:
+            self.logger.close()
+        self.stream = None
+
+    # -- setting up ------------------------------------------------------------------------
     def _check_output(self) -> None:
         state = self.out / RESUME_STATE
         if self.resume:
@@ -141,177 +273,112 @@ class _Run:
             )
         return state
 
-    # -- the loop --------------------------------------------------------------------------
-    def run(self) -> TrainResult:
-        import torch
-
-        from ..data.loader import make_loader
+    def _prepare_output_and_data(self) -> dict | None:
+        """Check the output folder, read the resume state and the data, write config and splits;
+        returns the resume state (None for a new run)."""
         from ..data.splits import write_splits
-        from ..nn.losses import get_loss
-        from ..nn.training_state import restore_rng_state
-        from ..nn.unet import build_model
 
         config, info = self.config, self.info
-        t_start = time.perf_counter()
         if info.is_main:
             self._check_output()
         state = self._load_resume_state() if self.resume else None
-
         seed_everything(config.seed)
-        data = load_training_data(config, verbose=self.verbose)
-        self.data = data
-        if state is not None and state.get("splits") and state["splits"] != data.splits:
+        self.data = load_training_data(config, verbose=self.verbose)
+        if state is not None and state.get("splits") and state["splits"] != self.data.splits:
             raise InputError(f"cannot resume the run in {self.out}: the dataset split differs from the one it "
                              "was trained on (check 'data', 'splits' and the dataset folder)")
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if config.overwrite and not self.resume:
                 (self.out / RESUME_STATE).unlink(missing_ok=True)
-            self._write_run_files(data, write_splits)
+            self._write_run_files(self.data, write_splits)
         _barrier(info)
+        return state
 
+    def _build_model(self, state: dict | None) -> None:
+        """Network, loss, optimiser, scheduler and AMP scaler, restored from ``state`` when resuming."""
+        import torch
+
+        from ..nn.losses import get_loss
+        from ..nn.unet import build_model
+
+        config, info = self.config, self.info
         device = info.device
         model = build_model(config.model_config()).to(device)
         if config.init_checkpoint and state is None:
             self._init_from_checkpoint(model)
-        loss_fn = get_loss(config.loss, **config.loss_params)
-        optimizer = build_optimizer(model, config)
-        scheduler = build_scheduler(optimizer, config)
+        self.loss_fn = get_loss(config.loss, **config.loss_params)
+        self.optimizer = build_optimizer(model, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
         amp_on, amp_dtype, use_scaler = amp_settings(config, device)
-        scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=use_scaler)
-        start_epoch = 0
+        self.amp = (amp_on, amp_dtype)
+        self.scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=use_scaler)
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            self.best = dict(state.get("best") or self.best)
-            self.latest_validation = state.get("latest_validation")
-            start_epoch = int(state["epoch"]) + 1
-            restore_rng_state(state["rng"])
-            if self.verbose:
-                _log(f"resuming {self.out} at epoch {start_epoch + 1}/{config.epochs}")
+            self._restore(model, state)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last_3d)
         self.model = model
-        train_model = model
+        self.train_model = model
         if info.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                       else None)
 
-        iters = config.iters_per_epoch
-        result_paths = (self.out / LAST_CHECKPOINT, self.out / BEST_CHECKPOINT)
-        if start_epoch >= config.epochs:
-            if self.verbose:
-                _log(f"the run in {self.out} already finished its {config.epochs} epochs")
-            return self._result(config.epochs, result_paths, t_start)
+    def _restore(self, model, state: dict) -> None:
+        """Continue exactly where the resume state stopped: weights, optimiser, scheduler, scaler, RNG."""
+        from ..nn.training_state import restore_rng_state
 
-        dataset = make_patch_dataset(config, data.train_cases, data.params, rank=info.rank,
-                                     world_size=info.world_size, start_step=start_epoch * iters,
-                                     steps=(config.epochs - start_epoch) * iters)
+        model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.best = dict(state.get("best") or self.best)
+        self.latest_validation = state.get("latest_validation")
+        self.start_epoch = int(state["epoch"]) + 1
+        restore_rng_state(state["rng"])
+        if self.verbose:
+            _log(f"resuming {self.out} at epoch {self.start_epoch + 1}/{self.config.epochs}")
+
+    def _open_stream(self) -> None:
+        """The patch stream from the first step still to train, the run log and the progress bar."""
+        from ..data.loader import make_loader
+
+        config, info = self.config, self.info
+        iters, start = config.iters_per_epoch, self.start_epoch
+        dataset = make_patch_dataset(config, self.data.train_cases, self.data.params, rank=info.rank,
+                                     world_size=info.world_size, start_step=start * iters,
+                                     steps=(config.epochs - start) * iters)
         if config.cache_size is None:
             dataset.preload()
-        loader = make_loader(dataset, num_workers=config.num_workers, pin_memory=device.type == "cuda",
+        loader = make_loader(dataset, num_workers=config.num_workers, pin_memory=info.device.type == "cuda",
                              prefetch_factor=config.prefetch_factor)
-        logger = RunLogger(self.out, enabled=info.is_main, tensorboard=config.tensorboard,
-                           start_epoch=start_epoch, iters_per_epoch=iters)
-        bar = None
+        self.logger = RunLogger(self.out, enabled=info.is_main, tensorboard=config.tensorboard,
+                                start_epoch=start, iters_per_epoch=iters)
         if self.verbose and config.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=config.epochs * iters, initial=start_epoch * iters, desc="training", unit="it",
-                       dynamic_ncols=True)
-        stream = iter(loader)
-        val_cache: dict | None = {} if config.cache_size is None else None
-        try:
-            for epoch in range(start_epoch, config.epochs):
-                row = self._train_epoch(epoch, stream, train_model, loss_fn, optimizer, scaler,
-                                        (amp_on, amp_dtype), logger, bar)
-                scheduler.step()
-                report = None
-                if self._validation_due(epoch):
-                    if info.is_main:
-                        if bar is not None:
-                            bar.set_description("validating")
-                        card = model_card(config, data, epoch=epoch, validation_metrics=None)
-                        report = validate(model, data.val_cases, config, card, device=device, cache=val_cache,
-                                          verbose=self.verbose)
-                        model.train()
-                        if bar is not None:
-                            bar.set_description("training")
-                    _barrier(info)
-                if info.is_main:
-                    self._end_epoch(epoch, row, report, model, optimizer, scheduler, scaler, logger, bar)
-                _barrier(info)
-                self.history.append(row)
-                if self.on_epoch_end is not None:
-                    self.on_epoch_end(epoch, row)
-        finally:
-            if bar is not None:
-                bar.close()
-            logger.close()
-            del stream
-        return self._result(config.epochs, result_paths, t_start)
+            self.bar = tqdm(total=config.epochs * iters, initial=start * iters, desc="training", unit="it",
+                            dynamic_ncols=True)
+        self.stream = iter(loader)
+        self.val_cache = {} if config.cache_size is None else None
 
-    def _train_epoch(self, epoch, stream, model, loss_fn, optimizer, scaler, amp, logger, bar) -> dict:
-        import torch
-
-        config, device = self.config, self.info.device
-        amp_on, amp_dtype = amp
-        model.train()
+    # -- during an epoch -------------------------------------------------------------------
+    def _report_step(self, epoch: int, i: int, value: float, losses: list[float], wait: float, t0: float) -> None:
+        """The step's loss to the log, the progress bar and the user's ``on_step``."""
+        config = self.config
         iters = config.iters_per_epoch
-        wait = 0.0
-        losses = []
-        t0 = time.perf_counter()
-        for i in range(iters):
-            t = time.perf_counter()
-            batch = next(stream)
-            wait += time.perf_counter() - t
-            image = batch["image"].to(device, non_blocking=True)
-            target = batch["target"].to(device, non_blocking=True)
-            weight = batch.get("weight")
-            if weight is not None:
-                weight = weight.to(device, non_blocking=True)
-            if device.type == "cuda":
-                image = image.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_on):
-                logits = model(image)
-            loss = loss_fn(logits.float(), target, weight)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise InputError(
-                    f"training diverged: the {config.loss} loss is {value} at epoch {epoch + 1}, step {i + 1}; "
-                    "lower 'lr' or set 'grad_clip'"
-                )
-            losses.append(value)
-            step = epoch * iters + i
-            if self.info.is_main:
-                logger.step(step, value)
-            if bar is not None:
-                bar.update(1)
-                if i % 5 == 0 or i == iters - 1:
-                    bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{np.mean(losses[-20:]):.4f}",
-                                    wait=f"{100 * wait / max(time.perf_counter() - t0, 1e-9):.0f}%", refresh=False)
-            if self.on_step is not None:
-                self.on_step(epoch, i, value)
-        seconds = time.perf_counter() - t0
-        return {
-            "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            "loss": float(np.mean(losses)),
-            "seconds": round(seconds, 3),
-            "iters_per_s": round(iters / seconds, 4) if seconds > 0 else None,
-            "data_wait_fraction": round(wait / seconds, 4) if seconds > 0 else None,
-        }
+        if self.info.is_main:
+            self.logger.step(epoch * iters + i, value)
+        if self.bar is not None:
+            self.bar.update(1)
+            if i % 5 == 0 or i == iters - 1:
+                self.bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{np.mean(losses[-20:]):.4f}",
+                                     wait=f"{100 * wait / max(time.perf_counter() - t0, 1e-9):.0f}%",
+                                     refresh=False)
+        if self.step_callback is not None:
+            self.step_callback(epoch, i, value)
 
     def _validation_due(self, epoch: int) -> bool:
         config = self.config
@@ -320,10 +387,9 @@ class _Run:
         return (epoch + 1) % config.val_every == 0 or epoch == config.epochs - 1
 
     # -- saving ----------------------------------------------------------------------------
-    def _end_epoch(self, epoch, row, report, model, optimizer, scheduler, scaler, logger, bar) -> None:
-        from ..nn.checkpoint import save_checkpoint
-        from ..nn.training_state import capture_rng_state, save_training_state
-
+    def _update_best(self, epoch: int, row: dict, report: dict | None) -> bool:
+        """Record the validation in ``row`` and the best so far; whether this epoch is the new best
+        (every epoch is, when the run does not validate: then "best" is the last)."""
         config = self.config
         improved = False
         if report is not None:
@@ -333,11 +399,18 @@ class _Run:
             if value is not None and (self.best["value"] is None or value > self.best["value"]):
                 self.best = {"metric": config.val_metric, "value": value, "epoch": epoch}
                 improved = True
-        no_validation = config.val_every == 0 or not self.data.val_cases
-        if no_validation:
+        if config.val_every == 0 or not self.data.val_cases:
             self.best = {"metric": "last", "value": None, "epoch": epoch}
             improved = True
         row["best"] = int(improved)
+        return improved
+
+    def _save(self, epoch: int, improved: bool) -> None:
+        """The last (and, if improved, best) checkpoint with its model card, and the resume state."""
+        from ..nn.checkpoint import save_checkpoint
+        from ..nn.training_state import capture_rng_state, save_training_state
+
+        config, model = self.config, self.model
         card = model_card(config, self.data, epoch=epoch, validation_metrics=self.latest_validation,
                           world_size=self.info.world_size)
         _guarded_write(self.out / LAST_CHECKPOINT, lambda p: save_checkpoint(p, model, card))
@@ -346,9 +419,9 @@ class _Run:
         state = {
             "epoch": epoch,
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": capture_rng_state(),
             "best": self.best,
             "latest_validation": self.latest_validation,
@@ -357,19 +430,6 @@ class _Run:
             "splits": self.data.splits,
         }
         _guarded_write(self.out / RESUME_STATE, lambda p: save_training_state(p, state))
-        logger.epoch(row, (epoch + 1) * config.iters_per_epoch)
-        if self.verbose:
-            parts = [f"epoch {epoch + 1}/{config.epochs}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2g}",
-                     f"{row['iters_per_s']:.2f} it/s", f"data wait {100 * row['data_wait_fraction']:.1f}%"]
-            if report is not None:
-                for key in ("avg_recall_0_5", "cpm", "object_dice"):
-                    v = row.get(f"val_{key}")
-                    parts.append(f"{key} {'n/a' if v is None else f'{v:.3f}'}")
-                small = row.get("val_small_avg_recall_0_5")
-                parts.append(f"small avg_recall {'n/a' if small is None else f'{small:.3f}'}")
-                if improved:
-                    parts.append("(best)")
-            _log(" | ".join(parts))
 
     def _write_run_files(self, data: TrainingData, write_splits) -> None:
         import yaml
@@ -391,12 +451,28 @@ class _Run:
             )
         model.load_state_dict(source.state_dict())
 
-    def _result(self, epochs_done: int, paths, t_start: float) -> TrainResult:
+    def _result(self, t_start: float) -> TrainResult:
         return TrainResult(
-            out=self.out, last_checkpoint=paths[0], best_checkpoint=paths[1], epochs_done=epochs_done,
+            out=self.out, last_checkpoint=self.out / LAST_CHECKPOINT, best_checkpoint=self.out / BEST_CHECKPOINT,
+            epochs_done=self.config.epochs,
             history=self.history, best_metric=self.best.get("metric", ""), best_value=self.best.get("value"),
             best_epoch=self.best.get("epoch"), seconds=time.perf_counter() - t_start, is_main=self.info.is_main,
         )
+
+
+def _epoch_line(row: dict, report: dict | None, improved: bool, epochs: int) -> str:
+    """The console line of an epoch: loss, lr, speed, data wait and, when validated, the metrics."""
+    parts = [f"epoch {row['epoch'] + 1}/{epochs}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2g}",
+             f"{row['iters_per_s']:.2f} it/s", f"data wait {100 * row['data_wait_fraction']:.1f}%"]
+    if report is not None:
+        for key in ("avg_recall_0_5", "cpm", "object_dice"):
+            v = row.get(f"val_{key}")
+            parts.append(f"{key} {'n/a' if v is None else f'{v:.3f}'}")
+        small = row.get("val_small_avg_recall_0_5")
+        parts.append(f"small avg_recall {'n/a' if small is None else f'{small:.3f}'}")
+        if improved:
+            parts.append("(best)")
+    return " | ".join(parts)
 
 
 def _describe_arch(arch: Any) -> str:

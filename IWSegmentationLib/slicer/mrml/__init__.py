@@ -74,6 +74,7 @@ from .segments import (  # noqa: F401  (re-exported)
     get_tag,
     lesion_rows,
     lesion_segmentation,
+    list_segment_ids,
     segment_name,
     set_confidence_threshold,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "LESION_TERMINOLOGY",
     "LABELMAP",
     "CLOSED_SURFACE",
+    "list_segment_ids",
     "segment_name",
     "lesion_segmentation",
     "get_tag",

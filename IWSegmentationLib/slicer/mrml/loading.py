@@ -11,6 +11,7 @@ from ...core.imageio import Geometry
 from ...core.lesions import (
     SizeThresholds,
 )
+from ..lesion_row import LesionRow
 from .geometry import add_volume_from_array, check_on_volume_grid, volume_geometry
 from .matching import match_segmentations
 from .segments import lesion_rows, lesion_segmentation
@@ -30,14 +31,14 @@ class PredictionResults:
     """
 
     segmentation: Any
-    rows: list[dict]
-    matches: list[dict] | None = None
+    rows: list[LesionRow]
+    matches: list[LesionRow] | None = None
     reference: Any = None
     table: Any = None
     probabilities: Any = None
 
     @property
-    def lesions(self) -> list[dict]:
+    def lesions(self) -> list[LesionRow]:
         """The detected lesions: the rows that are segments of :attr:`segmentation` (no FN rows)."""
         return [row for row in self.rows if row["row"] == "detection"]
 

@@ -13,14 +13,15 @@ from ...core.lesions import (
     parse_size_thresholds,
 )
 from ...evaluation.matching import match_case
+from ..lesion_row import LesionRow
 from .geometry import _as_numpy_matrix, _check_volume_node, centroid_ras, volume_geometry, volume_ijk_to_ras
 from .scene import _slicer
 from .segments import (
     ATTR_SIZE_THRESHOLDS,
     LABELMAP,
-    _segment_ids,
     _with_missed,
     lesion_rows,
+    list_segment_ids,
 )
 
 
@@ -47,9 +48,9 @@ def labelmap_on_volume_grid(segmentation_node, volume_node, segment_ids: Sequenc
     from vtkmodules.util import numpy_support
 
     _check_volume_node(volume_node, "volume_node")
-    ids = list(_segment_ids(segmentation_node) if segment_ids is None else segment_ids)
+    ids = list(list_segment_ids(segmentation_node) if segment_ids is None else segment_ids)
     shape = volume_geometry(volume_node).shape_zyx
-    known = set(_segment_ids(segmentation_node))
+    known = set(list_segment_ids(segmentation_node))
     missing = [s for s in ids if s not in known]
     if missing:
         raise InputError(f"segmentation {segmentation_node.GetName()!r} has no segment(s) {', '.join(missing)}")
@@ -148,12 +149,12 @@ class DiceMatch:
     ``case``: the :class:`~IWSegmentationLib.evaluation.CaseResult` they come from.
     """
 
-    detections: list[dict]
-    references: list[dict]
+    detections: list[LesionRow]
+    references: list[LesionRow]
     case: Any = field(repr=False, default=None)
 
     @property
-    def rows(self) -> list[dict]:
+    def rows(self) -> list[LesionRow]:
         """The Dice table: the detections, then the missed reference lesions (FN)."""
         return _with_missed(self.detections, self.references)
 
@@ -196,13 +197,13 @@ def match_segmentations(
     geometry = volume_geometry(volume_node)
     thresholds = _thresholds_of(segmentation_node, size_thresholds_mm)
 
-    seg_ids = _segment_ids(segmentation_node)
+    seg_ids = list_segment_ids(segmentation_node)
     seg_labels = labelmap_on_volume_grid(segmentation_node, volume_node, seg_ids)
-    ref_ids = list(_segment_ids(reference_segmentation_node) if reference_segment_ids is None
+    ref_ids = list(list_segment_ids(reference_segmentation_node) if reference_segment_ids is None
                    else reference_segment_ids)
     ref_labels = labelmap_on_volume_grid(reference_segmentation_node, volume_node, ref_ids)
 
-    rows = {row["segment_id"]: row for row in lesion_rows(segmentation_node)}
+    rows = {row.segment_id: row for row in lesion_rows(segmentation_node)}
     seg_conf = np.ones(len(seg_ids) + 1, dtype=np.float32)
     seg_conf[0] = 0.0
     for n, segment_id in enumerate(seg_ids, start=1):
@@ -245,26 +246,26 @@ def match_segmentations(
         row = rows[segment_id]
         status = "TP" if comp.hit_dice > 0 else "FP"
         matched = lesion_by_id.get(comp.lesion) if comp.lesion is not None else None
-        detections.append({
-            "row": "detection",
-            "segment_id": segment_id,
-            "name": row["name"],
-            "id": row["id"],
-            "component": comp.id,
-            "voxels": comp.voxels,
-            "volume_mm3": comp.volume_mm3,
-            "diameter_mm": comp.diameter_mm,
-            "size_group": comp.size_group,
-            "confidence": row["confidence"],
-            "hit_dice": comp.hit_dice,
-            "dice": comp.hit_dice,
-            "status": status,
-            "reference_id": comp.lesion,
-            "reference_diameter_mm": matched.diameter_mm if matched else None,
-            "center_ras": center(comp.centroid),
-        })
+        detections.append(LesionRow(
+            row="detection",
+            segment_id=segment_id,
+            name=row.name,
+            id=row.id,
+            component_id=comp.id,
+            voxels=comp.voxels,
+            volume_mm3=comp.volume_mm3,
+            diameter_mm=comp.diameter_mm,
+            size_group=comp.size_group,
+            confidence=row.confidence,
+            hit_dice=comp.hit_dice,
+            dice=comp.hit_dice,
+            status=status,
+            reference_id=comp.lesion,
+            reference_diameter_mm=matched.diameter_mm if matched else None,
+            center_ras=center(comp.centroid),
+        ))
     order = {segment_id: i for i, segment_id in enumerate(seg_ids)}
-    detections.sort(key=lambda d: (order[d["segment_id"]], d["component"]))
+    detections.sort(key=lambda d: (order[d.segment_id], d.component_id))
 
     references = []
     for les in sorted(case.lesions, key=lambda x: (-x.voxels, x.id)):
@@ -273,25 +274,25 @@ def match_segmentations(
         comp = comp_by_id.get(les.component) if les.component is not None else None
         status = "TP" if les.hit_dice > 0 else "FN"
         source = f" ({ref_names[n - 1]})" if n > 0 else ""
-        references.append({
-            "row": "reference",
-            "segment_id": segment_id,
-            "reference_segmentation": reference_segmentation_node.GetID(),
-            "name": f"Reference {les.id:02d} · {les.diameter_mm:.1f} mm · {les.size_group}{source}",
-            "id": les.id,
-            "reference_id": les.id,
-            "voxels": les.voxels,
-            "volume_mm3": les.volume_mm3,
-            "diameter_mm": les.diameter_mm,
-            "size_group": les.size_group,
-            "hit_dice": les.hit_dice,
-            "dice": les.hit_dice,
+        references.append(LesionRow(
+            row="reference",
+            segment_id=segment_id,
+            reference_segmentation=reference_segmentation_node.GetID(),
+            name=f"Reference {les.id:02d} · {les.diameter_mm:.1f} mm · {les.size_group}{source}",
+            id=les.id,
+            reference_id=les.id,
+            voxels=les.voxels,
+            volume_mm3=les.volume_mm3,
+            diameter_mm=les.diameter_mm,
+            size_group=les.size_group,
+            hit_dice=les.hit_dice,
+            dice=les.hit_dice,
             # hit_conf, read from the matched segment's tag (the float32 map only ranks them)
-            "confidence": rows[seg_ids[comp_segment[comp.id] - 1]]["confidence"] if comp is not None else None,
-            "status": status,
-            "matched_segment_id": (seg_ids[comp_segment[comp.id] - 1] if comp is not None else None),
-            "center_ras": center(les.centroid),
-        })
+            confidence=rows[seg_ids[comp_segment[comp.id] - 1]].confidence if comp is not None else None,
+            status=status,
+            matched_segment_id=(seg_ids[comp_segment[comp.id] - 1] if comp is not None else None),
+            center_ras=center(les.centroid),
+        ))
     return DiceMatch(detections, references, case)
 
 
@@ -313,7 +314,7 @@ def object_dice_table(
     *,
     size_thresholds_mm: Sequence[float] | SizeThresholds | str | None = None,
     connectivity: int = 26,
-) -> list[dict]:
+) -> list[LesionRow]:
     """Object Dice of every detected lesion against a reference, and the missed reference lesions.
 
     Rows (dicts): one per detected lesion, in segment order, with ``status`` ``TP`` (overlaps a

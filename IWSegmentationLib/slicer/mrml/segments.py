@@ -14,6 +14,7 @@ from ...core.lesions import (
     analyze_lesions,
     parse_size_thresholds,
 )
+from ..lesion_row import LesionRow
 from .geometry import _check_volume_node, _vtk_matrix, centroid_ras, volume_geometry, volume_ijk_to_ras
 from .scene import _slicer, ensure_converter_rules
 
@@ -196,7 +197,7 @@ def lesion_segmentation(
     return node
 
 
-def _segment_ids(segmentation_node) -> list[str]:
+def list_segment_ids(segmentation_node) -> list[str]:
     segmentation = segmentation_node.GetSegmentation()
     return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
 
@@ -219,7 +220,7 @@ def _float_tag(segment, key: str) -> float | None:
         return None
 
 
-def lesion_rows(segmentation_node, match: DiceMatch | None = None) -> list[dict]:
+def lesion_rows(segmentation_node, match: DiceMatch | None = None) -> list[LesionRow]:
     """The rows of the lesion table: the segments' lesions (read back from their tags) and, given
     the ``match`` of :func:`match_segmentations`, their status and Dice, then the missed
     reference lesions.
@@ -229,7 +230,7 @@ def lesion_rows(segmentation_node, match: DiceMatch | None = None) -> list[dict]
     holds them, and a click on one centres the views on its ``center_ras``
     (:func:`center_slice_views`).
 
-    One dict per segment in segment order, ``row`` = ``"detection"``: ``segment_id, name, id``
+    One :class:`~IWSegmentationLib.slicer.lesion_row.LesionRow` per segment in segment order, ``row`` = ``"detection"``: ``segment_id, name, id``
     (the lesion number), ``component_id, voxels, volume_mm3, diameter_mm, size_group,
     confidence, center_ras, visible`` (numbers missing from the tags of a segment drawn by hand
     are None) and ``status, dice, hit_dice, reference_id`` (None without a ``match``; ``TP``/``FP``
@@ -240,39 +241,37 @@ def lesion_rows(segmentation_node, match: DiceMatch | None = None) -> list[dict]
     rows = []
     display = segmentation_node.GetDisplayNode()
     segmentation = segmentation_node.GetSegmentation()
-    for index, segment_id in enumerate(_segment_ids(segmentation_node), start=1):
+    for index, segment_id in enumerate(list_segment_ids(segmentation_node), start=1):
         segment = segmentation.GetSegment(segment_id)
         number = _float_tag(segment, "number")
         component = _float_tag(segment, "component")
         voxels = _float_tag(segment, "voxels")
         center = get_tag(segment, TAGS["center_ras"])
-        rows.append({
-            "row": "detection",
-            "segment_id": segment_id,
-            "name": segment.GetName(),
-            "id": int(number) if number is not None else index,
-            "component_id": int(component) if component is not None else None,
-            "voxels": int(voxels) if voxels is not None else None,
-            "volume_mm3": _float_tag(segment, "volume_mm3"),
-            "diameter_mm": _float_tag(segment, "diameter_mm"),
-            "size_group": get_tag(segment, TAGS["size_group"]),
-            "confidence": _float_tag(segment, "confidence"),
-            "center_ras": tuple(float(v) for v in center.split(",")) if center else None,
-            "visible": bool(display.GetSegmentVisibility(segment_id)) if display else True,
-            "status": None, "dice": None, "hit_dice": None, "reference_id": None,
-        })
+        rows.append(LesionRow(
+            row="detection",
+            segment_id=segment_id,
+            name=segment.GetName(),
+            id=int(number) if number is not None else index,
+            component_id=int(component) if component is not None else None,
+            voxels=int(voxels) if voxels is not None else None,
+            volume_mm3=_float_tag(segment, "volume_mm3"),
+            diameter_mm=_float_tag(segment, "diameter_mm"),
+            size_group=get_tag(segment, TAGS["size_group"]),
+            confidence=_float_tag(segment, "confidence"),
+            center_ras=tuple(float(v) for v in center.split(",")) if center else None,
+            visible=bool(display.GetSegmentVisibility(segment_id)) if display else True,
+        ))
     if match is None:
         return rows
-    by_segment = {d["segment_id"]: d for d in match.detections}
-    for row in rows:
-        detection = by_segment.get(row["segment_id"], {})
-        row.update({key: detection.get(key) for key in ("status", "dice", "hit_dice", "reference_id")})
+    by_segment = {d.segment_id: d for d in match.detections}
+    rows = [row.replace(**{key: getattr(by_segment[row.segment_id], key) if row.segment_id in by_segment else None
+                           for key in ("status", "dice", "hit_dice", "reference_id")}) for row in rows]
     return _with_missed(rows, match.references)
 
 
-def _with_missed(detections: list[dict], references: Sequence[dict]) -> list[dict]:
+def _with_missed(detections: list[LesionRow], references: Sequence[LesionRow]) -> list[LesionRow]:
     """The table order: the detections, then the reference lesions no detection overlaps (FN)."""
-    return detections + [r for r in references if r["status"] == "FN"]
+    return detections + [r for r in references if r.status == "FN"]
 
 
 def set_confidence_threshold(segmentation_node, threshold: float) -> dict:
@@ -294,7 +293,7 @@ def set_confidence_threshold(segmentation_node, threshold: float) -> dict:
     shown = hidden = 0
     was_modifying = display.StartModify()
     try:
-        for segment_id in _segment_ids(segmentation_node):
+        for segment_id in list_segment_ids(segmentation_node):
             confidence = _float_tag(segmentation.GetSegment(segment_id), "confidence")
             visible = confidence is None or confidence >= threshold
             display.SetSegmentVisibility(segment_id, visible)
