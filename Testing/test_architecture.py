@@ -1,0 +1,174 @@
+"""The architecture rules of IWSegmentationLib, as tests (docs/architecture.md explains them).
+
+The folders are the pipeline: ``core`` -> ``preprocessing`` / ``evaluation`` -> ``nn`` / ``data`` ->
+``inference`` -> ``training`` -> ``cli``, with ``slicer`` (the module's side) and ``testing`` (the
+phantom) beside them. Each folder may import only the folders listed in :data:`ALLOWED`; the
+imports are read from the source (lazy imports inside functions included), so a rule breaks the
+moment someone writes the import, not when a test happens to run that line. Two rules are also
+checked at run time, in a fresh interpreter: the Slicer side and the evaluation load no torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIB = ROOT / "IWSegmentationLib"
+PACKAGE = "IWSegmentationLib"
+
+#: folder -> the engine folders its files may import (its own included). The top-level files
+#: (``__init__``, ``__main__``) belong to ``cli``: ``python -m IWSegmentationLib`` is the CLI.
+ALLOWED: dict[str, set[str]] = {
+    "core": {"core"},
+    "preprocessing": {"core", "preprocessing"},
+    "evaluation": {"core", "evaluation"},
+    "nn": {"core", "nn", "preprocessing"},
+    "data": {"core", "data", "preprocessing"},
+    "inference": {"core", "inference", "nn", "preprocessing"},
+    "training": {"core", "training", "data", "nn", "preprocessing", "inference", "evaluation"},
+    "cli": {"core", "cli", "data", "nn", "preprocessing", "inference", "evaluation", "training"},
+    "slicer": {"core", "slicer", "evaluation", "nn"},
+    "testing": {"core", "nn", "preprocessing"},
+}
+
+#: third-party modules a folder must never import (at any depth of a file)
+FORBIDDEN = {
+    "slicer": {"torch"},
+    "evaluation": {"torch"},
+}
+#: the Slicer application's modules: only slicer/ talks to Slicer
+SLICER_APP = {"slicer", "vtk", "qt", "ctk", "mrml", "vtkSegmentationCorePython"}
+#: folders whose files may import torch lazily only (inside a function): importing them stays torch-free
+TORCH_ONLY_LAZILY = {"core", "preprocessing", "data/cases.py", "data/datasets.py", "data/splits.py",
+                     "data/sampling.py", "data/synth.py", "data/synth_anatomy.py", "training", "cli", "nn/checkpoint.py"}
+
+
+def folder_of(path: Path) -> str:
+    rel = path.relative_to(LIB)
+    return rel.parts[0] if len(rel.parts) > 1 else "cli"
+
+
+def imports(source: str, path: Path) -> list[tuple[str, int, bool]]:
+    """``(absolute module, line, at module level)`` of every import in ``source`` (a file at ``path``)."""
+    tree = ast.parse(source)
+    package = [PACKAGE, *path.relative_to(LIB).parent.parts]
+    top_level = {id(node) for node in tree.body}
+    top_level |= {id(n) for node in tree.body if isinstance(node, (ast.If, ast.Try)) for n in ast.walk(node)
+                  if not _under_type_checking(node)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno, id(node) in top_level) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+                if not node.module:  # "from .. import x": x is a module of that package
+                    found += [(f"{module}.{alias.name}", node.lineno, id(node) in top_level) for alias in node.names]
+                    continue
+            else:
+                module = node.module or ""
+            found.append((module, node.lineno, id(node) in top_level))
+    return [(m, line, top) for m, line, top in found if not _in_type_checking(tree, line)]
+
+
+def _under_type_checking(node) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _in_type_checking(tree: ast.Module, line: int) -> bool:
+    return any(_under_type_checking(n) and n.lineno <= line <= n.end_lineno for n in tree.body)
+
+
+def violations(path: Path, source: str | None = None) -> list[str]:
+    """Every rule a file breaks, as ``file:line: what``."""
+    source = path.read_text() if source is None else source
+    folder = folder_of(path)
+    rel = path.relative_to(LIB).as_posix()
+    out = []
+    for module, line, top in imports(source, path):
+        parts = module.split(".")
+        where = f"{rel}:{line}"
+        if parts[0] == PACKAGE and len(parts) > 1 and (LIB / parts[1]).is_dir():
+            if parts[1] not in ALLOWED[folder]:
+                out.append(f"{where}: {folder}/ may not import {parts[1]}/")
+        elif parts[0] in FORBIDDEN.get(folder, ()):
+            out.append(f"{where}: {folder}/ may not import {parts[0]}")
+        elif parts[0] in SLICER_APP and folder != "slicer":
+            out.append(f"{where}: only slicer/ may import {parts[0]}")
+        elif parts[0] == "torch" and top and (folder in TORCH_ONLY_LAZILY or rel in TORCH_ONLY_LAZILY):
+            out.append(f"{where}: {rel} imports torch at module level (it must stay importable without torch)")
+    return out
+
+
+def engine_files() -> list[Path]:
+    return sorted(p for p in LIB.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_every_folder_has_rules():
+    folders = {p.parent.relative_to(LIB).parts[0] for p in LIB.rglob("__init__.py") if p.parent != LIB}
+    assert folders == set(ALLOWED), f"folders without rules: {folders - set(ALLOWED)}"
+
+
+def test_every_import_follows_the_folder_rules():
+    broken = [v for path in engine_files() for v in violations(path)]
+    assert not broken, "architecture rules broken:\n" + "\n".join(broken)
+
+
+@pytest.mark.parametrize(("rel", "source", "expected"), [
+    ("slicer/x.py", "import torch\n", "slicer/ may not import torch"),
+    ("slicer/x.py", "def f():\n    from ..training import train\n", "slicer/ may not import training/"),
+    ("slicer/x.py", "def f():\n    from IWSegmentationLib.data import load_case\n", "slicer/ may not import data/"),
+    ("inference/x.py", "from ..training.config import TrainConfig\n", "inference/ may not import training/"),
+    ("evaluation/x.py", "def f():\n    import torch\n", "evaluation/ may not import torch"),
+    ("core/x.py", "import slicer\n", "only slicer/ may import slicer"),
+    ("nn/checkpoint.py", "import torch\n", "imports torch at module level"),
+    ("data/x.py", "from .. import slicer\n", "data/ may not import slicer/"),
+])
+def test_the_checker_catches_each_kind_of_violation(rel, source, expected):
+    """The rules can fail: each of these made-up files breaks one."""
+    found = violations(LIB / rel, source)
+    assert len(found) == 1 and expected in found[0], found
+
+
+def test_the_checker_allows_what_the_rules_allow():
+    ok = ("import numpy\nfrom ..core.errors import InputError\nfrom typing import TYPE_CHECKING\n"
+          "if TYPE_CHECKING:\n    import torch\n"
+          "def f():\n    import torch\n    from ..nn.unet import build_model\n")
+    assert violations(LIB / "inference" / "x.py", ok) == []
+    assert violations(LIB / "nn" / "checkpoint.py", ok) == []
+
+
+def _loads_torch(modules: list[str]) -> bool:
+    code = f"import sys\nfor m in {modules!r}:\n    __import__(m)\nprint('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip() == "True"
+
+
+def test_the_slicer_side_loads_no_torch():
+    """What the module imports into Slicer's GUI process (views needs vtk, which the module has too)."""
+    modules = [f"{PACKAGE}.slicer.{m}" for m in ("process", "panel", "logic", "deps", "lesion_row", "mrml")]
+    assert not _loads_torch(modules)
+
+
+def test_evaluation_and_the_cli_start_without_torch():
+    assert not _loads_torch([f"{PACKAGE}.evaluation", f"{PACKAGE}.core.weights", f"{PACKAGE}.nn.checkpoint"])
+    code = f"import sys\nfrom {PACKAGE}.cli import build_parser\nbuild_parser()\nprint('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_the_modules_reload_list_names_real_modules():
+    """The module's developer Reload button reloads these, dependencies first."""
+    text = (ROOT / "IWSegmentation" / "IWSegmentation.py").read_text()
+    names = re.findall(r'"([a-z_.]+)"', re.search(r"LIB_MODULES = \((.*?)\)", text, re.S).group(1))
+    missing = [n for n in names if not ((LIB / n.replace(".", "/")).with_suffix(".py").is_file()
+                                        or (LIB / n.replace(".", "/") / "__init__.py").is_file())]
+    assert names and not missing, missing
