@@ -297,7 +297,7 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
 
 
 class IWSegmentationTest(ScriptedLoadableModuleTest):
-    """The real path inside Slicer: a known-answer checkpoint (IWSegmentationLib/phantom.py), a
+    """The real path inside Slicer: a known-answer checkpoint (IWSegmentationLib/testing/phantom.py), a
     phantom volume and reference, Apply in blocking mode, then segments, colours, Dice, slider, screenshots."""
 
     def setUp(self):

@@ -22,6 +22,13 @@ Everything here is plain Python (no Qt, no Slicer), so it is tested with real su
   removed after success or cancel, kept (its path in the report) after a failure.
 * :class:`DeviceProbe` asks a child interpreter which accelerators torch sees and how much
   memory is free, so the GUI process never has to import torch.
+
+Why this module is over 600 lines: :class:`BackendProcess` (the child, its reader threads, the
+process-tree kill), :class:`InferenceRun` (an ``iwseg predict`` run on top of it) and
+:class:`DeviceProbe` share the exit-code policy and the JSON-lines reading, and the module is being
+reworked for an injectable process (a ``Protocol`` the logic takes, issue 10 item 4) on another
+branch; it is split along those three classes with that change, not before, so the two edits
+do not collide.
 """
 
 from __future__ import annotations

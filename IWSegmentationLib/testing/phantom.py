@@ -153,6 +153,6 @@ def threshold_checkpoint(
         "loss": "none (hand-wired test model)",
         "size_thresholds": [float(s) for s in size_thresholds],
         "description": f"Test model, not trained: probability = sigmoid({gain:g} * (x - {level:g})) of the "
-                       "preprocessed input x. See IWSegmentationLib/phantom.py.",
+                       "preprocessed input x. See IWSegmentationLib/testing/phantom.py.",
     })
     return path
