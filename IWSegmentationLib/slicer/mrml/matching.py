@@ -186,14 +186,7 @@ def match_segmentations(
     :func:`IWSegmentationLib.evaluation.match_case`, with each detection's confidence taken from
     its segment's confidence tag (1.0 when absent).
     """
-    if volume_node is None:
-        volume_node = reference_volume_node(segmentation_node)
-    if volume_node is None:
-        raise InputError(
-            f"segmentation {segmentation_node.GetName()!r} records no reference volume; pass volume_node"
-        )
-    if reference_segmentation_node is None:
-        raise InputError("a reference segmentation is needed for the Dice table")
+    volume_node = _matching_volume(segmentation_node, reference_segmentation_node, volume_node)
     geometry = volume_geometry(volume_node)
     thresholds = _thresholds_of(segmentation_node, size_thresholds_mm)
 
@@ -202,53 +195,79 @@ def match_segmentations(
     ref_ids = list(list_segment_ids(reference_segmentation_node) if reference_segment_ids is None
                    else reference_segment_ids)
     ref_labels = labelmap_on_volume_grid(reference_segmentation_node, volume_node, ref_ids)
-
     rows = {row.segment_id: row for row in lesion_rows(segmentation_node)}
-    seg_conf = np.ones(len(seg_ids) + 1, dtype=np.float32)
-    seg_conf[0] = 0.0
-    for n, segment_id in enumerate(seg_ids, start=1):
-        if rows[segment_id]["confidence"] is not None:
-            # match_case keeps prob > 0: a confidence of exactly 0 would drop the lesion.
-            seg_conf[n] = max(float(rows[segment_id]["confidence"]), np.finfo(np.float32).tiny)
 
     # Match inside the bounding box of everything (same components, same numbers, less memory).
     box = _bounding_box((seg_labels > 0) | (ref_labels > 0))
     seg_labels, ref_labels = seg_labels[box], ref_labels[box]
     offset = np.array([sl.start for sl in box], dtype=float)
     case = match_case(
-        seg_conf[seg_labels], (ref_labels > 0).astype(np.uint8), geometry.spacing_zyx, threshold=0.0,
-        thresholds=thresholds, connectivity=connectivity, case=segmentation_node.GetName(),
+        _segment_confidences(seg_ids, rows)[seg_labels], (ref_labels > 0).astype(np.uint8), geometry.spacing_zyx,
+        threshold=0.0, thresholds=thresholds, connectivity=connectivity, case=segmentation_node.GetName(),
         pred_name=f"segmentation {segmentation_node.GetName()!r}",
         ref_name=f"reference {reference_segmentation_node.GetName()!r}", keep_labels=True,
     )
-
     ijk_to_ras = volume_ijk_to_ras(volume_node)
 
     def center(centroid_zyx) -> tuple[float, float, float]:
         return centroid_ras(ijk_to_ras, np.asarray(centroid_zyx, dtype=float) + offset)
 
-    def owner(label_map: np.ndarray, component_labels: np.ndarray, k: int) -> np.ndarray:
-        """For each component 1..k, the (largest) segment label found inside it, in one pass."""
-        out = np.zeros(k + 1, dtype=np.int64)
-        inside = component_labels > 0
-        np.maximum.at(out, component_labels[inside], label_map[inside].astype(np.int64))
-        return out
+    # the segment (1-based index into seg_ids / ref_ids) each component and reference lesion lies in
+    comp_segment = _owner(seg_labels, case.pred_labels, len(case.components) and int(case.pred_labels.max()))
+    les_segment = _owner(ref_labels, case.ref_labels, len(case.lesions) and int(case.ref_labels.max()))
+    detections = _detection_rows(case, [rows[seg_ids[comp_segment[c.id] - 1]] for c in case.components], center)
+    order = {segment_id: i for i, segment_id in enumerate(seg_ids)}
+    detections.sort(key=lambda d: (order[d.segment_id], d.component_id))
+    segment_of_component = {c.id: rows[seg_ids[comp_segment[c.id] - 1]] for c in case.components}
+    references = [
+        _reference_row(les, reference_segmentation_node, ref_ids, les_segment[les.id],
+                       segment_of_component.get(les.component) if les.component is not None else None, center)
+        for les in sorted(case.lesions, key=lambda x: (-x.voxels, x.id))
+    ]
+    return DiceMatch(detections, references, case)
 
-    comp_segment = owner(seg_labels, case.pred_labels, len(case.components) and int(case.pred_labels.max()))
-    les_segment = owner(ref_labels, case.ref_labels, len(case.lesions) and int(case.ref_labels.max()))
+
+def _matching_volume(segmentation_node, reference_segmentation_node, volume_node):
+    """The volume whose grid the matching uses: ``volume_node``, else the segmentation's reference volume."""
+    if volume_node is None:
+        volume_node = reference_volume_node(segmentation_node)
+    if volume_node is None:
+        raise InputError(
+            f"segmentation {segmentation_node.GetName()!r} records no reference volume; pass volume_node"
+        )
+    if reference_segmentation_node is None:
+        raise InputError("a reference segmentation is needed for the Dice table")
+    return volume_node
+
+
+def _segment_confidences(seg_ids: Sequence[str], rows: dict[str, LesionRow]) -> np.ndarray:
+    """Label value -> its segment's confidence (1.0 without a tag; 0 for the background)."""
+    seg_conf = np.ones(len(seg_ids) + 1, dtype=np.float32)
+    seg_conf[0] = 0.0
+    for n, segment_id in enumerate(seg_ids, start=1):
+        if rows[segment_id].confidence is not None:
+            # match_case keeps prob > 0: a confidence of exactly 0 would drop the lesion.
+            seg_conf[n] = max(float(rows[segment_id].confidence), np.finfo(np.float32).tiny)
+    return seg_conf
+
+
+def _owner(label_map: np.ndarray, component_labels: np.ndarray, k: int) -> np.ndarray:
+    """For each component 1..k, the (largest) segment label found inside it, in one pass."""
+    out = np.zeros(k + 1, dtype=np.int64)
+    inside = component_labels > 0
+    np.maximum.at(out, component_labels[inside], label_map[inside].astype(np.int64))
+    return out
+
+
+def _detection_rows(case, segment_rows: Sequence[LesionRow], center) -> list[LesionRow]:
+    """One row per predicted component (``segment_rows``: the segment row of each), TP or FP."""
     lesion_by_id = {les.id: les for les in case.lesions}
-    comp_by_id = {comp.id: comp for comp in case.components}
-    ref_names = [reference_segmentation_node.GetSegmentation().GetSegment(s).GetName() for s in ref_ids]
-
-    detections = []
-    for comp in case.components:
-        segment_id = seg_ids[comp_segment[comp.id] - 1]
-        row = rows[segment_id]
-        status = "TP" if comp.hit_dice > 0 else "FP"
+    rows = []
+    for comp, row in zip(case.components, segment_rows):
         matched = lesion_by_id.get(comp.lesion) if comp.lesion is not None else None
-        detections.append(LesionRow(
+        rows.append(LesionRow(
             row="detection",
-            segment_id=segment_id,
+            segment_id=row.segment_id,
             name=row.name,
             id=row.id,
             component_id=comp.id,
@@ -259,41 +278,38 @@ def match_segmentations(
             confidence=row.confidence,
             hit_dice=comp.hit_dice,
             dice=comp.hit_dice,
-            status=status,
+            status="TP" if comp.hit_dice > 0 else "FP",
             reference_id=comp.lesion,
             reference_diameter_mm=matched.diameter_mm if matched else None,
             center_ras=center(comp.centroid),
         ))
-    order = {segment_id: i for i, segment_id in enumerate(seg_ids)}
-    detections.sort(key=lambda d: (order[d.segment_id], d.component_id))
+    return rows
 
-    references = []
-    for les in sorted(case.lesions, key=lambda x: (-x.voxels, x.id)):
-        n = les_segment[les.id]
-        segment_id = ref_ids[n - 1] if n > 0 else None
-        comp = comp_by_id.get(les.component) if les.component is not None else None
-        status = "TP" if les.hit_dice > 0 else "FN"
-        source = f" ({ref_names[n - 1]})" if n > 0 else ""
-        references.append(LesionRow(
-            row="reference",
-            segment_id=segment_id,
-            reference_segmentation=reference_segmentation_node.GetID(),
-            name=f"Reference {les.id:02d} · {les.diameter_mm:.1f} mm · {les.size_group}{source}",
-            id=les.id,
-            reference_id=les.id,
-            voxels=les.voxels,
-            volume_mm3=les.volume_mm3,
-            diameter_mm=les.diameter_mm,
-            size_group=les.size_group,
-            hit_dice=les.hit_dice,
-            dice=les.hit_dice,
-            # hit_conf, read from the matched segment's tag (the float32 map only ranks them)
-            confidence=rows[seg_ids[comp_segment[comp.id] - 1]].confidence if comp is not None else None,
-            status=status,
-            matched_segment_id=(seg_ids[comp_segment[comp.id] - 1] if comp is not None else None),
-            center_ras=center(les.centroid),
-        ))
-    return DiceMatch(detections, references, case)
+
+def _reference_row(les, reference_node, ref_ids: Sequence[str], n: int, matched: LesionRow | None,
+                   center) -> LesionRow:
+    """The row of one reference lesion (in reference segment ``n``, 0 = none), TP or FN; ``matched``
+    is the segment row of its best-matching component."""
+    source = f" ({reference_node.GetSegmentation().GetSegment(ref_ids[n - 1]).GetName()})" if n > 0 else ""
+    return LesionRow(
+        row="reference",
+        segment_id=ref_ids[n - 1] if n > 0 else None,
+        reference_segmentation=reference_node.GetID(),
+        name=f"Reference {les.id:02d} · {les.diameter_mm:.1f} mm · {les.size_group}{source}",
+        id=les.id,
+        reference_id=les.id,
+        voxels=les.voxels,
+        volume_mm3=les.volume_mm3,
+        diameter_mm=les.diameter_mm,
+        size_group=les.size_group,
+        hit_dice=les.hit_dice,
+        dice=les.hit_dice,
+        # hit_conf, read from the matched segment's tag (the float32 map only ranks them)
+        confidence=matched.confidence if matched is not None else None,
+        status="TP" if les.hit_dice > 0 else "FN",
+        matched_segment_id=matched.segment_id if matched is not None else None,
+        center_ras=center(les.centroid),
+    )
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
