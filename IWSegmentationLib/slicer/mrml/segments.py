@@ -124,9 +124,6 @@ def lesion_segmentation(
     attribute ``IWSegmentation.LesionCount`` (0 for an empty mask: the node is still made, so
     the caller can say "no lesions found").
     """
-    slicer = _slicer()
-    from vtkmodules.util import numpy_support
-
     _check_volume_node(volume_node, "volume_node")
     _check_mask_arrays(volume_node, lesion_mask, probabilities)
     thresholds = parse_size_thresholds(size_thresholds_mm)
@@ -139,6 +136,27 @@ def lesion_segmentation(
     found = sorted(found, key=lambda les: -les.voxels)
     ijk_to_ras = volume_ijk_to_ras(volume_node)
 
+    node = _empty_segmentation(scene, volume_node, name, len(found), thresholds)
+    if not found:
+        return node
+    image = _shared_labelmap(labels, found, ijk_to_ras)
+    width = max(2, len(str(len(found))))
+    segmentation = node.GetSegmentation()
+    was_modifying = node.StartModify()
+    try:
+        for number, les in enumerate(found, start=1):
+            segmentation.AddSegment(_lesion_segment(number, les, image, ijk_to_ras, width),
+                                    f"lesion_{number:0{width}d}")
+    finally:
+        node.EndModify(was_modifying)
+    if closed_surface:
+        node.CreateClosedSurfaceRepresentation()
+    return node
+
+
+def _empty_segmentation(scene, volume_node, name: str | None, count: int, thresholds: SizeThresholds):
+    """A new segmentation node on the volume's grid (and transform), with the lesion count and size groups."""
+    slicer = _slicer()
     ensure_converter_rules()
     node = slicer.vtkMRMLSegmentationNode()
     node.SetName(name or f"{volume_node.GetName()} lesions")
@@ -147,14 +165,17 @@ def lesion_segmentation(
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     if volume_node.GetTransformNodeID():
         node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
-    node.SetAttribute(ATTR_LESION_COUNT, str(len(found)))
+    node.SetAttribute(ATTR_LESION_COUNT, str(count))
     node.SetAttribute(ATTR_SIZE_THRESHOLDS, thresholds.attribute)
-    if not found:
-        return node
+    return node
 
-    # One shared labelmap (value = lesion number) cropped to the union of the lesions' boxes.
-    k = len(found)
-    lut = np.zeros(int(labels.max()) + 1, dtype=_smallest_uint(k))
+
+def _shared_labelmap(labels: np.ndarray, found: Sequence, ijk_to_ras: np.ndarray):
+    """One labelmap for all segments (value = lesion number), cropped to the union of the lesions' boxes."""
+    slicer = _slicer()
+    from vtkmodules.util import numpy_support
+
+    lut = np.zeros(int(labels.max()) + 1, dtype=_smallest_uint(len(found)))
     for number, les in enumerate(found, start=1):
         lut[les.id] = number
     lo = np.min([les.bbox[:3] for les in found], axis=0)
@@ -164,37 +185,31 @@ def lesion_segmentation(
     image.SetExtent(int(lo[2]), int(hi[2]) - 1, int(lo[1]), int(hi[1]) - 1, int(lo[0]), int(hi[0]) - 1)
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(crop).ravel(), deep=True))
     image.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras))
+    return image
 
-    width = max(2, len(str(k)))
-    segmentation = node.GetSegmentation()
-    was_modifying = node.StartModify()
-    try:
-        for number, les in enumerate(found, start=1):
-            segment = slicer.vtkSegment()
-            segment.SetName(segment_name(number, les.diameter_mm, les.size_group, width))
-            segment.SetColor(*(c / 255.0 for c in SIZE_GROUP_COLORS[les.size_group]))
-            segment.SetLabelValue(number)
-            segment.AddRepresentation(LABELMAP, image)
-            segment.SetTerminology(LESION_TERMINOLOGY)
-            tags = {
-                "number": str(number),
-                "component": str(les.id),
-                "voxels": str(les.voxels),
-                "volume_mm3": repr(float(les.volume_mm3)),
-                "diameter_mm": repr(float(les.diameter_mm)),
-                "size_group": les.size_group,
-                "center_ras": ",".join(repr(v) for v in centroid_ras(ijk_to_ras, les.centroid)),
-            }
-            if les.confidence is not None:
-                tags["confidence"] = repr(float(les.confidence))
-            for key, value in tags.items():
-                segment.SetTag(TAGS[key], value)
-            segmentation.AddSegment(segment, f"lesion_{number:0{width}d}")
-    finally:
-        node.EndModify(was_modifying)
-    if closed_surface:
-        node.CreateClosedSurfaceRepresentation()
-    return node
+
+def _lesion_segment(number: int, les, image, ijk_to_ras: np.ndarray, width: int):
+    """The segment of lesion ``number``: name, size-group colour, terminology and the numbers as tags."""
+    segment = _slicer().vtkSegment()
+    segment.SetName(segment_name(number, les.diameter_mm, les.size_group, width))
+    segment.SetColor(*(c / 255.0 for c in SIZE_GROUP_COLORS[les.size_group]))
+    segment.SetLabelValue(number)
+    segment.AddRepresentation(LABELMAP, image)
+    segment.SetTerminology(LESION_TERMINOLOGY)
+    tags = {
+        "number": str(number),
+        "component": str(les.id),
+        "voxels": str(les.voxels),
+        "volume_mm3": repr(float(les.volume_mm3)),
+        "diameter_mm": repr(float(les.diameter_mm)),
+        "size_group": les.size_group,
+        "center_ras": ",".join(repr(v) for v in centroid_ras(ijk_to_ras, les.centroid)),
+    }
+    if les.confidence is not None:
+        tags["confidence"] = repr(float(les.confidence))
+    for key, value in tags.items():
+        segment.SetTag(TAGS[key], value)
+    return segment
 
 
 def list_segment_ids(segmentation_node) -> list[str]:
