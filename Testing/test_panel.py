@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -369,3 +372,102 @@ def test_torch_problem(version, problem):
         assert found is None
     else:
         assert problem in found
+
+
+class _FakePyTorchUtils:
+    """Stands in for the PyTorch extension's module: ``installTorch`` does what it is told."""
+
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def PyTorchUtilsLogic(self):  # noqa: N802 (the extension's name)
+        fake = self
+
+        class Logic:
+            def installTorch(self, askConfirmation, torchVersionRequirement):  # noqa: N802
+                assert askConfirmation is True and torchVersionRequirement == f">={slicer_deps.MINIMUM_TORCH}"
+                if isinstance(fake.outcome, BaseException):
+                    raise fake.outcome
+                return fake.outcome
+
+        return Logic()
+
+
+def test_a_failing_torch_install_is_a_dependency_error(monkeypatch):
+    failure = subprocess.CalledProcessError(1, ["pip", "install", "torch"])
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", _FakePyTorchUtils(failure))
+    with pytest.raises(slicer_deps.DependencyError, match="installing it through the PyTorch extension failed"):
+        slicer_deps._ensure_torch_in_slicer(fake_versions())  # torch absent
+
+
+def test_a_declined_torch_install_is_a_dependency_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", _FakePyTorchUtils(None))
+    with pytest.raises(slicer_deps.DependencyError, match="it was not installed"):
+        slicer_deps._ensure_torch_in_slicer(fake_versions())
+
+
+def test_a_usable_torch_asks_the_extension_nothing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", _FakePyTorchUtils(AssertionError("called")))
+    slicer_deps._ensure_torch_in_slicer(fake_versions(torch="2.5.1+cu121"))
+
+
+def test_the_docs_say_pip_ensure_needs_slicer_5_12():
+    """pip_ensure (and its restart prompt) came with Slicer 5.12, not 5.10."""
+    root = Path(__file__).resolve().parents[1]
+    for path in (root / "IWSegmentationLib" / "slicer_deps.py", root / "docs" / "module.md"):
+        text = path.read_text()
+        lines = [line for line in text.splitlines() if "pip_ensure" in line]
+        assert lines, f"{path.name} does not say how packages are installed"
+        assert "5.12" in text and not any("5.10" in line for line in lines), path.name
+
+
+# ---------------------------------------------------------------------------- widget state
+
+
+def test_apply_is_disabled_while_packages_install():
+    assert panel.apply_button_state(running=False, ready=True, installing=True).enabled is False
+    assert panel.apply_button_state(running=True, ready=True, installing=True).enabled is False
+    assert panel.apply_button_state(running=False, ready=True) == panel.ApplyButtonState(
+        "Apply", True, "Segment the lesions")
+    assert panel.apply_button_state(running=True, ready=False).text == "Cancel"
+    assert panel.apply_button_state(running=False, ready=False).enabled is False
+
+
+def test_the_device_line_is_probed_again_once_torch_is_installed():
+    assert panel.device_probe_is_stale({"torch": None, "cuda": [], "mps": False, "error": "No module named torch"})
+    assert not panel.device_probe_is_stale({"torch": "2.5.1", "cuda": [], "mps": False, "error": None})
+    assert not panel.device_probe_is_stale(None)  # still probing: its answer will come anyway
+
+
+class _FakeWrapper:
+    """A parameter node wrapper as Slicer builds it: a fresh wrapper around the same MRML node each time."""
+
+    def __init__(self, node, tags: bool, log: list):
+        self.parameterNode, self.tags, self.log = node, tags, log
+
+    def connectGui(self, gui):  # noqa: N802 (Slicer's name)
+        self.log.append(("connect", self.parameterNode))
+        return object() if self.tags else None  # Slicer 5.6 and 5.8 return None
+
+    def disconnectGui(self, tag):  # noqa: N802
+        assert tag is not None
+        self.log.append(("disconnect", self.parameterNode))
+
+
+@pytest.mark.parametrize("tags", [False, True], ids=["5.6-5.8 (no tag)", "5.10+ (tag)"])
+def test_the_gui_is_connected_once_per_node(tags):
+    log, node, other = [], object(), object()
+    binding = panel.GuiBinding(gui="ui")
+    for _ in range(3):  # enter, exit, enter, exit, ...: each enter wraps the node afresh
+        binding.bind(_FakeWrapper(node, tags, log))
+        binding.release()
+    binding.bind(_FakeWrapper(node, tags, log))
+    connects = [entry for entry in log if entry[0] == "connect"]
+    if tags:  # disconnect on exit, connect on enter: never two live connections
+        assert len(connects) == 4 and log.count(("disconnect", node)) == 3
+    else:  # nothing can disconnect: the one connection stays for good
+        assert connects == [("connect", node)]
+    binding.forget()  # scene closed: the next node is connected, with or without a tag
+    assert binding.bind(_FakeWrapper(other, tags, log)) is True
+    assert log[-1] == ("connect", other)
+    assert binding.bind(None) is False
