@@ -468,7 +468,7 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
     def test_LeavingAndReentering(self):
         self.delayDisplay("Leaving the module keeps the parameter node; re-entering keeps the choices")
         widget = self._widget()
-        widget.ui.deviceComboBox.currentText = "CPU"
+        widget.ui.deviceComboBox.setCurrentIndex(widget.ui.deviceComboBox.findText("CPU"))
         node = widget._parameterNode.parameterNode
         for _ in range(2):
             slicer.util.selectModule("Data")  # exit(): the node stays, for a run finishing meanwhile

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -415,59 +416,7 @@ def test_the_docs_say_pip_ensure_needs_slicer_5_12():
     """pip_ensure (and its restart prompt) came with Slicer 5.12, not 5.10."""
     root = Path(__file__).resolve().parents[1]
     for path in (root / "IWSegmentationLib" / "slicer_deps.py", root / "docs" / "module.md"):
-        text = path.read_text()
-        lines = [line for line in text.splitlines() if "pip_ensure" in line]
-        assert lines, f"{path.name} does not say how packages are installed"
-        assert "5.12" in text and not any("5.10" in line for line in lines), path.name
-
-
-# ---------------------------------------------------------------------------- widget state
-
-
-def test_apply_is_disabled_while_packages_install():
-    assert panel.apply_button_state(running=False, ready=True, installing=True).enabled is False
-    assert panel.apply_button_state(running=True, ready=True, installing=True).enabled is False
-    assert panel.apply_button_state(running=False, ready=True) == panel.ApplyButtonState(
-        "Apply", True, "Segment the lesions")
-    assert panel.apply_button_state(running=True, ready=False).text == "Cancel"
-    assert panel.apply_button_state(running=False, ready=False).enabled is False
-
-
-def test_the_device_line_is_probed_again_once_torch_is_installed():
-    assert panel.device_probe_is_stale({"torch": None, "cuda": [], "mps": False, "error": "No module named torch"})
-    assert not panel.device_probe_is_stale({"torch": "2.5.1", "cuda": [], "mps": False, "error": None})
-    assert not panel.device_probe_is_stale(None)  # still probing: its answer will come anyway
-
-
-class _FakeWrapper:
-    """A parameter node wrapper as Slicer builds it: a fresh wrapper around the same MRML node each time."""
-
-    def __init__(self, node, tags: bool, log: list):
-        self.parameterNode, self.tags, self.log = node, tags, log
-
-    def connectGui(self, gui):  # noqa: N802 (Slicer's name)
-        self.log.append(("connect", self.parameterNode))
-        return object() if self.tags else None  # Slicer 5.6 and 5.8 return None
-
-    def disconnectGui(self, tag):  # noqa: N802
-        assert tag is not None
-        self.log.append(("disconnect", self.parameterNode))
-
-
-@pytest.mark.parametrize("tags", [False, True], ids=["5.6-5.8 (no tag)", "5.10+ (tag)"])
-def test_the_gui_is_connected_once_per_node(tags):
-    log, node, other = [], object(), object()
-    binding = panel.GuiBinding(gui="ui")
-    for _ in range(3):  # enter, exit, enter, exit, ...: each enter wraps the node afresh
-        binding.bind(_FakeWrapper(node, tags, log))
-        binding.release()
-    binding.bind(_FakeWrapper(node, tags, log))
-    connects = [entry for entry in log if entry[0] == "connect"]
-    if tags:  # disconnect on exit, connect on enter: never two live connections
-        assert len(connects) == 4 and log.count(("disconnect", node)) == 3
-    else:  # nothing can disconnect: the one connection stays for good
-        assert connects == [("connect", node)]
-    binding.forget()  # scene closed: the next node is connected, with or without a tag
-    assert binding.bind(_FakeWrapper(other, tags, log)) is True
-    assert log[-1] == ("connect", other)
-    assert binding.bind(None) is False
+        text = " ".join(path.read_text().split())
+        assert not re.search(r"(>=|≥|newer than|from)\s*(Slicer\s*)?5\.10", text), path.name
+        spans = [text[max(m.start() - 150, 0):m.end() + 150] for m in re.finditer("pip_ensure", text)]
+        assert any("5.12" in span for span in spans), path.name  # said where it is explained
