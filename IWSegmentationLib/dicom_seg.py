@@ -171,8 +171,8 @@ def lesion_segment_descriptions(lesions: Sequence[Mapping[str, Any]]) -> list[An
     """One highdicom ``SegmentDescription`` per lesion row, segment numbers ``1..len(lesions)``.
 
     A row is a lesion-table row, as :func:`IWSegmentationLib.mrml.lesion_rows` or the lesion JSON of
-    ``iwseg predict`` makes them: ``id``, ``diameter_mm``, ``size_group`` and optionally
-    ``volume_mm3``, ``confidence``.
+    ``iwseg predict`` makes them: ``id``, ``diameter_mm``, ``size_group`` and optionally ``name``
+    (the segment label), ``volume_mm3``, ``confidence``.
     """
     hd = _highdicom()
     from pydicom.sr.codedict import codes
@@ -187,7 +187,8 @@ def lesion_segment_descriptions(lesions: Sequence[Mapping[str, Any]]) -> list[An
     for number, lesion in enumerate(lesions, start=1):
         group = str(lesion.get("size_group") or "unknown")
         diameter = float(lesion.get("diameter_mm") or 0.0)
-        label = _ascii(segment_name(int(lesion.get("id") or number), diameter, group, width))
+        # the Slicer segment's name when the row has one (mrml.lesion_rows), else the same form
+        label = _ascii(lesion.get("name") or segment_name(int(lesion.get("id") or number), diameter, group, width))
         extra = {}
         if group in SIZE_GROUP_COLORS and hasattr(getattr(hd, "color", None), "CIELabColor"):  # highdicom >= 0.23
             extra["display_color"] = hd.color.CIELabColor.from_rgb(*SIZE_GROUP_COLORS[group])

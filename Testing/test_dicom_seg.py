@@ -28,7 +28,7 @@ import pytest
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("highdicom")
 
-from _dicom import write_ct_series  # noqa: E402
+from _dicom import segments_from_seg, write_ct_series  # noqa: E402
 from _subprocess import run_in_group  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
@@ -100,18 +100,12 @@ def test_predict_dicom_seg_frames_land_on_their_source_slices(tmp_path, series, 
     # every frame: its source image (by UID) is at the frame's position, and holds that slice
     n = len(seg.SegmentSequence)
     assert n == len(report["lesions"]) == 3
-    rebuilt = np.zeros((n + 1, *case.reference.shape), bool)
-    pixels = seg.pixel_array.reshape(-1, *case.reference.shape[1:])
-    assert len(pixels) == seg.NumberOfFrames == len(seg.PerFrameFunctionalGroupsSequence)
-    for frame, groups in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
+    rebuilt = segments_from_seg(seg, files, case.reference.shape)
+    for groups in seg.PerFrameFunctionalGroupsSequence:  # and on the grid: slice k of the volume
         (source_item,) = groups.DerivationImageSequence[0].SourceImageSequence
-        k = slice_of[source_item.ReferencedSOPInstanceUID]
         position = [float(v) for v in groups.PlanePositionSequence[0].ImagePositionPatient]
-        np.testing.assert_allclose(position, [float(v) for v in sources[k].ImagePositionPatient], atol=1e-4)
-        np.testing.assert_allclose(position, geometry.index_to_physical((k, 0, 0)), atol=1e-4)
-        number = groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber
-        assert frame.any()  # empty frames are omitted
-        rebuilt[number, k] |= frame.astype(bool)
+        np.testing.assert_allclose(position, geometry.index_to_physical((slice_of[source_item.ReferencedSOPInstanceUID], 0, 0)),
+                                   atol=1e-4)
 
     # each segment is one connected lesion of the mask (independent labelling), voxel for voxel
     components, k_found = ndimage.label(case.reference, structure=np.ones((3, 3, 3)))
