@@ -1,6 +1,6 @@
 """Results out of Slicer: the lesion table as CSV and the lesion segments as a DICOM SEG.
 
-The module's *Export* button is a file dialog and one call to :func:`export_results`; everything
+The module's *Export* button is a file dialog and one call to :func:`export_in_slicer`; everything
 else is here, without Qt, and runs under the ``slicer-core`` wheel in the tests.
 
 * :func:`write_lesion_csv` writes the lesion table rows that :func:`IWSegmentationLib.mrml.lesion_rows`
@@ -143,3 +143,17 @@ def export_results(results, path: str | os.PathLike, source_files: Sequence[str 
         labels = mrml.labelmap_on_volume_grid(results.segmentation, volume, [r["segment_id"] for r in segments])
         result.dicom_seg = dicom_seg.write_lesion_seg(base.parent / f"{base.name}.dcm", labels, segments, source)
     return result
+
+
+def export_in_slicer(results, path: str | os.PathLike, database) -> ExportResult:
+    """The module's Export button: :func:`export_results` with the input volume's files from Slicer's
+    DICOM database (``slicer.dicomDatabase``), installing highdicom on first use (Slicer's own
+    pydicom, numpy and SimpleITK are pinned, never replaced; see :mod:`IWSegmentationLib.slicer_deps`)."""
+    from . import dicom_seg, mrml, slicer_deps
+
+    volume = mrml.reference_volume_node(results.segmentation)
+    sources = instance_files(volume, database) if volume is not None else []
+    if sources:
+        slicer_deps.ensure_in_slicer(requirements=(dicom_seg.HIGHDICOM_REQUIREMENT,), torch=False,
+                                     protected=(*slicer_deps.PROTECTED_PACKAGES, "pydicom"))
+    return export_results(results, path, sources)

@@ -111,15 +111,14 @@ def test_export_writes_csv_and_a_seg_on_the_source_slices(scene, tmp_path):
 
     # not from DICOM: only the CSV, and the result says why
     (tmp_path / "out").mkdir()
-    alone = export.export_results(results, tmp_path / "out" / "lesions")
+    alone = export.export_in_slicer(results, tmp_path / "out" / "lesions", _Database(files))
     assert alone.dicom_seg is None and "not loaded from DICOM" in alone.message
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lesions.csv"]
 
     # from DICOM: the volume's instance UIDs, looked up in the database, are the SEG's sources
     volume.SetAttribute(export.DICOM_INSTANCE_UIDS_ATTRIBUTE, " ".join(
         pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files))
-    sources = export.instance_files(volume, _Database(files))
-    done = export.export_results(results, tmp_path / "out" / "lesions.dcm", sources)
+    done = export.export_in_slicer(results, tmp_path / "out" / "lesions.dcm", _Database(files))  # the button's call
     assert done.dicom_seg == tmp_path / "out" / "lesions.dcm" and done.csv == tmp_path / "out" / "lesions.csv"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lesions.csv", "lesions.dcm"]
     seg = pydicom.dcmread(done.dicom_seg)
