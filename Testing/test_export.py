@@ -136,3 +136,30 @@ def test_export_writes_csv_and_a_seg_on_the_source_slices(scene, tmp_path):
     # a database that lost a file is an error naming the volume
     with pytest.raises(InputError, match="no file for 1 instance.*'CT'"):
         export.instance_files(volume, _Database(files[1:]))
+
+
+@needs_slicer
+def test_saved_segmentation_keeps_the_lesion_table(scene, tmp_path):
+    # docs/module.md says Save Data keeps the table: the .seg.nrrd Slicer writes holds the segment tags
+    import slicer
+
+    g = imageio.Geometry.identity((10, 12, 14), (2.0, 1.0, 0.5))
+    mask = np.zeros(g.shape_zyx, np.uint8)
+    mask[2:4, 2:5, 3:9] = 1
+    mask[7, 9, 11] = 1
+    volume = mrml.add_volume_from_array(scene, mask, g, "v")
+    segmentation = mrml.lesion_segmentation(scene, volume, mask, probabilities=mask * np.float32(0.7),
+                                            closed_surface=False)
+    path = str(tmp_path / "lesions.seg.nrrd")
+    writer = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(writer)
+    writer.SetFileName(path)
+    assert writer.WriteData(segmentation)
+    loaded = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(loaded)
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(reader)
+    reader.SetFileName(path)
+    assert reader.ReadData(loaded)
+    assert export.lesion_csv_rows(mrml.lesion_rows(loaded)) == export.lesion_csv_rows(mrml.lesion_rows(segmentation))
+    assert [r["voxels"] for r in mrml.lesion_rows(loaded)] == [36, 1]
