@@ -182,3 +182,36 @@ def test_terminology_codes_are_the_slicer_segments():
         ("SCT", "49755003", "Morphologically Altered Structure"), ("SCT", "52988006", "Lesion"))
     with pytest.raises(InputError):
         dicom_seg.terminology_codes("no codes here")
+
+
+def test_cohort_of_series_gets_one_seg_per_case_and_no_lesions_no_seg(tmp_path, series, checkpoint, capsys):
+    case, geometry, _, _ = series
+    cohort = tmp_path / "cohort"
+    files = {name: write_ct_series(cohort / name, case.image.astype(np.int16), geometry, seed=i)
+             for i, name in enumerate(("a", "b"))}
+    masks, segs = tmp_path / "masks", tmp_path / "segs"
+    masks.mkdir()
+    segs.mkdir()
+    code = main(["predict", "--model", str(checkpoint), "--input", str(cohort), "--output", str(masks),
+                 "--dicom-seg", str(segs), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in segs.iterdir()) == ["a.dcm", "b.dcm"]
+    for name, paths in files.items():  # each SEG references its own series, and holds the 3 lesions
+        seg = pydicom.dcmread(segs / f"{name}.dcm")
+        own = pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == own
+        assert len(seg.SegmentSequence) == 3
+    capsys.readouterr()
+
+    # threshold above the model's top probability sigmoid(20 * 0.5) = 0.99995: no lesion, so no SEG
+    # (a SEG needs a segment), a warning saying so, and the mask still written
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    code = main(["predict", "--model", str(checkpoint), "--input", str(cohort / "a"), "--output",
+                 str(alone / "mask.nrrd"), "--dicom-seg", str(alone / "seg.dcm"), "--threshold", "0.99999",
+                 "--device", "cpu", "--progress-format", "jsonl"])
+    out = capsys.readouterr().out
+    assert code == 0
+    warnings = [json.loads(line)["message"] for line in out.splitlines() if '"warning"' in line]
+    assert any("no lesions found: no DICOM SEG written" in w for w in warnings), warnings
+    assert sorted(p.name for p in alone.iterdir()) == ["mask.nrrd"]
