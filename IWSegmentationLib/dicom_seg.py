@@ -52,7 +52,8 @@ POSITION_TOLERANCE_VOXELS = 0.01
 ORIENTATION_TOLERANCE = 1e-3
 
 
-def _highdicom():
+def require_highdicom():
+    """The ``highdicom`` module, or an error that says how to install it."""
     try:
         import highdicom
     except ImportError:
@@ -174,7 +175,7 @@ def lesion_segment_descriptions(lesions: Sequence[Mapping[str, Any]]) -> list[An
     ``iwseg predict`` makes them: ``id``, ``diameter_mm``, ``size_group`` and optionally ``name``
     (the segment label), ``volume_mm3``, ``confidence``.
     """
-    hd = _highdicom()
+    hd = require_highdicom()
     from pydicom.sr.codedict import codes
 
     (c_scheme, c_value, c_meaning), (t_scheme, t_value, t_meaning) = terminology_codes()
@@ -209,7 +210,7 @@ def lesion_seg(labels: np.ndarray, lesions: Sequence[Mapping[str, Any]], source:
     ``labels``: ``[z, y, x]`` integers on the source grid, 0 background and ``n`` the voxels of
     ``lesions[n - 1]``; ``source``: the source images in slice order (:func:`order_by_slice`).
     """
-    hd = _highdicom()
+    hd = require_highdicom()
     labels = np.asarray(labels)
     if labels.ndim != 3 or labels.dtype.kind not in "iub":
         raise InputError(f"lesion labels must be a 3D integer array [z, y, x], got {labels.dtype} {labels.shape}")

@@ -215,3 +215,17 @@ def test_cohort_of_series_gets_one_seg_per_case_and_no_lesions_no_seg(tmp_path, 
     warnings = [json.loads(line)["message"] for line in out.splitlines() if '"warning"' in line]
     assert any("no lesions found: no DICOM SEG written" in w for w in warnings), warnings
     assert sorted(p.name for p in alone.iterdir()) == ["mask.nrrd"]
+
+
+def test_without_highdicom_predict_says_how_to_install_it_before_inference(tmp_path, series, checkpoint):
+    _, _, folder, _ = series
+    code = ("import sys; sys.modules['highdicom'] = None; from IWSegmentationLib.cli import main; "
+            f"sys.exit(main(['predict', '--model', {str(checkpoint)!r}, '--input', {str(folder)!r}, "
+            f"'--output', {str(tmp_path / 'm.nrrd')!r}, '--dicom-seg', {str(tmp_path / 's.dcm')!r}, "
+            "'--device', 'cpu', '--progress-format', 'jsonl']))")
+    proc = run_in_group([sys.executable, "-c", code], timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "needs highdicom: pip install 'highdicom>=0.22'" in proc.stderr
+    stages = [json.loads(line)["stage"] for line in proc.stdout.splitlines() if line.strip()]
+    assert stages == ["error"]  # refused before the checkpoint was even loaded
+    assert list(tmp_path.iterdir()) == []

@@ -284,6 +284,7 @@ def attach_dicom_seg(cases: list[Case], args: argparse.Namespace) -> None:
     """Set where each case's DICOM SEG goes (``--dicom-seg``): the given file for one series, else
     ``<folder>/<case>.dcm``. Every case must be a DICOM series (the SEG references its images), and
     the SEG must not land inside a source series folder (it would become a second series there)."""
+    _dicom_seg().require_highdicom()  # before any inference
     not_dicom = [c.image for c in cases if not c.image.is_dir()]
     if not_dicom:
         raise InputError(f"--dicom-seg needs DICOM series as --input (a DICOM SEG references the source images); "
