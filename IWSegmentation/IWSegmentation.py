@@ -132,6 +132,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.connect("timeout()", self.onPoll)
         self.startDeviceProbe()
         self.initializeParameterNode()
+        self.setupExport()
 
     def cleanup(self):
         """Slicer closes: no backend, no probe, no copy of the patient's volume is left behind."""
@@ -313,6 +314,25 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onLesionClicked(self, row, column):
         if 0 <= row < len(self._rows):
             self.logic.centerOnLesion(self._rows[row])
+
+    # ---- Export: the lesion table as CSV and, for a DICOM volume, the lesions as DICOM SEG (IWSegmentationLib.export)
+
+    def setupExport(self):
+        self.exportButton = qt.QPushButton("Export lesions (CSV + DICOM SEG)…")
+        self.exportButton.toolTip = "The lesion table as CSV and, for a volume loaded from DICOM, the lesions as DICOM SEG"
+        self.ui.resultsCollapsibleButton.layout().addWidget(self.exportButton)
+        self.exportButton.connect("clicked(bool)", self.onExportButton)
+
+    def onExportButton(self):
+        from IWSegmentationLib import export
+
+        results = self.logic.results
+        path = results and qt.QFileDialog.getSaveFileName(
+            self.parent, "Export lesions (.csv, .dcm)", results.segmentation.GetName(), "Lesion table (*.csv)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+                database = getattr(slicer, "dicomDatabase", None)
+                self.ui.statusLabel.text = export.export_in_slicer(results, path, database).message
 
 
 class IWSegmentationLogic(ScriptedLoadableModuleLogic):

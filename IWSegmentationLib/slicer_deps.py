@@ -163,17 +163,21 @@ def _ensure_torch_in_slicer(version_of: VersionLookup = installed_version) -> No
         raise DependencyError(f"{problem} after installation. Use the PyTorch Utils module to fix it.")
 
 
-def ensure_in_slicer(requester: str = "IWSegmentation") -> None:
-    """Make the backend's dependencies available in Slicer's Python, asking the user first.
+def ensure_in_slicer(requester: str = "IWSegmentation", requirements: Sequence[str] = BACKEND_REQUIREMENTS, *,
+                     torch: bool = True, protected: Sequence[str] = PROTECTED_PACKAGES) -> None:
+    """Make the backend's dependencies (or other ``requirements``) available in Slicer's Python,
+    asking the user first; ``torch=False`` skips the PyTorch check (the Export needs no torch),
+    ``protected`` are pinned to their installed versions (e.g. Slicer's own pydicom for highdicom).
 
     Raises :class:`DependencyError` with a clear message when the user declines or pip fails;
     does nothing when everything is already installed (the common case, and fast).
     """
-    _ensure_torch_in_slicer()
-    missing = missing_requirements()
+    if torch:
+        _ensure_torch_in_slicer()
+    missing = missing_requirements(requirements)
     if not missing:
         return
-    constraints = write_constraints()
+    constraints = write_constraints(protected=protected)
     try:
         try:
             from slicer import packaging as slicer_packaging  # pip_ensure: Slicer >= 5.12
@@ -195,7 +199,7 @@ def ensure_in_slicer(requester: str = "IWSegmentation") -> None:
         ) from None
     finally:
         constraints.unlink(missing_ok=True)
-    still = missing_requirements()
+    still = missing_requirements(requirements)
     if still:
         raise DependencyError(f"these packages are still missing after installation: {', '.join(still)}")
 

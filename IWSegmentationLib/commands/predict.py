@@ -59,6 +59,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--probabilities-uint8", action="store_true",
                    help="write probabilities as uint8 round(255 p) instead of float32 (4x smaller)")
     p.add_argument("--lesions", type=Path, metavar="JSON|DIR", help="also write the lesion table as JSON (or folder)")
+    p.add_argument("--dicom-seg", type=Path, metavar="DCM|DIR",
+                   help="DICOM series input: also write the lesions as a DICOM SEG referencing the series, one "
+                        "segment per lesion (or a folder: <case>.dcm); needs highdicom")
     p.add_argument("--organ-mask", type=Path, metavar="MASK|DIR",
                    help="organ mask the checkpoint's preprocessing uses (e.g. lungs for ct-lung), or a folder "
                         "of them named like the cases; also limits the windows that run")
@@ -148,6 +151,7 @@ class Case:
     probabilities: Path | None = None
     lesions: Path | None = None
     organ_mask: Path | None = None
+    dicom_seg: Path | None = None
 
 
 def _image_suffix(path: Path) -> str:
@@ -270,6 +274,39 @@ def collect_cases(args: argparse.Namespace) -> list[Case]:
     return cases
 
 
+def _dicom_seg():
+    from .. import dicom_seg
+
+    return dicom_seg
+
+
+def attach_dicom_seg(cases: list[Case], args: argparse.Namespace) -> None:
+    """Set where each case's DICOM SEG goes (``--dicom-seg``): the given file for one series, else
+    ``<folder>/<case>.dcm``. Every case must be a DICOM series (the SEG references its images), and
+    the SEG must not land inside a source series folder (it would become a second series there)."""
+    _dicom_seg().require_highdicom()  # before any inference
+    not_dicom = [c.image for c in cases if not c.image.is_dir()]
+    if not_dicom:
+        raise InputError(f"--dicom-seg needs DICOM series as --input (a DICOM SEG references the source images); "
+                         f"{not_dicom[0]} is an image file, not a DICOM series folder")
+    single = len(cases) == 1 and cases[0].image == args.input
+    if single:
+        _check_output_file("--dicom-seg", args.dicom_seg, image=False)
+        others = {p.resolve() for p in (cases[0].mask, cases[0].probabilities, cases[0].lesions) if p is not None}
+        if args.dicom_seg.resolve() in others:
+            raise InputError("--dicom-seg must be a different file from --output, --probabilities and --lesions")
+        cases[0].dicom_seg = args.dicom_seg
+    else:
+        _check_output_folder("--dicom-seg", args.dicom_seg)
+        for case in cases:
+            case.dicom_seg = args.dicom_seg / f"{case.name}.dcm"
+    series_folders = {c.image.resolve() for c in cases}
+    for case in cases:
+        if case.dicom_seg.resolve().parent in series_folders:
+            raise InputError(f"--dicom-seg {case.dicom_seg} is inside a source DICOM series folder; write it "
+                             "elsewhere (a second series there would make the folder unreadable as one series)")
+
+
 def _size_thresholds(args: argparse.Namespace, card: dict) -> SizeThresholds:
     """The command line's size groups, else the checkpoint's (list, dict or preset name), else lung."""
     if args.size_preset is not None or args.size_thresholds is not None:
@@ -390,6 +427,8 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
         torch.set_num_threads(args.threads)
     parse_shard(args.shard)  # a bad --shard is an error even for a single input (where it does nothing)
     cases = collect_cases(args)
+    if args.dicom_seg is not None:
+        attach_dicom_seg(cases, args)
     device = resolve_device(_device_name(args.device))
     precision = resolve_precision(args.precision, device)
     reporter.emit("start", version=__version__, cases=len(cases), device=str(device), precision=precision,
@@ -428,6 +467,9 @@ def _predict_case(case: Case, model, card: dict, args, device, precision, thresh
     t0 = time.monotonic()
     reporter.emit("load", case=case.name, message=f"reading {case.image}")
     image, geometry = read_image(case.image, what="image")
+    # the SEG's source images are read (and matched to the grid) before inference, so a series
+    # that cannot be referenced fails in seconds, not after the network has run
+    dicom_source = None if case.dicom_seg is None else _dicom_seg().source_series(case.image, geometry)
     organ = None
     if case.organ_mask is not None:
         organ, organ_geometry = read_image(case.organ_mask, what="organ mask")
@@ -449,14 +491,14 @@ def _predict_case(case: Case, model, card: dict, args, device, precision, thresh
     reporter.emit("postprocess", case=case.name)
     # the lesion count goes into the progress protocol, so lesions are analysed even without --lesions
     report, n_lesions = lesion_report(case, prediction, geometry, thresholds, args.connectivity)
-    outputs = _write_outputs(case, prediction, geometry, report, args, reporter, state)
+    outputs = _write_outputs(case, prediction, geometry, report, args, reporter, state, dicom_source)
     reporter.emit("case_done", case=case.name, outputs=outputs, lesions=n_lesions,
                   windows=prediction.stats.windows_run, windows_total=prediction.stats.windows_total,
                   engine=prediction.stats.engine, seconds=round(time.monotonic() - t0, 2))
 
 
 def _write_outputs(case: Case, prediction, geometry: Geometry, report: dict, args, reporter,
-                   state: CancelState) -> dict[str, str]:
+                   state: CancelState, dicom_source=None) -> dict[str, str]:
     """Write every output of a case to temporary names, then rename them all (signals deferred
     during the renames), so a case's outputs appear together or not at all."""
     outputs: dict[str, str] = {}
@@ -478,6 +520,18 @@ def _write_outputs(case: Case, prediction, geometry: Geometry, report: dict, arg
             reporter.emit("write", case=case.name, path=str(case.lesions))
             tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
             outputs["lesions"] = str(case.lesions)
+        if case.dicom_seg is not None and not report["lesions"]:
+            reporter.emit("warning", case=case.name, message=f"no lesions found: no DICOM SEG written to {case.dicom_seg}"
+                                                             " (a DICOM SEG needs at least one segment)")
+        elif case.dicom_seg is not None:
+            tmp = stack.enter_context(atomic_output(case.dicom_seg))
+            reporter.emit("write", case=case.name, path=str(case.dicom_seg))
+            # label_components numbers the components as the lesion JSON does: segment n = JSON lesion id n
+            from ..lesions import label_components
+
+            labels, _ = label_components(prediction.mask, args.connectivity)
+            _dicom_seg().write_lesion_seg(tmp, labels, report["lesions"], dicom_source)
+            outputs["dicom_seg"] = str(case.dicom_seg)
         with state.deferred():
             stack.close()
     return outputs
