@@ -467,6 +467,8 @@ def load_checkpoint(
 def check_finite_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
     """Refuse weights holding NaN or inf (a diverged or damaged run): such a network predicts
     NaN, which thresholds to "no lesions" without any other sign. Names the first tensors."""
+    import torch
+
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise CheckpointError(

@@ -511,7 +511,7 @@ def check_not_overwriting(outputs: Mapping[str, str | os.PathLike | None],
                 continue
             for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
                 if same(out, Path(p)):
-                    raise InputError(f"{flag} {out} is the {in_flag} input {p}; refusing to overwrite an input")
+                    raise InputError(f"{flag} {out} is the same file as {in_flag} {p}; refusing to overwrite the input")
 
 
 @contextlib.contextmanager
