@@ -34,7 +34,6 @@ from IWSegmentationLib.errors import CheckpointError, InputError
 from IWSegmentationLib.imageio import Geometry, read_image, write_image
 from IWSegmentationLib.phantom import phantom_case, threshold_checkpoint, threshold_model
 from IWSegmentationLib.preprocessing import get_preset
-from IWSegmentationLib.synth import check_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -293,11 +292,12 @@ def test_truncated_nifti_is_refused(tmp_path, suffix, dtype):
         read_image(cut)
 
 
-def test_predict_on_a_truncated_nifti_exits_2(tmp_path, model, phantom):
+def test_predict_on_a_truncated_nifti_exits_2(tmp_path, model, phantom, capsys):
     cut = tmp_path / "cut.nii.gz"
     cut.write_bytes(phantom.read_bytes()[: phantom.stat().st_size // 2])
     code = main(predict_args(model, cut, tmp_path / "m.nii.gz"))
     assert code == 2 and not (tmp_path / "m.nii.gz").exists()
+    assert f"image {cut} is truncated" in capsys.readouterr().err
 
 
 def test_gzip_nifti_with_several_members_is_not_called_truncated(tmp_path):
@@ -478,6 +478,8 @@ def test_threads_beyond_the_cpus_is_a_clear_error(tmp_path, model, phantom):
 def test_synth_size_beyond_memory_is_a_clear_error(tmp_path):
     proc = iwseg("synth", "--out", tmp_path / "d", "--size", "100000", "100000", "100000")
     one_line_error(proc, 2, "size 100000 x 100000 x 100000 needs about", "GiB")
+    from IWSegmentationLib.synth import check_memory
+
     # by hand: 64*128*128 voxels * 40 bytes = 41,943,040 bytes = 0.039 GiB
     check_memory((64, 128, 128), available=41_943_040)
     with pytest.raises(InputError, match="0.0391 GiB"):
