@@ -148,9 +148,9 @@ def test_checkpoint_on_a_full_disk_is_an_output_error(tmp_path):
 
 
 @contextlib.contextmanager
-def tiny_tmpfs(folder: Path, size: str = "1m"):
+def tiny_tmpfs(folder: Path, size: str = "1m", options: str = ""):
     folder.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(folder)],
                                            capture_output=True).returncode != 0:
         pytest.skip("mounting a tmpfs needs root (the RLIMIT_FSIZE tests cover the same path)")
     try:
@@ -169,6 +169,14 @@ def test_real_full_tmpfs_predict_exits_4(tmp_path, model, phantom):
         proc = iwseg(*predict_args(model, phantom, mask, "--probabilities", small / "p.nii.gz"))
         one_line_error(proc, 4, "cannot write")
         assert sorted(p.name for p in small.iterdir()) == ["filler"]
+
+
+def test_read_only_output_folder_is_refused_before_inference(tmp_path, model, phantom):
+    with tiny_tmpfs(tmp_path / "ro", options=",ro") as ro:
+        proc = iwseg(*predict_args(model, phantom, ro / "mask.nii.gz"), "--progress-format", "jsonl")
+    one_line_error(proc, 4, "cannot write in", "Read-only file system")
+    stages = [json.loads(line)["stage"] for line in proc.stdout.splitlines()]
+    assert "inference" not in stages and stages[-1] == "error", stages  # no work before the refusal
 
 
 # --------------------------------------------------------------------------- permissions (11.2)
