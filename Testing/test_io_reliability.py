@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import locale
 import os
 import resource
 import signal
@@ -329,7 +330,18 @@ def test_fifo_input_is_refused_not_waited_on(tmp_path, model):
 
 
 def write_dicom_series(folder: Path, volume: np.ndarray, spacing_xyz=(0.8, 0.8, 2.5), skip=()) -> Path:
-    """One CT slice per file with the tags GDCM sorts by (positions along z)."""
+    """One CT slice per file with the tags GDCM sorts by (positions along z).
+
+    GDCM's writer sets the process locale to "C" and leaves it so (subprocess output of later
+    tests would then decode as ASCII): the locale is restored afterwards."""
+    saved = locale.setlocale(locale.LC_ALL, None)
+    try:
+        return _write_dicom_series(folder, volume, spacing_xyz, skip)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(folder: Path, volume: np.ndarray, spacing_xyz, skip) -> Path:
     folder.mkdir()
     image = sitk.GetImageFromArray(volume)
     image.SetSpacing(spacing_xyz)
