@@ -50,8 +50,11 @@ class CheckpointError(InputError):
     """A checkpoint is missing, corrupt, unsafe or of an incompatible format."""
 
 
-class OutputError(IWSegError):
-    """An output file could not be written (disk full, read-only, no permission). Exit code 4."""
+class OutputError(IWSegError, OSError):
+    """An output file could not be written (disk full, read-only, no permission). Exit code 4.
+
+    Also an :class:`OSError`, which it replaces (with a message naming the file), so code that
+    guards a write with ``except OSError`` keeps working."""
 
     exit_code = EXIT_OUTPUT
 
