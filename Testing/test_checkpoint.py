@@ -31,7 +31,7 @@ from IWSegmentationLib.checkpoint import (
     save_training_state,
     weights_sha256,
 )
-from IWSegmentationLib.errors import CheckpointError, InputError
+from IWSegmentationLib.errors import CheckpointError, InputError, OutputError
 from IWSegmentationLib.lesions import SIZE_PRESETS
 from IWSegmentationLib.models import SMALL_CONFIG, TINY_CONFIG, build_model
 from IWSegmentationLib.preprocessing import get_preset
@@ -319,7 +319,7 @@ def test_failed_save_keeps_previous_checkpoint(saved, monkeypatch):
     import safetensors.torch
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OutputError, match="No space"):
         save_checkpoint(path, _trained_tiny(5), _metadata())
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]

@@ -28,7 +28,21 @@ import numpy as np
 
 from .. import __version__
 from ..errors import EXIT_FAILURE, Cancelled, InputError, IWSegError
-from ..imageio import IMAGE_SUFFIXES, Geometry, atomic_output, case_name, list_images, read_image, write_image
+from ..imageio import (
+    IMAGE_SUFFIXES,
+    Geometry,
+    atomic_output,
+    case_name,
+    check_not_overwriting,
+    check_output_format,
+    check_writable,
+    folder_lock,
+    list_images,
+    output_suffix,
+    probabilities_to_uint8,
+    read_image,
+    write_image,
+)
 from ..lesions import CONNECTIVITIES, SIZE_PRESETS, SizeThresholds, analyze_lesions, size_thresholds
 from ..progress import ProgressReporter
 
@@ -188,6 +202,8 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 def _check_output_file(flag: str, path: Path, *, image: bool) -> None:
     if image and not _image_suffix(path):
         raise InputError(f"{flag} {path}: use an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
+    if image:
+        check_output_format(path, flag)
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; with a single input give a file name")
     if not path.parent.is_dir():
@@ -233,15 +249,10 @@ def collect_cases(args: argparse.Namespace) -> list[Case]:
             _check_output_file("--probabilities", args.probabilities, image=True)
         if args.lesions is not None:
             _check_output_file("--lesions", args.lesions, image=False)
-        outs = [p.resolve() for p in (args.output, args.probabilities, args.lesions) if p is not None]
-        if len(set(outs)) != len(outs):
-            raise InputError("--output, --probabilities and --lesions must be different files")
-        if path.resolve() in outs:
-            raise InputError(f"an output path is the input image {path}; refusing to overwrite the input")
         organ = args.organ_mask
         if organ is not None and not organ.exists():
             raise InputError(f"--organ-mask not found: {organ}")
-        return [Case(name, path, args.output, args.probabilities, args.lesions, organ)]
+        return _checked([Case(name, path, args.output, args.probabilities, args.lesions, organ)], args)
 
     _check_output_folder("--output", args.output)
     folders = [args.output.resolve()]
@@ -260,7 +271,7 @@ def collect_cases(args: argparse.Namespace) -> list[Case]:
     cases = []
     for name in sorted(inputs)[i::n]:
         path = inputs[name]
-        suffix = _image_suffix(path) or ".nii.gz"
+        suffix = output_suffix(path)
         cases.append(Case(
             name, path, args.output / f"{name}{suffix}",
             args.probabilities / f"{name}{suffix}" if args.probabilities is not None else None,
@@ -271,6 +282,20 @@ def collect_cases(args: argparse.Namespace) -> list[Case]:
         missing = [c.name for c in cases if c.organ_mask is None]
         if missing:
             raise InputError(f"--organ-mask folder {args.organ_mask} has no mask for case(s) {', '.join(missing)}")
+    return _checked(cases, args)
+
+
+def _checked(cases: list[Case], args: argparse.Namespace) -> list[Case]:
+    """Refuse outputs that would overwrite an input (image, organ mask, checkpoint) or each other,
+    and output folders that cannot be written, before any inference runs."""
+    for case in cases:
+        check_not_overwriting(
+            {"--output": case.mask, "--probabilities": case.probabilities, "--lesions": case.lesions},
+            {"--input": case.image, "--organ-mask": case.organ_mask, "--model": args.model},
+        )
+    folders = {p.parent for c in cases[:1] for p in (c.mask, c.probabilities, c.lesions) if p is not None}
+    for folder in sorted(folders):
+        check_writable(folder, "output")
     return cases
 
 
@@ -422,8 +447,9 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise InputError(f"--threads must be >= 1, got {args.threads}")
+        limit = os.cpu_count() or 1
+        if not 1 <= args.threads <= limit:
+            raise InputError(f"--threads must be between 1 and {limit} (the CPUs of this machine), got {args.threads}")
         torch.set_num_threads(args.threads)
     parse_shard(args.shard)  # a bad --shard is an error even for a single input (where it does nothing)
     cases = collect_cases(args)
@@ -487,6 +513,7 @@ def _predict_case(case: Case, model, card: dict, args, device, precision, thresh
         )
     except InputError as exc:
         raise InputError(f"{case.image}: {exc}") from None
+    _check_finite(prediction.probabilities, case, args.model)
     del image, organ
     reporter.emit("postprocess", case=case.name)
     # the lesion count goes into the progress protocol, so lesions are analysed even without --lesions
@@ -512,7 +539,7 @@ def _write_outputs(case: Case, prediction, geometry: Geometry, report: dict, arg
             reporter.emit("write", case=case.name, path=str(case.probabilities))
             probs = prediction.probabilities
             if args.probabilities_uint8:
-                probs = np.rint(probs * np.float32(255.0)).astype(np.uint8)
+                probs = probabilities_to_uint8(probs)
             write_image(tmp, probs, geometry)
             outputs["probabilities"] = str(case.probabilities)
         if case.lesions is not None:
@@ -532,6 +559,16 @@ def _write_outputs(case: Case, prediction, geometry: Geometry, report: dict, arg
             labels, _ = label_components(prediction.mask, args.connectivity)
             _dicom_seg().write_lesion_seg(tmp, labels, report["lesions"], dicom_source)
             outputs["dicom_seg"] = str(case.dicom_seg)
-        with state.deferred():
+        with folder_lock(case.mask.parent), state.deferred():  # two writers of one set: the last wins whole
             stack.close()
     return outputs
+
+
+def _check_finite(probabilities: np.ndarray, case: Case, model: Path) -> None:
+    """NaN/inf probabilities threshold to "no lesion": refuse them instead of writing an empty mask."""
+    bad = probabilities.size - int(np.count_nonzero(np.isfinite(probabilities)))
+    if bad:
+        raise InputError(
+            f"{case.image}: the network gave NaN or infinite probabilities for {bad} voxel(s) with {model}; "
+            "the image's values may be far out of range (or try --precision fp32)"
+        )
