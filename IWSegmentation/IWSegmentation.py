@@ -8,6 +8,7 @@ tested without Slicer. See docs/module.md.
 """
 
 import importlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -28,9 +29,36 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from IWSegmentationLib.core import errors, lesions
-from IWSegmentationLib.slicer import panel, process
-from IWSegmentationLib.slicer.logic import LesionSegmentationLogic
+# ------------------------------------------------------------------------------------------ the engine
+
+
+def _findEngine(moduleFile=__file__):
+    """Make the engine, IWSegmentationLib, importable; return the folder added to sys.path (or None).
+
+    Three install routes: ``pip install`` of the engine, or the extension build (the engine next
+    to this file): already importable. The module path set to a checkout's ``IWSegmentation/``:
+    the engine is at the repository root, one folder up, which is added to ``sys.path``.
+    """
+    if importlib.util.find_spec("IWSegmentationLib") is not None:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(moduleFile)))
+    if not os.path.isfile(os.path.join(root, "IWSegmentationLib", "__init__.py")):
+        raise ImportError(
+            f"IWSegmentation cannot find its engine, the IWSegmentationLib package: it is not installed in "
+            f"Slicer's Python, not next to {moduleFile} (extension build) and not in {root} (a repository "
+            "checkout). Add a checkout's IWSegmentation folder as an additional module path, or install "
+            "the engine with slicer.util.pip_install('<path of a checkout>') and restart Slicer.")
+    sys.path.insert(0, root)
+    return root
+
+
+_findEngine()
+from IWSegmentationLib.core import errors, lesions  # noqa: E402
+from IWSegmentationLib.slicer import deps as slicer_deps  # noqa: E402
+from IWSegmentationLib.slicer import logic as slicer_logic  # noqa: E402
+from IWSegmentationLib.slicer import panel, process  # noqa: E402
+
+# ------------------------------------------------------------------------------------------ the module
 
 #: IWSegmentationLib modules reloaded (dependencies first) by the developer "Reload" button.
 LIB_MODULES = ("core.errors", "core.devices", "core.progress", "core.lesions", "core.imageio",
@@ -73,9 +101,12 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = self._parameterNode = self._parameterNodeGuiTag = None
-        self._run = self._progress = self._card = self._devices = None
+        self.logic = self._parameterNode = self._gui = None
+        self._run = self._progress = self._card = self._devices = self._deviceProbe = None
+        self._installing = False
         self._rows = []
+
+    # -- setup and teardown ----------------------------------------------------------------------
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -84,6 +115,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = IWSegmentationLogic()
+        self._gui = panel.GuiBinding(self.ui)  # connectGui once per node (Slicer 5.6/5.8 give no tag)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -99,18 +131,21 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         # One timer polls the device probe (until it answers) and the running backend; the
         # backend's callbacks are therefore always called on the GUI thread.
-        self._deviceProbe = process.DeviceProbe(self.logic.python, env=self.logic.env)
-        self._deviceProbe.start()
         self._timer = qt.QTimer()
         self._timer.setInterval(150)
         self._timer.connect("timeout()", self.onPoll)
-        self._timer.start()
+        self.startDeviceProbe()
         self.initializeParameterNode()
+        self.setupExport()
 
     def cleanup(self):
+        """Slicer closes: no backend, no probe, no copy of the patient's volume is left behind."""
         self._timer.stop()
-        if self._run is not None and self._run.running:
-            self._run.backend.close()  # no orphan backend when Slicer closes
+        if self._run is not None:
+            self._run.close()
+        if self._deviceProbe is not None:
+            self._deviceProbe.close()
+        self.logic.lesionLogic.close()
         self.removeObservers()
 
     def onReload(self):
@@ -119,16 +154,23 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 importlib.reload(sys.modules[f"IWSegmentationLib.{name}"])
         ScriptedLoadableModuleWidget.onReload(self)
 
+    # -- the parameter node (Slicer's scripted-module template) ----------------------------------
+
     def enter(self):
         self.initializeParameterNode()
 
     def exit(self):
-        self.setParameterNode(None)
+        # Keep the node (a run may finish while the user is elsewhere); only stop reacting to it.
+        if self._parameterNode:
+            self._gui.release()
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
 
     def onSceneStartClose(self, caller, event):
         if self._run is not None and self._run.running:
             self._run.cancel()
+        self.clearResults()
         self.setParameterNode(None)
+        self._gui.forget()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -141,23 +183,23 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._gui.bind(self._parameterNode)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
             if self.ui.checkpointPathLineEdit.currentPath != self._parameterNode.checkpointPath:
                 self.ui.checkpointPathLineEdit.currentPath = self._parameterNode.checkpointPath
             self.updateApplyButton()
 
     def updateApplyButton(self, caller=None, event=None):
-        running = self._run is not None and self._run.running
-        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._card is not None)
-        self.ui.applyButton.text = "Cancel" if running else "Apply"
-        self.ui.applyButton.enabled = running or ready
-        self.ui.applyButton.toolTip = ("Stop the backend; the scene is left unchanged" if running else
-                                       "Segment the lesions" if ready else "Select an input volume and a checkpoint")
+        state = panel.apply_button_state(
+            running=self._run is not None and self._run.running, installing=self._installing,
+            ready=bool(self._parameterNode and self._parameterNode.inputVolume and self._card is not None))
+        self.ui.applyButton.text, self.ui.applyButton.enabled = state.text, state.enabled
+        self.ui.applyButton.toolTip = state.tooltip
+
+    # -- inputs: checkpoint and device -----------------------------------------------------------
 
     def onCheckpointChanged(self, path):
         self._card, text = None, "No checkpoint selected."
@@ -167,6 +209,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 self._card = self.logic.readModelCard(path)
                 text = panel.model_card_text(self._card)
+                self.ui.checkpointPathLineEdit.addCurrentPathToHistory()  # the settingKey's recent paths
                 if self._parameterNode:
                     self._parameterNode.threshold = min(max(float(self._card.get("threshold", 0.5)), 0.05), 0.95)
             except ImportError:  # PyTorch not installed yet: Apply installs it, then the card shows
@@ -175,6 +218,13 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 text = f"Cannot use this checkpoint: {exc}"
         self.ui.modelCardLabel.text = text
         self.updateApplyButton()
+
+    def startDeviceProbe(self):
+        """Ask a child interpreter which devices torch sees (again after an install)."""
+        self._devices = None
+        self._deviceProbe = process.DeviceProbe(self.logic.python, env=self.logic.env)
+        self._deviceProbe.start()
+        self._timer.start()
 
     def updateDeviceInfo(self, *args):
         text, warning = panel.describe_devices(self._devices, panel.DEVICE_CHOICES[self.ui.deviceComboBox.currentText or "Auto"])
@@ -189,7 +239,11 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif self._devices is not None:
             self._timer.stop()
 
+    # -- the run ---------------------------------------------------------------------------------
+
     def onApplyButton(self):
+        if self._installing:  # pip_install processes GUI events: never start a second pip
+            return
         if self._run is not None and self._run.running:
             self._run.cancel()
             self.ui.statusLabel.text = "Cancelling…"
@@ -200,9 +254,17 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     "\n\n".join(warnings) + "\n\nRun the segmentation anyway?", "IWSegmentation: check the inputs"):
                 return
             self._progress = panel.ProgressState()
-            self._run = self.logic.start(self._parameterNode, onProgress=self.onProgress, onFinished=self.onFinished)
+            self._installing = True
+            self.updateApplyButton()
+            try:
+                self._run = self.logic.start(self._parameterNode, onProgress=self.onProgress,
+                                             onFinished=self.onFinished)
+            finally:
+                self._installing = False
             if not self._card:
                 self.onCheckpointChanged(self._parameterNode.checkpointPath)  # PyTorch is there now
+            if panel.device_probe_is_stale(self._devices):
+                self.startDeviceProbe()  # the device line was probed before PyTorch was installed
             self.ui.progressBar.value, self.ui.progressBar.visible = 0, True
             self.ui.statusLabel.text = "Starting the backend…"
             self._timer.start()
@@ -222,18 +284,31 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Failed: {result.message}"
             slicer.util.errorDisplay(result.report(), windowTitle="IWSegmentation: segmentation failed")
         else:
-            results = result.loaded
-            self._parameterNode.outputSegmentation = results.segmentation
-            self._rows = results.rows  # detected lesions, then missed reference lesions (FN)
-            self.ui.statusLabel.text, self.ui.summaryLabel.text = panel.result_texts(len(results.lesions), result.seconds)
-            self.ui.resultsCollapsibleButton.enabled = True
-            table = self.ui.lesionTableWidget
-            table.setRowCount(len(self._rows))
-            for r, row in enumerate(self._rows):
-                for c, text in enumerate(panel.lesion_cells(row)):
-                    table.setItem(r, c, qt.QTableWidgetItem(text))
-            table.resizeColumnsToContents()
-            self.onConfidenceChanged(self._parameterNode.confidenceThreshold)
+            self.showResults(result.loaded, result.seconds)
+
+    # -- the results -----------------------------------------------------------------------------
+
+    def showResults(self, results, seconds):
+        parameters = self._parameterNode or self.logic.getParameterNode()
+        parameters.outputSegmentation = results.segmentation
+        self._rows = results.rows  # detected lesions, then missed reference lesions (FN)
+        self.ui.statusLabel.text, self.ui.summaryLabel.text = panel.result_texts(len(results.lesions), seconds)
+        self.ui.resultsCollapsibleButton.enabled = True
+        table = self.ui.lesionTableWidget
+        table.setRowCount(len(self._rows))
+        for r, row in enumerate(self._rows):
+            for c, text in enumerate(panel.lesion_cells(row)):
+                table.setItem(r, c, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
+        self.onConfidenceChanged(parameters.confidenceThreshold)
+
+    def clearResults(self):
+        """The scene closes: its lesions go, and so do their rows."""
+        self.logic.lesionLogic.clear_results()
+        self._rows = []
+        self.ui.lesionTableWidget.setRowCount(0)
+        self.ui.summaryLabel.text = self.ui.countsLabel.text = self.ui.statusLabel.text = ""
+        self.ui.resultsCollapsibleButton.enabled = False
 
     def onConfidenceChanged(self, value):
         results = self.logic.results
@@ -244,16 +319,40 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if 0 <= row < len(self._rows):
             self.logic.centerOnLesion(self._rows[row])
 
+    # ---- Export: the lesion table as CSV and, for a DICOM volume, the lesions as DICOM SEG (IWSegmentationLib.slicer.export)
+
+    def setupExport(self):
+        self.exportButton = qt.QPushButton("Export lesions (CSV + DICOM SEG)…")
+        self.exportButton.toolTip = "The lesion table as CSV and, for a volume loaded from DICOM, the lesions as DICOM SEG"
+        self.ui.resultsCollapsibleButton.layout().addWidget(self.exportButton)
+        self.exportButton.connect("clicked(bool)", self.onExportButton)
+
+    def onExportButton(self):
+        from IWSegmentationLib.slicer import export
+
+        results = self.logic.results
+        path = results and qt.QFileDialog.getSaveFileName(
+            self.parent, "Export lesions (.csv, .dcm)", results.segmentation.GetName(), "Lesion table (*.csv)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+                database = getattr(slicer, "dicomDatabase", None)
+                self.ui.statusLabel.text = export.export_in_slicer(results, path, database).message
+
 
 class IWSegmentationLogic(ScriptedLoadableModuleLogic):
-    """Adapts the parameter node to ``IWSegmentationLib.slicer.logic`` (Qt-free, tested with slicer-core)."""
+    """Adapts the parameter node to ``IWSegmentationLib.slicer.logic`` (Qt-free, tested with slicer-core).
 
-    def __init__(self, python=None):
+    ``jobFactory`` (a ``process.JobFactory``) decides where runs happen; by default a
+    ``PythonSlicer -m IWSegmentationLib predict`` child process on this computer.
+    """
+
+    def __init__(self, python=None, jobFactory=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self.python = python or shutil.which("PythonSlicer") or sys.executable
         startup = slicer.util.startupEnvironment() if hasattr(slicer.util, "startupEnvironment") else None
         self.env = process.backend_environment(startup)  # PythonSlicer sets itself up from a clean environment
-        self.lesionLogic = LesionSegmentationLogic(slicer.mrmlScene, python=self.python, env=self.env)
+        self.lesionLogic = slicer_logic.LesionSegmentationLogic(
+            slicer.mrmlScene, job_factory=jobFactory or process.LocalJobFactory(self.python, self.env))
 
     @property
     def results(self):
@@ -273,11 +372,9 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
         return self.lesionLogic.check_inputs(volume, card, modality)
 
     def start(self, parameters, onProgress=None, onFinished=None):
-        """Install missing dependencies (first use), then start the backend; returns the running run."""
-        from IWSegmentationLib.slicer import deps
-
+        """Install missing dependencies (first use), then start the backend; returns the running job."""
         process.PredictParameters(parameters.checkpointPath).validate()
-        deps.ensure_in_slicer()
+        slicer_deps.ensure_in_slicer()
         return self.lesionLogic.start(
             parameters.inputVolume, parameters.checkpointPath, device=panel.DEVICE_CHOICES[parameters.device],
             overlap=parameters.overlap, threshold=parameters.threshold, organ_mask=parameters.organMask,
@@ -286,7 +383,7 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def process(self, parameters, timeout=None):
         """Blocking mode for scripts and tests: run, wait, return the results; raise with the report on failure."""
-        return self.start(parameters).wait_loaded(timeout)
+        return self.start(parameters).wait(timeout).loaded_or_raise()
 
     def setConfidenceThreshold(self, results, value):
         return self.lesionLogic.set_confidence_threshold(results, value)
@@ -305,15 +402,19 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
         self.tmp = tempfile.mkdtemp(prefix="IWSegmentationTest-")
 
     def runTest(self):
-        self.setUp()
-        self.test_KnownAnswer()
-        self.setUp()
-        self.test_BadInput()
+        for test in (self.test_KnownAnswer, self.test_BadInput, self.test_LeavingAndReentering,
+                     self.test_SceneCloseClearsResults):
+            self.setUp()
+            test()
 
     def test_KnownAnswer(self):
+        problem = slicer_deps.torch_problem()  # read from package metadata: torch is not imported here
+        if problem is not None:
+            self.delayDisplay(f"Known-answer test skipped: {problem} (install it with PyTorch Utils)")
+            return
         import numpy as np
 
-        from IWSegmentationLib.testing import phantom
+        from IWSegmentationLib.testing import phantom  # numpy only: the checkpoint is written by a child
 
         self.delayDisplay("Known-answer segmentation of a phantom")
         case = phantom.phantom_case(spacing=(1.5, 0.9, 0.8))
@@ -325,8 +426,12 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
         logic = IWSegmentationLogic()
         params = logic.getParameterNode()
         params.inputVolume, params.referenceSegmentation, params.device = volume, reference, "CPU"
-        params.checkpointPath = str(phantom.threshold_checkpoint(os.path.join(self.tmp, "threshold.safetensors")))
+        torchLoaded = "torch" in sys.modules  # e.g. imported by hand in the Python console
+        checkpoint = process.write_known_answer_checkpoint(
+            os.path.join(self.tmp, "threshold.safetensors"), logic.python, env=logic.env)
+        params.checkpointPath = str(checkpoint)
         results = logic.process(params, timeout=600)
+        self.assertEqual("torch" in sys.modules, torchLoaded)  # Slicer's own process did not import it
 
         segmentation = results.segmentation.GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), 3)
@@ -377,4 +482,43 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
         with self.assertRaises(errors.InputError):
             logic.start(params)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
+        self.delayDisplay("Test passed")
+
+    def _widget(self):
+        slicer.util.selectModule("IWSegmentation")
+        return slicer.modules.iwsegmentation.widgetRepresentation().self()
+
+    def test_LeavingAndReentering(self):
+        self.delayDisplay("Leaving the module keeps the parameter node; re-entering keeps the choices")
+        widget = self._widget()
+        widget.ui.deviceComboBox.setCurrentIndex(widget.ui.deviceComboBox.findText("CPU"))
+        node = widget._parameterNode.parameterNode
+        for _ in range(2):
+            slicer.util.selectModule("Data")  # exit(): the node stays, for a run finishing meanwhile
+            self.assertIs(widget._parameterNode.parameterNode, node)
+            slicer.util.selectModule("IWSegmentation")
+        self.assertEqual(widget._parameterNode.device, "CPU")
+        self.assertEqual(widget.ui.deviceComboBox.currentText, "CPU")
+        self.delayDisplay("Test passed")
+
+    def test_SceneCloseClearsResults(self):
+        import numpy as np
+
+        from IWSegmentationLib.core import imageio
+        from IWSegmentationLib.slicer import mrml
+
+        self.delayDisplay("Closing the scene clears the lesion table")
+        widget = self._widget()
+        volume = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), np.float32), name="Zeros")
+        mask = np.zeros((8, 8, 8), np.uint8)
+        mask[2:5, 2:5, 2:5] = 1
+        geometry = mrml.volume_geometry(volume)
+        outputs = {"mask": imageio.write_image(os.path.join(self.tmp, "mask.nrrd"), mask, geometry),
+                   "probabilities": imageio.write_image(os.path.join(self.tmp, "p.nrrd"), mask * 0.9, geometry)}
+        widget.showResults(widget.logic.lesionLogic.load_results(outputs, volume), 1.0)
+        self.assertEqual(widget.ui.lesionTableWidget.rowCount, 1)
+        slicer.mrmlScene.Clear()
+        self.assertIsNone(widget.logic.results)
+        self.assertEqual(widget.ui.lesionTableWidget.rowCount, 0)
+        widget.onConfidenceChanged(0.5)  # the slider no longer reaches for deleted nodes
         self.delayDisplay("Test passed")

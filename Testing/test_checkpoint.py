@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from IWSegmentationLib import __version__
-from IWSegmentationLib.core.errors import CheckpointError, InputError
+from IWSegmentationLib.core.errors import CheckpointError, InputError, OutputError
 from IWSegmentationLib.core.lesions import SIZE_PRESETS
 from IWSegmentationLib.nn.checkpoint import (
     FORMAT_VERSION,
@@ -321,7 +321,7 @@ def test_failed_save_keeps_previous_checkpoint(saved, monkeypatch):
     import safetensors.torch
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OutputError, match="No space"):
         save_checkpoint(path, _trained_tiny(5), _metadata())
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]

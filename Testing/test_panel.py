@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -370,3 +374,50 @@ def test_torch_problem(version, problem):
         assert found is None
     else:
         assert problem in found
+
+
+class _FakePyTorchUtils:
+    """Stands in for the PyTorch extension's module: ``installTorch`` does what it is told."""
+
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def PyTorchUtilsLogic(self):  # noqa: N802 (the extension's name)
+        fake = self
+
+        class Logic:
+            def installTorch(self, askConfirmation, torchVersionRequirement):  # noqa: N802
+                assert askConfirmation is True and torchVersionRequirement == f">={deps.MINIMUM_TORCH}"
+                if isinstance(fake.outcome, BaseException):
+                    raise fake.outcome
+                return fake.outcome
+
+        return Logic()
+
+
+def test_a_failing_torch_install_is_a_dependency_error(monkeypatch):
+    failure = subprocess.CalledProcessError(1, ["pip", "install", "torch"])
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", _FakePyTorchUtils(failure))
+    with pytest.raises(deps.DependencyError, match="installing it through the PyTorch extension failed"):
+        deps._ensure_torch_in_slicer(fake_versions())  # torch absent
+
+
+def test_a_declined_torch_install_is_a_dependency_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", _FakePyTorchUtils(None))
+    with pytest.raises(deps.DependencyError, match="it was not installed"):
+        deps._ensure_torch_in_slicer(fake_versions())
+
+
+def test_a_usable_torch_asks_the_extension_nothing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", _FakePyTorchUtils(AssertionError("called")))
+    deps._ensure_torch_in_slicer(fake_versions(torch="2.5.1+cu121"))
+
+
+def test_the_docs_say_pip_ensure_needs_slicer_5_12():
+    """pip_ensure (and its restart prompt) came with Slicer 5.12, not 5.10."""
+    root = Path(__file__).resolve().parents[1]
+    for path in (root / "IWSegmentationLib" / "deps.py", root / "docs" / "module.md"):
+        text = " ".join(path.read_text().split())
+        assert not re.search(r"(>=|≥|newer than|from)\s*(Slicer\s*)?5\.10", text), path.name
+        spans = [text[max(m.start() - 150, 0):m.end() + 150] for m in re.finditer("pip_ensure", text)]
+        assert any("5.12" in span for span in spans), path.name  # said where it is explained

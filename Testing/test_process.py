@@ -8,10 +8,12 @@ the wrapper starts real process groups, reads real pipes and kills real process 
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -25,15 +27,23 @@ from IWSegmentationLib.slicer.process import (
     BackendProcess,
     DeviceProbe,
     InferenceRun,
+    LocalJobFactory,
     Outcome,
     PredictParameters,
+    ProcessIdentity,
+    SegmentationJob,
     Signal,
     backend_environment,
     default_command_prefix,
     descendant_pids,
     describe_exit_code,
+    is_same_process,
+    no_console_window,
     outcome_for_exit_code,
     pid_alive,
+    process_identity,
+    signal_if_unchanged,
+    write_known_answer_checkpoint,
 )
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX process groups and signals")
@@ -113,6 +123,18 @@ FAKE_BACKEND = textwrap.dedent(
     if mode == "sigkill":
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+    if mode == "graceful_slow":
+        # like the real backend: on SIGTERM it takes a while to remove its partial outputs
+        def on_slow_term(signum, frame):
+            time.sleep(1.0)
+            with open(os.environ["FAKE_MARKER"], "w") as f:
+                f.write("cleaned up")
+            os._exit(3)
+        signal.signal(signal.SIGTERM, on_slow_term)
+        emit("load", case="input", message="slow", pids=[os.getpid()])
+        while True:
+            time.sleep(0.05)
 
     if mode in ("tree", "tree_detached", "ignore_term", "graceful_term"):
         detached = mode == "tree_detached"
@@ -645,3 +667,234 @@ def test_phantom_case_geometry_and_refusals():
         phantom.phantom_case(lesions=[(16, 24, 24, 1.0, 100.0)])
     with pytest.raises(InputError, match="shape"):
         phantom.phantom_case(shape=(4, 48, 48))
+
+
+# ---------------------------------------------------------------------------- behind the PythonSlicer launcher
+
+# Slicer's PythonSlicer is a launcher (CTK AppLauncher): it starts the real interpreter as its
+# child, dies at once on SIGTERM (no handler), and reports a child killed by a signal as exit
+# code 1. This stand-in does the same, so the tests below see what the module sees in Slicer.
+FAKE_LAUNCHER = textwrap.dedent(
+    """
+    import subprocess, sys
+    child = subprocess.Popen([sys.executable] + sys.argv[1:])
+    code = child.wait()
+    sys.exit(1 if code < 0 else code)
+    """
+)
+
+
+def make_launched_run(fake_backend, checkpoint, tmp_path, mode, **kwargs) -> InferenceRun:
+    launcher = tmp_path / "fake_launcher.py"
+    launcher.write_text(FAKE_LAUNCHER)
+    run = make_run(fake_backend, checkpoint, tmp_path, mode, **kwargs)
+    run.command_prefix = [sys.executable, str(launcher), str(fake_backend)]
+    return run
+
+
+@posix_only
+def test_a_backend_killed_behind_the_launcher_gets_the_memory_hint(fake_backend, checkpoint, tmp_path):
+    run = make_launched_run(fake_backend, checkpoint, tmp_path, "sigkill")
+    result = run.run_blocking(write_input=write_dummy_input, timeout=60)
+    assert result.exit_code == 1  # the launcher's code: the SIGKILL of its child is not visible to us
+    assert result.outcome is Outcome.FAILED
+    assert "out of memory" in result.message, result.message
+
+
+def test_a_crash_with_a_traceback_gets_no_memory_hint(fake_backend, checkpoint, tmp_path):
+    result = make_run(fake_backend, checkpoint, tmp_path, "crash").run_blocking(write_input=write_dummy_input)
+    assert result.exit_code == 1 and "out of memory" not in result.message
+    assert "out of memory" in describe_exit_code(1, silent=True)
+    assert "out of memory" not in describe_exit_code(1) and "out of memory" not in describe_exit_code(2, silent=True)
+
+
+@posix_only
+def test_cancel_behind_the_launcher_keeps_the_grace_period(fake_backend, checkpoint, tmp_path):
+    marker = tmp_path / "cleaned.txt"
+    run = make_launched_run(fake_backend, checkpoint, tmp_path, "graceful_slow", cancel_grace_s=20)
+    run.env["FAKE_MARKER"] = str(marker)
+    pids = []
+    run.progress.connect(lambda e: pids.extend(e.get("pids") or []))
+    run.start(write_input=write_dummy_input)
+    wait_for(lambda: pids, run)
+    (backend,) = pids
+    launcher = run.backend.pid
+    t0 = time.monotonic()
+    run.cancel()
+    run.backend.wait(timeout=30)
+    # The launcher died at once; the backend still got its 1 s to clean up, then exited by itself.
+    assert marker.read_text() == "cleaned up", "the backend was killed before it could clean up"
+    assert time.monotonic() - t0 < 10
+    assert run.result.outcome is Outcome.CANCELLED
+    assert not pid_alive(launcher) and not pid_alive(backend)
+
+
+@posix_only
+def test_cancel_behind_the_launcher_still_kills_a_backend_that_ignores_sigterm(fake_backend, checkpoint, tmp_path):
+    run = make_launched_run(fake_backend, checkpoint, tmp_path, "ignore_term", cancel_grace_s=0.5)
+    pids = []
+    run.progress.connect(lambda e: pids.extend(e.get("pids") or []))
+    run.start(write_input=write_dummy_input)
+    wait_for(lambda: len(pids) == 2, run)
+    t0 = time.monotonic()
+    run.cancel()
+    run.backend.wait(timeout=30)
+    assert time.monotonic() - t0 >= 0.5
+    assert run.result.outcome is Outcome.CANCELLED
+    deadline = time.monotonic() + 5
+    while any(map(pid_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(pid_alive, pids))
+
+
+# ---------------------------------------------------------------------------- pid reuse
+
+
+@pytest.fixture
+def stranger():
+    """A process outside every backend tree (what a reused pid would belong to)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@posix_only
+def test_a_pid_with_another_start_time_is_not_signalled(stranger):
+    seen = process_identity(stranger.pid)
+    assert seen is not None and seen.ppid == os.getpid() and seen.start is not None
+    assert is_same_process(seen)
+    # The remembered process had this pid but started at another time: the pid was reused.
+    reused = ProcessIdentity(stranger.pid, seen.ppid, start=seen.start + "0")
+    assert not is_same_process(reused)
+    assert signal_if_unchanged([reused], signal.SIGKILL) == []
+    time.sleep(0.1)
+    assert stranger.poll() is None, "a process that merely reused a pid was killed"
+    assert signal_if_unchanged([seen], signal.SIGKILL) == [stranger.pid]
+    assert stranger.wait(timeout=10) == -signal.SIGKILL
+
+
+@posix_only
+def test_without_a_start_time_the_parent_decides(stranger):
+    seen = process_identity(stranger.pid)
+    assert is_same_process(ProcessIdentity(stranger.pid, seen.ppid, start=None))
+    assert not is_same_process(ProcessIdentity(stranger.pid, seen.ppid + 1, start=None))
+    assert not is_same_process(ProcessIdentity(2**22 + 7, 1, start=None))  # above pid_max: no such process
+
+
+@posix_only
+def test_cancel_spares_a_process_that_reused_a_remembered_pid(fake_backend, checkpoint, tmp_path, stranger):
+    run, (child, grandchild) = start_tree(fake_backend, checkpoint, tmp_path, "tree", grace=0.2)
+    seen = process_identity(stranger.pid)
+    # as if a descendant seen earlier had exited and its pid gone to this unrelated process
+    run.backend._known_descendants[stranger.pid] = ProcessIdentity(stranger.pid, run.backend.pid, "earlier")
+    run.cancel()
+    run.backend.wait(timeout=30)
+    assert run.result.outcome is Outcome.CANCELLED
+    assert stranger.poll() is None and is_same_process(seen), "cancel killed a stranger"
+    assert not pid_alive(child) and not pid_alive(grandchild)
+
+
+# ---------------------------------------------------------------------------- close (Slicer exiting)
+
+
+@posix_only
+def test_close_kills_the_tree_and_removes_the_input_copy(fake_backend, checkpoint, tmp_path):
+    run, (child, grandchild) = start_tree(fake_backend, checkpoint, tmp_path, "tree")
+    backend, workdir = run.backend.pid, run.workdir
+    assert (workdir / InferenceRun.INPUT_NAME).is_file()
+    run.close()
+    assert not workdir.exists(), "the patient's input volume was left in the temporary folder"
+    deadline = time.monotonic() + 5
+    while any(map(pid_alive, (backend, child, grandchild))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(pid_alive, (backend, child, grandchild)))
+    run.close()  # twice is fine
+
+
+def test_close_of_a_finished_or_unstarted_run_removes_its_folder(fake_backend, checkpoint, tmp_path):
+    run = make_run(fake_backend, checkpoint, tmp_path, "bad_input")
+    result = run.run_blocking(write_input=write_dummy_input)
+    assert result.workdir.is_dir()  # kept after a failure for inspection ...
+    run.close()
+    assert not result.workdir.exists()  # ... until the module closes
+    fresh = make_run(fake_backend, checkpoint, tmp_path, "ok")
+    folder = fresh.workdir
+    fresh.close()
+    assert not folder.exists()
+
+
+@posix_only
+def test_device_probe_close_stops_a_running_probe(tmp_path):
+    slow_python = tmp_path / "slow-python"
+    slow_python.write_text("#!/bin/sh\nexec sleep 60\n")
+    slow_python.chmod(0o755)
+    probe = DeviceProbe(slow_python)
+    probe.start()
+    assert probe.poll() is None
+    pid = probe._proc.pid
+    probe.close()
+    assert not pid_alive(pid)
+    assert probe.poll()["error"] == "the device probe was stopped"
+
+
+# ---------------------------------------------------------------------------- no console windows on Windows
+
+
+def test_children_get_no_console_window_on_windows():
+    assert no_console_window("posix") == {}
+    assert no_console_window("nt")["creationflags"] & 0x08000000  # CREATE_NO_WINDOW
+
+
+def test_every_child_process_is_started_without_a_console_window():
+    """Each ``subprocess.Popen``/``run`` in process.py passes ``**no_console_window()`` (or a
+    creationflags that includes it); only the POSIX-only ``ps`` call is exempt."""
+    source = Path(sys.modules[PredictParameters.__module__].__file__).read_text()
+    calls = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and node.func.attr in ("Popen", "run")
+             and getattr(node.func.value, "id", None) == "subprocess"]
+    assert len(calls) >= 5
+    for call in calls:
+        args = ast.unparse(call)
+        if args.startswith("subprocess.run(['ps'"):
+            continue
+        assert "no_console_window()" in args or "**kwargs" in args, args
+    assert 'kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | no_console_window()' in source
+
+
+# ---------------------------------------------------------------------------- the job contract
+
+
+def test_inference_run_fulfils_the_job_protocol(checkpoint, tmp_path):
+    factory = LocalJobFactory(python="/opt/slicer/bin/PythonSlicer", env={"X": "1"}, workdir_parent=tmp_path)
+    run = factory(PredictParameters(checkpoint), loader=lambda outputs: outputs)
+    try:
+        assert isinstance(run, SegmentationJob)
+        assert run.command[:3] == ["/opt/slicer/bin/PythonSlicer", "-m", "IWSegmentationLib"]
+        assert run.env == {"X": "1"} and run.workdir.parent == tmp_path.resolve()
+    finally:
+        run.close()
+    assert not isinstance(object(), SegmentationJob)
+
+
+@pytest.mark.slow
+def test_known_answer_checkpoint_is_written_without_importing_torch_here(tmp_path):
+    path = tmp_path / "threshold.safetensors"
+    code = (
+        "import sys\n"
+        "from IWSegmentationLib import process\n"
+        "process.write_known_answer_checkpoint(sys.argv[1])\n"
+        "print(sorted(m for m in ('torch', 'safetensors', 'numpy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
+                         env=backend_environment())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]"], "the caller imported torch, safetensors or numpy itself"
+    from IWSegmentationLib.nn.checkpoint import read_metadata
+
+    assert read_metadata(path)["threshold"] == 0.5  # phantom.threshold_checkpoint's card
+
+
+def test_known_answer_checkpoint_failure_names_the_file(tmp_path):
+    with pytest.raises(BackendError, match="known-answer checkpoint"):
+        write_known_answer_checkpoint(tmp_path / "missing-dir" / "x.safetensors")

@@ -21,6 +21,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 from IWSegmentationLib.core import imageio  # noqa: E402
 from IWSegmentationLib.core.errors import InputError  # noqa: E402
 from IWSegmentationLib.core.lesions import SIZE_GROUP_COLORS  # noqa: E402
+from IWSegmentationLib.core.progress import parse_progress_line  # noqa: E402
 from IWSegmentationLib.slicer import mrml, panel, process  # noqa: E402
 from IWSegmentationLib.slicer.logic import LesionSegmentationLogic, scene_rollback  # noqa: E402
 from IWSegmentationLib.testing import phantom  # noqa: E402
@@ -65,7 +66,7 @@ def test_known_answer_through_the_real_backend(phantom_scene, scene, tmp_path):
     logic = make_logic(scene, tmp_path)
     stages = []
     results = logic.start(volume, checkpoint, device="cpu", reference=reference, organ_mask=organ,
-                          on_progress=lambda e: stages.append(e.stage)).wait_loaded(timeout=300)
+                          on_progress=lambda e: stages.append(e.stage)).wait(timeout=300).loaded_or_raise()
     assert stages[0] == "start" and stages[-1] == "done"
     assert results is logic.results
 
@@ -225,3 +226,92 @@ def test_bad_checkpoint_is_refused_before_anything_runs(phantom_scene, scene, tm
     with pytest.raises(InputError, match="checkpoint not found"):
         make_logic(scene, tmp_path).start(volume, tmp_path / "missing.safetensors")
     assert node_ids(scene) == before and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- the injected job factory
+
+
+class KnownAnswerJob:
+    """A :class:`~IWSegmentationLib.slicer.process.SegmentationJob` without a process: on its first poll it
+    "segments" by writing the given mask, as a server or a fake would; it records what it was given."""
+
+    def __init__(self, parameters, loader, folder, mask, geometry):
+        self.parameters, self.loader, self.folder, self.mask, self.geometry = parameters, loader, folder, mask, geometry
+        self.progress, self.log, self.finished = process.Signal(), process.Signal(), process.Signal()
+        self.result = self.input = None
+        self.started = self.closed = False
+
+    @property
+    def running(self):
+        return self.started and self.result is None
+
+    def start(self, write_input=None, write_organ_mask=None):
+        write_input(self.folder / "input.nrrd")
+        self.input, _ = imageio.read_image(self.folder / "input.nrrd")
+        self.started = True
+
+    def poll(self):
+        if self.result is None:
+            self.progress.emit(parse_progress_line('{"stage": "inference", "done": 1, "total": 1}'))
+            outputs = write_outputs(self.folder, self.mask, self.mask, self.geometry)
+            self.result = process.RunResult(process.Outcome.OK, 0, "done", loaded=self.loader(outputs))
+            self.finished.emit(self.result)
+        return False
+
+    def cancel(self):
+        pass
+
+    def wait(self, timeout=None):
+        self.poll()
+        return self.result
+
+    def close(self):
+        self.closed = True
+
+
+def test_an_injected_job_factory_replaces_the_process(phantom_scene, scene, tmp_path):
+    case, volume, reference = phantom_scene
+    checkpoint = phantom.threshold_checkpoint(tmp_path / "threshold.safetensors")
+    jobs = []
+
+    def factory(parameters, *, loader):
+        jobs.append(KnownAnswerJob(parameters, loader, tmp_path, case.reference, mrml.volume_geometry(volume)))
+        return jobs[-1]
+
+    logic = LesionSegmentationLogic(scene, job_factory=factory)
+    assert isinstance(KnownAnswerJob(None, None, tmp_path, None, None), process.SegmentationJob)
+    stages, finished = [], []
+    job = logic.start(volume, checkpoint, device="cpu", threshold=0.4, reference=reference,
+                      on_progress=lambda e: stages.append(e.stage), on_finished=finished.append)
+    assert job is jobs[-1] and job.running
+    assert (job.parameters.device, job.parameters.threshold) == ("cpu", 0.4)
+    np.testing.assert_array_equal(job.input, case.image)  # the volume, written for the job
+    result = job.wait()
+    assert finished == [result] and stages == ["inference"]
+    assert result.loaded is logic.results
+    assert logic.results.segmentation.GetSegmentation().GetNumberOfSegments() == 3  # the phantom's 3 lesions
+    assert [r["status"] for r in logic.results.rows] == ["TP", "TP", "TP"]
+
+
+def test_the_default_factory_runs_the_backend_with_the_given_interpreter(scene, tmp_path):
+    logic = LesionSegmentationLogic(scene, python="/opt/Slicer/bin/PythonSlicer", env={"A": "1"}, workdir_parent=tmp_path)
+    assert logic.job_factory == process.LocalJobFactory("/opt/Slicer/bin/PythonSlicer", {"A": "1"}, tmp_path)
+
+
+# ---------------------------------------------------------------------------- scene close
+
+
+def test_closing_the_scene_clears_the_results(phantom_scene, scene, tmp_path):
+    case, volume, reference = phantom_scene
+    geometry = mrml.volume_geometry(volume)
+    logic = make_logic(scene, tmp_path)
+    logic.load_results(write_outputs(tmp_path, case.reference, case.reference, geometry), volume, reference)
+    assert logic.results is not None
+    scene.Clear(0)  # File > Close Scene
+    assert logic.results is None, "the results still point at nodes of the closed scene"
+
+    logic.close()  # no longer observing: a later close leaves it alone
+    volume = mrml.add_volume_from_array(scene, case.image, geometry, "Phantom")
+    logic.load_results(write_outputs(tmp_path, case.reference, case.reference, geometry), volume)
+    scene.Clear(0)
+    assert logic.results is not None

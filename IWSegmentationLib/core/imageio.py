@@ -10,18 +10,32 @@ Physical coordinates are ITK's LPS millimetres; Slicer converts them to RAS.
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
 import os
 import re
+import stat
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import GeometryMismatchError, InputError
+from .errors import GeometryMismatchError, InputError, OutputError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Detached-header formats (header and voxel data in two files) -> the same format in one file.
+#: They are read but never written: a pair of files cannot be replaced atomically, and the
+#: header would name the temporary data file (docs/inference.md, "Output files").
+DETACHED_SUFFIXES = {".mhd": ".mha", ".nhdr": ".nrrd"}
+
+
+def format_numbers(values: Sequence[float], digits: int = 4) -> str:
+    """``(0.8, 0.8, 2)``: numbers for a message, rounded, never ``np.float64(...)``."""
+    return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
 
 
 def case_name(path: str | os.PathLike) -> str:
@@ -74,7 +88,7 @@ class Geometry:
         for field in ("spacing", "origin", "direction"):
             a, b = np.asarray(getattr(self, field)), np.asarray(getattr(other, field))
             if not np.allclose(a, b, rtol=rtol, atol=atol):
-                out.append(f"{field} {tuple(np.round(a, 4))} vs {tuple(np.round(b, 4))}")
+                out.append(f"{field} {format_numbers(a)} vs {format_numbers(b)}")
         return out
 
     @classmethod
@@ -118,34 +132,189 @@ def _sitk():
     return sitk
 
 
+def itk_message(exc: BaseException) -> str:
+    """The readable part of an ITK/SimpleITK error, on one line.
+
+    ITK's text starts with ``Exception thrown in SimpleITK ImageFileReader_Execute: /src/...cxx:99:``
+    and puts the reason on the next lines, behind ``sitk::ERROR:`` or ``ITK ERROR: NrrdImageIO(0x..):``;
+    this keeps the reason (the first line and, for a chain of causes, the last one).
+    """
+    lines = []
+    for line in str(exc).strip().splitlines():
+        line = re.sub(r"^Exception thrown in .*?:\s*\S+\.(?:cxx|cpp|h|hxx|txx):\d+:\s*", "", line.strip())
+        line = re.sub(r"^(?:sitk::ERROR|ITK ERROR|ERROR):\s*(?:\w+\(0x[0-9a-fA-F]+\):\s*)?", "", line)
+        if line:
+            lines.append(line)
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def _check_regular(path: Path, what: str) -> None:
+    """Refuse a FIFO, socket or device before anything opens it (opening a FIFO blocks for ever)."""
+    if not path.is_dir() and not path.is_file():
+        raise InputError(f"{what} {path} is not a regular file (a FIFO, socket or device); give an image file or a DICOM folder")
+
+
 def read_sitk(path: str | os.PathLike, *, what: str = "image"):
     """Read a NIfTI/NRRD/MHA file or a DICOM series folder into a SimpleITK image.
 
-    Raises :class:`InputError` naming ``path`` when it is missing or unreadable.
+    Raises :class:`InputError` naming ``path`` when it is missing, not a regular file,
+    unreadable, or a DICOM series with a missing slice.
     """
     sitk = _sitk()
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} not found: {path}")
+    _check_regular(path, what)
     try:
         if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise InputError(f"{what} folder {path} holds no DICOM series")
-            if len(series) > 1:
-                raise InputError(
-                    f"{what} folder {path} holds {len(series)} DICOM series; put one series per folder"
-                )
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
+            return _read_dicom_series(path, what)
+        image = sitk.ReadImage(str(path))
     except InputError:
         raise
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln for ln in first if "ERROR" in ln or "Exception" in ln), first[0] if first else "")
-        raise InputError(f"cannot read {what} {path}: {detail.strip()}") from None
+        raise InputError(f"cannot read {what} {path}: {itk_message(exc)}") from None
+    if is_nifti(path) and (problem := nifti_problem(path)):
+        raise InputError(f"{what} {path} {problem}")
+    return image
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith((".nii", ".nii.gz"))
+
+
+def _read_dicom_series(path: Path, what: str):
+    sitk = _sitk()
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise InputError(f"{what} folder {path} holds no DICOM series")
+    if len(series) > 1:
+        raise InputError(f"{what} folder {path} holds {len(series)} DICOM series; put one series per folder")
+    files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    positions = []
+    for i in range(len(files)):
+        if not reader.HasMetaDataKey(i, "0020|0032"):
+            return image  # no ImagePositionPatient: nothing to check the spacing with
+        positions.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
+    check_slice_positions(positions, image.GetDirection(), f"{what} folder {path}")
+    return image
+
+
+def check_slice_positions(positions: Sequence[Sequence[float]], direction: Sequence[float], where: str,
+                          *, tolerance: float = 0.2) -> None:
+    """Refuse a DICOM series whose slices are not evenly spaced along the slice normal.
+
+    ``positions`` are the slices' ImagePositionPatient (mm) in reading order, ``direction`` the
+    volume's row-major 3x3 direction (its third column is the slice normal). A gap more than
+    ``tolerance`` (relative) away from the median step, or two slices at one position, means a
+    missing or duplicated slice: the volume would be stretched or squeezed there without notice.
+    """
+    if len(positions) < 3:
+        return
+    normal = np.asarray(direction, dtype=float).reshape(3, 3)[:, 2]
+    along = np.asarray(positions, dtype=float) @ normal
+    steps = np.abs(np.diff(along))
+    step = float(np.median(steps))
+    bad = np.flatnonzero(np.abs(steps - step) > tolerance * max(step, 1e-6))
+    if step <= 1e-6 or bad.size:
+        k = int(bad[0]) if bad.size else 0
+        missing = int(round(float(steps[bad].sum()) / step)) - bad.size if step > 1e-6 else 0
+        raise InputError(
+            f"{where}: the DICOM slices are not evenly spaced: slices {k + 1} and {k + 2} (of {len(positions)}) are "
+            f"{steps[k]:.3g} mm apart, the usual step is {step:.3g} mm"
+            + (f" (about {missing} slice(s) missing)" if missing > 0 else " (a duplicated or missing slice)")
+            + "; export the complete series"
+        )
+
+
+#: NIfTI datatype codes of floating-point voxels -> numpy scalar type (complex types as float pairs).
+_NIFTI_FLOATS = {16: "f4", 64: "f8", 32: "f4", 1792: "f8"}
+_CHUNK_BYTES = 1 << 24
+
+
+def _nifti_layout(head: bytes) -> tuple[int, int, str | None, str] | None:
+    """``(vox_offset, data bytes, float type or None, byte order)`` from a NIfTI-1/2 header, or None
+    when ``head`` is not one."""
+    for order in "<>":
+        size = struct.unpack(order + "i", head[:4])[0] if len(head) >= 4 else 0
+        if len(head) >= 348 and size == 348:
+            dims = struct.unpack(order + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(order + "2h", head[70:74])
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+        elif len(head) >= 540 and size == 540:
+            datatype, bitpix = struct.unpack(order + "2h", head[12:16])
+            dims = struct.unpack(order + "8q", head[16:80])
+            offset = struct.unpack(order + "q", head[168:176])[0]
+        else:
+            continue
+        ndim = min(max(int(dims[0]), 0), 7)
+        voxels = int(np.prod([max(int(d), 1) for d in dims[1:1 + ndim]], dtype=object))
+        return max(offset, size), voxels * max(int(bitpix), 0) // 8, _NIFTI_FLOATS.get(int(datatype)), order
+    return None
+
+
+def nifti_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with a NIfTI file's voxel data, or None when it is complete and finite.
+
+    ITK reads a truncated NIfTI (gzipped or not) without an error, the missing part as zeros,
+    and NaN/inf voxels as 0. This checks the raw data against the header instead: the byte
+    count (for gzip, the stream's size trailer, or a full pass when that disagrees) and, for
+    floating-point voxels, that every value is finite (one streaming pass).
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        zipped = fh.read(2) == b"\x1f\x8b"
+    opener = gzip.open if zipped else open
+    try:
+        with opener(path, "rb") as fh:
+            layout = _nifti_layout(fh.read(540))
+        if layout is None:
+            return None  # not NIfTI-1/2: ITK's own reader has judged it
+        offset, nbytes, float_type, order = layout
+        need = offset + nbytes
+        if float_type is None:
+            if not zipped and path.stat().st_size >= need:
+                return None
+            if zipped and _gzip_size_trailer(path) == need % (1 << 32):
+                return None
+        return _scan_nifti(path, opener, offset, need, float_type and order + float_type)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        return f"is truncated or corrupt ({exc})"
+
+
+def _gzip_size_trailer(path: Path) -> int:
+    """ISIZE, the last 4 bytes of a gzip member: the uncompressed size modulo 2**32."""
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", fh.read(4))[0]
+
+
+def _scan_nifti(path: Path, opener, offset: int, need: int, dtype: str | None) -> str | None:
+    """Count the bytes (and the non-finite values, for float data) in one pass."""
+    total, bad, carry = 0, 0, b""
+    with opener(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK_BYTES):
+            start, end = max(0, offset - total), min(len(chunk), need - total)
+            if dtype is not None and end > start:
+                data = carry + chunk[start:end]
+                usable = len(data) - len(data) % 8  # whole values of both f4 and f8
+                values = np.frombuffer(data, dtype=dtype, count=usable // np.dtype(dtype).itemsize)
+                bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+                carry = data[usable:]
+            total += len(chunk)
+            if dtype is not None and total >= need:
+                break
+    if total < need:
+        return (f"is truncated: its header promises {need} bytes{' (uncompressed)' if opener is gzip.open else ''}, "
+                f"the file holds {total}")
+    if bad:
+        return f"holds {bad} NaN or infinite voxel value(s); values must be finite"
+    return None
 
 
 def read_image(path: str | os.PathLike, *, what: str = "image", dtype=None) -> tuple[np.ndarray, Geometry]:
@@ -178,36 +347,207 @@ def to_sitk(array: np.ndarray, geometry: Geometry):
     return image
 
 
+def _umask() -> int:
+    """The process umask (read from /proc on Linux; elsewhere set and restored at once)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _output_error(path: Path, exc: BaseException) -> OutputError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return OutputError(f"cannot write {path}: {reason}")
+
+
+#: errno values that mean "the system cannot store this file" rather than a bug.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _commit(tmp: Path, path: Path, mode: int) -> None:
+    """Check, flush and rename a complete temporary file onto ``path``, then sync the folder."""
+    os.chmod(tmp, mode)
+    if tmp.stat().st_size == 0:
+        raise OutputError(f"cannot write {path}: the writer produced an empty file (disk full?)")
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # not every platform or file system can sync a folder
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary name keeps the file's suffix (writers pick the format from it). On any
     exception, or a cancel, the partial file is removed and an existing ``path`` is untouched.
+    Before the rename the file must be non-empty and is fsync'ed, so a full disk cannot put an
+    empty or half-written file in place of a good one. The file gets the mode of the file it
+    replaces, else ``0666`` less the umask (as ``open()`` would create it; ``mkstemp`` alone
+    gives ``0600``). Write failures of the system (disk full, read-only, no permission) raise
+    :class:`OutputError` naming ``path`` (exit code 4).
     """
     path = Path(path)
     if not path.parent.exists():
         raise InputError(f"output folder does not exist: {path.parent} (for {path.name})")
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder; give a file name")
+    mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask()
     name = path.name
     suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), path.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.partial-", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.partial-", suffix=suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _output_error(path, exc) from None
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            _commit(tmp_path, path, mode)
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRNOS:
+                raise
+            raise _output_error(path, exc) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
+def check_output_format(path: str | os.PathLike, flag: str = "output") -> None:
+    """Refuse an image output in a detached-header format (see :data:`DETACHED_SUFFIXES`)."""
+    name = str(path).lower()
+    for detached, single in DETACHED_SUFFIXES.items():
+        if name.endswith(detached):
+            raise InputError(
+                f"{flag} {path}: {detached} keeps the voxels in a second file, which cannot be replaced "
+                f"together with the header; write {single} instead (the same format in one file)"
+            )
+
+
+def output_suffix(input_path: str | os.PathLike) -> str:
+    """The suffix of an output named after an input: the input's, with a detached format made single-file."""
+    name = Path(input_path).name.lower()
+    suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), ".nii.gz")
+    return DETACHED_SUFFIXES.get(suffix, suffix)
+
+
 def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, *, compress: bool = True) -> Path:
-    """Write a ``[z, y, x]`` array with ``geometry`` to ``path`` atomically (temp file, then rename)."""
+    """Write a ``[z, y, x]`` array with ``geometry`` to ``path`` atomically (temp file, then rename).
+
+    The written file is read back before the rename: its header must give the grid's size and,
+    for NIfTI (whose ITK writer does not fail on a short write), the voxel data must be all there.
+    Any failure raises :class:`OutputError` and leaves an existing ``path`` as it was.
+    """
     sitk = _sitk()
+    check_output_format(path)
     image = to_sitk(array, geometry)
+    path = Path(path)
     with atomic_output(path) as tmp:
-        sitk.WriteImage(image, str(tmp), compress)
-    return Path(path)
+        try:
+            sitk.WriteImage(image, str(tmp), compress)
+        except RuntimeError as exc:
+            raise OutputError(f"cannot write {path}: {itk_message(exc)}") from None
+        _verify_written(tmp, path, geometry)
+    return path
+
+
+def _verify_written(tmp: Path, path: Path, geometry: Geometry) -> None:
+    sitk = _sitk()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(tmp))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise OutputError(f"cannot write {path}: the file written does not read back ({itk_message(exc)})") from None
+    if tuple(reader.GetSize()) != tuple(geometry.size):
+        raise OutputError(f"cannot write {path}: the file written reads back as size {reader.GetSize()}")
+    if is_nifti(tmp) and (problem := nifti_problem(tmp)):
+        raise OutputError(f"cannot write {path}: the file written {problem} (disk full?)")
+
+
+def check_writable(folder: str | os.PathLike, flag: str) -> None:
+    """Create and remove a file in ``folder`` now, so that a read-only or forbidden output folder
+    is reported before hours of work rather than after (:class:`OutputError`, exit code 4)."""
+    folder = Path(folder)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".iwseg-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{flag}: cannot write in {folder}: {exc.strerror or exc}") from None
+
+
+def check_not_overwriting(outputs: Mapping[str, str | os.PathLike | None],
+                          inputs: Mapping[str, Sequence[str | os.PathLike] | str | os.PathLike | None]) -> None:
+    """Refuse outputs that are one file twice, or that would overwrite an input.
+
+    ``outputs`` maps a flag to its path (None = not given); ``inputs`` maps a flag to a path or a
+    list of paths (files or folders). Paths are compared resolved, and existing ones also by inode
+    (hard links, bind mounts). The :class:`InputError` names both flags and the path.
+    """
+    def same(a: Path, b: Path) -> bool:
+        if a.resolve() == b.resolve():
+            return True
+        with contextlib.suppress(OSError):
+            return a.exists() and b.exists() and os.path.samefile(a, b)
+        return False
+
+    given = [(flag, Path(p)) for flag, p in outputs.items() if p is not None]
+    for i, (flag, out) in enumerate(given):
+        for other_flag, other in given[:i]:
+            if same(out, other):
+                raise InputError(f"{other_flag} and {flag} are the same file {out}; give each output its own path")
+        for in_flag, paths in inputs.items():
+            if paths is None:
+                continue
+            for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+                if same(out, Path(p)):
+                    raise InputError(f"{flag} {out} is the same file as {in_flag} {p}; refusing to overwrite the input")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``folder`` for the block.
+
+    Processes that write a set of outputs into one folder commit them under this lock, so two
+    writers of the same set leave one writer's whole set, never a mix. Nothing is created: the
+    lock is on the folder itself, and is released when the block ends or the process dies.
+    Without ``fcntl`` (Windows) the block runs unlocked: the last writer wins, file by file.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - POSIX only
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def probabilities_to_uint8(probabilities: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] as ``round(255 p)`` (predict's ``--probabilities-uint8``)."""
+    return np.rint(probabilities * np.float32(255.0)).astype(np.uint8)
+
+
+def probabilities_from_file(array: np.ndarray) -> np.ndarray:
+    """A stored prediction as probabilities: a uint8 map with values above 1 is read as
+    :func:`probabilities_to_uint8` wrote it (``v / 255``); anything else is returned as is
+    (float maps, 0/1 masks)."""
+    if array.dtype == np.uint8 and array.size and int(array.max()) > 1:
+        return array.astype(np.float32) / np.float32(255.0)
+    return array
 
 
 def list_images(folder: str | os.PathLike, *, what: str = "folder") -> dict[str, Path]:

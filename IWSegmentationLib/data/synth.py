@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,11 @@ DEFAULT_SHAPE = (64, 128, 128)
 MIN_SIDE = 16
 
 
+#: Peak memory of generating one case, per voxel: 33-34 bytes measured with tracemalloc for
+#: every preset at 64x128x128 (float32 fields and masks), rounded up.
+BYTES_PER_VOXEL = 40
+
+
 #: The label values a written dataset uses.
 LABELS = {"0": "background", "1": "lesion"}
 
@@ -99,6 +105,25 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     if len(out) != 3 or min(out) < MIN_SIDE or any(int(v) != v for v in shape):
         raise InputError(f"size must be three integers D H W, each >= {MIN_SIDE}, got {tuple(shape)}")
     return out  # type: ignore[return-value]
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(shape: Sequence[int], available: int | None = None) -> None:
+    """Refuse a volume size whose generation needs more memory than the machine has
+    (:data:`BYTES_PER_VOXEL` per voxel), before anything is allocated or written."""
+    available = _physical_memory() if available is None else available
+    need = math.prod(int(v) for v in shape) * BYTES_PER_VOXEL
+    if available and need > available:
+        raise InputError(
+            f"size {' x '.join(str(int(v)) for v in shape)} needs about {need / 2**30:.3g} GiB of memory to generate, "
+            f"more than this machine's {available / 2**30:.3g} GiB; choose a smaller --size"
+        )
 
 
 def _check_body_fraction(fraction: float, preset: str) -> float:
@@ -232,6 +257,7 @@ def write_dataset(
 
     preset = _check_preset(preset)
     shape = _check_shape(shape)
+    check_memory(shape)
     spacing = check_spacing(DEFAULT_SPACING[preset] if spacing is None else spacing)
     if not isinstance(cases, int) or isinstance(cases, bool) or cases < 1:
         raise InputError(f"number of cases must be a positive integer, got {cases!r}")

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from .. import __version__
-from ..core.errors import CheckpointError, InputError
+from ..core.errors import CheckpointError, InputError, OutputError
 from ..core.imageio import atomic_output
 
 if TYPE_CHECKING:  # torch is imported lazily: reading a model card must not need it
@@ -232,14 +232,15 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
-    """Write atomically (temp file beside ``path``, fsync, rename)."""
+    """Write atomically (temp file beside ``path``, checked, fsync'ed, renamed: :func:`atomic_output`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        try:
+            save_file(tensors, str(tmp), metadata=header)
+        except Exception as exc:  # SafetensorError is not an OSError, whatever the cause
+            raise OutputError(f"cannot write checkpoint {path}: {exc}") from None
     return path
 
 
@@ -301,6 +302,8 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a .safetensors file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a FIFO, socket or device)")
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(9)
@@ -310,7 +313,11 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         if len(head) < 8:
             raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file ({size} bytes)")
         (n,) = struct.unpack("<Q", head[:8])
-        if n > MAX_HEADER_BYTES or 8 + n > size:
+        if MAX_HEADER_BYTES < n <= size - 8:
+            raise CheckpointError(
+                f"checkpoint {path}: its header is too large ({n} bytes; at most {MAX_HEADER_BYTES} are read)"
+            )
+        if 8 + n > size:
             raise CheckpointError(
                 f"checkpoint {path} is truncated or not a safetensors file "
                 f"(header claims {n} bytes, file has {size})"
@@ -454,8 +461,22 @@ def load_checkpoint(
             f"checkpoint {path} is corrupt: its weights' sha256 {digest[:12]}... does not match "
             f"the model card's {str(card['weights_sha256'])[:12]}..."
         )
+    check_finite_weights(path, tensors)
     model = _build_and_load(path, card, tensors)
     return model.to(map_location), card
+
+
+def check_finite_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or inf (a diverged or damaged run): such a network predicts
+    NaN, which thresholds to "no lesions" without any other sign. Names the first tensors."""
+    import torch
+
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN or infinite weights in {len(bad)} tensor(s) "
+            f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); the training diverged or the file is damaged"
+        )
 
 
 def _load_torch_weights_only(path: Path, metadata: Mapping[str, Any] | None) -> tuple[nn.Module, dict]:

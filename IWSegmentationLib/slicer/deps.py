@@ -8,12 +8,15 @@ wheel from PyPI. The policy here:
 * **torch** comes from the PyTorch extension's ``PyTorchUtils`` (it picks the CPU or the right
   CUDA build for the machine), never from a plain ``pip install torch``;
 * the **other packages** the backend needs are installed with ``slicer.packaging.pip_ensure``
-  (Slicer >= 5.10; ``slicer.util.pip_install`` before that) together with a **constraints
+  where it exists (Slicer >= 5.12; it asks the user and offers the restart itself), else with
+  ``slicer.util.pip_install`` after our own confirmation (5.6–5.10), together with a **constraints
   file that pins numpy, SimpleITK and torch to the versions already installed**, so pip
   either finds versions compatible with them or fails with a clear message — it never
   replaces them;
-* everything happens on first use (pressing Apply), with a message saying what and why, and
-  a restart prompt when an already-imported package changed.
+* everything happens on first use (pressing Apply), with a message saying what and why. On
+  5.12 and newer ``pip_ensure`` prompts for a restart when an already-imported package changed;
+  before 5.12 a message suggests restarting if Apply then fails with an import error.
+* every failure, the PyTorch extension's included, reaches the caller as :class:`DependencyError`.
 
 The decisions (what is missing, what the constraints say) are plain functions, tested
 without Slicer; :func:`ensure_in_slicer` is the thin Slicer-side driver.
@@ -129,8 +132,13 @@ def torch_problem(version_of: VersionLookup = installed_version, minimum: str = 
 # --------------------------------------------------------------------------------------------
 
 
-def _ensure_torch_in_slicer() -> None:
-    problem = torch_problem()
+def _ensure_torch_in_slicer(version_of: VersionLookup = installed_version) -> None:
+    """Install torch through the PyTorch extension when it is missing or too old.
+
+    Whatever goes wrong (the extension missing, the user declining, pip failing inside
+    ``installTorch``) becomes a :class:`DependencyError` naming what to do.
+    """
+    problem = torch_problem(version_of)
     if problem is None:
         return
     try:
@@ -140,29 +148,39 @@ def _ensure_torch_in_slicer() -> None:
             f"{problem}. Install the 'PyTorch' extension from the Extensions Manager, restart "
             "Slicer, and press Apply again."
         ) from None
-    logic = PyTorchUtils.PyTorchUtilsLogic()
-    torch = logic.installTorch(askConfirmation=True, torchVersionRequirement=f">={MINIMUM_TORCH}")
+    try:
+        logic = PyTorchUtils.PyTorchUtilsLogic()
+        torch = logic.installTorch(askConfirmation=True, torchVersionRequirement=f">={MINIMUM_TORCH}")
+    except Exception as exc:  # CalledProcessError from pip, network errors, ...
+        raise DependencyError(
+            f"{problem}, and installing it through the PyTorch extension failed: {type(exc).__name__}: {exc}. "
+            "See the Python console, or install it in the PyTorch Utils module."
+        ) from None
     if torch is None:
         raise DependencyError(f"{problem}, and it was not installed. Use the PyTorch Utils module to install it.")
-    problem = torch_problem()
+    problem = torch_problem(version_of)
     if problem is not None:
         raise DependencyError(f"{problem} after installation. Use the PyTorch Utils module to fix it.")
 
 
-def ensure_in_slicer(requester: str = "IWSegmentation") -> None:
-    """Make the backend's dependencies available in Slicer's Python, asking the user first.
+def ensure_in_slicer(requester: str = "IWSegmentation", requirements: Sequence[str] = BACKEND_REQUIREMENTS, *,
+                     torch: bool = True, protected: Sequence[str] = PROTECTED_PACKAGES) -> None:
+    """Make the backend's dependencies (or other ``requirements``) available in Slicer's Python,
+    asking the user first; ``torch=False`` skips the PyTorch check (the Export needs no torch),
+    ``protected`` are pinned to their installed versions (e.g. Slicer's own pydicom for highdicom).
 
     Raises :class:`DependencyError` with a clear message when the user declines or pip fails;
     does nothing when everything is already installed (the common case, and fast).
     """
-    _ensure_torch_in_slicer()
-    missing = missing_requirements()
+    if torch:
+        _ensure_torch_in_slicer()
+    missing = missing_requirements(requirements)
     if not missing:
         return
-    constraints = write_constraints()
+    constraints = write_constraints(protected=protected)
     try:
         try:
-            from slicer import packaging as slicer_packaging  # Slicer >= 5.10
+            from slicer import packaging as slicer_packaging  # pip_ensure: Slicer >= 5.12
         except ImportError:
             slicer_packaging = None
         if slicer_packaging is not None and hasattr(slicer_packaging, "pip_ensure"):
@@ -181,7 +199,7 @@ def ensure_in_slicer(requester: str = "IWSegmentation") -> None:
         ) from None
     finally:
         constraints.unlink(missing_ok=True)
-    still = missing_requirements()
+    still = missing_requirements(requirements)
     if still:
         raise DependencyError(f"these packages are still missing after installation: {', '.join(still)}")
 

@@ -12,12 +12,17 @@ Flow of one run:
    vector voxels, no model card) and returns warnings for the user to confirm (modality,
    organ-mask preset);
 2. :meth:`~LesionSegmentationLogic.start` writes the volume (and the organ mask, on the
-   volume's grid) into the run's temporary folder with their exact geometry and starts
-   ``python -m IWSegmentationLib predict`` (see :class:`~IWSegmentationLib.slicer.process.InferenceRun`);
+   volume's grid) into the job's folder with their exact geometry and starts the job the
+   injected :class:`~IWSegmentationLib.slicer.process.JobFactory` makes: by default
+   ``python -m IWSegmentationLib predict`` in a child process
+   (:class:`~IWSegmentationLib.slicer.process.LocalJobFactory`), in tests a fake, and any other
+   :class:`~IWSegmentationLib.slicer.process.SegmentationJob` (e.g. a server) alike;
 3. on success the run's loader reads the mask and probabilities and calls
    :func:`IWSegmentationLib.slicer.mrml.load_prediction` inside :func:`scene_rollback`: if anything
    fails, every node it added is removed, so a failed run leaves the scene as it was. A
    cancelled or failed backend never touches the scene at all.
+
+When the scene closes, :attr:`LesionSegmentationLogic.results` is dropped: its nodes are gone.
 """
 
 from __future__ import annotations
@@ -53,21 +58,37 @@ def check_volume_node(volume_node) -> None:
 
 
 class LesionSegmentationLogic:
-    """Segment the lesions of a volume node with a checkpoint, in a backend process.
+    """Segment the lesions of a volume node with a checkpoint, in a backend job.
 
-    ``python`` is the interpreter that runs the backend (``PythonSlicer`` inside Slicer),
-    ``env`` its environment (default :func:`~IWSegmentationLib.slicer.process.backend_environment`),
-    ``workdir_parent`` where the temporary run folders go (default: the system's temp folder).
-    :attr:`results` holds the last :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`.
+    ``job_factory`` makes the job of each run (:class:`~IWSegmentationLib.slicer.process.JobFactory`);
+    by default a :class:`~IWSegmentationLib.slicer.process.LocalJobFactory` built from ``python`` (the
+    interpreter that runs the backend, ``PythonSlicer`` inside Slicer), ``env`` (its environment,
+    default :func:`~IWSegmentationLib.slicer.process.backend_environment`) and ``workdir_parent`` (where
+    the temporary run folders go, default the system's temp folder). :attr:`results` holds the
+    last :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`, until the scene closes.
     """
 
     def __init__(self, scene, *, python: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
-                 workdir_parent: str | os.PathLike | None = None) -> None:
+                 workdir_parent: str | os.PathLike | None = None,
+                 job_factory: process.JobFactory | None = None) -> None:
         self.scene = scene
-        self.python = python
-        self.env = dict(env) if env is not None else None
-        self.workdir_parent = workdir_parent
+        self.job_factory: process.JobFactory = job_factory or process.LocalJobFactory(
+            python, dict(env) if env is not None else None, workdir_parent)
         self.results = None
+        self._close_observer = scene.AddObserver(scene.StartCloseEvent, self._on_scene_close)
+
+    def _on_scene_close(self, caller=None, event=None) -> None:
+        self.clear_results()
+
+    def clear_results(self) -> None:
+        """Forget the last results (their nodes left with the scene)."""
+        self.results = None
+
+    def close(self) -> None:
+        """Stop observing the scene (the module's ``cleanup()``)."""
+        if self._close_observer is not None:
+            self.scene.RemoveObserver(self._close_observer)
+            self._close_observer = None
 
     @staticmethod
     def read_model_card(checkpoint_path: str | os.PathLike) -> dict:
@@ -97,10 +118,10 @@ class LesionSegmentationLogic:
         on_progress: Callable[[Any], Any] | None = None,
         on_finished: Callable[[process.RunResult], Any] | None = None,
         on_log: Callable[[str], Any] | None = None,
-    ) -> process.InferenceRun:
-        """Write the inputs and start the backend; returns the running :class:`~IWSegmentationLib.slicer.process.InferenceRun`.
+    ) -> process.SegmentationJob:
+        """Write the inputs and start the backend; returns the running :class:`~IWSegmentationLib.slicer.process.SegmentationJob`.
 
-        Poll it (``run.poll()`` from a timer) or wait for it (``run.wait_loaded(timeout)``, the blocking mode). On success its
+        Poll it (``run.poll()`` from a timer) or wait for it (``run.wait(timeout).loaded_or_raise()``, the blocking mode). On success its
         result's ``loaded`` is the :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`.
         """
         from ..core import imageio
@@ -116,13 +137,8 @@ class LesionSegmentationLogic:
             organ = mrml.labelmap_on_volume_grid(organ_mask, volume_node) > 0
             imageio.write_image(path, organ.astype("uint8"), geometry)
 
-        run = process.InferenceRun(
-            parameters,
-            command_prefix=process.default_command_prefix(self.python),
-            env=self.env,
-            workdir_parent=self.workdir_parent,
-            loader=lambda outputs: self.load_results(outputs, volume_node, reference, sizes),
-        )
+        run = self.job_factory(parameters, loader=lambda outputs: self.load_results(outputs, volume_node, reference,
+                                                                                    sizes))
         for signal, slot in ((run.progress, on_progress), (run.finished, on_finished), (run.log, on_log)):
             if slot is not None:
                 signal.connect(slot)

@@ -395,3 +395,80 @@ def legend_html(colors: Mapping[str, Sequence[int]] = SIZE_GROUP_COLORS) -> str:
     swatches = (f'<span style="background-color:#{r:02X}{g:02X}{b:02X}">&nbsp;&nbsp;&nbsp;&nbsp;</span>&nbsp;{group}'
                 for group, (r, g, b) in colors.items())
     return "Size groups: " + " &nbsp; ".join(swatches)
+
+
+# ---------------------------------------------------------------------------- widget state
+# Decisions the module's widget applies to Qt; kept here so they are tested without Qt.
+
+
+@dataclass(frozen=True)
+class ApplyButtonState:
+    """What the Apply/Cancel button shows."""
+
+    text: str
+    enabled: bool
+    tooltip: str
+
+
+def apply_button_state(*, running: bool, ready: bool, installing: bool = False) -> ApplyButtonState:
+    """The Apply button for the current state.
+
+    While Python packages are installed the button is disabled: ``pip_install`` processes GUI
+    events, and a second click would start a second pip into the same site-packages.
+    """
+    if installing:
+        return ApplyButtonState("Apply", False, "Installing Python packages (see the Python console)…")
+    if running:
+        return ApplyButtonState("Cancel", True, "Stop the backend; the scene is left unchanged")
+    if ready:
+        return ApplyButtonState("Apply", True, "Segment the lesions")
+    return ApplyButtonState("Apply", False, "Select an input volume and a checkpoint")
+
+
+def device_probe_is_stale(devices: Mapping[str, Any] | None) -> bool:
+    """True when the device line was probed before torch was installed (probe again after Apply)."""
+    return devices is not None and devices.get("torch") is None
+
+
+class GuiBinding:
+    """Connects the module's widgets to one parameter node, once per node.
+
+    On Slicer 5.6 and 5.8 ``connectGui`` returns None instead of a tag (fixed in 5.10 by
+    b5a65a49a0), so ``disconnectGui`` cannot undo it, and connecting again on each enter piles
+    up connectors (re-entering the module reset Device to Auto). So: a node already connected
+    is not connected again; :meth:`release` disconnects only what has a tag, and otherwise
+    leaves the (harmless) connection in place and remembers it.
+    """
+
+    def __init__(self, gui: Any) -> None:
+        self.gui = gui
+        self._wrapper: Any = None
+        self._tag: Any = None
+
+    @staticmethod
+    def _mrml_node(wrapper: Any) -> Any:
+        return getattr(wrapper, "parameterNode", wrapper)
+
+    def is_bound_to(self, wrapper: Any) -> bool:
+        """True if the GUI is connected to ``wrapper``'s MRML node (wrappers are made afresh each time)."""
+        return (wrapper is not None and self._wrapper is not None
+                and self._mrml_node(wrapper) is self._mrml_node(self._wrapper))
+
+    def bind(self, wrapper: Any) -> bool:
+        """Connect the GUI to ``wrapper`` unless it already is; True if it connected now."""
+        if wrapper is None or self.is_bound_to(wrapper):
+            return False
+        self.release()
+        self._wrapper, self._tag = wrapper, wrapper.connectGui(self.gui)
+        return True
+
+    def release(self) -> None:
+        """Disconnect the GUI where a tag allows it (Slicer >= 5.10); else keep the connection."""
+        if self._wrapper is not None and self._tag is not None:
+            self._wrapper.disconnectGui(self._tag)
+            self._wrapper = self._tag = None
+
+    def forget(self) -> None:
+        """The bound node is gone (scene closed): the next node is connected even without a tag."""
+        self.release()
+        self._wrapper = self._tag = None

@@ -48,7 +48,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from ..core.devices import DEVICES
 from ..core.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, InputError, IWSegError
@@ -122,8 +122,18 @@ def outcome_for_exit_code(code: int | None, *, cancel_requested: bool = False) -
     return Outcome.FAILED
 
 
-def describe_exit_code(code: int | None) -> str:
-    """A short human sentence for an exit code, naming the signal for killed processes."""
+#: What a backend killed without a word usually means, and what to try.
+OUT_OF_MEMORY_HINT = "often the system ran out of memory: try a smaller overlap, or the CPU device"
+
+
+def describe_exit_code(code: int | None, *, silent: bool = False) -> str:
+    """A short human sentence for an exit code, naming the signal for killed processes.
+
+    ``silent`` says the backend left no error message (no protocol ``error`` event, no
+    traceback, no ``error:`` line). Behind the ``PythonSlicer`` launcher a backend killed by
+    the system (SIGKILL from the out-of-memory killer) reaches us only as the launcher's exit
+    code 1, so a silent failure gets the out-of-memory hint too.
+    """
     if code is None:
         return "the backend did not finish"
     if code < 0:
@@ -133,9 +143,23 @@ def describe_exit_code(code: int | None) -> str:
             name = f"signal {-code}"
         text = f"the backend was killed by {name}"
         if -code == getattr(signal, "SIGKILL", 9):
-            text += " (often the system ran out of memory: try a smaller overlap, or the CPU device)"
+            text += f" ({OUT_OF_MEMORY_HINT})"
         return text
+    if silent and code not in (EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED):
+        return (f"the backend stopped with exit code {code} and no error message, which is how a killed "
+                f"backend shows behind the PythonSlicer launcher ({OUT_OF_MEMORY_HINT})")
     return f"the backend exited with code {code}"
+
+
+def no_console_window(os_name: str = os.name) -> dict[str, int]:
+    """``subprocess`` keyword arguments that keep a child from opening a console window.
+
+    Slicer on Windows is a GUI application: without ``CREATE_NO_WINDOW`` every child
+    (the backend, the device probe, ``tasklist``/``taskkill``) flashes a console. Empty on POSIX.
+    """
+    if os_name != "nt":
+        return {}
+    return {"creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,66 +167,146 @@ def describe_exit_code(code: int | None) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _linux_children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = collections.defaultdict(list)
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process as seen once: its pid, its parent's pid and its start time.
+
+    A pid alone is not a process: once the process exits and is reaped the system may give the
+    number to an unrelated one. ``start`` (an opaque token: clock ticks since boot on Linux,
+    psutil's ``create_time``, ``ps``'s ``lstart``) tells the two apart; None where it cannot be read.
+    """
+
+    pid: int
+    ppid: int
+    start: str | None = None
+
+
+def _linux_process_table() -> dict[int, ProcessIdentity]:
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode("ascii", "replace")
-        except OSError:
-            continue
-        # "pid (comm) state ppid ..."; comm may hold spaces or parentheses: split after the last ")".
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) >= 2:
-            children[int(fields[1])].append(int(entry))
-    return children
+        identity = _linux_identity(int(entry))
+        if identity is not None:
+            table[identity.pid] = identity
+    return table
 
 
-def _ps_children_map() -> dict[int, list[int]]:
-    out = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True, timeout=10)
-    children: dict[int, list[int]] = collections.defaultdict(list)
+def _linux_identity(pid: int) -> ProcessIdentity | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    # "pid (comm) state ppid ... starttime(22nd field)"; comm may hold spaces or parentheses:
+    # split after the last ")". fields[0] is field 3 (state), so starttime is fields[19].
+    fields = stat[stat.rfind(")") + 2:].split()
+    if len(fields) < 20 or fields[0] in ("Z", "X"):  # a zombie is gone, only not reaped yet
+        return None
+    return ProcessIdentity(pid, int(fields[1]), fields[19])
+
+
+def _ps_process_table() -> dict[int, ProcessIdentity]:
+    out = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid=", "-o", "stat=", "-o", "lstart="],
+                         capture_output=True, text=True, timeout=10)
+    table = {}
     for line in out.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
-            children[int(parts[1])].append(int(parts[0]))
-    return children
+        parts = line.split(None, 3)
+        if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit() and not parts[2].startswith("Z"):
+            table[int(parts[0])] = ProcessIdentity(int(parts[0]), int(parts[1]), " ".join(parts[3].split()))
+    return table
 
 
-def descendant_pids(pid: int) -> list[int]:
-    """Pids of every live descendant of ``pid`` (children, grandchildren, ...), parents first.
+def _psutil_identity(psutil, proc) -> ProcessIdentity | None:
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return ProcessIdentity(proc.pid, proc.ppid(), repr(proc.create_time()))
+    except psutil.Error:
+        return None
+
+
+def _psutil():
+    try:
+        import psutil  # optional: the tables below do without it
+    except ImportError:
+        return None
+    return psutil
+
+
+def process_identity(pid: int) -> ProcessIdentity | None:
+    """The live process that holds ``pid`` now, or None (no such process, or a zombie)."""
+    psutil = _psutil()
+    if psutil is not None:
+        try:
+            return _psutil_identity(psutil, psutil.Process(pid))
+        except psutil.Error:
+            return None
+    if os.path.isdir("/proc"):
+        return _linux_identity(pid)
+    if os.name == "nt":
+        return None
+    try:
+        return _ps_process_table().get(pid)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def is_same_process(remembered: ProcessIdentity) -> bool:
+    """True if ``remembered.pid`` still belongs to the process we saw, not to a newcomer.
+
+    The start time decides where both are known (same pid and same start time is the same
+    process); without one, the parent must still be the one we saw.
+    """
+    now = process_identity(remembered.pid)
+    if now is None:
+        return False
+    if remembered.start is not None and now.start is not None:
+        return now.start == remembered.start
+    return now.ppid == remembered.ppid
+
+
+def descendants(pid: int) -> list[ProcessIdentity]:
+    """Every live descendant of ``pid`` (children, grandchildren, ...), parents first.
 
     Uses psutil when it is installed, else ``/proc`` (Linux) or ``ps`` (macOS, BSD). Returns
     an empty list when the table cannot be read (e.g. on Windows, where ``taskkill /T`` walks
     the tree itself).
     """
-    try:
-        import psutil  # optional
-    except ImportError:
-        psutil = None
+    psutil = _psutil()
     if psutil is not None:
         try:
-            return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+            found = [_psutil_identity(psutil, p) for p in psutil.Process(pid).children(recursive=True)]
         except psutil.Error:
             return []
+        return [identity for identity in found if identity is not None]
     try:
-        children = _linux_children_map() if os.path.isdir("/proc") else _ps_children_map()
+        table = _linux_process_table() if os.path.isdir("/proc") else _ps_process_table()
     except (OSError, subprocess.SubprocessError):
         return []
-    found, todo = [], list(children.get(pid, []))
+    children: dict[int, list[ProcessIdentity]] = collections.defaultdict(list)
+    for identity in table.values():
+        children[identity.ppid].append(identity)
+    found, todo, seen = [], list(children.get(pid, [])), set()
     while todo:
         child = todo.pop(0)
-        if child not in found:
+        if child.pid not in seen:
+            seen.add(child.pid)
             found.append(child)
-            todo.extend(children.get(child, []))
+            todo.extend(children.get(child.pid, []))
     return found
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Pids of every live descendant of ``pid``, parents first (see :func:`descendants`)."""
+    return [identity.pid for identity in descendants(pid)]
 
 
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` is a running process (a zombie waiting to be reaped counts as gone)."""
     if os.name == "nt":
-        out = subprocess.run(["tasklist", "/FI", f"PID eq {pid}", "/NH"], capture_output=True, text=True)
+        out = subprocess.run(["tasklist", "/FI", f"PID eq {pid}", "/NH"], capture_output=True, text=True,
+                             **no_console_window())
         return str(pid) in out.stdout
     try:
         os.kill(pid, 0)
@@ -220,13 +324,25 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _signal_pids(pids: Sequence[int], sig: int) -> None:
-    for pid in pids:
+def signal_if_unchanged(identities: Sequence[ProcessIdentity], sig: int) -> list[int]:
+    """Send ``sig`` to each remembered process that still is the one we saw; return the pids signalled.
+
+    A pid whose process exited may have been given to an unrelated process by now: it is
+    skipped (see :func:`is_same_process`), so a cancel never kills a stranger.
+    """
+    sent = []
+    for identity in identities:
+        if not is_same_process(identity):
+            continue
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
+            os.kill(identity.pid, sig)
+            sent.append(identity.pid)
+    return sent
 
 
 def _signal_group(pgid: int, sig: int) -> None:
+    # Safe from pid reuse: the system does not hand out a pid that is still some group's id,
+    # and the group lives as long as one member does.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 
@@ -280,7 +396,8 @@ class BackendProcess:
         self._open_streams = 0
         self._exited_at: float | None = None
         self._kill_at: float | None = None
-        self._known_descendants: set[int] = set()
+        self._known_descendants: dict[int, ProcessIdentity] = {}
+        self._tree_killed_at: float | None = None
         self._next_tree_scan = 0.0
         self._done = False
 
@@ -314,7 +431,7 @@ class BackendProcess:
             env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1,
         )
         if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | no_console_window()["creationflags"]
         else:
             kwargs["start_new_session"] = True
         try:
@@ -390,12 +507,27 @@ class BackendProcess:
             return True
         if self._exited_at is None:
             self._exited_at = now
+        if self._in_grace(now):
+            return True
+        if self._tree_killed_at is None:
             # Leftover descendants are orphans now; they may also hold our pipes open.
             self._kill_tree()
-        if self._open_streams > 0 and now - self._exited_at < READER_GRACE_S:
+            self._tree_killed_at = now
+        if self._open_streams > 0 and now - self._tree_killed_at < READER_GRACE_S:
             return True
         self._finish()
         return False
+
+    def _in_grace(self, now: float) -> bool:
+        """True while a cancel's grace period runs and a remembered descendant still lives.
+
+        Behind the ``PythonSlicer`` launcher the direct child is the launcher: it dies at once
+        on SIGTERM while the real backend, its child, is still removing its partial outputs.
+        Its exit must not cut the backend's grace period short.
+        """
+        if self._kill_at is None or now >= self._kill_at:
+            return False
+        return any(is_same_process(identity) for identity in self._known_descendants.values())
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the run finishes, emitting signals on this thread; return the exit code.
@@ -449,18 +581,20 @@ class BackendProcess:
 
     def _remember_descendants(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            self._known_descendants.update(descendant_pids(self._proc.pid))
+            for identity in descendants(self._proc.pid):
+                self._known_descendants.setdefault(identity.pid, identity)
 
     def _kill_tree(self) -> None:
         """SIGKILL the process group and every descendant seen so far (some may have left the group)."""
         proc = self._proc
         if os.name == "nt":
             if proc.poll() is None:
-                subprocess.run(["taskkill", "/PID", str(proc.pid), "/T", "/F"], capture_output=True)
+                subprocess.run(["taskkill", "/PID", str(proc.pid), "/T", "/F"], capture_output=True,
+                               **no_console_window())
             return
         self._remember_descendants()
         _signal_group(proc.pid, signal.SIGKILL)
-        _signal_pids(sorted(self._known_descendants), signal.SIGKILL)
+        signal_if_unchanged(list(self._known_descendants.values()), signal.SIGKILL)
         if proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
@@ -533,6 +667,24 @@ def backend_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def write_known_answer_checkpoint(path: str | os.PathLike, python: str | os.PathLike | None = None, *,
+                                  env: dict[str, str] | None = None, timeout_s: float = 300.0) -> Path:
+    """Write the phantom's known-answer checkpoint (:func:`IWSegmentationLib.testing.phantom.threshold_checkpoint`)
+    from a child interpreter, and return its path.
+
+    The module's self-test needs it inside Slicer, where the application must not import torch
+    or safetensors (on a fresh Slicer they are not installed; the backend, a child, uses them).
+    """
+    code = "import sys; from IWSegmentationLib import phantom; phantom.threshold_checkpoint(sys.argv[1])"
+    proc = subprocess.run([os.fspath(python or sys.executable), "-c", code, os.fspath(path)], capture_output=True,
+                          text=True, env=backend_environment() if env is None else env, timeout=timeout_s,
+                          stdin=subprocess.DEVNULL, **no_console_window())
+    if proc.returncode != 0 or not Path(path).is_file():
+        tail = (proc.stderr.strip().splitlines() or [describe_exit_code(proc.returncode)])[-1]
+        raise BackendError(f"writing the known-answer checkpoint {path} failed: {tail}")
+    return Path(path)
+
+
 @dataclass
 class RunResult:
     """The end of an :class:`InferenceRun`.
@@ -557,7 +709,7 @@ class RunResult:
     def loaded_or_raise(self) -> Any:
         """What the loader returned; :class:`BackendError` with :meth:`report` if the run did not succeed.
 
-        The blocking mode's ending (:meth:`InferenceRun.wait_loaded`).
+        The blocking mode's ending, for every :class:`SegmentationJob`: ``job.wait(timeout).loaded_or_raise()``.
         """
         if not self.ok:
             raise BackendError(self.report())
@@ -746,16 +898,21 @@ class InferenceRun:
             raise
         return self.result
 
-    def wait_loaded(self, timeout: float | None = None) -> Any:
-        """The one blocking mode (scripts, tests, the module's ``process``): wait for a started run;
-        return what its loader loaded, or raise :class:`BackendError` with the run's report."""
-        return self.wait(timeout).loaded_or_raise()
-
     def discard(self) -> None:
         """Remove the working folder (safe to call twice)."""
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+    def close(self) -> None:
+        """Kill the backend tree now and remove the working folder with the patient's input volume.
+
+        For the module's ``cleanup()`` (Slicer closing): no process and no copy of the input is
+        left behind. ``finished`` is not emitted. Safe to call at any time, twice too.
+        """
+        if self._backend is not None and self.result is None:
+            self._backend.close()
+        self.discard()
 
     # -- end of the run ------------------------------------------------------------------------
 
@@ -798,8 +955,86 @@ class InferenceRun:
         lines = [line.strip() for line in backend.stderr_tail if line.strip()]
         errors = [line for line in lines if "error" in line.lower()]
         detail = errors[-1] if errors else (lines[-1] if lines else "")
-        base = describe_exit_code(code)
+        silent = not errors and not any(line.startswith("Traceback") for line in lines)
+        base = describe_exit_code(code, silent=silent)
         return f"{base}: {detail}" if detail else base
+
+
+# --------------------------------------------------------------------------------------------
+# The job contract: what the Slicer logic needs from a run, local or remote
+# --------------------------------------------------------------------------------------------
+
+
+#: ``loader(outputs)``: reads the outputs (``{"mask": path, "probabilities": path, "lesions": path}``)
+#: on success, on the polling thread, while the files still exist; its value becomes ``RunResult.loaded``.
+Loader = Callable[[dict[str, Path]], Any]
+
+
+@runtime_checkable
+class SegmentationJob(Protocol):
+    """One segmentation of one volume, wherever it runs; what the Slicer logic and the module use.
+
+    :class:`InferenceRun` (a local ``iwseg predict`` process) is one; a job on an inference
+    server can be another. The contract:
+
+    * ``start(write_input, write_organ_mask=None)`` writes the inputs through the callbacks (each
+      gets the path to write to) and starts the work; it returns at once. If it raises, nothing ran.
+    * ``poll()`` delivers pending signals on the calling thread (the GUI's timer) and returns True
+      while the job is not finished; ``wait(timeout)`` blocks until the end (scripts and tests).
+    * ``cancel()`` asks the job to stop and returns at once; ``finished`` follows.
+    * ``close()`` stops everything now and removes the inputs (application exit); no signal follows.
+    * Signals (:class:`Signal`, emitted only from ``poll``/``wait``): ``progress(ProgressEvent)``,
+      ``log(str)``, and ``finished(RunResult)`` exactly once. Success, failure and cancel all end
+      there, told apart by :attr:`RunResult.outcome`; a failure carries its message and report
+      (so there is no separate "failed" signal).
+    * ``running`` is True from ``start`` until ``finished``.
+    """
+
+    progress: Signal
+    log: Signal
+    finished: Signal
+
+    @property
+    def running(self) -> bool: ...
+
+    def start(self, write_input: Callable[[Path], Any] | None = None,
+              write_organ_mask: Callable[[Path], Any] | None = None) -> None: ...
+
+    def poll(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> RunResult: ...
+
+    def close(self) -> None: ...
+
+
+class JobFactory(Protocol):
+    """Makes the :class:`SegmentationJob` of one prediction.
+
+    Injected into :class:`~IWSegmentationLib.slicer.logic.LesionSegmentationLogic` (the
+    SlicerNNUnet pattern), so tests pass a fake and the module can choose where jobs run.
+    """
+
+    def __call__(self, parameters: PredictParameters, *, loader: Loader) -> SegmentationJob: ...
+
+
+@dataclass
+class LocalJobFactory:
+    """The default :class:`JobFactory`: an :class:`InferenceRun` of ``python -m IWSegmentationLib predict``.
+
+    ``python`` is the interpreter (``PythonSlicer`` inside Slicer), ``env`` its environment
+    (default :func:`backend_environment`), ``workdir_parent`` where run folders go (default: the
+    system's temporary folder).
+    """
+
+    python: str | os.PathLike | None = None
+    env: dict[str, str] | None = None
+    workdir_parent: str | os.PathLike | None = None
+
+    def __call__(self, parameters: PredictParameters, *, loader: Loader) -> InferenceRun:
+        return InferenceRun(parameters, command_prefix=default_command_prefix(self.python), env=self.env,
+                            workdir_parent=self.workdir_parent, loader=loader)
 
 
 # --------------------------------------------------------------------------------------------
@@ -849,7 +1084,7 @@ class DeviceProbe:
         try:
             self._proc = subprocess.Popen(
                 [self.python, "-c", _DEVICE_PROBE_CODE], stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, **no_console_window(),
             )
         except OSError as exc:
             self.result = {"torch": None, "cuda": [], "mps": False, "error": f"cannot run {self.python}: {exc}"}
@@ -873,6 +1108,14 @@ class DeviceProbe:
         while self.poll() is None:
             time.sleep(0.05)
         return self.result
+
+    def close(self) -> None:
+        """Stop a probe that is still running (the module's ``cleanup()``); its result says so."""
+        if self._proc is not None and self.result is None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.communicate()
+            self.result = {"torch": None, "cuda": [], "mps": False, "error": "the device probe was stopped"}
 
     @staticmethod
     def _parse(out: str, err: str, code: int | None) -> dict:

@@ -19,7 +19,16 @@ from typing import Sequence, TextIO
 import numpy as np
 
 from ...core.errors import InputError
-from ...core.imageio import Geometry, atomic_output, check_same_grid, pair_cases, read_image
+from ...core.imageio import (
+    Geometry,
+    atomic_output,
+    check_not_overwriting,
+    check_same_grid,
+    check_writable,
+    pair_cases,
+    probabilities_from_file,
+    read_image,
+)
 from ...core.lesions import (
     CONNECTIVITIES,
     SIZE_GROUP_COLORS,
@@ -76,10 +85,16 @@ def run(args: argparse.Namespace) -> int:
     thresholds = size_thresholds(args.size_preset, args.size_thresholds)
     if not (0.0 <= args.threshold < 1.0):
         raise InputError(f"--threshold must be in [0, 1), got {args.threshold}")
-    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--froc-png", args.froc_png)):
+    outputs = {"--json": args.json, "--csv": args.csv, "--froc-png": args.froc_png}
+    for flag, path in outputs.items():
         if path is not None and not path.resolve().parent.is_dir():
             raise InputError(f"{flag}: output folder does not exist: {path.parent}")
     pairs = pair_cases(args.pred, args.ref)
+    check_not_overwriting(outputs, {"--pred": [args.pred, *(p for _, p, _ in pairs)],
+                                    "--ref": [args.ref, *(r for _, _, r in pairs)]})
+    for flag, path in outputs.items():
+        if path is not None:
+            check_writable(path.resolve().parent, flag)
 
     from tqdm import tqdm
 
@@ -108,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries) -> CaseResult:
     ref, ref_geom = read_image(ref_path, what="reference")
     prob, pred_geom = read_image(pred_path, what="prediction")
+    prob = probabilities_from_file(prob)  # predict's --probabilities-uint8 maps: round(255 p)
     check_same_grid(ref_geom, pred_geom, f"reference {ref_path}", f"prediction {pred_path}")
     geom = ref_geom if args.spacing_from == "ref" else pred_geom
     geometries[name] = geom

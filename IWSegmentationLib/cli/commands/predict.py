@@ -34,7 +34,13 @@ from ...core.imageio import (
     Geometry,
     atomic_output,
     case_name,
+    check_not_overwriting,
+    check_output_format,
+    check_writable,
+    folder_lock,
     list_images,
+    output_suffix,
+    probabilities_to_uint8,
     read_image,
     write_image,
 )
@@ -70,6 +76,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--probabilities-uint8", action="store_true",
                    help="write probabilities as uint8 round(255 p) instead of float32 (4x smaller)")
     p.add_argument("--lesions", type=Path, metavar="JSON|DIR", help="also write the lesion table as JSON (or folder)")
+    p.add_argument("--dicom-seg", type=Path, metavar="DCM|DIR",
+                   help="DICOM series input: also write the lesions as a DICOM SEG referencing the series, one "
+                        "segment per lesion (or a folder: <case>.dcm); needs highdicom")
     p.add_argument("--organ-mask", type=Path, metavar="MASK|DIR",
                    help="organ mask the checkpoint's preprocessing uses (e.g. lungs for ct-lung), or a folder "
                         "of them named like the cases; also limits the windows that run")
@@ -159,6 +168,7 @@ class PredictJob:
     probabilities: Path | None = None
     lesions: Path | None = None
     organ_mask: Path | None = None
+    dicom_seg: Path | None = None
 
 
 def _image_suffix(path: Path) -> str:
@@ -195,6 +205,8 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 def _check_output_file(flag: str, path: Path, *, image: bool) -> None:
     if image and not _image_suffix(path):
         raise InputError(f"{flag} {path}: use an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
+    if image:
+        check_output_format(path, flag)
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; with a single input give a file name")
     if not path.parent.is_dir():
@@ -240,15 +252,10 @@ def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
             _check_output_file("--probabilities", args.probabilities, image=True)
         if args.lesions is not None:
             _check_output_file("--lesions", args.lesions, image=False)
-        outs = [p.resolve() for p in (args.output, args.probabilities, args.lesions) if p is not None]
-        if len(set(outs)) != len(outs):
-            raise InputError("--output, --probabilities and --lesions must be different files")
-        if path.resolve() in outs:
-            raise InputError(f"an output path is the input image {path}; refusing to overwrite the input")
         organ = args.organ_mask
         if organ is not None and not organ.exists():
             raise InputError(f"--organ-mask not found: {organ}")
-        return [PredictJob(name, path, args.output, args.probabilities, args.lesions, organ)]
+        return _checked([PredictJob(name, path, args.output, args.probabilities, args.lesions, organ)], args)
 
     _check_output_folder("--output", args.output)
     folders = [args.output.resolve()]
@@ -267,7 +274,7 @@ def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
     cases = []
     for name in sorted(inputs)[i::n]:
         path = inputs[name]
-        suffix = _image_suffix(path) or ".nii.gz"
+        suffix = output_suffix(path)
         cases.append(PredictJob(
             name, path, args.output / f"{name}{suffix}",
             args.probabilities / f"{name}{suffix}" if args.probabilities is not None else None,
@@ -278,7 +285,54 @@ def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
         missing = [c.name for c in cases if c.organ_mask is None]
         if missing:
             raise InputError(f"--organ-mask folder {args.organ_mask} has no mask for case(s) {', '.join(missing)}")
+    return _checked(cases, args)
+
+
+def _checked(cases: list[PredictJob], args: argparse.Namespace) -> list[PredictJob]:
+    """Refuse outputs that would overwrite an input (image, organ mask, checkpoint) or each other,
+    and output folders that cannot be written, before any inference runs."""
+    for case in cases:
+        check_not_overwriting(
+            {"--output": case.mask, "--probabilities": case.probabilities, "--lesions": case.lesions},
+            {"--input": case.image, "--organ-mask": case.organ_mask, "--model": args.model},
+        )
+    folders = {p.parent for c in cases[:1] for p in (c.mask, c.probabilities, c.lesions) if p is not None}
+    for folder in sorted(folders):
+        check_writable(folder, "output")
     return cases
+
+
+def _dicom_seg():
+    from ...core import dicom_seg
+
+    return dicom_seg
+
+
+def attach_dicom_seg(cases: list[PredictJob], args: argparse.Namespace) -> None:
+    """Set where each case's DICOM SEG goes (``--dicom-seg``): the given file for one series, else
+    ``<folder>/<case>.dcm``. Every case must be a DICOM series (the SEG references its images), and
+    the SEG must not land inside a source series folder (it would become a second series there)."""
+    _dicom_seg().require_highdicom()  # before any inference
+    not_dicom = [c.image for c in cases if not c.image.is_dir()]
+    if not_dicom:
+        raise InputError(f"--dicom-seg needs DICOM series as --input (a DICOM SEG references the source images); "
+                         f"{not_dicom[0]} is an image file, not a DICOM series folder")
+    single = len(cases) == 1 and cases[0].image == args.input
+    if single:
+        _check_output_file("--dicom-seg", args.dicom_seg, image=False)
+        others = {p.resolve() for p in (cases[0].mask, cases[0].probabilities, cases[0].lesions) if p is not None}
+        if args.dicom_seg.resolve() in others:
+            raise InputError("--dicom-seg must be a different file from --output, --probabilities and --lesions")
+        cases[0].dicom_seg = args.dicom_seg
+    else:
+        _check_output_folder("--dicom-seg", args.dicom_seg)
+        for case in cases:
+            case.dicom_seg = args.dicom_seg / f"{case.name}.dcm"
+    series_folders = {c.image.resolve() for c in cases}
+    for case in cases:
+        if case.dicom_seg.resolve().parent in series_folders:
+            raise InputError(f"--dicom-seg {case.dicom_seg} is inside a source DICOM series folder; write it "
+                             "elsewhere (a second series there would make the folder unreadable as one series)")
 
 
 def _size_thresholds(args: argparse.Namespace, card: dict) -> SizeThresholds:
@@ -389,11 +443,14 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise InputError(f"--threads must be >= 1, got {args.threads}")
+        limit = os.cpu_count() or 1
+        if not 1 <= args.threads <= limit:
+            raise InputError(f"--threads must be between 1 and {limit} (the CPUs of this machine), got {args.threads}")
         torch.set_num_threads(args.threads)
     parse_shard(args.shard)  # a bad --shard is an error even for a single input (where it does nothing)
     cases = collect_cases(args)
+    if args.dicom_seg is not None:
+        attach_dicom_seg(cases, args)
     device = resolve_device(_device_name(args.device))
     precision = resolve_precision(args.precision, device)
     reporter.emit("start", version=__version__, cases=len(cases), device=str(device), precision=precision,
@@ -432,6 +489,9 @@ def _predict_case(case: PredictJob, model, card: dict, args, device, precision, 
     t0 = time.monotonic()
     reporter.emit("load", case=case.name, message=f"reading {case.image}")
     image, geometry = read_image(case.image, what="image")
+    # the SEG's source images are read (and matched to the grid) before inference, so a series
+    # that cannot be referenced fails in seconds, not after the network has run
+    dicom_source = None if case.dicom_seg is None else _dicom_seg().source_series(case.image, geometry)
     organ = None
     if case.organ_mask is not None:
         organ, organ_geometry = read_image(case.organ_mask, what="organ mask")
@@ -449,18 +509,19 @@ def _predict_case(case: PredictJob, model, card: dict, args, device, precision, 
         )
     except InputError as exc:
         raise InputError(f"{case.image}: {exc}") from None
+    _check_finite(prediction.probabilities, case, args.model)
     del image, organ
     reporter.emit("postprocess", case=case.name)
     # the lesion count goes into the progress protocol, so lesions are analysed even without --lesions
     report, n_lesions = lesion_report(case, prediction, geometry, thresholds, args.connectivity)
-    outputs = _write_outputs(case, prediction, geometry, report, args, reporter, state)
+    outputs = _write_outputs(case, prediction, geometry, report, args, reporter, state, dicom_source)
     reporter.emit("case_done", case=case.name, outputs=outputs, lesions=n_lesions,
                   windows=prediction.stats.windows_run, windows_total=prediction.stats.windows_total,
                   engine=prediction.stats.engine, seconds=round(time.monotonic() - t0, 2))
 
 
 def _write_outputs(case: PredictJob, prediction, geometry: Geometry, report: dict, args, reporter,
-                   state: CancelState) -> dict[str, str]:
+                   state: CancelState, dicom_source=None) -> dict[str, str]:
     """Write every output of a case to temporary names, then rename them all (signals deferred
     during the renames), so a case's outputs appear together or not at all."""
     outputs: dict[str, str] = {}
@@ -474,7 +535,7 @@ def _write_outputs(case: PredictJob, prediction, geometry: Geometry, report: dic
             reporter.emit("write", case=case.name, path=str(case.probabilities))
             probs = prediction.probabilities
             if args.probabilities_uint8:
-                probs = np.rint(probs * np.float32(255.0)).astype(np.uint8)
+                probs = probabilities_to_uint8(probs)
             write_image(tmp, probs, geometry)
             outputs["probabilities"] = str(case.probabilities)
         if case.lesions is not None:
@@ -482,6 +543,28 @@ def _write_outputs(case: PredictJob, prediction, geometry: Geometry, report: dic
             reporter.emit("write", case=case.name, path=str(case.lesions))
             tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
             outputs["lesions"] = str(case.lesions)
-        with state.deferred():
+        if case.dicom_seg is not None and not report["lesions"]:
+            reporter.emit("warning", case=case.name, message=f"no lesions found: no DICOM SEG written to {case.dicom_seg}"
+                                                             " (a DICOM SEG needs at least one segment)")
+        elif case.dicom_seg is not None:
+            tmp = stack.enter_context(atomic_output(case.dicom_seg))
+            reporter.emit("write", case=case.name, path=str(case.dicom_seg))
+            # label_components numbers the components as the lesion JSON does: segment n = JSON lesion id n
+            from ...core.lesions import label_components
+
+            labels, _ = label_components(prediction.mask, args.connectivity)
+            _dicom_seg().write_lesion_seg(tmp, labels, report["lesions"], dicom_source)
+            outputs["dicom_seg"] = str(case.dicom_seg)
+        with folder_lock(case.mask.parent), state.deferred():  # two writers of one set: the last wins whole
             stack.close()
     return outputs
+
+
+def _check_finite(probabilities: np.ndarray, case: PredictJob, model: Path) -> None:
+    """NaN/inf probabilities threshold to "no lesion": refuse them instead of writing an empty mask."""
+    bad = probabilities.size - int(np.count_nonzero(np.isfinite(probabilities)))
+    if bad:
+        raise InputError(
+            f"{case.image}: the network gave NaN or infinite probabilities for {bad} voxel(s) with {model}; "
+            "the image's values may be far out of range (or try --precision fp32)"
+        )

@@ -1,0 +1,162 @@
+"""Results out of Slicer: the lesion table as CSV and the lesion segments as a DICOM SEG.
+
+The module's *Export* button is a file dialog and one call to :func:`export_in_slicer`; everything
+else is here, without Qt, and runs under the ``slicer-core`` wheel in the tests.
+
+* :func:`write_lesion_csv` writes the lesion table rows that :func:`IWSegmentationLib.slicer.mrml.lesion_rows`
+  builds (the rows the panel shows, missed reference lesions included) with the columns of
+  :data:`CSV_COLUMNS`: id, name, equivalent diameter, volume, size group, confidence, Dice, status
+  (TP/FP/FN) and the centroid in LPS millimetres (DICOM's patient coordinates; the rows hold RAS,
+  Slicer's, and ``L = -R``, ``P = -A``). Numbers are rounded as in ``iwseg predict``'s lesion JSON.
+* :func:`export_results` writes that CSV and, when the volume was loaded from Slicer's DICOM
+  database, the segmentation as a DICOM SEG (:mod:`IWSegmentationLib.core.dicom_seg`) referencing the
+  volume's own DICOM files (:func:`instance_files`).
+
+Both files are written to temporary names and renamed (``imageio.atomic_output``): an existing
+file is replaced only by a complete one.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.imageio import atomic_output
+from .mrml.geometry import LPS_TO_RAS
+
+#: ``(CSV column, row key, decimals)``; ``centroid_lps`` is computed from the row's ``center_ras``.
+CSV_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
+    ("id", "id", None),
+    ("name", "name", None),
+    ("diameter_mm", "diameter_mm", 4),
+    ("volume_mm3", "volume_mm3", 4),
+    ("size_group", "size_group", None),
+    ("confidence", "confidence", 6),
+    ("dice", "dice", 6),
+    ("status", "status", None),
+    ("centroid_L_mm", "centroid_lps.0", 4),
+    ("centroid_P_mm", "centroid_lps.1", 4),
+    ("centroid_S_mm", "centroid_lps.2", 4),
+)
+#: Volume-node attribute that Slicer's DICOM plugins set: the SOP instance UIDs of its files.
+DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
+
+
+def centroid_lps(center_ras: Sequence[float] | None) -> tuple[float, float, float] | None:
+    """A RAS point as LPS (``diag(-1, -1, 1)``, its own inverse); None stays None."""
+    if center_ras is None:
+        return None
+    return tuple(float(v) for v in LPS_TO_RAS[:3, :3] @ np.asarray(center_ras, dtype=float))
+
+
+def _cell(value: Any, decimals: int | None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    if decimals is not None:
+        return repr(round(float(value), decimals))
+    return str(value)
+
+
+def lesion_csv_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """The CSV cells (strings, ``""`` for a missing value) of lesion-table rows, per :data:`CSV_COLUMNS`."""
+    out = []
+    for row in rows:
+        values = dict(row)
+        lps = centroid_lps(row.get("center_ras"))
+        for axis in range(3):
+            values[f"centroid_lps.{axis}"] = None if lps is None else lps[axis]
+        out.append({column: _cell(values.get(key), decimals) for column, key, decimals in CSV_COLUMNS})
+    return out
+
+
+def write_lesion_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write the lesion table (rows of :func:`IWSegmentationLib.slicer.mrml.lesion_rows`) as UTF-8 CSV, atomically."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[column for column, _, _ in CSV_COLUMNS])
+        writer.writeheader()
+        writer.writerows(lesion_csv_rows(rows))
+    return Path(path)
+
+
+def instance_files(volume_node, database) -> list[str]:
+    """The files of a volume loaded from Slicer's DICOM database (``slicer.dicomDatabase``), from the
+    SOP instance UIDs Slicer records on the node; empty for a volume not loaded from DICOM."""
+    uids = (volume_node.GetAttribute(DICOM_INSTANCE_UIDS_ATTRIBUTE) or "").split()
+    if not uids or database is None:
+        return []
+    files = [database.fileForInstance(uid) for uid in uids]
+    missing = [uid for uid, name in zip(uids, files) if not name]
+    if missing:
+        raise InputError(f"the DICOM database has no file for {len(missing)} instance(s) of volume "
+                         f"{volume_node.GetName()!r} (e.g. {missing[0]}); re-import the series")
+    return files
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_results` wrote, and the sentence that says so."""
+
+    csv: Path
+    dicom_seg: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        written = f"Wrote {self.csv}" + (f" and the DICOM SEG {self.dicom_seg}" if self.dicom_seg else "")
+        return ". ".join([written, *self.notes]) + "."
+
+
+def export_results(results, path: str | os.PathLike, source_files: Sequence[str | os.PathLike] = ()) -> ExportResult:
+    """Write ``<path>.csv`` (the lesion table) and, given the volume's DICOM files, ``<path>.dcm``.
+
+    ``results`` is the module's :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`; the SEG holds
+    every lesion segment (hidden ones too: the confidence is in each segment's description), numbered
+    as the segments (1 = largest). ``source_files`` are the DICOM files of the input volume
+    (:func:`instance_files`); without them only the CSV is written, and the result says why.
+    """
+    from ..core import dicom_seg
+    from . import mrml
+
+    base = Path(path)
+    if base.suffix.lower() in (".csv", ".dcm"):
+        base = base.with_suffix("")
+    result = ExportResult(write_lesion_csv(base.parent / f"{base.name}.csv", results.rows))
+    segments = mrml.lesion_rows(results.segmentation)  # one row per segment, in segment order
+    if not source_files:
+        result.notes.append("No DICOM SEG: the input volume was not loaded from DICOM (load the series with the "
+                            "DICOM module to export one)")
+    elif not segments:
+        result.notes.append("No DICOM SEG: no lesions (a DICOM SEG needs at least one segment)")
+    else:
+        volume = mrml.reference_volume_node(results.segmentation)
+        if volume is None:
+            raise InputError(f"segmentation {results.segmentation.GetName()!r} records no input volume")
+        geometry = mrml.volume_geometry(volume)
+        source = dicom_seg.order_by_slice(dicom_seg.read_headers(source_files), geometry,
+                                          what=f"the DICOM series of volume {volume.GetName()!r}")
+        labels = mrml.labelmap_on_volume_grid(results.segmentation, volume, [r["segment_id"] for r in segments])
+        result.dicom_seg = dicom_seg.write_lesion_seg(base.parent / f"{base.name}.dcm", labels, segments, source)
+    return result
+
+
+def export_in_slicer(results, path: str | os.PathLike, database) -> ExportResult:
+    """The module's Export button: :func:`export_results` with the input volume's files from Slicer's
+    DICOM database (``slicer.dicomDatabase``), installing highdicom on first use (Slicer's own
+    pydicom, numpy and SimpleITK are pinned, never replaced; see :mod:`IWSegmentationLib.slicer.deps`)."""
+    from ..core import dicom_seg
+    from . import deps as slicer_deps
+    from . import mrml
+
+    volume = mrml.reference_volume_node(results.segmentation)
+    sources = instance_files(volume, database) if volume is not None else []
+    if sources:
+        slicer_deps.ensure_in_slicer(requirements=(dicom_seg.HIGHDICOM_REQUIREMENT,), torch=False,
+                                     protected=(*slicer_deps.PROTECTED_PACKAGES, "pydicom"))
+    return export_results(results, path, sources)
