@@ -416,7 +416,7 @@ def test_a_usable_torch_asks_the_extension_nothing(monkeypatch):
 def test_the_docs_say_pip_ensure_needs_slicer_5_12():
     """pip_ensure (and its restart prompt) came with Slicer 5.12, not 5.10."""
     root = Path(__file__).resolve().parents[1]
-    for path in (root / "IWSegmentationLib" / "deps.py", root / "docs" / "module.md"):
+    for path in (root / "IWSegmentationLib" / "slicer" / "deps.py", root / "docs" / "module.md"):
         text = " ".join(path.read_text().split())
         assert not re.search(r"(>=|≥|newer than|from)\s*(Slicer\s*)?5\.10", text), path.name
         spans = [text[max(m.start() - 150, 0):m.end() + 150] for m in re.finditer("pip_ensure", text)]
