@@ -35,11 +35,17 @@ input, 3 cancelled, anything else a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
+
+from .errors import Cancelled
 
 STAGES = (
     "start", "load", "preprocess", "inference", "postprocess", "write", "case_done", "warning", "done", "error",
@@ -156,3 +162,68 @@ class ProgressReporter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+# --------------------------------------------------------------------------- cancellation
+
+#: The signals every long-running command treats as "cancel" (exit code 3).
+CANCEL_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class CancelState:
+    """SIGINT and SIGTERM handling of the long-running commands (``predict``, ``train``,
+    ``evaluate``): the first signal raises :class:`~IWSegmentationLib.errors.Cancelled` in the
+    main thread, so unwinding removes every temporary output (``atomic_output``) and the
+    command line exits with code 3. Inside :meth:`deferred` (outputs being committed) the
+    commit finishes first and the cancel is raised right after it.
+
+    :meth:`installed` sets both handlers explicitly, whatever the process inherited: a job
+    started in the background by a non-interactive shell inherits an *ignored* SIGINT, and
+    Python keeps it ignored unless a handler is installed. Child processes forked while the
+    handlers are installed (DataLoader workers) do not raise: they take the signal's default
+    action, and the parent, which got the same signal, does the cleanup.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._deferring = 0
+        self._pid = os.getpid()
+
+    def handler(self, signum, _frame) -> None:
+        if os.getpid() != self._pid:  # a forked child (e.g. a DataLoader worker)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # what Python's default SIGINT handler does
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = signal.Signals(signum).name
+        if not self._deferring:
+            raise Cancelled(f"received {self.requested}")
+
+    def __call__(self) -> bool:
+        return self.requested is not None
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+        if self.requested and not self._deferring:
+            raise Cancelled(f"received {self.requested}")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[CancelState]:
+        """Install the handlers (main thread only) and restore the previous ones afterwards."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        self._pid = os.getpid()
+        previous = {sig: signal.signal(sig, self.handler) for sig in CANCEL_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
