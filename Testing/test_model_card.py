@@ -9,6 +9,7 @@ import resource
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -209,3 +210,18 @@ def test_threshold_and_patch_are_accepted_exactly_inside_their_bounds(t, side):
     else:
         with pytest.raises(CheckpointError):
             ModelCard.from_dict(card)
+
+
+def test_a_target_spacing_within_the_card_limits_still_cannot_ask_for_terabytes(saved, tmp_path):
+    # 0.01 mm is a valid card value (micro-CT), but a 64^3 scan at 1 mm would become
+    # (64 * 100)^3 = 2.6e11 voxels (1 TB as float32): resampling refuses before allocating
+    from IWSegmentationLib.imageio import Geometry
+    from IWSegmentationLib.inference import predict_volume
+
+    path = _crafted(saved, tmp_path, _set("preprocessing.target_spacing", [0.01, 0.01, 0.01]))
+    model, card = load_checkpoint(path)
+    image = np.full((64, 64, 64), -500.0, np.float32)
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=r"would make 2\.62e\+11 voxels, more than 2147483648"):
+        predict_volume(model, image, card, geometry=Geometry.identity(image.shape), device="cpu")
+    assert time.perf_counter() - t0 < 5
