@@ -10,6 +10,10 @@ map) three entries:
   loss, size thresholds, training data, validation metrics, versions, creation time and the
   sha256 of the weights). ``docs/checkpoints.md`` documents every field.
 
+The card is validated as a whole, once, by :class:`~IWSegmentationLib.model_card.ModelCard`
+(typed fields with limits) on every read and before every write; :func:`read_model_card`
+returns the record, :func:`read_metadata` and :func:`load_checkpoint` its plain dict.
+
 Nothing is ever unpickled: safetensors holds only raw tensor bytes and JSON. A pickled
 PyTorch file (``.pt``/``.pth``) is refused, unless the caller passes ``allow_torch_load=True``,
 which reads it with ``torch.load(weights_only=True)`` only (tensors and plain containers; no
@@ -403,8 +407,9 @@ def load_checkpoint(
     """Rebuild the network of a checkpoint and load its weights: ``(model in eval mode, card)``.
 
     Verifies the weights' sha256 against the model card. Every problem (missing, truncated or
-    corrupt file, no model card, sha256 mismatch, newer format version, weights that do not fit
-    the architecture, a pickled file) raises :class:`CheckpointError` naming ``path``.
+    corrupt file, no model card, a card value out of range, sha256 mismatch, newer format
+    version, weights that do not fit the architecture, a pickled file) raises
+    :class:`CheckpointError` naming ``path``.
 
     ``allow_torch_load=True`` accepts a pickled ``.pt``/``.pth`` holding a state dict (or
     ``{"state_dict": ..., "metadata": ...}``), read with ``torch.load(weights_only=True)``
