@@ -174,14 +174,15 @@ class CancelState:
     """SIGINT and SIGTERM handling of the long-running commands (``predict``, ``train``,
     ``evaluate``): the first signal raises :class:`~IWSegmentationLib.errors.Cancelled` in the
     main thread, so unwinding removes every temporary output (``atomic_output``) and the
-    command line exits with code 3. Inside :meth:`deferred` (outputs being committed) the
-    commit finishes first and the cancel is raised right after it.
+    command line exits with code 3. Inside :meth:`deferred` (outputs being committed, a batch
+    being received from a worker) the block finishes first and the cancel is raised right
+    after it; a second signal does not wait.
 
     :meth:`installed` sets both handlers explicitly, whatever the process inherited: a job
     started in the background by a non-interactive shell inherits an *ignored* SIGINT, and
     Python keeps it ignored unless a handler is installed. Child processes forked while the
-    handlers are installed (DataLoader workers) do not raise: they take the signal's default
-    action, and the parent, which got the same signal, does the cleanup.
+    handlers are installed never raise :class:`Cancelled` (the parent does the cleanup): see
+    :meth:`_child_default`.
     """
 
     def __init__(self) -> None:
@@ -190,15 +191,27 @@ class CancelState:
         self._pid = os.getpid()
 
     def handler(self, signum, _frame) -> None:
-        if os.getpid() != self._pid:  # a forked child (e.g. a DataLoader worker)
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt  # what Python's default SIGINT handler does
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if os.getpid() != self._pid:  # a forked child
+            self._child_default(signum)
             return
+        repeated = self.requested is not None
         self.requested = signal.Signals(signum).name
-        if not self._deferring:
+        if not self._deferring or repeated:  # a second signal does not wait
             raise Cancelled(f"received {self.requested}")
+
+    def _child_default(self, signum: int) -> None:
+        """A forked child's handling: a DataLoader worker ignores the first signal, because its
+        parent got the same one (a group signal, Ctrl-C) and shuts its workers down cleanly
+        (a worker that dies instead makes the parent print a traceback); any other child, or
+        a worker's second signal, takes the signal's default action."""
+        data = sys.modules.get("torch.utils.data")
+        if data is not None and data.get_worker_info() is not None and self.requested is None:
+            self.requested = signal.Signals(signum).name
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt  # what Python's default SIGINT handler does
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def __call__(self) -> bool:
         return self.requested is not None
@@ -226,4 +239,17 @@ class CancelState:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+
+def reinstall_cancel_handlers(_worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the trainer's DataLoader: torch's worker start replaces the SIGTERM
+    handler a forked worker inherited with its own C handler, which dies on the signal. Under
+    an installed :class:`CancelState` that death, on a SIGTERM sent to the whole process group
+    (a scheduler, ``kill -- -PGID``), makes the parent print a traceback while it cancels; so
+    the inherited handler is put back, and the worker waits for its parent to shut it down (see
+    :meth:`CancelState._child_default`). Without a CancelState nothing changes."""
+    for sig in CANCEL_SIGNALS:
+        handler = signal.getsignal(sig)
+        if isinstance(getattr(handler, "__self__", None), CancelState):
+            signal.signal(sig, handler)
 

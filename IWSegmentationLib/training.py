@@ -1066,8 +1066,9 @@ def train(config: TrainConfig, *, resume: bool = False, verbose: bool = True,
     ``on_step(epoch, step, loss)`` and ``on_epoch_end(epoch, row)`` are called on every rank
     (an exception they raise stops the run as a crash would; tests use this to interrupt a run).
     ``cancel`` (the command line's installed :class:`~IWSegmentationLib.progress.CancelState`)
-    defers a SIGINT/SIGTERM that arrives while the epoch's files are written until they are
-    complete; any other time the cancel stops the run at once, its temporary files removed.
+    defers a SIGINT/SIGTERM that arrives while the epoch's files are written (or a batch is
+    handed over by a worker) until that is complete; any other time the cancel stops the run
+    at once, its temporary files removed.
     """
     info = setup_distributed(config)
     try:
@@ -1161,8 +1162,10 @@ class _Run:
                 cache[record.id] = volume
         return cache
 
-    def _committing(self):
-        """Defer a cancel while the epoch's checkpoints and resume state are written."""
+    def _cancel_deferred(self):
+        """Defer a cancel while the epoch's checkpoints and resume state are written, or while a
+        batch is received from a DataLoader worker (a cancel in the middle of that handover
+        resets the worker's connection, which prints a traceback from the worker)."""
         return self.cancel.deferred() if self.cancel is not None else contextlib.nullcontext()
 
     # -- the loop --------------------------------------------------------------------------
@@ -1267,7 +1270,7 @@ class _Run:
                             bar.set_description("training")
                     _barrier(info)
                 if info.is_main:
-                    with self._committing():
+                    with self._cancel_deferred():
                         self._end_epoch(epoch, row, report, model, optimizer, scheduler, scaler, logger, bar)
                 _barrier(info)
                 self.history.append(row)
@@ -1292,7 +1295,8 @@ class _Run:
         t0 = time.perf_counter()
         for i in range(iters):
             t = time.perf_counter()
-            batch = next(stream)
+            with self._cancel_deferred():
+                batch = next(stream)
             wait += time.perf_counter() - t
             image = batch["image"].to(device, non_blocking=True)
             target = batch["target"].to(device, non_blocking=True)

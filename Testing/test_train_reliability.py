@@ -3,7 +3,7 @@ dataset paths that escape the folder, an empty training list, broken validation 
 before the first step, the stride check of patch_size, `progress: false`, SIGINT and SIGTERM
 (exit 3, also with SIGINT ignored by the parent shell), stale temporary files.
 
-Runs train the ``tiny`` U-Net on four 16x32x32 synthetic cases, as in test_training.py.
+Runs train the ``tiny`` U-Net on test_training's four 16x32x32 synthetic cases.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_training
 
 from IWSegmentationLib.checkpoint import load_checkpoint, load_training_state
 from IWSegmentationLib.data import load_dataset
@@ -37,26 +38,14 @@ from IWSegmentationLib.training import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """Four synthetic liver-CT cases of 16x32x32 voxels, MSD layout with a 'training' list."""
-    from IWSegmentationLib.synth import write_dataset
-
-    root = tmp_path_factory.mktemp("synth") / "data"
-    write_dataset(root, 4, 0, "ct-liver", shape=(16, 32, 32))
-    return root
+#: test_training's module-scoped fixture: four synthetic liver-CT cases of 16x32x32 voxels (MSD
+#: layout with a 'training' list in dataset.json)
+dataset = test_training.dataset
 
 
 def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
-    values = {
-        "data": str(data), "out": str(out), "model_size": "tiny", "patch_size": [16, 16, 16],
-        "epochs": 1, "iters_per_epoch": 2, "num_workers": 0, "val_every": 0, "val_fraction": 0.25,
-        "tensorboard": False, "progress": False, "seed": 3,
-    }
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
+    """test_training's tiny config, one epoch of two steps unless overridden."""
+    return test_training.tiny_config(data, out, **{"epochs": 1, "iters_per_epoch": 2, **overrides})
 
 
 def _copy_with_listing(dataset: Path, root: Path, edit) -> Path:
@@ -214,6 +203,15 @@ def test_cancel_during_the_save_waits_for_complete_files(dataset, tmp_path, monk
     assert not [p.name for p in out.iterdir() if ".partial-" in p.name]
 
 
+def test_a_second_signal_does_not_wait_for_the_deferred_block():
+    state = CancelState()
+    with state.installed(), pytest.raises(Cancelled, match="SIGINT"), state.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)  # deferred: the block goes on
+        assert state.requested == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGINT)   # the second one raises at once
+        pytest.fail("the second signal was deferred too")
+
+
 def test_forked_child_takes_the_default_action_instead_of_raising():
     # DataLoader workers are forked while the handlers are installed: they must not raise
     # Cancelled (the parent, which got the same signal, cleans up)
@@ -234,7 +232,7 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # what `cmd &` in a non-interactive shell does
 
 
-@pytest.mark.parametrize("how", ["SIGTERM-to-group", "SIGINT-while-ignored-by-parent"])
+@pytest.mark.parametrize("how", ["SIGTERM-to-group", "SIGINT-to-group", "SIGINT-while-ignored-by-parent"])
 def test_train_subprocess_cancels_with_exit_3_and_no_partials(dataset, tmp_path, how):
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
@@ -255,16 +253,17 @@ def test_train_subprocess_cancels_with_exit_3_and_no_partials(dataset, tmp_path,
     proc = subprocess.Popen(
         [sys.executable, "-m", "IWSegmentationLib", "train", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-        preexec_fn=_ignore_sigint if how.startswith("SIGINT") else None,
+        preexec_fn=_ignore_sigint if how.endswith("ignored-by-parent") else None,
     )
     try:
         for line in proc.stdout:
             if line.startswith("epoch 2/500"):  # a worker runs and one epoch was saved
                 break
-        if how.startswith("SIGTERM"):
-            os.killpg(proc.pid, signal.SIGTERM)  # as a batch scheduler or `kill -- -PGID` does
+        sig = signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT
+        if how.endswith("to-group"):  # a scheduler, `kill -- -PGID`, Ctrl-C: the workers get it too
+            os.killpg(proc.pid, sig)
         else:
-            os.kill(proc.pid, signal.SIGINT)
+            os.kill(proc.pid, sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
