@@ -28,6 +28,7 @@ overrides; unknown keys are refused with the list of valid ones). One call of
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import json
@@ -37,11 +38,14 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import CheckpointError, InputError
+
+if TYPE_CHECKING:
+    from .progress import CancelState
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -76,6 +80,8 @@ class TrainConfig:
     data: str = _key("", "str", "Dataset folder (MSD layout with dataset.json, LiTS, LUNA16-style or a plain "
                      "folder of image/label pairs). Required.", section="data")
     data_format: str = _key("auto", "str", f"Dataset layout: one of {', '.join(DATA_FORMATS)}.", section="data")
+    allow_outside_paths: bool = _key(False, "bool", "Accept dataset.json paths that lead outside the dataset "
+                                     "folder (absolute paths, '..'); refused by default.", section="data")
     splits: str | None = _key(None, "str?", "JSON file with case-id lists under 'train', 'val' (and optionally "
                               "'test'); when null the split is drawn from the fractions below.", section="data")
     val_fraction: float = _key(0.2, "float", "Fraction of cases held out for validation (when 'splits' is null).",
@@ -171,7 +177,8 @@ class TrainConfig:
                            "logs are replaced as the new run writes them).", section="output")
     tensorboard: bool = _key(True, "bool", "Write TensorBoard scalars to OUT/tensorboard (needs tensorboard).",
                              section="output")
-    progress: bool = _key(True, "bool", "Show a tqdm progress bar.", section="output")
+    progress: bool = _key(True, "bool", "Show the tqdm progress bars (loading cases, training, validating); "
+                          "false hides them all, log lines stay.", section="output")
     ddp_timeout_min: float = _key(60.0, "float", "DDP collective timeout in minutes (rank 0 validates while "
                                   "the others wait).", section="output")
 
@@ -243,6 +250,7 @@ class TrainConfig:
         need(self.ddp_timeout_min > 0, "ddp_timeout_min", "must be > 0")
         need(bool(self.out), "out", "must name an output folder")
         self._validate_components()
+        self._validate_patch_stride()
         if self.size_thresholds is not None:
             need(0 < self.size_thresholds[0] < self.size_thresholds[1], "size_thresholds",
                  "must be [small_mm, large_mm] with 0 < small < large")
@@ -263,6 +271,23 @@ class TrainConfig:
                 check()
             except InputError as exc:
                 raise InputError(f"config key {key!r}: {exc}") from None
+
+    def _validate_patch_stride(self) -> None:
+        """Each training patch side must be a multiple of the network stride (the U-Net pools
+        ``len(channels) - 1`` times); the message names the nearest valid sizes."""
+        from .models import model_stride
+
+        stride = model_stride(self.model_config())
+        if all(p % stride == 0 for p in self.patch_size):
+            return
+        down = [max(stride, p // stride * stride) for p in self.patch_size]
+        up = [-(-p // stride) * stride for p in self.patch_size]
+        options = [down] + ([up] if up != down else [])
+        nearest = " or ".join(str(v) for v in options)
+        raise InputError(
+            f"config key 'patch_size' must be a multiple of the network stride {stride} on every side "
+            f"(the U-Net pools {stride.bit_length() - 1} times), got {self.patch_size}; nearest valid: {nearest}"
+        )
 
     def model_config(self) -> dict:
         """The validated architecture config: preset ``model_size`` with the ``model`` overrides."""
@@ -642,7 +667,7 @@ class RunLogger:
 
     def __init__(self, out: Path, *, enabled: bool, tensorboard: bool, start_epoch: int, iters_per_epoch: int):
         self.enabled = enabled
-        self.csv_path = out / "log.csv"
+        self.csv_path = out / LOG_FILE
         self.writer = None
         if not enabled:
             return
@@ -762,7 +787,8 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
 
     if not config.data:
         raise InputError("config key 'data' is required: the dataset folder to train on")
-    dataset = load_dataset(config.data, config.data_format, lesion_values=config.lesion_values)
+    dataset = load_dataset(config.data, config.data_format, lesion_values=config.lesion_values,
+                           allow_outside_paths=config.allow_outside_paths)
     if len(dataset) == 0:
         raise InputError(f"dataset {config.data} holds no cases")
     if config.splits:
@@ -789,7 +815,8 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
         from .lesions import label_components
 
         train_cases = []
-        bar = tqdm(train_records, desc="loading training cases", unit="case", disable=not verbose, leave=False)
+        bar = tqdm(train_records, desc="loading training cases", unit="case", disable=not (verbose and config.progress),
+                   leave=False)
         for record in bar:
             volume = load_prepared_case(record, params)
             lesion_counts[record.id] = label_components(volume.lesion, config.connectivity)[1]
@@ -892,7 +919,7 @@ def validate(model, cases: Sequence, config: TrainConfig, card: Mapping[str, Any
 
     thresholds = config.size_groups()
     results = []
-    bar = tqdm(cases, desc="validating", unit="case", leave=False, disable=not verbose)
+    bar = tqdm(cases, desc="validating", unit="case", leave=False, disable=not (verbose and config.progress))
     for record in bar:
         volume = cache.get(record.id) if cache is not None else None
         if volume is None:
@@ -991,8 +1018,11 @@ SPLITS_FILE = "splits.json"
 LAST_CHECKPOINT = "last.safetensors"
 BEST_CHECKPOINT = "best.safetensors"
 RESUME_STATE = "resume.safetensors"
+LOG_FILE = "log.csv"
+#: The files a run writes (atomically) in its output folder.
+RUN_FILES = (CONFIG_FILE, SPLITS_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT, RESUME_STATE, LOG_FILE)
 #: Config keys a resumed run may change: they do not alter the sequence of weights it computes.
-RESUME_MAY_CHANGE = ("data", "out", "overwrite", "num_workers", "prefetch_factor", "cache_size", "progress",
+RESUME_MAY_CHANGE = ("data", "allow_outside_paths", "out", "overwrite", "num_workers", "prefetch_factor", "cache_size", "progress",
                      "tensorboard", "val_every", "val_max_cases", "device", "ddp_timeout_min")
 
 
@@ -1021,16 +1051,22 @@ class TrainResult:
 
 def train(config: TrainConfig, *, resume: bool = False, verbose: bool = True,
           on_step: Callable[[int, int, float], None] | None = None,
-          on_epoch_end: Callable[[int, dict], None] | None = None) -> TrainResult:
+          on_epoch_end: Callable[[int, dict], None] | None = None,
+          cancel: CancelState | None = None) -> TrainResult:
     """Run (or, with ``resume``, continue) the training described by ``config``.
 
     Launched by ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DistributedDataParallel.
     ``on_step(epoch, step, loss)`` and ``on_epoch_end(epoch, row)`` are called on every rank
     (an exception they raise stops the run as a crash would; tests use this to interrupt a run).
+    ``cancel`` (the command line's installed :class:`~IWSegmentationLib.progress.CancelState`)
+    defers a SIGINT/SIGTERM that arrives while the epoch's files are written (or a batch is
+    handed over by a worker) until that is complete; any other time the cancel stops the run
+    at once, its temporary files removed.
     """
     info = setup_distributed(config)
     try:
-        return _Run(config, info, resume=resume, verbose=verbose, on_step=on_step, on_epoch_end=on_epoch_end).run()
+        return _Run(config, info, resume=resume, verbose=verbose, on_step=on_step, on_epoch_end=on_epoch_end,
+                    cancel=cancel).run()
     finally:
         if info.owns_group:
             cleanup_distributed()
@@ -1039,8 +1075,10 @@ def train(config: TrainConfig, *, resume: bool = False, verbose: bool = True,
 class _Run:
     """One training run; see :func:`train`."""
 
-    def __init__(self, config: TrainConfig, info: DistInfo, *, resume: bool, verbose: bool, on_step, on_epoch_end):
+    def __init__(self, config: TrainConfig, info: DistInfo, *, resume: bool, verbose: bool, on_step, on_epoch_end,
+                 cancel: CancelState | None = None):
         self.config = config
+        self.cancel = cancel
         self.info = info
         self.resume = resume
         self.verbose = verbose and info.is_main
@@ -1088,6 +1126,41 @@ class _Run:
             )
         return state
 
+    def _remove_stale_partials(self) -> None:
+        """Remove the temporary files of our own outputs that a killed run left behind (SIGKILL,
+        power loss: no chance to clean up); nothing else in ``out`` is touched."""
+        from .imageio import remove_stale_partials
+
+        removed = remove_stale_partials(self.out, RUN_FILES)
+        if removed and self.verbose:
+            _log(f"note: removed {len(removed)} temporary file(s) of an earlier run that was killed: "
+                 + ", ".join(p.name for p in removed))
+
+    def _check_validation_cases(self, data: TrainingData) -> dict | None:
+        """Read every validation case now, on rank 0, so a missing or broken file stops the run
+        before the first step (naming the case and file) rather than at the first validation,
+        epochs later. Returns the validation cache: with ``cache_size: null`` the cases read here
+        stay in memory for the validations (the first one would have cached them anyway)."""
+        from .data import load_case
+
+        cache: dict | None = {} if self.config.cache_size is None else None
+        if not self.info.is_main or self.config.val_every == 0:
+            return cache
+        for record in data.val_cases:
+            try:
+                volume = load_case(record)
+            except InputError as exc:
+                raise type(exc)(f"validation split: {exc}") from None
+            if cache is not None:
+                cache[record.id] = volume
+        return cache
+
+    def _cancel_deferred(self):
+        """Defer a cancel while the epoch's checkpoints and resume state are written, or while a
+        batch is received from a DataLoader worker (a cancel in the middle of that handover
+        resets the worker's connection, which prints a traceback from the worker)."""
+        return self.cancel.deferred() if self.cancel is not None else contextlib.nullcontext()
+
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> TrainResult:
         import torch
@@ -1111,9 +1184,11 @@ class _Run:
                              "was trained on (check 'data', 'splits' and the dataset folder)")
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_partials()
             if config.overwrite and not self.resume:
                 (self.out / RESUME_STATE).unlink(missing_ok=True)
             self._write_run_files(data, write_splits)
+        val_cache = self._check_validation_cases(data)
         _barrier(info)
 
         device = info.device
@@ -1170,7 +1245,6 @@ class _Run:
             bar = tqdm(total=config.epochs * iters, initial=start_epoch * iters, desc="training", unit="it",
                        dynamic_ncols=True)
         stream = iter(loader)
-        val_cache: dict | None = {} if config.cache_size is None else None
         try:
             for epoch in range(start_epoch, config.epochs):
                 row = self._train_epoch(epoch, stream, train_model, loss_fn, optimizer, scaler,
@@ -1189,7 +1263,8 @@ class _Run:
                             bar.set_description("training")
                     _barrier(info)
                 if info.is_main:
-                    self._end_epoch(epoch, row, report, model, optimizer, scheduler, scaler, logger, bar)
+                    with self._cancel_deferred():
+                        self._end_epoch(epoch, row, report, model, optimizer, scheduler, scaler, logger, bar)
                 _barrier(info)
                 self.history.append(row)
                 if self.on_epoch_end is not None:
@@ -1213,7 +1288,8 @@ class _Run:
         t0 = time.perf_counter()
         for i in range(iters):
             t = time.perf_counter()
-            batch = next(stream)
+            with self._cancel_deferred():
+                batch = next(stream)
             wait += time.perf_counter() - t
             image = batch["image"].to(device, non_blocking=True)
             target = batch["target"].to(device, non_blocking=True)

@@ -46,6 +46,7 @@ from ..metrics import (
     evaluate_cases,
     match_case,
 )
+from ..progress import CancelState
 
 CSV_COLUMNS = (
     "case", "lesion_id", "voxels", "volume_mm3", "diameter_mm", "size_group",
@@ -87,6 +88,12 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate; SIGINT and SIGTERM cancel (exit code 3) without leaving partial output files."""
+    with CancelState().installed():
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     thresholds = size_thresholds(args.size_preset, args.size_thresholds)
     if not (0.0 <= args.threshold < 1.0):
         raise InputError(f"--threshold must be in [0, 1), got {args.threshold}")

@@ -16,13 +16,10 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -44,7 +41,7 @@ from ..imageio import (
     write_image,
 )
 from ..lesions import CONNECTIVITIES, SIZE_PRESETS, SizeThresholds, analyze_lesions, size_thresholds
-from ..progress import ProgressReporter
+from ..progress import CancelState, ProgressReporter
 
 #: Same as inference.DEVICES / PRECISIONS / ENGINES, repeated so that ``iwseg --help`` and the other
 #: sub-commands start without importing torch.
@@ -106,50 +103,6 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="text: progress bars on stderr; jsonl: one JSON object per line on stdout")
     p.set_defaults(func=run)
     return p
-
-
-# --------------------------------------------------------------------------- cancellation
-
-
-class CancelState:
-    """SIGINT/SIGTERM handling: the first signal raises :class:`Cancelled` in the main thread
-    (unwinding removes every temporary output) unless outputs are being committed, in which case
-    the commit finishes and the cancel is raised right after it."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._deferring = 0
-
-    def handler(self, signum, _frame) -> None:
-        self.requested = signal.Signals(signum).name
-        if not self._deferring:
-            raise Cancelled(f"received {self.requested}")
-
-    def __call__(self) -> bool:
-        return self.requested is not None
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        self._deferring += 1
-        try:
-            yield
-        finally:
-            self._deferring -= 1
-        if self.requested and not self._deferring:
-            raise Cancelled(f"received {self.requested}")
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[CancelState]:
-        """Install the handlers (main thread only) and restore the previous ones afterwards."""
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
 
 # --------------------------------------------------------------------------- cases and outputs
