@@ -225,3 +225,44 @@ def test_records_bad_input_is_exit_2(tmp_path):
     assert proc.returncode == 2 and "not both" in proc.stderr
     proc = iwseg("--json", tmp_path / "r.json")
     assert proc.returncode == 2 and "--records" in proc.stderr
+
+
+def test_predict_min_lesion_size_from_flag_and_card(tmp_path):
+    """The hand-set threshold network of test_predict_cli finds exactly the three lesions of its CT
+    (96, 8 and 1 voxels, 1 mm grid). The card's min_lesion_size (2 voxels) drops the 1-voxel one;
+    --min-lesion-size overrides the card (10vox keeps only the 96-voxel lesion, 'none' keeps all)."""
+    from test_predict_cli import ct_volume, threshold_model
+
+    from IWSegmentationLib.checkpoint import save_checkpoint
+    from IWSegmentationLib.preprocessing import get_preset
+
+    ckpt = tmp_path / "model.safetensors"
+    save_checkpoint(ckpt, threshold_model(), {
+        "patch_size": [16, 16, 16], "preprocessing": get_preset("ct-lung"), "threshold": 0.5,
+        "min_lesion_size": {"value": 2.0, "unit": "voxels"}, "description": "threshold at -350 HU (tests)"})
+    image, lesions = ct_volume()
+    write(tmp_path / "ct.nii.gz", image)
+    write(tmp_path / "ref" / "ct.nii.gz", lesions.astype(np.uint8))
+
+    def predict(*extra):
+        proc = subprocess.run([sys.executable, "-m", "IWSegmentationLib", "predict", "--model", ckpt,
+                               "--input", tmp_path / "ct.nii.gz", "--output", tmp_path / "pred" / "ct.nii.gz",
+                               "--lesions", tmp_path / "lesions.json", *extra], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return sorted(les["voxels"] for les in json.loads((tmp_path / "lesions.json").read_text())["lesions"])
+
+    (tmp_path / "pred").mkdir()
+    assert predict() == [8, 96]
+    assert predict("--min-lesion-size", "none") == [1, 8, 96]
+    assert predict("--min-lesion-size", "9mm3") == [96]  # 1 mm³ voxels: 9 voxels needed
+    mask, _ = read_image(tmp_path / "pred" / "ct.nii.gz")
+    assert int(mask.sum()) == 96
+    # evaluating that mask against the three reference lesions: 1 of 3 hit
+    proc = iwseg("--pred", tmp_path / "pred", "--ref", tmp_path / "ref", "--json", tmp_path / "r.json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["recall"] == pytest.approx(1 / 3)
+    proc = subprocess.run([sys.executable, "-m", "IWSegmentationLib", "predict", "--model", ckpt, "--input",
+                           tmp_path / "ct.nii.gz", "--output", tmp_path / "x.nii.gz", "--min-lesion-size", "3 cm"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--min-lesion-size" in proc.stderr and "Traceback" not in proc.stderr

@@ -563,3 +563,43 @@ def test_table_2_reproduced_from_the_authors_records():
     by_stat = evaluate_cases(load_records(LITS_DICE_RECORDS, SizeThresholds(12.0, 24.0), score="stat"),
                              seed=42, bootstrap_mode="paper")
     assert by_stat["bootstrap"]["cpm"]["mean"] < 0.60 and by_stat["object_dice"] == report["object_dice"]
+
+
+# ---------------------------------------------------------------------------- best checkpoint (issue 9)
+
+
+def test_default_best_metric_does_not_prefer_a_merging_model(capsys):
+    """Three 8-voxel lesions. "blob": one 2x2x50 box (200 voxels) over all of them, Dice 16/208 = 0.077
+    with each; the paper's rule hits all three: CPM 1, object Dice 0.077, harmonic mean
+    2 * 0.077 / 1.077 = 0.143. "good": two lesions exactly, the third missed: a single FROC point
+    (0, 2/3), CPM 2/3, object Dice 1, harmonic mean 2 * (2/3) / (5/3) = 0.8."""
+    from IWSegmentationLib.training import TrainConfig, _metric_value, harmonic_mean, merging_warning
+
+    ref = np.zeros((4, 4, 56), np.uint8)
+    for x0 in (2, 20, 40):
+        ref[1:3, 1:3, x0:x0 + 2] = 1
+    blob = np.zeros(ref.shape, np.float32)
+    blob[1:3, 1:3, 2:52] = 0.9
+    good = ref.astype(np.float32) * np.float32(0.9)
+    good[:, :, 40:] = 0
+    reports = {name: evaluate_cases([match_case(p, ref)]) for name, p in (("blob", blob), ("good", good))}
+    assert reports["blob"]["cpm"] == 1.0 and reports["blob"]["object_dice"]["mean"] == pytest.approx(16 / 208)
+    assert _metric_value(reports["blob"], "cpm") > _metric_value(reports["good"], "cpm")  # CPM alone is gamed
+    default = TrainConfig().val_metric
+    assert default == "cpm_object_dice"
+    assert _metric_value(reports["blob"], default) == pytest.approx(2 * (16 / 208) / (1 + 16 / 208))
+    assert _metric_value(reports["good"], default) == pytest.approx(0.8)
+    assert harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(None, 0.5) is None
+    assert "object Dice 0.077" in merging_warning(reports["blob"]) and merging_warning(reports["good"]) is None
+
+
+def test_validation_detection_keys():
+    from IWSegmentationLib.training import TrainConfig
+
+    config = TrainConfig(val_hit_rule="panoptica", min_lesion_size="5mm3")
+    config.validate()
+    assert config.detection_rule() == (HitRule("hungarian", min_iou=0.5), MinLesionSize(5.0, "mm3"))
+    for key, value, match in (("val_hit_rule", "diagonal", "config key 'val_hit_rule'.*unknown term"),
+                              ("min_lesion_size", "3cm", "config key 'min_lesion_size'.*10vox")):
+        with pytest.raises(InputError, match=match):
+            TrainConfig(**{key: value}).validate()
