@@ -959,7 +959,9 @@ def metric_row(report: Mapping[str, Any] | None) -> dict[str, float | None]:
         "val_object_dice": (report.get("object_dice") or {}).get("mean"),
         "val_recall": report.get("recall"),
     }
-    row["val_cpm_object_dice"] = harmonic_mean(row["val_cpm"], row["val_object_dice"])
+    # no lesion hit: object Dice is undefined, but the detection it should temper is 0 as well
+    dice = row["val_object_dice"] if row["val_object_dice"] is not None or row["val_cpm"] is None else 0.0
+    row["val_cpm_object_dice"] = harmonic_mean(row["val_cpm"], dice)
     for group, sub in (report.get("by_size") or {}).items():
         row[f"val_{group}_avg_recall_0_5"] = sub.get("avg_recall_0_5")
         row[f"val_{group}_cpm"] = sub.get("cpm")

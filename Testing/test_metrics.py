@@ -590,6 +590,10 @@ def test_default_best_metric_does_not_prefer_a_merging_model(capsys):
     assert _metric_value(reports["blob"], default) == pytest.approx(2 * (16 / 208) / (1 + 16 / 208))
     assert _metric_value(reports["good"], default) == pytest.approx(0.8)
     assert harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(None, 0.5) is None
+    # nothing hit: object Dice is undefined, but the combined metric is 0 (not None), so an untrained
+    # model still gets a best checkpoint
+    nothing = evaluate_cases([match_case(np.zeros(ref.shape, np.float32), ref)])
+    assert nothing["object_dice"]["mean"] is None and _metric_value(nothing, default) == 0.0
     assert "object Dice 0.077" in merging_warning(reports["blob"]) and merging_warning(reports["good"]) is None
 
 
@@ -603,3 +607,25 @@ def test_validation_detection_keys():
                               ("min_lesion_size", "3cm", "config key 'min_lesion_size'.*10vox")):
         with pytest.raises(InputError, match=match):
             TrainConfig(**{key: value}).validate()
+
+
+def test_tiny_training_run_validates_with_the_hit_rule_and_writes_min_size_to_the_card(tmp_path):
+    """A real 1-epoch run of the tiny U-Net (test_training's synthetic liver data) with
+    val_hit_rule one-to-one and min_lesion_size 2 voxels: validation uses both, the card keeps
+    them, the log has the combined metric, and best.safetensors is chosen by cpm_object_dice."""
+    from test_training import tiny_config
+
+    from IWSegmentationLib.checkpoint import load_checkpoint
+    from IWSegmentationLib.synth import write_dataset
+    from IWSegmentationLib.training import train
+
+    write_dataset(tmp_path / "data", 4, 0, "ct-liver", shape=(16, 32, 32))
+    config = tiny_config(tmp_path / "data", tmp_path / "run", epochs=1, iters_per_epoch=2, val_every=1,
+                         val_hit_rule="one-to-one", min_lesion_size="2vox", tensorboard=False)
+    result = train(config, verbose=False)
+    _, card = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert card["min_lesion_size"] == {"value": 2.0, "unit": "voxels"}
+    assert card["validation_metrics"]["hit_rule"] == "one-to-one"
+    assert result.best_metric == "cpm_object_dice"
+    header = (tmp_path / "run" / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"val_recall", "val_cpm_object_dice"} <= set(header)
