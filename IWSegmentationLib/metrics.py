@@ -16,6 +16,10 @@ Per case (:func:`match_case`)
     * each component ``c`` has ``hit_dice(c)`` = the highest Dice over the lesions it
       overlaps (0 if none). A component with ``hit_dice = 0`` is a false positive.
 
+    That is the paper's hit rule, the default. :class:`HitRule` adds the conditions and the
+    one-to-one matchings of other lesion-wise evaluations (``hit_rule=``), and predicted
+    components under a minimum size can be dropped first (``min_lesion_size=``).
+
 Over images (:func:`evaluate_cases`)
     At a confidence threshold τ: TP = lesions with ``hit_dice > 0`` and ``hit_conf ≥ τ``;
     FP = components with ``hit_dice = 0`` and confidence ≥ τ; recall = TP / #lesions;
@@ -24,12 +28,15 @@ Over images (:func:`evaluate_cases`)
     added, and where several τ give the same FP/image the highest recall is kept. Recall at
     any FP/image is then read by linear interpolation (``np.interp``, clamped at the ends).
 
-    * ``cpm``: mean recall at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP/image (LUNA16).
-    * ``avg_recall_0_5``: mean recall over ``linspace(0, 5, 501)`` FP/image, the paper's
-      "avg Recall".
+    * ``cpm``: mean recall at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP/image (LUNA16); the paper's
+      Table 2 "avg Recall" is this number (its bootstrap mean with ``bootstrap_mode="paper"``).
+    * ``avg_recall_0_5``: mean recall over ``linspace(0, 5, 501)`` FP/image (a secondary
+      figure; not the paper's "avg Recall").
+    * ``recall``: hit lesions / lesions at the segmentation threshold.
     * ``object_dice``: mean and std (ddof 0) of ``hit_dice`` over lesions with ``hit_dice > 0``.
     * ``bootstrap``: 100 resamples of 80% of the images without replacement (seeded); in
-      each, FP/image divides by the resample size; mean and std (ddof 0) of ``cpm`` and
+      each, FP/image divides by the resample size (``mode="paper"``: the authors' variant, see
+      :func:`bootstrap`); mean and std (ddof 0) of ``cpm`` and
       ``avg_recall_0_5`` over the resamples.
     * ``by_size``: the same per size group; the group's lesions are the denominator, and an
       unmatched component is an FP of the group its own equivalent diameter falls in (records
@@ -69,7 +76,8 @@ from .lesions import (
 
 #: FP/image rates of the LUNA16 competition performance metric (CPM).
 CPM_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-#: FP/image grid of the paper's "avg Recall": 501 points from 0 to 5.
+#: FP/image grid of ``avg_recall_0_5``: 501 points from 0 to 5 (not the paper's "avg Recall",
+#: which is the CPM; see docs/metrics.md).
 AVG_RECALL_FP_RATES: np.ndarray = np.linspace(0.0, 5.0, 501)
 N_BOOTSTRAP = 100
 BOOTSTRAP_FRACTION = 0.8
@@ -631,7 +639,8 @@ def cpm(curve: Froc) -> float:
 
 
 def avg_recall(curve: Froc, max_fp: float = 5.0, n_points: int = 501) -> float:
-    """Mean recall over ``linspace(0, max_fp, n_points)`` FP/image (the paper's "avg Recall")."""
+    """Mean recall over ``linspace(0, max_fp, n_points)`` FP/image. Not the paper's Table 2
+    "avg Recall", which is :func:`cpm`; it matches only a printout of the authors' notebook."""
     if curve.n_lesions == 0:
         return math.nan
     return float(np.mean(curve.recall_at(np.linspace(0.0, max_fp, n_points))))

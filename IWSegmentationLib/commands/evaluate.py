@@ -89,7 +89,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=26,
                    help="connected-component connectivity for lesions and predictions (default 26)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the full report as JSON")
-    p.add_argument("--csv", type=Path, metavar="OUT", help="write one row per reference lesion as CSV")
+    p.add_argument("--csv", type=Path, metavar="OUT",
+                   help="write one row per reference lesion, then per false positive, as CSV")
     p.add_argument("--froc-png", type=Path, metavar="OUT", help="write the FROC plot as PNG")
     p.add_argument("--seed", type=int, default=None, help="bootstrap seed (default 0; 42 with --bootstrap paper)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
