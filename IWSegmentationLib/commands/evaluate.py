@@ -183,6 +183,13 @@ def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _source(results: Sequence[CaseResult], threshold: float) -> str:
+    """What the numbers were computed from: records (no threshold, no voxels) or thresholded maps."""
+    if all(math.isnan(r.threshold) and r.ref_voxels == 0 and r.pred_voxels == 0 for r in results):
+        return "per-lesion records"
+    return f"components of prob > {threshold:g}"
+
+
 def _group_label(group: str, thresholds: SizeThresholds) -> str:
     s, m = f"{thresholds.small_mm:g}", f"{thresholds.large_mm:g}"
     return {"small": f"d < {s} mm", "medium": f"{s}-{m} mm", "large": f"d >= {m} mm"}[group]
@@ -201,10 +208,8 @@ def print_summary(report: dict, results: Sequence[CaseResult], thresholds: SizeT
             n_hit[les.size_group] = n_hit.get(les.size_group, 0) + les.detected
     n_img = report["n_images"]
     dices = [r.voxel_dice for r in results if not math.isnan(r.voxel_dice)]
-    source = "per-lesion records" if all(r.ref_voxels == 0 and r.pred_voxels == 0 and math.isnan(r.threshold)
-                                           for r in results) else f"components of prob > {threshold:g}"
     boot = report["bootstrap"]
-    print(f"iwseg evaluate: {n_img} image(s), {report['n_lesions']} reference lesion(s), {source}; "
+    print(f"iwseg evaluate: {n_img} image(s), {report['n_lesions']} reference lesion(s), {_source(results, threshold)}; "
           f"hit rule {report.get('hit_rule', 'paper')}; bootstrap {boot.get('mode', 'ours')} (seed {boot.get('seed')})",
           file=out)
     header = (f"{'group':<20}{'lesions':>8}{'hit':>6}{'recall':>8}{'FP/img':>8}{'CPM':>8}"
@@ -306,7 +311,8 @@ def plot_froc(path: Path, report: dict, results: Sequence[CaseResult], threshold
         if band.shape[0] > 1:
             std = band.std(axis=0)
             ax.fill_between(grid, np.clip(recall - std, 0, 1), np.clip(recall + std, 0, 1), color="0.6",
-                            alpha=0.35, lw=0, label=f"all lesions, ±1 std over {band.shape[0]} bootstrap resamples")
+                            alpha=0.35, lw=0, label=f"all lesions, ±1 std over {band.shape[0]} bootstrap resamples"
+                                                    + (" (the authors' bootstrap)" if bootstrap_mode == "paper" else ""))
         ax.plot(grid, recall, color="black", lw=2.4,
                 label=f"all lesions, n={report['n_lesions']}: CPM {_fmt(report['cpm'])}, "
                       f"avg recall 0-5 {_fmt(report['avg_recall_0_5'])}")
@@ -331,7 +337,7 @@ def plot_froc(path: Path, report: dict, results: Sequence[CaseResult], threshold
     ax.set_xlabel("False positives per image")
     ax.set_ylabel("Lesion recall (sensitivity)")
     ax.set_title(f"FROC: {report['n_images']} image(s), {report['n_lesions']} lesion(s), "
-                 f"components of prob > {threshold:g}", fontsize=11)
+                 f"{_source(results, threshold)}", fontsize=11)
     ax.legend(loc="lower right", fontsize=8, framealpha=0.92)
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png")
