@@ -537,32 +537,54 @@ def test_paper_bootstrap_quirk_by_hand(tmp_path):
         bootstrap(cases, mode="theirs")
 
 
-# The authors' records of the LiTS Dice-loss model (hold-out, 28 images), trimmed; see the fixture's
-# note in docs/metrics.md. Paper, Table 2, LiTS, Dice: avg Recall .62, object Dice .63.
-LITS_DICE_RECORDS = Path(__file__).parent / "fixtures" / "prc_records_lits_dice.json"
+# The authors' hold-out records (neuro-ml/inverse_weighting, froc_data/*/prc_records.json), trimmed;
+# see "Reproducing the paper's Table 2" in docs/metrics.md for what was kept.
+FIXTURES = Path(__file__).parent / "fixtures"
+LITS_DICE_RECORDS = FIXTURES / "prc_records_lits_dice.json"
+LUNA16_BCE_RECORDS = FIXTURES / "prc_records_luna16_bce.json"
 
 
-def test_table_2_reproduced_from_the_authors_records():
-    cases = load_records(LITS_DICE_RECORDS, SizeThresholds(12.0, 24.0))
-    assert len(cases) == 28 and sum(len(c.lesions) for c in cases) == 138
+@pytest.mark.parametrize(
+    "path, paper, counts",
+    [
+        # Table 2, LiTS, Dice: avg Recall .62, object Dice .63; 28 images, all with records
+        (LITS_DICE_RECORDS, (0.62, 0.63), {"images": 28, "without_records": 0, "lesions": 138, "hit": 103, "fp": 103}),
+        # Table 2, LUNA16, BCE: avg Recall .42, object Dice .57; 28 of the 159 scans have no record at all
+        (LUNA16_BCE_RECORDS, (0.42, 0.57), {"images": 159, "without_records": 28, "lesions": 196, "hit": 91, "fp": 239}),
+    ],
+    ids=["lits-dice", "luna16-bce"],
+)
+def test_table_2_reproduced_from_the_authors_records(path, paper, counts):
+    cases = load_records(path, SizeThresholds(10.0, 20.0))
+    # the counts, from the files: images, images without any object, lesions, hit lesions, false positives
+    assert len(cases) == counts["images"]
+    assert sum(not c.lesions and not c.components for c in cases) == counts["without_records"]
+    assert sum(len(c.lesions) for c in cases) == counts["lesions"]
+    assert sum(c.n_false_positives for c in cases) == counts["fp"]
     report = evaluate_cases(cases, seed=42, bootstrap_mode="paper")
-    # the counts, by hand from the file: 103 of 138 lesions hit, 103 false positives over 28 images
-    assert report["recall"] == pytest.approx(103 / 138)
-    assert sum(c.n_false_positives for c in cases) == 103
+    assert report["recall"] == pytest.approx(counts["hit"] / counts["lesions"])
     # Table 2's "avg Recall" is the CPM with the authors' bootstrap ...
-    assert report["bootstrap"]["cpm"]["mean"] == pytest.approx(0.62, abs=0.01)
-    # ... and the object Dice, the mean hit Dice over the 103 hit lesions, is exact
-    assert report["object_dice"]["mean"] == pytest.approx(0.63, abs=0.005)
-    # the mean recall over 0-5 FP/image is not the paper's number (0.68 here)
+    assert report["bootstrap"]["cpm"]["mean"] == pytest.approx(paper[0], abs=0.01)
+    # ... and the object Dice, the mean hit Dice over the hit lesions, matches to the printed digits
+    assert report["object_dice"]["mean"] == pytest.approx(paper[1], abs=0.005)
+    assert report["object_dice"]["n"] == counts["hit"]
+
+
+def test_table_2_is_not_the_mean_recall_over_0_5_fp_and_scores_are_logits():
+    """On the LiTS Dice records: the 0-5 FP/image mean is 0.68, not .62; our bootstrap (FP/image
+    over each resample's 22 of 28 images) reads every curve at 28/22 times the FP/image, so it is
+    lower (0.596 against 0.616); ranking by the float16-saturated probabilities instead of the
+    logits breaks the ties at 1.0 differently (0.592)."""
+    cases = load_records(LITS_DICE_RECORDS, SizeThresholds(12.0, 24.0))
+    report = evaluate_cases(cases, seed=42, bootstrap_mode="paper")
     assert abs(report["avg_recall_0_5"] - 0.62) > 0.05
-    # our bootstrap (FP/image over each resample's images, 22 of 28) reads every curve at 28/22
-    # times the FP/image, so it is lower: 0.596 against 0.616 here
     ours = evaluate_cases(cases, seed=42)
     assert ours["bootstrap"]["cpm"]["mean"] < report["bootstrap"]["cpm"]["mean"] - 0.015
-    # ranking by the float16-saturated probabilities instead of logits breaks the ties differently
     by_stat = evaluate_cases(load_records(LITS_DICE_RECORDS, SizeThresholds(12.0, 24.0), score="stat"),
                              seed=42, bootstrap_mode="paper")
     assert by_stat["bootstrap"]["cpm"]["mean"] < 0.60 and by_stat["object_dice"] == report["object_dice"]
+    with pytest.raises(InputError, match="object 0.*hit_stat"):  # the LUNA16 fixture keeps the logits only
+        load_records(LUNA16_BCE_RECORDS, SizeThresholds(10.0, 20.0), score="stat")
 
 
 # ---------------------------------------------------------------------------- best checkpoint (issue 9)
