@@ -16,6 +16,10 @@ Per case (:func:`match_case`)
     * each component ``c`` has ``hit_dice(c)`` = the highest Dice over the lesions it
       overlaps (0 if none). A component with ``hit_dice = 0`` is a false positive.
 
+    That is the paper's hit rule, the default. :class:`HitRule` adds the conditions and the
+    one-to-one matchings of other lesion-wise evaluations (``hit_rule=``), and predicted
+    components under a minimum size can be dropped first (``min_lesion_size=``).
+
 Over images (:func:`evaluate_cases`)
     At a confidence threshold τ: TP = lesions with ``hit_dice > 0`` and ``hit_conf ≥ τ``;
     FP = components with ``hit_dice = 0`` and confidence ≥ τ; recall = TP / #lesions;
@@ -24,15 +28,19 @@ Over images (:func:`evaluate_cases`)
     added, and where several τ give the same FP/image the highest recall is kept. Recall at
     any FP/image is then read by linear interpolation (``np.interp``, clamped at the ends).
 
-    * ``cpm``: mean recall at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP/image (LUNA16).
-    * ``avg_recall_0_5``: mean recall over ``linspace(0, 5, 501)`` FP/image, the paper's
-      "avg Recall".
+    * ``cpm``: mean recall at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP/image (LUNA16); the paper's
+      Table 2 "avg Recall" is this number (its bootstrap mean with ``bootstrap_mode="paper"``).
+    * ``avg_recall_0_5``: mean recall over ``linspace(0, 5, 501)`` FP/image (a secondary
+      figure; not the paper's "avg Recall").
+    * ``recall``: hit lesions / lesions at the segmentation threshold.
     * ``object_dice``: mean and std (ddof 0) of ``hit_dice`` over lesions with ``hit_dice > 0``.
     * ``bootstrap``: 100 resamples of 80% of the images without replacement (seeded); in
-      each, FP/image divides by the resample size; mean and std (ddof 0) of ``cpm`` and
+      each, FP/image divides by the resample size (``mode="paper"``: the authors' variant, see
+      :func:`bootstrap`); mean and std (ddof 0) of ``cpm`` and
       ``avg_recall_0_5`` over the resamples.
     * ``by_size``: the same per size group; the group's lesions are the denominator, and an
-      unmatched component is an FP of the group its own equivalent diameter falls in.
+      unmatched component is an FP of the group its own equivalent diameter falls in (records
+      without a size, see :mod:`IWSegmentationLib.records`, count only in the totals).
 
 Undefined values are ``NaN`` in Python and ``null`` in the report: recall, ``cpm`` and
 ``avg_recall_0_5`` when there are no reference lesions (in all images, in a size group, or
@@ -59,17 +67,125 @@ from .lesions import (
     SIZE_GROUPS,
     SIZE_PRESETS,
     Lesion,
+    MinLesionSize,
     SizeThresholds,
     label_components,
     lesion_table,
+    parse_min_lesion_size,
 )
 
 #: FP/image rates of the LUNA16 competition performance metric (CPM).
 CPM_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-#: FP/image grid of the paper's "avg Recall": 501 points from 0 to 5.
+#: FP/image grid of ``avg_recall_0_5``: 501 points from 0 to 5 (not the paper's "avg Recall",
+#: which is the CPM; see docs/metrics.md).
 AVG_RECALL_FP_RATES: np.ndarray = np.linspace(0.0, 5.0, 501)
 N_BOOTSTRAP = 100
 BOOTSTRAP_FRACTION = 0.8
+#: Bootstrap variants: ``ours`` (FP/image over the resample's images) and ``paper`` (the
+#: authors' notebook: images without any lesion or component are left out of the draw, and
+#: FP/image divides by the full image count; seed 42 reproduces Table 2).
+BOOTSTRAP_MODES = ("ours", "paper")
+PAPER_BOOTSTRAP_SEED = 42
+
+
+# --------------------------------------------------------------------------------------
+# Hit rules
+# --------------------------------------------------------------------------------------
+
+#: How lesions and components are paired: ``many`` (the paper: each lesion takes its best
+#: component, and one component may serve several lesions), ``greedy`` (one-to-one, pairs
+#: taken by decreasing Dice) or ``hungarian`` (one-to-one, maximum total Dice, SciPy's
+#: ``linear_sum_assignment``).
+MATCHINGS = ("many", "greedy", "hungarian")
+#: Named hit rules (``--hit-rule NAME``); see docs/metrics.md for their sources.
+HIT_RULE_PRESETS = {"paper": "many", "one-to-one": "greedy", "panoptica": "hungarian,iou>0.5"}
+
+
+@dataclass(frozen=True)
+class HitRule:
+    """When a predicted component counts as a hit for a reference lesion.
+
+    A (lesion, component) pair can match only if it overlaps in at least ``min_voxels``
+    voxels, covers at least ``min_fraction`` of the lesion's voxels, and has IoU > ``min_iou``
+    and Dice > ``min_dice`` (0: no condition). ``matching`` then pairs them (:data:`MATCHINGS`).
+    The default, ``HitRule()``, is the paper's rule: any overlap, many-to-one.
+
+    Under ``many`` a component that overlaps a lesion through a qualifying pair but is not its
+    best match (a second fragment) is neither a TP nor an FP, as in the paper. Under the
+    one-to-one matchings every component left unpaired is a false positive, as in panoptica.
+    """
+
+    matching: str = "many"
+    min_voxels: int = 1
+    min_fraction: float = 0.0
+    min_iou: float = 0.0
+    min_dice: float = 0.0
+
+    def __post_init__(self):
+        if self.matching not in MATCHINGS:
+            raise InputError(f"hit rule: matching must be one of {', '.join(MATCHINGS)}, got {self.matching!r}")
+        if int(self.min_voxels) < 1:
+            raise InputError(f"hit rule: voxels>=N needs N >= 1, got {self.min_voxels}")
+        for name in ("min_fraction", "min_iou", "min_dice"):
+            value = float(getattr(self, name))
+            if not 0.0 <= value < 1.0 and not (name == "min_fraction" and value == 1.0):
+                raise InputError(f"hit rule: {name} must be in [0, 1), got {value}")
+
+    def accepts(self, overlap: np.ndarray, ref_size: np.ndarray, pred_size: np.ndarray,
+                dice: np.ndarray) -> np.ndarray:
+        """Which overlap pairs may match (a boolean array over the pairs)."""
+        ok = overlap >= int(self.min_voxels)
+        if self.min_fraction > 0:
+            ok &= overlap >= self.min_fraction * ref_size
+        if self.min_iou > 0:
+            ok &= overlap / (ref_size + pred_size - overlap) > self.min_iou
+        if self.min_dice > 0:
+            ok &= dice > self.min_dice
+        return ok
+
+    def __str__(self) -> str:
+        terms = [self.matching]
+        if self.min_voxels > 1:
+            terms.append(f"voxels>={int(self.min_voxels)}")
+        for label, value, op in (("fraction", self.min_fraction, ">="), ("iou", self.min_iou, ">"),
+                                 ("dice", self.min_dice, ">")):
+            if value > 0:
+                terms.append(f"{label}{op}{value:g}")
+        text = ",".join(terms)
+        return next((name for name, spec in HIT_RULE_PRESETS.items() if spec == text), text)
+
+
+def parse_hit_rule(spec: str | HitRule | None) -> HitRule:
+    """A :class:`HitRule` from its text form (``--hit-rule``, the ``val_hit_rule`` config key).
+
+    The text is a preset name (:data:`HIT_RULE_PRESETS`: ``paper``, ``one-to-one``,
+    ``panoptica``) or comma-separated terms, in any order: a matching (``many``, ``greedy``,
+    ``hungarian``, or a preset name) and conditions ``voxels>=N``, ``fraction>=F``, ``iou>T``,
+    ``dice>T``; a later term overrides an earlier one.
+    Example: ``hungarian,iou>0.5``; ``many,voxels>=10``. None or ``""`` is the paper's rule.
+    """
+    if isinstance(spec, HitRule):
+        return spec
+    text = (spec or "paper").strip().lower().replace(" ", "")
+    terms = [t for term in text.split(",") for t in HIT_RULE_PRESETS.get(term, term).split(",") if t]
+    fields: dict = {}
+    conditions = {"voxels>=": ("min_voxels", int), "fraction>=": ("min_fraction", float),
+                  "iou>": ("min_iou", float), "dice>": ("min_dice", float)}
+    for term in terms:
+        if term in MATCHINGS:
+            fields["matching"] = term
+            continue
+        prefix = next((p for p in conditions if term.startswith(p)), None)
+        if prefix is None:
+            raise InputError(
+                f"hit rule {spec!r}: unknown term {term!r}; use {', '.join(HIT_RULE_PRESETS)}, or terms "
+                f"{'/'.join(MATCHINGS)}, voxels>=N, fraction>=F, iou>T, dice>T separated by commas")
+        name, kind = conditions[prefix]
+        try:
+            fields[name] = kind(term[len(prefix):])
+        except ValueError:
+            raise InputError(f"hit rule {spec!r}: {term!r} needs a number after {prefix!r}") from None
+    return HitRule(**fields)
 
 
 # --------------------------------------------------------------------------------------
@@ -98,11 +214,11 @@ class LesionResult(Lesion):
         """The report's per-lesion entry: ``id, volume_mm3, diameter_mm, size_group, hit_dice, confidence``."""
         return {
             "id": self.id,
-            "volume_mm3": self.volume_mm3,
-            "diameter_mm": self.diameter_mm,
+            "volume_mm3": _json_float(self.volume_mm3),
+            "diameter_mm": _json_float(self.diameter_mm),
             "size_group": self.size_group,
             "hit_dice": self.hit_dice,
-            "confidence": self.confidence,
+            "confidence": None if self.confidence is None else _json_float(self.confidence),
         }
 
 
@@ -123,9 +239,9 @@ class ComponentResult(Lesion):
         """The report's per-component entry: ``id, volume_mm3, diameter_mm, confidence, hit_dice``."""
         return {
             "id": self.id,
-            "volume_mm3": self.volume_mm3,
-            "diameter_mm": self.diameter_mm,
-            "confidence": self.confidence,
+            "volume_mm3": _json_float(self.volume_mm3),
+            "diameter_mm": _json_float(self.diameter_mm),
+            "confidence": _json_float(self.confidence),
             "hit_dice": self.hit_dice,
         }
 
@@ -148,6 +264,7 @@ class CaseResult:
     overlap_voxels: int
     ref_labels: np.ndarray | None = field(default=None, repr=False)
     pred_labels: np.ndarray | None = field(default=None, repr=False)
+    hit_rule: str = "paper"
 
     @property
     def voxel_dice(self) -> float:
@@ -255,6 +372,8 @@ def match_case(
     pred_name: str | None = None,
     ref_name: str | None = None,
     keep_labels: bool = False,
+    hit_rule: HitRule | str | None = None,
+    min_lesion_size: MinLesionSize | str | None = None,
 ) -> CaseResult:
     """Match the predicted components of one image to its reference lesions.
 
@@ -269,6 +388,10 @@ def match_case(
         case: case id reported in the results.
         pred_name, ref_name: how error messages name the inputs (file paths), default ``case``.
         keep_labels: keep the two label maps in the result (for building segmentations).
+        hit_rule: when a component hits a lesion (:class:`HitRule` or its text form);
+            default the paper's rule (any overlap, best Dice, many-to-one).
+        min_lesion_size: predicted components smaller than this are dropped before matching
+            (:class:`~IWSegmentationLib.lesions.MinLesionSize` or ``"10vox"`` / ``"5mm3"``).
 
     Returns a :class:`CaseResult`. Costs two labellings, two lesion tables and one pass
     over the predicted voxels; raises :class:`InputError` naming the input on bad data.
@@ -285,12 +408,16 @@ def match_case(
         raise InputError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity}")
     thresholds = thresholds or SIZE_PRESETS[DEFAULT_SIZE_PRESET]
     spacing = tuple(float(s) for s in spacing)
+    rule = parse_hit_rule(hit_rule)
+    min_size = parse_min_lesion_size(min_lesion_size)
 
     pred_mask = prob > threshold
     ref_labels, n_ref = label_components(ref, connectivity)
     pred_labels, n_pred = label_components(pred_mask, connectivity)
     ref_table = lesion_table(ref_labels, spacing, thresholds=thresholds, k=n_ref)
     pred_table = lesion_table(pred_labels, spacing, thresholds=thresholds, k=n_pred)
+    if min_size is not None:
+        pred_table, pred_mask = _drop_small(pred_table, pred_labels, pred_mask, min_size.min_voxels(spacing))
     ref_sizes = _sizes_by_id(ref_table, n_ref)
     pred_sizes = _sizes_by_id(pred_table, n_pred)
 
@@ -305,9 +432,8 @@ def match_case(
     pair_code, pair_overlap = np.unique(code, return_counts=True)
     pair_lesion, pair_comp = np.divmod(pair_code, n_pred + 1)
     pair_dice = 2.0 * pair_overlap / (ref_sizes[pair_lesion] + pred_sizes[pair_comp])
-
-    lesion_best = _best_partner(pair_lesion, pair_comp, pair_dice, tie=-confidence[pair_comp])
-    comp_best = _best_partner(pair_comp, pair_lesion, pair_dice, tie=np.zeros_like(pair_dice))
+    ok = rule.accepts(pair_overlap, ref_sizes[pair_lesion], pred_sizes[pair_comp], pair_dice)
+    lesion_best, comp_best = _match_pairs(pair_lesion[ok], pair_comp[ok], pair_dice[ok], confidence, rule.matching)
 
     lesions = []
     for les in ref_table:
@@ -335,7 +461,63 @@ def match_case(
         case=case, lesions=lesions, components=components, threshold=float(threshold), spacing=spacing,
         ref_voxels=int(ref_sizes.sum()), pred_voxels=int(pred_sizes.sum()), overlap_voxels=int(pair_overlap.sum()),
         ref_labels=ref_labels if keep_labels else None, pred_labels=pred_labels if keep_labels else None,
+        hit_rule=str(rule),
     )
+
+
+def _drop_small(pred_table: list, pred_labels: np.ndarray, pred_mask: np.ndarray, min_voxels: int):
+    """Remove components under ``min_voxels`` from the table, the label map (in place) and the mask."""
+    small = [c.id for c in pred_table if c.voxels < min_voxels]
+    if not small:
+        return pred_table, pred_mask
+    drop = np.zeros(int(pred_labels.max()) + 1, dtype=bool)
+    drop[small] = True
+    gone = drop[pred_labels]
+    pred_labels[gone] = 0
+    return [c for c in pred_table if c.voxels >= min_voxels], pred_mask & ~gone
+
+
+def _match_pairs(lesion: np.ndarray, comp: np.ndarray, dice: np.ndarray, confidence: np.ndarray,
+                 matching: str) -> tuple[dict, dict]:
+    """Pair lesions and components from their qualifying overlap pairs.
+
+    Returns ``({lesion: (component, dice)}, {component: (lesion, dice)})``. ``many``: each
+    lesion's best component and each component's best lesion, independently (the paper).
+    ``greedy`` / ``hungarian``: a one-to-one assignment, the same pairs in both dicts.
+    """
+    if matching == "many":
+        return (_best_partner(lesion, comp, dice, tie=-confidence[comp]),
+                _best_partner(comp, lesion, dice, tie=np.zeros_like(dice)))
+    pairs = _greedy_pairs(lesion, comp, dice, confidence) if matching == "greedy" else _hungarian_pairs(lesion, comp, dice)
+    by_lesion = {int(le): (int(c), float(d)) for le, c, d in pairs}
+    return by_lesion, {c: (le, d) for le, (c, d) in by_lesion.items()}
+
+
+def _greedy_pairs(lesion, comp, dice, confidence) -> list[tuple[int, int, float]]:
+    """One-to-one pairs taken by decreasing Dice (ties: the more confident component, lower ids)."""
+    order = np.lexsort((comp, lesion, -confidence[comp], -dice))
+    used_l, used_c, out = set(), set(), []
+    for i in order:
+        le, c = int(lesion[i]), int(comp[i])
+        if le not in used_l and c not in used_c:
+            used_l.add(le)
+            used_c.add(c)
+            out.append((le, c, float(dice[i])))
+    return out
+
+
+def _hungarian_pairs(lesion, comp, dice) -> list[tuple[int, int, float]]:
+    """One-to-one pairs of maximum total Dice (``scipy.optimize.linear_sum_assignment``)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if lesion.size == 0:
+        return []
+    les_ids, li = np.unique(lesion, return_inverse=True)
+    comp_ids, ci = np.unique(comp, return_inverse=True)
+    weight = np.zeros((les_ids.size, comp_ids.size))
+    weight[li, ci] = dice
+    rows, cols = linear_sum_assignment(weight, maximize=True)
+    return [(int(les_ids[r]), int(comp_ids[c]), float(weight[r, c])) for r, c in zip(rows, cols) if weight[r, c] > 0]
 
 
 def _lesion_fields(lesion: Lesion) -> dict:
@@ -457,7 +639,8 @@ def cpm(curve: Froc) -> float:
 
 
 def avg_recall(curve: Froc, max_fp: float = 5.0, n_points: int = 501) -> float:
-    """Mean recall over ``linspace(0, max_fp, n_points)`` FP/image (the paper's "avg Recall")."""
+    """Mean recall over ``linspace(0, max_fp, n_points)`` FP/image. Not the paper's Table 2
+    "avg Recall", which is :func:`cpm`; it matches only a printout of the authors' notebook."""
     if curve.n_lesions == 0:
         return math.nan
     return float(np.mean(curve.recall_at(np.linspace(0.0, max_fp, n_points))))
@@ -485,9 +668,9 @@ class _Pool:
     @classmethod
     def from_cases(cls, cases: Sequence[CaseResult]) -> _Pool:
         group_code = {g: i for i, g in enumerate(SIZE_GROUPS)}
-        les = [(i, group_code[x.size_group], x.hit_dice, math.nan if x.confidence is None or x.hit_dice <= 0
+        les = [(i, group_code.get(x.size_group, -1), x.hit_dice, math.nan if x.confidence is None or x.hit_dice <= 0
                 else x.confidence) for i, c in enumerate(cases) for x in c.lesions]
-        comp = [(i, group_code[x.size_group], x.confidence, x.hit_dice == 0)
+        comp = [(i, group_code.get(x.size_group, -1), x.confidence, x.hit_dice == 0)
                 for i, c in enumerate(cases) for x in c.components]
         les_a = np.array(les, dtype=float).reshape(-1, 4)
         comp_a = np.array(comp, dtype=float).reshape(-1, 4)
@@ -499,8 +682,15 @@ class _Pool:
             comp_conf=comp_a[:, 2], comp_fp=comp_a[:, 3].astype(bool),
         )
 
-    def select(self, group: str | None = None, images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-        """(hit_conf of the selected lesions, confidences of the selected FPs, n_images)."""
+    def with_records(self) -> np.ndarray:
+        """Indices of the images that hold at least one lesion or component (sorted)."""
+        return np.union1d(self.les_image, self.comp_image).astype(np.int64)
+
+    def select(self, group: str | None = None, images: np.ndarray | None = None,
+               fp_denominator: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """(hit_conf of the selected lesions, confidences of the selected FPs, FP/image denominator).
+
+        The denominator is the number of selected images unless ``fp_denominator`` is given."""
         les_ok = np.ones(self.les_conf.size, bool)
         fp_ok = self.comp_fp.copy()
         n_images = self.n_images
@@ -514,11 +704,17 @@ class _Pool:
             les_ok &= chosen[self.les_image]
             fp_ok &= chosen[self.comp_image]
             n_images = int(np.count_nonzero(chosen))
-        return self.les_conf[les_ok], self.comp_conf[fp_ok], n_images
+        return self.les_conf[les_ok], self.comp_conf[fp_ok], fp_denominator or n_images
 
-    def froc(self, group: str | None = None, images: np.ndarray | None = None) -> Froc:
-        hit_conf, fp_conf, n_images = self.select(group, images)
+    def froc(self, group: str | None = None, images: np.ndarray | None = None,
+             fp_denominator: int | None = None) -> Froc:
+        hit_conf, fp_conf, n_images = self.select(group, images, fp_denominator)
         return froc(hit_conf, fp_conf, n_images)
+
+    def recall(self, group: str | None = None) -> float:
+        """Recall at the segmentation threshold: hit lesions / lesions (NaN without lesions)."""
+        ok = np.ones(self.les_dice.size, bool) if group is None else self.les_group == SIZE_GROUPS.index(group)
+        return float(np.mean(self.les_dice[ok] > 0)) if ok.any() else math.nan
 
     def object_dice(self, group: str | None = None) -> dict:
         ok = self.les_dice > 0
@@ -541,14 +737,23 @@ def _check_cases(cases: Sequence[CaseResult]) -> list[CaseResult]:
     return sorted(cases, key=lambda c: c.case)
 
 
-def _resamples(n_images: int, n_resamples: int, fraction: float, seed: int) -> list[np.ndarray]:
+def _resamples(candidates: np.ndarray, n_resamples: int, fraction: float, seed: int) -> list[np.ndarray]:
+    """``n_resamples`` draws of ``fraction`` of the candidate image indices, without replacement."""
     if not (0 < fraction <= 1):
         raise InputError(f"bootstrap fraction must be in (0, 1], got {fraction}")
     if n_resamples < 1:
         raise InputError(f"bootstrap needs at least one resample, got {n_resamples}")
-    size = max(1, int(math.floor(fraction * n_images + 0.5)))
+    if candidates.size == 0:
+        return []
+    size = max(1, int(math.floor(fraction * candidates.size + 0.5)))
     rng = np.random.default_rng(seed)
-    return [rng.choice(n_images, size=size, replace=False) for _ in range(n_resamples)]
+    return [candidates[rng.choice(candidates.size, size=size, replace=False)] for _ in range(n_resamples)]
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in BOOTSTRAP_MODES:
+        raise InputError(f"bootstrap mode must be one of {', '.join(BOOTSTRAP_MODES)}, got {mode!r}")
+    return mode
 
 
 def bootstrap_recall_curves(
@@ -559,29 +764,34 @@ def bootstrap_recall_curves(
     n_resamples: int = N_BOOTSTRAP,
     fraction: float = BOOTSTRAP_FRACTION,
     seed: int = 0,
+    mode: str = "ours",
 ) -> np.ndarray:
     """Recall at ``fp_per_image`` for each bootstrap resample: shape ``(n_resamples, len(fp))``.
 
     Rows of resamples without any lesion of the group are NaN. The FROC plot draws its
-    ±1 std band from these.
+    ±1 std band from these. ``mode`` is one of :data:`BOOTSTRAP_MODES`.
     """
     pool = _Pool.from_cases(_check_cases(cases))
-    return _bootstrap_curves(pool, np.asarray(fp_per_image, float), size_group, n_resamples, fraction, seed)
+    return _bootstrap_curves(pool, np.asarray(fp_per_image, float), size_group, n_resamples, fraction, seed,
+                             _check_mode(mode))
 
 
-def _bootstrap_curves(pool: _Pool, grid: np.ndarray, group, n_resamples, fraction, seed) -> np.ndarray:
+def _bootstrap_curves(pool: _Pool, grid: np.ndarray, group, n_resamples, fraction, seed, mode="ours") -> np.ndarray:
+    paper = mode == "paper"
+    candidates = pool.with_records() if paper else np.arange(pool.n_images)
+    denominator = pool.n_images if paper else None
     out = np.full((n_resamples, grid.size), np.nan)
-    for b, images in enumerate(_resamples(pool.n_images, n_resamples, fraction, seed)):
-        curve = pool.froc(group, images)
+    for b, images in enumerate(_resamples(candidates, n_resamples, fraction, seed)):
+        curve = pool.froc(group, images, denominator)
         if curve.n_lesions:
             out[b] = curve.recall_at(grid)
     return out
 
 
-def _bootstrap(pool: _Pool, group, n_resamples, fraction, seed) -> dict:
+def _bootstrap(pool: _Pool, group, n_resamples, fraction, seed, mode="ours") -> dict:
     n_cpm = len(CPM_FP_RATES)
     grid = np.r_[np.asarray(CPM_FP_RATES), AVG_RECALL_FP_RATES]
-    curves = _bootstrap_curves(pool, grid, group, n_resamples, fraction, seed)
+    curves = _bootstrap_curves(pool, grid, group, n_resamples, fraction, seed, mode)
     ok = np.isfinite(curves[:, 0])
     cpms = curves[ok, :n_cpm].mean(axis=1)
     avgs = curves[ok, n_cpm:].mean(axis=1)
@@ -591,7 +801,7 @@ def _bootstrap(pool: _Pool, group, n_resamples, fraction, seed) -> dict:
             return {"mean": None, "std": None}
         return {"mean": float(values.mean()), "std": float(values.std(ddof=0))}
 
-    return {"cpm": summary(cpms), "avg_recall_0_5": summary(avgs), "n": int(ok.sum())}
+    return {"cpm": summary(cpms), "avg_recall_0_5": summary(avgs), "n": int(ok.sum()), "mode": mode, "seed": seed}
 
 
 def bootstrap(
@@ -601,29 +811,34 @@ def bootstrap(
     n_resamples: int = N_BOOTSTRAP,
     fraction: float = BOOTSTRAP_FRACTION,
     seed: int = 0,
+    mode: str = "ours",
 ) -> dict:
     """Bootstrap of ``cpm`` and ``avg_recall_0_5`` over image subsets.
 
     ``n_resamples`` draws of ``fraction · #images`` (rounded half up, at least 1) images without
     replacement, from ``numpy.random.default_rng(seed)``, images ordered by case name;
-    FP/image divides by the subset size. Returns ``{"cpm": {"mean", "std"},
-    "avg_recall_0_5": {"mean", "std"}, "n"}`` where ``n`` counts the resamples that hold at
-    least one lesion (the others have no recall and are left out); std has ddof 0.
+    FP/image divides by the subset size. ``mode="paper"`` copies the authors' notebook
+    instead: the draws are from the images that hold a lesion or a component only, and
+    FP/image divides by the full image count (a quirk: it lowers FP/image by about 20%).
+    Returns ``{"cpm": {"mean", "std"}, "avg_recall_0_5": {"mean", "std"}, "n", "mode",
+    "seed"}`` where ``n`` counts the resamples that hold at least one lesion (the others have
+    no recall and are left out); std has ddof 0.
     """
     pool = _Pool.from_cases(_check_cases(cases))
-    return _bootstrap(pool, size_group, n_resamples, fraction, seed)
+    return _bootstrap(pool, size_group, n_resamples, fraction, seed, _check_mode(mode))
 
 
-def _summary(pool: _Pool, group, n_resamples, fraction, seed) -> dict:
+def _summary(pool: _Pool, group, n_resamples, fraction, seed, mode="ours") -> dict:
     curve = pool.froc(group)
     return {
         "n_images": pool.n_images,
         "n_lesions": curve.n_lesions,
+        "recall": _json_float(pool.recall(group)),
         "object_dice": pool.object_dice(group),
         "cpm": _json_float(cpm(curve)),
         "avg_recall_0_5": _json_float(avg_recall(curve)),
         "froc": curve.as_dict(),
-        "bootstrap": _bootstrap(pool, group, n_resamples, fraction, seed),
+        "bootstrap": _bootstrap(pool, group, n_resamples, fraction, seed, mode),
     }
 
 
@@ -633,18 +848,26 @@ def evaluate_cases(
     n_resamples: int = N_BOOTSTRAP,
     fraction: float = BOOTSTRAP_FRACTION,
     seed: int = 0,
+    bootstrap_mode: str = "ours",
 ) -> dict:
     """The evaluation report over images, JSON-ready (undefined values are None).
 
-    Keys: ``n_images, n_lesions, object_dice{mean,std,n}, cpm, avg_recall_0_5,
-    froc{fp_per_image,recall,threshold}, bootstrap{cpm{mean,std}, avg_recall_0_5{mean,std}, n},
-    by_size{small,medium,large -> the same fields}, cases[...]`` (in input order, see
-    :meth:`CaseResult.as_dict`). A FROC threshold of None is the added (0, 0) point (τ = ∞).
+    Keys: ``n_images, n_lesions, recall, object_dice{mean,std,n}, cpm, avg_recall_0_5,
+    froc{fp_per_image,recall,threshold}, bootstrap{cpm{mean,std}, avg_recall_0_5{mean,std}, n,
+    mode, seed}, hit_rule, by_size{small,medium,large -> the same fields}, cases[...]`` (in input
+    order, see :meth:`CaseResult.as_dict`). ``recall`` is at the segmentation threshold (every
+    component counts). A FROC threshold of None is the added (0, 0) point (τ = ∞).
+    ``bootstrap_mode`` is one of :data:`BOOTSTRAP_MODES` (see :func:`bootstrap`).
     """
     ordered = _check_cases(cases)
+    _check_mode(bootstrap_mode)
+    rules = sorted({c.hit_rule for c in ordered})
+    if len(rules) > 1:
+        raise InputError(f"cases were matched with different hit rules ({', '.join(rules)}); pool one rule at a time")
     pool = _Pool.from_cases(ordered)
-    report = _summary(pool, None, n_resamples, fraction, seed)
-    report["by_size"] = {g: _summary(pool, g, n_resamples, fraction, seed) for g in SIZE_GROUPS}
+    report = _summary(pool, None, n_resamples, fraction, seed, bootstrap_mode)
+    report["hit_rule"] = rules[0]
+    report["by_size"] = {g: _summary(pool, g, n_resamples, fraction, seed, bootstrap_mode) for g in SIZE_GROUPS}
     report["cases"] = [c.as_dict() for c in cases]
     return report
 

@@ -52,7 +52,14 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------------------------
 
 #: Metrics a run can select its best checkpoint by (keys of the validation report; higher is better).
-VAL_METRICS = ("avg_recall_0_5", "cpm", "object_dice", "small_avg_recall_0_5", "small_object_dice")
+#: ``cpm_object_dice`` (the default) is the harmonic mean of CPM and object Dice: a model that
+#: paints one blob over many lesions has a high CPM under the paper's hit rule but an object
+#: Dice near 0, so it cannot win on detection alone.
+VAL_METRICS = ("cpm_object_dice", "cpm", "avg_recall_0_5", "object_dice", "small_avg_recall_0_5",
+               "small_object_dice")
+#: The merging warning: recall at least this high with object Dice below MERGE_WARNING_DICE.
+MERGE_WARNING_RECALL = 0.5
+MERGE_WARNING_DICE = 0.1
 LR_SCHEDULES = ("step", "cosine", "constant")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -158,8 +165,15 @@ class TrainConfig:
     # -- validation --------------------------------------------------------------------------
     val_every: int = _key(10, "int", "Validate every this many epochs (and after the last); 0 disables "
                           "validation (then 'best' is the last).", section="validation")
-    val_metric: str = _key("avg_recall_0_5", "str", f"Metric that picks the best checkpoint: one of "
-                           f"{', '.join(VAL_METRICS)}.", section="validation")
+    val_metric: str = _key("cpm_object_dice", "str", f"Metric that picks the best checkpoint: one of "
+                           f"{', '.join(VAL_METRICS)}; cpm_object_dice is the harmonic mean of CPM and "
+                           "object Dice, so a model that merges lesions is not preferred.", section="validation")
+    val_hit_rule: str = _key("paper", "str", "When a predicted component hits a lesion at validation: paper "
+                             "(any overlap, many-to-one), one-to-one, panoptica, or terms such as "
+                             "'hungarian,iou>0.5' (docs/metrics.md).", section="validation")
+    min_lesion_size: str | None = _key(None, "str?", "Drop predicted lesions smaller than this at validation "
+                                       "and, through the model card, at inference: e.g. '10vox' or '5mm3' "
+                                       "(null: keep all).", section="validation")
     val_max_cases: int | None = _key(None, "int?", "Validate on at most this many validation cases "
                                      "(null: all).", section="validation")
     val_patch_size: list | None = _key(None, "int3?", "Sliding-window size for validation and the checkpoint's "
@@ -242,6 +256,7 @@ class TrainConfig:
         need(self.amp in AMP_MODES, "amp", f"must be one of {', '.join(AMP_MODES)}")
         need(self.val_every >= 0, "val_every", "must be >= 0")
         need(self.val_metric in VAL_METRICS, "val_metric", f"must be one of {', '.join(VAL_METRICS)}")
+        self._validate_detection_keys(need)
         need(self.val_max_cases is None or self.val_max_cases >= 1, "val_max_cases", "must be >= 1 or null")
         need(self.val_patch_size is None or all(v > 0 for v in self.val_patch_size), "val_patch_size",
              "must be three positive sizes or null")
@@ -312,6 +327,23 @@ class TrainConfig:
     def inverse_weighted(self) -> bool:
         """Whether the loss takes per-patch inverse weights (``iw-*`` losses)."""
         return self.loss.strip().lower().replace("_", "-").startswith("iw-")
+
+    def _validate_detection_keys(self, need) -> None:
+        """``val_hit_rule`` and ``min_lesion_size`` must parse (their own messages say how)."""
+        for key in ("val_hit_rule", "min_lesion_size"):
+            try:
+                self.detection_rule(key)
+            except InputError as exc:
+                need(False, key, str(exc))
+
+    def detection_rule(self, only: str | None = None):
+        """``(HitRule, MinLesionSize | None)`` of validation, from ``val_hit_rule`` and ``min_lesion_size``."""
+        from .lesions import parse_min_lesion_size
+        from .metrics import parse_hit_rule
+
+        rule = parse_hit_rule(self.val_hit_rule) if only in (None, "val_hit_rule") else None
+        size = parse_min_lesion_size(self.min_lesion_size) if only in (None, "min_lesion_size") else None
+        return rule, size
 
     def size_groups(self):
         from .lesions import size_thresholds
@@ -652,7 +684,7 @@ def seed_everything(seed: int) -> None:
 #: Columns of OUT/log.csv, one row per epoch (validation columns are empty when not validated).
 CSV_COLUMNS = (
     "epoch", "lr", "loss", "seconds", "iters_per_s", "data_wait_fraction",
-    "val_cpm", "val_avg_recall_0_5", "val_object_dice",
+    "val_cpm", "val_avg_recall_0_5", "val_object_dice", "val_recall", "val_cpm_object_dice",
     "val_small_avg_recall_0_5", "val_medium_avg_recall_0_5", "val_large_avg_recall_0_5",
     "val_small_object_dice", "val_medium_object_dice", "val_large_object_dice", "best",
 )
@@ -918,6 +950,7 @@ def validate(model, cases: Sequence, config: TrainConfig, card: Mapping[str, Any
     from .metrics import evaluate_cases, match_case
 
     thresholds = config.size_groups()
+    hit_rule, min_size = config.detection_rule()
     results = []
     bar = tqdm(cases, desc="validating", unit="case", leave=False, disable=not (verbose and config.progress))
     for record in bar:
@@ -930,7 +963,8 @@ def validate(model, cases: Sequence, config: TrainConfig, card: Mapping[str, Any
                               device=device or "cpu", overlap=config.val_overlap, channels_last=False)
         results.append(match_case(pred.probabilities, volume.lesion, volume.geometry.spacing_zyx,
                                   threshold=config.threshold, thresholds=thresholds,
-                                  connectivity=config.connectivity, case=record.id))
+                                  connectivity=config.connectivity, case=record.id,
+                                  hit_rule=hit_rule, min_lesion_size=min_size))
     bar.close()
     return evaluate_cases(results, seed=config.seed)
 
@@ -943,7 +977,11 @@ def metric_row(report: Mapping[str, Any] | None) -> dict[str, float | None]:
         "val_cpm": report.get("cpm"),
         "val_avg_recall_0_5": report.get("avg_recall_0_5"),
         "val_object_dice": (report.get("object_dice") or {}).get("mean"),
+        "val_recall": report.get("recall"),
     }
+    # no lesion hit: object Dice is undefined, but the detection it should temper is 0 as well
+    dice = row["val_object_dice"] if row["val_object_dice"] is not None or row["val_cpm"] is None else 0.0
+    row["val_cpm_object_dice"] = harmonic_mean(row["val_cpm"], dice)
     for group, sub in (report.get("by_size") or {}).items():
         row[f"val_{group}_avg_recall_0_5"] = sub.get("avg_recall_0_5")
         row[f"val_{group}_cpm"] = sub.get("cpm")
@@ -961,16 +999,38 @@ def compact_metrics(report: Mapping[str, Any] | None, epoch: int) -> dict | None
         boot = sub.get("bootstrap") or {}
         return {
             "n_lesions": sub.get("n_lesions"),
+            "recall": sub.get("recall"),
             "cpm": sub.get("cpm"),
+            "cpm_std": (boot.get("cpm") or {}).get("std"),
             "avg_recall_0_5": sub.get("avg_recall_0_5"),
             "avg_recall_0_5_std": (boot.get("avg_recall_0_5") or {}).get("std"),
             "object_dice": od.get("mean"),
             "object_dice_std": od.get("std"),
         }
 
-    out = {"epoch": epoch, "n_images": report.get("n_images"), **part(report)}
+    out = {"epoch": epoch, "n_images": report.get("n_images"), "hit_rule": report.get("hit_rule"), **part(report)}
     out["by_size"] = {g: part(sub) for g, sub in (report.get("by_size") or {}).items()}
     return out
+
+
+def harmonic_mean(a: float | None, b: float | None) -> float | None:
+    """``2ab / (a + b)`` of two scores in [0, 1] (0 when both are 0; None when either is undefined)."""
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    return 2.0 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def merging_warning(report: Mapping[str, Any] | None) -> str | None:
+    """A warning when validation recall is high but object Dice is below 0.1: the model likely
+    paints blobs that cover several lesions at once (the paper's hit rule counts one such blob
+    as a hit for each of them). None otherwise."""
+    row = metric_row(report)
+    recall, dice = row.get("val_recall"), row.get("val_object_dice")
+    if recall is None or dice is None or recall < MERGE_WARNING_RECALL or dice >= MERGE_WARNING_DICE:
+        return None
+    return (f"warning: validation recall {recall:.2f} with object Dice {dice:.3f} (< {MERGE_WARNING_DICE:g}): "
+            "predicted components probably merge several lesions; check with val_hit_rule=one-to-one "
+            "(docs/metrics.md, hit rules)")
 
 
 def _metric_value(report: Mapping[str, Any] | None, name: str) -> float | None:
@@ -992,6 +1052,7 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
         "inference": {"patch_size": config.inference_patch_size, "overlap": config.val_overlap, "blend": "gaussian"},
         "training_data": data.summary,
         "validation_metrics": dict(validation_metrics) if validation_metrics else None,
+        "min_lesion_size": config.detection_rule()[1].as_dict() if config.min_lesion_size else None,
         "training": {
             "epochs_done": epoch + 1,
             "epochs": config.epochs,
@@ -1383,14 +1444,17 @@ class _Run:
             parts = [f"epoch {epoch + 1}/{config.epochs}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2g}",
                      f"{row['iters_per_s']:.2f} it/s", f"data wait {100 * row['data_wait_fraction']:.1f}%"]
             if report is not None:
-                for key in ("avg_recall_0_5", "cpm", "object_dice"):
+                for key in ("cpm", "object_dice", "cpm_object_dice", "recall", "avg_recall_0_5"):
                     v = row.get(f"val_{key}")
                     parts.append(f"{key} {'n/a' if v is None else f'{v:.3f}'}")
-                small = row.get("val_small_avg_recall_0_5")
-                parts.append(f"small avg_recall {'n/a' if small is None else f'{small:.3f}'}")
+                small = row.get("val_small_cpm")
+                parts.append(f"small cpm {'n/a' if small is None else f'{small:.3f}'}")
                 if improved:
                     parts.append("(best)")
             _log(" | ".join(parts))
+        warning = merging_warning(report)
+        if warning:
+            _log(warning)
 
     def _write_run_files(self, data: TrainingData, write_splits) -> None:
         import yaml

@@ -40,7 +40,15 @@ from ..imageio import (
     read_image,
     write_image,
 )
-from ..lesions import CONNECTIVITIES, SIZE_PRESETS, SizeThresholds, analyze_lesions, size_thresholds
+from ..lesions import (
+    CONNECTIVITIES,
+    SIZE_PRESETS,
+    SizeThresholds,
+    analyze_lesions,
+    parse_min_lesion_size,
+    remove_small_components,
+    size_thresholds,
+)
 from ..progress import CancelState, ProgressReporter
 
 #: Same as inference.DEVICES / PRECISIONS / ENGINES, repeated so that ``iwseg --help`` and the other
@@ -96,6 +104,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                        help="size-group cut-offs in mm: small if d < S, medium if S <= d < M, large if d >= M")
     p.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=26,
                    help="lesion connected-component connectivity (default 26)")
+    p.add_argument("--min-lesion-size", default=None, metavar="SIZE",
+                   help="drop predicted lesions smaller than SIZE from the mask and lesion table, e.g. 10vox or "
+                        "5mm3 (default: the checkpoint's min_lesion_size, else keep all; 'none' keeps all)")
     p.add_argument("--shard", default=None, metavar="i/n",
                    help="folder input: process cases i, i+n, i+2n, ... (0 <= i < n) of the sorted list, to split "
                         "a cohort across processes; 'auto' reads RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/NTASKS")
@@ -299,6 +310,17 @@ def _size_thresholds(args: argparse.Namespace, card: dict) -> SizeThresholds:
     return size_thresholds(None, None)
 
 
+def _min_lesion_size(flag: str | None, card: dict):
+    """--min-lesion-size, else the card's optional ``min_lesion_size`` ({"value", "unit"} or null)."""
+    try:
+        if flag is not None:
+            return None if flag.strip().lower() == "none" else parse_min_lesion_size(flag)
+        return parse_min_lesion_size(card.get("min_lesion_size"))
+    except InputError as exc:
+        where = "--min-lesion-size" if flag is not None else "checkpoint metadata 'min_lesion_size'"
+        raise InputError(f"{where}: {exc}") from None
+
+
 def lesion_report(case: Case, prediction, geometry: Geometry, thresholds: SizeThresholds,
                   connectivity: int) -> tuple[dict, int]:
     """The lesion JSON of one case and its lesion count: one entry per connected component of the
@@ -415,6 +437,7 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
     reporter.emit("load", case=None, message=f"checkpoint {args.model}")
     model, card = load_checkpoint(args.model, map_location="cpu")
     thresholds = _size_thresholds(args, card)
+    args.min_lesion_size = _min_lesion_size(args.min_lesion_size, card)
 
     failed: list[str] = []
     bar = None
@@ -469,6 +492,9 @@ def _predict_case(case: Case, model, card: dict, args, device, precision, thresh
     _check_finite(prediction.probabilities, case, args.model)
     del image, organ
     reporter.emit("postprocess", case=case.name)
+    if args.min_lesion_size is not None:
+        prediction.mask = remove_small_components(prediction.mask, geometry.spacing_zyx, args.min_lesion_size,
+                                                  args.connectivity).astype(np.uint8)
     # the lesion count goes into the progress protocol, so lesions are analysed even without --lesions
     report, n_lesions = lesion_report(case, prediction, geometry, thresholds, args.connectivity)
     outputs = _write_outputs(case, prediction, geometry, report, args, reporter, state, dicom_source)
