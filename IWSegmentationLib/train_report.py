@@ -1,7 +1,7 @@
 """What ``iwseg train`` says before its first step: device, network size, cases and how long it
 will take, with a warning when a CPU run would take more than an hour.
 
-The time comes from a measurement, not a guess: one warm-up and one timed training step
+The time comes from a measurement, not a guess: one warm-up and the fastest of two timed training steps
 (forward, loss surrogate, backward) of a *copy* of the network on a zero batch of the run's
 batch size — so the run's weights, BatchNorm statistics and random streams are untouched. When
 the patch has more than :data:`PROBE_MAX_VOXELS` voxels the probe patch is shrunk (each side a
@@ -26,6 +26,8 @@ CPU_WARN_SECONDS = 3600.0
 #: The probe patch is shrunk to at most this many voxels (64³) and its time scaled up.
 PROBE_MAX_VOXELS = 64**3
 CPU_CONFIG = "Resources/Configs/cpu_train.yaml"
+#: Timed steps after the warm-up; the fastest counts (a busy machine makes single steps noisy).
+TIMED_STEPS = 2
 
 
 @dataclass
@@ -54,7 +56,7 @@ class StartReport:
         if self.device.startswith("cpu") and self.estimated_seconds > CPU_WARN_SECONDS:
             out.append(
                 f"warning: this run would take about {format_duration(self.estimated_seconds)} on the CPU; "
-                f"use a GPU, or a CPU-sized config such as {CPU_CONFIG} (tiny patches and network)"
+                f"use a GPU, or a CPU-sized config such as {CPU_CONFIG} (a small network and patches)"
             )
         return out
 
@@ -101,9 +103,12 @@ def time_training_step(model, patch: Sequence[int], batch_size: int, device, *, 
             torch.cuda.synchronize(device)
 
     step()  # warm-up: oneDNN / cuDNN pick their kernels here
-    start = time.perf_counter()
-    step()
-    seconds = time.perf_counter() - start
+    timings = []
+    for _ in range(TIMED_STEPS):
+        start = time.perf_counter()
+        step()
+        timings.append(time.perf_counter() - start)
+    seconds = min(timings)  # the least disturbed by other processes
     ratio = (patch[0] * patch[1] * patch[2]) / (probe[0] * probe[1] * probe[2])
     return seconds * ratio, probe
 
