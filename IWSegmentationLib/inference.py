@@ -42,6 +42,7 @@ probabilities (and the thresholded mask) back on the input grid.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 import warnings
@@ -638,6 +639,106 @@ class ProbabilityPredictor(nn.Module):
         return torch.sigmoid(self.model(x))
 
 
+class MirroredPredictor(nn.Module):
+    """Test-time mirroring, as nnU-Net does it: the mean of ``flip(predictor(flip(x, a)), a)`` over
+    every subset ``a`` of the three spatial axes (2³ = 8 passes, the identity included).
+
+    Wrap a predictor of *probabilities* (:class:`ProbabilityPredictor`): the mean is then a mean
+    of probabilities, so a voxel's value stays in [0, 1] and the card's threshold keeps its
+    meaning. Each window costs 8 forward passes; the Gaussian blend weights are symmetric, so
+    mirroring commutes with the sliding window. A module, so the OOM fallback can move it.
+    """
+
+    AXES = (2, 3, 4)
+
+    def __init__(self, predictor: nn.Module):
+        super().__init__()
+        self.predictor = predictor
+        self.flips = [dims for r in range(len(self.AXES) + 1) for dims in itertools.combinations(self.AXES, r)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for dims in self.flips:
+            out = self.predictor(torch.flip(x, dims) if dims else x).float()
+            out = torch.flip(out, dims) if dims else out
+            total = out if total is None else total.add_(out)
+        return total.div_(len(self.flips))
+
+
+class EnsemblePredictor(nn.Module):
+    """The mean of several predictors' outputs on the same window: an ensemble of checkpoints
+    (nnU-Net's folds), averaging probabilities. Build the members' cards' agreement first with
+    :func:`check_ensemble`: averaging only makes sense when every member sees the same input."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if not members:
+            raise InputError("an ensemble needs at least one model")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for member in self.members:
+            out = member(x).float()
+            total = out if total is None else total.add_(out)
+        return total.div_(len(self.members))
+
+
+def _card_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """What two model cards disagree on among the settings an ensemble must share: the
+    preprocessing (how the input is prepared), the sliding window (patch size, overlap, blend),
+    the threshold and the network's input and output channels."""
+    from .preprocessing import validate_params
+
+    diffs = []
+    pa, pb = validate_params(dict(a["preprocessing"])), validate_params(dict(b["preprocessing"]))
+    diffs += [f"preprocessing {k}: {pa.get(k)!r} vs {pb.get(k)!r}" for k in sorted(set(pa) | set(pb))
+              if pa.get(k) != pb.get(k)]
+    sa, sb = inference_settings(a), inference_settings(b)
+    diffs += [f"{k}: {sa[k]!r} vs {sb[k]!r}" for k in sa if sa[k] != sb[k]]
+    ta, tb = float(a.get("threshold", 0.5)), float(b.get("threshold", 0.5))
+    if ta != tb:
+        diffs.append(f"threshold: {ta:g} vs {tb:g}")
+    for key in ("in_channels", "out_channels"):
+        ca, cb = (dict(c.get("architecture") or {}).get(key) for c in (a, b))
+        if ca != cb:
+            diffs.append(f"{key}: {ca!r} vs {cb!r}")
+    return diffs
+
+
+def check_ensemble(cards: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """Raise :class:`InputError` naming both files when two members of an ensemble (``(name,
+    card)`` pairs, the first is the reference) differ in preprocessing, sliding window,
+    threshold or channels; the size groups and the rest of the card are taken from the first."""
+    if not cards:
+        raise InputError("an ensemble needs at least one model")
+    first_name, first = cards[0]
+    for name, card in cards[1:]:
+        diffs = _card_differences(first, card)
+        if diffs:
+            raise InputError(
+                f"models {first_name} and {name} cannot be ensembled: their cards differ in "
+                f"{'; '.join(diffs)}; ensemble checkpoints trained with the same settings"
+            )
+
+
+def _runnable(model: nn.Module, engine: str, device: torch.device, precision: str, channels_last: bool | None,
+              warn: Callable[[str], None]) -> nn.Module:
+    """``model`` ready to run on ``device``: in eval mode, moved there, and either frozen for the
+    CPU (``engine`` resolves to ``frozen`` and :func:`freeze_for_cpu` succeeds) or eager with
+    ``channels_last_3d`` weights where that is faster (CPU and CUDA; ``channels_last`` overrides).
+    :func:`predict_volume` restores the contiguous format afterwards."""
+    engine = resolve_engine(engine, device, precision, _flops_per_voxel(model))
+    model.eval()
+    model.to(device)
+    network = freeze_for_cpu(model, on_warning=warn) if engine == "frozen" else None
+    if network is not None:
+        return network
+    if device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last):
+        model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
 @dataclass
 class VolumePrediction:
     """:func:`predict_volume`'s result, on the input grid: float32 probabilities, the uint8 mask
@@ -666,7 +767,7 @@ def inference_settings(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def predict_volume(
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     image: np.ndarray,
     metadata: Mapping[str, Any],
     *,
@@ -681,6 +782,7 @@ def predict_volume(
     skip_background: bool = True,
     channels_last: bool | None = None,
     engine: str = "auto",
+    tta: bool = False,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     on_warning: Callable[[str], None] | None = None,
@@ -695,8 +797,10 @@ def predict_volume(
     and ``mask = probabilities > threshold``.
 
     Args:
-        model: the network (``load_checkpoint``'s first value); it is put in ``eval()`` mode and
-            moved to ``device`` (to the CPU on an out-of-memory fallback).
+        model: the network (``load_checkpoint``'s first value), or several networks whose cards
+            agree (:func:`check_ensemble`): an ensemble whose probabilities are averaged
+            (:class:`EnsemblePredictor`). Each is put in ``eval()`` mode and moved to ``device``
+            (to the CPU on an out-of-memory fallback).
         image: raw ``[z, y, x]`` intensities (HU for CT). NaN/inf voxels raise :class:`InputError`.
         metadata: the checkpoint's model card (``patch_size``, ``preprocessing``, ``threshold``).
         geometry: the image's :class:`~IWSegmentationLib.imageio.Geometry` (spacing matters when
@@ -711,12 +815,14 @@ def predict_volume(
             :func:`resolve_engine`; else ``eager``), ``frozen``
             (:func:`freeze_for_cpu`; falls back to eager with a warning if it cannot be built)
             or ``eager`` (the module as it is).
+        tta: test-time mirroring (:class:`MirroredPredictor`): 8 passes per window, averaged.
     """
     from .imageio import Geometry
     from .preprocessing import foreground_mask, prepare_case, resample_to_geometry, validate_params
 
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise InputError(f"model must be a torch.nn.Module or a list of them, got {type(model).__name__}")
     if not isinstance(metadata, Mapping) or "preprocessing" not in metadata:
         raise InputError("checkpoint metadata lacks 'preprocessing': cannot prepare the image")
     settings = inference_settings(metadata)
@@ -745,19 +851,16 @@ def predict_volume(
         if foreground is not None and work_geometry != geometry:
             foreground = resample_to_geometry(foreground.view(np.uint8), geometry, work_geometry, is_mask=True) != 0
 
-    engine = resolve_engine(engine, device, precision, _flops_per_voxel(model))
-    model.eval()
-    model.to(device)
-    network = freeze_for_cpu(model, on_warning=warn) if engine == "frozen" else None
-    stats.engine = "eager" if network is None else "frozen"
-    use_channels_last = network is None and (
-        device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last))
-    if use_channels_last:
-        model.to(memory_format=torch.channels_last_3d)
+    networks = [_runnable(m, engine, device, precision, channels_last, warn) for m in models]
+    stats.engine = "frozen" if all(n is not m for n, m in zip(networks, models)) else "eager"
+    predictor: nn.Module = EnsemblePredictor([ProbabilityPredictor(n) for n in networks]) if len(networks) > 1 \
+        else ProbabilityPredictor(networks[0])
+    if tta:
+        predictor = MirroredPredictor(predictor)
     try:
         probs = sliding_window_inference(
             network_input,
-            ProbabilityPredictor(model if network is None else network),
+            predictor,
             settings["patch_size"],
             overlap=settings["overlap"] if overlap is None else overlap,
             blend=blend or settings["blend"],
@@ -773,8 +876,8 @@ def predict_volume(
             stats=stats,
         )
     finally:
-        if use_channels_last:
-            model.to(memory_format=torch.contiguous_format)
+        for m in models:
+            m.to(memory_format=torch.contiguous_format)
     del network_input, foreground
     if probs.shape[0] != 1:
         raise InputError(f"the model returns {probs.shape[0]} channels; lesion segmentation needs 1")

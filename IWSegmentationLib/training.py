@@ -110,7 +110,7 @@ class TrainConfig:
                              section="data")
     # -- model and loss ----------------------------------------------------------------------
     model_size: str = _key("paper", "str", "Network preset of models.default_config: paper (11.07 M parameters), "
-                           "small (the demo's) or tiny (tests).", section="model")
+                           "small (0.71 M, the CPU config's) or tiny (86 k, the demo's and the tests').", section="model")
     model: dict = _key({}, "dict", "Overrides of the preset (e.g. {channels: [8, 16, 32, 64], blocks_per_level: 1}); "
                        "dotted overrides work: --set model.channels=[8,16,32,64].", section="model")
     loss: str = _key("iw-dice", "str", "Loss name from losses.LOSS_NAMES (bce, iw-bce, focal, iw-focal, dice, "
@@ -693,8 +693,9 @@ CSV_COLUMNS = (
 class RunLogger:
     """Writes the per-epoch CSV log and TensorBoard scalars; does nothing when ``enabled`` is False.
 
-    On resume, rows and events of epochs at or after ``start_epoch`` (from a run killed
-    mid-way) are dropped, so the log reads as if the run had never stopped.
+    On resume, rows and events of epochs after the ``start_epoch`` finished ones (from a run
+    killed mid-way) are dropped, so the log reads as if the run had never stopped. The CSV's
+    ``epoch`` column counts from 1, like the progress bar and the model card.
     """
 
     def __init__(self, out: Path, *, enabled: bool, tensorboard: bool, start_epoch: int, iters_per_epoch: int):
@@ -720,7 +721,7 @@ class RunLogger:
         rows = []
         if self.csv_path.is_file() and start_epoch > 0:
             with open(self.csv_path, newline="", encoding="utf-8") as fh:
-                rows = [r for r in csv.DictReader(fh) if r.get("epoch", "").isdigit() and int(r["epoch"]) < start_epoch]
+                rows = [r for r in csv.DictReader(fh) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= start_epoch]
         with atomic_output(self.csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             w.writeheader()
@@ -990,7 +991,8 @@ def metric_row(report: Mapping[str, Any] | None) -> dict[str, float | None]:
 
 
 def compact_metrics(report: Mapping[str, Any] | None, epoch: int) -> dict | None:
-    """The validation numbers stored in the model card (no per-case lists, no curves)."""
+    """The validation numbers stored in the model card (no per-case lists, no curves);
+    ``epoch`` is the 1-based number of the epoch they were measured after."""
     if not report:
         return None
 
@@ -1289,6 +1291,11 @@ class _Run:
             if self.verbose:
                 _log(f"the run in {self.out} already finished its {config.epochs} epochs")
             return self._result(config.epochs, result_paths, t_start)
+        if self.verbose and info.is_main:
+            from .train_report import log_start_report
+
+            log_start_report(model, config, data, device, start_epoch=start_epoch,
+                             autocast_dtype=amp_dtype if amp_on else None, log=_log)
 
         dataset = make_patch_dataset(config, data.train_cases, data.params, rank=info.rank,
                                      world_size=info.world_size, start_step=start_epoch * iters,
@@ -1388,7 +1395,7 @@ class _Run:
                 self.on_step(epoch, i, value)
         seconds = time.perf_counter() - t0
         return {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # 1-based, as every number a user reads (bar, log.csv, card)
             "lr": optimizer.param_groups[0]["lr"],
             "loss": float(np.mean(losses)),
             "seconds": round(seconds, 3),
@@ -1409,15 +1416,15 @@ class _Run:
         config = self.config
         improved = False
         if report is not None:
-            self.latest_validation = compact_metrics(report, epoch)
+            self.latest_validation = compact_metrics(report, epoch + 1)
             row.update(metric_row(report))
             value = _metric_value(report, config.val_metric)
             if value is not None and (self.best["value"] is None or value > self.best["value"]):
-                self.best = {"metric": config.val_metric, "value": value, "epoch": epoch}
+                self.best = {"metric": config.val_metric, "value": value, "epoch": epoch + 1}
                 improved = True
         no_validation = config.val_every == 0 or not self.data.val_cases
         if no_validation:
-            self.best = {"metric": "last", "value": None, "epoch": epoch}
+            self.best = {"metric": "last", "value": None, "epoch": epoch + 1}
             improved = True
         row["best"] = int(improved)
         card = model_card(config, self.data, epoch=epoch, validation_metrics=self.latest_validation,
