@@ -247,7 +247,7 @@ def test_predict_min_lesion_size_from_flag_and_card(tmp_path):
     def predict(*extra):
         proc = subprocess.run([sys.executable, "-m", "IWSegmentationLib", "predict", "--model", ckpt,
                                "--input", tmp_path / "ct.nii.gz", "--output", tmp_path / "pred" / "ct.nii.gz",
-                               "--lesions", tmp_path / "lesions.json", *extra], capture_output=True, text=True,
+                               "--lesions", tmp_path / "lesions.json", "--overwrite", *extra], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, proc.stderr
         return sorted(les["voxels"] for les in json.loads((tmp_path / "lesions.json").read_text())["lesions"])

@@ -20,9 +20,9 @@ from _subprocess import run_in_group
 
 from IWSegmentationLib.checkpoint import load_checkpoint, read_metadata
 from IWSegmentationLib.cli import main as cli_main
+from IWSegmentationLib.data import prepare_volume
 from IWSegmentationLib.errors import CheckpointError, GeometryMismatchError, InputError
 from IWSegmentationLib.imageio import read_image, write_image
-from IWSegmentationLib.data import prepare_volume
 from IWSegmentationLib.training import (
     LAST_CHECKPOINT,
     RESUME_STATE,
