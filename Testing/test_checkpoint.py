@@ -22,13 +22,8 @@ from safetensors.torch import save_file
 from IWSegmentationLib import __version__
 from IWSegmentationLib.core.errors import CheckpointError, InputError, OutputError
 from IWSegmentationLib.core.lesions import SIZE_PRESETS
-from IWSegmentationLib.nn.checkpoint import (
-    FORMAT_VERSION,
-    load_checkpoint,
-    read_metadata,
-    save_checkpoint,
-    weights_sha256,
-)
+from IWSegmentationLib.nn.checkpoint import load_checkpoint, read_metadata, save_checkpoint, weights_sha256
+from IWSegmentationLib.nn.model_card import FORMAT_VERSION
 from IWSegmentationLib.nn.training_state import (
     capture_rng_state,
     load_training_state,

@@ -63,7 +63,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def _predict(*args) -> object:
-    return run_in_group([sys.executable, "-m", "IWSegmentationLib", "predict", "--device", "cpu", *map(str, args)],
+    return run_in_group([sys.executable, "-m", "IWSegmentationLib", "predict", "--device", "cpu", "--force", *map(str, args)],
                         timeout=300)
 
 
@@ -144,7 +144,7 @@ def test_dicom_seg_needs_a_dicom_series(tmp_path, series, checkpoint, capsys):
         "a folder as the file": (folder, out, "is a folder"),
     }
     for name, (src, target, expected) in cases.items():
-        code = main(["predict", "--model", str(checkpoint), "--input", str(src), "--output", str(out / "m.nrrd"),
+        code = main(["predict", "--force", "--model", str(checkpoint), "--input", str(src), "--output", str(out / "m.nrrd"),
                      "--dicom-seg", str(target), "--device", "cpu"])
         err = capsys.readouterr().err
         assert code == 2, f"{name}: {err}"
@@ -194,7 +194,7 @@ def test_cohort_of_series_gets_one_seg_per_case_and_no_lesions_no_seg(tmp_path, 
     masks, segs = tmp_path / "masks", tmp_path / "segs"
     masks.mkdir()
     segs.mkdir()
-    code = main(["predict", "--model", str(checkpoint), "--input", str(cohort), "--output", str(masks),
+    code = main(["predict", "--force", "--model", str(checkpoint), "--input", str(cohort), "--output", str(masks),
                  "--dicom-seg", str(segs), "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in segs.iterdir()) == ["a.dcm", "b.dcm"]
@@ -209,7 +209,7 @@ def test_cohort_of_series_gets_one_seg_per_case_and_no_lesions_no_seg(tmp_path, 
     # (a SEG needs a segment), a warning saying so, and the mask still written
     alone = tmp_path / "alone"
     alone.mkdir()
-    code = main(["predict", "--model", str(checkpoint), "--input", str(cohort / "a"), "--output",
+    code = main(["predict", "--force", "--model", str(checkpoint), "--input", str(cohort / "a"), "--output",
                  str(alone / "mask.nrrd"), "--dicom-seg", str(alone / "seg.dcm"), "--threshold", "0.99999",
                  "--device", "cpu", "--progress-format", "jsonl"])
     out = capsys.readouterr().out

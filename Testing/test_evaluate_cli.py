@@ -54,15 +54,16 @@ def test_evaluate_writes_report_csv_and_plot(hand_dirs, tmp_path, output_dir):
     all_row = next(line for line in proc.stdout.splitlines() if line.startswith("all "))
     assert all_row.split()[1:4] == ["3", "2", "0.667"] and "0.506" in all_row
     report = json.loads((out / "report.json").read_text())
-    assert list(report) == ["n_images", "n_lesions", "object_dice", "cpm", "avg_recall_0_5", "froc",
-                            "bootstrap", "by_size", "cases"]
+    assert list(report) == ["n_images", "n_lesions", "recall", "object_dice", "cpm", "avg_recall_0_5", "froc",
+                            "bootstrap", "hit_rule", "by_size", "cases"]
+    assert report["recall"] == pytest.approx(2 / 3) and report["hit_rule"] == "paper"
     # values worked out in test_metrics.test_froc_cpm_avg_recall_object_dice_by_hand
     assert report["n_images"] == 3 and report["n_lesions"] == 3
     assert report["cpm"] == pytest.approx((0.125 + 0.25 + 0.5 + 4 * 2 / 3) / 7)
     assert report["avg_recall_0_5"] == pytest.approx((22.11 + 434 * 2 / 3) / 501)
     assert report["object_dice"] == pytest.approx({"mean": 0.625, "std": 0.125, "n": 2})
     assert report["froc"]["recall"] == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3])
-    assert set(report["bootstrap"]) == {"cpm", "avg_recall_0_5", "n"} and report["bootstrap"]["n"] == 100
+    assert set(report["bootstrap"]) == {"cpm", "avg_recall_0_5", "n", "mode", "seed"} and report["bootstrap"]["n"] == 100
     assert set(report["by_size"]) == {"small", "medium", "large"}
     assert report["by_size"]["small"]["cpm"] == pytest.approx(4.5 / 7) and report["by_size"]["large"]["cpm"] is None
     cases = {c["case"]: c for c in report["cases"]}
@@ -72,11 +73,15 @@ def test_evaluate_writes_report_csv_and_plot(hand_dirs, tmp_path, output_dir):
     assert cases["B"]["lesions"][0]["confidence"] is None and cases["C"] == {"case": "C", "lesions": [], "components": []}
 
     rows = list(csv.DictReader((out / "lesions.csv").open()))
-    assert [(r["case"], r["lesion_id"], r["detected"]) for r in rows] == [("A", "1", "1"), ("A", "2", "1"), ("B", "1", "0")]
+    # lesions, then the false positives of each image (A: c4 at 0.7; B: 0.95 and 0.55), C an image row
+    assert [(r["case"], r["kind"], r["lesion_id"], r["detected"], r["confidence"]) for r in rows] == [
+        ("A", "lesion", "1", "1", "0.9"), ("A", "lesion", "2", "1", "0.6"), ("A", "false_positive", "", "", "0.7"),
+        ("B", "lesion", "1", "0", ""), ("B", "false_positive", "", "", "0.95"), ("B", "false_positive", "", "", "0.55"),
+        ("C", "image", "", "", "")]
     assert float(rows[0]["hit_dice"]) == pytest.approx(0.75) and float(rows[0]["confidence"]) == pytest.approx(0.9)
     # A1 is voxels z 1-2, y 1-2, x 1-5 on a 1 mm grid at the origin: centroid (x, y, z) = (3, 1.5, 1.5) mm
     assert [float(rows[0][f"centroid_{a}_mm"]) for a in "xyz"] == pytest.approx([3.0, 1.5, 1.5])
-    assert rows[2]["confidence"] == "" and rows[2]["matched_component"] == ""
+    assert rows[3]["confidence"] == "" and rows[3]["matched_component"] == ""
 
     png = (out / "froc.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -147,3 +152,117 @@ def test_clinical_masks(clinical_data, tmp_path):
     assert report["by_size"]["medium"]["cpm"] == pytest.approx(0.5) and report["by_size"]["large"]["cpm"] == 0.0
     lung = next(c for c in report["cases"] if c["case"] == "lung1")
     assert lung["lesions"][0]["hit_dice"] == 1.0 and lung["lesions"][0]["confidence"] == 1.0
+
+
+def test_records_round_trip_gives_the_same_numbers(hand_dirs, tmp_path):
+    """Our JSON report and our CSV, read back with --records, give the FROC numbers of the images."""
+    pred, ref = hand_dirs
+    proc = iwseg("--pred", pred, "--ref", ref, "--size-thresholds", "2", "4", "--no-progress",
+                 "--json", tmp_path / "r.json", "--csv", tmp_path / "l.csv")
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads((tmp_path / "r.json").read_text())
+    for source in ("r.json", "l.csv"):
+        proc = iwseg("--records", tmp_path / source, "--size-thresholds", "2", "4", "--json", tmp_path / "again.json")
+        assert proc.returncode == 0, proc.stderr
+        again = json.loads((tmp_path / "again.json").read_text())
+        for key in ("n_images", "n_lesions", "recall", "cpm", "avg_recall_0_5", "object_dice"):
+            assert again[key] == pytest.approx(first[key]), (source, key)
+        for key in ("fp_per_image", "recall"):
+            assert again["froc"][key] == pytest.approx(first["froc"][key]), (source, key)
+        assert again["bootstrap"]["cpm"] == pytest.approx(first["bootstrap"]["cpm"]), source
+        assert again["by_size"]["small"]["cpm"] == pytest.approx(first["by_size"]["small"]["cpm"])
+        assert "per-lesion records" in proc.stdout
+
+
+def test_authors_records_and_paper_bootstrap(tmp_path):
+    """The committed LiTS Dice records (see test_metrics): the CPM column of the bootstrap is Table 2's .62."""
+    fixture = Path(__file__).parent / "fixtures" / "prc_records_lits_dice.json"
+    proc = iwseg("--records", fixture, "--bootstrap", "paper", "--json", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["bootstrap"]["mode"] == "paper" and report["bootstrap"]["seed"] == 42
+    assert report["bootstrap"]["cpm"]["mean"] == pytest.approx(0.62, abs=0.01)
+    assert "bootstrap paper (seed 42)" in proc.stdout and "Table 2" in proc.stdout
+
+
+def test_hit_rule_and_min_size_flags(tmp_path):
+    """One 56-voxel blob over three 8-voxel lesions plus a 1-voxel speck (see test_metrics)."""
+    ref = np.zeros((4, 4, 20), np.uint8)
+    for x0 in (1, 6, 11):
+        ref[1:3, 1:3, x0:x0 + 2] = 1
+    prob = np.zeros(ref.shape, np.float32)
+    prob[1:3, 1:3, 1:15] = 0.9
+    prob[0, 0, 18] = 0.8  # a 1-voxel false positive
+    write(tmp_path / "pred" / "a.nii.gz", prob)
+    write(tmp_path / "ref" / "a.nii.gz", ref)
+    args = ("--pred", tmp_path / "pred", "--ref", tmp_path / "ref", "--no-progress", "--json", tmp_path / "r.json")
+
+    def run(*extra):
+        proc = iwseg(*args, *extra)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads((tmp_path / "r.json").read_text())
+
+    paper = run()
+    assert paper["recall"] == 1.0 and paper["hit_rule"] == "paper"
+    assert len(paper["cases"][0]["components"]) == 2
+    strict = run("--hit-rule", "one-to-one", "--min-lesion-size", "2vox")
+    assert strict["recall"] == pytest.approx(1 / 3) and strict["hit_rule"] == "one-to-one"
+    assert len(strict["cases"][0]["components"]) == 1  # the speck is gone
+    for bad, message in ((("--hit-rule", "diagonal"), "unknown term"), (("--min-lesion-size", "5cm"), "10vox"),
+                         (("--bootstrap", "theirs"), "invalid choice")):
+        proc = iwseg(*args, *bad)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_records_bad_input_is_exit_2(tmp_path):
+    (tmp_path / "bad.json").write_text('{"a": [{"obj": "tum_1"}]}')
+    proc = iwseg("--records", tmp_path / "bad.json")
+    assert proc.returncode == 2 and "bad.json" in proc.stderr and "image 'a', object 0" in proc.stderr
+    (tmp_path / "old.csv").write_text("case,lesion_id,hit_dice\nA,1,0.5\n")
+    proc = iwseg("--records", tmp_path / "old.csv")
+    assert proc.returncode == 2 and "old.csv" in proc.stderr and "kind" in proc.stderr
+    proc = iwseg("--records", tmp_path / "bad.json", "--pred", tmp_path)
+    assert proc.returncode == 2 and "not both" in proc.stderr
+    proc = iwseg("--json", tmp_path / "r.json")
+    assert proc.returncode == 2 and "--records" in proc.stderr
+
+
+def test_predict_min_lesion_size_from_flag_and_card(tmp_path):
+    """The hand-set threshold network of test_predict_cli finds exactly the three lesions of its CT
+    (96, 8 and 1 voxels, 1 mm grid). The card's min_lesion_size (2 voxels) drops the 1-voxel one;
+    --min-lesion-size overrides the card (10vox keeps only the 96-voxel lesion, 'none' keeps all)."""
+    from test_predict_cli import ct_volume, threshold_model
+
+    from IWSegmentationLib.nn.checkpoint import save_checkpoint
+    from IWSegmentationLib.preprocessing import get_preset
+
+    ckpt = tmp_path / "model.safetensors"
+    save_checkpoint(ckpt, threshold_model(), {
+        "patch_size": [16, 16, 16], "preprocessing": get_preset("ct-lung"), "threshold": 0.5,
+        "min_lesion_size": {"value": 2.0, "unit": "voxels"}, "description": "threshold at -350 HU (tests)"})
+    image, lesions = ct_volume()
+    write(tmp_path / "ct.nii.gz", image)
+    write(tmp_path / "ref" / "ct.nii.gz", lesions.astype(np.uint8))
+
+    def predict(*extra):
+        proc = subprocess.run([sys.executable, "-m", "IWSegmentationLib", "predict", "--model", ckpt,
+                               "--input", tmp_path / "ct.nii.gz", "--output", tmp_path / "pred" / "ct.nii.gz",
+                               "--lesions", tmp_path / "lesions.json", "--overwrite", *extra], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return sorted(les["voxels"] for les in json.loads((tmp_path / "lesions.json").read_text())["lesions"])
+
+    (tmp_path / "pred").mkdir()
+    assert predict() == [8, 96]
+    assert predict("--min-lesion-size", "none") == [1, 8, 96]
+    assert predict("--min-lesion-size", "9mm3") == [96]  # 1 mm³ voxels: 9 voxels needed
+    mask, _ = read_image(tmp_path / "pred" / "ct.nii.gz")
+    assert int(mask.sum()) == 96
+    # evaluating that mask against the three reference lesions: 1 of 3 hit
+    proc = iwseg("--pred", tmp_path / "pred", "--ref", tmp_path / "ref", "--json", tmp_path / "r.json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["recall"] == pytest.approx(1 / 3)
+    proc = subprocess.run([sys.executable, "-m", "IWSegmentationLib", "predict", "--model", ckpt, "--input",
+                           tmp_path / "ct.nii.gz", "--output", tmp_path / "x.nii.gz", "--min-lesion-size", "3 cm"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--min-lesion-size" in proc.stderr and "Traceback" not in proc.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +13,15 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from IWSegmentationLib.core.errors import InputError
-from IWSegmentationLib.core.lesions import SizeThresholds
+from IWSegmentationLib.core.lesions import (
+    MinLesionSize,
+    SizeThresholds,
+    parse_min_lesion_size,
+    remove_small_components,
+)
 from IWSegmentationLib.evaluation import (
     CPM_FP_RATES,
+    HitRule,
     avg_recall,
     bootstrap,
     bootstrap_recall_curves,
@@ -23,8 +30,10 @@ from IWSegmentationLib.evaluation import (
     froc,
     froc_of_cases,
     match_case,
+    parse_hit_rule,
     voxel_dice,
 )
+from IWSegmentationLib.evaluation.records import load_records
 
 # Size cut-offs for the hand case (1 mm voxels): small if d < 2 mm, large if d >= 4 mm.
 # d = (6 V / pi)^(1/3): 1 voxel 1.241 (small), 4 voxels 1.970 (small), 8 voxels 2.481
@@ -126,7 +135,8 @@ def test_size_groups_by_hand():
     assert by["large"]["cpm"] is None and by["large"]["avg_recall_0_5"] is None
     assert by["large"]["object_dice"] == {"mean": None, "std": None, "n": 0}
     assert by["large"]["bootstrap"] == {"cpm": {"mean": None, "std": None},
-                                        "avg_recall_0_5": {"mean": None, "std": None}, "n": 0}
+                                        "avg_recall_0_5": {"mean": None, "std": None}, "n": 0,
+                                        "mode": "ours", "seed": 0}
 
 
 def test_lesion_group_is_its_own_and_fp_group_is_the_components_own():
@@ -356,3 +366,289 @@ def test_perfect_prediction_scores_one(ref, conf):
     assert report["object_dice"]["mean"] == pytest.approx(1.0)
     assert report["object_dice"]["n"] == report["n_lesions"]
     assert all(c.hit_dice == pytest.approx(1.0) for c in case.components)
+
+
+# ---------------------------------------------------------------------------- hit rules (issue 9)
+
+
+def _blob_over_three_lesions():
+    """Three 2x2x2 lesions (8 voxels each) along x, and one predicted 2x2x14 box over all of them."""
+    ref = np.zeros((4, 4, 16), np.uint8)
+    for x0 in (1, 6, 11):
+        ref[1:3, 1:3, x0:x0 + 2] = 1
+    prob = np.zeros(ref.shape, np.float32)
+    prob[1:3, 1:3, 1:15] = 0.9  # 56 voxels
+    return prob, ref
+
+
+def test_one_blob_cannot_hit_three_lesions_one_to_one():
+    prob, ref = _blob_over_three_lesions()
+    # Dice of the blob with each lesion: 2*8 / (8 + 56) = 0.25
+    paper = match_case(prob, ref)
+    assert [les.hit_dice for les in paper.lesions] == pytest.approx([0.25] * 3)
+    assert evaluate_cases([paper])["recall"] == 1.0 and paper.n_false_positives == 0
+    for rule in ("one-to-one", "hungarian", "greedy,voxels>=8"):
+        case = match_case(prob, ref, hit_rule=rule)
+        # one component, one lesion: recall 1/3, and the blob is matched, so no FP
+        assert evaluate_cases([case])["recall"] == pytest.approx(1 / 3), rule
+        assert [les.detected for les in case.lesions] == [True, False, False] and case.n_false_positives == 0
+    # Dice > 0.3 rejects every pair: no hit, and the blob becomes a false positive
+    strict = match_case(prob, ref, hit_rule="dice>0.3")
+    assert evaluate_cases([strict])["recall"] == 0.0 and strict.n_false_positives == 1
+
+
+def test_overlap_iou_and_dice_conditions_by_hand():
+    """Lesion x = 1..8 on a 2x2 cross-section (32 voxels); prediction x = 5..12 (32 voxels), overlap x = 5..8.
+
+    overlap 16 voxels = 1/2 of the lesion; Dice = 2*16/64 = 0.5; IoU = 16/48 = 1/3."""
+    ref = np.zeros((4, 4, 16), np.uint8)
+    ref[1:3, 1:3, 1:9] = 1
+    prob = np.zeros(ref.shape, np.float32)
+    prob[1:3, 1:3, 5:13] = 0.8
+    expect = {"paper": True, "voxels>=16": True, "voxels>=17": False, "fraction>=0.5": True,
+              "fraction>=0.51": False, "dice>0.49": True, "dice>0.5": False, "iou>0.33": True,
+              "panoptica": False}  # panoptica = hungarian, IoU > 0.5
+    for rule, hit in expect.items():
+        case = match_case(prob, ref, hit_rule=rule)
+        assert case.lesions[0].detected is hit, rule
+        assert case.n_false_positives == (0 if hit else 1), rule
+        assert case.lesions[0].hit_dice == (pytest.approx(0.5) if hit else 0.0)
+
+
+def test_hungarian_maximises_total_dice_where_greedy_does_not():
+    """On a line (1x1x10): L1 = x 0..3, L2 = x 6..9; C1 = x 2..6, C2 = x 0.
+
+    Dice(L1, C1) = 2*2/9 = 0.444, Dice(L2, C1) = 2*1/9 = 0.222, Dice(L1, C2) = 2*1/5 = 0.4.
+    greedy takes (L1, C1) first: L2 is missed and C2 is left over (an FP), recall 1/2;
+    hungarian takes (L1, C2) + (L2, C1) = 0.622 > 0.444: recall 1, no FP;
+    paper: L1 -> C1, L2 -> C1 (many-to-one), C2 a weaker fragment of L1: recall 1, no FP."""
+    ref = np.zeros((1, 1, 10), np.uint8)
+    ref[0, 0, 0:4] = 1
+    ref[0, 0, 6:10] = 1
+    prob = np.zeros(ref.shape, np.float32)
+    prob[0, 0, 2:7] = 0.9
+    prob[0, 0, 0] = 0.8
+    greedy, hungarian, paper = (match_case(prob, ref, hit_rule=r) for r in ("greedy", "hungarian", "paper"))
+    assert [les.hit_dice for les in greedy.lesions] == pytest.approx([4 / 9, 0.0]) and greedy.n_false_positives == 1
+    assert [les.hit_dice for les in hungarian.lesions] == pytest.approx([0.4, 2 / 9])
+    assert hungarian.n_false_positives == 0
+    assert [les.hit_dice for les in paper.lesions] == pytest.approx([4 / 9, 2 / 9]) and paper.n_false_positives == 0
+    assert {c.hit_rule for c in (greedy, hungarian, paper)} == {"one-to-one", "hungarian", "paper"}
+    with pytest.raises(InputError, match="different hit rules"):
+        evaluate_cases([greedy, paper])
+
+
+def test_hit_rule_text_form():
+    assert parse_hit_rule(None) == parse_hit_rule("paper") == HitRule()
+    assert parse_hit_rule("panoptica") == HitRule("hungarian", min_iou=0.5)
+    assert parse_hit_rule("iou>0.5, hungarian") == HitRule("hungarian", min_iou=0.5)
+    assert str(parse_hit_rule("many,voxels>=10,dice>0.1")) == "many,voxels>=10,dice>0.1"
+    assert str(HitRule("hungarian", min_iou=0.5)) == "panoptica"
+    for bad, match in (("diagonal", "unknown term"), ("iou>x", "needs a number"), ("iou>1.5", "min_iou"),
+                       ("voxels>=0", "N >= 1"), ("lonely", "unknown term")):
+        with pytest.raises(InputError, match=match):
+            parse_hit_rule(bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ref=masks, prob=probs, rule=st.sampled_from(["greedy", "hungarian", "one-to-one,voxels>=2"]))
+def test_one_to_one_recall_never_exceeds_the_paper_rule(ref, prob, rule):
+    paper, strict = match_case(prob, ref), match_case(prob, ref, hit_rule=rule)
+    assert sum(les.detected for les in strict.lesions) <= sum(les.detected for les in paper.lesions)
+    # one-to-one: no component serves two lesions
+    used = [les.component for les in strict.lesions if les.detected]
+    assert len(used) == len(set(used))
+
+
+# ---------------------------------------------------------------------------- minimum lesion size
+
+
+def test_min_lesion_size_by_hand():
+    """Components of 1, 4 and 9 voxels on a 2 x 1 x 1 mm grid (2 mm³ per voxel)."""
+    prob = np.zeros((3, 8, 12), np.float32)
+    prob[0, 0, 0] = 0.9  # 1 voxel = 2 mm³
+    prob[1, 2:4, 2:4] = 0.9  # 4 voxels = 8 mm³
+    prob[1, 5:8, 6:9] = 0.9  # 9 voxels = 18 mm³
+    ref = np.zeros(prob.shape, np.uint8)
+    spacing = (2.0, 1.0, 1.0)
+    n_left = {None: 3, "2vox": 2, "4vox": 2, "5vox": 1, "8mm3": 2, "8.5mm3": 1, "19mm3": 0}
+    for spec, n in n_left.items():
+        case = match_case(prob, ref, spacing, min_lesion_size=spec)
+        assert len(case.components) == n == case.n_false_positives, spec
+    assert parse_min_lesion_size("8.5mm3").min_voxels(spacing) == 5  # ceil(8.5 / 2)
+    assert parse_min_lesion_size({"value": 10, "unit": "voxels"}) == MinLesionSize(10.0, "voxels")
+    kept = remove_small_components(prob > 0.5, spacing, MinLesionSize(5, "voxels"))
+    assert kept.sum() == 9 and kept[1, 5:8, 6:9].all()
+    for bad in ("ten", "5cm", "0vox", {"value": 5}):
+        with pytest.raises(InputError):
+            parse_min_lesion_size(bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ref=masks, prob=probs, size=st.integers(1, 6))
+def test_min_size_filter_never_adds_false_positives(ref, prob, size):
+    plain = match_case(prob, ref)
+    filtered = match_case(prob, ref, min_lesion_size=f"{size}vox")
+    assert filtered.n_false_positives <= plain.n_false_positives
+    assert all(c.voxels >= size for c in filtered.components)
+    assert sum(les.detected for les in filtered.lesions) <= sum(les.detected for les in plain.lesions)
+
+
+# ---------------------------------------------------------------------------- the paper's bootstrap (issue 13)
+
+
+def _records_cases(tmp_path, records: dict):
+    path = tmp_path / "prc_records.json"
+    path.write_text(json.dumps(records))
+    return load_records(path, HAND_SIZES)
+
+
+def test_paper_bootstrap_quirk_by_hand(tmp_path):
+    """Authors' records: A has a lesion hit with logit 0.5 and an FP with logit 0.9; B a missed
+    lesion; C no records. Draws of 1/3 of the images, one image per draw:
+
+    paper: C is never drawn (no records); FP/image divides by 3 (all images). Draw {A}: points
+    (0, 0), (1/3, 0) at tau 0.9, (1/3, 1) at tau 0.5 -> recall at 1/8, 1/4 = 0, then 1 from 1/3 on
+    ... with the highest recall per FP count the curve is (0, 0), (1/3, 1): recall 3/8, 3/4, 1, 1, 1, 1, 1,
+    CPM (0.375 + 0.75 + 5) / 7 = 0.875. Draw {B}: recall 0, CPM 0.
+    ours: C can be drawn (a resample without lesions: left out, NaN); FP/image divides by 1
+    (the draw's size): {A} gives (0, 0), (1, 1): CPM (0.125 + 0.25 + 0.5 + 4) / 7 = 0.6964."""
+    records = {
+        "A": [{"obj": "tum_1", "is_tum": True, "hit_dice": 0.8, "hit_logit": 0.5, "hit_stat": 0.6, "hit_obj": "pred_1"},
+              {"obj": "pred_1", "is_tum": False, "hit_dice": 0.8, "self_logit": 0.5, "self_stat": 0.6},
+              {"obj": "pred_2", "is_tum": False, "hit_dice": 0.0, "self_logit": 0.9, "self_stat": 0.7}],
+        "B": [{"obj": "tum_1", "is_tum": True, "hit_dice": 0.0, "hit_logit": float("-inf"), "hit_stat": 0.0}],
+        "C": [],
+    }
+    cases = _records_cases(tmp_path, records)
+    assert [len(c.lesions) for c in cases] == [1, 1, 0] and cases[0].lesions[0].confidence == 0.5
+    full = evaluate_cases(cases)
+    assert full["cpm"] == pytest.approx(0.875 / 2) and full["object_dice"]["mean"] == pytest.approx(0.8)
+
+    def per_draw(mode):
+        curves = bootstrap_recall_curves(cases, CPM_FP_RATES, fraction=1 / 3, n_resamples=30, mode=mode)
+        return {round(float(v), 4) if np.isfinite(v) else "nan" for v in curves.mean(axis=1)}
+
+    assert per_draw("paper") == {0.875, 0.0}
+    assert per_draw("ours") == {0.6964, 0.0, "nan"}
+    boot = bootstrap(cases, mode="paper", seed=42)
+    assert boot["mode"] == "paper" and boot["seed"] == 42 and boot["n"] == 100
+    with pytest.raises(InputError, match="bootstrap mode"):
+        bootstrap(cases, mode="theirs")
+
+
+# The authors' hold-out records (neuro-ml/inverse_weighting, froc_data/*/prc_records.json), trimmed;
+# see "Reproducing the paper's Table 2" in docs/metrics.md for what was kept.
+FIXTURES = Path(__file__).parent / "fixtures"
+LITS_DICE_RECORDS = FIXTURES / "prc_records_lits_dice.json"
+LUNA16_BCE_RECORDS = FIXTURES / "prc_records_luna16_bce.json"
+
+
+@pytest.mark.parametrize(
+    "path, paper, counts",
+    [
+        # Table 2, LiTS, Dice: avg Recall .62, object Dice .63; 28 images, all with records
+        (LITS_DICE_RECORDS, (0.62, 0.63), {"images": 28, "without_records": 0, "lesions": 138, "hit": 103, "fp": 103}),
+        # Table 2, LUNA16, BCE: avg Recall .42, object Dice .57; 28 of the 159 scans have no record at all
+        (LUNA16_BCE_RECORDS, (0.42, 0.57), {"images": 159, "without_records": 28, "lesions": 196, "hit": 91, "fp": 239}),
+    ],
+    ids=["lits-dice", "luna16-bce"],
+)
+def test_table_2_reproduced_from_the_authors_records(path, paper, counts):
+    cases = load_records(path, SizeThresholds(10.0, 20.0))
+    # the counts, from the files: images, images without any object, lesions, hit lesions, false positives
+    assert len(cases) == counts["images"]
+    assert sum(not c.lesions and not c.components for c in cases) == counts["without_records"]
+    assert sum(len(c.lesions) for c in cases) == counts["lesions"]
+    assert sum(c.n_false_positives for c in cases) == counts["fp"]
+    report = evaluate_cases(cases, seed=42, bootstrap_mode="paper")
+    assert report["recall"] == pytest.approx(counts["hit"] / counts["lesions"])
+    # Table 2's "avg Recall" is the CPM with the authors' bootstrap ...
+    assert report["bootstrap"]["cpm"]["mean"] == pytest.approx(paper[0], abs=0.01)
+    # ... and the object Dice, the mean hit Dice over the hit lesions, matches to the printed digits
+    assert report["object_dice"]["mean"] == pytest.approx(paper[1], abs=0.005)
+    assert report["object_dice"]["n"] == counts["hit"]
+
+
+def test_table_2_is_not_the_mean_recall_over_0_5_fp_and_scores_are_logits():
+    """On the LiTS Dice records: the 0-5 FP/image mean is 0.68, not .62; our bootstrap (FP/image
+    over each resample's 22 of 28 images) reads every curve at 28/22 times the FP/image, so it is
+    lower (0.596 against 0.616); ranking by the float16-saturated probabilities instead of the
+    logits breaks the ties at 1.0 differently (0.592)."""
+    cases = load_records(LITS_DICE_RECORDS, SizeThresholds(12.0, 24.0))
+    report = evaluate_cases(cases, seed=42, bootstrap_mode="paper")
+    assert abs(report["avg_recall_0_5"] - 0.62) > 0.05
+    ours = evaluate_cases(cases, seed=42)
+    assert ours["bootstrap"]["cpm"]["mean"] < report["bootstrap"]["cpm"]["mean"] - 0.015
+    by_stat = evaluate_cases(load_records(LITS_DICE_RECORDS, SizeThresholds(12.0, 24.0), score="stat"),
+                             seed=42, bootstrap_mode="paper")
+    assert by_stat["bootstrap"]["cpm"]["mean"] < 0.60 and by_stat["object_dice"] == report["object_dice"]
+    with pytest.raises(InputError, match="object 0.*hit_stat"):  # the LUNA16 fixture keeps the logits only
+        load_records(LUNA16_BCE_RECORDS, SizeThresholds(10.0, 20.0), score="stat")
+
+
+# ---------------------------------------------------------------------------- best checkpoint (issue 9)
+
+
+def test_default_best_metric_does_not_prefer_a_merging_model(capsys):
+    """Three 8-voxel lesions. "blob": one 2x2x50 box (200 voxels) over all of them, Dice 16/208 = 0.077
+    with each; the paper's rule hits all three: CPM 1, object Dice 0.077, harmonic mean
+    2 * 0.077 / 1.077 = 0.143. "good": two lesions exactly, the third missed: a single FROC point
+    (0, 2/3), CPM 2/3, object Dice 1, harmonic mean 2 * (2/3) / (5/3) = 0.8."""
+    from IWSegmentationLib.training import TrainConfig, harmonic_mean, merging_warning
+    from IWSegmentationLib.training.validation import _metric_value
+
+    ref = np.zeros((4, 4, 56), np.uint8)
+    for x0 in (2, 20, 40):
+        ref[1:3, 1:3, x0:x0 + 2] = 1
+    blob = np.zeros(ref.shape, np.float32)
+    blob[1:3, 1:3, 2:52] = 0.9
+    good = ref.astype(np.float32) * np.float32(0.9)
+    good[:, :, 40:] = 0
+    reports = {name: evaluate_cases([match_case(p, ref)]) for name, p in (("blob", blob), ("good", good))}
+    assert reports["blob"]["cpm"] == 1.0 and reports["blob"]["object_dice"]["mean"] == pytest.approx(16 / 208)
+    assert _metric_value(reports["blob"], "cpm") > _metric_value(reports["good"], "cpm")  # CPM alone is gamed
+    default = TrainConfig().val_metric
+    assert default == "cpm_object_dice"
+    assert _metric_value(reports["blob"], default) == pytest.approx(2 * (16 / 208) / (1 + 16 / 208))
+    assert _metric_value(reports["good"], default) == pytest.approx(0.8)
+    assert harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(None, 0.5) is None
+    # nothing hit: object Dice is undefined, but the combined metric is 0 (not None), so an untrained
+    # model still gets a best checkpoint
+    nothing = evaluate_cases([match_case(np.zeros(ref.shape, np.float32), ref)])
+    assert nothing["object_dice"]["mean"] is None and _metric_value(nothing, default) == 0.0
+    assert "object Dice 0.077" in merging_warning(reports["blob"]) and merging_warning(reports["good"]) is None
+
+
+def test_validation_detection_keys():
+    from IWSegmentationLib.training import TrainConfig
+
+    config = TrainConfig(val_hit_rule="panoptica", min_lesion_size="5mm3")
+    config.validate()
+    assert config.detection_rule() == (HitRule("hungarian", min_iou=0.5), MinLesionSize(5.0, "mm3"))
+    for key, value, match in (("val_hit_rule", "diagonal", "config key 'val_hit_rule'.*unknown term"),
+                              ("min_lesion_size", "3cm", "config key 'min_lesion_size'.*10vox")):
+        with pytest.raises(InputError, match=match):
+            TrainConfig(**{key: value}).validate()
+
+
+def test_tiny_training_run_validates_with_the_hit_rule_and_writes_min_size_to_the_card(tmp_path):
+    """A real 1-epoch run of the tiny U-Net (test_training's synthetic liver data) with
+    val_hit_rule one-to-one and min_lesion_size 2 voxels: validation uses both, the card keeps
+    them, the log has the combined metric, and best.safetensors is chosen by cpm_object_dice."""
+    from test_training import tiny_config
+
+    from IWSegmentationLib.data.synth import write_dataset
+    from IWSegmentationLib.nn.checkpoint import load_checkpoint
+    from IWSegmentationLib.training import train
+
+    write_dataset(tmp_path / "data", 4, 0, "ct-liver", shape=(16, 32, 32))
+    config = tiny_config(tmp_path / "data", tmp_path / "run", epochs=1, iters_per_epoch=2, val_every=1,
+                         val_hit_rule="one-to-one", min_lesion_size="2vox", tensorboard=False)
+    result = train(config, verbose=False)
+    _, card = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert card["min_lesion_size"] == {"value": 2.0, "unit": "voxels"}
+    assert card["validation_metrics"]["hit_rule"] == "one-to-one"
+    assert result.best_metric == "cpm_object_dice"
+    header = (tmp_path / "run" / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"val_recall", "val_cpm_object_dice"} <= set(header)

@@ -113,9 +113,14 @@ def test_end_to_end_oblique_anisotropic_jsonl(tmp_path, checkpoint):
 
     # the protocol: every stdout line is an event, stages in order, inference counts up to its total
     evs = events(proc.stdout)
-    # this CT has a body but no lungs: the ct-lung preset finds no lung field and says it skips by the body
+    # three warnings: the ct-lung card names a lung mask and none was given; this flat synthetic CT
+    # has only 3 grey values (-1000, -800, 100: looks like a label map, but with negative values,
+    # so only a warning); it has a body but no lungs, so windows are skipped by the body threshold
     warned = [e.get("message") for e in evs if e.stage == "warning"]
-    assert len(warned) == 1 and "no lung field" in warned[0] and "body threshold" in warned[0]
+    assert len(warned) == 3
+    assert "--organ-mask LUNG_MASK.nii.gz" in warned[0]
+    assert "looks like a label map" in warned[1] and "(-1000, -800, 100)" in warned[1]
+    assert "no lung field" in warned[2] and "body threshold" in warned[2]
     evs = [e for e in evs if e.stage != "warning"]
     stages = [e.stage for e in evs]
     first_inf, last_inf = stages.index("inference"), len(stages) - 1 - stages[::-1].index("inference")
@@ -170,7 +175,8 @@ def test_signal_mid_run_leaves_no_output(tmp_path, checkpoint, sig):
     proc = subprocess.Popen(
         [sys.executable, "-m", "IWSegmentationLib", "predict", "--model", str(checkpoint), "--input", str(src),
          "--output", str(existing), "--probabilities", str(out_dir / "prob.nrrd"), "--lesions",
-         str(out_dir / "l.json"), "--overlap", "0.75", "--progress-format", "jsonl", "--device", "cpu"],
+         str(out_dir / "l.json"), "--overlap", "0.75", "--progress-format", "jsonl", "--device", "cpu",
+         "--overwrite"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -261,7 +267,7 @@ def _bad_inputs(tmp: Path, checkpoint: Path):
         ("NaN voxels", {"--input": _write_sitk(tmp / "nan.nrrd", nan_image)}, "NaN"),
         ("unreadable image", {"--input": garbage}, str(garbage)),
         ("missing input", {"--input": tmp / "absent.nii.gz"}, "not found"),
-        ("missing output folder", {"--output": tmp / "no" / "such" / "mask.nrrd"}, "does not exist"),
+        ("output folder is a file", {"--output": good_image.parent / "out" / "mask.nrrd" / "x.nrrd"}, "is a file"),
         ("output is the input", {"--output": good_image}, "overwrite the input"),
         ("bad shard", {"--shard": "3/2"}, "--shard"),
         ("bad overlap", {"--overlap": "1.5"}, "--overlap"),
@@ -281,7 +287,7 @@ def test_bad_input_exit_code_2_and_nothing_overwritten(tmp_path, checkpoint, cap
         args = {"--model": checkpoint, "--input": good_image, "--output": mask,
                 "--lesions": out_dir / "l.json", "--device": "cpu"}
         args.update(overrides)
-        argv = ["predict"] + [str(v) for kv in args.items() for v in kv]
+        argv = ["predict", "--overwrite"] + [str(v) for kv in args.items() for v in kv]
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2, f"{name}: exit {code}, stderr {err}"

@@ -226,7 +226,7 @@ def test_two_epoch_tiny_run_decreases_the_loss_and_writes_everything(dataset, tm
     assert card["size_thresholds"]["small_mm"] == 12.0  # liver preset
     assert card["training_data"]["cases"] == {"train": 3, "val": 1}
     val = card["validation_metrics"]
-    assert val["epoch"] == 1 and set(val["by_size"]) == {"small", "medium", "large"}
+    assert val["epoch"] == 2 and set(val["by_size"]) == {"small", "medium", "large"}
     assert model.config["channels"] == [4, 8, 16, 32]
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["val"])
@@ -252,7 +252,7 @@ def test_resume_after_interruption_gives_the_same_weights(dataset, tmp_path):
     with pytest.raises(InputError, match="already holds a training run"):
         train(config, verbose=False)  # a new run must not clobber it silently
     resumed = train(config, resume=True, verbose=False)
-    assert [r["epoch"] for r in resumed.history] == [1]
+    assert [r["epoch"] for r in resumed.history] == [2]  # epochs count from 1
 
     a, _ = load_checkpoint(tmp_path / "straight" / LAST_CHECKPOINT)
     b, _ = load_checkpoint(tmp_path / "killed" / LAST_CHECKPOINT)
@@ -260,7 +260,7 @@ def test_resume_after_interruption_gives_the_same_weights(dataset, tmp_path):
         assert torch.equal(ta, tb), f"{name} differs after resume (max |diff| {(ta - tb).abs().max()})"
     assert straight.history[-1]["loss"] == resumed.history[-1]["loss"]
     log = (tmp_path / "killed" / "log.csv").read_text().strip().splitlines()
-    assert [line.split(",")[0] for line in log[1:]] == ["0", "1"]  # no duplicate rows
+    assert [line.split(",")[0] for line in log[1:]] == ["1", "2"]  # no duplicate rows
 
     # another architecture cannot resume this run
     other = tiny_config(dataset, tmp_path / "killed", **common, model={"channels": [4, 8, 16, 64]})
@@ -299,7 +299,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(dataset, tmp_path,
     assert not [p.name for p in out.iterdir() if ".partial-" in p.name]
     full["on"] = False
     resumed = train(tiny_config(dataset, out, iters_per_epoch=2), resume=True, verbose=False)
-    assert resumed.history[0]["epoch"] == 1
+    assert resumed.history[0]["epoch"] == 2
 
 
 # --------------------------------------------------------------------------- bad input
@@ -364,7 +364,7 @@ def test_ddp_two_cpu_processes_train_and_only_rank0_writes(dataset, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     card = read_metadata(out / LAST_CHECKPOINT)
     assert card["training"]["world_size"] == 2 and card["training"]["epochs_done"] == 2
-    assert card["validation_metrics"]["epoch"] == 1
+    assert card["validation_metrics"]["epoch"] == 2
     rows = (out / "log.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # header + 2 epochs: one writer
     assert proc.stdout.count("trained 2 epoch(s)") == 1  # only rank 0 reports

@@ -607,3 +607,27 @@ def pair_cases(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike) -> list[
     refs = list_images(ref_dir, what="reference folder")
     check_pairs(refs, preds, first_what="reference", second_what="prediction", first_dir=ref_dir, second_dir=pred_dir)
     return [(name, preds[name], refs[name]) for name in sorted(refs)]
+
+
+def remove_stale_partials(folder: str | os.PathLike, names: Sequence[str]) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_output` left in ``folder`` for the outputs
+    ``names`` when its process was killed before it could clean up (SIGKILL, power loss).
+
+    Only files named exactly as ``atomic_output`` names them are removed: ``.NAME.partial-``,
+    the 8 characters ``tempfile`` draws, and NAME's suffix; nothing else in ``folder`` is
+    touched. Call it only where no other process is writing these outputs. Returns the paths
+    removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    patterns = []
+    for name in names:
+        suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), Path(name).suffix)
+        patterns.append(re.compile(rf"^\.{re.escape(name)}\.partial-[a-z0-9_]{{8}}{re.escape(suffix)}$"))
+    removed = []
+    for entry in folder.iterdir():
+        if any(p.match(entry.name) for p in patterns) and entry.is_file() and not entry.is_symlink():
+            entry.unlink()
+            removed.append(entry)
+    return sorted(removed)

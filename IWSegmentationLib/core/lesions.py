@@ -13,6 +13,7 @@ Arrays are ``[z, y, x]``; ``spacing`` is in the same order ``(sz, sy, sx)`` (see
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -293,3 +294,76 @@ def relabel_by_size(labels: np.ndarray, k: int | None = None) -> tuple[np.ndarra
     lut = np.zeros(counts.size, dtype=np.int32)
     lut[order] = np.arange(1, order.size + 1, dtype=np.int32)
     return lut[labels], order
+
+
+# --------------------------------------------------------------------------------------
+# Minimum predicted-lesion size
+# --------------------------------------------------------------------------------------
+
+MIN_SIZE_UNITS = ("voxels", "mm3")
+_UNIT_ALIASES = {"vox": "voxels", "voxel": "voxels", "voxels": "voxels", "mm3": "mm3", "mm^3": "mm3", "mm³": "mm3"}
+
+
+@dataclass(frozen=True)
+class MinLesionSize:
+    """Smallest predicted lesion kept: ``value`` voxels, or ``value`` mm³ (compared with the
+    component's volume, voxels x voxel volume). Predicted components below it are dropped
+    before lesions are counted: one- to three-voxel specks are noise, not lesions."""
+
+    value: float
+    unit: str = "voxels"
+
+    def __post_init__(self):
+        if self.unit not in MIN_SIZE_UNITS:
+            raise InputError(f"minimum lesion size unit must be one of {', '.join(MIN_SIZE_UNITS)}, got {self.unit!r}")
+        if not (math.isfinite(float(self.value)) and float(self.value) > 0):
+            raise InputError(f"minimum lesion size must be a positive number, got {self.value!r}")
+
+    def min_voxels(self, spacing: Sequence[float]) -> int:
+        """The smallest voxel count that reaches this size on a grid of ``spacing`` (sz, sy, sx) mm."""
+        if self.unit == "voxels":
+            return int(math.ceil(float(self.value)))
+        voxel_mm3 = float(np.prod(check_spacing(spacing)))
+        return int(math.ceil(float(self.value) / voxel_mm3 - 1e-9))
+
+    def as_dict(self) -> dict:
+        """The model-card form ``{"value": float, "unit": "voxels" | "mm3"}``."""
+        return {"value": float(self.value), "unit": self.unit}
+
+    def __str__(self) -> str:
+        return f"{self.value:g} {'voxel(s)' if self.unit == 'voxels' else 'mm³'}"
+
+
+def parse_min_lesion_size(spec) -> MinLesionSize | None:
+    """``"10vox"``, ``"10 voxels"``, ``"5mm3"``, a bare number (voxels), a card dict
+    ``{"value", "unit"}``, a :class:`MinLesionSize` or None (no minimum) -> :class:`MinLesionSize`."""
+    if spec is None or isinstance(spec, MinLesionSize):
+        return spec
+    if isinstance(spec, dict):
+        if set(spec) != {"value", "unit"}:
+            raise InputError(f"min_lesion_size must be {{'value': number, 'unit': 'voxels'|'mm3'}}, got {spec!r}")
+        return MinLesionSize(float(spec["value"]), str(spec["unit"]))
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return MinLesionSize(float(spec), "voxels")
+    found = re.fullmatch(r"([0-9.eE+-]+)\s*([a-z^³0-9]*)", str(spec).strip().lower())
+    unit = (found.group(2) or "vox") if found else ""
+    try:
+        value = float(found.group(1)) if found else None
+    except ValueError:
+        value = None
+    if value is None or unit not in _UNIT_ALIASES:
+        raise InputError(f"minimum lesion size {spec!r}: write a number and a unit, e.g. 10vox or 5mm3")
+    return MinLesionSize(value, _UNIT_ALIASES[unit])
+
+
+def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_size: MinLesionSize | None,
+                            connectivity: int = 26) -> np.ndarray:
+    """``mask`` without its connected components smaller than ``min_size`` (a new bool array;
+    the same values when ``min_size`` is None)."""
+    keep = np.asarray(mask) != 0
+    if min_size is None:
+        return keep
+    labels, k = label_components(keep, connectivity)
+    small = component_sizes(labels, k) < min_size.min_voxels(spacing)
+    small[0] = False
+    return keep & ~small[labels] if small.any() else keep

@@ -35,11 +35,17 @@ input, 3 cancelled, anything else a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
+
+from .errors import Cancelled
 
 STAGES = (
     "start", "load", "preprocess", "inference", "postprocess", "write", "case_done", "warning", "done", "error",
@@ -156,3 +162,94 @@ class ProgressReporter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+# --------------------------------------------------------------------------- cancellation
+
+#: The signals every long-running command treats as "cancel" (exit code 3).
+CANCEL_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class CancelState:
+    """SIGINT and SIGTERM handling of the long-running commands (``predict``, ``train``,
+    ``evaluate``): the first signal raises :class:`~IWSegmentationLib.core.errors.Cancelled` in the
+    main thread, so unwinding removes every temporary output (``atomic_output``) and the
+    command line exits with code 3. Inside :meth:`deferred` (outputs being committed, a batch
+    being received from a worker) the block finishes first and the cancel is raised right
+    after it; a second signal does not wait.
+
+    :meth:`installed` sets both handlers explicitly, whatever the process inherited: a job
+    started in the background by a non-interactive shell inherits an *ignored* SIGINT, and
+    Python keeps it ignored unless a handler is installed. Child processes forked while the
+    handlers are installed never raise :class:`Cancelled` (the parent does the cleanup): see
+    :meth:`_child_default`.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._deferring = 0
+        self._pid = os.getpid()
+
+    def handler(self, signum, _frame) -> None:
+        if os.getpid() != self._pid:  # a forked child
+            self._child_default(signum)
+            return
+        repeated = self.requested is not None
+        self.requested = signal.Signals(signum).name
+        if not self._deferring or repeated:  # a second signal does not wait
+            raise Cancelled(f"received {self.requested}")
+
+    def _child_default(self, signum: int) -> None:
+        """A forked child's handling: a DataLoader worker ignores the first signal, because its
+        parent got the same one (a group signal, Ctrl-C) and shuts its workers down cleanly
+        (a worker that dies instead makes the parent print a traceback); any other child, or
+        a worker's second signal, takes the signal's default action."""
+        data = sys.modules.get("torch.utils.data")
+        if data is not None and data.get_worker_info() is not None and self.requested is None:
+            self.requested = signal.Signals(signum).name
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt  # what Python's default SIGINT handler does
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    def __call__(self) -> bool:
+        return self.requested is not None
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+        if self.requested and not self._deferring:
+            raise Cancelled(f"received {self.requested}")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[CancelState]:
+        """Install the handlers (main thread only) and restore the previous ones afterwards."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        self._pid = os.getpid()
+        previous = {sig: signal.signal(sig, self.handler) for sig in CANCEL_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+def reinstall_cancel_handlers(_worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the trainer's DataLoader: torch's worker start replaces the SIGTERM
+    handler a forked worker inherited with its own C handler, which dies on the signal. Under
+    an installed :class:`CancelState` that death, on a SIGTERM sent to the whole process group
+    (a scheduler, ``kill -- -PGID``), makes the parent print a traceback while it cancels; so
+    the inherited handler is put back, and the worker waits for its parent to shut it down (see
+    :meth:`CancelState._child_default`). Without a CancelState nothing changes."""
+    for sig in CANCEL_SIGNALS:
+        handler = signal.getsignal(sig)
+        if isinstance(getattr(handler, "__self__", None), CancelState):
+            signal.signal(sig, handler)
+

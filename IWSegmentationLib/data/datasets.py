@@ -22,6 +22,7 @@ Arrays are ``[z, y, x]``; see :mod:`IWSegmentationLib.core.imageio`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -192,12 +193,30 @@ def _find_with_channel(path: Path) -> Path | None:
     return alt if alt.is_file() else None
 
 
-def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None = None) -> Dataset:
+def _listed_path(root: Path, value: Any, *, key: str, entry: int, path: Path, allow_outside: bool) -> Path:
+    """``root / value`` for a path listed in ``dataset.json``; a path that leads outside
+    ``root`` (absolute, or through ``..``) is refused unless ``allow_outside``. The check is on
+    the path as written (normalised, symlinks not followed), so symlinks *inside* the dataset
+    folder, which its owner put there, still work."""
+    if not isinstance(value, str) or not value:
+        raise InputError(f"{path}: training entry {entry} '{key}' must be a path string, got {value!r}")
+    joined = Path(os.path.abspath(root / value))  # abspath normalises ".." without following symlinks
+    if not allow_outside and not joined.is_relative_to(os.path.abspath(root)):
+        raise InputError(
+            f"{path}: training entry {entry} '{key}' {value!r} points outside the dataset folder {root}; "
+            "move the file into the folder, or allow it explicitly (allow_outside_paths: true)"
+        )
+    return root / value
+
+
+def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None = None,
+             allow_outside_paths: bool = False) -> Dataset:
     """Medical Segmentation Decathlon / nnU-Net layout: ``dataset.json``, ``imagesTr/``, ``labelsTr/``
     and optionally ``masksTr/`` (organ masks, as ``iwseg synth`` writes).
 
-    Cases come from the ``training`` list of ``dataset.json`` when it has one (MSD), else from
-    the files in ``imagesTr/`` (nnU-Net v2). Image names may carry nnU-Net's channel suffix
+    Cases come from the ``training`` list of ``dataset.json`` when it has the key (MSD; an
+    empty list is an error), else from the files in ``imagesTr/`` (nnU-Net v2). Listed paths
+    must stay inside ``root`` unless ``allow_outside_paths``. Image names may carry nnU-Net's channel suffix
     ``_0000``; only channel 0 is used. Lesion values: the labels whose names contain a lesion
     word (tumour, cancer, lesion, nodule, metastasis, ...), or the only foreground label, unless
     ``lesion_values`` is given. A non-lesion label named like an organ (e.g. ``liver``) becomes
@@ -215,18 +234,24 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
 
     entries: list[tuple[str, Path, Path, Path | None]] = []
     training = meta.get("training")
-    if isinstance(training, list) and training:
+    if training is not None and not (isinstance(training, list) and training):
+        raise InputError(
+            f"{path}: 'training' must be a non-empty list of {{\"image\": ..., \"label\": ...}} entries, got "
+            f"{training!r}; list the cases, or remove the key to train on the files of {images_dir}"
+        )
+    if training:
         for i, item in enumerate(training):
             if not isinstance(item, Mapping) or "image" not in item or "label" not in item:
                 raise InputError(f"{path}: training entry {i} needs 'image' and 'label' paths, got {item!r}")
-            image = _find_with_channel(root / str(item["image"]))
+            listed = functools.partial(_listed_path, root, entry=i, path=path, allow_outside=allow_outside_paths)
+            image = _find_with_channel(listed(item["image"], key="image"))
             if image is None:
                 raise InputError(f"{path}: image {item['image']} of training entry {i} not found under {root}")
             cid = _strip_channel(case_name(image))[0]
-            label = root / str(item["label"])
+            label = listed(item["label"], key="label")
             if not label.is_file():
                 raise InputError(f"case {cid}: label {label} (from {path.name}) not found")
-            mask = root / str(item["mask"]) if item.get("mask") else masks.get(cid)
+            mask = listed(item["mask"], key="mask") if item.get("mask") else masks.get(cid)
             if mask is not None and not Path(mask).is_file():
                 raise InputError(f"case {cid}: mask {mask} (from {path.name}) not found")
             entries.append((cid, image, label, mask))
@@ -387,8 +412,13 @@ def load_dataset(
     *,
     lesion_values: Sequence[float] | None = None,
     other_values: Sequence[float] | None = None,
+    allow_outside_paths: bool = False,
 ) -> Dataset:
     """List the cases of a dataset folder (no voxels are read; see :func:`load_case`).
+
+    ``allow_outside_paths`` lets a ``dataset.json`` (MSD layout) list files outside ``root``;
+    by default such a path is refused, so a dataset cannot make the trainer read, say,
+    ``../../etc/passwd``.
 
     ``layout`` is ``"auto"`` or one of :data:`LAYOUTS` (aliases :data:`LAYOUT_ALIASES`).
     ``lesion_values`` overrides the layout's lesion label values; ``other_values`` are further
@@ -408,7 +438,7 @@ def load_dataset(
     elif not Path(root).is_dir():
         raise InputError(f"dataset folder not found: {root}")
     if layout == "msd":
-        dataset = read_msd(root, lesion_values=lesion_values)
+        dataset = read_msd(root, lesion_values=lesion_values, allow_outside_paths=allow_outside_paths)
     elif layout == "lits":
         dataset = read_lits(root, lesion_values=lesion_values)
     elif layout == "luna16":

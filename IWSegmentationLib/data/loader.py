@@ -165,12 +165,16 @@ class PatchDataset(IterableDataset):
 def make_loader(dataset: PatchDataset, *, num_workers: int = 2, pin_memory: bool = False,
                 prefetch_factor: int = 2):
     """A ``DataLoader`` over batches of ``dataset`` with ``num_workers`` background processes
-    (persistent, so their caches live for the whole run)."""
+    (persistent, so their caches live for the whole run; they keep a cancel handler the
+    parent installed, see :func:`~IWSegmentationLib.core.progress.reinstall_cancel_handlers`)."""
     from torch.utils.data import DataLoader
+
+    from ..core.progress import reinstall_cancel_handlers
 
     if num_workers < 0:
         raise InputError(f"num_workers must be >= 0, got {num_workers}")
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor,
+                      worker_init_fn=reinstall_cancel_handlers)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)

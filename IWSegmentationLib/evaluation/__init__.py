@@ -3,7 +3,9 @@
 
 from .bootstrap import (  # noqa: F401  (re-exported)
     BOOTSTRAP_FRACTION,
+    BOOTSTRAP_MODES,
     N_BOOTSTRAP,
+    PAPER_BOOTSTRAP_SEED,
     bootstrap,
     bootstrap_recall_curves,
 )
@@ -14,6 +16,12 @@ from .froc import (  # noqa: F401  (re-exported)
     avg_recall,
     cpm,
     froc,
+)
+from .hit_rules import (  # noqa: F401  (re-exported)
+    HIT_RULE_PRESETS,
+    MATCHINGS,
+    HitRule,
+    parse_hit_rule,
 )
 from .matching import (  # noqa: F401  (re-exported)
     CaseResult,
@@ -29,6 +37,10 @@ from .report import (  # noqa: F401  (re-exported)
 )
 
 __all__ = [
+    "MATCHINGS",
+    "HIT_RULE_PRESETS",
+    "HitRule",
+    "parse_hit_rule",
     "LesionResult",
     "ComponentResult",
     "CaseResult",
@@ -43,6 +55,8 @@ __all__ = [
     "avg_recall",
     "N_BOOTSTRAP",
     "BOOTSTRAP_FRACTION",
+    "BOOTSTRAP_MODES",
+    "PAPER_BOOTSTRAP_SEED",
     "bootstrap_recall_curves",
     "bootstrap",
     "evaluate_cases",

@@ -14,7 +14,8 @@ from ..core.errors import InputError
 CPM_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
-#: FP/image grid of the paper's "avg Recall": 501 points from 0 to 5.
+#: FP/image grid of ``avg_recall_0_5``: 501 points from 0 to 5 (not the paper's "avg Recall",
+#: which is the CPM; see docs/metrics.md).
 AVG_RECALL_FP_RATES: np.ndarray = np.linspace(0.0, 5.0, 501)
 
 
@@ -103,7 +104,8 @@ def cpm(curve: Froc) -> float:
 
 
 def avg_recall(curve: Froc, max_fp: float = 5.0, n_points: int = 501) -> float:
-    """Mean recall over ``linspace(0, max_fp, n_points)`` FP/image (the paper's "avg Recall")."""
+    """Mean recall over ``linspace(0, max_fp, n_points)`` FP/image. Not the paper's Table 2
+    "avg Recall", which is :func:`cpm`; it matches only a printout of the authors' notebook."""
     if curve.n_lesions == 0:
         return math.nan
     return float(np.mean(curve.recall_at(np.linspace(0.0, max_fp, n_points))))

@@ -16,6 +16,10 @@ Per case (:func:`match_case`)
     * each component ``c`` has ``hit_dice(c)`` = the highest Dice over the lesions it
       overlaps (0 if none). A component with ``hit_dice = 0`` is a false positive.
 
+    That is the paper's hit rule, the default. :class:`HitRule` adds the conditions and the
+    one-to-one matchings of other lesion-wise evaluations (``hit_rule=``), and predicted
+    components under a minimum size can be dropped first (``min_lesion_size=``).
+
 Over images (:func:`evaluate_cases`)
     At a confidence threshold τ: TP = lesions with ``hit_dice > 0`` and ``hit_conf ≥ τ``;
     FP = components with ``hit_dice = 0`` and confidence ≥ τ; recall = TP / #lesions;
@@ -24,15 +28,19 @@ Over images (:func:`evaluate_cases`)
     added, and where several τ give the same FP/image the highest recall is kept. Recall at
     any FP/image is then read by linear interpolation (``np.interp``, clamped at the ends).
 
-    * ``cpm``: mean recall at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP/image (LUNA16).
-    * ``avg_recall_0_5``: mean recall over ``linspace(0, 5, 501)`` FP/image, the paper's
-      "avg Recall".
+    * ``cpm``: mean recall at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP/image (LUNA16); the paper's
+      Table 2 "avg Recall" is this number (its bootstrap mean with ``bootstrap_mode="paper"``).
+    * ``avg_recall_0_5``: mean recall over ``linspace(0, 5, 501)`` FP/image (a secondary
+      figure; not the paper's "avg Recall").
+    * ``recall``: hit lesions / lesions at the segmentation threshold.
     * ``object_dice``: mean and std (ddof 0) of ``hit_dice`` over lesions with ``hit_dice > 0``.
     * ``bootstrap``: 100 resamples of 80% of the images without replacement (seeded); in
-      each, FP/image divides by the resample size; mean and std (ddof 0) of ``cpm`` and
+      each, FP/image divides by the resample size (``mode="paper"``: the authors' variant, see
+      :func:`bootstrap`); mean and std (ddof 0) of ``cpm`` and
       ``avg_recall_0_5`` over the resamples.
     * ``by_size``: the same per size group; the group's lesions are the denominator, and an
-      unmatched component is an FP of the group its own equivalent diameter falls in.
+      unmatched component is an FP of the group its own equivalent diameter falls in (records
+      without a size, see :mod:`IWSegmentationLib.evaluation.records`, count only in the totals).
 
 Undefined values are ``NaN`` in Python and ``null`` in the report: recall, ``cpm`` and
 ``avg_recall_0_5`` when there are no reference lesions (in all images, in a size group, or
@@ -48,7 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -58,10 +66,17 @@ from ..core.lesions import (
     DEFAULT_SIZE_PRESET,
     SIZE_PRESETS,
     Lesion,
+    MinLesionSize,
     SizeThresholds,
     label_components,
     lesion_table,
+    parse_min_lesion_size,
 )
+from .froc import _json_float
+from .hit_rules import parse_hit_rule
+
+if TYPE_CHECKING:
+    from .hit_rules import HitRule
 
 
 @dataclass
@@ -85,11 +100,11 @@ class LesionResult(Lesion):
         """The report's per-lesion entry: ``id, volume_mm3, diameter_mm, size_group, hit_dice, confidence``."""
         return {
             "id": self.id,
-            "volume_mm3": self.volume_mm3,
-            "diameter_mm": self.diameter_mm,
+            "volume_mm3": _json_float(self.volume_mm3),
+            "diameter_mm": _json_float(self.diameter_mm),
             "size_group": self.size_group,
             "hit_dice": self.hit_dice,
-            "confidence": self.confidence,
+            "confidence": None if self.confidence is None else _json_float(self.confidence),
         }
 
 
@@ -110,9 +125,9 @@ class ComponentResult(Lesion):
         """The report's per-component entry: ``id, volume_mm3, diameter_mm, confidence, hit_dice``."""
         return {
             "id": self.id,
-            "volume_mm3": self.volume_mm3,
-            "diameter_mm": self.diameter_mm,
-            "confidence": self.confidence,
+            "volume_mm3": _json_float(self.volume_mm3),
+            "diameter_mm": _json_float(self.diameter_mm),
+            "confidence": _json_float(self.confidence),
             "hit_dice": self.hit_dice,
         }
 
@@ -135,6 +150,7 @@ class CaseResult:
     overlap_voxels: int
     ref_labels: np.ndarray | None = field(default=None, repr=False)
     pred_labels: np.ndarray | None = field(default=None, repr=False)
+    hit_rule: str = "paper"
 
     @property
     def voxel_dice(self) -> float:
@@ -232,6 +248,8 @@ def match_case(
     pred_name: str | None = None,
     ref_name: str | None = None,
     keep_labels: bool = False,
+    hit_rule: HitRule | str | None = None,
+    min_lesion_size: MinLesionSize | str | None = None,
 ) -> CaseResult:
     """Match the predicted components of one image to its reference lesions.
 
@@ -246,6 +264,10 @@ def match_case(
         case: case id reported in the results.
         pred_name, ref_name: how error messages name the inputs (file paths), default ``case``.
         keep_labels: keep the two label maps in the result (for building segmentations).
+        hit_rule: when a component hits a lesion (:class:`HitRule` or its text form);
+            default the paper's rule (any overlap, best Dice, many-to-one).
+        min_lesion_size: predicted components smaller than this are dropped before matching
+            (:class:`~IWSegmentationLib.core.lesions.MinLesionSize` or ``"10vox"`` / ``"5mm3"``).
 
     Returns a :class:`CaseResult`. Costs two labellings, two lesion tables and one pass
     over the predicted voxels; raises :class:`InputError` naming the input on bad data.
@@ -262,12 +284,16 @@ def match_case(
         raise InputError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity}")
     thresholds = thresholds or SIZE_PRESETS[DEFAULT_SIZE_PRESET]
     spacing = tuple(float(s) for s in spacing)
+    rule = parse_hit_rule(hit_rule)
+    min_size = parse_min_lesion_size(min_lesion_size)
 
     pred_mask = prob > threshold
     ref_labels, n_ref = label_components(ref, connectivity)
     pred_labels, n_pred = label_components(pred_mask, connectivity)
     ref_table = lesion_table(ref_labels, spacing, thresholds=thresholds, k=n_ref)
     pred_table = lesion_table(pred_labels, spacing, thresholds=thresholds, k=n_pred)
+    if min_size is not None:
+        pred_table, pred_mask = _drop_small(pred_table, pred_labels, pred_mask, min_size.min_voxels(spacing))
     ref_sizes = _sizes_by_id(ref_table, n_ref)
     pred_sizes = _sizes_by_id(pred_table, n_pred)
 
@@ -282,9 +308,8 @@ def match_case(
     pair_code, pair_overlap = np.unique(code, return_counts=True)
     pair_lesion, pair_comp = np.divmod(pair_code, n_pred + 1)
     pair_dice = 2.0 * pair_overlap / (ref_sizes[pair_lesion] + pred_sizes[pair_comp])
-
-    lesion_best = _best_partner(pair_lesion, pair_comp, pair_dice, tie=-confidence[pair_comp])
-    comp_best = _best_partner(pair_comp, pair_lesion, pair_dice, tie=np.zeros_like(pair_dice))
+    ok = rule.accepts(pair_overlap, ref_sizes[pair_lesion], pred_sizes[pair_comp], pair_dice)
+    lesion_best, comp_best = _match_pairs(pair_lesion[ok], pair_comp[ok], pair_dice[ok], confidence, rule.matching)
 
     lesions = []
     for les in ref_table:
@@ -312,7 +337,63 @@ def match_case(
         case=case, lesions=lesions, components=components, threshold=float(threshold), spacing=spacing,
         ref_voxels=int(ref_sizes.sum()), pred_voxels=int(pred_sizes.sum()), overlap_voxels=int(pair_overlap.sum()),
         ref_labels=ref_labels if keep_labels else None, pred_labels=pred_labels if keep_labels else None,
+        hit_rule=str(rule),
     )
+
+
+def _drop_small(pred_table: list, pred_labels: np.ndarray, pred_mask: np.ndarray, min_voxels: int):
+    """Remove components under ``min_voxels`` from the table, the label map (in place) and the mask."""
+    small = [c.id for c in pred_table if c.voxels < min_voxels]
+    if not small:
+        return pred_table, pred_mask
+    drop = np.zeros(int(pred_labels.max()) + 1, dtype=bool)
+    drop[small] = True
+    gone = drop[pred_labels]
+    pred_labels[gone] = 0
+    return [c for c in pred_table if c.voxels >= min_voxels], pred_mask & ~gone
+
+
+def _match_pairs(lesion: np.ndarray, comp: np.ndarray, dice: np.ndarray, confidence: np.ndarray,
+                 matching: str) -> tuple[dict, dict]:
+    """Pair lesions and components from their qualifying overlap pairs.
+
+    Returns ``({lesion: (component, dice)}, {component: (lesion, dice)})``. ``many``: each
+    lesion's best component and each component's best lesion, independently (the paper).
+    ``greedy`` / ``hungarian``: a one-to-one assignment, the same pairs in both dicts.
+    """
+    if matching == "many":
+        return (_best_partner(lesion, comp, dice, tie=-confidence[comp]),
+                _best_partner(comp, lesion, dice, tie=np.zeros_like(dice)))
+    pairs = _greedy_pairs(lesion, comp, dice, confidence) if matching == "greedy" else _hungarian_pairs(lesion, comp, dice)
+    by_lesion = {int(le): (int(c), float(d)) for le, c, d in pairs}
+    return by_lesion, {c: (le, d) for le, (c, d) in by_lesion.items()}
+
+
+def _greedy_pairs(lesion, comp, dice, confidence) -> list[tuple[int, int, float]]:
+    """One-to-one pairs taken by decreasing Dice (ties: the more confident component, lower ids)."""
+    order = np.lexsort((comp, lesion, -confidence[comp], -dice))
+    used_l, used_c, out = set(), set(), []
+    for i in order:
+        le, c = int(lesion[i]), int(comp[i])
+        if le not in used_l and c not in used_c:
+            used_l.add(le)
+            used_c.add(c)
+            out.append((le, c, float(dice[i])))
+    return out
+
+
+def _hungarian_pairs(lesion, comp, dice) -> list[tuple[int, int, float]]:
+    """One-to-one pairs of maximum total Dice (``scipy.optimize.linear_sum_assignment``)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if lesion.size == 0:
+        return []
+    les_ids, li = np.unique(lesion, return_inverse=True)
+    comp_ids, ci = np.unique(comp, return_inverse=True)
+    weight = np.zeros((les_ids.size, comp_ids.size))
+    weight[li, ci] = dice
+    rows, cols = linear_sum_assignment(weight, maximize=True)
+    return [(int(les_ids[r]), int(comp_ids[c]), float(weight[r, c])) for r, c in zip(rows, cols) if weight[r, c] > 0]
 
 
 def _lesion_fields(lesion: Lesion) -> dict:

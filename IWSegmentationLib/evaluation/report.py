@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+from ..core.errors import InputError
 from ..core.lesions import (
     SIZE_GROUPS,
 )
-from .bootstrap import BOOTSTRAP_FRACTION, N_BOOTSTRAP, _check_cases, _Pool, _summary
+from .bootstrap import BOOTSTRAP_FRACTION, N_BOOTSTRAP, _check_cases, _check_mode, _Pool, _summary
 
 if TYPE_CHECKING:
     from .froc import Froc
@@ -20,18 +21,26 @@ def evaluate_cases(
     n_resamples: int = N_BOOTSTRAP,
     fraction: float = BOOTSTRAP_FRACTION,
     seed: int = 0,
+    bootstrap_mode: str = "ours",
 ) -> dict:
     """The evaluation report over images, JSON-ready (undefined values are None).
 
-    Keys: ``n_images, n_lesions, object_dice{mean,std,n}, cpm, avg_recall_0_5,
-    froc{fp_per_image,recall,threshold}, bootstrap{cpm{mean,std}, avg_recall_0_5{mean,std}, n},
-    by_size{small,medium,large -> the same fields}, cases[...]`` (in input order, see
-    :meth:`CaseResult.as_dict`). A FROC threshold of None is the added (0, 0) point (τ = ∞).
+    Keys: ``n_images, n_lesions, recall, object_dice{mean,std,n}, cpm, avg_recall_0_5,
+    froc{fp_per_image,recall,threshold}, bootstrap{cpm{mean,std}, avg_recall_0_5{mean,std}, n,
+    mode, seed}, hit_rule, by_size{small,medium,large -> the same fields}, cases[...]`` (in input
+    order, see :meth:`CaseResult.as_dict`). ``recall`` is at the segmentation threshold (every
+    component counts). A FROC threshold of None is the added (0, 0) point (τ = ∞).
+    ``bootstrap_mode`` is one of :data:`BOOTSTRAP_MODES` (see :func:`bootstrap`).
     """
     ordered = _check_cases(cases)
+    _check_mode(bootstrap_mode)
+    rules = sorted({c.hit_rule for c in ordered})
+    if len(rules) > 1:
+        raise InputError(f"cases were matched with different hit rules ({', '.join(rules)}); pool one rule at a time")
     pool = _Pool.from_cases(ordered)
-    report = _summary(pool, None, n_resamples, fraction, seed)
-    report["by_size"] = {g: _summary(pool, g, n_resamples, fraction, seed) for g in SIZE_GROUPS}
+    report = _summary(pool, None, n_resamples, fraction, seed, bootstrap_mode)
+    report["hit_rule"] = rules[0]
+    report["by_size"] = {g: _summary(pool, g, n_resamples, fraction, seed, bootstrap_mode) for g in SIZE_GROUPS}
     report["cases"] = [c.as_dict() for c in cases]
     return report
 

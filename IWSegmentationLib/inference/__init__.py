@@ -14,11 +14,18 @@ from .engine import (  # noqa: F401  (re-exported)
     freeze_for_cpu,
     resolve_engine,
 )
+from .ensemble import (  # noqa: F401  (re-exported)
+    check_ensemble,
+)
 from .predict import (  # noqa: F401  (re-exported)
-    ProbabilityPredictor,
     VolumePrediction,
     inference_settings,
     predict_volume,
+)
+from .predictors import (  # noqa: F401  (re-exported)
+    EnsemblePredictor,
+    MirroredPredictor,
+    ProbabilityPredictor,
 )
 from .sliding_window import (  # noqa: F401  (re-exported)
     BLEND_MODES,
@@ -54,7 +61,10 @@ __all__ = [
     "FROZEN_MAX_FLOPS_PER_VOXEL",
     "resolve_engine",
     "ProbabilityPredictor",
+    "MirroredPredictor",
+    "EnsemblePredictor",
     "VolumePrediction",
     "inference_settings",
     "predict_volume",
+    "check_ensemble",
 ]

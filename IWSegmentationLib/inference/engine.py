@@ -112,3 +112,20 @@ def _flops_per_voxel(model: nn.Module) -> float | None:
     from ..nn.unet import ResidualUNet3D, network_macs_per_voxel
 
     return 2.0 * network_macs_per_voxel(model) if isinstance(model, ResidualUNet3D) else None
+
+
+def _runnable(model: nn.Module, engine: str, device: torch.device, precision: str, channels_last: bool | None,
+              warn: Callable[[str], None]) -> nn.Module:
+    """``model`` ready to run on ``device``: in eval mode, moved there, and either frozen for the
+    CPU (``engine`` resolves to ``frozen`` and :func:`freeze_for_cpu` succeeds) or eager with
+    ``channels_last_3d`` weights where that is faster (CPU and CUDA; ``channels_last`` overrides).
+    :func:`predict_volume` restores the contiguous format afterwards."""
+    engine = resolve_engine(engine, device, precision, _flops_per_voxel(model))
+    model.eval()
+    model.to(device)
+    network = freeze_for_cpu(model, on_warning=warn) if engine == "frozen" else None
+    if network is not None:
+        return network
+    if device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last):
+        model.to(memory_format=torch.channels_last_3d)
+    return model

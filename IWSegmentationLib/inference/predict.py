@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -12,20 +12,9 @@ from torch import nn
 
 from ..core.errors import InputError
 from .devices import resolve_device, resolve_precision
-from .engine import _flops_per_voxel, freeze_for_cpu, resolve_engine
+from .engine import _runnable
+from .predictors import EnsemblePredictor, MirroredPredictor, ProbabilityPredictor
 from .sliding_window import InferenceStats, _triple, sliding_window_inference
-
-
-class ProbabilityPredictor(nn.Module):
-    """``sigmoid(model(x))``: blending probabilities (as nnU-Net does) makes skipped regions, which
-    get 0, read as zero probability. Being a module, it can be moved to the CPU on out-of-memory."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(x))
 
 
 @dataclass
@@ -56,7 +45,7 @@ def inference_settings(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def predict_volume(
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     image: np.ndarray,
     metadata: Mapping[str, Any],
     *,
@@ -71,6 +60,7 @@ def predict_volume(
     skip_background: bool = True,
     channels_last: bool | None = None,
     engine: str = "auto",
+    tta: bool = False,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     on_warning: Callable[[str], None] | None = None,
@@ -85,8 +75,10 @@ def predict_volume(
     and ``mask = probabilities > threshold``.
 
     Args:
-        model: the network (``load_checkpoint``'s first value); it is put in ``eval()`` mode and
-            moved to ``device`` (to the CPU on an out-of-memory fallback).
+        model: the network (``load_checkpoint``'s first value), or several networks whose cards
+            agree (:func:`check_ensemble`): an ensemble whose probabilities are averaged
+            (:class:`EnsemblePredictor`). Each is put in ``eval()`` mode and moved to ``device``
+            (to the CPU on an out-of-memory fallback).
         image: raw ``[z, y, x]`` intensities (HU for CT). NaN/inf voxels raise :class:`InputError`.
         metadata: the checkpoint's model card (``patch_size``, ``preprocessing``, ``threshold``).
         geometry: the image's :class:`~IWSegmentationLib.core.imageio.Geometry` (spacing matters when
@@ -101,14 +93,16 @@ def predict_volume(
             :func:`resolve_engine`; else ``eager``), ``frozen``
             (:func:`freeze_for_cpu`; falls back to eager with a warning if it cannot be built)
             or ``eager`` (the module as it is).
+        tta: test-time mirroring (:class:`MirroredPredictor`): 8 passes per window, averaged.
     """
     from ..core.imageio import Geometry
     from ..preprocessing.foreground import foreground_mask
     from ..preprocessing.presets import validate_params
     from ..preprocessing.resampling import prepare_case, resample_to_geometry
 
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise InputError(f"model must be a torch.nn.Module or a list of them, got {type(model).__name__}")
     if not isinstance(metadata, Mapping) or "preprocessing" not in metadata:
         raise InputError("checkpoint metadata lacks 'preprocessing': cannot prepare the image")
     settings = inference_settings(metadata)
@@ -137,19 +131,16 @@ def predict_volume(
         if foreground is not None and work_geometry != geometry:
             foreground = resample_to_geometry(foreground.view(np.uint8), geometry, work_geometry, is_mask=True) != 0
 
-    engine = resolve_engine(engine, device, precision, _flops_per_voxel(model))
-    model.eval()
-    model.to(device)
-    network = freeze_for_cpu(model, on_warning=warn) if engine == "frozen" else None
-    stats.engine = "eager" if network is None else "frozen"
-    use_channels_last = network is None and (
-        device.type in ("cpu", "cuda") if channels_last is None else bool(channels_last))
-    if use_channels_last:
-        model.to(memory_format=torch.channels_last_3d)
+    networks = [_runnable(m, engine, device, precision, channels_last, warn) for m in models]
+    stats.engine = "frozen" if all(n is not m for n, m in zip(networks, models)) else "eager"
+    predictor: nn.Module = EnsemblePredictor([ProbabilityPredictor(n) for n in networks]) if len(networks) > 1 \
+        else ProbabilityPredictor(networks[0])
+    if tta:
+        predictor = MirroredPredictor(predictor)
     try:
         probs = sliding_window_inference(
             network_input,
-            ProbabilityPredictor(model if network is None else network),
+            predictor,
             settings["patch_size"],
             overlap=settings["overlap"] if overlap is None else overlap,
             blend=blend or settings["blend"],
@@ -165,8 +156,8 @@ def predict_volume(
             stats=stats,
         )
     finally:
-        if use_channels_last:
-            model.to(memory_format=torch.contiguous_format)
+        for m in models:
+            m.to(memory_format=torch.contiguous_format)
     del network_input, foreground
     if probs.shape[0] != 1:
         raise InputError(f"the model returns {probs.shape[0]} channels; lesion segmentation needs 1")

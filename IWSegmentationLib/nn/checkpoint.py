@@ -10,6 +10,10 @@ map) three entries:
   loss, size thresholds, training data, validation metrics, versions, creation time and the
   sha256 of the weights). ``docs/checkpoints.md`` documents every field.
 
+The card is validated as a whole, once, by :class:`~IWSegmentationLib.nn.model_card.ModelCard`
+(typed fields with limits) on every read and before every write; :func:`read_model_card`
+returns the record, :func:`read_metadata` and :func:`load_checkpoint` its plain dict.
+
 Nothing is ever unpickled: safetensors holds only raw tensor bytes and JSON. A pickled
 PyTorch file (``.pt``/``.pth``) is refused, unless the caller passes ``allow_torch_load=True``,
 which reads it with ``torch.load(weights_only=True)`` only (tensors and plain containers; no
@@ -40,43 +44,21 @@ import numpy as np
 from .. import __version__
 from ..core.errors import CheckpointError, InputError, OutputError
 from ..core.imageio import atomic_output
+from .model_card import (  # noqa: F401  (FORMAT_VERSION and the field lists are part of this module's API)
+    AUTOMATIC_FIELDS,
+    FORMAT,
+    FORMAT_VERSION,
+    OPTIONAL_FIELDS,
+    REQUIRED_FIELDS,
+    ModelCard,
+)
 
 if TYPE_CHECKING:  # torch is imported lazily: reading a model card must not need it
     import torch
     from torch import nn
 
 
-FORMAT = "iwsegmentation.checkpoint"
-
-
 TRAINING_STATE_FORMAT = "iwsegmentation.training_state"
-
-
-#: Bumped only when a reader of the previous version would misread a new file; adding an
-#: optional model-card field does not bump it. Readers accept versions <= their own.
-FORMAT_VERSION = 1
-
-
-#: Model-card fields the caller must give (the rest have defaults or are filled in).
-REQUIRED_FIELDS = ("patch_size", "preprocessing")
-
-
-#: Fields :func:`save_checkpoint` fills in itself; a caller's values for them are replaced.
-AUTOMATIC_FIELDS = (
-    "format", "format_version", "architecture", "library_version", "torch_version",
-    "created", "num_parameters", "weights_sha256",
-)
-
-
-#: Optional fields and their defaults.
-OPTIONAL_FIELDS: dict[str, Any] = {
-    "threshold": 0.5,
-    "loss": None,
-    "size_thresholds": None,
-    "training_data": None,
-    "validation_metrics": None,
-    "description": "",
-}
 
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
@@ -153,16 +135,11 @@ def _to_json_value(value: Any, where: str) -> Any:
 
 
 def build_model_card(model: nn.Module, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict:
-    """The full model card :func:`save_checkpoint` writes: ``metadata`` validated, defaults
-    added, and the automatic fields (format, versions, time, architecture, sha256) filled in."""
+    """The full model card :func:`save_checkpoint` writes: ``metadata`` converted to plain JSON,
+    the automatic fields (format, versions, time, architecture, sha256) filled in, then the
+    whole card validated by :meth:`ModelCard.from_dict` (defaults added)."""
     if not isinstance(metadata, Mapping):
         raise InputError(f"checkpoint metadata must be a dict, got {type(metadata).__name__}")
-    missing = [k for k in REQUIRED_FIELDS if metadata.get(k) is None]
-    if missing:
-        raise InputError(
-            f"checkpoint metadata lacks {', '.join(missing)}: a checkpoint must say how to "
-            "reproduce a prediction (see docs/checkpoints.md)"
-        )
     card = _to_json_value(dict(metadata), "metadata")
     architecture = getattr(model, "config", None) or card.get("architecture")
     if not architecture:
@@ -170,40 +147,19 @@ def build_model_card(model: nn.Module, metadata: Mapping[str, Any], tensors: Map
             "the model has no .config and metadata has no 'architecture': build the model with "
             "models.build_model(config) or pass metadata['architecture']"
         )
-    from .unet import validate_config
-
-    patch = card["patch_size"]
-    if isinstance(patch, int):
-        patch = [patch] * 3
-    if not (isinstance(patch, list) and len(patch) == 3 and all(isinstance(p, int) and p > 0 for p in patch)):
-        raise InputError(f"checkpoint metadata 'patch_size' must be 3 positive ints (z, y, x), got {patch!r}")
-    from ..preprocessing.presets import validate_params
-
-    try:
-        preprocessing = validate_params(card["preprocessing"])
-    except InputError as exc:
-        raise InputError(f"checkpoint metadata 'preprocessing' (use preprocessing.get_preset): {exc}") from None
-    threshold = card.get("threshold", OPTIONAL_FIELDS["threshold"])
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 < threshold < 1.0:
-        raise InputError(f"checkpoint metadata 'threshold' must be a probability in (0, 1), got {threshold!r}")
-    for key, default in OPTIONAL_FIELDS.items():
-        card.setdefault(key, default)
     import torch
 
     card.update(
         format=FORMAT,
         format_version=FORMAT_VERSION,
-        architecture=_to_json_value(validate_config(dict(architecture)), "architecture"),
-        patch_size=patch,
-        preprocessing=preprocessing,
-        threshold=float(threshold),
+        architecture=_to_json_value(architecture, "architecture"),
         library_version=__version__,
         torch_version=torch.__version__.split("+")[0],
         created=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         num_parameters=int(sum(p.numel() for p in model.parameters())),
         weights_sha256=weights_sha256(tensors),
     )
-    return card
+    return ModelCard.from_dict(card, source="checkpoint metadata").to_dict()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -327,6 +283,8 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt: unreadable header ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its header is nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"checkpoint {path} is corrupt: header is not a JSON object")
     end = 0
@@ -364,11 +322,13 @@ def _check_format(path: Path, meta: Mapping[str, str], expected: str) -> int:
     return version
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The model card of a checkpoint, read from the header only (no weights, no model).
+def read_model_card(path: str | os.PathLike) -> ModelCard:
+    """The validated model card of a checkpoint, read from the header only (no weights, no
+    torch import).
 
-    Raises :class:`CheckpointError` for a missing, pickled, corrupt or truncated file, a file
-    without a model card, or one written by a newer incompatible format version.
+    Raises :class:`CheckpointError` naming ``path`` for a missing, pickled, corrupt or
+    truncated file, a file without a model card, one written by a newer incompatible format
+    version, or a card whose values are out of range (:meth:`ModelCard.from_dict`).
     """
     path = Path(path)
     header = read_header(path)
@@ -383,10 +343,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         card = json.loads(meta["model_card"])
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {path} has a corrupt model card: {exc}") from None
-    missing = [k for k in ("architecture", "weights_sha256", *REQUIRED_FIELDS) if k not in card]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} model card lacks {', '.join(missing)}")
-    return card
+    except RecursionError:
+        raise CheckpointError(f"checkpoint {path} has a corrupt model card: nested too deeply") from None
+    if isinstance(card, dict) and card.get("weights_sha256") is None:
+        raise CheckpointError(f"checkpoint {path}: model card lacks weights_sha256")
+    return ModelCard.from_dict(card, source=path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The model card of a checkpoint as a plain dict (:func:`read_model_card`, then
+    :meth:`ModelCard.to_dict`)."""
+    return read_model_card(path).to_dict()
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -398,18 +365,24 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} is corrupt: {exc}") from None
 
 
-def _build_and_load(path: Path, card: Mapping[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+def _build_and_load(path: Path, architecture: Mapping[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The network of ``architecture`` with ``tensors`` loaded. The network is first built on
+    torch's ``meta`` device (no memory) and its tensor shapes compared with the file's, so a
+    card that claims a huge network allocates nothing: the real build is at most as large as
+    the weights the file holds."""
+    import torch
+
     from .unet import build_model
 
     try:
-        model = build_model(card["architecture"])
+        with torch.device("meta"):
+            skeleton = build_model(dict(architecture))
     except InputError as exc:
         raise CheckpointError(f"checkpoint {path}: bad architecture: {exc}") from None
-    missing, unexpected = [], []
-    expected = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
+    wrong = [k for k in expected if k in tensors and expected[k] != tuple(tensors[k].shape)]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -419,6 +392,7 @@ def _build_and_load(path: Path, card: Mapping[str, Any], tensors: dict[str, torc
         if wrong:
             parts.append(f"wrong shape {', '.join(wrong[:5])}")
         raise CheckpointError(f"checkpoint {path}: weights do not fit its architecture: {'; '.join(parts)}")
+    model = build_model(dict(architecture))
     model.load_state_dict(tensors, strict=True)
     return model.eval()
 
@@ -433,8 +407,9 @@ def load_checkpoint(
     """Rebuild the network of a checkpoint and load its weights: ``(model in eval mode, card)``.
 
     Verifies the weights' sha256 against the model card. Every problem (missing, truncated or
-    corrupt file, no model card, sha256 mismatch, newer format version, weights that do not fit
-    the architecture, a pickled file) raises :class:`CheckpointError` naming ``path``.
+    corrupt file, no model card, a card value out of range, sha256 mismatch, newer format
+    version, weights that do not fit the architecture, a pickled file) raises
+    :class:`CheckpointError` naming ``path``.
 
     ``allow_torch_load=True`` accepts a pickled ``.pt``/``.pth`` holding a state dict (or
     ``{"state_dict": ..., "metadata": ...}``), read with ``torch.load(weights_only=True)``
@@ -447,23 +422,17 @@ def load_checkpoint(
         if _looks_pickled(path, head, path.stat().st_size):
             model, card = _load_torch_weights_only(path, metadata)
             return model.to(map_location), card
-    card = read_metadata(path)
-    from ..preprocessing.presets import validate_params
-
-    try:
-        card["preprocessing"] = validate_params(card["preprocessing"])
-    except InputError as exc:
-        raise CheckpointError(f"checkpoint {path}: bad preprocessing in the model card: {exc}") from None
+    card = read_model_card(path)
     tensors = _load_tensors(path)
     digest = weights_sha256(tensors)
-    if digest != card["weights_sha256"]:
+    if digest != card.weights_sha256:
         raise CheckpointError(
             f"checkpoint {path} is corrupt: its weights' sha256 {digest[:12]}... does not match "
-            f"the model card's {str(card['weights_sha256'])[:12]}..."
+            f"the model card's {str(card.weights_sha256)[:12]}..."
         )
     check_finite_weights(path, tensors)
-    model = _build_and_load(path, card, tensors)
-    return model.to(map_location), card
+    model = _build_and_load(path, card.architecture, tensors)
+    return model.to(map_location), card.to_dict()
 
 
 def check_finite_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -501,5 +470,7 @@ def _load_torch_weights_only(path: Path, metadata: Mapping[str, Any] | None) -> 
             f"checkpoint {path} is a bare state dict without a model card: pass metadata= with at "
             "least 'architecture', 'patch_size' and 'preprocessing'"
         )
-    model = _build_and_load(path, card, dict(state))
+    if not isinstance(card["architecture"], dict):
+        raise CheckpointError(f"checkpoint {path}: metadata 'architecture' must be a dict")
+    model = _build_and_load(path, card["architecture"], dict(state))
     return model, build_model_card(model, card, _state_tensors(model))

@@ -18,7 +18,6 @@ from ..core.errors import CheckpointError, InputError
 if TYPE_CHECKING:  # torch is imported lazily: reading a model card must not need it
     import torch
 from .checkpoint import (
-    FORMAT_VERSION,
     TRAINING_STATE_FORMAT,
     _check_format,
     _dtype_codes,
@@ -26,6 +25,7 @@ from .checkpoint import (
     _write_safetensors,
     read_header,
 )
+from .model_card import FORMAT_VERSION
 
 
 def _pack(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:

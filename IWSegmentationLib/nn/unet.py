@@ -32,7 +32,6 @@ so the parameter count is unchanged.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -42,89 +41,20 @@ from torch import nn
 
 from ..core.errors import InputError
 
-ARCHITECTURE_NAME = "residual_unet3d"
-
-#: The paper's network (11.07 M parameters, stride 8).
-PAPER_CONFIG: dict[str, Any] = {
-    "name": ARCHITECTURE_NAME,
-    "in_channels": 1,
-    "out_channels": 1,
-    "channels": [16, 64, 128, 256],
-    "blocks_per_level": 2,
-    "kernel_size": 3,
-    "norm": "batch",
-}
-
-#: Normalisation layers of the pre-activation units: the paper's ``batch`` (BatchNorm3d), or
-#: ``instance`` (InstanceNorm3d with affine parameters) and ``group`` (GroupNorm, 8 groups or
-#: fewer) whose statistics do not depend on the batch (see docs/results/README.md: BatchNorm at
-#: batch size 2 makes eval-mode outputs depend on the last steps' running averages).
-NORMS = ("batch", "instance", "group")
-
-#: Same topology (3 poolings, stride 8), narrow and shallow: for CPU tests and demos.
-TINY_CONFIG: dict[str, Any] = {
-    **PAPER_CONFIG,
-    "channels": [4, 8, 16, 32],
-    "blocks_per_level": 1,
-}
-
-#: Small but useful: the ``make demo`` network (about 0.7 M parameters).
-SMALL_CONFIG: dict[str, Any] = {
-    **PAPER_CONFIG,
-    "channels": [8, 16, 32, 64],
-    "blocks_per_level": 2,
-}
-
-SIZES = {"paper": PAPER_CONFIG, "small": SMALL_CONFIG, "tiny": TINY_CONFIG}
-CONFIG_KEYS = tuple(PAPER_CONFIG)
-
-
-def default_config(size: str = "paper", **overrides: Any) -> dict[str, Any]:
-    """A validated architecture config: the ``size`` preset (``paper``, ``small``, ``tiny``)
-    with ``overrides`` applied, e.g. ``default_config(channels=[8, 16, 32, 64])``."""
-    if size not in SIZES:
-        raise InputError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
-    config = copy.deepcopy(SIZES[size])
-    config.update(copy.deepcopy(overrides))
-    return validate_config(config)
-
-
-def validate_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Check an architecture config and return a normalised copy (missing keys take the
-    paper's values). Unknown keys and bad values raise :class:`InputError`."""
-    if not isinstance(config, dict):
-        raise InputError(f"model config must be a dict, got {type(config).__name__}")
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise InputError(
-            f"unknown model config key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(CONFIG_KEYS)}"
-        )
-    out = {**copy.deepcopy(PAPER_CONFIG), **copy.deepcopy(config)}
-    if out["name"] != ARCHITECTURE_NAME:
-        raise InputError(f"model config 'name' is {out['name']!r}; this library builds only {ARCHITECTURE_NAME!r}")
-    channels = out["channels"]
-    if (
-        not isinstance(channels, (list, tuple))
-        or len(channels) < 2
-        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)
-    ):
-        raise InputError(f"model config 'channels' must be a list of >= 2 positive ints, got {channels!r}")
-    out["channels"] = [int(c) for c in channels]
-    for key in ("in_channels", "out_channels", "blocks_per_level"):
-        value = out[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InputError(f"model config {key!r} must be a positive int, got {value!r}")
-    k = out["kernel_size"]
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k % 2 == 0:
-        raise InputError(f"model config 'kernel_size' must be an odd positive int, got {k!r}")
-    if out["norm"] not in NORMS:
-        raise InputError(f"model config 'norm' must be one of {', '.join(NORMS)}, got {out['norm']!r}")
-    return out
-
-
-def model_stride(config: dict[str, Any]) -> int:
-    """Factor every input side is padded to: ``2 ** poolings`` (8 for the paper's 3 poolings)."""
-    return 2 ** (len(validate_config(config)["channels"]) - 1)
+# The architecture config (its keys, presets, limits and validation) is torch-free, so a model
+# card can be checked without importing torch; re-exported here where the network is built.
+from .architecture import (  # noqa: F401
+    ARCHITECTURE_NAME,
+    CONFIG_KEYS,
+    NORMS,
+    PAPER_CONFIG,
+    SIZES,
+    SMALL_CONFIG,
+    TINY_CONFIG,
+    default_config,
+    model_stride,
+    validate_config,
+)
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:

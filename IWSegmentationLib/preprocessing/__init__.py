@@ -17,6 +17,7 @@ from .presets import (  # noqa: F401  (re-exported)
     validate_params,
 )
 from .resampling import (  # noqa: F401  (re-exported)
+    MAX_RESAMPLED_VOXELS,
     prepare_case,
     resample_to_geometry,
     resample_to_spacing,
@@ -33,6 +34,7 @@ __all__ = [
     "preprocess",
     "foreground_mask",
     "lung_field",
+    "MAX_RESAMPLED_VOXELS",
     "resampled_geometry",
     "resample_to_geometry",
     "resample_to_spacing",

@@ -11,6 +11,10 @@ from ..core.imageio import Geometry, to_sitk
 from .intensity import _check_image, _check_mask, _preprocess_inplace, preprocess
 from .presets import validate_params
 
+#: Largest grid :func:`resampled_geometry` makes: 2^31 voxels (8 GiB as float32), so a crafted
+#: target spacing cannot ask for terabytes (a 512 x 512 x 1000 CT upsampled 2x per axis fits).
+MAX_RESAMPLED_VOXELS = 2 ** 31
+
 
 def resampled_geometry(geometry: Geometry, spacing_zyx: Sequence[float | None]) -> Geometry:
     """The grid with ``spacing_zyx`` (``None`` entries keep the axis) covering the same physical
@@ -22,7 +26,14 @@ def resampled_geometry(geometry: Geometry, spacing_zyx: Sequence[float | None]) 
     new_xyz = np.array([old_xyz[i] if spacing_zyx[2 - i] is None else float(spacing_zyx[2 - i]) for i in range(3)])
     if np.any(new_xyz <= 0):
         raise InputError(f"target spacing must be > 0, got {spacing_zyx!r}")
-    size = np.maximum(1, np.floor(np.asarray(geometry.size) * old_xyz / new_xyz + 0.5 + 1e-9)).astype(int)
+    size = np.maximum(1, np.floor(np.asarray(geometry.size) * old_xyz / new_xyz + 0.5 + 1e-9))
+    if float(np.prod(size)) > MAX_RESAMPLED_VOXELS:
+        raise InputError(
+            f"resampling the {tuple(geometry.size)} grid (spacing {tuple(round(v, 4) for v in geometry.spacing)} mm) "
+            f"to target spacing {list(spacing_zyx)} mm would make {float(np.prod(size)):.3g} voxels, more than "
+            f"{MAX_RESAMPLED_VOXELS} (8 GiB as float32); check the target spacing"
+        )
+    size = size.astype(int)
     origin = np.asarray(geometry.origin) + geometry.direction_matrix @ (0.5 * (new_xyz - old_xyz))
     return Geometry(
         size=tuple(int(v) for v in size),

@@ -23,6 +23,7 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
         "inference": {"patch_size": config.inference_patch_size, "overlap": config.val_overlap, "blend": "gaussian"},
         "training_data": data.summary,
         "validation_metrics": dict(validation_metrics) if validation_metrics else None,
+        "min_lesion_size": config.detection_rule()[1].as_dict() if config.min_lesion_size else None,
         "training": {
             "epochs_done": epoch + 1,
             "epochs": config.epochs,

@@ -47,9 +47,24 @@ from typing import (
 )
 
 from ..core.errors import InputError
+from ..core.lesions import SIZE_PRESETS, parse_min_lesion_size, size_thresholds
+from ..evaluation.hit_rules import parse_hit_rule
+from ..nn.architecture import default_config, model_stride
+from ..preprocessing.presets import PRESETS, get_preset
 
 #: Metrics a run can select its best checkpoint by (keys of the validation report; higher is better).
-VAL_METRICS = ("avg_recall_0_5", "cpm", "object_dice", "small_avg_recall_0_5", "small_object_dice")
+#: ``cpm_object_dice`` (the default) is the harmonic mean of CPM and object Dice: a model that
+#: paints one blob over many lesions has a high CPM under the paper's hit rule but an object
+#: Dice near 0, so it cannot win on detection alone.
+VAL_METRICS = ("cpm_object_dice", "cpm", "avg_recall_0_5", "object_dice", "small_avg_recall_0_5",
+               "small_object_dice")
+
+
+#: The merging warning: recall at least this high with object Dice below MERGE_WARNING_DICE.
+MERGE_WARNING_RECALL = 0.5
+
+
+MERGE_WARNING_DICE = 0.1
 
 
 LR_SCHEDULES = ("step", "cosine", "constant")
@@ -99,6 +114,8 @@ class TrainConfig:
     data: str = _key("", "Dataset folder (MSD layout with dataset.json, LiTS, LUNA16-style or a plain "
                      "folder of image/label pairs). Required.", section="data")
     data_format: str = _key("auto", f"Dataset layout: one of {', '.join(DATA_FORMATS)}.", section="data")
+    allow_outside_paths: bool = _key(False, "Accept dataset.json paths that lead outside the dataset "
+                                     "folder (absolute paths, '..'); refused by default.", section="data")
     splits: Optional[str] = _key(None, "JSON file with case-id lists under 'train', 'val' (and optionally "
                               "'test'); when null the split is drawn from the fractions below.", section="data")
     val_fraction: float = _key(0.2, "Fraction of cases held out for validation (when 'splits' is null).",
@@ -120,7 +137,7 @@ class TrainConfig:
                              section="data")
     # -- model and loss ----------------------------------------------------------------------
     model_size: str = _key("paper", "Network preset of models.default_config: paper (11.07 M parameters), "
-                           "small (the demo's) or tiny (tests).", section="model")
+                           "small (0.71 M, the CPU config's) or tiny (86 k, the demo's and the tests').", section="model")
     model: dict = _key({}, "Overrides of the preset (e.g. {channels: [8, 16, 32, 64], blocks_per_level: 1}); "
                        "dotted overrides work: --set model.channels=[8,16,32,64].", section="model")
     loss: str = _key("iw-dice", "Loss name from losses.LOSS_NAMES (bce, iw-bce, focal, iw-focal, dice, "
@@ -175,8 +192,15 @@ class TrainConfig:
     # -- validation --------------------------------------------------------------------------
     val_every: int = _key(10, "Validate every this many epochs (and after the last); 0 disables "
                           "validation (then 'best' is the last).", section="validation")
-    val_metric: str = _key("avg_recall_0_5", f"Metric that picks the best checkpoint: one of "
-                           f"{', '.join(VAL_METRICS)}.", section="validation")
+    val_metric: str = _key("cpm_object_dice", f"Metric that picks the best checkpoint: one of "
+                           f"{', '.join(VAL_METRICS)}; cpm_object_dice is the harmonic mean of CPM and "
+                           "object Dice, so a model that merges lesions is not preferred.", section="validation")
+    val_hit_rule: str = _key("paper", "When a predicted component hits a lesion at validation: paper "
+                             "(any overlap, many-to-one), one-to-one, panoptica, or terms such as "
+                             "'hungarian,iou>0.5' (docs/metrics.md).", section="validation")
+    min_lesion_size: Optional[str] = _key(None, "Drop predicted lesions smaller than this at validation "
+                                          "and, through the model card, at inference: e.g. '10vox' or '5mm3' "
+                                          "(null: keep all).", section="validation")
     val_max_cases: Optional[int] = _key(None, "Validate on at most this many validation cases "
                                      "(null: all).", section="validation")
     val_patch_size: Optional[Int3] = _key(None, "Sliding-window size for validation and the checkpoint's "
@@ -194,7 +218,8 @@ class TrainConfig:
                            "logs are replaced as the new run writes them).", section="output")
     tensorboard: bool = _key(True, "Write TensorBoard scalars to OUT/tensorboard (needs tensorboard).",
                              section="output")
-    progress: bool = _key(True, "Show a tqdm progress bar.", section="output")
+    progress: bool = _key(True, "Show the tqdm progress bars (loading cases, training, validating); "
+                          "false hides them all, log lines stay.", section="output")
     ddp_timeout_min: float = _key(60.0, "DDP collective timeout in minutes (rank 0 validates while "
                                   "the others wait).", section="output")
 
@@ -258,6 +283,7 @@ class TrainConfig:
         need(self.amp in AMP_MODES, "amp", f"must be one of {', '.join(AMP_MODES)}")
         need(self.val_every >= 0, "val_every", "must be >= 0")
         need(self.val_metric in VAL_METRICS, "val_metric", f"must be one of {', '.join(VAL_METRICS)}")
+        self._validate_detection_keys(need)
         need(self.val_max_cases is None or self.val_max_cases >= 1, "val_max_cases", "must be >= 1 or null")
         need(self.val_patch_size is None or all(v > 0 for v in self.val_patch_size), "val_patch_size",
              "must be three positive sizes or null")
@@ -266,18 +292,16 @@ class TrainConfig:
         need(self.ddp_timeout_min > 0, "ddp_timeout_min", "must be > 0")
         need(bool(self.out), "out", "must name an output folder")
         self._validate_components()
+        self._validate_patch_stride()
         if self.size_thresholds is not None:
             need(0 < self.size_thresholds[0] < self.size_thresholds[1], "size_thresholds",
                  "must be [small_mm, large_mm] with 0 < small < large")
         else:
-            from ..core.lesions import SIZE_PRESETS
-
             need(self.size_preset in SIZE_PRESETS, "size_preset", f"must be one of {', '.join(SIZE_PRESETS)}")
 
     def _validate_components(self) -> None:
         """Check the names other modules resolve (model, loss, preset), so a typo fails before any data is read."""
-        from ..nn.losses import get_loss
-        from ..preprocessing.presets import PRESETS
+        from ..nn.losses import get_loss  # torch: loaded only when a config is validated
 
         if self.preprocessing not in PRESETS:
             raise InputError(f"config key 'preprocessing' must be one of {', '.join(PRESETS)}, got {self.preprocessing!r}")
@@ -287,21 +311,32 @@ class TrainConfig:
             except InputError as exc:
                 raise InputError(f"config key {key!r}: {exc}") from None
 
+    def _validate_patch_stride(self) -> None:
+        """Each training patch side must be a multiple of the network stride (the U-Net pools
+        ``len(channels) - 1`` times); the message names the nearest valid sizes."""
+        stride = model_stride(self.model_config())
+        if all(p % stride == 0 for p in self.patch_size):
+            return
+        down = [max(stride, p // stride * stride) for p in self.patch_size]
+        up = [-(-p // stride) * stride for p in self.patch_size]
+        options = [down] + ([up] if up != down else [])
+        nearest = " or ".join(str(v) for v in options)
+        raise InputError(
+            f"config key 'patch_size' must be a multiple of the network stride {stride} on every side "
+            f"(the U-Net pools {stride.bit_length() - 1} times), got {self.patch_size}; nearest valid: {nearest}"
+        )
+
     def model_config(self) -> dict:
         """The validated architecture config: preset ``model_size`` with the ``model`` overrides."""
-        from ..nn.unet import default_config
-
         return default_config(self.model_size, **self.model)
 
     def preprocessing_params(self) -> dict:
         """The preprocessing preset dict stored in the checkpoint (with ``target_spacing`` applied)."""
-        from ..preprocessing.presets import get_preset
-
         return get_preset(self.preprocessing, target_spacing=self.target_spacing)
 
     def weight_params(self) -> dict:
         """``component_weights`` keyword arguments of an iw-* loss (its mode, w_min, w_max)."""
-        from ..nn.losses import loss_parameters
+        from ..nn.losses import loss_parameters  # torch, as above
 
         defaults = loss_parameters(self.loss)
         return {k: self.loss_params.get(k, defaults[k]) for k in ("mode", "w_min", "w_max") if k in defaults}
@@ -311,9 +346,21 @@ class TrainConfig:
         """Whether the loss takes per-patch inverse weights (``iw-*`` losses)."""
         return self.loss.strip().lower().replace("_", "-").startswith("iw-")
 
-    def size_groups(self):
-        from ..core.lesions import size_thresholds
+    def _validate_detection_keys(self, need) -> None:
+        """``val_hit_rule`` and ``min_lesion_size`` must parse (their own messages say how)."""
+        for key in ("val_hit_rule", "min_lesion_size"):
+            try:
+                self.detection_rule(key)
+            except InputError as exc:
+                need(False, key, str(exc))
 
+    def detection_rule(self, only: str | None = None):
+        """``(HitRule, MinLesionSize | None)`` of validation, from ``val_hit_rule`` and ``min_lesion_size``."""
+        rule = parse_hit_rule(self.val_hit_rule) if only in (None, "val_hit_rule") else None
+        size = parse_min_lesion_size(self.min_lesion_size) if only in (None, "min_lesion_size") else None
+        return rule, size
+
+    def size_groups(self):
         return size_thresholds(self.size_preset, self.size_thresholds)
 
     @property

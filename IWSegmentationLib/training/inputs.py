@@ -70,7 +70,8 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
 
     if not config.data:
         raise InputError("config key 'data' is required: the dataset folder to train on")
-    dataset = load_dataset(config.data, config.data_format, lesion_values=config.lesion_values)
+    dataset = load_dataset(config.data, config.data_format, lesion_values=config.lesion_values,
+                           allow_outside_paths=config.allow_outside_paths)
     if len(dataset) == 0:
         raise InputError(f"dataset {config.data} holds no cases")
     if config.splits:
@@ -97,7 +98,8 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
         from ..core.lesions import label_components
 
         train_cases = []
-        bar = tqdm(train_records, desc="loading training cases", unit="case", disable=not verbose, leave=False)
+        bar = tqdm(train_records, desc="loading training cases", unit="case", disable=not (verbose and config.progress),
+                   leave=False)
         for record in bar:
             volume = load_prepared_case(record, params)
             lesion_counts[record.id] = label_components(volume.lesion, config.connectivity)[1]

@@ -6,10 +6,13 @@ import csv
 from pathlib import Path
 from typing import Any, Mapping
 
+#: The run log's file name inside OUT.
+LOG_FILE = "log.csv"
+
 #: Columns of OUT/log.csv, one row per epoch (validation columns are empty when not validated).
 CSV_COLUMNS = (
     "epoch", "lr", "loss", "seconds", "iters_per_s", "data_wait_fraction",
-    "val_cpm", "val_avg_recall_0_5", "val_object_dice",
+    "val_cpm", "val_avg_recall_0_5", "val_object_dice", "val_recall", "val_cpm_object_dice",
     "val_small_avg_recall_0_5", "val_medium_avg_recall_0_5", "val_large_avg_recall_0_5",
     "val_small_object_dice", "val_medium_object_dice", "val_large_object_dice", "best",
 )
@@ -18,13 +21,14 @@ CSV_COLUMNS = (
 class RunLogger:
     """Writes the per-epoch CSV log and TensorBoard scalars; does nothing when ``enabled`` is False.
 
-    On resume, rows and events of epochs at or after ``start_epoch`` (from a run killed
-    mid-way) are dropped, so the log reads as if the run had never stopped.
+    On resume, rows and events of epochs after the ``start_epoch`` finished ones (from a run
+    killed mid-way) are dropped, so the log reads as if the run had never stopped. The CSV's
+    ``epoch`` column counts from 1, like the progress bar and the model card.
     """
 
     def __init__(self, out: Path, *, enabled: bool, tensorboard: bool, start_epoch: int, iters_per_epoch: int):
         self.enabled = enabled
-        self.csv_path = out / "log.csv"
+        self.csv_path = out / LOG_FILE
         self.writer = None
         if not enabled:
             return
@@ -45,7 +49,7 @@ class RunLogger:
         rows = []
         if self.csv_path.is_file() and start_epoch > 0:
             with open(self.csv_path, newline="", encoding="utf-8") as fh:
-                rows = [r for r in csv.DictReader(fh) if r.get("epoch", "").isdigit() and int(r["epoch"]) < start_epoch]
+                rows = [r for r in csv.DictReader(fh) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= start_epoch]
         with atomic_output(self.csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             w.writeheader()

@@ -7,6 +7,7 @@ The loop is :meth:`_Run.run`; each step (``on_train_start``, ``on_epoch_start``,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,14 +17,18 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from ..core.errors import CheckpointError, InputError
+from ..core.imageio import remove_stale_partials
+from ..data.cases import load_case
 from .card import model_card
 from .distributed import _barrier, amp_settings, cleanup_distributed, seed_everything, setup_distributed
 from .inputs import _log, load_training_data, make_patch_dataset
-from .logger import RunLogger
+from .logger import LOG_FILE, RunLogger
 from .optim import build_optimizer, build_scheduler
-from .validation import _metric_value, compact_metrics, metric_row, validate
+from .report import log_start_report
+from .validation import _metric_value, compact_metrics, merging_warning, metric_row, validate
 
 if TYPE_CHECKING:
+    from ..core.progress import CancelState
     from .config import TrainConfig
     from .distributed import DistInfo
     from .inputs import TrainingData
@@ -44,8 +49,12 @@ BEST_CHECKPOINT = "best.safetensors"
 RESUME_STATE = "resume.safetensors"
 
 
+#: The files a run writes (atomically) in its output folder.
+RUN_FILES = (CONFIG_FILE, SPLITS_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT, RESUME_STATE, LOG_FILE)
+
+
 #: Config keys a resumed run may change: they do not alter the sequence of weights it computes.
-RESUME_MAY_CHANGE = ("data", "out", "overwrite", "num_workers", "prefetch_factor", "cache_size", "progress",
+RESUME_MAY_CHANGE = ("data", "allow_outside_paths", "out", "overwrite", "num_workers", "prefetch_factor", "cache_size", "progress",
                      "tensorboard", "val_every", "val_max_cases", "device", "ddp_timeout_min")
 
 
@@ -74,16 +83,22 @@ class TrainResult:
 
 def train(config: TrainConfig, *, resume: bool = False, verbose: bool = True,
           on_step: Callable[[int, int, float], None] | None = None,
-          on_epoch_end: Callable[[int, dict], None] | None = None) -> TrainResult:
+          on_epoch_end: Callable[[int, dict], None] | None = None,
+          cancel: CancelState | None = None) -> TrainResult:
     """Run (or, with ``resume``, continue) the training described by ``config``.
 
     Launched by ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DistributedDataParallel.
     ``on_step(epoch, step, loss)`` and ``on_epoch_end(epoch, row)`` are called on every rank
     (an exception they raise stops the run as a crash would; tests use this to interrupt a run).
+    ``cancel`` (the command line's installed :class:`~IWSegmentationLib.core.progress.CancelState`)
+    defers a SIGINT/SIGTERM that arrives while the epoch's files are written (or a batch is
+    handed over by a worker) until that is complete; any other time the cancel stops the run
+    at once, its temporary files removed.
     """
     info = setup_distributed(config)
     try:
-        return _Run(config, info, resume=resume, verbose=verbose, on_step=on_step, on_epoch_end=on_epoch_end).run()
+        return _Run(config, info, resume=resume, verbose=verbose, on_step=on_step, on_epoch_end=on_epoch_end,
+                    cancel=cancel).run()
     finally:
         if info.owns_group:
             cleanup_distributed()
@@ -92,8 +107,10 @@ def train(config: TrainConfig, *, resume: bool = False, verbose: bool = True,
 class _Run:
     """One training run (see :func:`train`): :meth:`run` is the recipe, each step a method."""
 
-    def __init__(self, config: TrainConfig, info: DistInfo, *, resume: bool, verbose: bool, on_step, on_epoch_end):
+    def __init__(self, config: TrainConfig, info: DistInfo, *, resume: bool, verbose: bool, on_step, on_epoch_end,
+                 cancel: CancelState | None = None):
         self.config = config
+        self.cancel = cancel
         self.info = info
         self.resume = resume
         self.verbose = verbose and info.is_main
@@ -134,6 +151,10 @@ class _Run:
             if self.verbose:
                 _log(f"the run in {self.out} already finished its {self.config.epochs} epochs")
             return False
+        if self.verbose:
+            amp_on, amp_dtype = self.amp
+            log_start_report(self.model, self.config, self.data, self.info.device, start_epoch=self.start_epoch,
+                             autocast_dtype=amp_dtype if amp_on else None, log=_log)
         self._open_stream()
         return True
 
@@ -150,7 +171,8 @@ class _Run:
         t0 = time.perf_counter()
         for i in range(iters):
             t = time.perf_counter()
-            batch = next(self.stream)
+            with self._cancel_deferred():
+                batch = next(self.stream)
             wait += time.perf_counter() - t
             value = self.train_step(batch)
             if not math.isfinite(value):
@@ -162,7 +184,7 @@ class _Run:
             self._report_step(epoch, i, value, losses, wait, t0)
         seconds = time.perf_counter() - t0
         row = {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # 1-based, as every number a user reads (bar, log.csv, card)
             "lr": self.optimizer.param_groups[0]["lr"],
             "loss": float(np.mean(losses)),
             "seconds": round(seconds, 3),
@@ -218,11 +240,15 @@ class _Run:
         """Rank 0 updates the best, writes the checkpoints, the resume state and the log; then all ranks
         record the row and call the user's ``on_epoch_end``."""
         if self.info.is_main:
-            improved = self._update_best(epoch, row, report)
-            self._save(epoch, improved)
-            self.logger.epoch(row, (epoch + 1) * self.config.iters_per_epoch)
+            with self._cancel_deferred():  # the epoch's files are complete, or not written
+                improved = self._update_best(epoch, row, report)
+                self._save(epoch, improved)
+                self.logger.epoch(row, (epoch + 1) * self.config.iters_per_epoch)
             if self.verbose:
                 _log(_epoch_line(row, report, improved, self.config.epochs))
+            warning = merging_warning(report)
+            if warning:
+                _log(warning)
         _barrier(self.info)
         self.history.append(row)
         if self.epoch_callback is not None:
@@ -273,6 +299,37 @@ class _Run:
             )
         return state
 
+    def _remove_stale_partials(self) -> None:
+        """Remove the temporary files of our own outputs that a killed run left behind (SIGKILL,
+        power loss: no chance to clean up); nothing else in ``out`` is touched."""
+        removed = remove_stale_partials(self.out, RUN_FILES)
+        if removed and self.verbose:
+            _log(f"note: removed {len(removed)} temporary file(s) of an earlier run that was killed: "
+                 + ", ".join(p.name for p in removed))
+
+    def _check_validation_cases(self, data: TrainingData) -> dict | None:
+        """Read every validation case now, on rank 0, so a missing or broken file stops the run
+        before the first step (naming the case and file) rather than at the first validation,
+        epochs later. Returns the validation cache: with ``cache_size: null`` the cases read here
+        stay in memory for the validations (the first one would have cached them anyway)."""
+        cache: dict | None = {} if self.config.cache_size is None else None
+        if not self.info.is_main or self.config.val_every == 0:
+            return cache
+        for record in data.val_cases:
+            try:
+                volume = load_case(record)
+            except InputError as exc:
+                raise type(exc)(f"validation split: {exc}") from None
+            if cache is not None:
+                cache[record.id] = volume
+        return cache
+
+    def _cancel_deferred(self):
+        """Defer a cancel while the epoch's checkpoints and resume state are written, or while a
+        batch is received from a DataLoader worker (a cancel in the middle of that handover
+        resets the worker's connection, which prints a traceback from the worker)."""
+        return self.cancel.deferred() if self.cancel is not None else contextlib.nullcontext()
+
     def _prepare_output_and_data(self) -> dict | None:
         """Check the output folder, read the resume state and the data, write config and splits;
         returns the resume state (None for a new run)."""
@@ -289,9 +346,11 @@ class _Run:
                              "was trained on (check 'data', 'splits' and the dataset folder)")
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_partials()
             if config.overwrite and not self.resume:
                 (self.out / RESUME_STATE).unlink(missing_ok=True)
             self._write_run_files(self.data, write_splits)
+        self.val_cache = self._check_validation_cases(self.data)
         _barrier(info)
         return state
 
@@ -362,7 +421,6 @@ class _Run:
             self.bar = tqdm(total=config.epochs * iters, initial=start * iters, desc="training", unit="it",
                             dynamic_ncols=True)
         self.stream = iter(loader)
-        self.val_cache = {} if config.cache_size is None else None
 
     # -- during an epoch -------------------------------------------------------------------
     def _report_step(self, epoch: int, i: int, value: float, losses: list[float], wait: float, t0: float) -> None:
@@ -393,14 +451,15 @@ class _Run:
         config = self.config
         improved = False
         if report is not None:
-            self.latest_validation = compact_metrics(report, epoch)
+            self.latest_validation = compact_metrics(report, epoch + 1)
             row.update(metric_row(report))
             value = _metric_value(report, config.val_metric)
             if value is not None and (self.best["value"] is None or value > self.best["value"]):
-                self.best = {"metric": config.val_metric, "value": value, "epoch": epoch}
+                self.best = {"metric": config.val_metric, "value": value, "epoch": epoch + 1}
                 improved = True
-        if config.val_every == 0 or not self.data.val_cases:
-            self.best = {"metric": "last", "value": None, "epoch": epoch}
+        no_validation = config.val_every == 0 or not self.data.val_cases
+        if no_validation:
+            self.best = {"metric": "last", "value": None, "epoch": epoch + 1}
             improved = True
         row["best"] = int(improved)
         return improved
@@ -462,14 +521,14 @@ class _Run:
 
 def _epoch_line(row: dict, report: dict | None, improved: bool, epochs: int) -> str:
     """The console line of an epoch: loss, lr, speed, data wait and, when validated, the metrics."""
-    parts = [f"epoch {row['epoch'] + 1}/{epochs}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2g}",
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2g}",
              f"{row['iters_per_s']:.2f} it/s", f"data wait {100 * row['data_wait_fraction']:.1f}%"]
     if report is not None:
-        for key in ("avg_recall_0_5", "cpm", "object_dice"):
+        for key in ("cpm", "object_dice", "cpm_object_dice", "recall", "avg_recall_0_5"):
             v = row.get(f"val_{key}")
             parts.append(f"{key} {'n/a' if v is None else f'{v:.3f}'}")
-        small = row.get("val_small_avg_recall_0_5")
-        parts.append(f"small avg_recall {'n/a' if small is None else f'{small:.3f}'}")
+        small = row.get("val_small_cpm")
+        parts.append(f"small cpm {'n/a' if small is None else f'{small:.3f}'}")
         if improved:
             parts.append("(best)")
     return " | ".join(parts)

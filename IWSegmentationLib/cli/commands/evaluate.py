@@ -1,7 +1,8 @@
 """``iwseg evaluate``: lesion-wise evaluation of predicted probability maps against references.
 
 Pairs prediction and reference files by case name, matches lesions per case
-(:func:`IWSegmentationLib.evaluation.match_case`), pools the cases
+(:func:`IWSegmentationLib.evaluation.match_case`), or reads per-lesion records
+(:func:`IWSegmentationLib.evaluation.records.load_records`), pools the cases
 (:func:`IWSegmentationLib.evaluation.evaluate_cases`), prints a summary table and optionally
 writes a JSON report, a per-lesion CSV and a FROC plot. Definitions: ``docs/metrics.md``.
 """
@@ -35,17 +36,27 @@ from ...core.lesions import (
     SIZE_GROUPS,
     SIZE_PRESETS,
     SizeThresholds,
+    parse_min_lesion_size,
     size_thresholds,
 )
-from ...evaluation.bootstrap import BOOTSTRAP_FRACTION, N_BOOTSTRAP, bootstrap_recall_curves
+from ...core.progress import CancelState
+from ...evaluation.bootstrap import (
+    BOOTSTRAP_FRACTION,
+    BOOTSTRAP_MODES,
+    N_BOOTSTRAP,
+    PAPER_BOOTSTRAP_SEED,
+    bootstrap_recall_curves,
+)
 from ...evaluation.froc import CPM_FP_RATES
+from ...evaluation.hit_rules import parse_hit_rule
 from ...evaluation.matching import CaseResult, match_case
+from ...evaluation.records import RECORD_SCORES, load_records
 from ...evaluation.report import evaluate_cases
 
 CSV_COLUMNS = (
     "case", "lesion_id", "voxels", "volume_mm3", "diameter_mm", "size_group",
     "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
-    "detected", "hit_dice", "confidence", "matched_component",
+    "detected", "hit_dice", "confidence", "matched_component", "kind",
 )
 
 
@@ -56,11 +67,25 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=(
             "Lesion-wise evaluation as in Shirokikh et al. (MICCAI 2020). Pairs the files of --pred and "
             "--ref by case name (NIfTI/NRRD/MHA); predictions are probability maps in [0, 1] or binary "
-            "masks, references binary lesion masks on the same voxel grid. See docs/metrics.md."
+            "masks, references binary lesion masks on the same voxel grid. Or pools per-lesion --records. "
+            "See docs/metrics.md."
         ),
     )
-    p.add_argument("--pred", required=True, type=Path, metavar="DIR", help="folder of predictions (probability maps)")
-    p.add_argument("--ref", required=True, type=Path, metavar="DIR", help="folder of reference lesion masks")
+    p.add_argument("--pred", type=Path, metavar="DIR", help="folder of predictions (probability maps)")
+    p.add_argument("--ref", type=Path, metavar="DIR", help="folder of reference lesion masks")
+    p.add_argument("--records", type=Path, metavar="FILE",
+                   help="instead of --pred/--ref: per-lesion records, the authors' prc_records.json or an "
+                        "iwseg evaluate --json report or --csv table")
+    p.add_argument("--records-score", choices=RECORD_SCORES, default="logit",
+                   help="which score of the authors' records ranks detections (default logit, as they did)")
+    p.add_argument("--hit-rule", default="paper", metavar="RULE",
+                   help="when a component hits a lesion: paper (default: any overlap, many-to-one), one-to-one, "
+                        "panoptica, or terms like 'hungarian,iou>0.5' / 'many,voxels>=10' (docs/metrics.md)")
+    p.add_argument("--min-lesion-size", default=None, metavar="SIZE",
+                   help="drop predicted components smaller than SIZE, e.g. 10vox or 5mm3 (default: keep all)")
+    p.add_argument("--bootstrap", choices=BOOTSTRAP_MODES, default="ours",
+                   help="ours (default: FP/image over each resample's images) or paper (the authors' quirk: "
+                        "images without records left out, FP/image over all images, seed 42)")
     p.add_argument("--threshold", type=float, default=0.5, metavar="T",
                    help="segmentation threshold t_seg: components are those of prob > T (default 0.5)")
     p.add_argument("--spacing-from", choices=("ref", "pred"), default="ref",
@@ -73,51 +98,92 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=26,
                    help="connected-component connectivity for lesions and predictions (default 26)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the full report as JSON")
-    p.add_argument("--csv", type=Path, metavar="OUT", help="write one row per reference lesion as CSV")
+    p.add_argument("--csv", type=Path, metavar="OUT",
+                   help="write one row per reference lesion, then per false positive, as CSV")
     p.add_argument("--froc-png", type=Path, metavar="OUT", help="write the FROC plot as PNG")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="bootstrap seed (default 0; 42 with --bootstrap paper)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate; SIGINT and SIGTERM cancel (exit code 3) without leaving partial output files."""
+    with CancelState().installed():
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     thresholds = size_thresholds(args.size_preset, args.size_thresholds)
     if not (0.0 <= args.threshold < 1.0):
         raise InputError(f"--threshold must be in [0, 1), got {args.threshold}")
+    _check_sources(args)
     outputs = {"--json": args.json, "--csv": args.csv, "--froc-png": args.froc_png}
     for flag, path in outputs.items():
         if path is not None and not path.resolve().parent.is_dir():
             raise InputError(f"{flag}: output folder does not exist: {path.parent}")
-    pairs = pair_cases(args.pred, args.ref)
-    check_not_overwriting(outputs, {"--pred": [args.pred, *(p for _, p, _ in pairs)],
-                                    "--ref": [args.ref, *(r for _, _, r in pairs)]})
+    if args.records is not None:
+        check_not_overwriting(outputs, {"--records": [args.records]})
+    else:
+        pairs = pair_cases(args.pred, args.ref)
+        check_not_overwriting(outputs, {"--pred": [args.pred, *(p for _, p, _ in pairs)],
+                                        "--ref": [args.ref, *(r for _, _, r in pairs)]})
     for flag, path in outputs.items():
         if path is not None:
             check_writable(path.resolve().parent, flag)
+    try:
+        args.hit_rule = parse_hit_rule(args.hit_rule)
+        args.min_lesion_size = parse_min_lesion_size(args.min_lesion_size)
+    except InputError as exc:
+        raise InputError(f"--hit-rule/--min-lesion-size: {exc}") from None
+    if args.seed is None:
+        args.seed = PAPER_BOOTSTRAP_SEED if args.bootstrap == "paper" else 0
 
-    from tqdm import tqdm
-
-    results: list[CaseResult] = []
     geometries: dict[str, Geometry] = {}
-    bar = tqdm(pairs, desc="evaluate", unit="case", file=sys.stderr, leave=False, disable=args.no_progress)
-    for name, pred_path, ref_path in bar:
-        bar.set_postfix_str(name)
-        results.append(_evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries))
-    bar.close()
+    if args.records is not None:
+        results = load_records(args.records, thresholds, score=args.records_score)
+    else:
+        results = _evaluate_folders(args, thresholds, geometries)
 
-    report = evaluate_cases(results, seed=args.seed)
+    report = evaluate_cases(results, seed=args.seed, bootstrap_mode=args.bootstrap)
     print_summary(report, results, thresholds, threshold=args.threshold)
     if args.json is not None:
         write_json(args.json, report)
     if args.csv is not None:
         write_lesion_csv(args.csv, results, geometries)
     if args.froc_png is not None:
-        plot_froc(args.froc_png, report, results, thresholds, threshold=args.threshold, seed=args.seed)
+        plot_froc(args.froc_png, report, results, thresholds, threshold=args.threshold, seed=args.seed,
+                  bootstrap_mode=args.bootstrap)
     for flag, path in (("JSON", args.json), ("CSV", args.csv), ("FROC plot", args.froc_png)):
         if path is not None:
             print(f"{flag}: {path}")
     return 0
+
+
+def _check_sources(args: argparse.Namespace) -> None:
+    """Either --pred and --ref, or --records (which are matched already)."""
+    if args.records is not None:
+        if args.pred is not None or args.ref is not None:
+            raise InputError("give either --records or --pred/--ref, not both")
+        if args.hit_rule not in (None, "paper") or args.min_lesion_size is not None:
+            raise InputError("--hit-rule and --min-lesion-size need masks (--pred/--ref): records are matched already")
+    elif args.pred is None or args.ref is None:
+        raise InputError("give --pred and --ref (folders of predictions and references), or --records FILE")
+
+
+def _evaluate_folders(args: argparse.Namespace, thresholds: SizeThresholds,
+                      geometries: dict[str, Geometry]) -> list[CaseResult]:
+    """Match every prediction/reference pair of the two folders (progress bar on stderr)."""
+    from tqdm import tqdm
+
+    pairs = pair_cases(args.pred, args.ref)
+    results: list[CaseResult] = []
+    bar = tqdm(pairs, desc="evaluate", unit="case", file=sys.stderr, leave=False, disable=args.no_progress)
+    for name, pred_path, ref_path in bar:
+        bar.set_postfix_str(name)
+        results.append(_evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries))
+    bar.close()
+    return results
 
 
 def _evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries) -> CaseResult:
@@ -130,6 +196,7 @@ def _evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries) -> C
     return match_case(
         prob, ref, geom.spacing_zyx, threshold=args.threshold, thresholds=thresholds,
         connectivity=args.connectivity, case=name, pred_name=str(pred_path), ref_name=str(ref_path),
+        hit_rule=args.hit_rule, min_lesion_size=args.min_lesion_size,
     )
 
 
@@ -142,6 +209,13 @@ def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _source(results: Sequence[CaseResult], threshold: float) -> str:
+    """What the numbers were computed from: records (no threshold, no voxels) or thresholded maps."""
+    if all(math.isnan(r.threshold) and r.ref_voxels == 0 and r.pred_voxels == 0 for r in results):
+        return "per-lesion records"
+    return f"components of prob > {threshold:g}"
+
+
 def _group_label(group: str, thresholds: SizeThresholds) -> str:
     s, m = f"{thresholds.small_mm:g}", f"{thresholds.large_mm:g}"
     return {"small": f"d < {s} mm", "medium": f"{s}-{m} mm", "large": f"d >= {m} mm"}[group]
@@ -151,17 +225,19 @@ def print_summary(report: dict, results: Sequence[CaseResult], thresholds: SizeT
                   threshold: float = 0.5, file: TextIO | None = None) -> None:
     """Print the readable summary table: one row for all lesions and one per size group."""
     out = file or sys.stdout
-    n_fp = {g: 0 for g in SIZE_GROUPS}
-    n_hit = {g: 0 for g in SIZE_GROUPS}
-    for r in results:
+    n_fp: dict = {g: 0 for g in SIZE_GROUPS}
+    n_hit: dict = {g: 0 for g in SIZE_GROUPS}
+    for r in results:  # records without a size (group None) count only in the "all" row
         for c in r.components:
-            n_fp[c.size_group] += c.false_positive
+            n_fp[c.size_group] = n_fp.get(c.size_group, 0) + c.false_positive
         for les in r.lesions:
-            n_hit[les.size_group] += les.detected
+            n_hit[les.size_group] = n_hit.get(les.size_group, 0) + les.detected
     n_img = report["n_images"]
     dices = [r.voxel_dice for r in results if not math.isnan(r.voxel_dice)]
-    print(f"iwseg evaluate: {n_img} image(s), {report['n_lesions']} reference lesion(s), "
-          f"components of prob > {threshold:g}", file=out)
+    boot = report["bootstrap"]
+    print(f"iwseg evaluate: {n_img} image(s), {report['n_lesions']} reference lesion(s), {_source(results, threshold)}; "
+          f"hit rule {report.get('hit_rule', 'paper')}; bootstrap {boot.get('mode', 'ours')} (seed {boot.get('seed')})",
+          file=out)
     header = (f"{'group':<20}{'lesions':>8}{'hit':>6}{'recall':>8}{'FP/img':>8}{'CPM':>8}"
               f"{'avg rec 0-5':>13}{'obj Dice':>10}{'(n)':>6}{'CPM bootstrap':>17}")
     print(header, file=out)
@@ -178,6 +254,8 @@ def print_summary(report: dict, results: Sequence[CaseResult], thresholds: SizeT
     mean_dice = f"{np.mean(dices):.3f}" if dices else "n/a"
     print(f"recall and FP/img at the segmentation threshold (all components); voxel Dice, mean over "
           f"{len(dices)} image(s): {mean_dice}", file=out)
+    print("CPM (mean recall at 1/8 ... 8 FP/image) is the paper's Table 2 \"avg Recall\"; avg rec 0-5 is not "
+          "(docs/metrics.md)", file=out)
 
 
 # --------------------------------------------------------------------------------------
@@ -192,24 +270,35 @@ def write_json(path: Path, report: dict) -> None:
 
 
 def write_lesion_csv(path: Path, results: Sequence[CaseResult], geometries: dict[str, Geometry]) -> None:
-    """One row per reference lesion; centroids in physical (LPS) mm when the geometry is known."""
+    """One row per reference lesion (``kind`` lesion), then one per false-positive component
+    (``kind`` false_positive, its id in ``matched_component``), and one ``kind`` image row for
+    an image with neither, so that the table alone gives the FROC (``--records``). Centroids
+    are in physical (LPS) mm when the geometry is known."""
     with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for r in results:
             geom = geometries.get(r.case)
+            fps = [c for c in r.components if c.false_positive]
             for les in r.lesions:
-                if geom is not None:
-                    centroid = geom.index_to_physical(les.centroid)
-                else:
-                    centroid = tuple(c * s for c, s in zip(les.centroid[::-1], r.spacing[::-1]))
-                writer.writerow([
-                    r.case, les.id, les.voxels, f"{les.volume_mm3:.3f}", f"{les.diameter_mm:.3f}", les.size_group,
-                    *(f"{v:.2f}" for v in centroid),
-                    int(les.detected), f"{les.hit_dice:.4f}",
-                    "" if les.confidence is None else f"{les.confidence:.4f}",
-                    "" if les.component is None else les.component,
-                ])
+                writer.writerow([r.case, les.id, *_size_cells(les, r, geom), int(les.detected), f"{les.hit_dice:.4f}",
+                                 "" if les.confidence is None else f"{les.confidence:.6g}",
+                                 "" if les.component is None else les.component, "lesion"])
+            for comp in fps:
+                writer.writerow([r.case, "", *_size_cells(comp, r, geom), "", "0.0000", f"{comp.confidence:.6g}",
+                                 comp.id, "false_positive"])
+            if not r.lesions and not fps:
+                writer.writerow([r.case, *[""] * (len(CSV_COLUMNS) - 2), "image"])
+
+
+def _size_cells(les, r: CaseResult, geom: Geometry | None) -> list:
+    """voxels, volume, diameter, size group and the centroid (x, y, z mm) of a lesion or component."""
+    if geom is not None:
+        centroid = geom.index_to_physical(les.centroid)
+    else:
+        centroid = tuple(c * s for c, s in zip(les.centroid[::-1], r.spacing[::-1]))
+    return [les.voxels, f"{les.volume_mm3:.3f}", f"{les.diameter_mm:.3f}", les.size_group or "",
+            *(f"{v:.2f}" for v in centroid)]
 
 
 def _color(group: str) -> tuple[float, float, float]:
@@ -217,7 +306,7 @@ def _color(group: str) -> tuple[float, float, float]:
 
 
 def plot_froc(path: Path, report: dict, results: Sequence[CaseResult], thresholds: SizeThresholds, *,
-              threshold: float = 0.5, seed: int = 0) -> None:
+              threshold: float = 0.5, seed: int = 0, bootstrap_mode: str = "ours") -> None:
     """FROC plot: recall vs FP/image on a log axis (1/8 ... 8, as LUNA16), all lesions with a
     ±1 std bootstrap band and the CPM points marked, plus one curve per size group."""
     from matplotlib import patheffects
@@ -242,12 +331,14 @@ def plot_froc(path: Path, report: dict, results: Sequence[CaseResult], threshold
     if report["n_lesions"]:
         fr = report["froc"]
         recall = np.interp(grid, fr["fp_per_image"], fr["recall"])
-        band = bootstrap_recall_curves(results, grid, n_resamples=N_BOOTSTRAP, fraction=BOOTSTRAP_FRACTION, seed=seed)
+        band = bootstrap_recall_curves(results, grid, n_resamples=N_BOOTSTRAP, fraction=BOOTSTRAP_FRACTION, seed=seed,
+                                       mode=bootstrap_mode)
         band = band[np.isfinite(band[:, 0])]
         if band.shape[0] > 1:
             std = band.std(axis=0)
             ax.fill_between(grid, np.clip(recall - std, 0, 1), np.clip(recall + std, 0, 1), color="0.6",
-                            alpha=0.35, lw=0, label=f"all lesions, ±1 std over {band.shape[0]} bootstrap resamples")
+                            alpha=0.35, lw=0, label=f"all lesions, ±1 std over {band.shape[0]} bootstrap resamples"
+                                                    + (" (the authors' bootstrap)" if bootstrap_mode == "paper" else ""))
         ax.plot(grid, recall, color="black", lw=2.4,
                 label=f"all lesions, n={report['n_lesions']}: CPM {_fmt(report['cpm'])}, "
                       f"avg recall 0-5 {_fmt(report['avg_recall_0_5'])}")
@@ -272,7 +363,7 @@ def plot_froc(path: Path, report: dict, results: Sequence[CaseResult], threshold
     ax.set_xlabel("False positives per image")
     ax.set_ylabel("Lesion recall (sensitivity)")
     ax.set_title(f"FROC: {report['n_images']} image(s), {report['n_lesions']} lesion(s), "
-                 f"components of prob > {threshold:g}", fontsize=11)
+                 f"{_source(results, threshold)}", fontsize=11)
     ax.legend(loc="lower right", fontsize=8, framealpha=0.92)
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png")

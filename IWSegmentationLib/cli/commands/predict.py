@@ -16,9 +16,7 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from ...core.imageio import (
     folder_lock,
     list_images,
     output_suffix,
+    preview_names,
     probabilities_to_uint8,
     read_image,
     write_image,
@@ -49,10 +48,12 @@ from ...core.lesions import (
     SIZE_PRESETS,
     SizeThresholds,
     analyze_lesions,
+    parse_min_lesion_size,
     parse_size_thresholds,
+    remove_small_components,
     size_thresholds,
 )
-from ...core.progress import ProgressReporter
+from ...core.progress import CancelState, ProgressReporter
 
 #: Seconds between two ``inference`` progress lines of one case (the last one always goes out).
 PROGRESS_INTERVAL_S = 0.2
@@ -69,7 +70,9 @@ def register(subparsers) -> argparse.ArgumentParser:
             "Exit codes: 0 success, 2 bad input, 3 cancelled. See docs/inference.md."
         ),
     )
-    p.add_argument("--model", required=True, type=Path, metavar="CKPT", help="checkpoint (.safetensors)")
+    p.add_argument("--model", required=True, type=Path, nargs="+", metavar="CKPT",
+                   help="checkpoint (.safetensors); several: an ensemble whose probabilities are averaged "
+                        "(their preprocessing, window and threshold must agree)")
     p.add_argument("--input", required=True, type=Path, metavar="IMG|DIR", help="image, DICOM folder or folder of cases")
     p.add_argument("--output", required=True, type=Path, metavar="MASK|DIR", help="binary lesion mask (uint8) or folder")
     p.add_argument("--probabilities", type=Path, metavar="PROB|DIR", help="also write the probability map (or folder)")
@@ -94,6 +97,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="auto (frozen for fp32 on the CPU with a narrow net, else eager), frozen (TorchScript + oneDNN, fp32 CPU "
                         "only: up to 2x faster for narrow nets, same outputs within 1e-6) or eager")
     p.add_argument("--no-skip", action="store_true", help="run every window (no background skipping)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time mirroring: average the probabilities of the 8 flips over the 3 axes (8x the time)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    p.add_argument("--force", action="store_true",
+                   help="segment an input that looks like a label map (few integer values) instead of refusing it")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--size-preset", choices=sorted(SIZE_PRESETS), default=None,
@@ -102,6 +110,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                        help="size-group cut-offs in mm: small if d < S, medium if S <= d < M, large if d >= M")
     p.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=26,
                    help="lesion connected-component connectivity (default 26)")
+    p.add_argument("--min-lesion-size", default=None, metavar="SIZE",
+                   help="drop predicted lesions smaller than SIZE from the mask and lesion table, e.g. 10vox or "
+                        "5mm3 (default: the checkpoint's min_lesion_size, else keep all; 'none' keeps all)")
     p.add_argument("--shard", default=None, metavar="i/n",
                    help="folder input: process cases i, i+n, i+2n, ... (0 <= i < n) of the sorted list, to split "
                         "a cohort across processes; 'auto' reads RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/NTASKS")
@@ -109,50 +120,6 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="text: progress bars on stderr; jsonl: one JSON object per line on stdout")
     p.set_defaults(func=run)
     return p
-
-
-# --------------------------------------------------------------------------- cancellation
-
-
-class CancelState:
-    """SIGINT/SIGTERM handling: the first signal raises :class:`Cancelled` in the main thread
-    (unwinding removes every temporary output) unless outputs are being committed, in which case
-    the commit finishes and the cancel is raised right after it."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._deferring = 0
-
-    def handler(self, signum, _frame) -> None:
-        self.requested = signal.Signals(signum).name
-        if not self._deferring:
-            raise Cancelled(f"received {self.requested}")
-
-    def __call__(self) -> bool:
-        return self.requested is not None
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        self._deferring += 1
-        try:
-            yield
-        finally:
-            self._deferring -= 1
-        if self.requested and not self._deferring:
-            raise Cancelled(f"received {self.requested}")
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[CancelState]:
-        """Install the handlers (main thread only) and restore the previous ones afterwards."""
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
 
 # --------------------------------------------------------------------------- cases and outputs
@@ -179,7 +146,100 @@ def _image_suffix(path: Path) -> str:
 def _is_dicom_folder(path: Path) -> bool:
     import SimpleITK as sitk
 
-    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    if not path.is_dir():
+        return False
+    with itk_warnings_off():
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+
+
+#: An input whose voxels take at most this many distinct integer values looks like a label map
+#: (a lesion or organ mask given as the image): a scan has hundreds of grey values or more.
+LABEL_MAP_MAX_VALUES = 16
+#: Voxels of the evenly strided sample checked first, so a real scan is cleared in milliseconds.
+_LABEL_SAMPLE_VOXELS = 1 << 20
+
+
+@contextlib.contextmanager
+def itk_warnings_off() -> Iterator[None]:
+    """Silence ITK's own warnings (printed by C++ straight to stderr, e.g. ``GDCMSeriesFileNames
+    ... No Series were found`` when a folder is probed for DICOM) and restore the setting after."""
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(before)
+
+
+def label_map_values(image: np.ndarray, max_values: int = LABEL_MAP_MAX_VALUES) -> np.ndarray | None:
+    """The distinct values of ``image`` when there are at most ``max_values`` and all are integers
+    (what a mask or label map looks like), else None. A strided sample of about a million voxels
+    is looked at first; only an image that already looks like a label map there pays a full pass."""
+    flat = image.reshape(-1)
+    step = max(1, flat.size // _LABEL_SAMPLE_VOXELS)
+    values = np.unique(flat[::step])
+    if values.size > max_values:
+        return None
+    if step > 1:
+        values = np.unique(flat)
+        if values.size > max_values:
+            return None
+    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
+        return None  # NaN also ends up here (NaN != NaN)
+    return values
+
+
+def check_label_map(image: np.ndarray, path: Path, *, force: bool, warn) -> None:
+    """Refuse (unless ``force``) an integer image of few non-negative values, which is a mask or
+    label map given by mistake as the scan; warn about other few-valued images (a float image or
+    one with negative values, e.g. a flat synthetic CT, may be a real if unusual input)."""
+    values = label_map_values(image)
+    if values is None:
+        return
+    shown = ", ".join(f"{v:g}" for v in values.tolist())
+    what = f"{path} looks like a label map, not a scan: its voxels take only {values.size} integer value(s) ({shown})"
+    if image.dtype.kind in "biu" and values.min() >= 0 and not force:
+        raise InputError(f"{what}; give the scan as --input, or pass --force to segment it anyway")
+    warn(f"{what}; segmenting it anyway")
+
+
+def organ_mask_warning(card: dict, given: bool) -> str | None:
+    """What to tell the user when the card's preprocessing applies an organ mask (``mask: liver``)
+    and ``--organ-mask`` is missing: the network then sees voxels outside the organ, which it never
+    saw in training, and may call them lesions (the whole-liver 'lesion' of a ct-liver model)."""
+    organ = (card.get("preprocessing") or {}).get("mask")
+    if organ is None or given:
+        return None
+    return (f"the model was trained with a {organ} mask (model card preprocessing 'mask: {organ}') and no "
+            f"--organ-mask was given, so voxels outside the {organ} are not masked as in training and may be "
+            f"segmented as lesions; pass --organ-mask {organ.upper()}_MASK.nii.gz (non-zero inside the {organ}, "
+            "on the image's grid) or, with a folder of cases, --organ-mask FOLDER holding one mask named like each case")
+
+
+def msd_images_folder(root: Path) -> Path | None:
+    """The images of a Medical Segmentation Decathlon / nnU-Net dataset root: ``imagesTs/`` when it
+    holds images (the test cases), else ``imagesTr/``; None when neither does."""
+    for sub in ("imagesTs", "imagesTr"):
+        folder = root / sub
+        if folder.is_dir() and list_images(folder, what=f"{sub} folder"):
+            return folder
+    return None
+
+
+def resolve_dataset_root(src: Path, note) -> Path:
+    """``src``, or the image folder of ``src`` when it is an MSD dataset root (no images or DICOM
+    series of its own, an ``imagesTs/`` or ``imagesTr/`` inside), saying which through ``note``."""
+    if not src.is_dir() or list_images(src, what="input folder") or _is_dicom_folder(src):
+        return src
+    folder = msd_images_folder(src)
+    if folder is None:
+        return src
+    n = len(list_images(folder))
+    extra = "" if folder.name == "imagesTs" else " (it has no imagesTs/ with images: these are training cases)"
+    note(f"{src} is a dataset root: predicting the {n} case(s) in {folder.name}/{extra}")
+    return folder
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -209,13 +269,31 @@ def _check_output_file(flag: str, path: Path, *, image: bool) -> None:
         check_output_format(path, flag)
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; with a single input give a file name")
-    if not path.parent.is_dir():
-        raise InputError(f"{flag}: output folder does not exist: {path.parent}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
 
 
 def _check_output_folder(flag: str, path: Path) -> None:
-    if not path.is_dir():
-        raise InputError(f"{flag} {path}: with a folder of cases as --input this must be an existing folder")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path}: with a folder of cases as --input this must be a folder, not a file")
+
+
+def _refuse_existing(cases: list[PredictJob]) -> None:
+    """Refuse to replace outputs that exist (as ``synth`` and ``train`` do); ``--overwrite`` allows it."""
+    existing = [str(p) for c in cases for p in (c.mask, c.probabilities, c.lesions) if p is not None and p.exists()]
+    if existing:
+        raise InputError(f"output(s) already exist: {preview_names(existing, 3)}; pass --overwrite to replace them, "
+                         "or choose another output")
+
+
+def _make_output_folders(cases: list[PredictJob]) -> None:
+    """Create the folders the outputs go to (once every path has been checked)."""
+    for folder in sorted({p.parent for c in cases for p in (c.mask, c.probabilities, c.lesions) if p is not None}):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
 
 
 def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
@@ -290,12 +368,16 @@ def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
 
 def _checked(cases: list[PredictJob], args: argparse.Namespace) -> list[PredictJob]:
     """Refuse outputs that would overwrite an input (image, organ mask, checkpoint) or each other,
-    and output folders that cannot be written, before any inference runs."""
+    existing outputs without ``--overwrite``, and output folders that cannot be made or written,
+    before any inference runs."""
     for case in cases:
         check_not_overwriting(
             {"--output": case.mask, "--probabilities": case.probabilities, "--lesions": case.lesions},
             {"--input": case.image, "--organ-mask": case.organ_mask, "--model": args.model},
         )
+    if not getattr(args, "overwrite", False):
+        _refuse_existing(cases)
+    _make_output_folders(cases)
     folders = {p.parent for c in cases[:1] for p in (c.mask, c.probabilities, c.lesions) if p is not None}
     for folder in sorted(folders):
         check_writable(folder, "output")
@@ -340,6 +422,17 @@ def _size_thresholds(args: argparse.Namespace, card: dict) -> SizeThresholds:
     if args.size_preset is not None or args.size_thresholds is not None:
         return size_thresholds(args.size_preset, args.size_thresholds)
     return parse_size_thresholds(card.get("size_thresholds"))
+
+
+def _min_lesion_size(flag: str | None, card: dict):
+    """--min-lesion-size, else the card's optional ``min_lesion_size`` ({"value", "unit"} or null)."""
+    try:
+        if flag is not None:
+            return None if flag.strip().lower() == "none" else parse_min_lesion_size(flag)
+        return parse_min_lesion_size(card.get("min_lesion_size"))
+    except InputError as exc:
+        where = "--min-lesion-size" if flag is not None else "checkpoint metadata 'min_lesion_size'"
+        raise InputError(f"{where}: {exc}") from None
 
 
 def lesion_report(case: PredictJob, prediction, geometry: Geometry, thresholds: SizeThresholds,
@@ -433,7 +526,6 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
     import torch
 
     from ...inference.devices import resolve_device, resolve_precision
-    from ...nn.checkpoint import load_checkpoint
 
     t0 = time.monotonic()
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
@@ -448,16 +540,23 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
             raise InputError(f"--threads must be between 1 and {limit} (the CPUs of this machine), got {args.threads}")
         torch.set_num_threads(args.threads)
     parse_shard(args.shard)  # a bad --shard is an error even for a single input (where it does nothing)
+    notes: list[str] = []
+    args.input = resolve_dataset_root(args.input, notes.append)
     cases = collect_cases(args)
     if args.dicom_seg is not None:
         attach_dicom_seg(cases, args)
     device = resolve_device(_device_name(args.device))
     precision = resolve_precision(args.precision, device)
     reporter.emit("start", version=__version__, cases=len(cases), device=str(device), precision=precision,
-                  model=str(args.model))
-    reporter.emit("load", case=None, message=f"checkpoint {args.model}")
-    model, card = load_checkpoint(args.model, map_location="cpu")
+                  model=", ".join(str(m) for m in args.model))
+    for note in notes:
+        reporter.emit("load", case=None, message=note)
+    model, card = _load_models(args.model, reporter)
+    warning = organ_mask_warning(card, args.organ_mask is not None)
+    if warning:
+        reporter.emit("warning", case=None, message=warning)
     thresholds = _size_thresholds(args, card)
+    args.min_lesion_size = _min_lesion_size(args.min_lesion_size, card)
 
     failed: list[str] = []
     bar = None
@@ -483,12 +582,32 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
     return 0
 
 
+def _load_models(paths: list[Path], reporter: ProgressReporter) -> tuple[list, dict]:
+    """The networks of ``--model`` and the card of the first; several must agree
+    (:func:`inference.check_ensemble` names the two files that do not)."""
+    from ...inference.ensemble import check_ensemble
+    from ...nn.checkpoint import load_checkpoint
+
+    if len(set(p.resolve() for p in paths)) != len(paths):
+        raise InputError("--model names the same checkpoint twice; an ensemble needs different checkpoints")
+    models, cards = [], []
+    for path in paths:
+        reporter.emit("load", case=None, message=f"checkpoint {path}")
+        model, card = load_checkpoint(path, map_location="cpu")
+        models.append(model)
+        cards.append((str(path), card))
+    check_ensemble(cards)
+    return models, cards[0][1]
+
+
 def _predict_case(case: PredictJob, model, card: dict, args, device, precision, thresholds, reporter, state) -> None:
     from ...inference.predict import predict_volume
 
     t0 = time.monotonic()
     reporter.emit("load", case=case.name, message=f"reading {case.image}")
     image, geometry = read_image(case.image, what="image")
+    check_label_map(image, case.image, force=args.force,
+                    warn=lambda message: reporter.emit("warning", case=case.name, message=message))
     # the SEG's source images are read (and matched to the grid) before inference, so a series
     # that cannot be referenced fails in seconds, not after the network has run
     dicom_source = None if case.dicom_seg is None else _dicom_seg().source_series(case.image, geometry)
@@ -503,7 +622,7 @@ def _predict_case(case: PredictJob, model, card: dict, args, device, precision, 
         prediction = predict_volume(
             model, image, card, geometry=geometry, organ_mask=organ, device=device, overlap=args.overlap,
             threshold=args.threshold, batch_size=args.batch_size, precision=precision,
-            skip_background=not args.no_skip, engine=args.engine,
+            skip_background=not args.no_skip, engine=args.engine, tta=args.tta,
             progress=_Throttled(reporter.inference_callback(case.name)), cancel=state,
             on_warning=lambda message: reporter.emit("warning", case=case.name, message=message),
         )
@@ -512,6 +631,9 @@ def _predict_case(case: PredictJob, model, card: dict, args, device, precision, 
     _check_finite(prediction.probabilities, case, args.model)
     del image, organ
     reporter.emit("postprocess", case=case.name)
+    if args.min_lesion_size is not None:
+        prediction.mask = remove_small_components(prediction.mask, geometry.spacing_zyx, args.min_lesion_size,
+                                                  args.connectivity).astype(np.uint8)
     # the lesion count goes into the progress protocol, so lesions are analysed even without --lesions
     report, n_lesions = lesion_report(case, prediction, geometry, thresholds, args.connectivity)
     outputs = _write_outputs(case, prediction, geometry, report, args, reporter, state, dicom_source)
