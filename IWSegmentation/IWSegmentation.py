@@ -62,7 +62,7 @@ from IWSegmentationLib.slicer import panel, process  # noqa: E402
 
 #: IWSegmentationLib modules reloaded (dependencies first) by the developer "Reload" button.
 LIB_MODULES = ("core.errors", "core.devices", "core.progress", "core.lesions", "core.imageio",
-               "evaluation.matching", "evaluation.froc", "evaluation.bootstrap", "evaluation.report", "evaluation",
+               "evaluation.hit_rules", "evaluation.matching", "evaluation.froc", "evaluation.bootstrap", "evaluation.report", "evaluation",
                "slicer.mrml.scene", "slicer.mrml.geometry", "slicer.mrml.segments", "slicer.mrml.matching",
                "slicer.mrml.tables", "slicer.mrml.loading", "slicer.mrml", "slicer.panel", "slicer.process",
                "slicer.deps", "slicer.logic")

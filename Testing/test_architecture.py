@@ -171,7 +171,7 @@ def test_the_checker_allows_what_the_rules_allow():
     client = "import json\nimport urllib.request\nfrom ..core.errors import InputError\n"
     assert violations(LIB / "serve" / "client.py", client) == []
     assert violations(LIB / "slicer" / "x.py", "from ..serve.client import RemoteRun\n") == []
-    assert violations(LIB / "serve" / "app.py", "from ..cli.commands.predict import collect_cases\n") == []
+    assert violations(LIB / "serve" / "app.py", "from ..cli.commands.predict_inputs import collect_cases\n") == []
 
 
 def _loads_torch(modules: list[str]) -> bool:

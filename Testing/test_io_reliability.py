@@ -399,7 +399,8 @@ def test_nan_weights_are_refused_at_load(tmp_path):
 
 
 def test_nan_probabilities_are_refused_not_written_as_no_lesions(tmp_path):
-    from IWSegmentationLib.cli.commands.predict import Case, _check_finite
+    from IWSegmentationLib.cli.commands.predict_inputs import PredictJob as Case
+    from IWSegmentationLib.cli.commands.predict_outputs import _check_finite
 
     probs = np.zeros((4, 4, 4), np.float32)
     _check_finite(probs, Case("a", tmp_path / "a.nii.gz", tmp_path / "m.nii.gz"), Path("m.safetensors"))
@@ -616,7 +617,9 @@ def test_every_writing_command_reports_a_full_disk_as_exit_4(tmp_path, eval_fold
 
 
 def test_the_documented_contract_matches_the_code():
-    from IWSegmentationLib.cli import main as cli
+    import importlib
+
+    cli = importlib.import_module("IWSegmentationLib.cli.main")  # the module (the package's `main` is the function)
     from IWSegmentationLib.core import errors
 
     text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")

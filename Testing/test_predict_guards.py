@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from IWSegmentationLib.cli.commands.predict import LABEL_MAP_MAX_VALUES, label_map_values
+from IWSegmentationLib.cli.commands.predict_inputs import LABEL_MAP_MAX_VALUES, label_map_values
 from IWSegmentationLib.cli.main import main
 from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
 from IWSegmentationLib.core.progress import parse_progress_line

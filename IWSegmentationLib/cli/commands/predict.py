@@ -13,14 +13,11 @@ message naming the file. ``--progress-format jsonl`` speaks the protocol of
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,32 +25,34 @@ from ... import __version__
 from ...core.devices import DEVICES, ENGINES, PRECISIONS
 from ...core.errors import EXIT_FAILURE, Cancelled, InputError, IWSegError
 from ...core.imageio import (
-    IMAGE_SUFFIXES,
-    Geometry,
-    atomic_output,
-    case_name,
-    check_not_overwriting,
-    check_output_format,
-    check_writable,
-    folder_lock,
-    list_images,
-    output_suffix,
-    preview_names,
-    probabilities_to_uint8,
     read_image,
-    write_image,
 )
 from ...core.lesions import (
     CONNECTIVITIES,
     SIZE_PRESETS,
-    SizeThresholds,
-    analyze_lesions,
-    parse_min_lesion_size,
-    parse_size_thresholds,
     remove_small_components,
-    size_thresholds,
 )
 from ...core.progress import CancelState, ProgressReporter
+from .predict_inputs import (
+    check_label_map,
+    collect_cases,
+    organ_mask_warning,
+    parse_shard,
+    resolve_dataset_root,
+)
+from .predict_outputs import (
+    _check_finite,
+    _dicom_seg,
+    _min_lesion_size,
+    _size_thresholds,
+    _write_outputs,
+    attach_dicom_seg,
+    lesion_report,
+)
+
+if TYPE_CHECKING:
+    from .predict_inputs import PredictJob
+
 
 #: Seconds between two ``inference`` progress lines of one case (the last one always goes out).
 PROGRESS_INTERVAL_S = 0.2
@@ -120,358 +119,6 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="text: progress bars on stderr; jsonl: one JSON object per line on stdout")
     p.set_defaults(func=run)
     return p
-
-
-# --------------------------------------------------------------------------- cases and outputs
-
-
-@dataclass
-class PredictJob:
-    """One ``iwseg predict`` input volume and where its outputs go (a dataset case is ``data.Case``)."""
-
-    name: str
-    image: Path
-    mask: Path
-    probabilities: Path | None = None
-    lesions: Path | None = None
-    organ_mask: Path | None = None
-    dicom_seg: Path | None = None
-
-
-def _image_suffix(path: Path) -> str:
-    name = path.name.lower()
-    return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), "")
-
-
-def _is_dicom_folder(path: Path) -> bool:
-    import SimpleITK as sitk
-
-    if not path.is_dir():
-        return False
-    with itk_warnings_off():
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
-
-
-#: An input whose voxels take at most this many distinct integer values looks like a label map
-#: (a lesion or organ mask given as the image): a scan has hundreds of grey values or more.
-LABEL_MAP_MAX_VALUES = 16
-#: Voxels of the evenly strided sample checked first, so a real scan is cleared in milliseconds.
-_LABEL_SAMPLE_VOXELS = 1 << 20
-
-
-@contextlib.contextmanager
-def itk_warnings_off() -> Iterator[None]:
-    """Silence ITK's own warnings (printed by C++ straight to stderr, e.g. ``GDCMSeriesFileNames
-    ... No Series were found`` when a folder is probed for DICOM) and restore the setting after."""
-    import SimpleITK as sitk
-
-    before = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(before)
-
-
-def label_map_values(image: np.ndarray, max_values: int = LABEL_MAP_MAX_VALUES) -> np.ndarray | None:
-    """The distinct values of ``image`` when there are at most ``max_values`` and all are integers
-    (what a mask or label map looks like), else None. A strided sample of about a million voxels
-    is looked at first; only an image that already looks like a label map there pays a full pass."""
-    flat = image.reshape(-1)
-    step = max(1, flat.size // _LABEL_SAMPLE_VOXELS)
-    values = np.unique(flat[::step])
-    if values.size > max_values:
-        return None
-    if step > 1:
-        values = np.unique(flat)
-        if values.size > max_values:
-            return None
-    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
-        return None  # NaN also ends up here (NaN != NaN)
-    return values
-
-
-def check_label_map(image: np.ndarray, path: Path, *, force: bool, warn) -> None:
-    """Refuse (unless ``force``) an integer image of few non-negative values, which is a mask or
-    label map given by mistake as the scan; warn about other few-valued images (a float image or
-    one with negative values, e.g. a flat synthetic CT, may be a real if unusual input)."""
-    values = label_map_values(image)
-    if values is None:
-        return
-    shown = ", ".join(f"{v:g}" for v in values.tolist())
-    what = f"{path} looks like a label map, not a scan: its voxels take only {values.size} integer value(s) ({shown})"
-    if image.dtype.kind in "biu" and values.min() >= 0 and not force:
-        raise InputError(f"{what}; give the scan as --input, or pass --force to segment it anyway")
-    warn(f"{what}; segmenting it anyway")
-
-
-def organ_mask_warning(card: dict, given: bool) -> str | None:
-    """What to tell the user when the card's preprocessing applies an organ mask (``mask: liver``)
-    and ``--organ-mask`` is missing: the network then sees voxels outside the organ, which it never
-    saw in training, and may call them lesions (the whole-liver 'lesion' of a ct-liver model)."""
-    organ = (card.get("preprocessing") or {}).get("mask")
-    if organ is None or given:
-        return None
-    return (f"the model was trained with a {organ} mask (model card preprocessing 'mask: {organ}') and no "
-            f"--organ-mask was given, so voxels outside the {organ} are not masked as in training and may be "
-            f"segmented as lesions; pass --organ-mask {organ.upper()}_MASK.nii.gz (non-zero inside the {organ}, "
-            "on the image's grid) or, with a folder of cases, --organ-mask FOLDER holding one mask named like each case")
-
-
-def msd_images_folder(root: Path) -> Path | None:
-    """The images of a Medical Segmentation Decathlon / nnU-Net dataset root: ``imagesTs/`` when it
-    holds images (the test cases), else ``imagesTr/``; None when neither does."""
-    for sub in ("imagesTs", "imagesTr"):
-        folder = root / sub
-        if folder.is_dir() and list_images(folder, what=f"{sub} folder"):
-            return folder
-    return None
-
-
-def resolve_dataset_root(src: Path, note) -> Path:
-    """``src``, or the image folder of ``src`` when it is an MSD dataset root (no images or DICOM
-    series of its own, an ``imagesTs/`` or ``imagesTr/`` inside), saying which through ``note``."""
-    if not src.is_dir() or list_images(src, what="input folder") or _is_dicom_folder(src):
-        return src
-    folder = msd_images_folder(src)
-    if folder is None:
-        return src
-    n = len(list_images(folder))
-    extra = "" if folder.name == "imagesTs" else " (it has no imagesTs/ with images: these are training cases)"
-    note(f"{src} is a dataset root: predicting the {n} case(s) in {folder.name}/{extra}")
-    return folder
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)``; ``"auto"`` from RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS; None -> (0, 1)."""
-    if text is None:
-        return 0, 1
-    if text == "auto":
-        for rank_key, size_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-            if rank_key in os.environ and size_key in os.environ:
-                text = f"{os.environ[rank_key]}/{os.environ[size_key]}"
-                break
-        else:
-            return 0, 1
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise InputError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise InputError(f"--shard i/n needs n >= 1 and 0 <= i < n, got {text!r}")
-    return i, n
-
-
-def _check_output_file(flag: str, path: Path, *, image: bool) -> None:
-    if image and not _image_suffix(path):
-        raise InputError(f"{flag} {path}: use an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
-    if image:
-        check_output_format(path, flag)
-    if path.is_dir():
-        raise InputError(f"{flag} {path} is a folder; with a single input give a file name")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
-
-
-def _check_output_folder(flag: str, path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{flag} {path}: with a folder of cases as --input this must be a folder, not a file")
-
-
-def _refuse_existing(cases: list[PredictJob]) -> None:
-    """Refuse to replace outputs that exist (as ``synth`` and ``train`` do); ``--overwrite`` allows it."""
-    existing = [str(p) for c in cases for p in (c.mask, c.probabilities, c.lesions) if p is not None and p.exists()]
-    if existing:
-        raise InputError(f"output(s) already exist: {preview_names(existing, 3)}; pass --overwrite to replace them, "
-                         "or choose another output")
-
-
-def _make_output_folders(cases: list[PredictJob]) -> None:
-    """Create the folders the outputs go to (once every path has been checked)."""
-    for folder in sorted({p.parent for c in cases for p in (c.mask, c.probabilities, c.lesions) if p is not None}):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
-
-
-def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
-    """The cases to process (after ``--shard``), with their output paths; checks every path first."""
-    src: Path = args.input
-    if not src.exists():
-        raise InputError(f"input not found: {src}")
-    folder_mode = False
-    inputs: dict[str, Path] = {}
-    if src.is_dir():
-        inputs = list_images(src, what="input folder")
-        if inputs:
-            folder_mode = True
-        elif _is_dicom_folder(src):
-            inputs = {src.name: src}
-        else:
-            subdirs = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
-            inputs = {d.name: d for d in subdirs if _is_dicom_folder(d)}
-            if not inputs:
-                raise InputError(
-                    f"input folder {src} holds no images ({', '.join(IMAGE_SUFFIXES)}), "
-                    "no DICOM series and no sub-folders with DICOM series"
-                )
-            folder_mode = True
-    else:
-        if not _image_suffix(src):
-            raise InputError(f"input {src}: not an image file ({', '.join(IMAGE_SUFFIXES)}) or DICOM folder")
-        inputs = {case_name(src): src}
-
-    if not folder_mode:
-        name, path = next(iter(inputs.items()))
-        _check_output_file("--output", args.output, image=True)
-        if args.probabilities is not None:
-            _check_output_file("--probabilities", args.probabilities, image=True)
-        if args.lesions is not None:
-            _check_output_file("--lesions", args.lesions, image=False)
-        organ = args.organ_mask
-        if organ is not None and not organ.exists():
-            raise InputError(f"--organ-mask not found: {organ}")
-        return _checked([PredictJob(name, path, args.output, args.probabilities, args.lesions, organ)], args)
-
-    _check_output_folder("--output", args.output)
-    folders = [args.output.resolve()]
-    for flag, value in (("--probabilities", args.probabilities), ("--lesions", args.lesions)):
-        if value is not None:
-            _check_output_folder(flag, value)
-            if value.resolve() in folders:
-                raise InputError(f"{flag} must be a different folder from the other outputs (same case names)")
-            folders.append(value.resolve())
-    if src.resolve() in folders[:2]:
-        raise InputError(f"output folder {src} is the input folder; refusing to overwrite the input images")
-    organs: dict[str, Path] = {}
-    if args.organ_mask is not None:
-        organs = list_images(args.organ_mask, what="--organ-mask folder")
-    i, n = parse_shard(args.shard)
-    cases = []
-    for name in sorted(inputs)[i::n]:
-        path = inputs[name]
-        suffix = output_suffix(path)
-        cases.append(PredictJob(
-            name, path, args.output / f"{name}{suffix}",
-            args.probabilities / f"{name}{suffix}" if args.probabilities is not None else None,
-            args.lesions / f"{name}.json" if args.lesions is not None else None,
-            organs.get(name),
-        ))
-    if args.organ_mask is not None:
-        missing = [c.name for c in cases if c.organ_mask is None]
-        if missing:
-            raise InputError(f"--organ-mask folder {args.organ_mask} has no mask for case(s) {', '.join(missing)}")
-    return _checked(cases, args)
-
-
-def _checked(cases: list[PredictJob], args: argparse.Namespace) -> list[PredictJob]:
-    """Refuse outputs that would overwrite an input (image, organ mask, checkpoint) or each other,
-    existing outputs without ``--overwrite``, and output folders that cannot be made or written,
-    before any inference runs."""
-    for case in cases:
-        check_not_overwriting(
-            {"--output": case.mask, "--probabilities": case.probabilities, "--lesions": case.lesions},
-            {"--input": case.image, "--organ-mask": case.organ_mask, "--model": args.model},
-        )
-    if not getattr(args, "overwrite", False):
-        _refuse_existing(cases)
-    _make_output_folders(cases)
-    folders = {p.parent for c in cases[:1] for p in (c.mask, c.probabilities, c.lesions) if p is not None}
-    for folder in sorted(folders):
-        check_writable(folder, "output")
-    return cases
-
-
-def _dicom_seg():
-    from ...core import dicom_seg
-
-    return dicom_seg
-
-
-def attach_dicom_seg(cases: list[PredictJob], args: argparse.Namespace) -> None:
-    """Set where each case's DICOM SEG goes (``--dicom-seg``): the given file for one series, else
-    ``<folder>/<case>.dcm``. Every case must be a DICOM series (the SEG references its images), and
-    the SEG must not land inside a source series folder (it would become a second series there)."""
-    _dicom_seg().require_highdicom()  # before any inference
-    not_dicom = [c.image for c in cases if not c.image.is_dir()]
-    if not_dicom:
-        raise InputError(f"--dicom-seg needs DICOM series as --input (a DICOM SEG references the source images); "
-                         f"{not_dicom[0]} is an image file, not a DICOM series folder")
-    single = len(cases) == 1 and cases[0].image == args.input
-    if single:
-        _check_output_file("--dicom-seg", args.dicom_seg, image=False)
-        others = {p.resolve() for p in (cases[0].mask, cases[0].probabilities, cases[0].lesions) if p is not None}
-        if args.dicom_seg.resolve() in others:
-            raise InputError("--dicom-seg must be a different file from --output, --probabilities and --lesions")
-        cases[0].dicom_seg = args.dicom_seg
-    else:
-        _check_output_folder("--dicom-seg", args.dicom_seg)
-        for case in cases:
-            case.dicom_seg = args.dicom_seg / f"{case.name}.dcm"
-    series_folders = {c.image.resolve() for c in cases}
-    for case in cases:
-        if case.dicom_seg.resolve().parent in series_folders:
-            raise InputError(f"--dicom-seg {case.dicom_seg} is inside a source DICOM series folder; write it "
-                             "elsewhere (a second series there would make the folder unreadable as one series)")
-
-
-def _size_thresholds(args: argparse.Namespace, card: dict) -> SizeThresholds:
-    """The command line's size groups, else the checkpoint's (list, dict or preset name), else lung."""
-    if args.size_preset is not None or args.size_thresholds is not None:
-        return size_thresholds(args.size_preset, args.size_thresholds)
-    return parse_size_thresholds(card.get("size_thresholds"))
-
-
-def _min_lesion_size(flag: str | None, card: dict):
-    """--min-lesion-size, else the card's optional ``min_lesion_size`` ({"value", "unit"} or null)."""
-    try:
-        if flag is not None:
-            return None if flag.strip().lower() == "none" else parse_min_lesion_size(flag)
-        return parse_min_lesion_size(card.get("min_lesion_size"))
-    except InputError as exc:
-        where = "--min-lesion-size" if flag is not None else "checkpoint metadata 'min_lesion_size'"
-        raise InputError(f"{where}: {exc}") from None
-
-
-def lesion_report(case: PredictJob, prediction, geometry: Geometry, thresholds: SizeThresholds,
-                  connectivity: int) -> tuple[dict, int]:
-    """The lesion JSON of one case and its lesion count: one entry per connected component of the
-    mask, ids in scan order (as ``lesions.label_components`` numbers them), centroids in voxel
-    indices and in physical LPS mm."""
-    _, lesions = analyze_lesions(
-        prediction.mask, geometry.spacing_zyx, connectivity=connectivity, thresholds=thresholds,
-        probabilities=prediction.probabilities,
-    )
-    rows = []
-    for les in lesions:
-        rows.append({
-            "id": les.id,
-            "voxels": les.voxels,
-            "volume_mm3": round(les.volume_mm3, 4),
-            "diameter_mm": round(les.diameter_mm, 4),
-            "size_group": les.size_group,
-            "confidence": None if les.confidence is None else round(les.confidence, 6),
-            "centroid_lps_mm": [round(v, 4) for v in geometry.index_to_physical(les.centroid)],
-            "centroid_zyx": [round(v, 3) for v in les.centroid],
-            "bbox_zyx": list(les.bbox),
-        })
-    report = {
-        "case": case.name,
-        "image": str(case.image),
-        "threshold": prediction.threshold,
-        "connectivity": connectivity,
-        "spacing_zyx_mm": list(geometry.spacing_zyx),
-        "size_thresholds_mm": {"small": thresholds.small_mm, "large": thresholds.large_mm},
-        "coordinates": "centroid_lps_mm: physical LPS millimetres (ITK); centroid_zyx and bbox_zyx "
-                       "(exclusive ends): voxel indices in array order",
-        "lesions": rows,
-    }
-    return report, len(rows)
-
-
-# --------------------------------------------------------------------------- the command
 
 
 class _Throttled:
@@ -640,53 +287,3 @@ def _predict_case(case: PredictJob, model, card: dict, args, device, precision, 
     reporter.emit("case_done", case=case.name, outputs=outputs, lesions=n_lesions,
                   windows=prediction.stats.windows_run, windows_total=prediction.stats.windows_total,
                   engine=prediction.stats.engine, seconds=round(time.monotonic() - t0, 2))
-
-
-def _write_outputs(case: PredictJob, prediction, geometry: Geometry, report: dict, args, reporter,
-                   state: CancelState, dicom_source=None) -> dict[str, str]:
-    """Write every output of a case to temporary names, then rename them all (signals deferred
-    during the renames), so a case's outputs appear together or not at all."""
-    outputs: dict[str, str] = {}
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_output(case.mask))
-        reporter.emit("write", case=case.name, path=str(case.mask))
-        write_image(tmp, prediction.mask, geometry)
-        outputs["mask"] = str(case.mask)
-        if case.probabilities is not None:
-            tmp = stack.enter_context(atomic_output(case.probabilities))
-            reporter.emit("write", case=case.name, path=str(case.probabilities))
-            probs = prediction.probabilities
-            if args.probabilities_uint8:
-                probs = probabilities_to_uint8(probs)
-            write_image(tmp, probs, geometry)
-            outputs["probabilities"] = str(case.probabilities)
-        if case.lesions is not None:
-            tmp = stack.enter_context(atomic_output(case.lesions))
-            reporter.emit("write", case=case.name, path=str(case.lesions))
-            tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-            outputs["lesions"] = str(case.lesions)
-        if case.dicom_seg is not None and not report["lesions"]:
-            reporter.emit("warning", case=case.name, message=f"no lesions found: no DICOM SEG written to {case.dicom_seg}"
-                                                             " (a DICOM SEG needs at least one segment)")
-        elif case.dicom_seg is not None:
-            tmp = stack.enter_context(atomic_output(case.dicom_seg))
-            reporter.emit("write", case=case.name, path=str(case.dicom_seg))
-            # label_components numbers the components as the lesion JSON does: segment n = JSON lesion id n
-            from ...core.lesions import label_components
-
-            labels, _ = label_components(prediction.mask, args.connectivity)
-            _dicom_seg().write_lesion_seg(tmp, labels, report["lesions"], dicom_source)
-            outputs["dicom_seg"] = str(case.dicom_seg)
-        with folder_lock(case.mask.parent), state.deferred():  # two writers of one set: the last wins whole
-            stack.close()
-    return outputs
-
-
-def _check_finite(probabilities: np.ndarray, case: PredictJob, model: Path) -> None:
-    """NaN/inf probabilities threshold to "no lesion": refuse them instead of writing an empty mask."""
-    bad = probabilities.size - int(np.count_nonzero(np.isfinite(probabilities)))
-    if bad:
-        raise InputError(
-            f"{case.image}: the network gave NaN or infinite probabilities for {bad} voxel(s) with {model}; "
-            "the image's values may be far out of range (or try --precision fp32)"
-        )
