@@ -61,8 +61,9 @@ from IWSegmentationLib.slicer import panel, process  # noqa: E402
 # ------------------------------------------------------------------------------------------ the module
 
 #: IWSegmentationLib modules reloaded (dependencies first) by the developer "Reload" button.
-LIB_MODULES = ("core.errors", "core.devices", "core.progress", "core.lesions", "core.imageio",
-               "evaluation.hit_rules", "evaluation.matching", "evaluation.froc", "evaluation.bootstrap", "evaluation.report", "evaluation",
+LIB_MODULES = ("core.errors", "core.devices", "core.progress", "core.lesions", "core.files", "core.outputs",
+               "core.imageio", "evaluation.hit_rules", "evaluation.matching", "evaluation.froc", "evaluation.bootstrap",
+               "evaluation.report", "evaluation",
                "slicer.mrml.scene", "slicer.mrml.geometry", "slicer.mrml.segments", "slicer.mrml.matching",
                "slicer.mrml.tables", "slicer.mrml.loading", "slicer.mrml", "slicer.panel", "slicer.process",
                "slicer.deps", "slicer.logic")

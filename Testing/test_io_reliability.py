@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from _subprocess import run_in_group
 
 from IWSegmentationLib.cli.main import main
-from IWSegmentationLib.core import imageio
+from IWSegmentationLib.core import imageio, outputs
 from IWSegmentationLib.core.errors import CheckpointError, InputError
 from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
 from IWSegmentationLib.nn.checkpoint import MAX_HEADER_BYTES, load_checkpoint, read_header, save_checkpoint
@@ -188,7 +188,7 @@ def test_outputs_honour_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
     try:
         image = write_image(tmp_path / "m.nrrd", np.zeros((4, 4, 4), np.uint8), Geometry.identity((4, 4, 4)))
-        with imageio.atomic_output(tmp_path / "r.json") as tmp:
+        with outputs.atomic_output(tmp_path / "r.json") as tmp:
             tmp.write_text("{}\n")
     finally:
         os.umask(old)
@@ -201,7 +201,7 @@ def test_replacing_a_file_keeps_its_mode(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("old\n")
     path.chmod(0o640)
-    with imageio.atomic_output(path) as tmp:
+    with outputs.atomic_output(path) as tmp:
         tmp.write_text("new\n")
     assert path.read_text() == "new\n" and path.stat().st_mode & 0o777 == 0o640
 
@@ -558,7 +558,7 @@ def test_folder_lock_serialises_writers(tmp_path):
     held = threading.Event()
 
     def first():
-        with imageio.folder_lock(tmp_path):
+        with outputs.folder_lock(tmp_path):
             held.set()
             time.sleep(0.3)
             order.append("first released")
@@ -566,7 +566,7 @@ def test_folder_lock_serialises_writers(tmp_path):
     t = threading.Thread(target=first)
     t.start()
     held.wait(5)
-    with imageio.folder_lock(tmp_path):
+    with outputs.folder_lock(tmp_path):
         order.append("second acquired")
     t.join()
     assert order == ["first released", "second acquired"]
@@ -579,7 +579,7 @@ def test_predict_commits_its_result_set_under_the_folder_lock(tmp_path, model, p
     cmd = [sys.executable, "-m", "IWSegmentationLib",
            *map(str, predict_args(model, phantom, out / "m.nii.gz", "--probabilities", out / "p.nii.gz",
                                   "--lesions", out / "l.json")), "--progress-format", "jsonl"]
-    with imageio.folder_lock(out):
+    with outputs.folder_lock(out):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
         writes = 0

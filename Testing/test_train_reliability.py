@@ -24,7 +24,8 @@ import pytest
 import test_training
 
 from IWSegmentationLib.core.errors import Cancelled, GeometryMismatchError, InputError
-from IWSegmentationLib.core.imageio import atomic_output, read_image, remove_stale_partials, write_image
+from IWSegmentationLib.core.imageio import read_image, write_image
+from IWSegmentationLib.core.outputs import atomic_output, remove_stale_partials
 from IWSegmentationLib.core.progress import CancelState
 from IWSegmentationLib.data import load_dataset
 from IWSegmentationLib.nn.checkpoint import load_checkpoint

@@ -11,7 +11,7 @@ import platform
 from pathlib import Path
 from typing import Sequence
 
-from IWSegmentationLib.core.imageio import atomic_output
+from IWSegmentationLib.core.outputs import atomic_output
 
 
 def cpu_name() -> str:

@@ -49,7 +49,8 @@ def measure(args) -> tuple[list[dict], dict | None]:
     import numpy as np
     import torch
 
-    from IWSegmentationLib.core.imageio import list_images, read_image
+    from IWSegmentationLib.core.files import list_images
+    from IWSegmentationLib.core.imageio import read_image
     from IWSegmentationLib.core.lesions import label_components, size_thresholds
     from IWSegmentationLib.evaluation import evaluate_cases, match_case
     from IWSegmentationLib.nn.checkpoint import load_checkpoint

@@ -194,7 +194,7 @@ def run_one(optimiser: str, arm: str, seed: int, work: Path, train_dir: Path, he
     """Train one arm, predict the held-out set, keep its probabilities and a run record (atomically)."""
     import torch
 
-    from IWSegmentationLib.core.imageio import atomic_output
+    from IWSegmentationLib.core.outputs import atomic_output
 
     torch.set_num_threads(THREADS)
     rid = run_id(optimiser, arm, seed)

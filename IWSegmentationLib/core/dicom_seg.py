@@ -38,8 +38,9 @@ import numpy as np
 from .. import __version__
 from ..slicer.mrml.segments import LESION_TERMINOLOGY, segment_name
 from .errors import InputError, IWSegError
-from .imageio import Geometry, atomic_output
+from .imageio import Geometry
 from .lesions import SIZE_GROUP_COLORS
+from .outputs import atomic_output
 
 #: What ``pip install`` needs for this module (also the ``dicom`` extra of pyproject.toml).
 HIGHDICOM_REQUIREMENT = "highdicom>=0.22"

@@ -9,46 +9,25 @@ Physical coordinates are ITK's LPS millimetres; Slicer converts them to RAS.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import gzip
 import os
 import re
-import stat
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .errors import GeometryMismatchError, InputError, OutputError
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-#: Detached-header formats (header and voxel data in two files) -> the same format in one file.
-#: They are read but never written: a pair of files cannot be replaced atomically, and the
-#: header would name the temporary data file (docs/inference.md, "Output files").
-DETACHED_SUFFIXES = {".mhd": ".mha", ".nhdr": ".nrrd"}
+from .files import DETACHED_SUFFIXES, IMAGE_SUFFIXES
+from .outputs import atomic_output
 
 
 def format_numbers(values: Sequence[float], digits: int = 4) -> str:
     """``(0.8, 0.8, 2)``: numbers for a message, rounded, never ``np.float64(...)``."""
     return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
-
-
-def case_name(path: str | os.PathLike) -> str:
-    """Case id of an image file: its name without the image suffix (``case_001.nii.gz`` -> ``case_001``)."""
-    name = Path(path).name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
-def is_image_file(path: str | os.PathLike) -> bool:
-    return Path(path).is_file() and any(str(path).lower().endswith(s) for s in IMAGE_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -234,6 +213,8 @@ def check_slice_positions(positions: Sequence[Sequence[float]], direction: Seque
 
 #: NIfTI datatype codes of floating-point voxels -> numpy scalar type (complex types as float pairs).
 _NIFTI_FLOATS = {16: "f4", 64: "f8", 32: "f4", 1792: "f8"}
+
+
 _CHUNK_BYTES = 1 << 24
 
 
@@ -347,81 +328,6 @@ def to_sitk(array: np.ndarray, geometry: Geometry):
     return image
 
 
-def _umask() -> int:
-    """The process umask (read from /proc on Linux; elsewhere set and restored at once)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _output_error(path: Path, exc: BaseException) -> OutputError:
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return OutputError(f"cannot write {path}: {reason}")
-
-
-#: errno values that mean "the system cannot store this file" rather than a bug.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
-
-
-def _commit(tmp: Path, path: Path, mode: int) -> None:
-    """Check, flush and rename a complete temporary file onto ``path``, then sync the folder."""
-    os.chmod(tmp, mode)
-    if tmp.stat().st_size == 0:
-        raise OutputError(f"cannot write {path}: the writer produced an empty file (disk full?)")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # not every platform or file system can sync a folder
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    The temporary name keeps the file's suffix (writers pick the format from it). On any
-    exception, or a cancel, the partial file is removed and an existing ``path`` is untouched.
-    Before the rename the file must be non-empty and is fsync'ed, so a full disk cannot put an
-    empty or half-written file in place of a good one. The file gets the mode of the file it
-    replaces, else ``0666`` less the umask (as ``open()`` would create it; ``mkstemp`` alone
-    gives ``0600``). Write failures of the system (disk full, read-only, no permission) raise
-    :class:`OutputError` naming ``path`` (exit code 4).
-    """
-    path = Path(path)
-    if not path.parent.exists():
-        raise InputError(f"output folder does not exist: {path.parent} (for {path.name})")
-    if path.is_dir():
-        raise InputError(f"output {path} is a folder; give a file name")
-    mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask()
-    name = path.name
-    suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), path.suffix)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.partial-", suffix=suffix, dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise _output_error(path, exc) from None
-    tmp_path = Path(tmp)
-    try:
-        try:
-            yield tmp_path
-            _commit(tmp_path, path, mode)
-        except OSError as exc:
-            if exc.errno not in _WRITE_ERRNOS:
-                raise
-            raise _output_error(path, exc) from None
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
 def check_output_format(path: str | os.PathLike, flag: str = "output") -> None:
     """Refuse an image output in a detached-header format (see :data:`DETACHED_SUFFIXES`)."""
     name = str(path).lower()
@@ -474,68 +380,6 @@ def _verify_written(tmp: Path, path: Path, geometry: Geometry) -> None:
         raise OutputError(f"cannot write {path}: the file written {problem} (disk full?)")
 
 
-def check_writable(folder: str | os.PathLike, flag: str) -> None:
-    """Create and remove a file in ``folder`` now, so that a read-only or forbidden output folder
-    is reported before hours of work rather than after (:class:`OutputError`, exit code 4)."""
-    folder = Path(folder)
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".iwseg-write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise OutputError(f"{flag}: cannot write in {folder}: {exc.strerror or exc}") from None
-
-
-def check_not_overwriting(outputs: Mapping[str, str | os.PathLike | None],
-                          inputs: Mapping[str, Sequence[str | os.PathLike] | str | os.PathLike | None]) -> None:
-    """Refuse outputs that are one file twice, or that would overwrite an input.
-
-    ``outputs`` maps a flag to its path (None = not given); ``inputs`` maps a flag to a path or a
-    list of paths (files or folders). Paths are compared resolved, and existing ones also by inode
-    (hard links, bind mounts). The :class:`InputError` names both flags and the path.
-    """
-    def same(a: Path, b: Path) -> bool:
-        if a.resolve() == b.resolve():
-            return True
-        with contextlib.suppress(OSError):
-            return a.exists() and b.exists() and os.path.samefile(a, b)
-        return False
-
-    given = [(flag, Path(p)) for flag, p in outputs.items() if p is not None]
-    for i, (flag, out) in enumerate(given):
-        for other_flag, other in given[:i]:
-            if same(out, other):
-                raise InputError(f"{other_flag} and {flag} are the same file {out}; give each output its own path")
-        for in_flag, paths in inputs.items():
-            if paths is None:
-                continue
-            for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-                if same(out, Path(p)):
-                    raise InputError(f"{flag} {out} is the same file as {in_flag} {p}; refusing to overwrite the input")
-
-
-@contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive advisory lock (``flock``) on ``folder`` for the block.
-
-    Processes that write a set of outputs into one folder commit them under this lock, so two
-    writers of the same set leave one writer's whole set, never a mix. Nothing is created: the
-    lock is on the folder itself, and is released when the block ends or the process dies.
-    Without ``fcntl`` (Windows) the block runs unlocked: the last writer wins, file by file.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - POSIX only
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def probabilities_to_uint8(probabilities: np.ndarray) -> np.ndarray:
     """Probabilities in [0, 1] as ``round(255 p)`` (predict's ``--probabilities-uint8``)."""
     return np.rint(probabilities * np.float32(255.0)).astype(np.uint8)
@@ -548,86 +392,3 @@ def probabilities_from_file(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8 and array.size and int(array.max()) > 1:
         return array.astype(np.float32) / np.float32(255.0)
     return array
-
-
-def list_images(folder: str | os.PathLike, *, what: str = "folder") -> dict[str, Path]:
-    """Map case name -> image path for every image file directly inside ``folder``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{what} is not a folder: {folder}")
-    out: dict[str, Path] = {}
-    for entry in sorted(folder.iterdir()):
-        if is_image_file(entry) and not entry.name.startswith("."):
-            name = case_name(entry)
-            if name in out:
-                raise InputError(f"{what} {folder} holds two images for case {name!r}: {out[name].name}, {entry.name}")
-            out[name] = entry
-    return out
-
-
-def natural_key(text: str) -> list:
-    """Sort key that orders ``case_2`` before ``case_10``."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
-def preview_names(items: Sequence[Any], n: int = 8) -> str:
-    """``'a', 'b', ... (12 in all)``: the first ``n`` items quoted, for error messages."""
-    items = list(items)
-    shown = ", ".join(repr(i) for i in items[:n])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
-
-
-def check_pairs(
-    first: Mapping[str, Path], second: Mapping[str, Path], *, first_what: str, second_what: str,
-    first_dir: str | os.PathLike, second_dir: str | os.PathLike,
-) -> None:
-    """Check that two case name -> file maps (e.g. images and labels, from :func:`list_images`)
-    hold the same cases, and that ``first`` is not empty.
-
-    One :class:`InputError` names every case without a partner, both ways, e.g.
-    ``no label in labels/ for image case(s) 'b'; no image in images/ for label case(s) 'c'``.
-    """
-    if not first:
-        raise InputError(f"{first_what} folder {first_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    problems = []
-    no_second = sorted(set(first) - set(second), key=natural_key)
-    no_first = sorted(set(second) - set(first), key=natural_key)
-    if no_second:
-        problems.append(f"no {second_what} in {second_dir} for {first_what} case(s) {preview_names(no_second)}")
-    if no_first:
-        problems.append(f"no {first_what} in {first_dir} for {second_what} case(s) {preview_names(no_first)}")
-    if problems:
-        raise InputError("; ".join(problems))
-
-
-def pair_cases(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
-    """Pair prediction and reference files by case name, sorted by name; a file without a
-    partner, or an empty reference folder, is an error (see :func:`check_pairs`)."""
-    preds = list_images(pred_dir, what="prediction folder")
-    refs = list_images(ref_dir, what="reference folder")
-    check_pairs(refs, preds, first_what="reference", second_what="prediction", first_dir=ref_dir, second_dir=pred_dir)
-    return [(name, preds[name], refs[name]) for name in sorted(refs)]
-
-
-def remove_stale_partials(folder: str | os.PathLike, names: Sequence[str]) -> list[Path]:
-    """Remove the temporary files that :func:`atomic_output` left in ``folder`` for the outputs
-    ``names`` when its process was killed before it could clean up (SIGKILL, power loss).
-
-    Only files named exactly as ``atomic_output`` names them are removed: ``.NAME.partial-``,
-    the 8 characters ``tempfile`` draws, and NAME's suffix; nothing else in ``folder`` is
-    touched. Call it only where no other process is writing these outputs. Returns the paths
-    removed.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    patterns = []
-    for name in names:
-        suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), Path(name).suffix)
-        patterns.append(re.compile(rf"^\.{re.escape(name)}\.partial-[a-z0-9_]{{8}}{re.escape(suffix)}$"))
-    removed = []
-    for entry in folder.iterdir():
-        if any(p.match(entry.name) for p in patterns) and entry.is_file() and not entry.is_symlink():
-            entry.unlink()
-            removed.append(entry)
-    return sorted(removed)

@@ -31,13 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..core.errors import InputError
-from ..core.imageio import (
-    case_name,
-    check_pairs,
-    list_images,
-    natural_key,
-    preview_names,
-)
+from ..core.files import case_name, check_pairs, list_images, natural_key, preview_names
 
 LAYOUTS = ("msd", "lits", "luna16", "plain")
 

@@ -12,11 +12,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.imageio import (
-    atomic_output,
-    natural_key,
-    preview_names,
-)
+from ..core.files import natural_key, preview_names
+from ..core.outputs import atomic_output
 from .datasets import SPLIT_NAMES, _read_json
 
 

@@ -253,7 +253,8 @@ def write_dataset(
     be empty or absent unless ``overwrite``. Returns the summary stored in ``dataset.json``.
     """
     from .. import __version__
-    from ..core.imageio import Geometry, atomic_output, write_image
+    from ..core.imageio import Geometry, write_image
+    from ..core.outputs import atomic_output
 
     preset = _check_preset(preset)
     shape = _check_shape(shape)

@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import CheckpointError, InputError, OutputError
-from ..core.imageio import atomic_output
+from ..core.outputs import atomic_output
 from .model_card import (  # noqa: F401  (FORMAT_VERSION and the field lists are part of this module's API)
     AUTOMATIC_FIELDS,
     FORMAT,

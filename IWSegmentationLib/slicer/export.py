@@ -12,7 +12,7 @@ else is here, without Qt, and runs under the ``slicer-core`` wheel in the tests.
   database, the segmentation as a DICOM SEG (:mod:`IWSegmentationLib.core.dicom_seg`) referencing the
   volume's own DICOM files (:func:`instance_files`).
 
-Both files are written to temporary names and renamed (``imageio.atomic_output``): an existing
+Both files are written to temporary names and renamed (``core.outputs.atomic_output``): an existing
 file is replaced only by a complete one.
 """
 
@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.imageio import atomic_output
+from ..core.outputs import atomic_output
 from .mrml.geometry import LPS_TO_RAS
 
 #: ``(CSV column, row key, decimals)``; ``centroid_lps`` is computed from the row's ``center_ras``.

@@ -426,7 +426,7 @@ def render_lesions_png(
     unreadable input, or a mask on another grid, and :class:`OffscreenRenderingError` when
     slicer-core or offscreen OpenGL is unavailable.
     """
-    from ..core import imageio
+    from ..core import files, outputs
     from ..core.errors import InputError
     from . import mrml
 
@@ -444,7 +444,7 @@ def render_lesions_png(
     probe_offscreen()
 
     scene, app_logic = mrml.headless_scene()
-    volume_node = mrml.add_volume_from_array(scene, volume, geometry, imageio.case_name(image))
+    volume_node = mrml.add_volume_from_array(scene, volume, geometry, files.case_name(image))
     display = volume_node.GetDisplayNode()
     if window_level is not None:
         display.SetAutoWindowLevel(0)
@@ -476,8 +476,8 @@ def render_lesions_png(
 
     counts = {group: sum(1 for row in rows if row["size_group"] == group) for group in SIZE_GROUPS}
     picture, panels = _compose(shots, counts, thresholds, size_preset if not size_thresholds_mm else None,
-                               title or imageio.case_name(image), focus, review)
-    with imageio.atomic_output(output) as tmp:
+                               title or files.case_name(image), focus, review)
+    with outputs.atomic_output(output) as tmp:
         picture.save(tmp, format="PNG")
     return LesionPicture(output, picture.size, panels, counts, focus, tuple(float(v) for v in focus_ras), rows,
                          review)

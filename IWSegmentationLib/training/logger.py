@@ -44,7 +44,7 @@ class RunLogger:
                 self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge)
 
     def _truncate_csv(self, start_epoch: int) -> None:
-        from ..core.imageio import atomic_output
+        from ..core.outputs import atomic_output
 
         rows = []
         if self.csv_path.is_file() and start_epoch > 0:

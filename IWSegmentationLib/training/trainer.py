@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from ..core.errors import CheckpointError, InputError
-from ..core.imageio import remove_stale_partials
+from ..core.outputs import remove_stale_partials
 from ..data.cases import load_case
 from .card import model_card
 from .distributed import _barrier, amp_settings, cleanup_distributed, seed_everything, setup_distributed
@@ -493,7 +493,7 @@ class _Run:
     def _write_run_files(self, data: TrainingData, write_splits) -> None:
         import yaml
 
-        from ..core.imageio import atomic_output
+        from ..core.outputs import atomic_output
 
         with atomic_output(self.out / CONFIG_FILE) as tmp:
             tmp.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False), encoding="utf-8")

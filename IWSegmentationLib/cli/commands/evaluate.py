@@ -20,16 +20,8 @@ from typing import Sequence, TextIO
 import numpy as np
 
 from ...core.errors import InputError
-from ...core.imageio import (
-    Geometry,
-    atomic_output,
-    check_not_overwriting,
-    check_same_grid,
-    check_writable,
-    pair_cases,
-    probabilities_from_file,
-    read_image,
-)
+from ...core.files import pair_cases
+from ...core.imageio import Geometry, check_same_grid, probabilities_from_file, read_image
 from ...core.lesions import (
     CONNECTIVITIES,
     SIZE_GROUP_COLORS,
@@ -39,6 +31,7 @@ from ...core.lesions import (
     parse_min_lesion_size,
     size_thresholds,
 )
+from ...core.outputs import atomic_output, check_not_overwriting, check_writable
 from ...core.progress import CancelState
 from ...evaluation.bootstrap import (
     BOOTSTRAP_FRACTION,

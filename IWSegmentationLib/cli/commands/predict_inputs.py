@@ -12,16 +12,9 @@ from typing import Iterator
 import numpy as np
 
 from ...core.errors import InputError
-from ...core.imageio import (
-    IMAGE_SUFFIXES,
-    case_name,
-    check_not_overwriting,
-    check_output_format,
-    check_writable,
-    list_images,
-    output_suffix,
-    preview_names,
-)
+from ...core.files import IMAGE_SUFFIXES, case_name, list_images, preview_names
+from ...core.imageio import check_output_format, output_suffix
+from ...core.outputs import check_not_overwriting, check_writable
 
 
 @dataclass

@@ -11,13 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...core.errors import InputError
-from ...core.imageio import (
-    Geometry,
-    atomic_output,
-    folder_lock,
-    probabilities_to_uint8,
-    write_image,
-)
+from ...core.imageio import Geometry, probabilities_to_uint8, write_image
 from ...core.lesions import (
     SizeThresholds,
     analyze_lesions,
@@ -25,6 +19,7 @@ from ...core.lesions import (
     parse_size_thresholds,
     size_thresholds,
 )
+from ...core.outputs import atomic_output, folder_lock
 from ...core.progress import CancelState
 from .predict_inputs import _check_output_file, _check_output_folder
 

@@ -93,7 +93,7 @@ def plot_lesion_sizes(diameters: Sequence[float], counts: Sequence[int], path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ...core.imageio import atomic_output
+    from ...core.outputs import atomic_output
 
     d = np.asarray(diameters, dtype=float)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
