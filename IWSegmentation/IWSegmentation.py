@@ -1,7 +1,7 @@
 """IWSegmentation: lesion segmentation with inverse-weighted 3D U-Nets, one segment per lesion.
 
 A thin 3D Slicer scripted module: Qt widgets, the parameter node and the wiring. The work is
-done elsewhere: inference in a separate backend process (``IWSegmentationLib.slicer.process``, which
+done elsewhere: inference in a separate backend process (``IWSegmentationLib.backend.process``, which
 runs ``PythonSlicer -m IWSegmentationLib predict``), the texts and rows of the panel in
 ``IWSegmentationLib.slicer.panel`` and the scene building in ``IWSegmentationLib.slicer.mrml``; all three are
 tested without Slicer. See docs/module.md.
@@ -53,10 +53,11 @@ def _findEngine(moduleFile=__file__):
 
 
 _findEngine()
+from IWSegmentationLib.backend import process  # noqa: E402
 from IWSegmentationLib.core import errors, lesions  # noqa: E402
 from IWSegmentationLib.slicer import deps as slicer_deps  # noqa: E402
 from IWSegmentationLib.slicer import logic as slicer_logic  # noqa: E402
-from IWSegmentationLib.slicer import panel, process  # noqa: E402
+from IWSegmentationLib.slicer import panel  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the module
 
@@ -65,7 +66,7 @@ LIB_MODULES = ("core.errors", "core.devices", "core.progress", "core.lesions", "
                "core.imageio", "evaluation.hit_rules", "evaluation.matching", "evaluation.froc", "evaluation.bootstrap",
                "evaluation.report", "evaluation",
                "slicer.mrml.scene", "slicer.mrml.geometry", "slicer.mrml.segments", "slicer.mrml.matching",
-               "slicer.mrml.tables", "slicer.mrml.loading", "slicer.mrml", "slicer.panel", "slicer.process",
+               "slicer.mrml.tables", "slicer.mrml.loading", "slicer.mrml", "slicer.panel", "backend.process",
                "slicer.deps", "slicer.logic")
 
 

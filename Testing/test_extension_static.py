@@ -269,7 +269,7 @@ def test_shipped_engine_runs_from_the_module_folder(configured_extension, tmp_pa
     _, modules = configured_extension
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(modules)
-    code = "import IWSegmentationLib, IWSegmentationLib.slicer.process, IWSegmentationLib.slicer.panel; print(IWSegmentationLib.__file__)"
+    code = "import IWSegmentationLib, IWSegmentationLib.backend.process, IWSegmentationLib.slicer.panel; print(IWSegmentationLib.__file__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                          timeout=120)
     assert out.returncode == 0, out.stderr

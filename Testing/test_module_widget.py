@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from IWSegmentationLib.slicer import process
+from IWSegmentationLib.backend import process
 
 MODULE_PY = Path(__file__).resolve().parents[1] / "IWSegmentation" / "IWSegmentation.py"
 

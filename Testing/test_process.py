@@ -1,4 +1,4 @@
-"""The backend process wrapper (IWSegmentationLib.slicer.process), tested with real subprocesses.
+"""The backend process wrapper (IWSegmentationLib.backend.process), tested with real subprocesses.
 
 Each test writes a small fake backend script that speaks the JSON-lines protocol the way
 ``iwseg predict --progress-format jsonl`` does (events on stdout, logs on stderr, exit code
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from IWSegmentationLib.core.errors import InputError
-from IWSegmentationLib.slicer.process import (
+from IWSegmentationLib.backend.process import (
     BackendError,
     BackendProcess,
     DeviceProbe,
@@ -45,6 +44,7 @@ from IWSegmentationLib.slicer.process import (
     signal_if_unchanged,
     write_known_answer_checkpoint,
 )
+from IWSegmentationLib.core.errors import InputError
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX process groups and signals")
 

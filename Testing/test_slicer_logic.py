@@ -18,11 +18,12 @@ slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core (Slicer's MRML) is not installed", allow_module_level=True)
 
+from IWSegmentationLib.backend import process  # noqa: E402
 from IWSegmentationLib.core import imageio  # noqa: E402
 from IWSegmentationLib.core.errors import InputError  # noqa: E402
 from IWSegmentationLib.core.lesions import SIZE_GROUP_COLORS  # noqa: E402
 from IWSegmentationLib.core.progress import parse_progress_line  # noqa: E402
-from IWSegmentationLib.slicer import mrml, panel, process  # noqa: E402
+from IWSegmentationLib.slicer import mrml, panel  # noqa: E402
 from IWSegmentationLib.slicer.logic import LesionSegmentationLogic, scene_rollback  # noqa: E402
 from IWSegmentationLib.testing import phantom  # noqa: E402
 
@@ -232,7 +233,7 @@ def test_bad_checkpoint_is_refused_before_anything_runs(phantom_scene, scene, tm
 
 
 class KnownAnswerJob:
-    """A :class:`~IWSegmentationLib.slicer.process.SegmentationJob` without a process: on its first poll it
+    """A :class:`~IWSegmentationLib.backend.process.SegmentationJob` without a process: on its first poll it
     "segments" by writing the given mask, as a server or a fake would; it records what it was given."""
 
     def __init__(self, parameters, loader, folder, mask, geometry):

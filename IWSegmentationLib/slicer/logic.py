@@ -3,7 +3,7 @@
 The scripted module's ``IWSegmentationLogic`` is a thin adapter from its parameter node to
 :class:`LesionSegmentationLogic` (the SlicerNNUnet pattern: the logic lives in the library, the
 module only wires widgets). Everything here uses MRML nodes, :mod:`IWSegmentationLib.slicer.mrml`,
-:mod:`IWSegmentationLib.slicer.process` and :mod:`IWSegmentationLib.slicer.panel` — no Qt, no ``slicer.app``
+:mod:`IWSegmentationLib.backend.process` and :mod:`IWSegmentationLib.slicer.panel` — no Qt, no ``slicer.app``
 — so it runs, with the real backend, under the ``slicer-core`` wheel in the tests.
 
 Flow of one run:
@@ -13,10 +13,10 @@ Flow of one run:
    organ-mask preset);
 2. :meth:`~LesionSegmentationLogic.start` writes the volume (and the organ mask, on the
    volume's grid) into the job's folder with their exact geometry and starts the job the
-   injected :class:`~IWSegmentationLib.slicer.process.JobFactory` makes: by default
+   injected :class:`~IWSegmentationLib.backend.process.JobFactory` makes: by default
    ``python -m IWSegmentationLib predict`` in a child process
-   (:class:`~IWSegmentationLib.slicer.process.LocalJobFactory`), in tests a fake, and any other
-   :class:`~IWSegmentationLib.slicer.process.SegmentationJob` (e.g. a server) alike;
+   (:class:`~IWSegmentationLib.backend.process.LocalJobFactory`), in tests a fake, and any other
+   :class:`~IWSegmentationLib.backend.process.SegmentationJob` (e.g. a server) alike;
 3. on success the run's loader reads the mask and probabilities and calls
    :func:`IWSegmentationLib.slicer.mrml.load_prediction` inside :func:`scene_rollback`: if anything
    fails, every node it added is removed, so a failed run leaves the scene as it was. A
@@ -31,8 +31,9 @@ import contextlib
 import os
 from typing import Any, Callable, Iterator, Mapping
 
+from ..backend import process
 from ..core.errors import InputError
-from . import panel, process
+from . import panel
 
 
 @contextlib.contextmanager
@@ -60,10 +61,10 @@ def check_volume_node(volume_node) -> None:
 class LesionSegmentationLogic:
     """Segment the lesions of a volume node with a checkpoint, in a backend job.
 
-    ``job_factory`` makes the job of each run (:class:`~IWSegmentationLib.slicer.process.JobFactory`);
-    by default a :class:`~IWSegmentationLib.slicer.process.LocalJobFactory` built from ``python`` (the
+    ``job_factory`` makes the job of each run (:class:`~IWSegmentationLib.backend.process.JobFactory`);
+    by default a :class:`~IWSegmentationLib.backend.process.LocalJobFactory` built from ``python`` (the
     interpreter that runs the backend, ``PythonSlicer`` inside Slicer), ``env`` (its environment,
-    default :func:`~IWSegmentationLib.slicer.process.backend_environment`) and ``workdir_parent`` (where
+    default :func:`~IWSegmentationLib.backend.process.backend_environment`) and ``workdir_parent`` (where
     the temporary run folders go, default the system's temp folder). :attr:`results` holds the
     last :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`, until the scene closes.
     """
@@ -119,7 +120,7 @@ class LesionSegmentationLogic:
         on_finished: Callable[[process.RunResult], Any] | None = None,
         on_log: Callable[[str], Any] | None = None,
     ) -> process.SegmentationJob:
-        """Write the inputs and start the backend; returns the running :class:`~IWSegmentationLib.slicer.process.SegmentationJob`.
+        """Write the inputs and start the backend; returns the running :class:`~IWSegmentationLib.backend.process.SegmentationJob`.
 
         Poll it (``run.poll()`` from a timer) or wait for it (``run.wait(timeout).loaded_or_raise()``, the blocking mode). On success its
         result's ``loaded`` is the :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`.
