@@ -22,6 +22,7 @@ COMMANDS = {
     "train": "train",
     "synth": "synth",
     "inspect": "inspect",
+    "serve": "serve",
 }
 
 

@@ -1,0 +1,501 @@
+"""The Qt-free client of ``iwseg serve``: standard library only (``urllib``), so 3D Slicer needs
+no extra package.
+
+* :class:`ServerClient` speaks the HTTP API of :mod:`IWSegmentationLib.server` (docs/server.md).
+  Every error names the server: :class:`ServerInputError` (exit code 2) for what the user can
+  fix (a bad token, an unknown model, an upload over the limit), :class:`ServerError` for a
+  server that cannot be reached or went away.
+* :class:`RemoteInferenceRun` has the interface of :class:`~IWSegmentationLib.process.InferenceRun`
+  (``progress`` / ``log`` / ``finished`` signals emitted from :meth:`~RemoteInferenceRun.poll`,
+  ``start`` / ``cancel`` / ``wait`` / ``run_blocking``, a :class:`~IWSegmentationLib.process.RunResult`
+  with the same outcomes and folder policy), so a front end runs a job on a server exactly as it
+  runs one locally. The HTTP calls run on a background thread; signals only on the polling thread.
+* :func:`predict_on_server` is ``iwseg predict --server URL``: the same outputs as a local run,
+  written to temporary names and renamed together once all are downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from . import process
+from .errors import Cancelled, InputError, IWSegError
+from .progress import ProgressEvent, parse_progress_line
+
+#: Seconds a request may wait for the server (the event stream sends a keep-alive line every 15 s).
+DEFAULT_TIMEOUT_S = 60.0
+DOWNLOAD_CHUNK = 1 << 20
+
+
+class ServerError(IWSegError):
+    """The server could not be reached, went away mid-job, or failed (exit code 1)."""
+
+
+class ServerInputError(InputError):
+    """The server refused the request for a reason the user can fix (exit code 2)."""
+
+
+class ServerClient:
+    """Calls of the ``iwseg serve`` HTTP API (``/v1``) with an optional bearer token."""
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise InputError(f"server URL must look like http://host:port, got {url!r}")
+        self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        self.token = token
+        self.timeout = timeout
+
+    @classmethod
+    def from_token_file(cls, url: str, token_file: str | os.PathLike | None, **kwargs: Any) -> ServerClient:
+        """A client whose token is the first one in ``token_file`` (None: no token)."""
+        from .server import read_token_file
+
+        return cls(url, read_token_file(token_file)[0] if token_file is not None else None, **kwargs)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _open(self, method: str, path: str, *, query: Mapping[str, Any] | None = None, body=None,
+              length: int | None = None, timeout: float | None = None):
+        url = self.url + path
+        if query:
+            url += "?" + urllib.parse.urlencode(
+                [(k, _query_value(v)) for k, v in query.items() if v is not None and not isinstance(v, (list, tuple))]
+                + [(k, _query_value(x)) for k, v in query.items() if isinstance(v, (list, tuple)) for x in v])
+        request = urllib.request.Request(url, data=body, method=method)
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        if length is not None:
+            request.add_header("Content-Length", str(length))
+            request.add_header("Content-Type", "application/octet-stream")
+        try:
+            return urllib.request.urlopen(request, timeout=timeout or self.timeout)
+        except urllib.error.HTTPError as exc:
+            raise self._http_error(exc, method, path) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServerError(f"server {self.url} cannot be reached ({method} {path}): {reason}") from None
+
+    def _http_error(self, exc: urllib.error.HTTPError, method: str, path: str) -> IWSegError:
+        try:
+            detail = json.loads(exc.read() or b"{}").get("detail", "")
+        except (ValueError, OSError, AttributeError):
+            detail = ""
+        if not isinstance(detail, str):  # FastAPI's validation errors are a list of dicts
+            detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+        text = f"server {self.url} answered {exc.code} to {method} {path}: {detail or exc.reason}"
+        if exc.code == 401:
+            text = f"server {self.url} refused the token (401): check --token-file"
+        return ServerInputError(text) if 400 <= exc.code < 500 else ServerError(text)
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        with self._open(method, path, **kwargs) as response:
+            try:
+                return json.loads(response.read())
+            except (ValueError, OSError, http.client.HTTPException) as exc:
+                raise ServerError(f"server {self.url}: bad answer to {method} {path}: {exc}") from None
+
+    # -- the API -------------------------------------------------------------------------------
+
+    def health(self) -> dict:
+        return self._json("GET", "/v1/health")
+
+    def models(self) -> list[dict]:
+        """``[{"name", "card"}]`` for each model the server offers."""
+        return self._json("GET", "/v1/models")
+
+    def model_card(self, name: str) -> dict:
+        for entry in self.models():
+            if entry["name"] == name:
+                return entry["card"]
+        raise ServerInputError(f"server {self.url} has no model {name!r}")
+
+    def submit(self, image: str | os.PathLike, model: str, options: Mapping[str, Any] | None = None) -> dict:
+        """Upload ``image`` (streamed from disk) as a new job; returns its status (``id``, ``state``)."""
+        image = Path(image)
+        query = {"model": model, "filename": image.name, **(options or {})}
+        with open(image, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # The server answers 413 from the headers and closes; a client still sending a large body
+            # would only see a broken pipe. So the limit is checked first.
+            limit = self.health().get("max_upload_bytes")
+            if isinstance(limit, int) and size > limit:
+                raise ServerInputError(f"server {self.url}: {image.name} ({size / 2**20:.1f} MB) is larger than "
+                                       f"the server's upload limit of {limit / 2**20:g} MB (413)")
+            return self._json("POST", "/v1/jobs", query=query, body=f, length=size, timeout=max(self.timeout, 600.0))
+
+    def status(self, job_id: str) -> dict:
+        return self._json("GET", f"/v1/jobs/{_quote(job_id)}")
+
+    def cancel(self, job_id: str) -> dict:
+        return self._json("POST", f"/v1/jobs/{_quote(job_id)}/cancel")
+
+    def delete(self, job_id: str) -> dict:
+        return self._json("DELETE", f"/v1/jobs/{_quote(job_id)}")
+
+    def events(self, job_id: str) -> Iterator[ProgressEvent]:
+        """The job's protocol events from the first, until the job has ended on the server."""
+        path = f"/v1/jobs/{_quote(job_id)}/events"
+        with self._open("GET", path) as response:
+            try:
+                for line in response:
+                    event = parse_progress_line(line.decode("utf-8", "replace"))
+                    if event is not None:
+                        yield event
+            except (OSError, http.client.HTTPException) as exc:
+                raise ServerError(f"server {self.url}: the connection was lost while job {job_id} ran "
+                                  f"({type(exc).__name__}: {exc or 'closed'}); the server may have stopped") from None
+
+    def download(self, job_id: str, name: str, target: str | os.PathLike) -> Path:
+        """Write result ``name`` (mask, probabilities, lesions) to ``target`` (the caller makes it atomic)."""
+        path = f"/v1/jobs/{_quote(job_id)}/results/{_quote(name)}"
+        with self._open("GET", path) as response, open(target, "wb") as f:
+            try:
+                shutil.copyfileobj(response, f, DOWNLOAD_CHUNK)
+            except (OSError, http.client.HTTPException) as exc:
+                raise ServerError(f"server {self.url}: the download of {name} of job {job_id} broke off: {exc}") from None
+        return Path(target)
+
+    def wait_final(self, job_id: str, timeout: float = 30.0) -> dict:
+        """The job's status once it has ended (the event stream ended; a few polls at most)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.status(job_id)
+            if info["state"] in FINAL_STATES or time.monotonic() > deadline:
+                return info
+            time.sleep(0.1)
+
+
+FINAL_STATES = tuple(o.value for o in process.Outcome)
+
+
+def _quote(part: str) -> str:
+    return urllib.parse.quote(str(part), safe="")
+
+
+def _query_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def download_outputs(client: ServerClient, job_id: str, outputs: Mapping[str, Path], image_name: str,
+                     deferred: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                     on_write: Callable[[str, Path], Any] | None = None) -> None:
+    """Download every output of a finished job to temporary names, then rename them all together.
+
+    The lesion JSON's ``image`` becomes ``image_name`` (what a local run writes there). A
+    broken download or a cancel leaves no partial file and keeps existing files untouched.
+    """
+    from .commands.predict import format_lesion_report
+    from .imageio import atomic_output
+
+    with contextlib.ExitStack() as stack:
+        for name, target in outputs.items():
+            tmp = stack.enter_context(atomic_output(target))
+            if on_write is not None:
+                on_write(name, target)
+            client.download(job_id, name, tmp)
+            if name == "lesions":
+                report = json.loads(tmp.read_text(encoding="utf-8"))
+                report["image"] = image_name
+                tmp.write_text(format_lesion_report(report), encoding="utf-8")
+        with deferred():
+            stack.close()
+
+
+# --------------------------------------------------------------------------------------------
+# iwseg predict --server
+# --------------------------------------------------------------------------------------------
+
+
+def job_options(args) -> dict[str, Any]:
+    """The server job options for an ``iwseg predict`` command line (None: the server's default)."""
+    from .server import output_suffix
+
+    options = {
+        "threshold": args.threshold, "overlap": args.overlap, "probabilities": args.probabilities is not None,
+        "lesions": args.lesions is not None, "output_format": output_suffix(args.output.name, what="--output"),
+        "probabilities_uint8": args.probabilities_uint8, "no_skip": args.no_skip, "batch_size": args.batch_size,
+        "precision": None if args.precision == "auto" else args.precision,
+        "engine": None if args.engine == "auto" else args.engine, "size_preset": args.size_preset,
+        "size_thresholds": list(args.size_thresholds) if args.size_thresholds else None,
+        "connectivity": args.connectivity,
+    }
+    if args.probabilities is not None and output_suffix(args.probabilities.name, what="--probabilities") \
+            != options["output_format"]:
+        raise InputError("with --server, --probabilities must use the format of --output "
+                         f"({options['output_format']}), got {args.probabilities.name}")
+    return options
+
+
+def predict_on_server(args, reporter, state) -> int:
+    """``iwseg predict --server URL``: the job runs on the server, the outputs land where a local run puts them."""
+    from .commands.predict import collect_cases
+
+    if args.input.is_dir():
+        raise InputError(f"--input {args.input}: with --server give one image file (folders and DICOM series "
+                         "are not sent to a server)")
+    if args.organ_mask is not None:
+        raise InputError("--organ-mask cannot be sent to a server yet; run without --server")
+    case = collect_cases(args)[0]  # the same checks of the paths as a local run
+    options = job_options(args)
+    client = ServerClient.from_token_file(args.server, args.token_file)
+    model = args.model.name[: -len(".safetensors")] if args.model.name.endswith(".safetensors") else args.model.name
+    t0 = time.monotonic()
+    if args.device != "auto":
+        reporter.emit("warning", case=None, message=f"--device {args.device} is ignored: the server picks the device")
+    job = client.submit(case.image, model, options)
+    held: list[ProgressEvent] = []
+    try:
+        for event in client.events(job["id"]):
+            if event.stage in ("case_done", "done"):  # said once the outputs are here
+                held.append(event)
+            elif event.stage not in ("write", "error"):  # server paths; the error comes as the status
+                reporter.emit(event.stage, **event.data)
+        info = client.wait_final(job["id"])
+        _raise_for_state(client, info)
+        outputs = {"mask": case.mask, "probabilities": case.probabilities, "lesions": case.lesions}
+        outputs = {k: v for k, v in outputs.items() if v is not None}
+        download_outputs(client, job["id"], outputs, str(case.image), state.deferred,
+                         on_write=lambda _name, path: reporter.emit("write", case=case.name, path=str(path)))
+    except BaseException:
+        with contextlib.suppress(IWSegError):
+            client.cancel(job["id"])
+        raise
+    finally:
+        with contextlib.suppress(IWSegError):
+            client.delete(job["id"])
+    for event in held:
+        data = dict(event.data)
+        if event.stage == "case_done":
+            data["outputs"] = {k: str(v) for k, v in outputs.items()}
+        if event.stage == "done":
+            data["seconds"] = round(time.monotonic() - t0, 2)
+        reporter.emit(event.stage, **data)
+    return 0
+
+
+def _raise_for_state(client: ServerClient, info: Mapping[str, Any]) -> None:
+    """Nothing for a successful job; else the exception a local run would end with."""
+    state, message = info["state"], info.get("message") or ""
+    if state == process.Outcome.OK.value:
+        return
+    where = f"server {client.url}, job {info['id']}"
+    if state == process.Outcome.CANCELLED.value:
+        raise Cancelled(f"{message} ({where})")
+    if state == process.Outcome.BAD_INPUT.value:
+        raise ServerInputError(f"{message} ({where})")
+    tail = "\n".join(info.get("log_tail") or [])
+    raise ServerError(f"{message} ({where})" + (f"\nLast lines of the server's backend log:\n{tail}" if tail else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# The front end's runner
+# --------------------------------------------------------------------------------------------
+
+
+class RemoteInferenceRun:
+    """One prediction on a server, with the interface of :class:`~IWSegmentationLib.process.InferenceRun`.
+
+    ``model`` names the server's model (default: the checkpoint's file name without
+    ``.safetensors``; the server's ``--models`` folder must hold it). The device is the
+    server's; ``options`` adds job options (``no_skip``, ``batch_size``, ... see docs/server.md). The input is written to a local temporary folder, uploaded, and the outputs are
+    downloaded there before ``loader(outputs)`` runs on the polling thread; the folder is
+    removed after success or cancel and kept after a failure, as locally. A server that cannot
+    be reached or goes away mid-job is a FAILED result whose message names the server.
+
+    ``command_prefix``, ``env``, ``stderr_lines``, ``cancel_grace_s`` and ``backend_factory``
+    are accepted so that this class is a drop-in factory where :class:`InferenceRun` is; they
+    concern a local process and are not used.
+    """
+
+    INPUT_NAME = process.InferenceRun.INPUT_NAME
+    OUTPUT_NAMES = process.InferenceRun.OUTPUT_NAMES
+
+    def __init__(self, parameters: process.PredictParameters, *, client: ServerClient, model: str | None = None,
+                 options: Mapping[str, Any] | None = None, workdir_parent: str | os.PathLike | None = None,
+                 loader: Callable[[dict[str, Path]], Any] | None = None,
+                 command_prefix=None, env=None, stderr_lines: int = 40, cancel_grace_s: float = 0.0,
+                 backend_factory=None) -> None:
+        self.parameters = parameters
+        self.client = client
+        name = Path(str(parameters.checkpoint)).name
+        self.model = model or (name[: -len(".safetensors")] if name.endswith(".safetensors") else name)
+        self.extra_options = dict(options or {})
+        self.loader = loader
+        self.progress = process.Signal()
+        self.log = process.Signal()
+        self.finished = process.Signal()
+        self.result: process.RunResult | None = None
+        self.job_id: str | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._started_at: float | None = None
+        if workdir_parent is not None and not Path(workdir_parent).is_dir():
+            raise InputError(f"working folder parent does not exist: {workdir_parent}")
+        self.workdir: Path | None = Path(tempfile.mkdtemp(prefix="iwseg-remote-", dir=workdir_parent)).resolve()
+
+    @property
+    def input_path(self) -> Path:
+        return self._folder() / self.INPUT_NAME
+
+    @property
+    def output_paths(self) -> dict[str, Path]:
+        wanted = {"mask": True, "probabilities": self.parameters.probabilities, "lesions": self.parameters.lesions}
+        return {key: self._folder() / name for key, name in self.OUTPUT_NAMES.items() if wanted[key]}
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self.result is None
+
+    def _folder(self) -> Path:
+        if self.workdir is None:
+            raise RuntimeError("this run's working folder was already removed")
+        return self.workdir
+
+    def options(self) -> dict[str, Any]:
+        """The job's options: the parameters', then ``options`` given to the constructor."""
+        return {"threshold": self.parameters.threshold, "overlap": self.parameters.overlap,
+                "probabilities": self.parameters.probabilities, "lesions": self.parameters.lesions,
+                "output_format": ".nrrd", **self.extra_options}
+
+    def start(self, write_input: Callable[[Path], Any] | None = None,
+              write_organ_mask: Callable[[Path], Any] | None = None) -> None:
+        """Write the input, then upload and follow the job on a background thread."""
+        if self._thread is not None or self.result is not None:
+            raise RuntimeError("this RemoteInferenceRun was already started; create a new one")
+        try:
+            if write_organ_mask is not None:
+                raise InputError("an organ mask cannot be sent to a server yet; run on this computer")
+            if write_input is not None:
+                write_input(self.input_path)
+            if not self.input_path.is_file():
+                raise InputError(f"the input volume was not written to {self.input_path}")
+        except BaseException:
+            self.discard()
+            raise
+        self._started_at = time.monotonic()
+        self._thread = threading.Thread(target=self._work, daemon=True, name="iwseg-remote-run")
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            job = self.client.submit(self.input_path, self.model, self.options())
+            self.job_id = job["id"]
+            if self._cancel.is_set():
+                self.client.cancel(self.job_id)
+            for event in self.client.events(self.job_id):
+                self._queue.put(("event", event))
+            info = self.client.wait_final(self.job_id)
+            if info["state"] == process.Outcome.OK.value:
+                download_outputs(self.client, self.job_id, self.output_paths, self.INPUT_NAME)
+            self._queue.put(("end", info))
+        except Exception as exc:
+            self._queue.put(("error", exc))
+        finally:
+            if self.job_id is not None:
+                with contextlib.suppress(IWSegError):
+                    self.client.delete(self.job_id)
+
+    def poll(self) -> bool:
+        """Deliver pending progress; True while the job runs (call it from a timer)."""
+        if self.result is not None:
+            return False
+        if self._thread is None:
+            raise RuntimeError("poll() before start()")
+        while True:
+            try:
+                kind, payload = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if kind == "event":
+                self.progress.emit(payload)
+            else:
+                self._finish(kind, payload)
+                return False
+
+    def cancel(self) -> None:
+        """Ask the server to cancel (returns at once; keep polling to receive ``finished``)."""
+        if self.result is not None or self._cancel.is_set():
+            return
+        self._cancel.set()
+        if self.job_id is not None:
+            job_id = self.job_id
+            threading.Thread(target=lambda: self._quiet_cancel(job_id), daemon=True).start()
+
+    def _quiet_cancel(self, job_id: str) -> None:
+        with contextlib.suppress(IWSegError):
+            self.client.cancel(job_id)
+
+    def wait(self, timeout: float | None = None) -> process.RunResult:
+        """Block until the job ends (signals on this thread); cancel it after ``timeout`` seconds."""
+        if self._thread is None:
+            raise RuntimeError("wait() before start()")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            time.sleep(0.02)
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                deadline = None
+        return self.result
+
+    def run_blocking(self, write_input=None, timeout: float | None = None, write_organ_mask=None) -> process.RunResult:
+        self.start(write_input, write_organ_mask)
+        return self.wait(timeout)
+
+    def discard(self) -> None:
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def _finish(self, kind: str, payload: Any) -> None:
+        code, loaded, log = None, None, []
+        if kind == "error":
+            outcome = process.Outcome.CANCELLED if self._cancel.is_set() else process.Outcome.FAILED
+            message = "cancelled" if outcome is process.Outcome.CANCELLED else str(payload)
+        else:
+            outcome = process.Outcome(payload["state"])
+            code, message, log = payload.get("exit_code"), payload.get("message") or "", payload.get("log_tail") or []
+            if self._cancel.is_set() and outcome is not process.Outcome.OK:
+                outcome, message = process.Outcome.CANCELLED, "cancelled"
+        outputs = self.output_paths
+        if outcome is process.Outcome.OK and self.loader is not None:
+            try:
+                loaded = self.loader(dict(outputs))
+            except Exception as exc:  # reported to the user; the folder is kept
+                outcome, message = process.Outcome.FAILED, f"reading the server's results failed: {type(exc).__name__}: {exc}"
+        keep = outcome in (process.Outcome.FAILED, process.Outcome.BAD_INPUT)
+        workdir = self.workdir if keep else None
+        if not keep:
+            self.discard()
+        self.result = process.RunResult(
+            outcome=outcome, exit_code=code, message=message, outputs=outputs if keep else {}, workdir=workdir,
+            stderr_tail=list(log), seconds=round(time.monotonic() - (self._started_at or time.monotonic()), 3),
+            loaded=loaded)
+        self.finished.emit(self.result)
+
+
+def runner_factory(client: ServerClient, model: str | None = None) -> Callable[..., RemoteInferenceRun]:
+    """A factory with :class:`InferenceRun`'s call signature that runs on ``client``'s server."""
+
+    def make(parameters: process.PredictParameters, **kwargs: Any) -> RemoteInferenceRun:
+        return RemoteInferenceRun(parameters, client=client, model=model, **kwargs)
+
+    return make
+
+
+__all__ = ["RemoteInferenceRun", "ServerClient", "ServerError", "ServerInputError", "predict_on_server",
+           "runner_factory"]
