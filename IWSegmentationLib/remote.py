@@ -169,11 +169,22 @@ class ServerClient:
                 raise ServerError(f"server {self.url}: the download of {name} of job {job_id} broke off: {exc}") from None
         return Path(target)
 
-    def wait_final(self, job_id: str, timeout: float = 30.0) -> dict:
-        """The job's status once it has ended (the event stream ended; a few polls at most)."""
+    def follow(self, job_id: str, on_event: Callable[[ProgressEvent], Any], timeout: float = 30.0) -> dict:
+        """Pass each of the job's events to ``on_event`` until it has ended; return its final status.
+
+        A stream cut short (the server stopped or was killed) can look like a normal end to
+        ``http.client``; the status request after it then fails, and the error says the
+        connection was lost during the job.
+        """
+        for event in self.events(job_id):
+            on_event(event)
         deadline = time.monotonic() + timeout
         while True:
-            info = self.status(job_id)
+            try:
+                info = self.status(job_id)
+            except ServerError as exc:
+                raise ServerError(f"server {self.url}: the connection was lost while job {job_id} ran; the server "
+                                  f"may have stopped ({exc})") from None
             if info["state"] in FINAL_STATES or time.monotonic() > deadline:
                 return info
             time.sleep(0.1)
@@ -259,12 +270,14 @@ def predict_on_server(args, reporter, state) -> int:
     job = client.submit(case.image, model, options)
     held: list[ProgressEvent] = []
     try:
-        for event in client.events(job["id"]):
+
+        def forward(event: ProgressEvent) -> None:
             if event.stage in ("case_done", "done"):  # said once the outputs are here
                 held.append(event)
             elif event.stage not in ("write", "error"):  # server paths; the error comes as the status
                 reporter.emit(event.stage, **event.data)
-        info = client.wait_final(job["id"])
+
+        info = client.follow(job["id"], forward)
         _raise_for_state(client, info)
         outputs = {"mask": case.mask, "probabilities": case.probabilities, "lesions": case.lesions}
         outputs = {k: v for k, v in outputs.items() if v is not None}
@@ -397,9 +410,7 @@ class RemoteInferenceRun:
             self.job_id = job["id"]
             if self._cancel.is_set():
                 self.client.cancel(self.job_id)
-            for event in self.client.events(self.job_id):
-                self._queue.put(("event", event))
-            info = self.client.wait_final(self.job_id)
+            info = self.client.follow(self.job_id, lambda event: self._queue.put(("event", event)))
             if info["state"] == process.Outcome.OK.value:
                 download_outputs(self.client, self.job_id, self.output_paths, self.INPUT_NAME)
             self._queue.put(("end", info))
