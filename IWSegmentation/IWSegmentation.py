@@ -15,6 +15,7 @@ import sys
 import tempfile
 from typing import Annotated
 
+import ctk
 import qt
 import slicer
 import vtk
@@ -34,7 +35,7 @@ from IWSegmentationLib import errors, lesions, panel, process, slicer_logic
 DEVICES = {"Auto": "auto", "CUDA": "cuda", "CPU": "cpu"}
 #: IWSegmentationLib modules reloaded (dependencies first) by the developer "Reload" button.
 LIB_MODULES = ("errors", "progress", "lesions", "imageio", "metrics", "mrml", "panel", "process", "slicer_deps",
-               "slicer_logic")
+               "slicer_logic", "server", "remote")
 
 
 class IWSegmentation(ScriptedLoadableModule):
@@ -102,7 +103,27 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.setInterval(150)
         self._timer.connect("timeout()", self.onPoll)
         self._timer.start()
+        self._addRunOnBlock()
         self.initializeParameterNode()
+
+    def _addRunOnBlock(self):
+        """"Run on: this computer | server URL + token file" (docs/server.md); a server picks its own device."""
+        box, self.runOnComboBox, self.serverTokenPathLineEdit = ctk.ctkCollapsibleButton(), qt.QComboBox(), ctk.ctkPathLineEdit()
+        box.text, self.serverUrlLineEdit, form = "Run on", qt.QLineEdit("http://127.0.0.1:8000"), qt.QFormLayout(box)
+        self.runOnComboBox.addItems(["this computer", "server"])
+        for label, widget in (("Run on:", self.runOnComboBox), ("Server URL:", self.serverUrlLineEdit),
+                              ("Token file:", self.serverTokenPathLineEdit)):
+            form.addRow(label, widget)
+        self.layout.insertWidget(self.layout.count() - 1, box)
+
+    def serverClient(self):
+        """The chosen server's ``IWSegmentationLib.remote.ServerClient``, or None to run on this computer."""
+        if self.runOnComboBox.currentIndex != 1:
+            return None
+        from IWSegmentationLib import remote
+
+        return remote.ServerClient.from_token_file(self.serverUrlLineEdit.text.strip(),
+                                                   self.serverTokenPathLineEdit.currentPath or None)
 
     def cleanup(self):
         self._timer.stop()
