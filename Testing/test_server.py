@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,9 @@ def test_health_needs_no_token_but_everything_else_does(srv):
         srv.client(None).models()
     assert [m["name"] for m in srv.client().models()] == ["phantom"]
     assert srv.client().models()[0]["card"]["threshold"] == 0.5
+    with urllib.request.urlopen(f"{srv.url}/openapi.json", timeout=30) as response:  # the generated API page
+        paths = json.loads(response.read())["paths"]
+    assert {"/v1/jobs", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/results/{name}"} <= set(paths)
 
 
 def test_unknown_job_model_and_result_are_404(srv, scan):
