@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from IWSegmentationLib import panel
 from IWSegmentationLib.lesions import SIZE_GROUP_COLORS, SIZE_GROUPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,7 +252,7 @@ def parameter_fields() -> dict[str, str]:
 
 
 def test_every_ui_widget_the_module_uses_exists():
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_PY.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_PY.read_text())) | set(panel.RUN_ON_SIGNALS)
     widgets = ui_widgets()
     assert used, "the module uses no self.ui widgets?"
     missing = sorted(used - set(widgets))
@@ -280,6 +281,11 @@ def test_parameter_bindings_name_declared_parameters_of_a_matching_type():
             assert annotation.startswith("Annotated[float, WithinRange("), f"{name} needs a bounded float, got {annotation}"
         elif cls == "QComboBox":
             assert "Choice(" in annotation, f"{name} needs a Choice parameter, got {annotation}"
+            items = [i.findtext("property/string") for i in widget.findall("item")]
+            if "Choice([" in annotation:  # a literal list: the items must be its values
+                assert all(repr(item) in annotation for item in items), f"{name} offers {items}, {parameter} is {annotation}"
+        elif cls == "QLineEdit":
+            assert annotation == "str", f"{name} edits text, parameter {parameter} is {annotation}"
         else:
             raise AssertionError(f"no check for widget class {cls} ({name})")
 

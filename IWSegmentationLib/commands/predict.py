@@ -121,6 +121,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "a cohort across processes; 'auto' reads RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/NTASKS")
     p.add_argument("--progress-format", default="text", choices=("text", "jsonl"),
                    help="text: progress bars on stderr; jsonl: one JSON object per line on stdout")
+    p.add_argument("--server", metavar="URL", help="run on an `iwseg serve` server (--model names one of its models; "
+                   "one image file as --input); writes the same outputs as a local run. See docs/server.md")
+    p.add_argument("--token-file", type=Path, metavar="F", help="with --server: file holding the bearer token")
     p.set_defaults(func=run)
     return p
 
@@ -481,6 +484,11 @@ def lesion_report(case: Case, prediction, geometry: Geometry, thresholds: SizeTh
     return report, len(rows)
 
 
+def format_lesion_report(report: dict) -> str:
+    """The lesion JSON file's text (also used by the server, which relabels its ``image``)."""
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -517,6 +525,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with state.installed():
+            if args.server:
+                from ..remote import predict_on_server
+
+                return predict_on_server(args, reporter, state)
             return _run(args, reporter, state)
     except Cancelled as exc:
         report_error(f"cancelled: {exc}", exc.exit_code)
@@ -673,7 +685,7 @@ def _write_outputs(case: Case, prediction, geometry: Geometry, report: dict, arg
         if case.lesions is not None:
             tmp = stack.enter_context(atomic_output(case.lesions))
             reporter.emit("write", case=case.name, path=str(case.lesions))
-            tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+            tmp.write_text(format_lesion_report(report))
             outputs["lesions"] = str(case.lesions)
         if case.dicom_seg is not None and not report["lesions"]:
             reporter.emit("warning", case=case.name, message=f"no lesions found: no DICOM SEG written to {case.dicom_seg}"
