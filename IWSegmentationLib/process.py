@@ -630,6 +630,7 @@ class PredictParameters:
         args = [
             "predict", "--model", str(Path(self.checkpoint).resolve()), "--input", str(input_path),
             "--output", str(outputs["mask"]), "--device", self.device, "--progress-format", "jsonl",
+            "--overwrite",  # the job's own fresh folder: a file there is this job's, never the user's
         ]
         if "probabilities" in outputs:
             args += ["--probabilities", str(outputs["probabilities"])]
