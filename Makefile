@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[test,train,slicer,dicom]"
+	$(PY) -m pip install -q -e ".[test,train,slicer,dicom,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -61,13 +61,6 @@ from IWSegmentationLib.slicer import panel  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the module
 
-#: IWSegmentationLib modules reloaded (dependencies first) by the developer "Reload" button.
-LIB_MODULES = ("core.errors", "core.devices", "core.progress", "core.lesions", "core.files", "core.outputs",
-               "core.imageio", "evaluation.hit_rules", "evaluation.matching", "evaluation.froc", "evaluation.bootstrap",
-               "evaluation.report", "evaluation",
-               "slicer.mrml.scene", "slicer.mrml.geometry", "slicer.mrml.segments", "slicer.mrml.matching",
-               "slicer.mrml.tables", "slicer.mrml.loading", "slicer.mrml", "slicer.panel", "backend.process",
-               "slicer.deps", "slicer.logic")
 
 
 class IWSegmentation(ScriptedLoadableModule):
@@ -96,6 +89,9 @@ class IWSegmentationParameterNode:
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    runOn: Annotated[str, Choice(list(panel.RUN_ON))] = panel.RUN_ON[0]
+    serverUrl: str = "http://127.0.0.1:8000"
+    serverTokenFile: str = ""
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -124,6 +120,9 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onCheckpointChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceInfo)
+        for name, signal in panel.RUN_ON_SIGNALS.items():  # where the model runs decides where its card is read
+            getattr(self.ui, name).connect(signal, lambda *a: self.onCheckpointChanged(
+                self.ui.checkpointPathLineEdit.currentPath))
         self.ui.confidenceSliderWidget.connect("valueChanged(double)", self.onConfidenceChanged)
         self.ui.lesionTableWidget.connect("cellClicked(int, int)", self.onLesionClicked)
         self.ui.lesionTableWidget.setColumnCount(len(panel.LESION_COLUMNS))
@@ -151,9 +150,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def onReload(self):
-        for name in LIB_MODULES:
-            if f"IWSegmentationLib.{name}" in sys.modules:
-                importlib.reload(sys.modules[f"IWSegmentationLib.{name}"])
+        slicer_deps.reload_engine()
         ScriptedLoadableModuleWidget.onReload(self)
 
     # -- the parameter node (Slicer's scripted-module template) ----------------------------------
@@ -209,7 +206,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.checkpointPath = path
         if path:
             try:
-                self._card = self.logic.readModelCard(path)
+                self._card = self.logic.readModelCard(path, self._parameterNode)
                 text = panel.model_card_text(self._card)
                 self.ui.checkpointPathLineEdit.addCurrentPathToHistory()  # the settingKey's recent paths
                 if self._parameterNode:
@@ -342,11 +339,8 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class IWSegmentationLogic(ScriptedLoadableModuleLogic):
-    """Adapts the parameter node to ``IWSegmentationLib.slicer.logic`` (Qt-free, tested with slicer-core).
-
-    ``jobFactory`` (a ``process.JobFactory``) decides where runs happen; by default a
-    ``PythonSlicer -m IWSegmentationLib predict`` child process on this computer.
-    """
+    """Adapts the parameter node to ``IWSegmentationLib.slicer.logic`` (Qt-free, tested with slicer-core);
+    ``jobFactory`` (a ``process.JobFactory``, default a ``PythonSlicer`` child) runs the jobs on this computer."""
 
     def __init__(self, python=None, jobFactory=None):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -363,7 +357,9 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return IWSegmentationParameterNode(super().getParameterNode())
 
-    def readModelCard(self, path):
+    def readModelCard(self, path, parameters=None):
+        if parameters is not None:  # the card of the model that will run: the file's, or the chosen server's
+            self.lesionLogic.run_on(parameters.runOn, parameters.serverUrl, parameters.serverTokenFile)
         return self.lesionLogic.read_model_card(path)
 
     def checkInputs(self, parameters, card):
@@ -375,8 +371,10 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def start(self, parameters, onProgress=None, onFinished=None):
         """Install missing dependencies (first use), then start the backend; returns the running job."""
-        process.PredictParameters(parameters.checkpointPath).validate()
-        slicer_deps.ensure_in_slicer()
+        self.lesionLogic.run_on(parameters.runOn, parameters.serverUrl, parameters.serverTokenFile)
+        process.PredictParameters(parameters.checkpointPath).validate(local=self.lesionLogic.runs_locally)
+        if self.lesionLogic.runs_locally:  # a server needs no PyTorch here
+            slicer_deps.ensure_in_slicer()
         return self.lesionLogic.start(
             parameters.inputVolume, parameters.checkpointPath, device=panel.DEVICE_CHOICES[parameters.device],
             overlap=parameters.overlap, threshold=parameters.threshold, organ_mask=parameters.organMask,

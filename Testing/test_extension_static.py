@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from IWSegmentationLib.core.lesions import SIZE_GROUP_COLORS, SIZE_GROUPS
+from IWSegmentationLib.slicer import panel
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_CMAKE = ROOT / "CMakeLists.txt"
@@ -310,7 +311,7 @@ def parameter_fields() -> dict[str, str]:
 
 
 def test_every_ui_widget_the_module_uses_exists():
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_PY.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_PY.read_text())) | set(panel.RUN_ON_SIGNALS)
     widgets = ui_widgets()
     assert used, "the module uses no self.ui widgets?"
     missing = sorted(used - set(widgets))
@@ -339,6 +340,11 @@ def test_parameter_bindings_name_declared_parameters_of_a_matching_type():
             assert annotation.startswith("Annotated[float, WithinRange("), f"{name} needs a bounded float, got {annotation}"
         elif cls == "QComboBox":
             assert "Choice(" in annotation, f"{name} needs a Choice parameter, got {annotation}"
+            items = [i.findtext("property/string") for i in widget.findall("item")]
+            if "Choice([" in annotation:  # a literal list: the items must be its values
+                assert all(repr(item) in annotation for item in items), f"{name} offers {items}, {parameter} is {annotation}"
+        elif cls == "QLineEdit":
+            assert annotation == "str", f"{name} edits text, parameter {parameter} is {annotation}"
         else:
             raise AssertionError(f"no check for widget class {cls} ({name})")
 
@@ -363,7 +369,9 @@ def test_module_file_stays_thin_and_follows_the_current_template():
     top_imports |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
     assert not top_imports & {"torch", "numpy", "SimpleITK", "scipy"}, "heavy imports at module load"
     assert not re.search(r"^\s*import imp\b|\bimp\.reload\b", text, re.M), "use importlib.reload, never imp"
-    for idiom in ("parameterNodeWrapper", "tryWithErrorDisplay", "importlib.reload", "panel.GuiBinding"):
+    deps = (LIB_DIR / "slicer" / "deps.py").read_text()
+    assert "importlib.reload" in deps and not re.search(r"\bimp\.reload\b", deps), "Reload uses importlib.reload"
+    for idiom in ("parameterNodeWrapper", "tryWithErrorDisplay", "reload_engine()", "panel.GuiBinding"):
         assert idiom in text, f"the module does not use {idiom}"
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     assert {"IWSegmentation", "IWSegmentationWidget", "IWSegmentationLogic", "IWSegmentationTest"} <= classes

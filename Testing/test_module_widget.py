@@ -148,7 +148,8 @@ class FakeLogic:
     def checkInputs(self, parameters, card):  # noqa: N802
         return []
 
-    def readModelCard(self, path):  # noqa: N802
+    def readModelCard(self, path, parameters=None):  # noqa: N802
+        self.card_read_with = parameters  # the module passes its node: where to run decides where the card is
         return {"threshold": 0.4}
 
     def setConfidenceThreshold(self, results, value):  # noqa: N802

@@ -251,13 +251,14 @@ def test_predict_arguments_are_the_cli_contract(tmp_path, checkpoint):
     assert params.arguments(tmp_path / "in.nrrd", outputs, tmp_path / "organ.nrrd") == [
         "predict", "--model", str(checkpoint.resolve()), "--input", str(tmp_path / "in.nrrd"),
         "--output", str(tmp_path / "m.nrrd"), "--device", "cuda", "--progress-format", "jsonl",
-        "--probabilities", str(tmp_path / "p.nrrd"), "--lesions", str(tmp_path / "l.json"),
+        "--overwrite", "--probabilities", str(tmp_path / "p.nrrd"), "--lesions", str(tmp_path / "l.json"),
         "--organ-mask", str(tmp_path / "organ.nrrd"), "--overlap", "0.25", "--threshold", "0.4",
     ]
     # no overlap/threshold: the checkpoint's own are used, so the options are left out
     args = PredictParameters(checkpoint).arguments(tmp_path / "in.nrrd", {"mask": tmp_path / "m.nrrd"})
     assert args == ["predict", "--model", str(checkpoint.resolve()), "--input", str(tmp_path / "in.nrrd"),
-                    "--output", str(tmp_path / "m.nrrd"), "--device", "auto", "--progress-format", "jsonl"]
+                    "--output", str(tmp_path / "m.nrrd"), "--device", "auto", "--progress-format", "jsonl",
+                    "--overwrite"]
 
 
 @pytest.mark.parametrize(

@@ -275,11 +275,15 @@ def test_an_injected_job_factory_replaces_the_process(phantom_scene, scene, tmp_
     checkpoint = phantom.threshold_checkpoint(tmp_path / "threshold.safetensors")
     jobs = []
 
-    def factory(parameters, *, loader):
-        jobs.append(KnownAnswerJob(parameters, loader, tmp_path, case.reference, mrml.volume_geometry(volume)))
-        return jobs[-1]
+    class Factory:  # a process.JobFactory without a process: the card here, the job a fake
+        def model_card(self, parameters):
+            return process.LocalJobFactory().model_card(parameters)
 
-    logic = LesionSegmentationLogic(scene, job_factory=factory)
+        def __call__(self, parameters, *, loader):
+            jobs.append(KnownAnswerJob(parameters, loader, tmp_path, case.reference, mrml.volume_geometry(volume)))
+            return jobs[-1]
+
+    logic = LesionSegmentationLogic(scene, job_factory=Factory())
     assert isinstance(KnownAnswerJob(None, None, tmp_path, None, None), process.SegmentationJob)
     stages, finished = [], []
     job = logic.start(volume, checkpoint, device="cpu", threshold=0.4, reference=reference,

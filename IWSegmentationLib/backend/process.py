@@ -617,9 +617,12 @@ class PredictParameters:
     probabilities: bool = True
     lesions: bool = True
 
-    def validate(self) -> None:
-        if not self.checkpoint or not Path(self.checkpoint).is_file():
-            raise InputError(f"checkpoint not found: {self.checkpoint or '(none selected)'}")
+    def validate(self, *, local: bool = True) -> None:
+        """``local=False``: the checkpoint names a model on a server, so it need not exist here."""
+        if not self.checkpoint:
+            raise InputError("no checkpoint selected")
+        if local and not Path(self.checkpoint).is_file():
+            raise InputError(f"checkpoint not found: {self.checkpoint}")
         if self.device not in DEVICES:
             raise InputError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.overlap is not None and not 0.0 <= float(self.overlap) < 1.0:
@@ -633,6 +636,7 @@ class PredictParameters:
         args = [
             "predict", "--model", str(Path(self.checkpoint).resolve()), "--input", str(input_path),
             "--output", str(outputs["mask"]), "--device", self.device, "--progress-format", "jsonl",
+            "--overwrite",  # the job's own fresh folder: a file there is this job's, never the user's
         ]
         if "probabilities" in outputs:
             args += ["--probabilities", str(outputs["probabilities"])]
@@ -726,61 +730,36 @@ class RunResult:
         return "\n\n".join(parts)
 
 
-class InferenceRun:
-    """One ``iwseg predict`` run on one volume, in its own temporary working folder.
+class FolderJob:
+    """What every job here shares: a temporary working folder and one policy for the end of a run.
 
-    Typical use from a front end::
-
-        run = InferenceRun(PredictParameters(checkpoint), command_prefix=[pythonSlicer, "-m", "IWSegmentationLib"],
-                           loader=read_outputs_into_scene)
-        run.progress.connect(show_progress)      # ProgressEvent
-        run.finished.connect(show_result)        # RunResult
-        run.start(write_input=lambda path: export_volume(volume, path))
-        # ... then call run.poll() from a timer until it returns False, or run.cancel().
-
-    or, in a script or test, ``result = run.run_blocking(write_input=...)``.
-
-    ``loader(outputs)`` is called on success, on the polling thread, with the output paths
-    (``mask``, and ``probabilities`` / ``lesions`` when requested) while they still exist; its
-    return value becomes :attr:`RunResult.loaded`. If it raises, the run failed and the folder
-    is kept. ``command_prefix`` and ``backend_factory`` are injectable so tests can run a
-    fake backend script.
+    The input volume (and organ mask) is written into the folder, the outputs are read from it,
+    ``loader(outputs)`` runs on success on the polling thread while the files still exist (its
+    value becomes :attr:`RunResult.loaded`; if it raises, the run failed). The folder is removed
+    after success or cancel and kept after a failure, for inspection. :class:`InferenceRun` (a
+    local process) and ``remote.RemoteInferenceRun`` (a job on an ``iwseg serve`` server) add how
+    the work runs.
     """
 
     INPUT_NAME = "input.nrrd"
     ORGAN_MASK_NAME = "organ_mask.nrrd"
     OUTPUT_NAMES = {"mask": "mask.nrrd", "probabilities": "probabilities.nrrd", "lesions": "lesions.json"}
+    FOLDER_PREFIX = "iwseg-run-"
+    #: Who wrote the outputs, in messages ("reading the backend's results failed").
+    WRITER = "backend"
 
-    def __init__(
-        self,
-        parameters: PredictParameters,
-        *,
-        command_prefix: Sequence[str | os.PathLike] | None = None,
-        env: dict[str, str] | None = None,
-        workdir_parent: str | os.PathLike | None = None,
-        loader: Callable[[dict[str, Path]], Any] | None = None,
-        stderr_lines: int = 40,
-        cancel_grace_s: float = CANCEL_GRACE_S,
-        backend_factory: Callable[..., BackendProcess] = BackendProcess,
-    ) -> None:
-        parameters.validate()
+    def __init__(self, parameters: PredictParameters, *, workdir_parent: str | os.PathLike | None = None,
+                 loader: Callable[[dict[str, Path]], Any] | None = None) -> None:
         self.parameters = parameters
-        self.command_prefix = [os.fspath(c) for c in (command_prefix or default_command_prefix())]
-        self.env = backend_environment() if env is None else env
         self.loader = loader
         self.progress = Signal()
         self.log = Signal()
         self.finished = Signal()
         self.result: RunResult | None = None
-        self._stderr_lines = stderr_lines
-        self._cancel_grace_s = cancel_grace_s
-        self._backend_factory = backend_factory
-        self._backend: BackendProcess | None = None
         self._started_at: float | None = None
-        self._with_organ_mask = False
         if workdir_parent is not None and not Path(workdir_parent).is_dir():
             raise InputError(f"working folder parent does not exist: {workdir_parent}")
-        self.workdir: Path | None = Path(tempfile.mkdtemp(prefix="iwseg-run-", dir=workdir_parent)).resolve()
+        self.workdir: Path | None = Path(tempfile.mkdtemp(prefix=self.FOLDER_PREFIX, dir=workdir_parent)).resolve()
 
     @property
     def input_path(self) -> Path:
@@ -795,6 +774,111 @@ class InferenceRun:
     def organ_mask_path(self) -> Path:
         return self._folder() / self.ORGAN_MASK_NAME
 
+    def _folder(self) -> Path:
+        if self.workdir is None:
+            raise RuntimeError("this run's working folder was already removed")
+        return self.workdir
+
+    def _write_inputs(self, write_input: Callable[[Path], Any] | None,
+                      write_organ_mask: Callable[[Path], Any] | None) -> bool:
+        """Write the input and, if asked, the organ mask; True when an organ mask was written."""
+        if write_input is not None:
+            write_input(self.input_path)
+        if not self.input_path.is_file():
+            raise InputError(f"the input volume was not written to {self.input_path}")
+        if write_organ_mask is None:
+            return False
+        write_organ_mask(self.organ_mask_path)
+        if not self.organ_mask_path.is_file():
+            raise InputError(f"the organ mask was not written to {self.organ_mask_path}")
+        return True
+
+    def run_blocking(
+        self,
+        write_input: Callable[[Path], Any] | None = None,
+        timeout: float | None = None,
+        write_organ_mask: Callable[[Path], Any] | None = None,
+    ) -> RunResult:
+        """Start, wait, and return the :class:`RunResult` (for scripts and tests).
+
+        If ``timeout`` seconds pass, the run is cancelled and its result is CANCELLED.
+        """
+        self.start(write_input, write_organ_mask)
+        return self.wait(timeout)
+
+    def discard(self) -> None:
+        """Remove the working folder (safe to call twice)."""
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def _conclude(self, outcome: Outcome, code: int | None, message: str, log_tail: Sequence[str]) -> RunResult:
+        """Check and load the outputs of a successful run, apply the folder policy, emit ``finished``."""
+        outputs = self.output_paths
+        loaded = None
+        if outcome is Outcome.OK:
+            missing = [f"{key} ({path.name})" for key, path in outputs.items() if not path.is_file()]
+            if missing:
+                outcome = Outcome.FAILED
+                message = f"the {self.WRITER} exited successfully but did not write: {', '.join(missing)}"
+            elif self.loader is not None:
+                try:
+                    loaded = self.loader(dict(outputs))
+                except Exception as exc:  # reported to the user; the folder is kept
+                    outcome = Outcome.FAILED
+                    message = f"reading the {self.WRITER}'s results failed: {type(exc).__name__}: {exc}"
+        keep = outcome in (Outcome.FAILED, Outcome.BAD_INPUT)
+        workdir = self.workdir if keep else None
+        if not keep:
+            self.discard()
+        self.result = RunResult(
+            outcome=outcome, exit_code=code, message=message, outputs=outputs if keep else {},
+            workdir=workdir, stderr_tail=list(log_tail),
+            seconds=round(time.monotonic() - (self._started_at or time.monotonic()), 3), loaded=loaded,
+        )
+        self.finished.emit(self.result)
+        return self.result
+
+
+class InferenceRun(FolderJob):
+    """One ``iwseg predict`` run on one volume, in its own temporary working folder.
+
+    Typical use from a front end::
+
+        run = InferenceRun(PredictParameters(checkpoint), command_prefix=[pythonSlicer, "-m", "IWSegmentationLib"],
+                           loader=read_outputs_into_scene)
+        run.progress.connect(show_progress)      # ProgressEvent
+        run.finished.connect(show_result)        # RunResult
+        run.start(write_input=lambda path: export_volume(volume, path))
+        # ... then call run.poll() from a timer until it returns False, or run.cancel().
+
+    or, in a script or test, ``result = run.run_blocking(write_input=...)``. The folder and the
+    loader follow :class:`FolderJob`. ``command_prefix`` and ``backend_factory`` are injectable
+    so tests can run a fake backend script.
+    """
+
+    def __init__(
+        self,
+        parameters: PredictParameters,
+        *,
+        command_prefix: Sequence[str | os.PathLike] | None = None,
+        env: dict[str, str] | None = None,
+        workdir_parent: str | os.PathLike | None = None,
+        loader: Callable[[dict[str, Path]], Any] | None = None,
+        stderr_lines: int = 40,
+        cancel_grace_s: float = CANCEL_GRACE_S,
+        backend_factory: Callable[..., BackendProcess] = BackendProcess,
+    ) -> None:
+        parameters.validate()
+        self.command_prefix = [os.fspath(c) for c in (command_prefix or default_command_prefix())]
+        self.env = backend_environment() if env is None else env
+        self._stderr_lines = stderr_lines
+        self._cancel_grace_s = cancel_grace_s
+        self._backend_factory = backend_factory
+        self._backend: BackendProcess | None = None
+        self._with_organ_mask = False
+        super().__init__(parameters, workdir_parent=workdir_parent, loader=loader)
+
     @property
     def command(self) -> list[str]:
         organ = self.organ_mask_path if self._with_organ_mask else None
@@ -807,11 +891,6 @@ class InferenceRun:
     @property
     def backend(self) -> BackendProcess | None:
         return self._backend
-
-    def _folder(self) -> Path:
-        if self.workdir is None:
-            raise RuntimeError("this run's working folder was already removed")
-        return self.workdir
 
     def start(
         self,
@@ -827,15 +906,7 @@ class InferenceRun:
         if self._backend is not None or self.result is not None:
             raise RuntimeError("this InferenceRun was already started; create a new one")
         try:
-            if write_input is not None:
-                write_input(self.input_path)
-            if not self.input_path.is_file():
-                raise InputError(f"the input volume was not written to {self.input_path}")
-            if write_organ_mask is not None:
-                write_organ_mask(self.organ_mask_path)
-                if not self.organ_mask_path.is_file():
-                    raise InputError(f"the organ mask was not written to {self.organ_mask_path}")
-                self._with_organ_mask = True
+            self._with_organ_mask = self._write_inputs(write_input, write_organ_mask)
             backend = self._backend_factory(
                 self.command, env=self.env, cwd=str(self._folder()),
                 stderr_lines=self._stderr_lines, cancel_grace_s=self._cancel_grace_s,
@@ -864,19 +935,6 @@ class InferenceRun:
         if self._backend is not None and self.result is None:
             self._backend.cancel()
 
-    def run_blocking(
-        self,
-        write_input: Callable[[Path], Any] | None = None,
-        timeout: float | None = None,
-        write_organ_mask: Callable[[Path], Any] | None = None,
-    ) -> RunResult:
-        """Start, wait, and return the :class:`RunResult` (for scripts and tests).
-
-        If ``timeout`` seconds pass, the run is cancelled and its result is CANCELLED.
-        """
-        self.start(write_input, write_organ_mask)
-        return self.wait(timeout)
-
     def wait(self, timeout: float | None = None) -> RunResult:
         """Block until a started run finishes (signals are emitted on this thread); return its result.
 
@@ -898,12 +956,6 @@ class InferenceRun:
             raise
         return self.result
 
-    def discard(self) -> None:
-        """Remove the working folder (safe to call twice)."""
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
-
     def close(self) -> None:
         """Kill the backend tree now and remove the working folder with the patient's input volume.
 
@@ -919,30 +971,7 @@ class InferenceRun:
     def _on_finished(self, code: int) -> None:
         backend = self._backend
         outcome = outcome_for_exit_code(code, cancel_requested=backend.cancel_requested)
-        outputs = self.output_paths
-        message = self._message(outcome, code, backend)
-        loaded = None
-        if outcome is Outcome.OK:
-            missing = [f"{key} ({path.name})" for key, path in outputs.items() if not path.is_file()]
-            if missing:
-                outcome = Outcome.FAILED
-                message = f"the backend exited successfully but did not write: {', '.join(missing)}"
-            elif self.loader is not None:
-                try:
-                    loaded = self.loader(dict(outputs))
-                except Exception as exc:  # reported to the user; the folder is kept
-                    outcome = Outcome.FAILED
-                    message = f"reading the backend's results failed: {type(exc).__name__}: {exc}"
-        keep = outcome in (Outcome.FAILED, Outcome.BAD_INPUT)
-        workdir = self.workdir if keep else None
-        if not keep:
-            self.discard()
-        self.result = RunResult(
-            outcome=outcome, exit_code=code, message=message, outputs=outputs if keep else {},
-            workdir=workdir, stderr_tail=backend.stderr_tail,
-            seconds=round(time.monotonic() - (self._started_at or time.monotonic()), 3), loaded=loaded,
-        )
-        self.finished.emit(self.result)
+        self._conclude(outcome, code, self._message(outcome, code, backend), backend.stderr_tail)
 
     @staticmethod
     def _message(outcome: Outcome, code: int | None, backend: BackendProcess) -> str:
@@ -1010,11 +1039,16 @@ class SegmentationJob(Protocol):
 
 
 class JobFactory(Protocol):
-    """Makes the :class:`SegmentationJob` of one prediction.
+    """Makes the :class:`SegmentationJob` of one prediction, and says which model it will run.
 
     Injected into :class:`~IWSegmentationLib.slicer.logic.LesionSegmentationLogic` (the
-    SlicerNNUnet pattern), so tests pass a fake and the module can choose where jobs run.
+    SlicerNNUnet pattern), so tests pass a fake and the module can choose where jobs run
+    (:class:`LocalJobFactory`, or ``serve.client.RemoteJobFactory`` for a server).
     """
+
+    def model_card(self, parameters: PredictParameters) -> dict:
+        """The model card of ``parameters.checkpoint`` where the jobs run; :class:`InputError` if unusable."""
+        ...
 
     def __call__(self, parameters: PredictParameters, *, loader: Loader) -> SegmentationJob: ...
 
@@ -1031,6 +1065,13 @@ class LocalJobFactory:
     python: str | os.PathLike | None = None
     env: dict[str, str] | None = None
     workdir_parent: str | os.PathLike | None = None
+
+    def model_card(self, parameters: PredictParameters) -> dict:
+        """The checkpoint file's model card (its header only: no weights are read)."""
+        from ..nn.checkpoint import read_metadata
+
+        parameters.validate()
+        return read_metadata(parameters.checkpoint)
 
     def __call__(self, parameters: PredictParameters, *, loader: Loader) -> InferenceRun:
         return InferenceRun(parameters, command_prefix=default_command_prefix(self.python), env=self.env,

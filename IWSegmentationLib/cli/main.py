@@ -45,6 +45,7 @@ COMMANDS = {
     "train": "train",
     "synth": "synth",
     "inspect": "inspect",
+    "serve": "serve",
 }
 
 #: OSError numbers that mean the system could not store a file (exit code 4, not a traceback).

@@ -75,6 +75,7 @@ class LesionSegmentationLogic:
         self.scene = scene
         self.job_factory: process.JobFactory = job_factory or process.LocalJobFactory(
             python, dict(env) if env is not None else None, workdir_parent)
+        self._local_factory = self.job_factory
         self.results = None
         self._close_observer = scene.AddObserver(scene.StartCloseEvent, self._on_scene_close)
 
@@ -91,12 +92,28 @@ class LesionSegmentationLogic:
             self.scene.RemoveObserver(self._close_observer)
             self._close_observer = None
 
-    @staticmethod
-    def read_model_card(checkpoint_path: str | os.PathLike) -> dict:
-        """The checkpoint's model card (header only, no weights)."""
-        from ..nn.checkpoint import read_metadata
+    def read_model_card(self, checkpoint_path: str | os.PathLike) -> dict:
+        """The model card of the checkpoint, from where the jobs run (the file here, or the server)."""
+        return self.job_factory.model_card(process.PredictParameters(checkpoint_path))
 
-        return read_metadata(checkpoint_path)
+    def run_on(self, where: str = panel.RUN_ON[0], server_url: str = "",
+               token_file: str | os.PathLike | None = None) -> None:
+        """Run the next jobs on this computer (the factory given at construction) or on the
+        ``iwseg serve`` server at ``server_url`` (docs/server.md), where the checkpoint names one
+        of the server's models. ``where`` is one of :data:`~IWSegmentationLib.slicer.panel.RUN_ON`."""
+        from ..serve.client import RemoteJobFactory, ServerClient  # standard library only
+
+        if where not in panel.RUN_ON:
+            raise InputError(f"run on must be one of {', '.join(panel.RUN_ON)}, got {where!r}")
+        if where == panel.RUN_ON[0]:
+            self.job_factory = self._local_factory
+        else:
+            self.job_factory = RemoteJobFactory(ServerClient.from_token_file(server_url.strip(), token_file or None))
+
+    @property
+    def runs_locally(self) -> bool:
+        """True when jobs run on this computer (which then needs PyTorch)."""
+        return self.job_factory is self._local_factory
 
     def check_inputs(self, volume_node, card: Mapping[str, Any] | None, dicom_modality: str | None = None) -> list[str]:
         """Raise :class:`InputError` for unusable inputs; return warnings the user should confirm."""
@@ -129,9 +146,8 @@ class LesionSegmentationLogic:
         from . import mrml
 
         parameters = process.PredictParameters(checkpoint_path, device=device, overlap=overlap, threshold=threshold)
-        parameters.validate()
         check_volume_node(volume_node)
-        sizes = panel.card_size_thresholds(self.read_model_card(checkpoint_path))
+        sizes = panel.card_size_thresholds(self.job_factory.model_card(parameters))
         array, geometry = mrml.array_from_volume(volume_node)
 
         def write_organ(path):

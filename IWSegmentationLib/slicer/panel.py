@@ -305,6 +305,12 @@ def describe_devices(info: Mapping[str, Any] | None, choice: str = "auto",
 # Lesion table and detection counts
 # --------------------------------------------------------------------------------------------
 
+#: "Run on" choices: the backend on this computer, or an ``iwseg serve`` server (docs/server.md).
+RUN_ON = ("this computer", "server")
+#: The "Run on" widgets of the module's .ui and the signal after which the model card is read again.
+RUN_ON_SIGNALS = {"runOnComboBox": "currentIndexChanged(int)", "serverUrlLineEdit": "editingFinished()",
+                  "serverTokenFileLineEdit": "editingFinished()"}
+
 LESION_COLUMNS = ("Lesion", "Diameter (mm)", "Volume (mm³)", "Size", "Confidence", "Dice", "Status")
 
 

@@ -117,6 +117,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "a cohort across processes; 'auto' reads RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/NTASKS")
     p.add_argument("--progress-format", default="text", choices=("text", "jsonl"),
                    help="text: progress bars on stderr; jsonl: one JSON object per line on stdout")
+    p.add_argument("--server", metavar="URL", help="run on an `iwseg serve` server (--model names one of its models; "
+                   "one image file as --input); writes the same outputs as a local run. See docs/server.md")
+    p.add_argument("--token-file", type=Path, metavar="F", help="with --server: file holding the bearer token")
     p.set_defaults(func=run)
     return p
 
@@ -154,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with state.installed():
+            if args.server:
+                from ...serve.client import predict_on_server
+
+                return predict_on_server(args, reporter, state)
             return _run(args, reporter, state)
     except Cancelled as exc:
         report_error(f"cancelled: {exc}", exc.exit_code)

@@ -114,6 +114,11 @@ def lesion_report(case: PredictJob, prediction, geometry: Geometry, thresholds: 
     return report, len(rows)
 
 
+def format_lesion_report(report: dict) -> str:
+    """The lesion JSON file's text (also used by the server, which relabels its ``image``)."""
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+
+
 def _write_outputs(case: PredictJob, prediction, geometry: Geometry, report: dict, args, reporter,
                    state: CancelState, dicom_source=None) -> dict[str, str]:
     """Write every output of a case to temporary names, then rename them all (signals deferred
@@ -135,7 +140,7 @@ def _write_outputs(case: PredictJob, prediction, geometry: Geometry, report: dic
         if case.lesions is not None:
             tmp = stack.enter_context(atomic_output(case.lesions))
             reporter.emit("write", case=case.name, path=str(case.lesions))
-            tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+            tmp.write_text(format_lesion_report(report))
             outputs["lesions"] = str(case.lesions)
         if case.dicom_seg is not None and not report["lesions"]:
             reporter.emit("warning", case=case.name, message=f"no lesions found: no DICOM SEG written to {case.dicom_seg}"
