@@ -1516,7 +1516,8 @@ class _Run:
 def _describe_arch(arch: Any) -> str:
     if not isinstance(arch, Mapping):
         return repr(arch)
-    return f"channels {arch.get('channels')}, blocks_per_level {arch.get('blocks_per_level')}"
+    return (f"channels {arch.get('channels')}, blocks_per_level {arch.get('blocks_per_level')}, "
+            f"in_channels {arch.get('in_channels', 1)}")
 
 
 def _guarded_write(path: Path, write: Callable[[Path], Any]) -> None:

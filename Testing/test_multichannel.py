@@ -223,6 +223,30 @@ def test_trainer_takes_in_channels_from_the_data(two_channel_run, tmp_path):
         train(config, verbose=False)
 
 
+def test_a_two_channel_run_resumes(two_channel_run, tmp_path):
+    """The resume check compares architectures before the data is read: the saved in_channels
+    (2, from the data) must not be taken for a config change (the default would be 1)."""
+    data, _ = two_channel_run
+    config = TrainConfig.from_dict({
+        "data": str(data), "out": str(tmp_path / "run"), "model_size": "tiny", "patch_size": [16, 16, 16],
+        "preprocessing": "mr", "epochs": 2, "iters_per_epoch": 2, "num_workers": 0, "val_every": 0,
+        "batch_size": 2, "tensorboard": False, "progress": False, "empty_cases": "warn",
+    })
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, step, loss):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(config, verbose=False, on_step=kill)
+    resumed = train(config, resume=True, verbose=False)
+    assert [r["epoch"] for r in resumed.history] == [2]
+    assert read_metadata(tmp_path / "run" / "last.safetensors")["architecture"]["in_channels"] == 2
+
+
 def test_iwseg_predict_on_channel_files_in_a_subprocess(two_channel_run, tmp_path):
     data, checkpoint = two_channel_run
     files = [data / "imagesTr" / f"synth_000_{c:04d}.nii.gz" for c in range(2)]
