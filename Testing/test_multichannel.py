@@ -271,6 +271,19 @@ def test_iwseg_predict_on_channel_files_in_a_subprocess(two_channel_run, tmp_pat
     assert sorted(list_images(folder)) == ["synth_000", "synth_001", "synth_002", "synth_003"]
 
 
+def test_several_inputs_must_be_existing_image_files(tmp_path):
+    from IWSegmentationLib.commands.predict import split_channel_inputs
+
+    a = _write(tmp_path / "t1.nii.gz", _image(0))
+    assert split_channel_inputs([tmp_path]) == (tmp_path, ())  # one path: any input (here a folder)
+    with pytest.raises(InputError, match=r"input not found: .*flair.nii.gz"):
+        split_channel_inputs([a, tmp_path / "flair.nii.gz"])
+    with pytest.raises(InputError, match=r"are the channels of one case and must each be an image file"):
+        split_channel_inputs([a, tmp_path])
+    with pytest.raises(InputError, match=r"names the same file twice"):
+        split_channel_inputs([a, a])
+
+
 def test_iwseg_predict_refuses_one_channel_for_a_two_channel_model(two_channel_run, tmp_path):
     data, checkpoint = two_channel_run
     proc = run_iwseg("predict", "--model", checkpoint, "--input", data / "imagesTr" / "synth_000_0000.nii.gz",

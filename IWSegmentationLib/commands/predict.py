@@ -317,6 +317,8 @@ def split_channel_inputs(inputs: list[Path]) -> tuple[Path, tuple[Path, ...]]:
     if len(inputs) == 1:
         return inputs[0], ()
     for path in inputs:
+        if not path.exists():
+            raise InputError(f"input not found: {path}")
         if not path.is_file() or not _image_suffix(path):
             raise InputError(f"--input {path}: several --input paths are the channels of one case and must each be "
                              f"an image file ({', '.join(IMAGE_SUFFIXES)})")
@@ -511,6 +513,7 @@ def lesion_report(case: Case, prediction, geometry: Geometry, thresholds: SizeTh
     report = {
         "case": case.name,
         "image": str(case.image),
+        **({"channels": [str(p) for p in case.image_files]} if case.more_channels else {}),
         "threshold": prediction.threshold,
         "connectivity": connectivity,
         "spacing_zyx_mm": list(geometry.spacing_zyx),
