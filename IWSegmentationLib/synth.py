@@ -693,7 +693,6 @@ def write_dataset(
             image_name = name if channels == 1 else f"{cid}_{c:04d}.nii.gz"
             write_image(dirs["imagesTr"] / image_name, image, geometry)
             written.add(image_name)
-        written.add(name)
         write_image(dirs["labelsTr"] / name, case.label, geometry)
         write_image(dirs["masksTr"] / name, case.organ_mask, geometry)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}", "mask": f"./masksTr/{name}"})
@@ -704,7 +703,9 @@ def write_dataset(
         if progress is not None:
             progress(i + 1, cases, cid)
 
-    _remove_stale_cases(dirs.values(), {case_id(i) for i in range(cases)}, written)
+    keep = {case_id(i) for i in range(cases)}
+    _remove_stale_cases([dirs["imagesTr"]], keep, written)
+    _remove_stale_cases([dirs["labelsTr"], dirs["masksTr"]], keep, {f"{cid}.nii.gz" for cid in keep})
     with atomic_output(out / "lesions.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["case", "lesion", "voxels", "diameter_vox", "contrast", "kind", "z", "y", "x"])

@@ -123,6 +123,25 @@ def test_channels_on_different_grids_name_both_files(tmp_path):
         load_case(load_dataset(tmp_path / "ds").cases[0])
 
 
+def test_synth_two_channels_keeps_channel_zero_and_replaces_a_one_channel_set(tmp_path):
+    write_dataset(tmp_path, 2, 5, "mr", shape=SHAPE)
+    one = read_image(tmp_path / "imagesTr" / "synth_000.nii.gz")[0]
+    write_dataset(tmp_path, 2, 5, "mr", shape=SHAPE, channels=2, overwrite=True)
+    names = sorted(p.name for p in (tmp_path / "imagesTr").iterdir())
+    assert names == [f"synth_00{i}_000{c}.nii.gz" for i in range(2) for c in range(2)]  # old names removed
+    ds = load_dataset(tmp_path)
+    assert ds.channels == 2 and json.loads((tmp_path / "dataset.json").read_text())["iwseg"]["channels"] == 2
+    volume = load_case(ds.cases[0])
+    np.testing.assert_array_equal(volume.image[0], one)  # the same first sequence as the 1-channel set
+    # the second sequence shows every lesion brighter than its surroundings: mean inside > mean
+    # of the 1-voxel shell around it by several noise SDs (5 SD contrast, softened by the edge blur)
+    from scipy import ndimage
+
+    lesion = volume.lesion.astype(bool)
+    shell = ndimage.binary_dilation(lesion, iterations=2) & ~ndimage.binary_dilation(lesion)
+    assert volume.image[1][lesion].mean() - volume.image[1][shell].mean() > 20  # > 2 noise SDs of 10
+
+
 # --------------------------------------------------------------------------- preprocessing
 
 
