@@ -295,13 +295,20 @@ def _strip_channel(name: str) -> tuple[str, int | None]:
     return (m["case"], int(m["channel"])) if m else (name, None)
 
 
-def group_channels(files: Mapping[str, Path], *, where: str | os.PathLike = "folder") -> dict[str, tuple[Path, ...]]:
+def group_channels(files: Mapping[str, Path], *, where: str | os.PathLike = "folder",
+                   channels: int | None = None) -> dict[str, tuple[Path, ...]]:
     """Case name -> its image files, channel 0 first, from ``{file name: path}`` (as
     :func:`~IWSegmentationLib.imageio.list_images` gives): files named ``<case>_0000``,
     ``<case>_0001``, ... (MSD / nnU-Net channel naming) form one case ``<case>``; any other name
     is a one-channel case of that name. Numbers without a ``_0000`` (``scan_0001``, ``scan_0002``)
     are case names, not channels. A gap in a case's channels or a case that is there both with
-    and without the suffix raises :class:`InputError` naming ``where``."""
+    and without the suffix raises :class:`InputError` naming ``where``.
+
+    ``channels=1`` (a one-channel model reads the folder) groups nothing: every file is a case
+    under its own name, so a folder of cases numbered ``scan_0000``, ``scan_0001``, ... stays a
+    folder of cases."""
+    if channels == 1:
+        return {name: (file,) for name, file in files.items()}
     numbered: dict[str, dict[int, Path]] = {}
     for name, file in files.items():
         cid, channel = _strip_channel(name)

@@ -342,3 +342,24 @@ def test_slicer_logic_refuses_a_multi_channel_model_before_starting(two_channel_
     with pytest.raises(InputError, match=r"takes 2 image channels"):
         logic.start(volume, checkpoint)
     assert started == []
+
+
+def test_a_one_channel_model_reads_numbered_files_as_cases(tmp_path):
+    """``scan_0000``, ``scan_0001`` in a folder are two cases for a one-channel model (the
+    phantom's), not two channels of one case: the card's ``in_channels`` decides, as read from
+    the checkpoint's header before the folder is listed."""
+    from IWSegmentationLib import phantom
+
+    checkpoint = phantom.threshold_checkpoint(tmp_path / "phantom.safetensors")
+    case = phantom.phantom_case()
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        write_image(tmp_path / "in" / f"scan_{i:04d}.nii.gz", case.image, Geometry.identity(case.image.shape))
+    assert group_channels(list_images(tmp_path / "in"), channels=1) == {
+        f"scan_{i:04d}": (tmp_path / "in" / f"scan_{i:04d}.nii.gz",) for i in range(2)}
+    assert list(group_channels(list_images(tmp_path / "in"))) == ["scan"]  # no model: nnU-Net naming
+    proc = run_iwseg("predict", "--model", checkpoint, "--input", tmp_path / "in", "--output", tmp_path / "out",
+                     "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(list_images(tmp_path / "out")) == ["scan_0000", "scan_0001"]
+    assert np.array_equal(read_image(tmp_path / "out" / "scan_0001.nii.gz")[0], case.reference)

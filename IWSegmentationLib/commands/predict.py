@@ -327,6 +327,19 @@ def split_channel_inputs(inputs: list[Path]) -> tuple[Path, tuple[Path, ...]]:
     return inputs[0], tuple(inputs[1:])
 
 
+def model_channels(checkpoint: Path) -> int | None:
+    """The image channels the first model takes, read from its card's header (no weights), so a
+    folder is read as that model's cases; None if the card cannot be read yet (loading the model
+    then says why)."""
+    from ..checkpoint import read_metadata
+    from ..model_card import card_in_channels
+
+    try:
+        return card_in_channels(read_metadata(checkpoint))
+    except IWSegError:
+        return None
+
+
 def check_case_channels(cases: list[Case], card: dict) -> None:
     """Refuse, before any inference, cases whose channel count is not the model's."""
     from ..model_card import check_in_channels
@@ -348,7 +361,8 @@ def collect_cases(args: argparse.Namespace) -> list[Case]:
     inputs: dict[str, Path] = {}
     channels: dict[str, tuple[Path, ...]] = {}
     if src.is_dir():
-        channels = group_channels(list_images(src, what="input folder"), where=src)
+        channels = group_channels(list_images(src, what="input folder"), where=src,
+                                  channels=getattr(args, "model_channels", None))
         inputs = {name: files[0] for name, files in channels.items()}
         if inputs:
             folder_mode = True
@@ -596,6 +610,7 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
     parse_shard(args.shard)  # a bad --shard is an error even for a single input (where it does nothing)
     notes: list[str] = []
     args.input, args.more_channels = split_channel_inputs(list(args.input))
+    args.model_channels = model_channels(args.model[0])
     args.input = resolve_dataset_root(args.input, notes.append)
     cases = collect_cases(args)
     if args.dicom_seg is not None:
