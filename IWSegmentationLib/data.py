@@ -45,6 +45,7 @@ from .imageio import (
     list_images,
     natural_key,
     preview_names,
+    read_channels,
     read_image,
 )
 from .lesions import label_components
@@ -81,6 +82,10 @@ class Case:
     the label may hold besides 0 (e.g. LiTS' liver, 1); anything else is an error. ``mask``
     is an optional organ/body mask file: voxels whose value is in ``mask_values`` (or nonzero
     when ``mask_values`` is None) are organ. ``mask`` may be the label file itself (LiTS).
+
+    ``image`` is the image file, or its first channel when the case has several (multi-sequence
+    MR: ``case_0000``, ``case_0001``, ... in the MSD / nnU-Net naming); ``more_channels`` are the
+    files of channels 1, 2, ... in order.
     """
 
     id: str
@@ -90,12 +95,22 @@ class Case:
     lesion_values: tuple[float, ...] = (1,)
     other_values: tuple[float, ...] = ()
     mask_values: tuple[float, ...] | None = None
+    more_channels: tuple[Path, ...] = ()
+
+    @property
+    def image_files(self) -> tuple[Path, ...]:
+        """The image's channel files, channel 0 first."""
+        return (self.image, *self.more_channels)
+
+    @property
+    def channels(self) -> int:
+        return 1 + len(self.more_channels)
 
 
 @dataclass
 class CaseVolume:
     """A case in memory: ``image`` float32, ``lesion`` uint8 {0, 1}, ``organ`` uint8 {0, 1} or
-    None, all ``[z, y, x]`` on ``geometry``.
+    None, all ``[z, y, x]`` on ``geometry`` (a multi-channel image is ``[C, z, y, x]``).
 
     ``preprocessing`` is the preset the image was prepared with by :func:`prepare_volume`
     (network input), or None while it holds the raw intensities :func:`load_case` read. It
@@ -132,6 +147,19 @@ class Dataset:
 
     def __iter__(self) -> Iterator[Case]:
         return iter(self.cases)
+
+    @property
+    def channels(self) -> int:
+        """Image channels per case (1 unless the cases have ``_0000``, ``_0001``... files); every
+        case must have as many, since one network sees them all."""
+        first: dict[int, str] = {}
+        for c in self.cases:
+            first.setdefault(c.channels, c.id)
+        if len(first) > 1:
+            shown = ", ".join(f"{n} in case {cid}" for n, cid in sorted(first.items()))
+            raise InputError(f"dataset {self.root}: the cases have different numbers of image channels ({shown}); "
+                             "every case needs the same channels")
+        return next(iter(first), 1)
 
     def case(self, case_id: str) -> Case:
         for c in self.cases:
@@ -211,7 +239,7 @@ def load_case(case: Case, *, dtype=np.float32) -> CaseVolume:
     label or mask is not on the image's voxel grid, and :class:`InputError` naming the case for
     unexpected label values or unreadable files.
     """
-    image, geometry = read_image(case.image, what=f"case {case.id}: image", dtype=dtype)
+    image, geometry = read_channels(case.image_files, what=f"case {case.id}: image", dtype=dtype)
     label, label_geometry = read_image(case.label, what=f"case {case.id}: label")
     check_same_grid(geometry, label_geometry, f"case {case.id}: image {case.image}", f"label {case.label}")
     lesion = lesion_mask(label, case.lesion_values, case.other_values, name=f"case {case.id}: label {case.label}")
@@ -265,6 +293,44 @@ def _strip_channel(name: str) -> tuple[str, int | None]:
     """``liver_3_0000`` -> (``liver_3``, 0); ``liver_3`` -> (``liver_3``, None)."""
     m = _CHANNEL_SUFFIX.match(name)
     return (m["case"], int(m["channel"])) if m else (name, None)
+
+
+def group_channels(files: Mapping[str, Path], *, where: str | os.PathLike = "folder",
+                   channels: int | None = None) -> dict[str, tuple[Path, ...]]:
+    """Case name -> its image files, channel 0 first, from ``{file name: path}`` (as
+    :func:`~IWSegmentationLib.imageio.list_images` gives): files named ``<case>_0000``,
+    ``<case>_0001``, ... (MSD / nnU-Net channel naming) form one case ``<case>``; any other name
+    is a one-channel case of that name. Numbers without a ``_0000`` (``scan_0001``, ``scan_0002``)
+    are case names, not channels. A gap in a case's channels or a case that is there both with
+    and without the suffix raises :class:`InputError` naming ``where``.
+
+    ``channels=1`` (a one-channel model reads the folder) groups nothing: every file is a case
+    under its own name, so a folder of cases numbered ``scan_0000``, ``scan_0001``, ... stays a
+    folder of cases."""
+    if channels == 1:
+        return {name: (file,) for name, file in files.items()}
+    numbered: dict[str, dict[int, Path]] = {}
+    for name, file in files.items():
+        cid, channel = _strip_channel(name)
+        if channel is not None:
+            numbered.setdefault(cid, {})[channel] = file
+    out: dict[str, tuple[Path, ...]] = {}
+    grouped = {cid for cid, chans in numbered.items() if 0 in chans}
+    for name, file in files.items():
+        cid, channel = _strip_channel(name)
+        if channel is None or cid not in grouped:
+            if name in grouped:
+                raise InputError(f"{where} holds case {name!r} both as {file.name} and as channel files "
+                                 f"{numbered[name][0].name}, ...; keep one")
+            out[name] = (file,)
+    for cid in sorted(grouped):
+        chans = numbered[cid]
+        missing = [c for c in range(max(chans) + 1) if c not in chans]
+        if missing:
+            raise InputError(f"{where}: case {cid!r} has channel files up to _{max(chans):04d} but no "
+                             f"{cid}_{missing[0]:04d} (channels are numbered _0000, _0001, ... without gaps)")
+        out[cid] = tuple(chans[c] for c in range(len(chans)))
+    return out
 
 
 def _msd_labels(meta: Mapping, path: Path) -> dict[float, str]:
@@ -321,6 +387,20 @@ def _find_with_channel(path: Path) -> Path | None:
     return alt if alt.is_file() else None
 
 
+def _more_channels(image: Path) -> tuple[Path, ...]:
+    """The files of channels 1, 2, ... next to channel 0 ``x_0000.nii.gz``: ``x_0001.nii.gz``, ...
+    up to the first that does not exist; () for an image without the channel suffix."""
+    name = case_name(image)
+    cid, channel = _strip_channel(name)
+    if channel != 0:
+        return ()
+    suffix = image.name[len(name):]
+    out = []
+    while (nxt := image.with_name(f"{cid}_{len(out) + 1:04d}{suffix}")).is_file():
+        out.append(nxt)
+    return tuple(out)
+
+
 def _listed_path(root: Path, value: Any, *, key: str, entry: int, path: Path, allow_outside: bool) -> Path:
     """``root / value`` for a path listed in ``dataset.json``; a path that leads outside
     ``root`` (absolute, or through ``..``) is refused unless ``allow_outside``. The check is on
@@ -345,7 +425,8 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
     Cases come from the ``training`` list of ``dataset.json`` when it has the key (MSD; an
     empty list is an error), else from the files in ``imagesTr/`` (nnU-Net v2). Listed paths
     must stay inside ``root`` unless ``allow_outside_paths``. Image names may carry nnU-Net's channel suffix
-    ``_0000``; only channel 0 is used. Lesion values: the labels whose names contain a lesion
+    ``_0000``; ``_0001``, ``_0002``, ... beside it are the case's further channels (multi-sequence
+    MR; every case must have the same number, see :attr:`Dataset.channels`). Lesion values: the labels whose names contain a lesion
     word (tumour, cancer, lesion, nodule, metastasis, ...), or the only foreground label, unless
     ``lesion_values`` is given. A non-lesion label named like an organ (e.g. ``liver``) becomes
     the organ mask (organ ∪ lesion values) when no ``masksTr/`` file exists.
@@ -360,7 +441,7 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
     images_dir, labels_dir, masks_dir = root / "imagesTr", root / "labelsTr", root / "masksTr"
     masks = list_images(masks_dir, what="mask folder") if masks_dir.is_dir() else {}
 
-    entries: list[tuple[str, Path, Path, Path | None]] = []
+    entries: list[tuple[str, tuple[Path, ...], Path, Path | None]] = []
     training = meta.get("training")
     if training is not None and not (isinstance(training, list) and training):
         raise InputError(
@@ -382,15 +463,9 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
             mask = listed(item["mask"], key="mask") if item.get("mask") else masks.get(cid)
             if mask is not None and not Path(mask).is_file():
                 raise InputError(f"case {cid}: mask {mask} (from {path.name}) not found")
-            entries.append((cid, image, label, mask))
+            entries.append((cid, (image, *_more_channels(image)), label, mask))
     else:
-        images: dict[str, Path] = {}
-        for name, file in list_images(images_dir, what="imagesTr folder").items():
-            cid, channel = _strip_channel(name)
-            if channel in (None, 0):
-                if cid in images:
-                    raise InputError(f"{images_dir} holds two images for case {cid!r}: {images[cid].name}, {file.name}")
-                images[cid] = file
+        images = group_channels(list_images(images_dir, what="imagesTr folder"), where=images_dir)
         labels = list_images(labels_dir, what="labelsTr folder")
         check_pairs(images, labels, first_what="image", second_what="label", first_dir=images_dir,
                     second_dir=labels_dir)
@@ -399,14 +474,14 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
         raise InputError(f"{root}: dataset.json lists no training cases and {images_dir} holds no images")
     seen: set[str] = set()
     cases = []
-    for cid, image, label, mask in entries:
+    for cid, (image, *more), label, mask in entries:
         if cid in seen:
             raise InputError(f"{path}: case {cid!r} is listed twice")
         seen.add(cid)
         if mask is None and mask_values is not None:  # the organ is a label class (MSD liver)
-            cases.append(Case(cid, image, label, label, lesion, other, mask_values))
+            cases.append(Case(cid, image, label, label, lesion, other, mask_values, tuple(more)))
         else:
-            cases.append(Case(cid, image, label, mask, lesion, other))
+            cases.append(Case(cid, image, label, mask, lesion, other, more_channels=tuple(more)))
     cases.sort(key=lambda c: natural_key(c.id))
     return Dataset(root, "msd", cases, name=str(meta.get("name", root.name)))
 
@@ -729,7 +804,8 @@ class PreparedCase:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.image.shape)  # type: ignore[return-value]
+        """The spatial shape (a multi-channel image is ``[C, z, y, x]``)."""
+        return tuple(self.image.shape[-3:])  # type: ignore[return-value]
 
     @property
     def nbytes(self) -> int:
@@ -788,16 +864,18 @@ class PatchSampler:
         self.pad_value = pad_value
 
     def prepare(self, image: np.ndarray, lesion: np.ndarray, case_id: str = "case") -> PreparedCase:
-        """Label the lesions of the whole image, pad to the patch size, index lesion voxels."""
-        if image.ndim != 3 or tuple(lesion.shape) != tuple(image.shape):
-            raise InputError(f"case {case_id}: image {image.shape} and lesion mask {lesion.shape} must be the same 3D shape")
+        """Label the lesions of the whole image, pad to the patch size, index lesion voxels.
+        ``image`` is ``[z, y, x]`` or, with several channels, ``[C, z, y, x]``."""
+        if image.ndim not in (3, 4) or lesion.ndim != 3 or tuple(lesion.shape) != tuple(image.shape[-3:]):
+            raise InputError(f"case {case_id}: image {image.shape} and lesion mask {lesion.shape} must have the "
+                             "same 3D shape (the image may have a leading channel axis)")
         labels, k = label_components(lesion, self.connectivity)
         labels = labels.astype(_label_dtype(k), copy=False)
         image = np.asarray(image, dtype=np.float32)
-        pad = [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2) for p, s in zip(self.patch_size, image.shape)]
+        pad = [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2) for p, s in zip(self.patch_size, image.shape[-3:])]
         if any(a or b for a, b in pad):
             value = float(image.min()) if self.pad_value is None else float(self.pad_value)
-            image = np.pad(image, pad, constant_values=value)
+            image = np.pad(image, [(0, 0)] * (image.ndim - 3) + pad, constant_values=value)
             labels = np.pad(labels, pad, constant_values=0)
         flat = labels.ravel()
         idx = np.flatnonzero(flat)
@@ -830,7 +908,8 @@ class PatchSampler:
         box = tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))
         labels = case.labels[box].astype(np.int32)
         origin = tuple(int(s - b) for s, b in zip(start, case.pad_before))
-        return Patch(case.id, case.image[box].copy(), (labels > 0).astype(np.uint8), labels, start, lesion, origin)
+        return Patch(case.id, case.image[(..., *box)].copy(), (labels > 0).astype(np.uint8), labels, start, lesion,
+                     origin)
 
 
 def augment_patch(
@@ -855,7 +934,7 @@ def augment_patch(
     shift = rng.uniform(-intensity_shift, intensity_shift)
     image, target, labels = patch.image, patch.target, patch.labels
     if flips:
-        image = np.ascontiguousarray(np.flip(image, flips))
+        image = np.ascontiguousarray(np.flip(image, tuple(a + image.ndim - 3 for a in flips)))  # after a channel axis
         target = np.ascontiguousarray(np.flip(target, flips))
         labels = np.ascontiguousarray(np.flip(labels, flips))
     image = (image * np.float32(scale) + np.float32(shift)).astype(np.float32, copy=False)
@@ -870,11 +949,17 @@ def default_batch_rng(seed: int, rank: int, step: int) -> np.random.Generator:
 CaseSource = Union[Case, CaseVolume]
 
 
+def _batch_images(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Patches ``[z, y, x]`` or ``[C, z, y, x]`` stacked as the network's ``(B, C, z, y, x)``."""
+    batch = np.stack(images)
+    return batch[:, None] if batch.ndim == 4 else batch
+
+
 class PatchDataset(IterableDataset):
     """Batches of training patches for a torch ``DataLoader(dataset, batch_size=None)``.
 
-    Each item is one *batch* (a dict): ``image`` and ``target`` float32 tensors
-    ``(B, 1, D, H, W)``, ``labels`` int32 ``(B, 1, D, H, W)`` (cropped whole-image component
+    Each item is one *batch* (a dict): ``image`` float32 ``(B, C, D, H, W)`` (C image channels),
+    ``target`` float32 ``(B, 1, D, H, W)``, ``labels`` int32 ``(B, 1, D, H, W)`` (cropped whole-image component
     ids, for :func:`~IWSegmentationLib.weights.component_weights`), ``lesion_centred`` bool
     ``(B,)``, ``origin`` int64 ``(B, 3)`` (each patch's corner on its case's grid), ``case``
     (list of ids) and ``step``.
@@ -992,7 +1077,7 @@ class PatchDataset(IterableDataset):
 
         patches = self.sample_patches(step)
         batch = {
-            "image": torch.from_numpy(np.stack([p.image for p in patches])[:, None]),
+            "image": torch.from_numpy(_batch_images([p.image for p in patches])),
             "target": torch.from_numpy(np.stack([p.target for p in patches])[:, None].astype(np.float32)),
             "labels": torch.from_numpy(np.stack([p.labels for p in patches])[:, None]),
             "lesion_centred": torch.tensor([p.lesion_centred for p in patches]),

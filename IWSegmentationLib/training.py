@@ -304,11 +304,21 @@ class TrainConfig:
             f"(the U-Net pools {stride.bit_length() - 1} times), got {self.patch_size}; nearest valid: {nearest}"
         )
 
-    def model_config(self) -> dict:
-        """The validated architecture config: preset ``model_size`` with the ``model`` overrides."""
+    def model_config(self, in_channels: int | None = None) -> dict:
+        """The validated architecture config: preset ``model_size`` with the ``model`` overrides.
+
+        ``in_channels``: the image channels of the data (the trainer passes the dataset's), which
+        the network takes; a ``model.in_channels`` set in the config must agree with it."""
         from .models import default_config
 
-        return default_config(self.model_size, **self.model)
+        overrides = dict(self.model)
+        if in_channels is not None:
+            given = overrides.get("in_channels")
+            if given is not None and given != in_channels:
+                raise InputError(f"config key 'model.in_channels' is {given!r} but the dataset's images have "
+                                 f"{in_channels} channel(s); remove the key (it follows the data) or fix the data")
+            overrides["in_channels"] = in_channels
+        return default_config(self.model_size, **overrides)
 
     def preprocessing_params(self) -> dict:
         """The preprocessing preset dict stored in the checkpoint (with ``target_spacing`` applied)."""
@@ -801,6 +811,8 @@ class TrainingData:
     train_cases: list
     val_cases: list
     summary: dict
+    #: Image channels of every case (``_0000``, ``_0001``... files): the network's ``in_channels``.
+    channels: int = 1
 
 
 def _log(message: str) -> None:
@@ -824,6 +836,7 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
                            allow_outside_paths=config.allow_outside_paths)
     if len(dataset) == 0:
         raise InputError(f"dataset {config.data} holds no cases")
+    channels = dataset.channels
     if config.splits:
         splits = read_splits(config.splits, dataset.ids)
     else:
@@ -886,8 +899,10 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
         "split_file": config.splits,
         "train_lesions": int(sum(lesion_counts.values())) if lesion_counts else None,
         "median_spacing_zyx": [float(v) for v in np.median(np.asarray(spacings), axis=0)] if spacings else None,
+        "channels": channels,
     }
-    return TrainingData(Path(config.data), dataset.layout, splits, params, train_cases, val_records, summary)
+    return TrainingData(Path(config.data), dataset.layout, splits, params, train_cases, val_records, summary,
+                        channels)
 
 
 def make_patch_dataset(config: TrainConfig, cases: Sequence, params: Mapping[str, Any], *, rank: int = 0,
@@ -1045,6 +1060,7 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
     """The checkpoint metadata of this run (see docs/checkpoints.md)."""
     thresholds = config.size_groups()
     return {
+        "architecture": config.model_config(data.channels),  # save_checkpoint writes the model's own
         "patch_size": list(config.patch_size),
         "preprocessing": data.params,
         "threshold": config.threshold,
@@ -1171,7 +1187,9 @@ class _Run:
         path = self.out / RESUME_STATE
         state = load_training_state(path)
         saved_arch = state.get("architecture")
-        arch = self.config.model_config()
+        # the channels follow the data, read later (run() checks them against the dataset)
+        saved_channels = saved_arch.get("in_channels") if isinstance(saved_arch, Mapping) else None
+        arch = self.config.model_config(saved_channels if isinstance(saved_channels, int) else None)
         if saved_arch != arch:
             raise CheckpointError(
                 f"cannot resume from {path}: it was written by a different architecture "
@@ -1245,6 +1263,10 @@ class _Run:
         if state is not None and state.get("splits") and state["splits"] != data.splits:
             raise InputError(f"cannot resume the run in {self.out}: the dataset split differs from the one it "
                              "was trained on (check 'data', 'splits' and the dataset folder)")
+        if state is not None and (state.get("architecture") or {}).get("in_channels", 1) != data.channels:
+            raise InputError(f"cannot resume the run in {self.out}: it was trained on images of "
+                             f"{state['architecture'].get('in_channels', 1)} channel(s), the dataset's have "
+                             f"{data.channels}")
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self._remove_stale_partials()
@@ -1255,7 +1277,7 @@ class _Run:
         _barrier(info)
 
         device = info.device
-        model = build_model(config.model_config()).to(device)
+        model = build_model(config.model_config(data.channels)).to(device)
         if config.init_checkpoint and state is None:
             self._init_from_checkpoint(model)
         loss_fn = get_loss(config.loss, **config.loss_params)
@@ -1441,7 +1463,7 @@ class _Run:
             "rng": capture_rng_state(),
             "best": self.best,
             "latest_validation": self.latest_validation,
-            "architecture": config.model_config(),
+            "architecture": config.model_config(self.data.channels),
             "config": config.to_dict(),
             "splits": self.data.splits,
         }
@@ -1494,7 +1516,8 @@ class _Run:
 def _describe_arch(arch: Any) -> str:
     if not isinstance(arch, Mapping):
         return repr(arch)
-    return f"channels {arch.get('channels')}, blocks_per_level {arch.get('blocks_per_level')}"
+    return (f"channels {arch.get('channels')}, blocks_per_level {arch.get('blocks_per_level')}, "
+            f"in_channels {arch.get('in_channels', 1)}")
 
 
 def _guarded_write(path: Path, write: Callable[[Path], Any]) -> None:

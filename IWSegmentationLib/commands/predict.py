@@ -39,6 +39,7 @@ from ..imageio import (
     output_suffix,
     preview_names,
     probabilities_to_uint8,
+    read_channels,
     read_image,
     write_image,
 )
@@ -76,7 +77,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path, nargs="+", metavar="CKPT",
                    help="checkpoint (.safetensors); several: an ensemble whose probabilities are averaged "
                         "(their preprocessing, window and threshold must agree)")
-    p.add_argument("--input", required=True, type=Path, metavar="IMG|DIR", help="image, DICOM folder or folder of cases")
+    p.add_argument("--input", required=True, type=Path, nargs="+", metavar="IMG|DIR",
+                   help="image, DICOM folder or folder of cases; several image files: the channels of one case "
+                        "(e.g. T1 FLAIR, in the model's channel order). In a folder, case_0000, case_0001, ... "
+                        "files are the channels of case 'case' (MSD / nnU-Net naming)")
     p.add_argument("--output", required=True, type=Path, metavar="MASK|DIR", help="binary lesion mask (uint8) or folder")
     p.add_argument("--probabilities", type=Path, metavar="PROB|DIR", help="also write the probability map (or folder)")
     p.add_argument("--probabilities-uint8", action="store_true",
@@ -142,6 +146,12 @@ class Case:
     lesions: Path | None = None
     organ_mask: Path | None = None
     dicom_seg: Path | None = None
+    #: Channels 1, 2, ... of a multi-channel image (``image`` is channel 0).
+    more_channels: tuple[Path, ...] = ()
+
+    @property
+    def image_files(self) -> tuple[Path, ...]:
+        return (self.image, *self.more_channels)
 
 
 def _image_suffix(path: Path) -> str:
@@ -239,10 +249,12 @@ def resolve_dataset_root(src: Path, note) -> Path:
     series of its own, an ``imagesTs/`` or ``imagesTr/`` inside), saying which through ``note``."""
     if not src.is_dir() or list_images(src, what="input folder") or _is_dicom_folder(src):
         return src
+    from ..data import group_channels
+
     folder = msd_images_folder(src)
     if folder is None:
         return src
-    n = len(list_images(folder))
+    n = len(group_channels(list_images(folder), where=folder))
     extra = "" if folder.name == "imagesTs" else " (it has no imagesTs/ with images: these are training cases)"
     note(f"{src} is a dataset root: predicting the {n} case(s) in {folder.name}/{extra}")
     return folder
@@ -302,15 +314,59 @@ def _make_output_folders(cases: list[Case]) -> None:
             raise InputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
 
 
+def split_channel_inputs(inputs: list[Path]) -> tuple[Path, tuple[Path, ...]]:
+    """``--input`` as (the input, the files of channels 1, 2, ...): one path is any input;
+    several are the channel files of one case, each an existing image file."""
+    if len(inputs) == 1:
+        return inputs[0], ()
+    for path in inputs:
+        if not path.exists():
+            raise InputError(f"input not found: {path}")
+        if not path.is_file() or not _image_suffix(path):
+            raise InputError(f"--input {path}: several --input paths are the channels of one case and must each be "
+                             f"an image file ({', '.join(IMAGE_SUFFIXES)})")
+    if len({p.resolve() for p in inputs}) != len(inputs):
+        raise InputError("--input names the same file twice; give each channel's own file")
+    return inputs[0], tuple(inputs[1:])
+
+
+def model_channels(checkpoint: Path) -> int | None:
+    """The image channels the first model takes, read from its card's header (no weights), so a
+    folder is read as that model's cases; None if the card cannot be read yet (loading the model
+    then says why)."""
+    from ..checkpoint import read_metadata
+    from ..model_card import card_in_channels
+
+    try:
+        return card_in_channels(read_metadata(checkpoint))
+    except IWSegError:
+        return None
+
+
+def check_case_channels(cases: list[Case], card: dict) -> None:
+    """Refuse, before any inference, cases whose channel count is not the model's."""
+    from ..model_card import check_in_channels
+
+    for case in cases:
+        files = ", ".join(p.name for p in case.image_files)
+        check_in_channels(card, len(case.image_files), f"case {case.name} ({files})")
+
+
 def collect_cases(args: argparse.Namespace) -> list[Case]:
     """The cases to process (after ``--shard``), with their output paths; checks every path first."""
+    from ..data import group_channels
+
     src: Path = args.input
+    more_channels: tuple[Path, ...] = tuple(getattr(args, "more_channels", ()))
     if not src.exists():
         raise InputError(f"input not found: {src}")
     folder_mode = False
     inputs: dict[str, Path] = {}
+    channels: dict[str, tuple[Path, ...]] = {}
     if src.is_dir():
-        inputs = list_images(src, what="input folder")
+        channels = group_channels(list_images(src, what="input folder"), where=src,
+                                  channels=getattr(args, "model_channels", None))
+        inputs = {name: files[0] for name, files in channels.items()}
         if inputs:
             folder_mode = True
         elif _is_dicom_folder(src):
@@ -339,7 +395,8 @@ def collect_cases(args: argparse.Namespace) -> list[Case]:
         organ = args.organ_mask
         if organ is not None and not organ.exists():
             raise InputError(f"--organ-mask not found: {organ}")
-        return _checked([Case(name, path, args.output, args.probabilities, args.lesions, organ)], args)
+        return _checked([Case(name, path, args.output, args.probabilities, args.lesions, organ,
+                              more_channels=more_channels)], args)
 
     _check_output_folder("--output", args.output)
     folders = [args.output.resolve()]
@@ -363,7 +420,7 @@ def collect_cases(args: argparse.Namespace) -> list[Case]:
             name, path, args.output / f"{name}{suffix}",
             args.probabilities / f"{name}{suffix}" if args.probabilities is not None else None,
             args.lesions / f"{name}.json" if args.lesions is not None else None,
-            organs.get(name),
+            organs.get(name), more_channels=channels.get(name, (path,))[1:],
         ))
     if args.organ_mask is not None:
         missing = [c.name for c in cases if c.organ_mask is None]
@@ -379,7 +436,7 @@ def _checked(cases: list[Case], args: argparse.Namespace) -> list[Case]:
     for case in cases:
         check_not_overwriting(
             {"--output": case.mask, "--probabilities": case.probabilities, "--lesions": case.lesions},
-            {"--input": case.image, "--organ-mask": case.organ_mask, "--model": args.model},
+            {"--input": case.image_files, "--organ-mask": case.organ_mask, "--model": args.model},
         )
     if not getattr(args, "overwrite", False):
         _refuse_existing(cases)
@@ -473,6 +530,7 @@ def lesion_report(case: Case, prediction, geometry: Geometry, thresholds: SizeTh
     report = {
         "case": case.name,
         "image": str(case.image),
+        **({"channels": [str(p) for p in case.image_files]} if case.more_channels else {}),
         "threshold": prediction.threshold,
         "connectivity": connectivity,
         "spacing_zyx_mm": list(geometry.spacing_zyx),
@@ -563,6 +621,8 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
         torch.set_num_threads(args.threads)
     parse_shard(args.shard)  # a bad --shard is an error even for a single input (where it does nothing)
     notes: list[str] = []
+    args.input, args.more_channels = split_channel_inputs(list(args.input))
+    args.model_channels = model_channels(args.model[0])
     args.input = resolve_dataset_root(args.input, notes.append)
     cases = collect_cases(args)
     if args.dicom_seg is not None:
@@ -574,6 +634,7 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
     for note in notes:
         reporter.emit("load", case=None, message=note)
     model, card = _load_models(args.model, reporter)
+    check_case_channels(cases, card)
     warning = organ_mask_warning(card, args.organ_mask is not None)
     if warning:
         reporter.emit("warning", case=None, message=warning)
@@ -626,8 +687,8 @@ def _predict_case(case: Case, model, card: dict, args, device, precision, thresh
     from ..inference import predict_volume
 
     t0 = time.monotonic()
-    reporter.emit("load", case=case.name, message=f"reading {case.image}")
-    image, geometry = read_image(case.image, what="image")
+    reporter.emit("load", case=case.name, message=f"reading {', '.join(map(str, case.image_files))}")
+    image, geometry = read_channels(case.image_files, what="image")
     check_label_map(image, case.image, force=args.force,
                     warn=lambda message: reporter.emit("warning", case=case.name, message=message))
     # the SEG's source images are read (and matched to the grid) before inference, so a series
