@@ -18,7 +18,10 @@ What is measured, per run (one child process each):
   includes the interpreter, the imports, reading and preprocessing the cases and the first
   forward/backward;
 * ``trainer``: the same end, from the entry of ``training.train``;
-* ``load_training_data`` and ``PatchDataset.preload``: the seconds spent in each (wrapped).
+* ``load_training_data`` and ``PatchDataset.preload``: the seconds spent in each (wrapped);
+* ``start_report`` (``train_report.log_start_report``, which times probe steps) and
+  ``val_check`` (the trainer reading the validation cases up front): steps newer trees take
+  before the first step, 0 where a tree has none.
 
 The run is stopped at that first step (an exception the child catches), so no epoch, checkpoint
 or validation follows. Trees run in the order given, ``--repeats`` rounds after one warm-up
@@ -42,7 +45,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-PHASES = ("total", "trainer", "load_training_data", "preload")
+PHASES = ("total", "trainer", "load_training_data", "preload", "start_report", "val_check")
 
 
 class _FirstStep(BaseException):
@@ -90,6 +93,15 @@ def child(config: Path, result: Path) -> int:
     training.train = entered(training.train)
     training.load_training_data = _timed(marks, "load_training_data", training.load_training_data)
     data.PatchDataset.preload = _timed(marks, "preload", data.PatchDataset.preload)
+    # steps newer trees take before the first step (0 s where a tree lacks them)
+    try:
+        from IWSegmentationLib import train_report
+        train_report.log_start_report = _timed(marks, "start_report", train_report.log_start_report)
+    except ImportError:
+        pass
+    run_class = getattr(training, "_Run", None)
+    if run_class is not None and hasattr(run_class, "_check_validation_cases"):
+        run_class._check_validation_cases = _timed(marks, "val_check", run_class._check_validation_cases)
     register_optimizer_step_pre_hook(first_step)
     try:
         rc = cli.main(["train", "--config", str(config)])
@@ -143,7 +155,7 @@ def measure(tree: Path, data: Path, python: str, work: Path, env: dict) -> dict:
     if not Path(m["module"]).is_relative_to(tree):
         raise SystemExit(f"bench_startup: the run imported {m['module']}, not the tree {tree}")
     return {"total": m["first_step"] - t0, "trainer": m["first_step"] - m["train_entry"],
-            "load_training_data": m.get("load_training_data", 0.0), "preload": m.get("preload", 0.0)}
+            **{k: m.get(k, 0.0) for k in PHASES[2:]}}
 
 
 def markdown(trees: list[tuple[str, Path]], runs: dict[str, list[dict]], command: str) -> str:
