@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from .errors import InputError
+from .errors import InputError, IWSegError
 from .imageio import (
     Geometry,
     atomic_output,
@@ -1115,3 +1115,26 @@ def make_loader(dataset: PatchDataset, *, num_workers: int = 2, pin_memory: bool
         kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor,
                       worker_init_fn=reinstall_cancel_handlers)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+
+
+#: How torch's DataLoader starts the message of an error it re-raises from a worker process.
+_WORKER_ERROR_PREFIX = "Caught "
+
+
+def next_batch(stream: Iterator[dict]) -> dict:
+    """The next batch of a :func:`make_loader` stream.
+
+    A user error (:class:`~IWSegmentationLib.errors.IWSegError`, e.g. a case that cannot be
+    prepared, named by :func:`prepare_volume`) raised in a worker process reaches the parent
+    as torch's re-raise: the same class, but its message is the worker's whole traceback.
+    Here it becomes that class again with the worker's own message, so the command line still
+    prints one line naming the case. Other errors pass unchanged.
+    """
+    try:
+        return next(stream)
+    except IWSegError as exc:
+        text = str(exc)
+        marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        if not text.startswith(_WORKER_ERROR_PREFIX) or marker not in text:
+            raise
+        raise type(exc)(text.rsplit(marker, 1)[1].strip()) from None

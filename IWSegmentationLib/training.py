@@ -1369,6 +1369,8 @@ class _Run:
     def _train_epoch(self, epoch, stream, model, loss_fn, optimizer, scaler, amp, logger, bar) -> dict:
         import torch
 
+        from .data import next_batch
+
         config, device = self.config, self.info.device
         amp_on, amp_dtype = amp
         model.train()
@@ -1379,7 +1381,7 @@ class _Run:
         for i in range(iters):
             t = time.perf_counter()
             with self._cancel_deferred():
-                batch = next(stream)
+                batch = next_batch(stream)
             wait += time.perf_counter() - t
             image = batch["image"].to(device, non_blocking=True)
             target = batch["target"].to(device, non_blocking=True)
