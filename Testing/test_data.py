@@ -91,7 +91,7 @@ def test_msd_with_nnunet_channel_suffix_and_organ_label(tmp_path):
 def test_msd_nnunet_v2_without_training_list(tmp_path):
     for name in ("b_10", "b_2"):
         write(tmp_path / "imagesTr" / f"{name}_0000.nii.gz", image_for(3))
-        write(tmp_path / "imagesTr" / f"{name}_0001.nii.gz", image_for(4))  # 2nd channel: not used
+        write(tmp_path / "imagesTr" / f"{name}_0001.nii.gz", image_for(4))  # 2nd channel (multi-sequence)
         write(tmp_path / "labelsTr" / f"{name}.nii.gz", (liver_label() == 2).astype(np.uint8))
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "metastasis": 1},
                                                        "channel_names": {"0": "T1", "1": "T2"}}))
@@ -99,6 +99,7 @@ def test_msd_nnunet_v2_without_training_list(tmp_path):
     assert ds.ids == ["b_2", "b_10"]  # natural order
     assert ds.cases[0].image.name == "b_2_0000.nii.gz" and ds.cases[0].mask is None
     assert load_case(ds.cases[0]).lesion.sum() == 9
+    assert ds.channels == 2 and load_case(ds.cases[0]).image.shape[0] == 2
 
 
 def test_msd_ambiguous_labels_need_explicit_lesion_values(tmp_path):

@@ -6,7 +6,8 @@ case read from disk (as ``iwseg predict`` reads it), and compare every training 
 trainer's patch stream yields for that case with the same crop of it. They cover the three
 intensity presets, both cache modes (cases prepared up front, or loaded lazily in the
 patch dataset), DataLoader workers or none, a custom ``target_spacing`` and organ masks, and
-the validation path. On the code before the fix, the default in-memory path prepared each
+the validation path, and a two-channel (multi-sequence MR) dataset, whose every channel must
+be the same crop. On the code before the fix, the default in-memory path prepared each
 case twice and these comparisons failed for ct-lung and ct-liver (re-windowing values already
 in [0, 1]); the mr preset's percentile scaling is nearly idempotent, so there it changed little.
 """
@@ -21,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from IWSegmentationLib.core.imageio import read_image
+from IWSegmentationLib.core.imageio import read_channels, read_image
 from IWSegmentationLib.data import Case, CaseVolume, load_case, load_dataset, prepare_volume
 from IWSegmentationLib.data.loader import make_loader
 from IWSegmentationLib.data.synth import write_dataset
@@ -51,11 +52,13 @@ class InputRecorder(nn.Module):
         return torch.full((x.shape[0], 1, *x.shape[2:]), -10.0) + self.bias
 
 
-@pytest.fixture(scope="module", params=["ct-lung", "ct-liver", "mr"])
+@pytest.fixture(scope="module", params=[("ct-lung", 1), ("ct-liver", 1), ("mr", 1), ("mr", 2)],
+                ids=["ct-lung", "ct-liver", "mr", "mr-2-channels"])
 def dataset(request, tmp_path_factory) -> tuple[str, Path]:
-    root = tmp_path_factory.mktemp(f"seam-{request.param}") / "data"
-    write_dataset(root, 3, 7, request.param, shape=SHAPE)
-    return request.param, root
+    preset, channels = request.param
+    root = tmp_path_factory.mktemp(f"seam-{preset}-{channels}") / "data"
+    write_dataset(root, 3, 7, preset, shape=SHAPE, channels=channels)
+    return preset, root
 
 
 def _config(root: Path, preset: str, **overrides) -> TrainConfig:
@@ -77,21 +80,23 @@ def _records(root: Path) -> dict[str, Case]:
 
 
 def _inference_input(record: Case, card: dict) -> np.ndarray:
-    """What predict_volume feeds the network for ``record``, as one array on the working grid.
+    """What predict_volume feeds the network for ``record``, as one ``[C, z, y, x]`` array on the
+    working grid (C image channels, read as ``iwseg predict`` reads them).
 
     The card's window is set to the case's whole working grid, so one window holds all of it
     (predict_volume pads only when the window is larger than the image)."""
-    image, geometry = read_image(record.image)
+    image, geometry = read_channels(record.image_files)
     organ, _ = read_image(record.mask)
-    work = prepare_volume(load_case(record), card["preprocessing"])  # only for the grid's shape
+    grid = prepare_volume(load_case(record), card["preprocessing"]).image.shape[-3:]  # only for the grid's shape
     card = json.loads(json.dumps(card))  # the card as a checkpoint stores it
-    card["inference"] = {"patch_size": list(work.image.shape), "overlap": 0.0, "blend": "constant"}
+    card["inference"] = {"patch_size": list(grid), "overlap": 0.0, "blend": "constant"}
     recorder = InputRecorder()
     predict_volume(recorder, image, card, geometry=geometry, organ_mask=organ, device="cpu", engine="eager",
                    skip_background=False, channels_last=False, batch_size=1)
-    whole = [x for x in recorder.inputs if tuple(x.shape[2:]) == work.image.shape]
-    assert whole, f"no recorded window covers the working grid {work.image.shape}"
-    return whole[-1][0, 0].numpy()
+    whole = [x for x in recorder.inputs if tuple(x.shape[2:]) == grid]
+    assert whole, f"no recorded window covers the working grid {grid}"
+    assert whole[-1].shape[1] == record.channels
+    return whole[-1][0].numpy()
 
 
 def _training_batches(config: TrainConfig, workers: int, steps: int = 4) -> list[dict]:
@@ -104,8 +109,15 @@ def _training_batches(config: TrainConfig, workers: int, steps: int = 4) -> list
 
 
 def _assert_patch_is_crop(patch: np.ndarray, origin: np.ndarray, whole: np.ndarray, where: str) -> None:
-    """``patch`` equals ``whole[origin : origin + size]``; voxels outside ``whole`` hold its minimum
-    (the value both the patch sampler and the sliding window pad with)."""
+    """Each channel of ``patch`` ``[C, z, y, x]`` equals the same channel of ``whole[origin :
+    origin + size]``; voxels outside ``whole`` hold its minimum (the value both the patch sampler
+    and the sliding window pad with)."""
+    assert patch.shape[0] == whole.shape[0], f"{where}: {patch.shape[0]} vs {whole.shape[0]} channels"
+    for c in range(patch.shape[0]):
+        _assert_channel_is_crop(patch[c], origin, whole[c], f"{where} channel {c}")
+
+
+def _assert_channel_is_crop(patch: np.ndarray, origin: np.ndarray, whole: np.ndarray, where: str) -> None:
     expected = np.full(patch.shape, whole.min(), np.float32)
     src = tuple(slice(max(o, 0), min(o + p, s)) for o, p, s in zip(origin, patch.shape, whole.shape))
     dst = tuple(slice(a.start - o, a.stop - o) for a, o in zip(src, origin))
@@ -127,13 +139,15 @@ def test_training_patches_are_crops_of_what_inference_feeds(dataset, cache_size,
         for b, case_id in enumerate(batch["case"]):
             if case_id not in wholes:
                 wholes[case_id] = _inference_input(records[case_id], card)
-            patch = batch["image"][b, 0].numpy()
+            patch = batch["image"][b].numpy()
             _assert_patch_is_crop(patch, batch["origin"][b].numpy(), wholes[case_id],
                                   f"{preset} cache_size={cache_size} workers={workers} case {case_id} patch {b}")
             seen += 1
     assert seen == 4 * config.batch_size
     # the check has teeth: inputs are not constant (a preset that erased the image would pass)
     assert all(float(w.max() - w.min()) > 0.1 for w in wholes.values())
+    # and each channel is its own sequence (a stream that repeated channel 0 would fail the crops)
+    assert all(not np.allclose(w[0], w[c]) for w in wholes.values() for c in range(1, w.shape[0]))
 
 
 def test_custom_target_spacing_and_organ_mask_reach_both_sides_alike(dataset):
@@ -146,8 +160,8 @@ def test_custom_target_spacing_and_organ_mask_reach_both_sides_alike(dataset):
     for batch in _training_batches(config, 0, steps=2):
         for b, case_id in enumerate(batch["case"]):
             whole = _inference_input(records[case_id], card)
-            assert whole.shape != SHAPE  # resampled
-            _assert_patch_is_crop(batch["image"][b, 0].numpy(), batch["origin"][b].numpy(), whole,
+            assert whole.shape[1:] != SHAPE  # resampled
+            _assert_patch_is_crop(batch["image"][b].numpy(), batch["origin"][b].numpy(), whole,
                                   f"{preset} resampled case {case_id}")
 
 
@@ -160,7 +174,7 @@ def test_validation_feeds_what_predict_feeds(dataset):
     assert data.val_cases, "the split gave no validation case"
     recorder = InputRecorder()
     validate(recorder, data.val_cases, config, card, device="cpu", verbose=False)
-    seen = [x[0, 0].numpy() for x in recorder.inputs if tuple(x.shape[2:]) == SHAPE]
+    seen = [x[0].numpy() for x in recorder.inputs if tuple(x.shape[2:]) == SHAPE]
     assert len(seen) == len(data.val_cases)
     for record, fed in zip(data.val_cases, seen):
         expected = _inference_input(_records(root)[record.id], card)

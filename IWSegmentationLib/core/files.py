@@ -88,3 +88,51 @@ def pair_cases(pred_dir: str | os.PathLike, ref_dir: str | os.PathLike) -> list[
     refs = list_images(ref_dir, what="reference folder")
     check_pairs(refs, preds, first_what="reference", second_what="prediction", first_dir=ref_dir, second_dir=pred_dir)
     return [(name, preds[name], refs[name]) for name in sorted(refs)]
+
+
+#: ``<case>_0000``, ``<case>_0001``, ...: MSD / nnU-Net channel files of one case
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def strip_channel(name: str) -> tuple[str, int | None]:
+    """``liver_3_0000`` -> (``liver_3``, 0); ``liver_3`` -> (``liver_3``, None)."""
+    m = _CHANNEL_SUFFIX.match(name)
+    return (m["case"], int(m["channel"])) if m else (name, None)
+
+
+def group_channels(files: Mapping[str, Path], *, where: str | os.PathLike = "folder",
+                   channels: int | None = None) -> dict[str, tuple[Path, ...]]:
+    """Case name -> its image files, channel 0 first, from ``{file name: path}`` (as
+    :func:`~IWSegmentationLib.core.imageio.list_images` gives): files named ``<case>_0000``,
+    ``<case>_0001``, ... (MSD / nnU-Net channel naming) form one case ``<case>``; any other name
+    is a one-channel case of that name. Numbers without a ``_0000`` (``scan_0001``, ``scan_0002``)
+    are case names, not channels. A gap in a case's channels or a case that is there both with
+    and without the suffix raises :class:`InputError` naming ``where``.
+
+    ``channels=1`` (a one-channel model reads the folder) groups nothing: every file is a case
+    under its own name, so a folder of cases numbered ``scan_0000``, ``scan_0001``, ... stays a
+    folder of cases."""
+    if channels == 1:
+        return {name: (file,) for name, file in files.items()}
+    numbered: dict[str, dict[int, Path]] = {}
+    for name, file in files.items():
+        cid, channel = strip_channel(name)
+        if channel is not None:
+            numbered.setdefault(cid, {})[channel] = file
+    out: dict[str, tuple[Path, ...]] = {}
+    grouped = {cid for cid, chans in numbered.items() if 0 in chans}
+    for name, file in files.items():
+        cid, channel = strip_channel(name)
+        if channel is None or cid not in grouped:
+            if name in grouped:
+                raise InputError(f"{where} holds case {name!r} both as {file.name} and as channel files "
+                                 f"{numbered[name][0].name}, ...; keep one")
+            out[name] = (file,)
+    for cid in sorted(grouped):
+        chans = numbered[cid]
+        missing = [c for c in range(max(chans) + 1) if c not in chans]
+        if missing:
+            raise InputError(f"{where}: case {cid!r} has channel files up to _{max(chans):04d} but no "
+                             f"{cid}_{missing[0]:04d} (channels are numbered _0000, _0001, ... without gaps)")
+        out[cid] = tuple(chans[c] for c in range(len(chans)))
+    return out

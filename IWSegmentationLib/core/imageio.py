@@ -318,6 +318,26 @@ def read_image(path: str | os.PathLike, *, what: str = "image", dtype=None) -> t
     return array, Geometry.from_sitk(image)
 
 
+def read_channels(paths: Sequence[str | os.PathLike], *, what: str = "image", dtype=None) -> tuple[np.ndarray, Geometry]:
+    """Read the channel files of one case (e.g. the T1 and FLAIR of a multi-sequence MR) with
+    :func:`read_image`: one file gives its ``[z, y, x]`` array, several give ``[C, z, y, x]`` in
+    the order given. The channels must share the voxel grid (size, spacing, origin, direction),
+    as the network sees them voxel by voxel; else :class:`GeometryMismatchError` naming both files.
+    """
+    paths = list(paths)
+    if not paths:
+        raise InputError(f"{what}: no channel files given")
+    first, geometry = read_image(paths[0], what=what, dtype=dtype)
+    if len(paths) == 1:
+        return first, geometry
+    arrays = [first]
+    for c, path in enumerate(paths[1:], start=1):
+        array, other = read_image(path, what=f"{what} channel {c}", dtype=dtype)
+        check_same_grid(geometry, other, f"{what} channel 0 {paths[0]}", f"channel {c} {path}")
+        arrays.append(array)
+    return np.stack(arrays), geometry
+
+
 def to_sitk(array: np.ndarray, geometry: Geometry):
     """Wrap a ``[z, y, x]`` array as a SimpleITK image on ``geometry``."""
     sitk = _sitk()

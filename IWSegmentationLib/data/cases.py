@@ -9,11 +9,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.imageio import (
-    Geometry,
-    check_same_grid,
-    read_image,
-)
+from ..core.imageio import Geometry, check_same_grid, read_channels, read_image
 from ..preprocessing.resampling import prepare_case, resample_to_geometry
 
 if TYPE_CHECKING:
@@ -23,7 +19,7 @@ if TYPE_CHECKING:
 @dataclass
 class CaseVolume:
     """A case in memory: ``image`` float32, ``lesion`` uint8 {0, 1}, ``organ`` uint8 {0, 1} or
-    None, all ``[z, y, x]`` on ``geometry``.
+    None, all ``[z, y, x]`` on ``geometry`` (a multi-channel image is ``[C, z, y, x]``).
 
     ``preprocessing`` is the preset the image was prepared with by :func:`prepare_volume`
     (network input), or None while it holds the raw intensities :func:`load_case` read. It
@@ -88,7 +84,7 @@ def load_case(case: Case, *, dtype=np.float32) -> CaseVolume:
     label or mask is not on the image's voxel grid, and :class:`InputError` naming the case for
     unexpected label values or unreadable files.
     """
-    image, geometry = read_image(case.image, what=f"case {case.id}: image", dtype=dtype)
+    image, geometry = read_channels(case.image_files, what=f"case {case.id}: image", dtype=dtype)
     label, label_geometry = read_image(case.label, what=f"case {case.id}: label")
     check_same_grid(geometry, label_geometry, f"case {case.id}: image {case.image}", f"label {case.label}")
     lesion = lesion_mask(label, case.lesion_values, case.other_values, name=f"case {case.id}: label {case.label}")

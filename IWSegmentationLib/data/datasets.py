@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..core.errors import InputError
-from ..core.files import case_name, check_pairs, list_images, natural_key, preview_names
+from ..core.files import (
+    case_name,
+    check_pairs,
+    group_channels,
+    list_images,
+    natural_key,
+    preview_names,
+    strip_channel,
+)
 
 LAYOUTS = ("msd", "lits", "luna16", "plain")
 
@@ -59,7 +67,6 @@ LUNA_NODULE_DIRS = ("seg-nodules", "nodule-masks", "nodule_masks")
 LUNA_LUNG_DIRS = ("seg-lungs-LUNA16", "seg-lungs", "lung-masks", "lung_masks")
 
 
-_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,10 @@ class Case:
     the label may hold besides 0 (e.g. LiTS' liver, 1); anything else is an error. ``mask``
     is an optional organ/body mask file: voxels whose value is in ``mask_values`` (or nonzero
     when ``mask_values`` is None) are organ. ``mask`` may be the label file itself (LiTS).
+
+    ``image`` is the image file, or its first channel when the case has several (multi-sequence
+    MR: ``case_0000``, ``case_0001``, ... in the MSD / nnU-Net naming); ``more_channels`` are the
+    files of channels 1, 2, ... in order.
     """
 
     id: str
@@ -79,6 +90,16 @@ class Case:
     lesion_values: tuple[float, ...] = (1,)
     other_values: tuple[float, ...] = ()
     mask_values: tuple[float, ...] | None = None
+    more_channels: tuple[Path, ...] = ()
+
+    @property
+    def image_files(self) -> tuple[Path, ...]:
+        """The image's channel files, channel 0 first."""
+        return (self.image, *self.more_channels)
+
+    @property
+    def channels(self) -> int:
+        return 1 + len(self.more_channels)
 
 
 @dataclass
@@ -99,6 +120,19 @@ class Dataset:
 
     def __iter__(self) -> Iterator[Case]:
         return iter(self.cases)
+
+    @property
+    def channels(self) -> int:
+        """Image channels per case (1 unless the cases have ``_0000``, ``_0001``... files); every
+        case must have as many, since one network sees them all."""
+        first: dict[int, str] = {}
+        for c in self.cases:
+            first.setdefault(c.channels, c.id)
+        if len(first) > 1:
+            shown = ", ".join(f"{n} in case {cid}" for n, cid in sorted(first.items()))
+            raise InputError(f"dataset {self.root}: the cases have different numbers of image channels ({shown}); "
+                             "every case needs the same channels")
+        return next(iter(first), 1)
 
     def case(self, case_id: str) -> Case:
         for c in self.cases:
@@ -125,12 +159,6 @@ def _read_json(path: Path, *, what: str, missing: str) -> Any:
         raise InputError(missing) from None
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read {what} {path}: {exc}") from None
-
-
-def _strip_channel(name: str) -> tuple[str, int | None]:
-    """``liver_3_0000`` -> (``liver_3``, 0); ``liver_3`` -> (``liver_3``, None)."""
-    m = _CHANNEL_SUFFIX.match(name)
-    return (m["case"], int(m["channel"])) if m else (name, None)
 
 
 def _msd_labels(meta: Mapping, path: Path) -> dict[float, str]:
@@ -187,6 +215,20 @@ def _find_with_channel(path: Path) -> Path | None:
     return alt if alt.is_file() else None
 
 
+def _more_channels(image: Path) -> tuple[Path, ...]:
+    """The files of channels 1, 2, ... next to channel 0 ``x_0000.nii.gz``: ``x_0001.nii.gz``, ...
+    up to the first that does not exist; () for an image without the channel suffix."""
+    name = case_name(image)
+    cid, channel = strip_channel(name)
+    if channel != 0:
+        return ()
+    suffix = image.name[len(name):]
+    out = []
+    while (nxt := image.with_name(f"{cid}_{len(out) + 1:04d}{suffix}")).is_file():
+        out.append(nxt)
+    return tuple(out)
+
+
 def _listed_path(root: Path, value: Any, *, key: str, entry: int, path: Path, allow_outside: bool) -> Path:
     """``root / value`` for a path listed in ``dataset.json``; a path that leads outside
     ``root`` (absolute, or through ``..``) is refused unless ``allow_outside``. The check is on
@@ -211,7 +253,8 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
     Cases come from the ``training`` list of ``dataset.json`` when it has the key (MSD; an
     empty list is an error), else from the files in ``imagesTr/`` (nnU-Net v2). Listed paths
     must stay inside ``root`` unless ``allow_outside_paths``. Image names may carry nnU-Net's channel suffix
-    ``_0000``; only channel 0 is used. Lesion values: the labels whose names contain a lesion
+    ``_0000``; ``_0001``, ``_0002``, ... beside it are the case's further channels (multi-sequence
+    MR; every case must have the same number, see :attr:`Dataset.channels`). Lesion values: the labels whose names contain a lesion
     word (tumour, cancer, lesion, nodule, metastasis, ...), or the only foreground label, unless
     ``lesion_values`` is given. A non-lesion label named like an organ (e.g. ``liver``) becomes
     the organ mask (organ ∪ lesion values) when no ``masksTr/`` file exists.
@@ -226,7 +269,7 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
     images_dir, labels_dir, masks_dir = root / "imagesTr", root / "labelsTr", root / "masksTr"
     masks = list_images(masks_dir, what="mask folder") if masks_dir.is_dir() else {}
 
-    entries: list[tuple[str, Path, Path, Path | None]] = []
+    entries: list[tuple[str, tuple[Path, ...], Path, Path | None]] = []
     training = meta.get("training")
     if training is not None and not (isinstance(training, list) and training):
         raise InputError(
@@ -241,22 +284,16 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
             image = _find_with_channel(listed(item["image"], key="image"))
             if image is None:
                 raise InputError(f"{path}: image {item['image']} of training entry {i} not found under {root}")
-            cid = _strip_channel(case_name(image))[0]
+            cid = strip_channel(case_name(image))[0]
             label = listed(item["label"], key="label")
             if not label.is_file():
                 raise InputError(f"case {cid}: label {label} (from {path.name}) not found")
             mask = listed(item["mask"], key="mask") if item.get("mask") else masks.get(cid)
             if mask is not None and not Path(mask).is_file():
                 raise InputError(f"case {cid}: mask {mask} (from {path.name}) not found")
-            entries.append((cid, image, label, mask))
+            entries.append((cid, (image, *_more_channels(image)), label, mask))
     else:
-        images: dict[str, Path] = {}
-        for name, file in list_images(images_dir, what="imagesTr folder").items():
-            cid, channel = _strip_channel(name)
-            if channel in (None, 0):
-                if cid in images:
-                    raise InputError(f"{images_dir} holds two images for case {cid!r}: {images[cid].name}, {file.name}")
-                images[cid] = file
+        images = group_channels(list_images(images_dir, what="imagesTr folder"), where=images_dir)
         labels = list_images(labels_dir, what="labelsTr folder")
         check_pairs(images, labels, first_what="image", second_what="label", first_dir=images_dir,
                     second_dir=labels_dir)
@@ -265,14 +302,14 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
         raise InputError(f"{root}: dataset.json lists no training cases and {images_dir} holds no images")
     seen: set[str] = set()
     cases = []
-    for cid, image, label, mask in entries:
+    for cid, (image, *more), label, mask in entries:
         if cid in seen:
             raise InputError(f"{path}: case {cid!r} is listed twice")
         seen.add(cid)
         if mask is None and mask_values is not None:  # the organ is a label class (MSD liver)
-            cases.append(Case(cid, image, label, label, lesion, other, mask_values))
+            cases.append(Case(cid, image, label, label, lesion, other, mask_values, tuple(more)))
         else:
-            cases.append(Case(cid, image, label, mask, lesion, other))
+            cases.append(Case(cid, image, label, mask, lesion, other, more_channels=tuple(more)))
     cases.sort(key=lambda c: natural_key(c.id))
     return Dataset(root, "msd", cases, name=str(meta.get("name", root.name)))
 

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from ..core.errors import InputError
+from ..core.errors import InputError, IWSegError
 from .cases import load_case
 from .datasets import Case
-from .sampling import default_batch_rng
+from .sampling import _batch_images, default_batch_rng
 
 if TYPE_CHECKING:
     from .cases import CaseVolume
@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 class PatchDataset(IterableDataset):
     """Batches of training patches for a torch ``DataLoader(dataset, batch_size=None)``.
 
-    Each item is one *batch* (a dict): ``image`` and ``target`` float32 tensors
-    ``(B, 1, D, H, W)``, ``labels`` int32 ``(B, 1, D, H, W)`` (cropped whole-image component
+    Each item is one *batch* (a dict): ``image`` float32 ``(B, C, D, H, W)`` (C image channels),
+    ``target`` float32 ``(B, 1, D, H, W)``, ``labels`` int32 ``(B, 1, D, H, W)`` (cropped whole-image component
     ids, for :func:`~IWSegmentationLib.core.weights.component_weights`), ``lesion_centred`` bool
     ``(B,)``, ``origin`` int64 ``(B, 3)`` (each patch's corner on its case's grid), ``case``
     (list of ids) and ``step``.
@@ -140,7 +140,7 @@ class PatchDataset(IterableDataset):
 
         patches = self.sample_patches(step)
         batch = {
-            "image": torch.from_numpy(np.stack([p.image for p in patches])[:, None]),
+            "image": torch.from_numpy(_batch_images([p.image for p in patches])),
             "target": torch.from_numpy(np.stack([p.target for p in patches])[:, None].astype(np.float32)),
             "labels": torch.from_numpy(np.stack([p.labels for p in patches])[:, None]),
             "lesion_centred": torch.tensor([p.lesion_centred for p in patches]),
@@ -178,3 +178,26 @@ def make_loader(dataset: PatchDataset, *, num_workers: int = 2, pin_memory: bool
         kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor,
                       worker_init_fn=reinstall_cancel_handlers)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+
+
+#: How torch's DataLoader starts the message of an error it re-raises from a worker process.
+_WORKER_ERROR_PREFIX = "Caught "
+
+
+def next_batch(stream: Iterator[dict]) -> dict:
+    """The next batch of a :func:`make_loader` stream.
+
+    A user error (:class:`~IWSegmentationLib.core.errors.IWSegError`, e.g. a case that cannot be
+    prepared, named by :func:`prepare_volume`) raised in a worker process reaches the parent
+    as torch's re-raise: the same class, but its message is the worker's whole traceback.
+    Here it becomes that class again with the worker's own message, so the command line still
+    prints one line naming the case. Other errors pass unchanged.
+    """
+    try:
+        return next(stream)
+    except IWSegError as exc:
+        text = str(exc)
+        marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        if not text.startswith(_WORKER_ERROR_PREFIX) or marker not in text:
+            raise
+        raise type(exc)(text.rsplit(marker, 1)[1].strip()) from None

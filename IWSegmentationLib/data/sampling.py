@@ -33,7 +33,8 @@ class PreparedCase:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.image.shape)  # type: ignore[return-value]
+        """The spatial shape (a multi-channel image is ``[C, z, y, x]``)."""
+        return tuple(self.image.shape[-3:])  # type: ignore[return-value]
 
     @property
     def nbytes(self) -> int:
@@ -92,16 +93,18 @@ class PatchSampler:
         self.pad_value = pad_value
 
     def prepare(self, image: np.ndarray, lesion: np.ndarray, case_id: str = "case") -> PreparedCase:
-        """Label the lesions of the whole image, pad to the patch size, index lesion voxels."""
-        if image.ndim != 3 or tuple(lesion.shape) != tuple(image.shape):
-            raise InputError(f"case {case_id}: image {image.shape} and lesion mask {lesion.shape} must be the same 3D shape")
+        """Label the lesions of the whole image, pad to the patch size, index lesion voxels.
+        ``image`` is ``[z, y, x]`` or, with several channels, ``[C, z, y, x]``."""
+        if image.ndim not in (3, 4) or lesion.ndim != 3 or tuple(lesion.shape) != tuple(image.shape[-3:]):
+            raise InputError(f"case {case_id}: image {image.shape} and lesion mask {lesion.shape} must have the "
+                             "same 3D shape (the image may have a leading channel axis)")
         labels, k = label_components(lesion, self.connectivity)
         labels = labels.astype(_label_dtype(k), copy=False)
         image = np.asarray(image, dtype=np.float32)
-        pad = [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2) for p, s in zip(self.patch_size, image.shape)]
+        pad = [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2) for p, s in zip(self.patch_size, image.shape[-3:])]
         if any(a or b for a, b in pad):
             value = float(image.min()) if self.pad_value is None else float(self.pad_value)
-            image = np.pad(image, pad, constant_values=value)
+            image = np.pad(image, [(0, 0)] * (image.ndim - 3) + pad, constant_values=value)
             labels = np.pad(labels, pad, constant_values=0)
         flat = labels.ravel()
         idx = np.flatnonzero(flat)
@@ -134,7 +137,8 @@ class PatchSampler:
         box = tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))
         labels = case.labels[box].astype(np.int32)
         origin = tuple(int(s - b) for s, b in zip(start, case.pad_before))
-        return Patch(case.id, case.image[box].copy(), (labels > 0).astype(np.uint8), labels, start, lesion, origin)
+        return Patch(case.id, case.image[(..., *box)].copy(), (labels > 0).astype(np.uint8), labels, start, lesion,
+                     origin)
 
 
 def augment_patch(
@@ -159,7 +163,7 @@ def augment_patch(
     shift = rng.uniform(-intensity_shift, intensity_shift)
     image, target, labels = patch.image, patch.target, patch.labels
     if flips:
-        image = np.ascontiguousarray(np.flip(image, flips))
+        image = np.ascontiguousarray(np.flip(image, tuple(a + image.ndim - 3 for a in flips)))  # after a channel axis
         target = np.ascontiguousarray(np.flip(target, flips))
         labels = np.ascontiguousarray(np.flip(labels, flips))
     image = (image * np.float32(scale) + np.float32(shift)).astype(np.float32, copy=False)
@@ -172,3 +176,9 @@ def default_batch_rng(seed: int, rank: int, step: int) -> np.random.Generator:
 
 
 CaseSource = Union[Case, CaseVolume]
+
+
+def _batch_images(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Patches ``[z, y, x]`` or ``[C, z, y, x]`` stacked as the network's ``(B, C, z, y, x)``."""
+    batch = np.stack(images)
+    return batch[:, None] if batch.ndim == 4 else batch

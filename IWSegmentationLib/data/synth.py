@@ -197,6 +197,36 @@ def synth_case(
     return SynthCase(image.astype(np.int16), label, organ_mask, spacing, preset, lesions)
 
 
+#: Noise standard deviation of the second sequence (a.u.) and its lesion contrast in those units.
+SECOND_SEQUENCE_NOISE_SD = 10.0
+
+
+SECOND_SEQUENCE_LESION_CONTRAST = 5.0
+
+
+def second_sequence(case: SynthCase, seed: int | Sequence[int]) -> np.ndarray:
+    """A second "sequence" of ``case`` (FLAIR-like), int16 on the same grid, for multi-channel data.
+
+    The anatomy is the first image blurred (sigma 1 voxel) and rescaled to about 0-200 a.u.; every
+    lesion is added *hyperintense* at :data:`SECOND_SEQUENCE_LESION_CONTRAST` noise SDs with a
+    soft edge (the label blurred, sigma 0.7 voxel), then Gaussian noise of
+    :data:`SECOND_SEQUENCE_NOISE_SD`. So the second channel carries a lesion contrast that the
+    first lacks for its faint (1.5 SD) and hypo-intense lesions, as FLAIR does beside T1.
+    Drawn from its own generator (``seed``), so channel 0 is the same as a one-channel dataset's.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    base = ndimage.gaussian_filter(case.image.astype(np.float32), 1.0)
+    lo, hi = (float(v) for v in np.percentile(base, [1.0, 99.0]))
+    image = (base - np.float32(lo)) * np.float32(200.0 / max(hi - lo, 1.0))
+    sd = np.float32(SECOND_SEQUENCE_NOISE_SD)
+    lesion = ndimage.gaussian_filter(case.label.astype(np.float32), 0.7)
+    image += np.float32(SECOND_SEQUENCE_LESION_CONTRAST) * sd * lesion
+    image += sd * rng.standard_normal(image.shape, dtype=np.float32)
+    return np.clip(np.rint(image), 0, 32767).astype(np.int16)
+
+
 def generate_case(
     seed: int | Sequence[int],
     shape: Sequence[int] = DEFAULT_SHAPE,
@@ -218,16 +248,18 @@ def case_id(index: int) -> str:
     return f"synth_{index:03d}"
 
 
-def _remove_stale_cases(folders, keep: set[str]) -> None:
+def _remove_stale_cases(folders, keep: set[str], written: set[str] | None = None) -> None:
     """After ``--force`` over a larger earlier dataset, drop its ``synth_NNN`` files that the
-    new ``dataset.json`` does not list (only files of that exact generated name pattern)."""
+    new ``dataset.json`` does not list (only files of that exact generated name pattern, with an
+    optional channel suffix ``_0000``); with ``written`` (the file names just written), also
+    those of a kept case in the other naming (one- vs multi-channel)."""
     import re
 
-    pattern = re.compile(r"^(synth_\d{3,})\.nii\.gz$")
+    pattern = re.compile(r"^(synth_\d{3,})(_\d{4})?\.nii\.gz$")
     for folder in folders:
         for file in folder.iterdir():
             m = pattern.match(file.name)
-            if m and m.group(1) not in keep:
+            if m and (m.group(1) not in keep or (written is not None and file.name not in written)):
                 file.unlink()
 
 
@@ -242,6 +274,7 @@ def write_dataset(
     body_fraction: float | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    channels: int = 1,
     **options,
 ) -> dict:
     """Write ``cases`` synthetic cases as a Medical Segmentation Decathlon dataset in ``out``.
@@ -251,6 +284,10 @@ def write_dataset(
     row per lesion). Case ``i`` is generated from the seed ``(seed, i)``, so a dataset of 10
     cases is the first 10 cases of one of 50. Every file is written atomically. ``out`` must
     be empty or absent unless ``overwrite``. Returns the summary stored in ``dataset.json``.
+
+    ``channels=2`` writes two sequences per case in the MSD / nnU-Net naming,
+    ``imagesTr/synth_000_0000.nii.gz`` (the image above) and ``synth_000_0001.nii.gz``
+    (:func:`second_sequence`, where every lesion is hyperintense).
     """
     from .. import __version__
     from ..core.imageio import Geometry, write_image
@@ -264,6 +301,8 @@ def write_dataset(
         raise InputError(f"number of cases must be a positive integer, got {cases!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    if channels not in (1, 2):
+        raise InputError(f"channels must be 1 or 2 (the image and a second sequence), got {channels!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a folder")
@@ -274,12 +313,16 @@ def write_dataset(
         d.mkdir(parents=True, exist_ok=True)
 
     geometry = Geometry.identity(shape, spacing)
-    training, rows, counts = [], [], []
+    training, rows, counts, written = [], [], [], set()
     for i in range(cases):
         cid = case_id(i)
         case = synth_case((seed, i), shape, preset, spacing=spacing, body_fraction=body_fraction, **options)
         name = f"{cid}.nii.gz"
-        write_image(dirs["imagesTr"] / name, case.image, geometry)
+        images = [case.image] if channels == 1 else [case.image, second_sequence(case, (seed, i, 1))]
+        for c, image in enumerate(images):
+            image_name = name if channels == 1 else f"{cid}_{c:04d}.nii.gz"
+            write_image(dirs["imagesTr"] / image_name, image, geometry)
+            written.add(image_name)
         write_image(dirs["labelsTr"] / name, case.label, geometry)
         write_image(dirs["masksTr"] / name, case.organ_mask, geometry)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}", "mask": f"./masksTr/{name}"})
@@ -290,7 +333,9 @@ def write_dataset(
         if progress is not None:
             progress(i + 1, cases, cid)
 
-    _remove_stale_cases(dirs.values(), {case_id(i) for i in range(cases)})
+    keep = {case_id(i) for i in range(cases)}
+    _remove_stale_cases([dirs["imagesTr"]], keep, written)
+    _remove_stale_cases([dirs["labelsTr"], dirs["masksTr"]], keep, {f"{cid}.nii.gz" for cid in keep})
     with atomic_output(out / "lesions.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["case", "lesion", "voxels", "diameter_vox", "contrast", "kind", "z", "y", "x"])
@@ -306,6 +351,7 @@ def write_dataset(
         "options": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in options.items()},
         "lesions_per_case": counts,
         "lesions_total": int(sum(counts)),
+        "channels": channels,
     }
     dataset = {
         "name": f"IWSegSynthetic-{preset}",
@@ -313,7 +359,7 @@ def write_dataset(
         "reference": "IWSegmentationLib.synth",
         "licence": "CC0-1.0",
         "tensorImageSize": "3D",
-        "modality": {"0": "MR" if preset == "mr" else "CT"},
+        "modality": {"0": "MR" if preset == "mr" else "CT", **({"1": "synthetic FLAIR-like"} if channels == 2 else {})},
         "labels": dict(LABELS),
         "numTraining": cases,
         "numTest": 0,

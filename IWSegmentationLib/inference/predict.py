@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..core.errors import InputError
+from ..nn.model_card import check_in_channels
 from .devices import resolve_device, resolve_precision
 from .engine import _runnable
 from .predictors import EnsemblePredictor, MirroredPredictor, ProbabilityPredictor
@@ -79,7 +80,10 @@ def predict_volume(
             agree (:func:`check_ensemble`): an ensemble whose probabilities are averaged
             (:class:`EnsemblePredictor`). Each is put in ``eval()`` mode and moved to ``device``
             (to the CPU on an out-of-memory fallback).
-        image: raw ``[z, y, x]`` intensities (HU for CT). NaN/inf voxels raise :class:`InputError`.
+        image: raw ``[z, y, x]`` intensities (HU for CT), or ``[C, z, y, x]`` for a network of
+            ``C`` input channels (the card's ``architecture.in_channels``; another count is
+            refused). Each channel is prepared on its own; the foreground (skipping) is taken
+            from channel 0. NaN/inf voxels raise :class:`InputError`.
         metadata: the checkpoint's model card (``patch_size``, ``preprocessing``, ``threshold``).
         geometry: the image's :class:`~IWSegmentationLib.core.imageio.Geometry` (spacing matters when
             the card resamples); default: 1 mm isotropic, axis-aligned.
@@ -111,9 +115,12 @@ def predict_volume(
     if not 0.0 <= threshold < 1.0:
         raise InputError(f"threshold must be in [0, 1), got {threshold}")
     image = np.asarray(image)
-    if image.ndim != 3:
-        raise InputError(f"image must be a 3D array [z, y, x], got shape {image.shape}")
-    geometry = geometry or Geometry.identity(image.shape)
+    if image.ndim not in (3, 4):
+        raise InputError(f"image must be a 3D array [z, y, x] or, with several channels, [C, z, y, x]; "
+                         f"got shape {image.shape}")
+    check_in_channels(metadata, 1 if image.ndim == 3 else image.shape[0], "the image")
+    spatial = image if image.ndim == 3 else image[0]  # the grid, for the foreground (all channels share it)
+    geometry = geometry or Geometry.identity(spatial.shape)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
 
@@ -127,7 +134,7 @@ def predict_volume(
     network_input, work_geometry, _ = prepare_case(image, geometry, params, organ_mask)
     foreground = None
     if skip_background:
-        foreground = foreground_mask(image, params, organ_mask, on_warning=warn, spacing_zyx=geometry.spacing_zyx)
+        foreground = foreground_mask(spatial, params, organ_mask, on_warning=warn, spacing_zyx=geometry.spacing_zyx)
         if foreground is not None and work_geometry != geometry:
             foreground = resample_to_geometry(foreground.view(np.uint8), geometry, work_geometry, is_mask=True) != 0
 

@@ -257,10 +257,38 @@ class ModelCard:
         return copy.deepcopy(out)
 
     # ------------------------------------------------------------------------------ views
+    @property
+    def in_channels(self) -> int:
+        """Image channels the network takes (``architecture.in_channels``; see :func:`card_in_channels`)."""
+        return card_in_channels(self.to_dict())
+
     def size_groups(self):
         """The card's size groups as :class:`~IWSegmentationLib.core.lesions.SizeThresholds`, or None
         when it records none (each of the three written shapes is understood)."""
         return None if self.size_thresholds is None else parse_size_thresholds(self.size_thresholds)
+
+
+def card_in_channels(card: Mapping[str, Any]) -> int:
+    """How many image channels a model card's network takes: ``architecture.in_channels``. A card
+    written before multi-channel input (no such key) means 1, which is what those networks took:
+    :func:`~IWSegmentationLib.nn.architecture.validate_config` fills the key in with 1 when it is
+    missing, so an old card needs no new format version."""
+    arch = card.get("architecture") if isinstance(card, Mapping) else None
+    value = arch.get("in_channels", 1) if isinstance(arch, Mapping) else 1
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 1
+
+
+def check_in_channels(card: Mapping[str, Any], channels: int, what: str) -> None:
+    """Refuse an input of ``channels`` image channels for a model that takes another number,
+    saying what the model expects (:class:`InputError` naming ``what``, the input)."""
+    expected = card_in_channels(card)
+    if channels != expected:
+        names = "one image file" if expected == 1 else f"{expected} channel files (case_0000, case_0001, ...)"
+        raise InputError(
+            f"{what} has {channels} image channel(s) but the model takes {expected} "
+            f"(model card architecture.in_channels = {expected}); give {names} per case, in the channel "
+            "order it was trained on"
+        )
 
 
 # ---------------------------------------------------------------------------------- fields

@@ -19,6 +19,7 @@ from .presets import (  # noqa: F401  (re-exported)
 from .resampling import (  # noqa: F401  (re-exported)
     MAX_RESAMPLED_VOXELS,
     prepare_case,
+    prepare_channels,
     resample_to_geometry,
     resample_to_spacing,
     resampled_geometry,
@@ -39,4 +40,5 @@ __all__ = [
     "resample_to_geometry",
     "resample_to_spacing",
     "prepare_case",
+    "prepare_channels",
 ]

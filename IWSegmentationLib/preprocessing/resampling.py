@@ -99,7 +99,12 @@ def prepare_case(
 
     Returns ``(network_input float32, its geometry, resampled mask or None)``. Bring outputs
     back with ``resample_to_geometry(prob, returned_geometry, geometry)``.
+
+    A multi-channel image ``[C, z, y, x]`` (multi-sequence MR) is prepared channel by channel
+    (:func:`prepare_channels`).
     """
+    if isinstance(image, np.ndarray) and image.ndim == 4:
+        return prepare_channels(image, geometry, params, mask)
     params = validate_params(params)
     _check_image(image)
     if tuple(image.shape) != geometry.shape_zyx:
@@ -114,3 +119,21 @@ def prepare_case(
     if mask is not None:
         mask = resample_to_geometry(np.asarray(mask != 0, dtype=np.uint8), geometry, target, is_mask=True)
     return _preprocess_inplace(work, params, mask), target, mask
+
+
+def prepare_channels(
+    image: np.ndarray, geometry: Geometry, params: dict[str, Any], mask: np.ndarray | None = None
+) -> tuple[np.ndarray, Geometry, np.ndarray | None]:
+    """:func:`prepare_case` of each channel of a ``[C, z, y, x]`` image, stacked: every channel is
+    resampled onto the same grid and scaled on its own by the preset (e.g. the ``mr`` preset's
+    percentiles of each sequence), because sequences have unrelated intensity ranges."""
+    if image.shape[0] < 1:
+        raise InputError(f"image has no channels: shape {image.shape}")
+    channels, target, out_mask = [], geometry, mask
+    for c in range(image.shape[0]):
+        try:
+            prepared, target, out_mask = prepare_case(image[c], geometry, params, mask)
+        except InputError as exc:
+            raise InputError(f"channel {c}: {exc}") from None
+        channels.append(prepared)
+    return np.stack(channels), target, out_mask

@@ -256,6 +256,9 @@ def predict_on_server(args, reporter, state) -> int:
     """``iwseg predict --server URL``: the job runs on the server, the outputs land where a local run puts them."""
     from ..cli.commands.predict_inputs import collect_cases
 
+    if len(args.input) != 1:
+        raise InputError("--server takes one image file as --input; multi-channel input runs on this computer")
+    args.input, args.more_channels = args.input[0], ()
     if args.input.is_dir():
         raise InputError(f"--input {args.input}: with --server give one image file (folders and DICOM series "
                          "are not sent to a server)")

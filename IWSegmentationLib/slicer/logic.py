@@ -58,6 +58,21 @@ def check_volume_node(volume_node) -> None:
     panel.check_volume_shape(image.GetDimensions(), image.GetNumberOfScalarComponents(), volume_node.GetName())
 
 
+def check_single_channel(card: Mapping[str, Any], checkpoint: str | os.PathLike | None = None) -> None:
+    """The module segments one volume: refuse a model of several input channels (multi-sequence
+    MR, ``architecture.in_channels`` > 1) before anything starts, pointing to the command line."""
+    from ..nn.model_card import card_in_channels
+
+    channels = card_in_channels(card)
+    if channels != 1:
+        source = f" {checkpoint}" if checkpoint is not None else ""
+        raise InputError(
+            f"The model{source} takes {channels} image channels (e.g. several MR sequences); this module "
+            f"segments one volume. Run it from the command line: iwseg predict --model CKPT --input "
+            f"{' '.join(f'CHANNEL{c}.nii.gz' for c in range(channels))} --output MASK.nii.gz (see docs/inference.md)."
+        )
+
+
 class LesionSegmentationLogic:
     """Segment the lesions of a volume node with a checkpoint, in a backend job.
 
@@ -120,6 +135,7 @@ class LesionSegmentationLogic:
         check_volume_node(volume_node)
         if card is None:
             raise InputError("Select a readable model checkpoint.")
+        check_single_channel(card)
         low, high = volume_node.GetImageData().GetScalarRange()
         return panel.compatibility_warnings(card, minimum=low, maximum=high, dicom_modality=dicom_modality)
 
@@ -147,7 +163,9 @@ class LesionSegmentationLogic:
 
         parameters = process.PredictParameters(checkpoint_path, device=device, overlap=overlap, threshold=threshold)
         check_volume_node(volume_node)
-        sizes = panel.card_size_thresholds(self.job_factory.model_card(parameters))
+        card = self.job_factory.model_card(parameters)
+        check_single_channel(card, checkpoint_path)
+        sizes = panel.card_size_thresholds(card)
         array, geometry = mrml.array_from_volume(volume_node)
 
         def write_organ(path):

@@ -14,6 +14,7 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
     """The checkpoint metadata of this run (see docs/checkpoints.md)."""
     thresholds = config.size_groups()
     return {
+        "architecture": config.model_config(data.channels),  # save_checkpoint writes the model's own
         "patch_size": list(config.patch_size),
         "preprocessing": data.params,
         "threshold": config.threshold,

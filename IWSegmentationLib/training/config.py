@@ -326,9 +326,19 @@ class TrainConfig:
             f"(the U-Net pools {stride.bit_length() - 1} times), got {self.patch_size}; nearest valid: {nearest}"
         )
 
-    def model_config(self) -> dict:
-        """The validated architecture config: preset ``model_size`` with the ``model`` overrides."""
-        return default_config(self.model_size, **self.model)
+    def model_config(self, in_channels: int | None = None) -> dict:
+        """The validated architecture config: preset ``model_size`` with the ``model`` overrides.
+
+        ``in_channels``: the image channels of the data (the trainer passes the dataset's), which
+        the network takes; a ``model.in_channels`` set in the config must agree with it."""
+        overrides = dict(self.model)
+        if in_channels is not None:
+            given = overrides.get("in_channels")
+            if given is not None and given != in_channels:
+                raise InputError(f"config key 'model.in_channels' is {given!r} but the dataset's images have "
+                                 f"{in_channels} channel(s); remove the key (it follows the data) or fix the data")
+            overrides["in_channels"] = in_channels
+        return default_config(self.model_size, **overrides)
 
     def preprocessing_params(self) -> dict:
         """The preprocessing preset dict stored in the checkpoint (with ``target_spacing`` applied)."""

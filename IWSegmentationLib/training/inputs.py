@@ -49,6 +49,8 @@ class TrainingData:
     train_cases: list
     val_cases: list
     summary: dict
+    #: Image channels of every case (``_0000``, ``_0001``... files): the network's ``in_channels``.
+    channels: int = 1
 
 
 def _log(message: str) -> None:
@@ -74,6 +76,7 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
                            allow_outside_paths=config.allow_outside_paths)
     if len(dataset) == 0:
         raise InputError(f"dataset {config.data} holds no cases")
+    channels = dataset.channels
     if config.splits:
         splits = read_splits(config.splits, dataset.ids)
     else:
@@ -136,8 +139,10 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
         "split_file": config.splits,
         "train_lesions": int(sum(lesion_counts.values())) if lesion_counts else None,
         "median_spacing_zyx": [float(v) for v in np.median(np.asarray(spacings), axis=0)] if spacings else None,
+        "channels": channels,
     }
-    return TrainingData(Path(config.data), dataset.layout, splits, params, train_cases, val_records, summary)
+    return TrainingData(Path(config.data), dataset.layout, splits, params, train_cases, val_records, summary,
+                        channels)
 
 
 def make_patch_dataset(config: TrainConfig, cases: Sequence, params: Mapping[str, Any], *, rank: int = 0,

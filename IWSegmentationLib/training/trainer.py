@@ -164,6 +164,8 @@ class _Run:
 
     def train_epoch(self, epoch: int) -> dict:
         """``iters_per_epoch`` steps, then the scheduler's step; returns the epoch's log row."""
+        from ..data.loader import next_batch  # torch: importing the trainer stays torch-free
+
         config = self.config
         iters = config.iters_per_epoch
         wait = 0.0
@@ -172,7 +174,7 @@ class _Run:
         for i in range(iters):
             t = time.perf_counter()
             with self._cancel_deferred():
-                batch = next(self.stream)
+                batch = next_batch(self.stream)  # a worker's error in one line, naming the case
             wait += time.perf_counter() - t
             value = self.train_step(batch)
             if not math.isfinite(value):
@@ -281,7 +283,9 @@ class _Run:
         path = self.out / RESUME_STATE
         state = load_training_state(path)
         saved_arch = state.get("architecture")
-        arch = self.config.model_config()
+        # the channels follow the data, read later (run() checks them against the dataset)
+        saved_channels = saved_arch.get("in_channels") if isinstance(saved_arch, Mapping) else None
+        arch = self.config.model_config(saved_channels if isinstance(saved_channels, int) else None)
         if saved_arch != arch:
             raise CheckpointError(
                 f"cannot resume from {path}: it was written by a different architecture "
@@ -344,6 +348,10 @@ class _Run:
         if state is not None and state.get("splits") and state["splits"] != self.data.splits:
             raise InputError(f"cannot resume the run in {self.out}: the dataset split differs from the one it "
                              "was trained on (check 'data', 'splits' and the dataset folder)")
+        if state is not None and (state.get("architecture") or {}).get("in_channels", 1) != self.data.channels:
+            raise InputError(f"cannot resume the run in {self.out}: it was trained on images of "
+                             f"{state['architecture'].get('in_channels', 1)} channel(s), the dataset's have "
+                             f"{self.data.channels}")
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self._remove_stale_partials()
@@ -363,7 +371,7 @@ class _Run:
 
         config, info = self.config, self.info
         device = info.device
-        model = build_model(config.model_config()).to(device)
+        model = build_model(config.model_config(self.data.channels)).to(device)
         if config.init_checkpoint and state is None:
             self._init_from_checkpoint(model)
         self.loss_fn = get_loss(config.loss, **config.loss_params)
@@ -484,7 +492,7 @@ class _Run:
             "rng": capture_rng_state(),
             "best": self.best,
             "latest_validation": self.latest_validation,
-            "architecture": config.model_config(),
+            "architecture": config.model_config(self.data.channels),
             "config": config.to_dict(),
             "splits": self.data.splits,
         }
@@ -537,7 +545,8 @@ def _epoch_line(row: dict, report: dict | None, improved: bool, epochs: int) -> 
 def _describe_arch(arch: Any) -> str:
     if not isinstance(arch, Mapping):
         return repr(arch)
-    return f"channels {arch.get('channels')}, blocks_per_level {arch.get('blocks_per_level')}"
+    return (f"channels {arch.get('channels')}, blocks_per_level {arch.get('blocks_per_level')}, "
+            f"in_channels {arch.get('in_channels', 1)}")
 
 
 def _guarded_write(path: Path, write: Callable[[Path], Any]) -> None:

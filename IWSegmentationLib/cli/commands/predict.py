@@ -25,6 +25,7 @@ from ... import __version__
 from ...core.devices import DEVICES, ENGINES, PRECISIONS
 from ...core.errors import EXIT_FAILURE, Cancelled, InputError, IWSegError
 from ...core.imageio import (
+    read_channels,
     read_image,
 )
 from ...core.lesions import (
@@ -34,11 +35,14 @@ from ...core.lesions import (
 )
 from ...core.progress import CancelState, ProgressReporter
 from .predict_inputs import (
+    check_case_channels,
     check_label_map,
     collect_cases,
+    model_channels,
     organ_mask_warning,
     parse_shard,
     resolve_dataset_root,
+    split_channel_inputs,
 )
 from .predict_outputs import (
     _check_finite,
@@ -72,7 +76,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path, nargs="+", metavar="CKPT",
                    help="checkpoint (.safetensors); several: an ensemble whose probabilities are averaged "
                         "(their preprocessing, window and threshold must agree)")
-    p.add_argument("--input", required=True, type=Path, metavar="IMG|DIR", help="image, DICOM folder or folder of cases")
+    p.add_argument("--input", required=True, type=Path, nargs="+", metavar="IMG|DIR",
+                   help="image, DICOM folder or folder of cases; several image files: the channels of one case "
+                        "(e.g. T1 FLAIR, in the model's channel order). In a folder, case_0000, case_0001, ... "
+                        "files are the channels of case 'case' (MSD / nnU-Net naming)")
     p.add_argument("--output", required=True, type=Path, metavar="MASK|DIR", help="binary lesion mask (uint8) or folder")
     p.add_argument("--probabilities", type=Path, metavar="PROB|DIR", help="also write the probability map (or folder)")
     p.add_argument("--probabilities-uint8", action="store_true",
@@ -195,6 +202,8 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
         torch.set_num_threads(args.threads)
     parse_shard(args.shard)  # a bad --shard is an error even for a single input (where it does nothing)
     notes: list[str] = []
+    args.input, args.more_channels = split_channel_inputs(list(args.input))
+    args.model_channels = model_channels(args.model[0])
     args.input = resolve_dataset_root(args.input, notes.append)
     cases = collect_cases(args)
     if args.dicom_seg is not None:
@@ -206,6 +215,7 @@ def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelStat
     for note in notes:
         reporter.emit("load", case=None, message=note)
     model, card = _load_models(args.model, reporter)
+    check_case_channels(cases, card)
     warning = organ_mask_warning(card, args.organ_mask is not None)
     if warning:
         reporter.emit("warning", case=None, message=warning)
@@ -258,8 +268,8 @@ def _predict_case(case: PredictJob, model, card: dict, args, device, precision, 
     from ...inference.predict import predict_volume
 
     t0 = time.monotonic()
-    reporter.emit("load", case=case.name, message=f"reading {case.image}")
-    image, geometry = read_image(case.image, what="image")
+    reporter.emit("load", case=case.name, message=f"reading {', '.join(map(str, case.image_files))}")
+    image, geometry = read_channels(case.image_files, what="image")
     check_label_map(image, case.image, force=args.force,
                     warn=lambda message: reporter.emit("warning", case=case.name, message=message))
     # the SEG's source images are read (and matched to the grid) before inference, so a series

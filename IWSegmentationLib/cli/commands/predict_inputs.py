@@ -11,8 +11,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ...core.errors import InputError
-from ...core.files import IMAGE_SUFFIXES, case_name, list_images, preview_names
+from ...core.errors import InputError, IWSegError
+from ...core.files import IMAGE_SUFFIXES, case_name, group_channels, list_images, preview_names
 from ...core.imageio import check_output_format, output_suffix
 from ...core.outputs import check_not_overwriting, check_writable
 
@@ -28,6 +28,12 @@ class PredictJob:
     lesions: Path | None = None
     organ_mask: Path | None = None
     dicom_seg: Path | None = None
+    #: Channels 1, 2, ... of a multi-channel image (``image`` is channel 0).
+    more_channels: tuple[Path, ...] = ()
+
+    @property
+    def image_files(self) -> tuple[Path, ...]:
+        return (self.image, *self.more_channels)
 
 
 def _image_suffix(path: Path) -> str:
@@ -130,7 +136,7 @@ def resolve_dataset_root(src: Path, note) -> Path:
     folder = msd_images_folder(src)
     if folder is None:
         return src
-    n = len(list_images(folder))
+    n = len(group_channels(list_images(folder), where=folder))
     extra = "" if folder.name == "imagesTs" else " (it has no imagesTs/ with images: these are training cases)"
     note(f"{src} is a dataset root: predicting the {n} case(s) in {folder.name}/{extra}")
     return folder
@@ -190,15 +196,57 @@ def _make_output_folders(cases: list[PredictJob]) -> None:
             raise InputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
 
 
+def split_channel_inputs(inputs: list[Path]) -> tuple[Path, tuple[Path, ...]]:
+    """``--input`` as (the input, the files of channels 1, 2, ...): one path is any input;
+    several are the channel files of one case, each an existing image file."""
+    if len(inputs) == 1:
+        return inputs[0], ()
+    for path in inputs:
+        if not path.exists():
+            raise InputError(f"input not found: {path}")
+        if not path.is_file() or not _image_suffix(path):
+            raise InputError(f"--input {path}: several --input paths are the channels of one case and must each be "
+                             f"an image file ({', '.join(IMAGE_SUFFIXES)})")
+    if len({p.resolve() for p in inputs}) != len(inputs):
+        raise InputError("--input names the same file twice; give each channel's own file")
+    return inputs[0], tuple(inputs[1:])
+
+
+def model_channels(checkpoint: Path) -> int | None:
+    """The image channels the first model takes, read from its card's header (no weights), so a
+    folder is read as that model's cases; None if the card cannot be read yet (loading the model
+    then says why)."""
+    from ...nn.checkpoint import read_metadata
+    from ...nn.model_card import card_in_channels
+
+    try:
+        return card_in_channels(read_metadata(checkpoint))
+    except IWSegError:
+        return None
+
+
+def check_case_channels(cases: list[PredictJob], card: dict) -> None:
+    """Refuse, before any inference, cases whose channel count is not the model's."""
+    from ...nn.model_card import check_in_channels
+
+    for case in cases:
+        files = ", ".join(p.name for p in case.image_files)
+        check_in_channels(card, len(case.image_files), f"case {case.name} ({files})")
+
+
 def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
     """The cases to process (after ``--shard``), with their output paths; checks every path first."""
     src: Path = args.input
+    more_channels: tuple[Path, ...] = tuple(getattr(args, "more_channels", ()))
     if not src.exists():
         raise InputError(f"input not found: {src}")
     folder_mode = False
     inputs: dict[str, Path] = {}
+    channels: dict[str, tuple[Path, ...]] = {}
     if src.is_dir():
-        inputs = list_images(src, what="input folder")
+        channels = group_channels(list_images(src, what="input folder"), where=src,
+                                  channels=getattr(args, "model_channels", None))
+        inputs = {name: files[0] for name, files in channels.items()}
         if inputs:
             folder_mode = True
         elif _is_dicom_folder(src):
@@ -227,7 +275,8 @@ def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
         organ = args.organ_mask
         if organ is not None and not organ.exists():
             raise InputError(f"--organ-mask not found: {organ}")
-        return _checked([PredictJob(name, path, args.output, args.probabilities, args.lesions, organ)], args)
+        return _checked([PredictJob(name, path, args.output, args.probabilities, args.lesions, organ,
+                                     more_channels=more_channels)], args)
 
     _check_output_folder("--output", args.output)
     folders = [args.output.resolve()]
@@ -251,7 +300,7 @@ def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
             name, path, args.output / f"{name}{suffix}",
             args.probabilities / f"{name}{suffix}" if args.probabilities is not None else None,
             args.lesions / f"{name}.json" if args.lesions is not None else None,
-            organs.get(name),
+            organs.get(name), more_channels=channels.get(name, (path,))[1:],
         ))
     if args.organ_mask is not None:
         missing = [c.name for c in cases if c.organ_mask is None]
@@ -267,7 +316,7 @@ def _checked(cases: list[PredictJob], args: argparse.Namespace) -> list[PredictJ
     for case in cases:
         check_not_overwriting(
             {"--output": case.mask, "--probabilities": case.probabilities, "--lesions": case.lesions},
-            {"--input": case.image, "--organ-mask": case.organ_mask, "--model": args.model},
+            {"--input": case.image_files, "--organ-mask": case.organ_mask, "--model": args.model},
         )
     if not getattr(args, "overwrite", False):
         _refuse_existing(cases)

@@ -103,6 +103,7 @@ def lesion_report(case: PredictJob, prediction, geometry: Geometry, thresholds: 
     report = {
         "case": case.name,
         "image": str(case.image),
+        **({"channels": [str(p) for p in case.image_files]} if case.more_channels else {}),
         "threshold": prediction.threshold,
         "connectivity": connectivity,
         "spacing_zyx_mm": list(geometry.spacing_zyx),

@@ -42,6 +42,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="fraction of the field of view inside the body/head (default 0.4 CT, 0.3 MR)")
     p.add_argument("--mean-lesions", type=float, default=5.5, metavar="M",
                    help="mean lesion count per case (Poisson; default 5.5)")
+    p.add_argument("--channels", type=int, choices=(1, 2), default=1,
+                   help="2: also write a second sequence per case (MSD naming case_0000/case_0001), in which every "
+                        "lesion is hyperintense, for multi-channel training (default 1)")
     p.add_argument("--histogram", type=Path, default=None, metavar="PNG",
                    help="also write a histogram of lesion diameters and counts per case")
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     summary = write_dataset(
         args.out, args.cases, args.seed, args.preset, shape=args.size, spacing=args.spacing,
         body_fraction=args.body_fraction, overwrite=args.force, progress=progress, mean_lesions=args.mean_lesions,
+        channels=args.channels,
     )
     counts = summary["lesions_per_case"]
     print(f"wrote {args.cases} {args.preset} case(s) of {'x'.join(map(str, summary['size']))} voxels, "
