@@ -233,7 +233,7 @@ def download_outputs(client: ServerClient, job_id: str, outputs: Mapping[str, Pa
 
 def job_options(args) -> dict[str, Any]:
     """The server job options for an ``iwseg predict`` command line (None: the server's default)."""
-    from .app import single_file_suffix
+    from .jobs import single_file_suffix
 
     options = {
         "threshold": args.threshold, "overlap": args.overlap, "probabilities": args.probabilities is not None,
