@@ -883,7 +883,7 @@ def test_known_answer_checkpoint_is_written_without_importing_torch_here(tmp_pat
     path = tmp_path / "threshold.safetensors"
     code = (
         "import sys\n"
-        "from IWSegmentationLib import process\n"
+        "from IWSegmentationLib.backend import process\n"
         "process.write_known_answer_checkpoint(sys.argv[1])\n"
         "print(sorted(m for m in ('torch', 'safetensors', 'numpy') if m in sys.modules))\n"
     )

@@ -679,7 +679,7 @@ def write_known_answer_checkpoint(path: str | os.PathLike, python: str | os.Path
     The module's self-test needs it inside Slicer, where the application must not import torch
     or safetensors (on a fresh Slicer they are not installed; the backend, a child, uses them).
     """
-    code = "import sys; from IWSegmentationLib import phantom; phantom.threshold_checkpoint(sys.argv[1])"
+    code = "import sys; from IWSegmentationLib.testing import phantom; phantom.threshold_checkpoint(sys.argv[1])"
     proc = subprocess.run([os.fspath(python or sys.executable), "-c", code, os.fspath(path)], capture_output=True,
                           text=True, env=backend_environment() if env is None else env, timeout=timeout_s,
                           stdin=subprocess.DEVNULL, **no_console_window())

@@ -3,7 +3,7 @@
     python Resources/Icons/make_icons.py          # rewrites the PNGs in place
 
 The icon shows a cross-section with three lesions in the size-group colours of
-:data:`IWSegmentationLib.lesions.SIZE_GROUP_COLORS`: a large one, a medium one and a small
+:data:`IWSegmentationLib.core.lesions.SIZE_GROUP_COLORS`: a large one, a medium one and a small
 one that is ringed, because finding the small ones is what inverse weighting is for. The
 legend uses the same colours, so the panel, the docs and the rendered segments agree
 (``Testing/test_extension_static.py`` checks the legend's pixels against the palette).
@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from IWSegmentationLib.lesions import SIZE_GROUP_COLORS, SIZE_GROUPS, SIZE_PRESETS  # noqa: E402
+from IWSegmentationLib.core.lesions import SIZE_GROUP_COLORS, SIZE_GROUPS, SIZE_PRESETS  # noqa: E402
 
 ICON_SIZE = 128
 SUPERSAMPLE = 4
