@@ -2,7 +2,7 @@
 
 The series is written with pydicom from the known-answer phantom (``Testing/_dicom.py``: one CT
 file per slice, files named in shuffled order, an oblique anisotropic grid); ``iwseg predict`` runs
-in a real subprocess with the hand-wired threshold checkpoint (IWSegmentationLib/phantom.py), whose
+in a real subprocess with the hand-wired threshold checkpoint (IWSegmentationLib/testing/phantom.py), whose
 mask is exactly the phantom's reference. The SEG is read back with pydicom, not with the writer,
 and checked against the source files and an independent labelling (``scipy.ndimage.label``):
 

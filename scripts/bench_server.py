@@ -14,7 +14,7 @@ Runs alternate (local, server, local, ...) so that a change in the machine's loa
 lines are time-stamped as they arrive, which splits the time: *to start* is until the backend's
 ``start`` event (process start-up, and for the server the upload and the queue), *after done*
 from the ``done`` event to the exit (for the server the downloads). The model is the phantom
-checkpoint of IWSegmentationLib/phantom.py (the library's tiny U-Net, hand-wired), on a
+checkpoint of IWSegmentationLib/testing/phantom.py (the library's tiny U-Net, hand-wired), on a
 256 x 256 x 128 phantom volume by default.
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
