@@ -118,10 +118,17 @@ class ServerClient:
         return self._json("GET", "/v1/models")
 
     def model_card(self, name: str) -> dict:
-        for entry in self.models():
+        """The card of model ``name``; :class:`ServerInputError` for an unusable model, or for an
+        unknown one naming the models the server has."""
+        models = self.models()
+        for entry in models:
             if entry["name"] == name:
+                if entry.get("card") is None:
+                    raise ServerInputError(f"server {self.url}: model {name!r} is unusable: "
+                                           f"{entry.get('error', 'no model card')}")
                 return entry["card"]
-        raise ServerInputError(f"server {self.url} has no model {name!r}")
+        raise ServerInputError(f"server {self.url} has no model {name!r}; it has: "
+                               f"{', '.join(entry['name'] for entry in models) or '(none)'}")
 
     def submit(self, image: str | os.PathLike, model: str, options: Mapping[str, Any] | None = None) -> dict:
         """Upload ``image`` (streamed from disk) as a new job; returns its status (``id``, ``state``)."""
@@ -483,16 +490,7 @@ class RemoteJobFactory:
     def model_card(self, parameters: process.PredictParameters) -> dict:
         """The server's card of the model; :class:`ServerInputError` naming the models it has if unknown."""
         parameters.validate(local=False)
-        name = self.model or model_name(parameters.checkpoint)
-        models = self.client.models()
-        for entry in models:
-            if entry["name"] == name:
-                if entry.get("card") is None:
-                    raise ServerInputError(f"server {self.client.url}: model {name!r} is unusable: "
-                                           f"{entry.get('error', 'no model card')}")
-                return entry["card"]
-        raise ServerInputError(f"server {self.client.url} has no model {name!r}; it has: "
-                               f"{', '.join(entry['name'] for entry in models) or '(none)'}")
+        return self.client.model_card(self.model or model_name(parameters.checkpoint))
 
     def __call__(self, parameters: process.PredictParameters, *, loader: process.Loader) -> RemoteInferenceRun:
         parameters.validate(local=False)
