@@ -86,7 +86,7 @@ REGIMES = {
 #: sampling (p = 0.5 lesion-centred, batch 2, no augmentation), optimiser and lr drop at 80%; the
 #: `tiny` U-Net (the paper's topology, 86 k parameters) so that the 33 runs fit about 2.5 h on 2 cores (they took far less: see docs/results).
 TRAIN = {
-    "model_size": "tiny", "batch_size": 2, "epochs": 12, "iters_per_epoch": 50,
+    "model_size": "tiny", "batch_size": 2, "epochs": 16, "iters_per_epoch": 50,
     "optimizer": "sgd", "lr": 1e-2, "lr_final": 1e-3, "momentum": 0.9, "nesterov": True,
     "lr_schedule": "step", "lr_decay_at": 0.8, "lesion_probability": 0.5,
     "val_fraction": 0.0, "val_every": 0, "num_workers": 0,
