@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from compare_losses_report import run_id, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN_AND_IW = (("dice", "iw-dice"), ("bce", "iw-bce"), ("focal", "iw-focal"), ("asl", "iw-asl"))
@@ -111,10 +112,6 @@ def peer_available() -> bool:
 
 
 # --------------------------------------------------------------------------- runs
-
-
-def run_id(arm: str, seed: int) -> str:
-    return f"{arm}-s{seed}"
 
 
 def make_data(work: Path, data: dict) -> tuple[Path, Path]:
@@ -405,14 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     spent = json.loads(log.read_text()) if log.is_file() else []
     if todo:
         log.write_text(json.dumps(spent + [{"runs": len(todo), "seconds": wall, "jobs": args.jobs}]))
-    from compare_losses_report import write_report  # the scoring and tables, beside this file
-
     kept = [r for r in runs if is_done(work, run_id(*r), settings_for(base, r[1], overrides), data)]
     command = "python scripts/compare_losses.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                        else sys.argv[1:]))
     markdown = args.markdown or REPO / "docs" / "results" / f"compare_losses_{args.regime}.md"
     write_report(work, kept, base, data, args.regime, command.strip(), markdown,
-                 patch_stats=patch_statistics(train_dir, settings_for(base, 0, overrides)))
+                 patch_stats=patch_statistics(train_dir, settings_for(base, 0, overrides)), pairs=PLAIN_AND_IW,
+                 paper=PAPER, peer=PEER)
     print(f"written: {markdown} ({(time.perf_counter() - t0) / 60:.1f} min)")
     return 0
 
