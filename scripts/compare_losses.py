@@ -146,7 +146,7 @@ def _config(arm: str, settings: dict, train_dir: Path, out: Path):
                                   "out": str(out), "overwrite": True, "tensorboard": False, "progress": False})
 
 
-def predict_heldout(model, card: dict, heldout: Path) -> dict[str, np.ndarray]:
+def predict_heldout(model, card: dict, heldout: Path, device: str = "cpu") -> dict[str, np.ndarray]:
     """Blended float32 logits of every held-out case (the card's own preprocessing and window)."""
     from IWSegmentationLib.data import load_case, load_dataset
     from IWSegmentationLib.inference import predict_volume
@@ -155,7 +155,7 @@ def predict_heldout(model, card: dict, heldout: Path) -> dict[str, np.ndarray]:
     for record in load_dataset(heldout).cases:
         volume = load_case(record)
         pred = predict_volume(model, volume.image, card, geometry=volume.geometry, organ_mask=volume.organ,
-                              device="cpu")
+                              device=device)
         out[record.id] = pred.logits.astype(np.float32)
     return out
 
@@ -181,7 +181,7 @@ def train_ours(config, eval_epochs: set[int], heldout: Path, logits_dir: Path) -
     def on_epoch_end(epoch: int, row: dict) -> None:
         if epoch + 1 in eval_epochs:
             model, card = load_checkpoint(out / LAST_CHECKPOINT)
-            keep_logits(logits_dir / f"e{epoch + 1:03d}.npz", predict_heldout(model, card, heldout))
+            keep_logits(logits_dir / f"e{epoch + 1:03d}.npz", predict_heldout(model, card, heldout, config.device))
 
     resume = (out / RESUME_STATE).is_file()
     result = train(config, resume=resume, verbose=False, on_epoch_end=on_epoch_end)
@@ -209,7 +209,8 @@ def train_peer(config, eval_epochs: set[int], heldout: Path, logits_dir: Path) -
     data = load_training_data(config, verbose=False)
     steps = config.epochs * config.iters_per_epoch
     stream = iter(make_patch_dataset(config, data.train_cases, data.params, steps=steps))
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=1, **PEER_NET)
+    device = "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=1, **PEER_NET).to(device)
     loss_fn = DiceLoss(sigmoid=True)
     optimizer, value = build_optimizer(net, config), float("nan")
     scheduler = build_scheduler(optimizer, config)
@@ -217,7 +218,7 @@ def train_peer(config, eval_epochs: set[int], heldout: Path, logits_dir: Path) -
         net.train()
         for _ in range(config.iters_per_epoch):
             batch = next(stream)
-            loss = loss_fn(net(batch["image"]), batch["target"])
+            loss = loss_fn(net(batch["image"].to(device)), batch["target"].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -225,7 +226,7 @@ def train_peer(config, eval_epochs: set[int], heldout: Path, logits_dir: Path) -
         scheduler.step()
         if epoch + 1 in eval_epochs:
             card = model_card(config, data, epoch=epoch, validation_metrics=None)
-            keep_logits(logits_dir / f"e{epoch + 1:03d}.npz", predict_heldout(net.eval(), card, heldout))
+            keep_logits(logits_dir / f"e{epoch + 1:03d}.npz", predict_heldout(net.eval(), card, heldout, device))
     return sum(p.numel() for p in net.parameters()), value
 
 
