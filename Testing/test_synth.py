@@ -197,3 +197,31 @@ def test_iwseg_synth_refuses_a_non_empty_folder(tmp_path, capsys):
     # the stale case of the larger run is gone; files that are not ours stay
     assert sorted(p.name for p in (tmp_path / "labelsTr").iterdir()) == ["synth_000.nii.gz"]
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_primary_lesion_gives_the_lits_regime():
+    """``primary_diameter``: one large lesion and small satellites in the same organ, volumes far apart.
+
+    Working: nominally the primary's equivalent diameter is 14 ± 15% (at least 11.9 voxels) and a
+    satellite's at most 5, a volume ratio of at least (11.9 / 5)³ ≈ 13.5; the smallest satellites
+    (2.5 voxels) are 8x smaller again. Each lesion's star-shaped surface moves radially by up to
+    ±24% and the organ may cap the primary, so the test asks for less: the primary at least 4x any
+    satellite and the largest-to-smallest ratio above 10 (the LiTS regime's 10-100x spread).
+    """
+    from IWSegmentationLib.data.synth import synth_case
+
+    for i in range(3):
+        case = synth_case((0, i), (32, 64, 64), "ct-liver", spacing=(2.5, 1.5, 1.5), mean_lesions=6,
+                          diameter_range=(2.5, 5.0), primary_diameter=14.0)
+        volumes = [les.voxels for les in case.lesions]
+        assert len(volumes) >= 2
+        assert volumes[0] == max(volumes)  # the primary is placed first
+        assert volumes[0] >= 4 * max(volumes[1:]) and volumes[0] / min(volumes) > 10
+        assert all(case.organ_mask[case.label > 0])
+
+
+def test_primary_diameter_must_exceed_the_satellites():
+    from IWSegmentationLib.data.synth import synth_case
+
+    with pytest.raises(InputError, match="primary_diameter"):
+        synth_case(0, (32, 64, 64), "ct-liver", diameter_range=(2.5, 5.0), primary_diameter=4.0)

@@ -1,23 +1,31 @@
 #!/usr/bin/env python
-"""The paper's loss comparison (Shirokikh et al., MICCAI 2020, Table 2) on synthetic data.
+"""The paper's loss comparison (Shirokikh et al., MICCAI 2020, Table 2) on synthetic data, in the
+regime where the paper says inverse weighting helps.
 
-Trains the same network with each loss -- bce, iw-bce, focal, iw-focal, dice, iw-dice, asl,
-iw-asl, wce, gdl, dbce, combo -- and a peer reference arm (MONAI's own ``UNet`` trained with
-``monai.losses.DiceLoss`` on the very same patch stream), for each optimiser recipe (the
-paper's SGD and Adam) and each seed, on the same synthetic multi-lesion training set, for the
-same number of *iterations* (so the result does not depend on machine load). Every run
-predicts a separate held-out synthetic set; its probabilities are kept, and the table is
-scored from them with the metrics code as it is when the table is written. The markdown has,
-per optimiser, a table in the shape of the paper's Table 2 (the 7-point CPM, the paper's
-"avg Recall", and object Dice, overall and per size group), each cell the mean over seeds
-± the std over seeds, with the mean bootstrap std beside it, and the paper's numbers.
+The paper (section 5) finds its gains on LiTS (6.9 tumours per scan, "large lesions could be up to
+50 times bigger than the small ones") and calls LUNA16 (about one nodule per patch) "hardly an
+appropriate dataset to benefit from our method". So the default regime, ``lits``, is synthetic
+liver CT with one large lesion and several small satellites per case (volumes 10-100 fold apart)
+and patches that cover most of the organ; ``luna`` is the earlier one-small-lesion-per-patch
+lung data, the paper's LUNA16 point.
 
-    python scripts/compare_losses.py                                  # full comparison (see docs/results)
+Every arm -- dice, iw-dice, bce, iw-bce, focal, iw-focal, asl, iw-asl, wce, gdl (and dbce, combo
+with ``--arms``), and a peer reference arm (MONAI's ``UNet`` trained with
+``monai.losses.DiceLoss`` on the very same patch stream) -- is trained with the paper's optimiser
+(SGD, Nesterov momentum 0.9, lr 1e-2 -> 1e-3 at 80%) for the same number of *iterations*, seed by
+seed. Every ``--eval-every`` epochs the checkpoint just written is loaded through the normal
+checkpoint path and predicts the held-out set; its blended **logits** (float32) are kept, so the
+table and the training curves are scored afterwards, ranking components by their maximum logit,
+with the metrics code as it is when the table is written.
+
+    python scripts/compare_losses.py                                  # the study (docs/results)
     python scripts/compare_losses.py --quick --markdown /tmp/t.md     # smoke run (minutes)
-    python scripts/compare_losses.py --table-only                     # re-score kept runs, no training
+    python scripts/compare_losses.py --table-only                     # score kept runs, train nothing
 
-Finished runs are kept in ``--work``, so an interrupted comparison continues where it stopped
-when run again with the same settings.
+Resuming: a finished run is kept (its record and logits) and skipped; an interrupted run goes on
+from its last finished epoch (the trainer's own ``resume``), so the study can be stopped at any
+time and started again with the same command. Runs are ordered seed by seed, so a study stopped
+early has whole seeds.
 """
 
 from __future__ import annotations
@@ -31,14 +39,17 @@ import sys
 import time
 from pathlib import Path
 
-import _bench
 import numpy as np
+from compare_losses_report import run_id, write_report
 
 REPO = Path(__file__).resolve().parents[1]
-LOSSES = ("bce", "iw-bce", "focal", "iw-focal", "dice", "iw-dice", "asl", "iw-asl", "wce", "gdl", "dbce", "combo")
+PLAIN_AND_IW = (("dice", "iw-dice"), ("bce", "iw-bce"), ("focal", "iw-focal"), ("asl", "iw-asl"))
+OTHERS = ("wce", "gdl", "dbce", "combo")
 #: The peer reference arm: MONAI's UNet + DiceLoss on our patches (skipped when MONAI is absent).
 PEER = "monai-dice"
-ARMS = LOSSES + (PEER,)
+ARMS = tuple(a for pair in PLAIN_AND_IW for a in pair) + OTHERS + (PEER,)
+#: What runs without ``--arms``: the paper's ten losses and the peer (DBCE and Combo on request).
+DEFAULT_ARMS = tuple(a for a in ARMS if a not in ("dbce", "combo"))
 
 #: The paper's Table 2 (hold-out; avg recall = 7-point CPM / object Dice), from
 #: ../shared/reference/method-notes.md. DBCE and Combo are not in the paper.
@@ -55,34 +66,41 @@ PAPER = {
     "gdl": {"LUNA16": (0.69, 0.73), "LiTS": (0.69, 0.60)},
 }
 
-#: Synthetic data: lung-CT-like volumes (1.25 x 0.7 x 0.7 mm) with vessels, about 5.5 nodules
-#: per case of equivalent diameters 2-40 voxels, many small. Held-out cases come from another seed.
-DATA = {"preset": "ct-lung", "shape": [48, 96, 96], "train_cases": 24, "heldout_cases": 12,
-        "train_seed": 0, "heldout_seed": 2000}
-#: The training budget, the same for every arm (iwseg train config keys), before the optimiser
-#: recipe and the seed: the paper's sampling (p = 0.5 lesion-centred patches, batch 2, no
-#: augmentation) and lr drop to 1/10 at 80%, with 150 steps of 32x48x48 patches (78 runs must fit
-#: a developer session on 2 shared cores).
+#: The data of each regime (``iwseg synth`` options; held-out cases come from another seed).
+#: ``lits``: liver CT, one primary lesion of about 14 voxels' equivalent diameter (about 25 mm) and
+#: Poisson(6) satellites of 2.5-5 voxels (4-9 mm), in a 32x64x64 volume at 2.5 x 1.5 x 1.5 mm
+#: whose liver (about 26x29x31 voxels) a 32x40x40 patch covers. ``luna``: the earlier lung data.
+REGIMES = {
+    "lits": {
+        "data": {"preset": "ct-liver", "shape": [32, 64, 64], "spacing": [2.5, 1.5, 1.5], "train_cases": 24,
+                 "heldout_cases": 12, "train_seed": 0, "heldout_seed": 2000,
+                 "options": {"mean_lesions": 6.0, "diameter_range": [2.5, 5.0], "primary_diameter": 14.0}},
+        "train": {"patch_size": [32, 40, 40], "preprocessing": "ct-liver", "size_preset": "liver"},
+    },
+    "luna": {
+        "data": {"preset": "ct-lung", "shape": [48, 96, 96], "spacing": [1.25, 0.7, 0.7], "train_cases": 24,
+                 "heldout_cases": 12, "train_seed": 0, "heldout_seed": 2000, "options": {}},
+        "train": {"patch_size": [32, 48, 48], "preprocessing": "ct-lung", "size_preset": "lung"},
+    },
+}
+#: The training budget, the same for every arm and regime (iwseg train config keys): the paper's
+#: sampling (p = 0.5 lesion-centred, batch 2, no augmentation), optimiser and lr drop at 80%; the
+#: `tiny` U-Net (the paper's topology, 86 k parameters) so that the 33 runs fit about 2.5 h on 2 cores (they took far less: see docs/results).
 TRAIN = {
-    "model_size": "tiny", "patch_size": [32, 48, 48], "batch_size": 2,
-    "epochs": 3, "iters_per_epoch": 50, "lr_schedule": "step", "lr_decay_at": 0.8,
-    "lesion_probability": 0.5, "preprocessing": "ct-lung", "size_preset": "lung",
+    "model_size": "tiny", "batch_size": 2, "epochs": 16, "iters_per_epoch": 50,
+    "optimizer": "sgd", "lr": 1e-2, "lr_final": 1e-3, "momentum": 0.9, "nesterov": True,
+    "lr_schedule": "step", "lr_decay_at": 0.8, "lesion_probability": 0.5,
     "val_fraction": 0.0, "val_every": 0, "num_workers": 0,
 }
-#: The optimiser recipes. ``sgd`` is the paper's (Nesterov 0.9), with lr 0.1 instead of its 1e-2
-#: because the budget is 1/67 of its 10,000 steps; ``adam`` is the demo's.
-OPTIMISERS = {
-    "sgd": {"optimizer": "sgd", "lr": 0.1, "lr_final": 0.01, "momentum": 0.9, "nesterov": True},
-    "adam": {"optimizer": "adam", "lr": 1e-3, "lr_final": 1e-4},
-}
+EVAL_EVERY = 2
 SEEDS = (0, 1, 2)
 #: MONAI's UNet for the peer arm: 150 k parameters (ours, `tiny`: 86 k), residual units, BatchNorm.
 PEER_NET = {"channels": (8, 16, 32, 64), "strides": (2, 2, 2), "num_res_units": 1, "norm": "batch"}
 #: Torch threads per training process; ``--jobs`` processes run side by side.
 THREADS = 1
-QUICK = {"data": {"shape": [32, 64, 64], "train_cases": 4, "heldout_cases": 3},
-         "train": {"patch_size": [32, 32, 32], "epochs": 1, "iters_per_epoch": 3},
-         "arms": ("dice", "iw-dice", PEER), "seeds": (0,), "optimisers": ("sgd",)}
+QUICK = {"data": {"train_cases": 4, "heldout_cases": 3},
+         "train": {"epochs": 2, "iters_per_epoch": 3},
+         "arms": ("dice", "iw-dice", PEER), "seeds": (0,), "eval_every": 1}
 
 
 def peer_available() -> bool:
@@ -96,12 +114,8 @@ def peer_available() -> bool:
 # --------------------------------------------------------------------------- runs
 
 
-def run_id(optimiser: str, arm: str, seed: int) -> str:
-    return f"{optimiser}-{arm}-s{seed}"
-
-
 def make_data(work: Path, data: dict) -> tuple[Path, Path]:
-    """Write the training and held-out sets once (re-used when ``dataset.json`` matches)."""
+    """Write the training and held-out sets once (re-used when their ``dataset.json`` matches)."""
     from IWSegmentationLib.data.synth import write_dataset
 
     out = []
@@ -109,13 +123,17 @@ def make_data(work: Path, data: dict) -> tuple[Path, Path]:
                           ("heldout", data["heldout_cases"], data["heldout_seed"])):
         folder = work / "data" / name
         meta = folder / "dataset.json"
+        wanted = {"seed": seed, "size": list(data["shape"]), "spacing": list(data["spacing"]),
+                  "options": data["options"], "n": n}
         if meta.is_file():
             summary = json.loads(meta.read_text()).get("iwseg", {})
-            if (summary.get("seed"), summary.get("size"), len(summary.get("lesions_per_case", []))) == \
-                    (seed, list(data["shape"]), n):
+            have = {"seed": summary.get("seed"), "size": summary.get("size"), "spacing": summary.get("spacing"),
+                    "options": summary.get("options"), "n": len(summary.get("lesions_per_case", []))}
+            if have == wanted:
                 out.append(folder)
                 continue
-        summary = write_dataset(folder, n, seed, data["preset"], shape=data["shape"], overwrite=True)
+        summary = write_dataset(folder, n, seed, data["preset"], shape=data["shape"], spacing=data["spacing"],
+                                overwrite=True, **data["options"])
         print(f"  {name}: {n} cases, {summary['lesions_total']} lesions -> {folder}", flush=True)
         out.append(folder)
     return out[0], out[1]
@@ -128,19 +146,53 @@ def _config(arm: str, settings: dict, train_dir: Path, out: Path):
                                   "out": str(out), "overwrite": True, "tensorboard": False, "progress": False})
 
 
-def train_ours(config):
-    """``iwseg train``'s own loop; returns the trained network, its card and the last loss."""
+def predict_heldout(model, card: dict, heldout: Path, device: str = "cpu") -> dict[str, np.ndarray]:
+    """Blended float32 logits of every held-out case (the card's own preprocessing and window)."""
+    from IWSegmentationLib.data import load_case, load_dataset
+    from IWSegmentationLib.inference import predict_volume
+
+    out = {}
+    for record in load_dataset(heldout).cases:
+        volume = load_case(record)
+        pred = predict_volume(model, volume.image, card, geometry=volume.geometry, organ_mask=volume.organ,
+                              device=device)
+        out[record.id] = pred.logits.astype(np.float32)
+    return out
+
+
+def keep_logits(path: Path, logits: dict[str, np.ndarray]) -> None:
+    from IWSegmentationLib.core.outputs import atomic_output
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **logits)
+
+
+def train_ours(config, eval_epochs: set[int], heldout: Path, logits_dir: Path) -> tuple[int, float]:
+    """``iwseg train``'s own loop, continued from its resume state if an earlier start was
+    interrupted; after each epoch in ``eval_epochs`` (1-based) the checkpoint just written is
+    loaded (the normal checkpoint path) and predicts the held-out set. Returns (parameters, last loss)."""
     from IWSegmentationLib.nn.checkpoint import load_checkpoint
     from IWSegmentationLib.training import train
+    from IWSegmentationLib.training.trainer import LAST_CHECKPOINT, RESUME_STATE
 
-    result = train(config, verbose=False)
-    model, card = load_checkpoint(result.last_checkpoint)
-    return model, card, result.history[-1]["loss"]
+    out = Path(config.out)
+
+    def on_epoch_end(epoch: int, row: dict) -> None:
+        if epoch + 1 in eval_epochs:
+            model, card = load_checkpoint(out / LAST_CHECKPOINT)
+            keep_logits(logits_dir / f"e{epoch + 1:03d}.npz", predict_heldout(model, card, heldout, config.device))
+
+    resume = (out / RESUME_STATE).is_file()
+    result = train(config, resume=resume, verbose=False, on_epoch_end=on_epoch_end)
+    model, _card = load_checkpoint(result.last_checkpoint)
+    return sum(p.numel() for p in model.parameters()), (result.history[-1]["loss"] if result.history else float("nan"))
 
 
-def train_peer(config):
+def train_peer(config, eval_epochs: set[int], heldout: Path, logits_dir: Path) -> tuple[int, float]:
     """MONAI's UNet + DiceLoss(sigmoid=True), fed the same patch stream as our ``dice`` arm
-    (the trainer's own data path and seed), with the same optimiser and schedule."""
+    (the trainer's own data path and seed), with the same optimiser and schedule; predicted
+    with the same card (preprocessing, window) at the same epochs. Restarts when interrupted."""
     import torch
     from monai.losses import DiceLoss
     from monai.networks.nets import UNet
@@ -157,76 +209,71 @@ def train_peer(config):
     data = load_training_data(config, verbose=False)
     steps = config.epochs * config.iters_per_epoch
     stream = iter(make_patch_dataset(config, data.train_cases, data.params, steps=steps))
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=1, **PEER_NET)
+    device = "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=1, **PEER_NET).to(device)
     loss_fn = DiceLoss(sigmoid=True)
     optimizer, value = build_optimizer(net, config), float("nan")
     scheduler = build_scheduler(optimizer, config)
-    net.train()
-    for _epoch in range(config.epochs):
+    for epoch in range(config.epochs):
+        net.train()
         for _ in range(config.iters_per_epoch):
             batch = next(stream)
-            loss = loss_fn(net(batch["image"]), batch["target"])
+            loss = loss_fn(net(batch["image"].to(device)), batch["target"].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             value = float(loss.detach())
         scheduler.step()
-    card = model_card(config, data, epoch=config.epochs - 1, validation_metrics=None)
-    return net.eval(), card, value
+        if epoch + 1 in eval_epochs:
+            card = model_card(config, data, epoch=epoch, validation_metrics=None)
+            keep_logits(logits_dir / f"e{epoch + 1:03d}.npz", predict_heldout(net.eval(), card, heldout, device))
+    return sum(p.numel() for p in net.parameters()), value
 
 
-def predict_heldout(model, card: dict, heldout: Path) -> dict[str, np.ndarray]:
-    """Probabilities of every held-out case (the card's own preprocessing and window), float16."""
-    from IWSegmentationLib.data import load_case, load_dataset
-    from IWSegmentationLib.inference import predict_volume
-
-    out = {}
-    for record in load_dataset(heldout).cases:
-        volume = load_case(record)
-        pred = predict_volume(model, volume.image, card, geometry=volume.geometry, organ_mask=volume.organ,
-                              device="cpu")
-        out[record.id] = pred.probabilities.astype(np.float16)
-    return out
+def eval_epochs_for(epochs: int, every: int) -> list[int]:
+    """The 1-based epochs whose checkpoint is scored: every ``every`` epochs and always the last."""
+    return sorted({e for e in range(every, epochs + 1, every)} | {epochs})
 
 
-def run_one(optimiser: str, arm: str, seed: int, work: Path, train_dir: Path, heldout: Path, settings: dict,
-            data: dict) -> None:
-    """Train one arm, predict the held-out set, keep its probabilities and a run record (atomically)."""
+def run_one(arm: str, seed: int, work: Path, train_dir: Path, heldout: Path, settings: dict, data: dict,
+            eval_every: int) -> None:
+    """Train one arm (scoring checkpoints along the way), then write its run record (atomically)."""
     import torch
 
     from IWSegmentationLib.core.outputs import atomic_output
 
     torch.set_num_threads(THREADS)
-    rid = run_id(optimiser, arm, seed)
+    rid = run_id(arm, seed)
     t = time.perf_counter()
     config = _config(arm, settings, train_dir, work / "runs" / rid)
-    model, card, final_loss = (train_peer if arm == PEER else train_ours)(config)
-    train_seconds = time.perf_counter() - t
-    probs = predict_heldout(model, card, heldout)
-    with atomic_output(work / "probs" / f"{rid}.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **probs)
-    record = {"run": rid, "optimiser": optimiser, "arm": arm, "seed": seed, "settings": settings, "data": data,
-              "threshold": card["threshold"], "final_loss": final_loss, "train_seconds": train_seconds,
-              "seconds": time.perf_counter() - t, "parameters": sum(p.numel() for p in model.parameters())}
+    epochs = eval_epochs_for(settings["epochs"], eval_every)
+    trainer = train_peer if arm == PEER else train_ours
+    parameters, final_loss = trainer(config, set(epochs), heldout, work / "logits" / rid)
+    record = {"run": rid, "arm": arm, "seed": seed, "settings": settings, "data": data, "eval_epochs": epochs,
+              "threshold": 0.5, "final_loss": final_loss, "seconds": time.perf_counter() - t,
+              "parameters": parameters}
     with atomic_output(work / "reports" / f"{rid}.json") as tmp:
         tmp.write_text(json.dumps(record, indent=1))
-    print(f"  {rid}: {record['seconds']:.0f} s (train {train_seconds:.0f} s), final loss {final_loss:.4f}", flush=True)
+    print(f"  {rid}: {record['seconds']:.0f} s, final loss {final_loss:.4f}", flush=True)
 
 
-def _done(work: Path, rid: str, settings: dict, data: dict) -> bool:
-    """Whether run ``rid`` is kept (its record and probabilities) with these settings and data."""
+def is_done(work: Path, rid: str, settings: dict, data: dict) -> bool:
+    """Whether run ``rid`` is kept (its record and every scored checkpoint) with these settings and data."""
     record = work / "reports" / f"{rid}.json"
-    if not (record.is_file() and (work / "probs" / f"{rid}.npz").is_file()):
+    if not record.is_file():
         return False
     saved = json.loads(record.read_text())
-    return saved.get("settings") == settings and saved.get("data") == data
+    if saved.get("settings") != settings or saved.get("data") != data:
+        return False
+    return all((work / "logits" / rid / f"e{e:03d}.npz").is_file() for e in saved.get("eval_epochs", []))
 
 
-def run_parallel(todo: list[tuple[str, str, int]], args, work: Path) -> None:
-    """Run each (optimiser, arm, seed) in its own process, ``args.jobs`` at a time, logs in work/logs/."""
+def run_parallel(todo: list[tuple[str, int]], args, work: Path) -> None:
+    """Run each (arm, seed) in its own process, ``args.jobs`` at a time, logs in work/logs/."""
     (work / "logs").mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
-    base = [sys.executable, str(Path(__file__).resolve()), "--worker", "--work", str(work)]
+    base = [sys.executable, str(Path(__file__).resolve()), "--worker", "--work", str(work), "--regime", args.regime,
+            "--eval-every", str(args.eval_every)]
     if args.quick:
         base.append("--quick")
     for flag, value in (("--epochs", args.epochs), ("--iters", args.iters)):
@@ -237,11 +284,11 @@ def run_parallel(todo: list[tuple[str, str, int]], args, work: Path) -> None:
     pending, running = list(todo), []
     while pending or running:
         while pending and len(running) < max(1, args.jobs):
-            optimiser, arm, seed = pending.pop(0)
-            rid = run_id(optimiser, arm, seed)
-            log = open(work / "logs" / f"{rid}.log", "w")  # noqa: SIM115 (closed when the process ends)
+            arm, seed = pending.pop(0)
+            rid = run_id(arm, seed)
+            log = open(work / "logs" / f"{rid}.log", "a")  # noqa: SIM115 (closed when the process ends)
             print(f"[start] {rid} ({len(pending)} waiting)", flush=True)
-            cmd = base + ["--optimisers", optimiser, "--arms", arm, "--seeds", str(seed)]
+            cmd = base + ["--arms", arm, "--seeds", str(seed)]
             running.append((rid, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         time.sleep(2)
         for item in list(running):
@@ -253,216 +300,57 @@ def run_parallel(todo: list[tuple[str, str, int]], args, work: Path) -> None:
                 print(f"[done] {rid} (exit {proc.returncode}) {tail[0] if tail else ''}", flush=True)
 
 
-# --------------------------------------------------------------------------- scoring
+def patch_statistics(train_dir: Path, settings: dict, n_patches: int = 400) -> dict:
+    """Lesions per training patch (mean, and the share of patches with 0, 1, 2-3, 4+ lesions) on the
+    trainer's own patch stream (seed 0), and the training lesions' equivalent diameters."""
+    from IWSegmentationLib.core.lesions import label_components
+    from IWSegmentationLib.training import load_training_data, make_patch_dataset
 
-
-def score_run(work: Path, rid: str, heldout_cases: dict, size_preset: str) -> dict:
-    """The run's held-out report, scored now from its kept probabilities."""
-    from IWSegmentationLib.core.lesions import size_thresholds
-    from IWSegmentationLib.evaluation import evaluate_cases, match_case
-
-    record = json.loads((work / "reports" / f"{rid}.json").read_text())
-    thresholds = size_thresholds(size_preset)
-    results = []
-    with np.load(work / "probs" / f"{rid}.npz") as probs:
-        for case_id, volume in heldout_cases.items():
-            results.append(match_case(probs[case_id].astype(np.float32), volume.lesion, volume.geometry.spacing_zyx,
-                                      threshold=record["threshold"], thresholds=thresholds, case=case_id))
-    report = evaluate_cases(results, seed=0)
-    return {**summarise(report, results), "record": record}
-
-
-def object_dice_bootstrap(results, group: str | None, n_resamples: int = 100, fraction: float = 0.8) -> dict:
-    """Mean and std of the object Dice over ``n_resamples`` draws of 80% of the images without
-    replacement (the same resampling as the metrics module's recall bootstrap), images by case."""
-    ordered = sorted(results, key=lambda r: r.case)
-    n = len(ordered)
-    size = max(1, int(np.floor(fraction * n + 0.5)))
-    rng = np.random.default_rng(0)
-    per_image = [np.asarray([les.hit_dice for les in r.lesions
-                             if les.hit_dice > 0 and (group is None or les.size_group == group)]) for r in ordered]
-    means = []
-    for _ in range(n_resamples):
-        values = np.concatenate([per_image[i] for i in rng.choice(n, size=size, replace=False)])
-        if values.size:
-            means.append(values.mean())
-    return {"mean": float(np.mean(means)) if means else None, "std": float(np.std(means)) if means else None}
-
-
-def summarise(report: dict, results) -> dict:
-    def part(sub: dict, group: str | None) -> dict:
-        boot = sub.get("bootstrap") or {}
-        return {
-            "n_lesions": sub.get("n_lesions"),
-            "cpm": sub.get("cpm"),
-            "cpm_boot_std": (boot.get("cpm") or {}).get("std"),
-            "avg_recall_0_5": sub.get("avg_recall_0_5"),
-            "avg_recall_0_5_boot_std": (boot.get("avg_recall_0_5") or {}).get("std"),
-            "object_dice": (sub.get("object_dice") or {}).get("mean"),
-            "object_dice_boot_std": object_dice_bootstrap(results, group)["std"],
-            "detected": sum(1 for r in results for les in r.lesions
-                            if les.hit_dice > 0 and (group is None or les.size_group == group)),
-        }
-
-    out = part(report, None)
-    out["by_size"] = {g: part(sub, g) for g, sub in report["by_size"].items()}
-    voxel = [r.voxel_dice for r in results if np.isfinite(r.voxel_dice)]
-    out["voxel_dice"] = float(np.mean(voxel)) if voxel else None
-    out["fp_per_image"] = float(np.mean([r.n_false_positives for r in results]))
-    out["pred_to_ref_voxels"] = float(sum(r.pred_voxels for r in results) / max(1, sum(r.ref_voxels for r in results)))
-    return out
-
-
-def aggregate(scores: list[dict], key: str, group: str | None = None) -> tuple[float | None, float | None, float | None]:
-    """(mean over seeds, std over seeds, mean bootstrap std) of one metric; undefined values
-    (no detected lesion: no object Dice) count as 0 for recall-type keys and are left out otherwise."""
-    parts = [s if group is None else s["by_size"][group] for s in scores]
-    values = [p[key] for p in parts]
-    if key in ("cpm", "avg_recall_0_5"):
-        values = [0.0 if v is None else v for v in values]
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None, None
-    boots = [p.get(f"{key}_boot_std") for p in parts if p.get(f"{key}_boot_std") is not None]
-    return float(np.mean(values)), float(np.std(values)), (float(np.mean(boots)) if boots else None)
-
-
-# --------------------------------------------------------------------------- table
-
-
-def _spacing(preset: str):
-    from IWSegmentationLib.data.synth import DEFAULT_SPACING
-
-    return DEFAULT_SPACING[preset]
-
-
-def _cell(agg: tuple) -> str:
-    mean, std, boot = agg
-    if mean is None:
-        return "—"
-    return f"{mean:.2f} ± {std:.2f}" + (f" ({boot:.2f})" if boot is not None else "")
-
-
-def _v(value, digits: int = 2) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _recipe(name: str) -> str:
-    o = OPTIMISERS[name]
-    label = "SGD, Nesterov momentum 0.9 (the paper's)" if o["optimizer"] == "sgd" else "Adam"
-    return f"{label}, lr {o['lr']:g} -> {o['lr_final']:g} at 80%"
-
-
-def table(optimiser: str, scores: dict[str, list[dict]], groups: list[str]) -> list[str]:
-    head = ["loss", "CPM", "object Dice"]
-    for g in groups:
-        head += [f"{g}: CPM", f"{g}: obj Dice"]
-    head += ["avg recall 0-5 FP", "detected @0.5", "voxel Dice", "FP/image @0.5", "pred/ref", "paper LUNA16",
-             "paper LiTS"]
-    lines = [f"### {_recipe(optimiser)}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for arm in ARMS:
-        runs = scores.get(arm)
-        if not runs:
-            continue
-        cells = [f"`{arm}`", _cell(aggregate(runs, "cpm")), _cell(aggregate(runs, "object_dice"))]
-        for g in groups:
-            cells += [_cell(aggregate(runs, "cpm", g)), _cell(aggregate(runs, "object_dice", g))]
-        n = runs[0]["n_lesions"]
-        detected = [r["detected"] for r in runs]
-        cells += [_cell(aggregate(runs, "avg_recall_0_5")), f"{np.mean(detected):.0f}/{n}",
-                  _v(float(np.mean([r["voxel_dice"] or 0.0 for r in runs]))),
-                  _v(float(np.mean([r["fp_per_image"] for r in runs])), 1),
-                  _v(float(np.mean([r["pred_to_ref_voxels"] for r in runs])), 1)]
-        paper = PAPER.get(arm, {})
-        cells += [" / ".join(f"{v:.2f}" for v in paper[ds]) if ds in paper else "—" for ds in ("LUNA16", "LiTS")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
-def markdown(scores: dict[str, dict[str, list[dict]]], settings: dict, data: dict, seeds, command: str,
-             wall_seconds: float | None, jobs: int) -> str:
-    from IWSegmentationLib.core.lesions import size_thresholds
-
-    s = settings
-    thresholds = size_thresholds(s["size_preset"])
-    any_runs = [r for by_arm in scores.values() for runs in by_arm.values() for r in runs]
-    first = any_runs[0]
-    groups = [g for g in ("small", "medium", "large") if first["by_size"][g]["n_lesions"]]
-    run_seconds = [r["record"]["seconds"] for r in any_runs]
-    steps = s["epochs"] * s["iters_per_epoch"]
-    peer_params = next((r["record"]["parameters"] for r in any_runs if r["record"]["arm"] == PEER), None)
-    ours_params = next((r["record"]["parameters"] for r in any_runs if r["record"]["arm"] != PEER), None)
-    wall = f"{wall_seconds / 60:.0f} min wall with {jobs} runs side by side" if wall_seconds else "see the run records"
-    lines = [
-        "# Loss comparison on synthetic multi-lesion data (the paper's Table 2, reproduced in shape)",
-        "",
-        "Generated by `scripts/compare_losses.py`; the findings are discussed in [README.md](README.md).",
-        "",
-        f"**Command:** `{command}`",
-        "",
-        f"**Budget (the same for every arm):** {s['epochs']} epochs x {s['iters_per_epoch']} iterations = {steps} "
-        f"steps, batch {s['batch_size']} of {'x'.join(map(str, s['patch_size']))} patches, lesion-centred "
-        f"sampling p = {s['lesion_probability']}, no augmentation, `{s['model_size']}` U-Net ({ours_params:,} "
-        f"parameters), seeds {', '.join(map(str, seeds))} (network initialisation and patch stream), CPU fp32, "
-        f"{THREADS} torch thread per run. {len(any_runs)} runs, median {np.median(run_seconds):.0f} s each "
-        f"(training and held-out prediction); {wall} on {_bench.cpu_name()} ({_bench.visible_cores()} cores, shared "
-        "with other work).",
-        "",
-        f"**Peer arm** `{PEER}`: MONAI's `UNet` (channels {PEER_NET['channels']}, {PEER_NET['num_res_units']} "
-        f"residual unit per level, {peer_params or 0:,} parameters) trained with `monai.losses.DiceLoss(sigmoid=True)` "
-        "on the same patches (the trainer's own patch stream and seed), optimiser and schedule; predicted and "
-        "scored like the others.",
-        "",
-        f"**Data:** `iwseg synth` preset `{data['preset']}`, {data['train_cases']} training cases (seed "
-        f"{data['train_seed']}) and {data['heldout_cases']} held-out cases (seed {data['heldout_seed']}) of "
-        f"{'x'.join(map(str, data['shape']))} voxels at {' x '.join(f'{v:g}' for v in _spacing(data['preset']))} mm; "
-        f"{first['n_lesions']} held-out lesions ("
-        + ", ".join(f"{g} {first['by_size'][g]['n_lesions']}" for g in ("small", "medium", "large"))
-        + f"). Size groups (equivalent diameter, preset `{s['size_preset']}`): small < {thresholds.small_mm:g} mm "
-        f"<= medium < {thresholds.large_mm:g} mm <= large.",
-        "",
-        "**Metrics** (held-out set, `IWSegmentationLib.evaluation`, the paper's matching rule): **CPM** = mean "
-        "recall at 1/8, 1/4, 1/2, 1, 2, 4 and 8 FP/image, which is what the paper's Table 2 calls \"avg "
-        "Recall\" (see docs/metrics.md); object Dice = mean Dice of the detected lesions with their best-matching "
-        "component. Each cell: **mean over seeds ± std over seeds (mean bootstrap std over 100 resamples of 80% of "
-        "the images)**. Per size group, the group's lesions are the denominator. `avg recall 0-5 FP` is the mean "
-        "recall over 0-5 FP/image (our earlier headline, not the paper's metric). `detected @0.5`: lesions hit by "
-        "a component of the 0.5-thresholded mask (mean over seeds). Voxel Dice is the per-image Dice of that "
-        "mask; pred/ref is predicted over reference lesion voxels (> 1: over-segmentation).",
-        "",
-    ]
-    for optimiser, by_arm in scores.items():
-        lines += table(optimiser, by_arm, groups)
-    lines += [
-        "Paper columns: avg recall (CPM) / object Dice on the LUNA16 and LiTS hold-out sets, trained 100 x 100 "
-        "iterations with 128³ patches and an 11 M-parameter network on a GPU (Shirokikh et al. 2020, Table 2); "
-        "DBCE and Combo were not in the paper.",
-        "",
-    ]
-    return "\n".join(lines)
+    config = _config("dice", {**settings, "seed": 0}, train_dir, Path("/nonexistent-compare-losses"))
+    data = load_training_data(config, verbose=False)
+    stream = iter(make_patch_dataset(config, data.train_cases, data.params, steps=n_patches))
+    counts = []
+    while len(counts) < n_patches:
+        batch = next(stream)
+        for target in batch["target"].numpy():
+            counts.append(label_components(target.reshape(target.shape[-3:]) > 0, 26)[1])
+    counts = np.asarray(counts[:n_patches])
+    bins = {"0": counts == 0, "1": counts == 1, "2-3": (counts >= 2) & (counts <= 3), "4+": counts >= 4}
+    return {"patches": int(counts.size), "mean_lesions_per_patch": float(counts.mean()),
+            "share": {k: float(v.mean()) for k, v in bins.items()}}
 
 
 # --------------------------------------------------------------------------- main
 
 
+def settings_for(base: dict, seed: int, overrides: dict) -> dict:
+    from IWSegmentationLib.training import merge_config
+
+    return merge_config({**base, "seed": seed}, overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("compare_output"),
-                        help="working folder: data, runs, kept probabilities, run records (default compare_output)")
-    parser.add_argument("--markdown", type=Path, default=REPO / "docs" / "results" / "compare_losses.md",
-                        help="where to write the tables (default docs/results/compare_losses.md)")
+    parser.add_argument("--regime", choices=tuple(REGIMES), default="lits",
+                        help="lits: several lesions per patch, volumes 10-100x apart (default); luna: about one "
+                             "small lesion per patch")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="working folder: data, runs, kept logits, run records (default compare_output/REGIME)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="where to write the tables (default docs/results/compare_losses_REGIME.md)")
     parser.add_argument("--arms", "--losses", dest="arms", nargs="+", choices=ARMS, default=None,
-                        help=f"a subset of the losses (and the peer arm {PEER})")
+                        help=f"a subset of the losses (and the peer arm {PEER}); default: the paper's ten and the peer")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help=f"seeds (default {' '.join(map(str, SEEDS))})")
-    parser.add_argument("--optimisers", nargs="+", choices=tuple(OPTIMISERS), default=None,
-                        help="optimiser recipes (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny budget, two losses and the peer: a smoke run")
     parser.add_argument("--force", action="store_true", help="retrain runs that are already kept")
-    parser.add_argument("--table-only", action="store_true", help="score the kept runs and write the table; train nothing")
+    parser.add_argument("--table-only", action="store_true",
+                        help="score the kept runs and write the table; train nothing (runs not kept are left out)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="runs side by side, one CPU thread each (default 2; results do not depend on it)")
     parser.add_argument("--epochs", type=int, help=f"override the budget's epochs (default {TRAIN['epochs']})")
     parser.add_argument("--iters", type=int, help=f"override the iterations per epoch (default {TRAIN['iters_per_epoch']})")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help=f"score the checkpoint every this many epochs (default {EVAL_EVERY})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training key for every run, e.g. --set model.norm=instance "
                              "(as iwseg train --set: values are YAML; repeatable)")
@@ -470,16 +358,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from IWSegmentationLib.core.errors import InputError
-    from IWSegmentationLib.data import load_case, load_dataset
-    from IWSegmentationLib.training import merge_config, parse_overrides
+    from IWSegmentationLib.training import parse_overrides
 
-    data, base = dict(DATA), dict(TRAIN)
-    arms, seeds, optimisers = tuple(args.arms or ARMS), tuple(args.seeds or SEEDS), tuple(args.optimisers or OPTIMISERS)
+    regime = REGIMES[args.regime]
+    data = {**regime["data"], "options": dict(regime["data"]["options"])}
+    base = {**TRAIN, **regime["train"]}
+    arms, seeds = tuple(args.arms or DEFAULT_ARMS), tuple(args.seeds or SEEDS)
+    args.eval_every = args.eval_every or EVAL_EVERY
     if args.quick:
         data.update(QUICK["data"])
         base.update(QUICK["train"])
         arms = tuple(args.arms or QUICK["arms"])
-        seeds, optimisers = tuple(args.seeds or QUICK["seeds"]), tuple(args.optimisers or QUICK["optimisers"])
+        seeds = tuple(args.seeds or QUICK["seeds"])
+        args.eval_every = QUICK["eval_every"]
     if PEER in arms and not peer_available():
         print(f"note: MONAI is not installed: the peer arm {PEER} is skipped", flush=True)
         arms = tuple(a for a in arms if a != PEER)
@@ -492,41 +383,34 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         parser.error(f"--set: {exc}")
 
-    def settings_for(optimiser: str, seed: int) -> dict:
-        return merge_config({**base, **OPTIMISERS[optimiser], "seed": seed}, overrides)
-
-    work = args.work
-    for folder in ("reports", "probs"):
-        (work / folder).mkdir(parents=True, exist_ok=True)
+    work = args.work or Path("compare_output") / args.regime
+    (work / "reports").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train_dir, heldout_dir = make_data(work, data)
     if args.worker:  # one run, in a child process started by run_parallel
-        for optimiser in optimisers:
-            for arm in arms:
-                for seed in seeds:
-                    run_one(optimiser, arm, seed, work, train_dir, heldout_dir, settings_for(optimiser, seed), data)
+        for arm in arms:
+            for seed in seeds:
+                run_one(arm, seed, work, train_dir, heldout_dir, settings_for(base, seed, overrides), data,
+                        args.eval_every)
         return 0
-    runs = [(o, a, s) for s in seeds for o in optimisers for a in arms]  # seed-major: whole seeds finish first
-    todo = [r for r in runs if args.force or not _done(work, run_id(*r), settings_for(r[0], r[2]), data)]
-    if todo and args.table_only:
-        raise SystemExit(f"compare_losses: {len(todo)} run(s) not kept yet, e.g. {run_id(*todo[0])}")
+    runs = [(a, s) for s in seeds for a in arms]  # seed-major: whole seeds finish first
+    todo = [] if args.table_only else [
+        r for r in runs if args.force or not is_done(work, run_id(*r), settings_for(base, r[1], overrides), data)]
     print(f"[runs] {len(runs) - len(todo)} kept, {len(todo)} to train", flush=True)
     run_parallel(todo, args, work)
-    missing = [run_id(*r) for r in runs if not _done(work, run_id(*r), settings_for(r[0], r[2]), data)]
-    if missing:
-        raise SystemExit(f"compare_losses: no kept result for {', '.join(missing[:5])} (see {work / 'logs'})")
-    print("[score] held-out cases, from the kept probabilities", flush=True)
-    heldout = {record.id: load_case(record) for record in load_dataset(heldout_dir).cases}
-    scores: dict[str, dict[str, list[dict]]] = {}
-    for optimiser, arm, seed in runs:
-        score = score_run(work, run_id(optimiser, arm, seed), heldout, base["size_preset"])
-        scores.setdefault(optimiser, {}).setdefault(arm, []).append(score)
+    wall = time.perf_counter() - t0
+    log = work / "wall_seconds.json"
+    spent = json.loads(log.read_text()) if log.is_file() else []
+    if todo:
+        log.write_text(json.dumps(spent + [{"runs": len(todo), "seconds": wall, "jobs": args.jobs}]))
+    kept = [r for r in runs if is_done(work, run_id(*r), settings_for(base, r[1], overrides), data)]
     command = "python scripts/compare_losses.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                        else sys.argv[1:]))
-    wall = time.perf_counter() - t0 if todo and len(todo) == len(runs) else None
-    text = markdown(scores, settings_for(optimisers[0], seeds[0]), data, seeds, command.strip(), wall, args.jobs)
-    _bench.write_report(args.markdown, text)
-    print(f"written: {args.markdown} ({(time.perf_counter() - t0) / 60:.1f} min)")
+    markdown = args.markdown or REPO / "docs" / "results" / f"compare_losses_{args.regime}.md"
+    write_report(work, kept, base, data, args.regime, command.strip(), markdown,
+                 patch_stats=patch_statistics(train_dir, settings_for(base, 0, overrides)), pairs=PLAIN_AND_IW,
+                 paper=PAPER, peer=PEER)
+    print(f"written: {markdown} ({(time.perf_counter() - t0) / 60:.1f} min)")
     return 0
 
 

@@ -25,6 +25,10 @@ The model, in field-of-view (FOV) coordinates so that the anatomy scales with th
   ``diameter_range`` — many small lesions, few large. Contrast is log-uniform between 1.5 and
   8 noise standard deviations, hypo- or hyperdense. Lesions lie entirely inside the organ and
   never touch each other (each is exactly one 26-connected component of the label).
+  With ``primary_diameter`` (the LiTS regime of the paper's section 5: "large lesions could be
+  up to 50 times bigger than the small ones"), the first lesion is a large one of about that
+  diameter and the others are small satellites drawn from ``diameter_range``, so a patch that
+  covers most of the organ holds several lesions whose volumes differ 10-100 fold.
 
 Everything comes from one ``numpy.random.Generator`` seeded by ``seed``, so the same seed
 gives byte-identical arrays (images are stored as int16, like scanners do). Each lesion only
@@ -45,7 +49,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.lesions import check_spacing
-from .synth_anatomy import _ANATOMY, SynthLesion, _norm_coords, _place_lesions, correlated_noise
+from .synth_anatomy import _ANATOMY, SynthLesion, _norm_coords, correlated_noise, place_lesions
 
 PRESETS = ("ct-liver", "ct-lung", "mr")
 
@@ -152,6 +156,7 @@ def synth_case(
     mean_lesions: float = 5.5,
     diameter_range: Sequence[float] = (2.0, 40.0),
     size_exponent: float = 1.5,
+    primary_diameter: float | None = None,
 ) -> SynthCase:
     """Generate one case with its lesion list; see the module docstring for the model.
 
@@ -160,7 +165,9 @@ def synth_case(
     mm defaults to :data:`DEFAULT_SPACING`; ``body_fraction`` (share of the FOV inside the
     body/head) to :data:`DEFAULT_BODY_FRACTION`. ``mean_lesions`` is the Poisson mean of the
     lesion count; diameters (voxels, equivalent) follow ``p(d) ∝ d^-size_exponent`` on
-    ``diameter_range``, truncated to what the organ can hold.
+    ``diameter_range``, truncated to what the organ can hold. ``primary_diameter`` (voxels,
+    equivalent) adds one large lesion of that diameter ± 15% (placed first; shrunk if the organ
+    cannot hold it) to the ``Poisson(mean_lesions)`` small ones.
     """
     preset = _check_preset(preset)
     shape = _check_shape(shape)
@@ -171,6 +178,9 @@ def synth_case(
     lo, hi = _check_diameters(diameter_range, size_exponent)
     if not (0.0 <= float(mean_lesions) <= 50.0):
         raise InputError(f"mean_lesions must be in [0, 50], got {mean_lesions}")
+    if primary_diameter is not None and not (hi < float(primary_diameter) <= 200.0):
+        raise InputError(f"primary_diameter must be larger than the diameter_range maximum {hi:g} and at most "
+                         f"200 voxels, got {primary_diameter}")
     try:
         rng = np.random.default_rng(seed)
     except (TypeError, ValueError):
@@ -178,7 +188,8 @@ def synth_case(
 
     anatomy = _ANATOMY[preset](rng, shape, spacing, body_fraction)
     n = int(rng.poisson(mean_lesions))
-    label, lesions = _place_lesions(rng, anatomy, spacing, shape, n, lo, hi, size_exponent)
+    primary = None if primary_diameter is None else float(primary_diameter) * float(rng.uniform(0.85, 1.15))
+    label, lesions = place_lesions(rng, anatomy, spacing, shape, n, lo, hi, size_exponent, primary=primary)
     image = anatomy.image
     if preset == "mr":
         z, y, x = _norm_coords(shape)

@@ -302,13 +302,15 @@ def _dilate26(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), bool))
 
 
-def _place_lesions(rng, anatomy: _Anatomy, spacing, shape, n, diam_lo, diam_hi, exponent):
+def place_lesions(rng, anatomy: _Anatomy, spacing, shape, n, diam_lo, diam_hi, exponent,
+                  primary: float | None = None):
     """Place ``n`` non-touching lesions inside the organ (adding them to ``anatomy.image``);
-    returns ``(label, lesions)``."""
+    returns ``(label, lesions)``. ``primary`` (equivalent diameter in voxels) adds one large lesion,
+    placed first, capped like the others at what the organ can hold."""
     label = np.zeros(shape, np.uint8)
     organ = anatomy.organ
     cand = np.flatnonzero(organ)
-    if cand.size == 0 or n == 0:
+    if cand.size == 0 or (n == 0 and primary is None):
         return label, []
     sp = np.asarray(spacing)
     voxel_cbrt = float(np.cbrt(sp.prod()))
@@ -317,6 +319,9 @@ def _place_lesions(rng, anatomy: _Anatomy, spacing, shape, n, diam_lo, diam_hi, 
     organ_mm = min(e * s for e, s in zip(extents, sp))
     hi = max(diam_lo * 1.01, min(diam_hi, 0.6 * organ_mm / voxel_cbrt))
     diameters = np.sort(sample_diameters(rng, n, diam_lo, hi, exponent))[::-1]  # large first
+    if primary is not None:
+        cap = max(diam_lo * 1.01, 0.6 * organ_mm / voxel_cbrt)
+        diameters = np.concatenate([[min(primary, cap)], diameters])
     lesions: list[SynthLesion] = []
     for dv in diameters:
         radius_mm = 0.5 * float(dv) * voxel_cbrt

@@ -10,19 +10,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.confidence import SKIPPED_LOGIT, probability_to_logit, sigmoid
 from ..core.errors import InputError
 from ..nn.model_card import check_in_channels
 from .devices import resolve_device, resolve_precision
 from .engine import _runnable
-from .predictors import EnsemblePredictor, MirroredPredictor, ProbabilityPredictor
+from .predictors import EnsemblePredictor, MirroredPredictor
 from .sliding_window import InferenceStats, _triple, sliding_window_inference
 
 
 @dataclass
 class VolumePrediction:
-    """:func:`predict_volume`'s result, on the input grid: float32 probabilities, the uint8 mask
-    ``probabilities > threshold``, the threshold used and the run's :class:`InferenceStats`."""
+    """:func:`predict_volume`'s result, on the input grid: the blended float32 ``logits`` (what
+    ranks components: their maximum logit is their confidence), float32 ``probabilities``
+    (``sigmoid(logits)``), the uint8 mask ``logits > logit(threshold)`` (the same as
+    ``probabilities > threshold`` without the sigmoid's rounding), the threshold used (a
+    probability) and the run's :class:`InferenceStats`. Voxels no window covered have the
+    logit :data:`~IWSegmentationLib.core.confidence.SKIPPED_LOGIT` (probability 0)."""
 
+    logits: np.ndarray
     probabilities: np.ndarray
     mask: np.ndarray
     threshold: float
@@ -72,8 +78,8 @@ def predict_volume(
     then intensity scaling and the organ mask), the foreground for skipping
     (:func:`preprocessing.foreground_mask`: the organ mask, else the lung field for ``ct-lung``,
     else the preset's body threshold),
-    :func:`sliding_window_inference` of ``sigmoid(model(x))``, resampling back to the input grid,
-    and ``mask = probabilities > threshold``.
+    :func:`sliding_window_inference` of the logits ``model(x)`` (blended), resampling back to the input grid,
+    the sigmoid, and ``mask = logits > logit(threshold)``.
 
     Args:
         model: the network (``load_checkpoint``'s first value), or several networks whose cards
@@ -112,8 +118,7 @@ def predict_volume(
     settings = inference_settings(metadata)
     params = validate_params(dict(metadata["preprocessing"]))
     threshold = float(metadata.get("threshold", 0.5) if threshold is None else threshold)
-    if not 0.0 <= threshold < 1.0:
-        raise InputError(f"threshold must be in [0, 1), got {threshold}")
+    logit_threshold = probability_to_logit(threshold)
     image = np.asarray(image)
     if image.ndim not in (3, 4):
         raise InputError(f"image must be a 3D array [z, y, x] or, with several channels, [C, z, y, x]; "
@@ -140,12 +145,11 @@ def predict_volume(
 
     networks = [_runnable(m, engine, device, precision, channels_last, warn) for m in models]
     stats.engine = "frozen" if all(n is not m for n, m in zip(networks, models)) else "eager"
-    predictor: nn.Module = EnsemblePredictor([ProbabilityPredictor(n) for n in networks]) if len(networks) > 1 \
-        else ProbabilityPredictor(networks[0])
+    predictor: nn.Module = EnsemblePredictor(networks) if len(networks) > 1 else networks[0]
     if tta:
         predictor = MirroredPredictor(predictor)
     try:
-        probs = sliding_window_inference(
+        logits = sliding_window_inference(
             network_input,
             predictor,
             settings["patch_size"],
@@ -156,7 +160,7 @@ def predict_volume(
             precision=precision,
             foreground=foreground,
             pad_value=float(network_input.min()),
-            fill_value=0.0,
+            fill_value=SKIPPED_LOGIT,
             progress=progress,
             cancel=cancel,
             on_warning=on_warning,
@@ -166,11 +170,11 @@ def predict_volume(
         for m in models:
             m.to(memory_format=torch.contiguous_format)
     del network_input, foreground
-    if probs.shape[0] != 1:
-        raise InputError(f"the model returns {probs.shape[0]} channels; lesion segmentation needs 1")
-    probs = probs[0]
+    if logits.shape[0] != 1:
+        raise InputError(f"the model returns {logits.shape[0]} channels; lesion segmentation needs 1")
+    logits = logits[0]
     if work_geometry != geometry:
-        probs = resample_to_geometry(probs, work_geometry, geometry)
-    np.clip(probs, 0.0, 1.0, out=probs)
-    mask = (probs > threshold).view(np.uint8)
-    return VolumePrediction(probabilities=probs, mask=mask, threshold=threshold, stats=stats)
+        logits = resample_to_geometry(logits, work_geometry, geometry)
+    mask = (logits > logit_threshold).view(np.uint8)
+    return VolumePrediction(logits=logits, probabilities=sigmoid(logits), mask=mask, threshold=threshold,
+                            stats=stats)

@@ -1,4 +1,12 @@
-"""What a sliding window calls: the network's sigmoid (:class:`ProbabilityPredictor`), test-time mirroring and the mean of an ensemble."""
+"""What a sliding window calls: the network's logits, test-time mirroring and the mean of an ensemble.
+
+Inference blends **logits** (as nnU-Net does): the network's raw output is what the window
+blend, test-time mirroring and ensembles average, and the sigmoid is taken once, at the end.
+A logit keeps ranking information that a float32 sigmoid loses above about 17 (where it rounds
+to exactly 1.0), so a component's confidence -- its maximum logit -- still orders confident
+detections. :class:`ProbabilityPredictor` (``sigmoid(model(x))``) is kept for callers that
+want probabilities per window.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +20,8 @@ from ..core.errors import InputError
 
 
 class ProbabilityPredictor(nn.Module):
-    """``sigmoid(model(x))``: blending probabilities (as nnU-Net does) makes skipped regions, which
-    get 0, read as zero probability. Being a module, it can be moved to the CPU on out-of-memory."""
+    """``sigmoid(model(x))`` per window, for callers that blend probabilities (``iwseg predict``
+    blends logits). Being a module, it can be moved to the CPU on out-of-memory."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -27,9 +35,8 @@ class MirroredPredictor(nn.Module):
     """Test-time mirroring, as nnU-Net does it: the mean of ``flip(predictor(flip(x, a)), a)`` over
     every subset ``a`` of the three spatial axes (2³ = 8 passes, the identity included).
 
-    Wrap a predictor of *probabilities* (:class:`ProbabilityPredictor`): the mean is then a mean
-    of probabilities, so a voxel's value stays in [0, 1] and the card's threshold keeps its
-    meaning. Each window costs 8 forward passes; the Gaussian blend weights are symmetric, so
+    Wrap the network (a predictor of logits): the mean is then a mean of logits, as nnU-Net's
+    mirroring sums logits. Each window costs 8 forward passes; the Gaussian blend weights are symmetric, so
     mirroring commutes with the sliding window. A module, so the OOM fallback can move it.
     """
 
@@ -51,7 +58,7 @@ class MirroredPredictor(nn.Module):
 
 class EnsemblePredictor(nn.Module):
     """The mean of several predictors' outputs on the same window: an ensemble of checkpoints
-    (nnU-Net's folds), averaging probabilities. Build the members' cards' agreement first with
+    (nnU-Net's folds), averaging logits as nnU-Net does. Build the members' cards' agreement first with
     :func:`check_ensemble`: averaging only makes sense when every member sees the same input."""
 
     def __init__(self, members: Sequence[nn.Module]):
