@@ -5,6 +5,11 @@ nodule masks, brain and breast MR with lesion masks, BSD-3) shipped in the sdist
 ``pyradiomics-bhklab==3.1.4``. It is downloaded on first use into ``Testing/.data`` (never
 committed) with ``pip download``; tests that use it are skipped cleanly when offline.
 Set ``IWSEG_TEST_DATA`` to a folder holding the ``*.nrrd`` files to use a local copy.
+
+``authors_records`` reads the inverse-weighting authors' released per-lesion records
+(``neuro-ml/inverse_weighting``, no licence, so never committed here) from a local copy: the
+checkout, bare git copy or ``froc_data`` folder named by ``IWSEG_AUTHORS_REPO``; tests that use
+it are skipped without one. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import pytest
 
 TESTING = Path(__file__).resolve().parent
+SCRIPTS = TESTING.parent / "scripts"
 DATA_CACHE = TESTING / ".data"
 OUTPUT = TESTING / "_output"
 PYRADIOMICS_SDIST = "pyradiomics-bhklab==3.1.4"
@@ -57,6 +63,29 @@ def clinical_data() -> Path:
     if folder is None:
         pytest.skip(f"clinical sample data ({PYRADIOMICS_SDIST} sdist) not available offline")
     return folder
+
+
+@pytest.fixture(scope="session")
+def authors_records(tmp_path_factory):
+    """``(dataset, loss) -> Path`` of the authors' ``prc_records.json`` (``"lits", "dl"``); skips
+    when no local copy of their repository (or of that file) is found."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import rescore_authors_records as rescore
+
+    repo = os.environ.get(rescore.REPO_ENV)
+    if not repo or not Path(repo).exists():
+        pytest.skip(f"the authors' records are not here ({repo}; set {rescore.REPO_ENV} to a checkout of "
+                    "neuro-ml/inverse_weighting)")
+    dest = tmp_path_factory.mktemp("authors_records")
+
+    def path(dataset: str, loss: str) -> Path:
+        found = rescore.records_file(Path(repo), dataset, loss, dest)
+        if found is None:
+            pytest.skip(f"{repo} lacks the authors' {dataset}/{loss} records")
+        return found
+
+    return path
 
 
 @pytest.fixture

@@ -175,14 +175,20 @@ def test_records_round_trip_gives_the_same_numbers(hand_dirs, tmp_path):
 
 
 def test_authors_records_and_paper_bootstrap(tmp_path):
-    """The committed LiTS Dice records (see test_metrics): the CPM column of the bootstrap is Table 2's .62."""
-    fixture = Path(__file__).parent / "fixtures" / "prc_records_lits_dice.json"
-    proc = iwseg("--records", fixture, "--bootstrap", "paper", "--json", tmp_path / "r.json")
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert report["bootstrap"]["mode"] == "paper" and report["bootstrap"]["seed"] == 42
-    assert report["bootstrap"]["cpm"]["mean"] == pytest.approx(0.62, abs=0.01)
-    assert "bootstrap paper (seed 42)" in proc.stdout and "Table 2" in proc.stdout
+    """The synthetic saturated records in the authors' format (worked out in test_metrics'
+    test_saturated_records_rank_by_logit_not_by_probability): CPM 4.40625/7 ranked by logit,
+    3.984375/7 by the probability; the paper's bootstrap always draws both images with records
+    over all 3 images, so its mean is the CPM."""
+    fixture = Path(__file__).parent / "fixtures" / "prc_records_synthetic_saturated.json"
+    for score, expected in (("logit", 4.40625 / 7), ("stat", 3.984375 / 7)):
+        proc = iwseg("--records", fixture, "--records-score", score, "--bootstrap", "paper", "--size-preset", "liver",
+                     "--json", tmp_path / "r.json")
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["bootstrap"]["mode"] == "paper" and report["bootstrap"]["seed"] == 42
+        assert report["cpm"] == pytest.approx(expected) and report["bootstrap"]["cpm"]["mean"] == pytest.approx(expected)
+        assert report["by_size"]["small"]["cpm"] == pytest.approx(0.4375)
+        assert "bootstrap paper (seed 42)" in proc.stdout and "Table 2" in proc.stdout
 
 
 def test_hit_rule_and_min_size_flags(tmp_path):

@@ -537,25 +537,76 @@ def test_paper_bootstrap_quirk_by_hand(tmp_path):
         bootstrap(cases, mode="theirs")
 
 
-# The authors' hold-out records (neuro-ml/inverse_weighting, froc_data/*/prc_records.json), trimmed;
-# see "Reproducing the paper's Table 2" in docs/metrics.md for what was kept.
+# Synthetic records in the authors' prc_records.json format (written for these tests; see
+# "Per-lesion records" in docs/metrics.md). The authors' own records are not committed (their
+# repository has no licence): the Table 2 tests below read them from a local copy and skip without one.
 FIXTURES = Path(__file__).parent / "fixtures"
-LITS_DICE_RECORDS = FIXTURES / "prc_records_lits_dice.json"
-LUNA16_BCE_RECORDS = FIXTURES / "prc_records_luna16_bce.json"
+SATURATED_RECORDS = FIXTURES / "prc_records_synthetic_saturated.json"
+LOGITS_ONLY_RECORDS = FIXTURES / "prc_records_synthetic_logits_only.json"
+LIVER = SizeThresholds(12.0, 24.0)
+
+
+def test_saturated_records_rank_by_logit_not_by_probability():
+    """prc_records_synthetic_saturated.json, 3 images, liver sizes (small < 12 mm, large >= 24 mm):
+    A: lesions A1 (logit 14, d 30, Dice 0.9), A2 (logit 9, d 8, Dice 0.6), A3 missed (d 5); an FP
+       a3 (logit 10.5, d 4); a fragment of A1 (Dice 0.1, logit 11), neither TP nor FP.
+    B: lesion B1 (logit 3, d 15, Dice 0.3); FPs b2 (logit 2, d 6) and b3 (logit 8.5, d 20).
+    C: no records (counts as an image). Their float16 probabilities: 1.0 above logit 8, sigmoid(3)
+    = 0.9526, sigmoid(2) = 0.8809.
+    By logit, (FP, TP) going down: 14 (0,1), 10.5 (1,1), 9 (1,2), 8.5 (2,2), 3 (2,3), 2 (3,3); curve
+    (0, 1/4), (1/3, 1/2), (2/3, 3/4), (1, 3/4), i.e. recall 1/4 + 3x/4 up to x = 2/3:
+    CPM = (0.34375 + 0.4375 + 0.625 + 4 x 0.75) / 7 = 4.40625 / 7 = 0.629464;
+    avg recall 0-5 = (sum_{i=0..66} (0.25 + 0.0075 i) + 434 x 0.75) / 501 = (33.3325 + 325.5) / 501 = 0.716233.
+    By probability, A1, a3, A2, b3 tie at 1.0: (2,2) in one step, then 0.9526 (2,3), 0.8809 (3,3); curve
+    (0, 0), (2/3, 3/4), (1, 3/4): CPM = (0.140625 + 0.28125 + 0.5625 + 3) / 7 = 3.984375 / 7 = 0.569196.
+    Small group (A2, A3; FPs a3, b2): logit 10.5 FP, 9 TP, 2 FP and probability (1.0: FP+TP, then FP)
+    give the same curve (0, 0), (1/3, 1/2), (2/3, 1/2): CPM (0.1875 + 0.375 + 0.5 + 2) / 7 = 0.4375.
+    Object Dice mean(0.9, 0.6, 0.3) = 0.6 ± sqrt(0.06) with either score. The paper's bootstrap draws
+    round(0.8 x 2) = 2 of the 2 images with records (C never) and divides FP by all 3: every draw is
+    the full data, so its mean is the CPM and its std 0."""
+    reports = {score: evaluate_cases(load_records(SATURATED_RECORDS, LIVER, score=score), seed=42,
+                                     bootstrap_mode="paper") for score in ("logit", "stat")}
+    by_logit, by_stat = reports["logit"], reports["stat"]
+    assert by_logit["n_images"] == 3 and by_logit["n_lesions"] == 4 and by_logit["recall"] == 0.75
+    assert by_logit["cpm"] == pytest.approx(4.40625 / 7) and by_stat["cpm"] == pytest.approx(3.984375 / 7)
+    assert by_logit["avg_recall_0_5"] == pytest.approx(358.8325 / 501)
+    assert by_logit["froc"]["fp_per_image"] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert by_stat["froc"]["fp_per_image"] == pytest.approx([0, 2 / 3, 1])
+    for report in reports.values():
+        assert report["by_size"]["small"]["cpm"] == pytest.approx(0.4375)
+        assert report["object_dice"] == pytest.approx({"mean": 0.6, "std": math.sqrt(0.06), "n": 3})
+        assert report["bootstrap"]["cpm"]["mean"] == pytest.approx(report["cpm"])
+        assert report["bootstrap"]["cpm"]["std"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_logits_only_records():
+    """prc_records_synthetic_logits_only.json, 4 images, only the keys obj, is_tum, hit_dice,
+    hit_logit, hit_obj, self_logit (no diameter, no probabilities). P: lesion P1 hit (logit 1.5,
+    Dice 0.5), FP p2 (0.5); Q: lesion Q1 missed, FP q1 (2.5); R, S: no records. Going down: 2.5 FP,
+    1.5 TP, 0.5 FP; FP/image over 4 images: curve (0, 0), (1/4, 1/2), (1/2, 1/2); CPM =
+    (1/4 + 6 x 1/2) / 7 = 3.25 / 7. The paper's bootstrap always draws P and Q (R and S hold no
+    records) over all 4 images: its mean is the CPM. Without diameters no lesion has a size
+    group, and ranking by probability is refused, naming the object."""
+    report = evaluate_cases(load_records(LOGITS_ONLY_RECORDS, LIVER), seed=42, bootstrap_mode="paper")
+    assert report["n_images"] == 4 and report["n_lesions"] == 2 and report["cpm"] == pytest.approx(3.25 / 7)
+    assert report["bootstrap"]["cpm"]["mean"] == pytest.approx(3.25 / 7)
+    assert all(report["by_size"][g]["n_lesions"] == 0 for g in ("small", "medium", "large"))
+    with pytest.raises(InputError, match="image 'P', object 0.*hit_stat"):
+        load_records(LOGITS_ONLY_RECORDS, LIVER, score="stat")
 
 
 @pytest.mark.parametrize(
-    "path, paper, counts",
+    "dataset, loss, paper, counts",
     [
         # Table 2, LiTS, Dice: avg Recall .62, object Dice .63; 28 images, all with records
-        (LITS_DICE_RECORDS, (0.62, 0.63), {"images": 28, "without_records": 0, "lesions": 138, "hit": 103, "fp": 103}),
+        ("lits", "dl", (0.62, 0.63), {"images": 28, "without_records": 0, "lesions": 138, "hit": 103, "fp": 103}),
         # Table 2, LUNA16, BCE: avg Recall .42, object Dice .57; 28 of the 159 scans have no record at all
-        (LUNA16_BCE_RECORDS, (0.42, 0.57), {"images": 159, "without_records": 28, "lesions": 196, "hit": 91, "fp": 239}),
+        ("luna", "bce", (0.42, 0.57), {"images": 159, "without_records": 28, "lesions": 196, "hit": 91, "fp": 239}),
     ],
     ids=["lits-dice", "luna16-bce"],
 )
-def test_table_2_reproduced_from_the_authors_records(path, paper, counts):
-    cases = load_records(path, SizeThresholds(10.0, 20.0))
+def test_table_2_reproduced_from_the_authors_records(authors_records, dataset, loss, paper, counts):
+    cases = load_records(authors_records(dataset, loss), SizeThresholds(10.0, 20.0))
     # the counts, from the files: images, images without any object, lesions, hit lesions, false positives
     assert len(cases) == counts["images"]
     assert sum(not c.lesions and not c.components for c in cases) == counts["without_records"]
@@ -570,21 +621,18 @@ def test_table_2_reproduced_from_the_authors_records(path, paper, counts):
     assert report["object_dice"]["n"] == counts["hit"]
 
 
-def test_table_2_is_not_the_mean_recall_over_0_5_fp_and_scores_are_logits():
-    """On the LiTS Dice records: the 0-5 FP/image mean is 0.68, not .62; our bootstrap (FP/image
+def test_table_2_is_not_the_mean_recall_over_0_5_fp_and_scores_are_logits(authors_records):
+    """On the authors' LiTS Dice records: the 0-5 FP/image mean is 0.68, not .62; our bootstrap (FP/image
     over each resample's 22 of 28 images) reads every curve at 28/22 times the FP/image, so it is
     lower (0.596 against 0.616); ranking by the float16-saturated probabilities instead of the
-    logits breaks the ties at 1.0 differently (0.592)."""
-    cases = load_records(LITS_DICE_RECORDS, SizeThresholds(12.0, 24.0))
-    report = evaluate_cases(cases, seed=42, bootstrap_mode="paper")
+    logits puts 73 hits and 11 FPs in one step at 1.0 (0.592)."""
+    path = authors_records("lits", "dl")
+    report = evaluate_cases(load_records(path, LIVER), seed=42, bootstrap_mode="paper")
     assert abs(report["avg_recall_0_5"] - 0.62) > 0.05
-    ours = evaluate_cases(cases, seed=42)
+    ours = evaluate_cases(load_records(path, LIVER), seed=42)
     assert ours["bootstrap"]["cpm"]["mean"] < report["bootstrap"]["cpm"]["mean"] - 0.015
-    by_stat = evaluate_cases(load_records(LITS_DICE_RECORDS, SizeThresholds(12.0, 24.0), score="stat"),
-                             seed=42, bootstrap_mode="paper")
+    by_stat = evaluate_cases(load_records(path, LIVER, score="stat"), seed=42, bootstrap_mode="paper")
     assert by_stat["bootstrap"]["cpm"]["mean"] < 0.60 and by_stat["object_dice"] == report["object_dice"]
-    with pytest.raises(InputError, match="object 0.*hit_stat"):  # the LUNA16 fixture keeps the logits only
-        load_records(LUNA16_BCE_RECORDS, SizeThresholds(10.0, 20.0), score="stat")
 
 
 # ---------------------------------------------------------------------------- best checkpoint (issue 9)

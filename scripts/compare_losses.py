@@ -52,18 +52,19 @@ ARMS = tuple(a for pair in PLAIN_AND_IW for a in pair) + OTHERS + (PEER,)
 DEFAULT_ARMS = tuple(a for a in ARMS if a not in ("dbce", "combo"))
 
 #: The paper's Table 2 (hold-out; avg recall = 7-point CPM / object Dice), from
-#: ../shared/reference/method-notes.md. DBCE and Combo are not in the paper.
+#: ../shared/reference/method-notes.md and the paper (Metastases, their private MR data set).
+#: DBCE and Combo are not in the paper.
 PAPER = {
-    "dice": {"LUNA16": (0.71, 0.76), "LiTS": (0.62, 0.63)},
-    "iw-dice": {"LUNA16": (0.73, 0.77), "LiTS": (0.72, 0.49)},
-    "bce": {"LUNA16": (0.42, 0.57), "LiTS": (0.47, 0.61)},
-    "iw-bce": {"LUNA16": (0.67, 0.56), "LiTS": (0.59, 0.53)},
-    "asl": {"LUNA16": (0.68, 0.77), "LiTS": (0.66, 0.63)},
-    "iw-asl": {"LUNA16": (0.70, 0.76), "LiTS": (0.73, 0.53)},
-    "focal": {"LUNA16": (0.35, 0.51), "LiTS": (0.50, 0.58)},
-    "iw-focal": {"LUNA16": (0.55, 0.54), "LiTS": (0.62, 0.48)},
-    "wce": {"LUNA16": (0.74, 0.50), "LiTS": (0.52, 0.41)},
-    "gdl": {"LUNA16": (0.69, 0.73), "LiTS": (0.69, 0.60)},
+    "dice": {"LUNA16": (0.71, 0.76), "LiTS": (0.62, 0.63), "Metastases": (0.55, 0.69)},
+    "iw-dice": {"LUNA16": (0.73, 0.77), "LiTS": (0.72, 0.49), "Metastases": (0.57, 0.68)},
+    "bce": {"LUNA16": (0.42, 0.57), "LiTS": (0.47, 0.61), "Metastases": (0.47, 0.67)},
+    "iw-bce": {"LUNA16": (0.67, 0.56), "LiTS": (0.59, 0.53), "Metastases": (0.52, 0.66)},
+    "asl": {"LUNA16": (0.68, 0.77), "LiTS": (0.66, 0.63), "Metastases": (0.55, 0.71)},
+    "iw-asl": {"LUNA16": (0.70, 0.76), "LiTS": (0.73, 0.53), "Metastases": (0.59, 0.66)},
+    "focal": {"LUNA16": (0.35, 0.51), "LiTS": (0.50, 0.58), "Metastases": (0.40, 0.64)},
+    "iw-focal": {"LUNA16": (0.55, 0.54), "LiTS": (0.62, 0.48), "Metastases": (0.52, 0.63)},
+    "wce": {"LUNA16": (0.74, 0.50), "LiTS": (0.52, 0.41), "Metastases": (0.54, 0.39)},
+    "gdl": {"LUNA16": (0.69, 0.73), "LiTS": (0.69, 0.60), "Metastases": (0.53, 0.70)},
 }
 
 #: The data of each regime (``iwseg synth`` options; held-out cases come from another seed).
