@@ -5,6 +5,9 @@ nodule masks, brain and breast MR with lesion masks, BSD-3) shipped in the sdist
 ``pyradiomics-bhklab==3.1.4``. It is downloaded on first use into ``Testing/.data`` (never
 committed) with ``pip download``; tests that use it are skipped cleanly when offline.
 Set ``IWSEG_TEST_DATA`` to a folder holding the ``*.nrrd`` files to use a local copy.
+
+``fake_backend``, ``fake_checkpoint`` and ``stranger`` are the backend tests' fixtures (the fake
+``iwseg predict`` of Testing/_fake_backend.py, a checkpoint file it does not read, an unrelated process).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _fake_backend import FAKE_BACKEND
 
 TESTING = Path(__file__).resolve().parent
 DATA_CACHE = TESTING / ".data"
@@ -69,3 +73,28 @@ def output_dir() -> Path:
     """A persistent folder for artefacts a person may want to look at (screenshots, plots)."""
     OUTPUT.mkdir(parents=True, exist_ok=True)
     return OUTPUT
+
+
+@pytest.fixture
+def fake_backend(tmp_path) -> Path:
+    """The fake ``iwseg predict`` script (:data:`_fake_backend.FAKE_BACKEND`), written to a file."""
+    script = tmp_path / "fake_backend.py"
+    script.write_text(FAKE_BACKEND)
+    return script
+
+
+@pytest.fixture
+def fake_checkpoint(tmp_path) -> Path:
+    """A checkpoint file for the fake backend, which never reads it (the parameters need it to exist)."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"not read by the fake backend")
+    return path
+
+
+@pytest.fixture
+def stranger():
+    """A process outside every backend tree (what a reused pid would belong to)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()

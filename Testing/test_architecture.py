@@ -33,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "training": {"core", "training", "data", "nn", "preprocessing", "inference", "evaluation"},
     "cli": {"core", "cli", "data", "nn", "preprocessing", "inference", "evaluation", "training", "serve", "backend"},
     "slicer": {"core", "slicer", "evaluation", "nn", "backend", "serve"},
-    "testing": {"core", "nn", "preprocessing"},
+    "testing": {"core", "nn", "preprocessing", "backend"},  # backend: the checkpoint is written by a child
     # running ``iwseg predict`` as a child process: what the module and the server share
     "backend": {"core", "backend", "nn"},  # nn: model cards are read without torch
     # ``iwseg serve`` (the server branch): the FastAPI app runs predictions with the CLI's helpers
@@ -186,7 +186,7 @@ def _loads_torch(modules: list[str]) -> bool:
 def test_the_slicer_side_loads_no_torch():
     """What the module imports into Slicer's GUI process (views needs vtk, which the module has too)."""
     modules = [f"{PACKAGE}.slicer.{m}" for m in ("panel", "logic", "deps", "lesion_row", "mrml")]
-    modules.append(f"{PACKAGE}.backend.process")
+    modules += [f"{PACKAGE}.backend.{m}" for m in ("local_run", "device_probe")]
     assert not _loads_torch(modules)
 
 
