@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from _fake_backend import posix_only
@@ -54,6 +55,7 @@ def test_the_job_contract_and_the_remote_job_load_no_process_code():
     code = ("import sys\n"
             "import IWSegmentationLib.backend.job, IWSegmentationLib.serve.client\n"
             "print(sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('IWSegmentationLib.backend.')))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['job', 'parameters']"
