@@ -1,7 +1,7 @@
 """IWSegmentation: lesion segmentation with inverse-weighted 3D U-Nets, one segment per lesion.
 
 A thin 3D Slicer scripted module: Qt widgets, the parameter node and the wiring. The work is
-done elsewhere: inference in a separate backend process (``IWSegmentationLib.backend.process``, which
+done elsewhere: inference in a separate backend process (``IWSegmentationLib.backend.local_run``, which
 runs ``PythonSlicer -m IWSegmentationLib predict``), the texts and rows of the panel in
 ``IWSegmentationLib.slicer.panel`` and the scene building in ``IWSegmentationLib.slicer.mrml``; all three are
 tested without Slicer. See docs/module.md.
@@ -53,7 +53,11 @@ def _findEngine(moduleFile=__file__):
 
 
 _findEngine()
-from IWSegmentationLib.backend import process  # noqa: E402
+from IWSegmentationLib.backend.device_probe import DeviceProbe  # noqa: E402
+from IWSegmentationLib.backend.interpreter import backend_environment  # noqa: E402
+from IWSegmentationLib.backend.job import Outcome  # noqa: E402
+from IWSegmentationLib.backend.local_run import LocalJobFactory  # noqa: E402
+from IWSegmentationLib.backend.parameters import PredictParameters  # noqa: E402
 from IWSegmentationLib.core import errors, lesions  # noqa: E402
 from IWSegmentationLib.slicer import deps as slicer_deps  # noqa: E402
 from IWSegmentationLib.slicer import logic as slicer_logic  # noqa: E402
@@ -221,7 +225,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def startDeviceProbe(self):
         """Ask a child interpreter which devices torch sees (again after an install)."""
         self._devices = None
-        self._deviceProbe = process.DeviceProbe(self.logic.python, env=self.logic.env)
+        self._deviceProbe = DeviceProbe(self.logic.python, env=self.logic.env)
         self._deviceProbe.start()
         self._timer.start()
 
@@ -277,7 +281,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFinished(self, result):
         self.ui.progressBar.visible = False
         self.updateApplyButton()
-        if result.outcome is process.Outcome.CANCELLED:
+        if result.outcome is Outcome.CANCELLED:
             self.ui.statusLabel.text = "Cancelled. The scene was not changed."
         elif not result.ok:
             self.ui.statusLabel.text = f"Failed: {result.message}"
@@ -340,15 +344,15 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 class IWSegmentationLogic(ScriptedLoadableModuleLogic):
     """Adapts the parameter node to ``IWSegmentationLib.slicer.logic`` (Qt-free, tested with slicer-core);
-    ``jobFactory`` (a ``process.JobFactory``, default a ``PythonSlicer`` child) runs the jobs on this computer."""
+    ``jobFactory`` (a ``backend.job.JobFactory``, default a ``PythonSlicer`` child) runs the jobs on this computer."""
 
     def __init__(self, python=None, jobFactory=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self.python = python or shutil.which("PythonSlicer") or sys.executable
         startup = slicer.util.startupEnvironment() if hasattr(slicer.util, "startupEnvironment") else None
-        self.env = process.backend_environment(startup)  # PythonSlicer sets itself up from a clean environment
+        self.env = backend_environment(startup)  # PythonSlicer sets itself up from a clean environment
         self.lesionLogic = slicer_logic.LesionSegmentationLogic(
-            slicer.mrmlScene, job_factory=jobFactory or process.LocalJobFactory(self.python, self.env))
+            slicer.mrmlScene, job_factory=jobFactory or LocalJobFactory(self.python, self.env))
 
     @property
     def results(self):
@@ -372,7 +376,7 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
     def start(self, parameters, onProgress=None, onFinished=None):
         """Install missing dependencies (first use), then start the backend; returns the running job."""
         self.lesionLogic.run_on(parameters.runOn, parameters.serverUrl, parameters.serverTokenFile)
-        process.PredictParameters(parameters.checkpointPath).validate(local=self.lesionLogic.runs_locally)
+        PredictParameters(parameters.checkpointPath).validate(local=self.lesionLogic.runs_locally)
         if self.lesionLogic.runs_locally:  # a server needs no PyTorch here
             slicer_deps.ensure_in_slicer()
         return self.lesionLogic.start(
@@ -415,6 +419,7 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         from IWSegmentationLib.testing import phantom  # numpy only: the checkpoint is written by a child
+        from IWSegmentationLib.testing.known_answer import write_known_answer_checkpoint
 
         self.delayDisplay("Known-answer segmentation of a phantom")
         case = phantom.phantom_case(spacing=(1.5, 0.9, 0.8))
@@ -427,7 +432,7 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
         params = logic.getParameterNode()
         params.inputVolume, params.referenceSegmentation, params.device = volume, reference, "CPU"
         torchLoaded = "torch" in sys.modules  # e.g. imported by hand in the Python console
-        checkpoint = process.write_known_answer_checkpoint(
+        checkpoint = write_known_answer_checkpoint(
             os.path.join(self.tmp, "threshold.safetensors"), logic.python, env=logic.env)
         params.checkpointPath = str(checkpoint)
         results = logic.process(params, timeout=600)

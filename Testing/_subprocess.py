@@ -6,7 +6,7 @@ child starts in its own session (so it leads a process group holding all its des
 on a timeout, or any exception while waiting (e.g. Ctrl-C), the whole group gets SIGTERM and,
 after a grace period, SIGKILL, and the test fails with the output captured so far.
 Descendants that left the group (a new session of their own) are found with
-:func:`IWSegmentationLib.backend.process.descendant_pids` before the group is signalled.
+:func:`IWSegmentationLib.backend.process_tree.descendant_pids` before the group is signalled.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Sequence
 
 import pytest
 
-from IWSegmentationLib.backend.process import descendant_pids, pid_alive
+from IWSegmentationLib.backend.process_tree import descendant_pids, pid_alive
 
 #: Seconds the group gets after SIGTERM before SIGKILL.
 GRACE_S = 5.0

@@ -10,6 +10,9 @@ Set ``IWSEG_TEST_DATA`` to a folder holding the ``*.nrrd`` files to use a local 
 (``neuro-ml/inverse_weighting``, no licence, so never committed here) from a local copy: the
 checkout, bare git copy or ``froc_data`` folder named by ``IWSEG_AUTHORS_REPO``; tests that use
 it are skipped without one. Nothing is downloaded.
+
+``fake_backend``, ``fake_checkpoint`` and ``stranger`` are the backend tests' fixtures (the fake
+``iwseg predict`` of Testing/_fake_backend.py, a checkpoint file it does not read, an unrelated process).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _fake_backend import FAKE_BACKEND
 
 TESTING = Path(__file__).resolve().parent
 SCRIPTS = TESTING.parent / "scripts"
@@ -98,3 +102,28 @@ def output_dir() -> Path:
     """A persistent folder for artefacts a person may want to look at (screenshots, plots)."""
     OUTPUT.mkdir(parents=True, exist_ok=True)
     return OUTPUT
+
+
+@pytest.fixture
+def fake_backend(tmp_path) -> Path:
+    """The fake ``iwseg predict`` script (:data:`_fake_backend.FAKE_BACKEND`), written to a file."""
+    script = tmp_path / "fake_backend.py"
+    script.write_text(FAKE_BACKEND)
+    return script
+
+
+@pytest.fixture
+def fake_checkpoint(tmp_path) -> Path:
+    """A checkpoint file for the fake backend, which never reads it (the parameters need it to exist)."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"not read by the fake backend")
+    return path
+
+
+@pytest.fixture
+def stranger():
+    """A process outside every backend tree (what a reused pid would belong to)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()

@@ -270,7 +270,7 @@ def test_shipped_engine_runs_from_the_module_folder(configured_extension, tmp_pa
     _, modules = configured_extension
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(modules)
-    code = "import IWSegmentationLib, IWSegmentationLib.backend.process, IWSegmentationLib.slicer.panel; print(IWSegmentationLib.__file__)"
+    code = "import IWSegmentationLib, IWSegmentationLib.backend.local_run, IWSegmentationLib.slicer.panel; print(IWSegmentationLib.__file__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -479,7 +479,7 @@ def test_the_self_test_imports_no_torch_before_the_install():
     imported = {a.name for n in ast.walk(known) if isinstance(n, ast.Import) for a in n.names}
     imported |= {f"{n.module}.{a.name}" for n in ast.walk(known) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert not {name for name in imported if name.split(".")[0] in ("torch", "safetensors")}
-    assert "threshold_checkpoint" not in source and "process.write_known_answer_checkpoint" in source
+    assert "threshold_checkpoint" not in source and "write_known_answer_checkpoint(" in source
     assert source.index("slicer_deps.torch_problem()") < source.index("import numpy")  # skip first
     assert "return" in source[:source.index("import numpy")]
 

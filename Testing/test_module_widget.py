@@ -2,7 +2,7 @@
 
 The real application cannot run here, so the widget class is loaded with stand-ins for the few
 ``qt``/``slicer``/``vtk`` names it uses, and its own methods run against fake widgets that
-record what is done to them. The engine behind it (``panel``, ``process``) is the real one.
+record what is done to them. The engine behind it (``panel``, ``backend``) is the real one.
 What needs the real Qt and MRML is covered by ``IWSegmentationTest`` inside Slicer; these tests
 pin the life-cycle defects of issue 15 (each failed on the module as it was).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from IWSegmentationLib.backend import process
+from IWSegmentationLib.backend.job import Outcome, RunResult
 
 MODULE_PY = Path(__file__).resolve().parents[1] / "IWSegmentation" / "IWSegmentation.py"
 
@@ -174,7 +174,7 @@ def ok_result(n_lesions=2):
     lesions = [{"name": f"Lesion {i}"} for i in range(n_lesions)]
     rows = [{"name": f"Lesion {i}", "status": "TP"} for i in range(n_lesions)]
     loaded = types.SimpleNamespace(segmentation="segmentation node", rows=rows, lesions=lesions)
-    return process.RunResult(process.Outcome.OK, 0, "done", loaded=loaded, seconds=3.0)
+    return RunResult(Outcome.OK, 0, "done", loaded=loaded, seconds=3.0)
 
 
 def test_a_run_finishing_while_in_another_module_fills_the_results(module):
@@ -225,7 +225,7 @@ def test_the_device_line_is_probed_again_after_installing_torch(module, monkeypa
         def start(self):
             pass
 
-    monkeypatch.setattr(module.process, "DeviceProbe", Probe)
+    monkeypatch.setattr(module, "DeviceProbe", Probe)
     widget = make_widget(module)
     widget.enter()
     widget._devices = {"torch": None, "cuda": [], "mps": False, "error": "No module named 'torch'"}

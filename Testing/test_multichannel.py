@@ -328,7 +328,7 @@ def test_an_ensemble_must_agree_on_in_channels(two_channel_run, tmp_path):
 
 def test_slicer_logic_refuses_a_multi_channel_model_before_starting(two_channel_run):
     slicer = pytest.importorskip("slicer")
-    from IWSegmentationLib.backend import process
+    from IWSegmentationLib.backend.local_run import LocalJobFactory
     from IWSegmentationLib.slicer import mrml
     from IWSegmentationLib.slicer.logic import LesionSegmentationLogic
 
@@ -338,7 +338,7 @@ def test_slicer_logic_refuses_a_multi_channel_model_before_starting(two_channel_
     started = []
 
     class Factory:  # reads the card as the default factory does; never makes a job
-        model_card = staticmethod(process.LocalJobFactory().model_card)
+        model_card = staticmethod(LocalJobFactory().model_card)
 
         def __call__(self, *args, **kwargs):
             started.append(args)

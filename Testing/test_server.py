@@ -30,7 +30,9 @@ pytest.importorskip("uvicorn")
 
 from _subprocess import kill_process_group, run_in_group  # noqa: E402
 
-from IWSegmentationLib.backend.process import Outcome, PredictParameters, descendant_pids, pid_alive  # noqa: E402
+from IWSegmentationLib.backend.job import Outcome  # noqa: E402
+from IWSegmentationLib.backend.parameters import PredictParameters  # noqa: E402
+from IWSegmentationLib.backend.process_tree import descendant_pids, pid_alive  # noqa: E402
 from IWSegmentationLib.core import imageio
 from IWSegmentationLib.core.errors import InputError  # noqa: E402
 from IWSegmentationLib.core.progress import parse_progress_line  # noqa: E402

@@ -18,7 +18,10 @@ slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core (Slicer's MRML) is not installed", allow_module_level=True)
 
-from IWSegmentationLib.backend import process  # noqa: E402
+from IWSegmentationLib.backend.interpreter import backend_environment  # noqa: E402
+from IWSegmentationLib.backend.job import Outcome, RunResult, SegmentationJob, Signal  # noqa: E402
+from IWSegmentationLib.backend.local_run import LocalJobFactory  # noqa: E402
+from IWSegmentationLib.backend.process_tree import pid_alive  # noqa: E402
 from IWSegmentationLib.core import imageio  # noqa: E402
 from IWSegmentationLib.core.errors import InputError  # noqa: E402
 from IWSegmentationLib.core.lesions import SIZE_GROUP_COLORS  # noqa: E402
@@ -55,7 +58,7 @@ def node_ids(scene) -> list[str]:
 
 
 def make_logic(scene, tmp_path) -> LesionSegmentationLogic:
-    return LesionSegmentationLogic(scene, python=sys.executable, env=process.backend_environment(),
+    return LesionSegmentationLogic(scene, python=sys.executable, env=backend_environment(),
                                    workdir_parent=tmp_path)
 
 
@@ -107,10 +110,10 @@ def test_cancel_leaves_the_scene_unchanged(phantom_scene, scene, tmp_path):
     workdir = run.workdir
     run.cancel()  # at once: the backend is still importing torch
     result = run.wait(timeout=60)
-    assert result.outcome is process.Outcome.CANCELLED
+    assert result.outcome is Outcome.CANCELLED
     assert node_ids(scene) == before and logic.results is None
     assert not workdir.exists()
-    assert not process.pid_alive(run.backend.pid)
+    assert not pid_alive(run.backend.pid)
 
 
 def test_failed_loading_rolls_the_scene_back(phantom_scene, scene, tmp_path, monkeypatch):
@@ -233,12 +236,12 @@ def test_bad_checkpoint_is_refused_before_anything_runs(phantom_scene, scene, tm
 
 
 class KnownAnswerJob:
-    """A :class:`~IWSegmentationLib.backend.process.SegmentationJob` without a process: on its first poll it
+    """A :class:`~IWSegmentationLib.backend.job.SegmentationJob` without a process: on its first poll it
     "segments" by writing the given mask, as a server or a fake would; it records what it was given."""
 
     def __init__(self, parameters, loader, folder, mask, geometry):
         self.parameters, self.loader, self.folder, self.mask, self.geometry = parameters, loader, folder, mask, geometry
-        self.progress, self.log, self.finished = process.Signal(), process.Signal(), process.Signal()
+        self.progress, self.log, self.finished = Signal(), Signal(), Signal()
         self.result = self.input = None
         self.started = self.closed = False
 
@@ -255,7 +258,7 @@ class KnownAnswerJob:
         if self.result is None:
             self.progress.emit(parse_progress_line('{"stage": "inference", "done": 1, "total": 1}'))
             outputs = write_outputs(self.folder, self.mask, self.mask, self.geometry)
-            self.result = process.RunResult(process.Outcome.OK, 0, "done", loaded=self.loader(outputs))
+            self.result = RunResult(Outcome.OK, 0, "done", loaded=self.loader(outputs))
             self.finished.emit(self.result)
         return False
 
@@ -275,16 +278,16 @@ def test_an_injected_job_factory_replaces_the_process(phantom_scene, scene, tmp_
     checkpoint = phantom.threshold_checkpoint(tmp_path / "threshold.safetensors")
     jobs = []
 
-    class Factory:  # a process.JobFactory without a process: the card here, the job a fake
+    class Factory:  # a JobFactory without a process: the card here, the job a fake
         def model_card(self, parameters):
-            return process.LocalJobFactory().model_card(parameters)
+            return LocalJobFactory().model_card(parameters)
 
         def __call__(self, parameters, *, loader):
             jobs.append(KnownAnswerJob(parameters, loader, tmp_path, case.reference, mrml.volume_geometry(volume)))
             return jobs[-1]
 
     logic = LesionSegmentationLogic(scene, job_factory=Factory())
-    assert isinstance(KnownAnswerJob(None, None, tmp_path, None, None), process.SegmentationJob)
+    assert isinstance(KnownAnswerJob(None, None, tmp_path, None, None), SegmentationJob)
     stages, finished = [], []
     job = logic.start(volume, checkpoint, device="cpu", threshold=0.4, reference=reference,
                       on_progress=lambda e: stages.append(e.stage), on_finished=finished.append)
@@ -300,7 +303,7 @@ def test_an_injected_job_factory_replaces_the_process(phantom_scene, scene, tmp_
 
 def test_the_default_factory_runs_the_backend_with_the_given_interpreter(scene, tmp_path):
     logic = LesionSegmentationLogic(scene, python="/opt/Slicer/bin/PythonSlicer", env={"A": "1"}, workdir_parent=tmp_path)
-    assert logic.job_factory == process.LocalJobFactory("/opt/Slicer/bin/PythonSlicer", {"A": "1"}, tmp_path)
+    assert logic.job_factory == LocalJobFactory("/opt/Slicer/bin/PythonSlicer", {"A": "1"}, tmp_path)
 
 
 # ---------------------------------------------------------------------------- scene close

@@ -10,7 +10,7 @@ import time
 import pytest
 from _subprocess import run_in_group
 
-from IWSegmentationLib.backend.process import pid_alive
+from IWSegmentationLib.backend.process_tree import pid_alive
 
 # The child starts a grandchild that ignores SIGTERM (like a worker stuck on a socket), prints
 # its pid to the file argv[1], then sleeps past the timeout.

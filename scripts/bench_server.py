@@ -43,7 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from IWSegmentationLib.backend.process import descendant_pids  # noqa: E402
+from IWSegmentationLib.backend.process_tree import descendant_pids  # noqa: E402
 from IWSegmentationLib.core import imageio  # noqa: E402
 from IWSegmentationLib.serve.client import ServerClient, download_outputs  # noqa: E402
 from IWSegmentationLib.testing import phantom  # noqa: E402

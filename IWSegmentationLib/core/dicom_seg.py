@@ -9,10 +9,10 @@ What the object holds:
 
 * one ``BINARY`` segment per lesion, segment number ``n`` for the voxels of value ``n`` in the
   label map given; its label is the name the Slicer segment has (``Lesion 07 - 4.2 mm - small``,
-  :func:`IWSegmentationLib.slicer.mrml.segment_name` in ASCII), its description the size group, the
+  :func:`IWSegmentationLib.core.lesions.segment_name` in ASCII), its description the size group, the
   equivalent diameter, the volume and the confidence, its colour the size group's
   (:data:`~IWSegmentationLib.core.lesions.SIZE_GROUP_COLORS`), its category and type the terminology of
-  the Slicer segments (:data:`IWSegmentationLib.slicer.mrml.LESION_TERMINOLOGY`: SCT 49755003
+  the Slicer segments (:data:`IWSegmentationLib.core.lesions.LESION_TERMINOLOGY`: SCT 49755003
   *Morphologically Altered Structure* / SCT 52988006 *Lesion*), its algorithm ``AUTOMATIC``
   (IWSegmentation, family *Artificial Intelligence*);
 * the patient, study and frame of reference of the source series, a
@@ -36,10 +36,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .. import __version__
-from ..slicer.mrml.segments import LESION_TERMINOLOGY, segment_name
 from .errors import InputError, IWSegError
 from .imageio import Geometry
-from .lesions import SIZE_GROUP_COLORS
+from .lesions import LESION_TERMINOLOGY, SIZE_GROUP_COLORS, segment_name
 from .outputs import atomic_output
 
 #: What ``pip install`` needs for this module (also the ``dicom`` extra of pyproject.toml).

@@ -6,6 +6,11 @@ count, a volume in mm³ and the *equivalent diameter* ``d = (6 V / π)^(1/3)`` m
 diameter of the sphere of the same volume. Size groups use two diameter thresholds
 ``s < m``: *small* if ``d < s``, *medium* if ``s <= d < m``, *large* if ``d >= m``.
 
+How a lesion is shown is defined here too, once for every output that names one: the size
+group's colour (:data:`SIZE_GROUP_COLORS`), the lesion's name (:func:`segment_name`) and its
+terminology code (:data:`LESION_TERMINOLOGY`), used alike by the Slicer segments
+(:mod:`IWSegmentationLib.slicer.mrml`) and the DICOM SEG (:mod:`IWSegmentationLib.core.dicom_seg`).
+
 Arrays are ``[z, y, x]``; ``spacing`` is in the same order ``(sz, sy, sx)`` (see
 :mod:`IWSegmentationLib.core.imageio`).
 """
@@ -32,6 +37,19 @@ SIZE_GROUP_COLORS: dict[str, tuple[int, int, int]] = {
     "medium": (240, 228, 66),  # yellow  #F0E442
     "large": (0, 114, 178),  # blue  #0072B2
 }
+
+#: Terminology of every lesion segment (Slicer's and the DICOM SEG's): DICOM master list, category
+#: SCT 49755003 "Morphologically Altered Structure", type SCT 52988006 "Lesion" (the serialised form
+#: that Slicer's ``vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry`` writes).
+LESION_TERMINOLOGY = (
+    "Segmentation category and type - DICOM master list"
+    "~SCT^49755003^Morphologically Altered Structure~SCT^52988006^Lesion~^^~~^^~^^"
+)
+
+
+def segment_name(number: int, diameter_mm: float, size_group: str, width: int = 2) -> str:
+    """``Lesion 07 · 4.2 mm · small``: the name of lesion ``number`` (1 = the largest), zero-padded to ``width``."""
+    return f"Lesion {number:0{width}d} · {diameter_mm:.1f} mm · {size_group}"
 
 
 @dataclass(frozen=True)

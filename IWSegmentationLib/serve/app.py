@@ -3,9 +3,9 @@
 A laptop without a GPU (the 3D Slicer module, a script, ``iwseg predict --server``) uploads a
 volume, follows the job's progress and downloads the outputs. There is **no second inference
 path**: every job is one ``python -m IWSegmentationLib predict ... --progress-format jsonl``
-child process, run and cancelled through :class:`~IWSegmentationLib.backend.process.InferenceRun`
+child process, run and cancelled through :class:`~IWSegmentationLib.backend.local_run.InferenceRun`
 exactly as the Slicer module runs it locally (own process group, whole tree killed on cancel,
-exit codes 0 / 2 / 3 / other mapped to :class:`~IWSegmentationLib.backend.process.Outcome`).
+exit codes 0 / 2 / 3 / other mapped to :class:`~IWSegmentationLib.backend.job.Outcome`).
 
 * :class:`~IWSegmentationLib.serve.jobs.JobManager` (in :mod:`.jobs`) holds the jobs: a FIFO
   queue, at most ``workers`` running at once, finished results deleted after ``keep_results_s``.
@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Annotated, Any, Dict, List, Optional
 
 from .. import __version__
-from ..backend import process
+from ..backend.job import Outcome
+from ..core.devices import DEVICES
 from ..core.errors import InputError
 from .jobs import (  # noqa: F401  (re-exported: the app's names for its jobs)
     FILE_SUFFIXES,
@@ -139,8 +140,8 @@ class ServerConfig:
             raise InputError(f"--max-upload-mb must be > 0, got {self.max_upload_bytes / 2**20:g}")
         if not 0 <= self.port < 65536:
             raise InputError(f"--port must be in 0..65535, got {self.port}")
-        if self.device not in process.DEVICES:
-            raise InputError(f"--device must be one of {', '.join(process.DEVICES)}, got {self.device!r}")
+        if self.device not in DEVICES:
+            raise InputError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
 
 
 def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
@@ -270,7 +271,7 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
             raise ApiError(404, f"no result {name!r}; results are {', '.join(RESULT_NAMES)}")
         with manager.lock:
             path = job.results.get(name)
-            if job.state != process.Outcome.OK.value or path is None or not path.is_file():
+            if job.state != Outcome.OK.value or path is None or not path.is_file():
                 raise ApiError(404, f"job {job_id} has no {name} (state {job.state})")
             media = "application/json" if name == "lesions" else "application/octet-stream"
             return FileResponse(path, media_type=media, filename=f"{name}{''.join(path.suffixes)}")

@@ -5,9 +5,9 @@ no extra package.
   Every error names the server: :class:`ServerInputError` (exit code 2) for what the user can
   fix (a bad token, an unknown model, an upload over the limit), :class:`ServerError` for a
   server that cannot be reached or went away.
-* :class:`RemoteInferenceRun` has the interface of :class:`~IWSegmentationLib.backend.process.InferenceRun`
+* :class:`RemoteInferenceRun` has the interface of :class:`~IWSegmentationLib.backend.local_run.InferenceRun`
   (``progress`` / ``log`` / ``finished`` signals emitted from :meth:`~RemoteInferenceRun.poll`,
-  ``start`` / ``cancel`` / ``wait`` / ``run_blocking``, a :class:`~IWSegmentationLib.backend.process.RunResult`
+  ``start`` / ``cancel`` / ``wait`` / ``run_blocking``, a :class:`~IWSegmentationLib.backend.job.RunResult`
   with the same outcomes and folder policy), so a front end runs a job on a server exactly as it
   runs one locally. The HTTP calls run on a background thread; signals only on the polling thread.
 * :func:`predict_on_server` is ``iwseg predict --server URL``: the same outputs as a local run,
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from ..backend import process
+from ..backend.job import FolderJob, Loader, Outcome, RunResult
+from ..backend.parameters import PredictParameters
 from ..core.errors import Cancelled, InputError, IWSegError
 from ..core.progress import ProgressEvent, parse_progress_line
 
@@ -197,7 +198,7 @@ class ServerClient:
             time.sleep(0.1)
 
 
-FINAL_STATES = tuple(o.value for o in process.Outcome)
+FINAL_STATES = tuple(o.value for o in Outcome)
 
 
 def _quote(part: str) -> str:
@@ -316,12 +317,12 @@ def predict_on_server(args, reporter, state) -> int:
 def _raise_for_state(client: ServerClient, info: Mapping[str, Any]) -> None:
     """Nothing for a successful job; else the exception a local run would end with."""
     state, message = info["state"], info.get("message") or ""
-    if state == process.Outcome.OK.value:
+    if state == Outcome.OK.value:
         return
     where = f"server {client.url}, job {info['id']}"
-    if state == process.Outcome.CANCELLED.value:
+    if state == Outcome.CANCELLED.value:
         raise Cancelled(f"{message} ({where})")
-    if state == process.Outcome.BAD_INPUT.value:
+    if state == Outcome.BAD_INPUT.value:
         raise ServerInputError(f"{message} ({where})")
     tail = "\n".join(info.get("log_tail") or [])
     raise ServerError(f"{message} ({where})" + (f"\nLast lines of the server's backend log:\n{tail}" if tail else ""))
@@ -338,10 +339,10 @@ def model_name(checkpoint: str | os.PathLike) -> str:
     return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
 
 
-class RemoteInferenceRun(process.FolderJob):
-    """One prediction on a server: a :class:`~IWSegmentationLib.backend.process.SegmentationJob`, as
-    :class:`~IWSegmentationLib.backend.process.InferenceRun` is, with the same folder policy
-    (:class:`~IWSegmentationLib.backend.process.FolderJob`).
+class RemoteInferenceRun(FolderJob):
+    """One prediction on a server: a :class:`~IWSegmentationLib.backend.job.SegmentationJob`, as
+    :class:`~IWSegmentationLib.backend.local_run.InferenceRun` is, with the same folder policy
+    (:class:`~IWSegmentationLib.backend.job.FolderJob`).
 
     ``model`` names the server's model (default: :func:`model_name` of the parameters'
     checkpoint; the server's ``--models`` folder must hold it, and the checkpoint need not exist
@@ -355,7 +356,7 @@ class RemoteInferenceRun(process.FolderJob):
     FOLDER_PREFIX = "iwseg-remote-"
     WRITER = "server"
 
-    def __init__(self, parameters: process.PredictParameters, *, client: ServerClient, model: str | None = None,
+    def __init__(self, parameters: PredictParameters, *, client: ServerClient, model: str | None = None,
                  options: Mapping[str, Any] | None = None, workdir_parent: str | os.PathLike | None = None,
                  loader: Callable[[dict[str, Path]], Any] | None = None) -> None:
         self.client = client
@@ -400,7 +401,7 @@ class RemoteInferenceRun(process.FolderJob):
             if self._cancel.is_set():
                 self.client.cancel(self.job_id)
             info = self.client.follow(self.job_id, lambda event: self._queue.put(("event", event)))
-            if info["state"] == process.Outcome.OK.value:
+            if info["state"] == Outcome.OK.value:
                 download_outputs(self.client, self.job_id, self.output_paths, self.INPUT_NAME)
             self._queue.put(("end", info))
         except Exception as exc:
@@ -440,7 +441,7 @@ class RemoteInferenceRun(process.FolderJob):
         with contextlib.suppress(IWSegError):
             self.client.cancel(job_id)
 
-    def wait(self, timeout: float | None = None) -> process.RunResult:
+    def wait(self, timeout: float | None = None) -> RunResult:
         """Block until the job ends (signals on this thread); cancel it after ``timeout`` seconds."""
         if self._thread is None:
             raise RuntimeError("wait() before start()")
@@ -463,22 +464,22 @@ class RemoteInferenceRun(process.FolderJob):
     def _finish(self, kind: str, payload: Any) -> None:
         code, log = None, []
         if kind == "error":
-            outcome = process.Outcome.CANCELLED if self._cancel.is_set() else process.Outcome.FAILED
-            message = "cancelled" if outcome is process.Outcome.CANCELLED else str(payload)
+            outcome = Outcome.CANCELLED if self._cancel.is_set() else Outcome.FAILED
+            message = "cancelled" if outcome is Outcome.CANCELLED else str(payload)
         else:
-            outcome = process.Outcome(payload["state"])
+            outcome = Outcome(payload["state"])
             code, message, log = payload.get("exit_code"), payload.get("message") or "", payload.get("log_tail") or []
-            if self._cancel.is_set() and outcome is not process.Outcome.OK:
-                outcome, message = process.Outcome.CANCELLED, "cancelled"
+            if self._cancel.is_set() and outcome is not Outcome.OK:
+                outcome, message = Outcome.CANCELLED, "cancelled"
         self._conclude(outcome, code, message, log)
 
 
 @dataclass
 class RemoteJobFactory:
-    """A :class:`~IWSegmentationLib.backend.process.JobFactory` whose jobs run on ``client``'s server.
+    """A :class:`~IWSegmentationLib.backend.job.JobFactory` whose jobs run on ``client``'s server.
 
     Injected into :class:`~IWSegmentationLib.slicer.logic.LesionSegmentationLogic` in place of
-    the default :class:`~IWSegmentationLib.backend.process.LocalJobFactory` ("Run on: server").
+    the default :class:`~IWSegmentationLib.backend.local_run.LocalJobFactory` ("Run on: server").
     ``model`` overrides the model name taken from the checkpoint field.
     """
 
@@ -487,12 +488,12 @@ class RemoteJobFactory:
     options: Mapping[str, Any] | None = None
     workdir_parent: str | os.PathLike | None = None
 
-    def model_card(self, parameters: process.PredictParameters) -> dict:
+    def model_card(self, parameters: PredictParameters) -> dict:
         """The server's card of the model; :class:`ServerInputError` naming the models it has if unknown."""
         parameters.validate(local=False)
         return self.client.model_card(self.model or model_name(parameters.checkpoint))
 
-    def __call__(self, parameters: process.PredictParameters, *, loader: process.Loader) -> RemoteInferenceRun:
+    def __call__(self, parameters: PredictParameters, *, loader: Loader) -> RemoteInferenceRun:
         parameters.validate(local=False)
         return RemoteInferenceRun(parameters, client=self.client, model=self.model, options=self.options,
                                   workdir_parent=self.workdir_parent, loader=loader)

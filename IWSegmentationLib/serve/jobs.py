@@ -1,7 +1,7 @@
 """The jobs of ``iwseg serve``: what a client may choose, the queue, and the files of each job.
 
 :class:`JobManager` holds the jobs: a FIFO queue, at most ``workers`` running at once, every
-:class:`~IWSegmentationLib.backend.process.InferenceRun` call (start, poll, cancel) made from its
+:class:`~IWSegmentationLib.backend.local_run.InferenceRun` call (start, poll, cancel) made from its
 one scheduler thread, finished results deleted ``keep_results_s`` seconds after the job ended.
 A job is one ``iwseg predict`` child process (:class:`JobRun`), so there is no second inference
 path. :mod:`.app` puts HTTP in front of it.
@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, List, Optional
 
-from ..backend import process
+from ..backend.child_process import CANCEL_GRACE_S
+from ..backend.interpreter import backend_environment, default_command_prefix
+from ..backend.job import Outcome, RunResult
+from ..backend.local_run import InferenceRun
+from ..backend.parameters import PredictParameters
 from ..core.devices import ENGINES, PRECISIONS
 from ..core.errors import EXIT_CANCELLED, InputError
 from ..core.lesions import CONNECTIVITIES, SIZE_PRESETS, parse_min_lesion_size
@@ -36,11 +40,11 @@ FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 RESULT_NAMES = ("mask", "probabilities", "lesions")
 
 
-#: Job states; the last four are final and equal :class:`~IWSegmentationLib.backend.process.Outcome` values.
+#: Job states; the last four are final and equal :class:`~IWSegmentationLib.backend.job.Outcome` values.
 QUEUED, RUNNING = "queued", "running"
 
 
-FINAL_STATES = tuple(o.value for o in process.Outcome)
+FINAL_STATES = tuple(o.value for o in Outcome)
 
 
 #: Seconds between two passes of the scheduler thread (poll the running jobs, start queued ones).
@@ -163,11 +167,11 @@ class JobOptions:
         return args
 
 
-class JobRun(process.InferenceRun):
+class JobRun(InferenceRun):
     """An :class:`InferenceRun` whose input keeps the upload's format and whose image outputs use
     the format the client asked for (so they are the files a local ``iwseg predict`` writes)."""
 
-    def __init__(self, parameters: process.PredictParameters, *, input_name: str, options: JobOptions,
+    def __init__(self, parameters: PredictParameters, *, input_name: str, options: JobOptions,
                  **kwargs: Any) -> None:
         self.input_name = input_name
         self.options = options
@@ -225,7 +229,7 @@ class Job:
             "id": self.id, "state": self.state, "model": self.model, "exit_code": self.exit_code,
             "message": self.message, "queue_position": position, "created": self.created,
             "started": self.started, "ended": self.ended, "results": sorted(self.results),
-            "events": len(self.events), "log_tail": self.log_tail if self.state != process.Outcome.OK.value else [],
+            "events": len(self.events), "log_tail": self.log_tail if self.state != Outcome.OK.value else [],
         }
 
 
@@ -239,7 +243,7 @@ class JobManager:
     def __init__(self, *, models: Dict[str, Path], root: Path, workers: int = 1, device: str = "auto",
                  keep_results_s: float = 3600.0, max_jobs: int = 100, cuda_devices: int = 0,
                  command_prefix: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None,
-                 cancel_grace_s: float = process.CANCEL_GRACE_S) -> None:
+                 cancel_grace_s: float = CANCEL_GRACE_S) -> None:
         if workers < 1:
             raise InputError(f"--workers must be >= 1, got {workers}")
         if keep_results_s < 0:
@@ -251,8 +255,8 @@ class JobManager:
         self.keep_results_s = keep_results_s
         self.max_jobs = max_jobs
         self.cuda_devices = cuda_devices
-        self.command_prefix = command_prefix or process.default_command_prefix()
-        self.env = env if env is not None else process.backend_environment()
+        self.command_prefix = command_prefix or default_command_prefix()
+        self.env = env if env is not None else backend_environment()
         self.cancel_grace_s = cancel_grace_s
         self.lock = threading.RLock()
         self.jobs: Dict[str, Job] = {}
@@ -276,7 +280,7 @@ class JobManager:
                 if job.run.backend is not None and not job.run.backend.done:
                     job.run.backend.close()
                 if not job.final:
-                    self._end(job, process.Outcome.CANCELLED.value, EXIT_CANCELLED, "cancelled: the server stopped")
+                    self._end(job, Outcome.CANCELLED.value, EXIT_CANCELLED, "cancelled: the server stopped")
                 self._remove_files(job)
             self.jobs.clear()
 
@@ -292,7 +296,7 @@ class JobManager:
                 raise ApiError(429, f"the server already holds {self.max_jobs} unfinished jobs; try again later")
         try:
             stored = upload_name(filename)
-            parameters = process.PredictParameters(
+            parameters = PredictParameters(
                 path, device=self.device, overlap=options.overlap, threshold=options.threshold,
                 probabilities=options.probabilities, lesions=options.lesions)
             run = JobRun(parameters, input_name=stored, options=options, command_prefix=self.command_prefix,
@@ -368,7 +372,7 @@ class JobManager:
             if job.state == QUEUED and job.cancel_requested:
                 with self.lock:
                     job.run.discard()
-                    self._end(job, process.Outcome.CANCELLED.value, EXIT_CANCELLED, "cancelled before it started")
+                    self._end(job, Outcome.CANCELLED.value, EXIT_CANCELLED, "cancelled before it started")
             elif job.state == RUNNING:
                 if job.cancel_requested:
                     job.run.cancel()
@@ -392,11 +396,11 @@ class JobManager:
         try:
             job.run.start()
         except Exception as exc:  # the interpreter is missing, the input vanished: the job failed
-            self._end(job, process.Outcome.FAILED.value, None, f"the backend could not start: {exc}")
+            self._end(job, Outcome.FAILED.value, None, f"the backend could not start: {exc}")
 
-    def _on_finished(self, job: Job, result: process.RunResult) -> None:
+    def _on_finished(self, job: Job, result: RunResult) -> None:
         with self.lock:
-            code = EXIT_CANCELLED if result.outcome is process.Outcome.CANCELLED else result.exit_code
+            code = EXIT_CANCELLED if result.outcome is Outcome.CANCELLED else result.exit_code
             job.log_tail = [line for line in result.stderr_tail if line.strip()][-15:]
             if result.workdir is not None:  # a failed run's folder: the job's files, removed with it
                 job.result_dir = job.result_dir or result.workdir
@@ -406,7 +410,7 @@ class JobManager:
         job.state, job.exit_code, job.message = state, exit_code, message
         job.ended = time.time()
         self._slots.pop(job.id, None)
-        if state != process.Outcome.OK.value:
+        if state != Outcome.OK.value:
             for path in job.results.values():
                 path.unlink(missing_ok=True)
             job.results = {}

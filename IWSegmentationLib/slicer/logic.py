@@ -3,7 +3,7 @@
 The scripted module's ``IWSegmentationLogic`` is a thin adapter from its parameter node to
 :class:`LesionSegmentationLogic` (the SlicerNNUnet pattern: the logic lives in the library, the
 module only wires widgets). Everything here uses MRML nodes, :mod:`IWSegmentationLib.slicer.mrml`,
-:mod:`IWSegmentationLib.backend.process` and :mod:`IWSegmentationLib.slicer.panel` — no Qt, no ``slicer.app``
+:mod:`IWSegmentationLib.backend` and :mod:`IWSegmentationLib.slicer.panel` — no Qt, no ``slicer.app``
 — so it runs, with the real backend, under the ``slicer-core`` wheel in the tests.
 
 Flow of one run:
@@ -13,10 +13,10 @@ Flow of one run:
    organ-mask preset);
 2. :meth:`~LesionSegmentationLogic.start` writes the volume (and the organ mask, on the
    volume's grid) into the job's folder with their exact geometry and starts the job the
-   injected :class:`~IWSegmentationLib.backend.process.JobFactory` makes: by default
+   injected :class:`~IWSegmentationLib.backend.job.JobFactory` makes: by default
    ``python -m IWSegmentationLib predict`` in a child process
-   (:class:`~IWSegmentationLib.backend.process.LocalJobFactory`), in tests a fake, and any other
-   :class:`~IWSegmentationLib.backend.process.SegmentationJob` (e.g. a server) alike;
+   (:class:`~IWSegmentationLib.backend.local_run.LocalJobFactory`), in tests a fake, and any other
+   :class:`~IWSegmentationLib.backend.job.SegmentationJob` (e.g. a server) alike;
 3. on success the run's loader reads the mask and probabilities and calls
    :func:`IWSegmentationLib.slicer.mrml.load_prediction` inside :func:`scene_rollback`: if anything
    fails, every node it added is removed, so a failed run leaves the scene as it was. A
@@ -31,7 +31,9 @@ import contextlib
 import os
 from typing import Any, Callable, Iterator, Mapping
 
-from ..backend import process
+from ..backend.job import JobFactory, RunResult, SegmentationJob
+from ..backend.local_run import LocalJobFactory
+from ..backend.parameters import PredictParameters
 from ..core.errors import InputError
 from . import panel
 
@@ -76,19 +78,19 @@ def check_single_channel(card: Mapping[str, Any], checkpoint: str | os.PathLike 
 class LesionSegmentationLogic:
     """Segment the lesions of a volume node with a checkpoint, in a backend job.
 
-    ``job_factory`` makes the job of each run (:class:`~IWSegmentationLib.backend.process.JobFactory`);
-    by default a :class:`~IWSegmentationLib.backend.process.LocalJobFactory` built from ``python`` (the
+    ``job_factory`` makes the job of each run (:class:`~IWSegmentationLib.backend.job.JobFactory`);
+    by default a :class:`~IWSegmentationLib.backend.local_run.LocalJobFactory` built from ``python`` (the
     interpreter that runs the backend, ``PythonSlicer`` inside Slicer), ``env`` (its environment,
-    default :func:`~IWSegmentationLib.backend.process.backend_environment`) and ``workdir_parent`` (where
+    default :func:`~IWSegmentationLib.backend.interpreter.backend_environment`) and ``workdir_parent`` (where
     the temporary run folders go, default the system's temp folder). :attr:`results` holds the
     last :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`, until the scene closes.
     """
 
     def __init__(self, scene, *, python: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                  workdir_parent: str | os.PathLike | None = None,
-                 job_factory: process.JobFactory | None = None) -> None:
+                 job_factory: JobFactory | None = None) -> None:
         self.scene = scene
-        self.job_factory: process.JobFactory = job_factory or process.LocalJobFactory(
+        self.job_factory: JobFactory = job_factory or LocalJobFactory(
             python, dict(env) if env is not None else None, workdir_parent)
         self._local_factory = self.job_factory
         self.results = None
@@ -109,7 +111,7 @@ class LesionSegmentationLogic:
 
     def read_model_card(self, checkpoint_path: str | os.PathLike) -> dict:
         """The model card of the checkpoint, from where the jobs run (the file here, or the server)."""
-        return self.job_factory.model_card(process.PredictParameters(checkpoint_path))
+        return self.job_factory.model_card(PredictParameters(checkpoint_path))
 
     def run_on(self, where: str = panel.RUN_ON[0], server_url: str = "",
                token_file: str | os.PathLike | None = None) -> None:
@@ -150,10 +152,10 @@ class LesionSegmentationLogic:
         organ_mask=None,
         reference=None,
         on_progress: Callable[[Any], Any] | None = None,
-        on_finished: Callable[[process.RunResult], Any] | None = None,
+        on_finished: Callable[[RunResult], Any] | None = None,
         on_log: Callable[[str], Any] | None = None,
-    ) -> process.SegmentationJob:
-        """Write the inputs and start the backend; returns the running :class:`~IWSegmentationLib.backend.process.SegmentationJob`.
+    ) -> SegmentationJob:
+        """Write the inputs and start the backend; returns the running :class:`~IWSegmentationLib.backend.job.SegmentationJob`.
 
         Poll it (``run.poll()`` from a timer) or wait for it (``run.wait(timeout).loaded_or_raise()``, the blocking mode). On success its
         result's ``loaded`` is the :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`.
@@ -161,7 +163,7 @@ class LesionSegmentationLogic:
         from ..core import imageio
         from . import mrml
 
-        parameters = process.PredictParameters(checkpoint_path, device=device, overlap=overlap, threshold=threshold)
+        parameters = PredictParameters(checkpoint_path, device=device, overlap=overlap, threshold=threshold)
         check_volume_node(volume_node)
         card = self.job_factory.model_card(parameters)
         check_single_channel(card, checkpoint_path)

@@ -278,7 +278,7 @@ def compatibility_warnings(
 
 def describe_devices(info: Mapping[str, Any] | None, choice: str = "auto",
                      low_mb: int = LOW_GPU_MEMORY_MB) -> tuple[str, str | None]:
-    """``(text, warning)`` for the device row, from :class:`~IWSegmentationLib.backend.process.DeviceProbe`'s answer."""
+    """``(text, warning)`` for the device row, from :class:`~IWSegmentationLib.backend.device_probe.DeviceProbe`'s answer."""
     if info is None:
         return "Checking devices…", None
     if not info.get("torch"):

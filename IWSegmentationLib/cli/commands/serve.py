@@ -47,7 +47,7 @@ def _cuda_devices(device: str) -> int:
     """CUDA GPUs the jobs may use (asked in a child interpreter: the server never imports torch)."""
     if device not in ("auto", "cuda"):
         return 0
-    from ...backend.process import DeviceProbe
+    from ...backend.device_probe import DeviceProbe
 
     return len(DeviceProbe().run_blocking().get("cuda") or [])
 

@@ -35,6 +35,7 @@ The lesion table (:func:`lesion_rows`)
     each row's ``center_ras`` — the lesion's own centroid, also for a missed reference lesion
     whose reference segment holds several — is where :func:`center_slice_views` takes the views."""
 
+from ...core.lesions import LESION_TERMINOLOGY, segment_name  # noqa: F401  (re-exported: the segments' names)
 from .geometry import (  # noqa: F401  (re-exported)
     LPS_TO_RAS,
     add_volume_from_array,
@@ -53,6 +54,7 @@ from .loading import (  # noqa: F401  (re-exported)
 from .matching import (  # noqa: F401  (re-exported)
     DiceMatch,
     labelmap_on_volume_grid,
+    lesion_rows,
     match_segmentations,
     object_dice_table,
     reference_volume_node,
@@ -68,14 +70,12 @@ from .segments import (  # noqa: F401  (re-exported)
     ATTR_SIZE_THRESHOLDS,
     CLOSED_SURFACE,
     LABELMAP,
-    LESION_TERMINOLOGY,
     TAG_PREFIX,
     TAGS,
     get_tag,
-    lesion_rows,
     lesion_segmentation,
     list_segment_ids,
-    segment_name,
+    segment_rows,
     set_confidence_threshold,
 )
 from .tables import (  # noqa: F401  (re-exported)
@@ -109,6 +109,7 @@ __all__ = [
     "segment_name",
     "lesion_segmentation",
     "get_tag",
+    "segment_rows",
     "lesion_rows",
     "set_confidence_threshold",
     "reference_volume_node",

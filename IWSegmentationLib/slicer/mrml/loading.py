@@ -13,8 +13,8 @@ from ...core.lesions import (
 )
 from ..lesion_row import LesionRow
 from .geometry import add_volume_from_array, check_on_volume_grid, volume_geometry
-from .matching import match_segmentations
-from .segments import lesion_rows, lesion_segmentation
+from .matching import lesion_rows, match_segmentations
+from .segments import lesion_segmentation
 from .tables import dice_table_node
 
 

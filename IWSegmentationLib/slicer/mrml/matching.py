@@ -1,4 +1,5 @@
-"""Object Dice in the scene: segments and reference exported onto the volume grid and matched by the evaluation code."""
+"""Object Dice in the scene: segments and reference exported onto the volume grid and matched by the
+evaluation code; the lesion table's rows with their match (:func:`lesion_rows`)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ from .scene import _slicer
 from .segments import (
     ATTR_SIZE_THRESHOLDS,
     LABELMAP,
-    _with_missed,
-    lesion_rows,
     list_segment_ids,
+    segment_rows,
 )
 
 
@@ -159,6 +159,38 @@ class DiceMatch:
         return _with_missed(self.detections, self.references)
 
 
+def lesion_rows(segmentation_node, match: DiceMatch | None = None) -> list[LesionRow]:
+    """The rows of the lesion table: the segments' lesions (:func:`~.segments.segment_rows`, read back
+    from their tags) and, given the ``match`` of :func:`match_segmentations`, their status and Dice,
+    then the missed reference lesions.
+
+    The one place that builds the table: the module shows these rows (formatted by
+    :func:`IWSegmentationLib.slicer.panel.lesion_cells`), the table node (:func:`dice_table_node`)
+    holds them, and a click on one centres the views on its ``center_ras``
+    (:func:`center_slice_views`).
+
+    One :class:`~IWSegmentationLib.slicer.lesion_row.LesionRow` per segment in segment order, ``row`` = ``"detection"``: ``segment_id, name, id``
+    (the lesion number), ``component_id, voxels, volume_mm3, diameter_mm, size_group,
+    confidence, center_ras, visible`` (numbers missing from the tags of a segment drawn by hand
+    are None) and ``status, dice, hit_dice, reference_id`` (None without a ``match``; ``TP``/``FP``
+    with one). With a ``match``, then one row per missed reference lesion (``row`` =
+    ``"reference"``, ``status`` ``FN``; its ``segment_id`` is the *reference* segment holding it,
+    which may hold other lesions too, and its ``center_ras`` that lesion's own centroid).
+    """
+    rows = segment_rows(segmentation_node)
+    if match is None:
+        return rows
+    by_segment = {d.segment_id: d for d in match.detections}
+    rows = [row.replace(**{key: getattr(by_segment[row.segment_id], key) if row.segment_id in by_segment else None
+                           for key in ("status", "dice", "hit_dice", "reference_id")}) for row in rows]
+    return _with_missed(rows, match.references)
+
+
+def _with_missed(detections: list[LesionRow], references: Sequence[LesionRow]) -> list[LesionRow]:
+    """The table order: the detections, then the reference lesions no detection overlaps (FN)."""
+    return detections + [r for r in references if r.status == "FN"]
+
+
 def _thresholds_of(segmentation_node, size_thresholds_mm) -> SizeThresholds:
     if size_thresholds_mm is not None:
         return parse_size_thresholds(size_thresholds_mm)
@@ -195,7 +227,7 @@ def match_segmentations(
     ref_ids = list(list_segment_ids(reference_segmentation_node) if reference_segment_ids is None
                    else reference_segment_ids)
     ref_labels = labelmap_on_volume_grid(reference_segmentation_node, volume_node, ref_ids)
-    rows = {row.segment_id: row for row in lesion_rows(segmentation_node)}
+    rows = {row.segment_id: row for row in segment_rows(segmentation_node)}
 
     # Match inside the bounding box of everything (same components, same numbers, less memory).
     box = _bounding_box((seg_labels > 0) | (ref_labels > 0))
@@ -259,11 +291,11 @@ def _owner(label_map: np.ndarray, component_labels: np.ndarray, k: int) -> np.nd
     return out
 
 
-def _detection_rows(case, segment_rows: Sequence[LesionRow], center) -> list[LesionRow]:
-    """One row per predicted component (``segment_rows``: the segment row of each), TP or FP."""
+def _detection_rows(case, owner_rows: Sequence[LesionRow], center) -> list[LesionRow]:
+    """One row per predicted component (``owner_rows``: the row of the segment each lies in), TP or FP."""
     lesion_by_id = {les.id: les for les in case.lesions}
     rows = []
-    for comp, row in zip(case.components, segment_rows):
+    for comp, row in zip(case.components, owner_rows):
         matched = lesion_by_id.get(comp.lesion) if comp.lesion is not None else None
         rows.append(LesionRow(
             row="detection",

@@ -1,26 +1,29 @@
-"""Lesion segments: one segment per lesion, coloured by size group, tagged with its numbers; the lesion rows."""
+"""Lesion segments: one segment per lesion, coloured by size group, tagged with its numbers; their rows.
+
+:func:`segment_rows` reads the segments back as lesion-table rows; the rows that know about a
+match against a reference (:func:`~IWSegmentationLib.slicer.mrml.matching.lesion_rows`) are built
+in :mod:`.matching`, which imports this module (never the other way).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ...core.errors import GeometryMismatchError, InputError
 from ...core.lesions import (
+    LESION_TERMINOLOGY,
     SIZE_GROUP_COLORS,
     SizeThresholds,
     analyze_lesions,
     parse_size_thresholds,
+    segment_name,
 )
 from ..lesion_row import LesionRow
 from .geometry import _check_volume_node, _vtk_matrix, centroid_ras, volume_geometry, volume_ijk_to_ras
 from .scene import _slicer, ensure_converter_rules
-
-if TYPE_CHECKING:
-    from .matching import DiceMatch
-
 
 #: Segment tags written by :func:`lesion_segmentation` (values are strings, as MRML stores them).
 TAG_PREFIX = "IWSegmentation."
@@ -48,15 +51,6 @@ ATTR_SIZE_THRESHOLDS = TAG_PREFIX + "SizeThresholdsMm"  # "small;large"
 ATTR_CONFIDENCE_THRESHOLD = TAG_PREFIX + "ConfidenceThreshold"
 
 
-#: Terminology of every lesion segment: DICOM master list, category SCT 49755003
-#: "Morphologically Altered Structure", type SCT 52988006 "Lesion" (the serialised form that
-#: ``vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry`` writes).
-LESION_TERMINOLOGY = (
-    "Segmentation category and type - DICOM master list"
-    "~SCT^49755003^Morphologically Altered Structure~SCT^52988006^Lesion~^^~~^^~^^"
-)
-
-
 LABELMAP = "Binary labelmap"
 
 
@@ -82,11 +76,6 @@ def _check_mask_arrays(volume_node, lesion_mask, probabilities) -> None:
     lo, hi = float(np.min(probabilities)), float(np.max(probabilities))
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > 1:
         raise InputError(f"probabilities must be finite values in [0, 1], got range [{lo:g}, {hi:g}]")
-
-
-def segment_name(number: int, diameter_mm: float, size_group: str, width: int = 2) -> str:
-    """``Lesion 07 · 4.2 mm · small``."""
-    return f"Lesion {number:0{width}d} · {diameter_mm:.1f} mm · {size_group}"
 
 
 def _smallest_uint(k: int):
@@ -235,23 +224,14 @@ def _float_tag(segment, key: str) -> float | None:
         return None
 
 
-def lesion_rows(segmentation_node, match: DiceMatch | None = None) -> list[LesionRow]:
-    """The rows of the lesion table: the segments' lesions (read back from their tags) and, given
-    the ``match`` of :func:`match_segmentations`, their status and Dice, then the missed
-    reference lesions.
+def segment_rows(segmentation_node) -> list[LesionRow]:
+    """The segments' lesions as lesion-table rows, read back from their tags, in segment order.
 
-    The one place that builds the table: the module shows these rows (formatted by
-    :func:`IWSegmentationLib.slicer.panel.lesion_cells`), the table node (:func:`dice_table_node`)
-    holds them, and a click on one centres the views on its ``center_ras``
-    (:func:`center_slice_views`).
-
-    One :class:`~IWSegmentationLib.slicer.lesion_row.LesionRow` per segment in segment order, ``row`` = ``"detection"``: ``segment_id, name, id``
-    (the lesion number), ``component_id, voxels, volume_mm3, diameter_mm, size_group,
-    confidence, center_ras, visible`` (numbers missing from the tags of a segment drawn by hand
-    are None) and ``status, dice, hit_dice, reference_id`` (None without a ``match``; ``TP``/``FP``
-    with one). With a ``match``, then one row per missed reference lesion (``row`` =
-    ``"reference"``, ``status`` ``FN``; its ``segment_id`` is the *reference* segment holding it,
-    which may hold other lesions too, and its ``center_ras`` that lesion's own centroid).
+    One :class:`~IWSegmentationLib.slicer.lesion_row.LesionRow` per segment, ``row`` = ``"detection"``:
+    ``segment_id, name, id`` (the lesion number), ``component_id, voxels, volume_mm3, diameter_mm,
+    size_group, confidence, center_ras, visible`` (numbers missing from the tags of a segment drawn
+    by hand are None); ``status, dice, hit_dice, reference_id`` are None (no match: see
+    :func:`~IWSegmentationLib.slicer.mrml.matching.lesion_rows`).
     """
     rows = []
     display = segmentation_node.GetDisplayNode()
@@ -276,17 +256,7 @@ def lesion_rows(segmentation_node, match: DiceMatch | None = None) -> list[Lesio
             center_ras=tuple(float(v) for v in center.split(",")) if center else None,
             visible=bool(display.GetSegmentVisibility(segment_id)) if display else True,
         ))
-    if match is None:
-        return rows
-    by_segment = {d.segment_id: d for d in match.detections}
-    rows = [row.replace(**{key: getattr(by_segment[row.segment_id], key) if row.segment_id in by_segment else None
-                           for key in ("status", "dice", "hit_dice", "reference_id")}) for row in rows]
-    return _with_missed(rows, match.references)
-
-
-def _with_missed(detections: list[LesionRow], references: Sequence[LesionRow]) -> list[LesionRow]:
-    """The table order: the detections, then the reference lesions no detection overlaps (FN)."""
-    return detections + [r for r in references if r.status == "FN"]
+    return rows
 
 
 def set_confidence_threshold(segmentation_node, threshold: float) -> dict:
