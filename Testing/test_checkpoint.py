@@ -493,3 +493,39 @@ def test_training_state_round_trip_property(value):
         path = Path(folder) / "s.safetensors"
         save_training_state(path, {"value": value})
         assert _same(load_training_state(path)["value"], value)
+
+
+def test_head_norm_network_trains_saves_and_loads_to_the_same_outputs(tmp_path):
+    """The seam of the authors' head (issue 20): a network with ``head_norm`` trained two steps
+    (so its head BatchNorm has running statistics of its own), saved and loaded through the
+    normal checkpoint loader, which builds the network from the card, gives the same eval-mode
+    outputs; the CPU-compiled engine (which folds that BatchNorm into the conv) agrees too."""
+    from IWSegmentationLib.inference import freeze_for_cpu
+    from IWSegmentationLib.nn.losses import get_loss
+    from IWSegmentationLib.nn.unet import default_config
+
+    torch.manual_seed(0)
+    model = build_model(default_config("tiny", head_norm=True)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    loss_fn = get_loss("iw-dice")
+    for _ in range(2):
+        x = torch.randn(2, 1, 16, 16, 16)
+        target = (torch.rand(2, 1, 16, 16, 16) > 0.9).float()
+        opt.zero_grad()
+        loss_fn(model(x), target).backward()
+        opt.step()
+    model.eval()
+    head_bn = model.head[-1]
+    assert isinstance(head_bn, torch.nn.BatchNorm3d) and int(head_bn.num_batches_tracked) == 2
+    assert float(head_bn.running_mean.abs().max()) > 0  # statistics of its own, not the initial 0
+
+    path = tmp_path / "authors-head.safetensors"
+    save_checkpoint(path, model, _metadata())
+    loaded, card = load_checkpoint(path)
+    assert card["architecture"]["head_norm"] is True
+    assert not loaded.training and isinstance(loaded.head[-1], torch.nn.BatchNorm3d)
+    x = torch.randn(1, 1, 24, 16, 16)
+    with torch.inference_mode():
+        expected = model(x)
+        assert torch.equal(loaded(x), expected)
+        assert torch.allclose(freeze_for_cpu(loaded)(x), expected, atol=1e-4)

@@ -472,3 +472,62 @@ def test_patch_dataset_reads_cases_from_disk(tmp_path):
     ds = PatchDataset([case], PatchSampler((4, 4, 4), lesion_probability=1.0), batch_size=2, steps=1)
     b = next(iter(ds))
     assert b["lesion_centred"].all() and b["target"].sum() > 0 and b["case"] == ["d0", "d0"]
+
+
+# ----------------------------------------------------------------------------- case sampling (issue 20)
+
+
+def _counted_volumes():
+    """Four 12x20x20 cases with 0, 1, 3 and 6 lesions (2x2x1 blocks, apart under 26-connectivity)."""
+    rng = np.random.default_rng(2024)
+    out = []
+    for i, k in enumerate((0, 1, 3, 6)):
+        shape = (12, 20, 20)
+        image = rng.standard_normal(shape).astype(np.float32)
+        lesion = np.zeros(shape, np.uint8)
+        for j in range(k):
+            z, y, x = 1 + 3 * (j % 3), 2 + 6 * (j // 3), 3 + 2 * j
+            lesion[z:z + 2, y:y + 2, x:x + 1] = 1
+        assert label_components(lesion, 26)[1] == k
+        out.append(CaseVolume(f"c{i}", image, lesion, None, Geometry.identity(shape)))
+    return out
+
+
+def test_uniform_case_sampling_is_the_stream_it_always_was():
+    """Without case weights the patch stream is byte for byte the one of the code before
+    ``case_sampling`` existed: the digest below was computed with that code (commit ff970f0) for
+    these cases, seed 7, 20 batches of 3 augmented patches (case, image, labels, corner)."""
+    import hashlib
+
+    ds = PatchDataset(_counted_volumes(), PatchSampler((8, 8, 8)), batch_size=3, steps=20, seed=7,
+                      augment=augment_patch)
+    assert ds.case_probabilities is None
+    digest = hashlib.sha256()
+    for step in range(20):
+        for p in ds.sample_patches(step):
+            digest.update(p.case.encode())
+            digest.update(p.image.tobytes())
+            digest.update(p.labels.tobytes())
+            digest.update(np.asarray(p.start, np.int64).tobytes())
+    assert digest.hexdigest() == "8c44030d12f8d2abf69d3c51bdd1711fce129abc5282fb975f29d55539e691d2"
+
+
+def test_lesion_case_sampling_draws_cases_in_proportion_to_their_lesions():
+    counts = [0, 1, 3, 6]
+    ds = PatchDataset(_counted_volumes(), PatchSampler((8, 8, 8)), batch_size=2, steps=4, seed=3,
+                      case_weights=counts)
+    expected = np.asarray(counts) / 10  # 0, .1, .3, .6
+    assert np.allclose(ds.case_probabilities, expected)
+    rng = np.random.default_rng(0)
+    n = 20_000
+    freq = np.bincount([ds.draw_case(rng) for _ in range(n)], minlength=4) / n
+    # each frequency is Binomial(n, p)/n: sd = sqrt(p(1-p)/n) <= sqrt(.25/20000) = 0.0035; a
+    # tolerance of 4 sd (0.014) is exceeded by chance with probability < 1e-4 per case (and the
+    # seed is fixed), while uniform draws (0.25 each) miss .1, .3 and .6 by 0.05 or more
+    assert np.abs(freq - expected).max() < 0.014
+    assert freq[0] == 0  # a case without lesions is never drawn
+    # the batches use the same draw: no patch from the lesion-free case
+    assert all(c != "c0" for step in range(4) for c in ds.batch(step)["case"])
+    for bad in ([1, 2, 3], [0, 0, 0, 0], [1, -1, 1, 1], [1, float("nan"), 1, 1]):
+        with pytest.raises(InputError, match="case_weights"):
+            PatchDataset(_counted_volumes(), PatchSampler((8, 8, 8)), case_weights=bad)

@@ -251,3 +251,23 @@ def test_nan_weight_or_target_is_rejected():
         get_loss("dice")(X, T, torch.full(SHAPE, math.nan))
     with pytest.raises(InputError, match="binary"):
         get_loss("bce")(X, torch.full(SHAPE, math.nan))
+
+
+def test_iw_asl_in_the_papers_and_the_authors_squared_form_through_the_config():
+    """iw-ASL as a training config asks for it (issue 20): ``loss_params: {squared: true}`` is the
+    authors' code, the default is Table 1. On the hand case with the given weights, β = 1.5:
+      p = σ(x) = [.880797, .268941, .622459, .047426, .731059, .5, .119203, .952574]
+      Σwpt = 5·.880797 + 5·.622459 + 2·.952574 = 9.421430 ; numerator (1 + β²)·Σwpt = 3.25·9.421430 = 30.619648
+      β²Σwt = β²Σwt² = 2.25·(5 + 5 + 2) = 27 (t is binary)
+      paper:   Σwp  = 5·.880797 + .268941 + 5·.622459 + .047426 + .731059 + .5 + .119203 + 2·.952574 = 11.088059
+               1 − 30.619648 / (27 + 11.088059) = 1 − 30.619648 / 38.088059 = 0.196083
+      squared: Σwp² = 5·.775803 + .072329 + 5·.387455 + .002249 + .534447 + .25 + .014209 + 2·.907397 = 8.504325
+               1 − 30.619648 / (27 + 8.504325) = 1 − 30.619648 / 35.504325 = 0.137580
+    """
+    from IWSegmentationLib.training import TrainConfig
+
+    for params, expected in (({}, 0.196083), ({"squared": False}, 0.196083), ({"squared": True}, 0.137580)):
+        config = TrainConfig(loss="iw-asl", loss_params=params)
+        config.validate()
+        loss = get_loss(config.loss, **config.loss_params)
+        assert float(loss(X, T, W)) == pytest.approx(expected, abs=2e-6), params

@@ -104,6 +104,10 @@ CRAFTED = [
     ("training_data", {"x": float("inf")}, "without NaN or infinity (at training_data.x)"),
     ("weights_sha256", "0" * 10, "field 'weights_sha256' must be 64 lowercase hex digits"),
     ("format_version", 7, "field 'format_version' must be an integer in [1, 1]"),
+    ("crop_to_organ", -1, "field 'crop_to_organ' must be an integer in [0, 512]"),
+    ("crop_to_organ", 10**9, "field 'crop_to_organ' must be an integer in [0, 512]"),
+    ("crop_to_organ", 2.5, "field 'crop_to_organ' must be an integer"),
+    ("architecture.head_norm", "yes", "'head_norm' must be true or false"),
 ]
 
 
@@ -178,6 +182,22 @@ def test_min_lesion_size_null_and_mm3_are_accepted(saved, tmp_path):
     assert "min_lesion_size" not in read_metadata(path)  # null: not written back
     path = _crafted(saved, tmp_path, _set("min_lesion_size", {"value": 2.5, "unit": "mm3"}))
     assert load_checkpoint(path)[1]["min_lesion_size"] == {"value": 2.5, "unit": "mm3"}
+
+
+def test_organ_crop_and_head_norm_fields_round_trip_and_old_cards_mean_neither(saved, tmp_path):
+    """Issue 20's card fields: ``crop_to_organ`` (a margin in voxels, written only when set) and
+    ``architecture.head_norm``; a card written before them (the fixture's, with the key removed)
+    reads as no crop and today's head."""
+    path = _crafted(saved, tmp_path, _set("crop_to_organ", 5))
+    assert read_metadata(path)["crop_to_organ"] == 5
+    card = read_metadata(saved)
+    assert "crop_to_organ" not in card and card["architecture"]["head_norm"] is False
+
+    def drop_head_norm(card):
+        del card["architecture"]["head_norm"]
+
+    model, card = load_checkpoint(_crafted(saved, tmp_path, drop_head_norm))
+    assert card["architecture"]["head_norm"] is False and model.head[1][2].bias is not None
 
 
 def test_unknown_keys_of_a_newer_writer_are_kept(saved, tmp_path):

@@ -190,3 +190,24 @@ def test_frozen_engine_with_instance_norm():
     x = torch.randn(2, 1, 24, 16, 16)
     with torch.inference_mode():
         assert torch.allclose(network(x), model(x), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the authors' head (issue 20)
+
+
+def test_head_norm_builds_the_authors_head_and_default_cards_keep_ours():
+    """``head_norm: true`` ends the head with a bias-free 1x1x1 conv and BatchNorm3d(out_channels),
+    as the authors' network. Hand count against the default head: pa(16, 1, 1) with bias is
+    2·16 (BN) + 16 (conv) + 1 (bias) = 49; the authors' is 2·16 + 16 + 2 (BN(1): weight, bias) = 50,
+    so the paper net has one more parameter, 11,074,306."""
+    authors = build_model(default_config("paper", head_norm=True))
+    assert count_parameters(authors) == 11_074_305 + 1
+    head_conv, last = authors.head[1][2], authors.head[-1]
+    assert head_conv.bias is None and isinstance(last, torch.nn.BatchNorm3d) and last.num_features == 1
+    # a config (a model card) written before the key existed builds today's head: conv with bias
+    old = {k: v for k, v in TINY_CONFIG.items() if k != "head_norm"}
+    model = build_model(old)
+    assert model.config["head_norm"] is False
+    assert len(model.head) == 2 and model.head[1][2].bias is not None
+    with pytest.raises(InputError, match="'head_norm' must be true or false"):
+        default_config("tiny", head_norm="yes")

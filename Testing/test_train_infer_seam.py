@@ -5,9 +5,9 @@ with a network that stores its inputs, what :func:`inference.predict_volume` fee
 case read from disk (as ``iwseg predict`` reads it), and compare every training patch the
 trainer's patch stream yields for that case with the same crop of it. They cover the three
 intensity presets, both cache modes (cases prepared up front, or loaded lazily in the
-patch dataset), DataLoader workers or none, a custom ``target_spacing`` and organ masks, and
-the validation path, and a two-channel (multi-sequence MR) dataset, whose every channel must
-be the same crop. On the code before the fix, the default in-memory path prepared each
+patch dataset), DataLoader workers or none, a custom ``target_spacing`` and organ masks, the
+crop to the organ's bounding box (``crop_to_organ``), the validation path, and a two-channel
+(multi-sequence MR) dataset, whose every channel must be the same crop. On the code before the fix, the default in-memory path prepared each
 case twice and these comparisons failed for ct-lung and ct-liver (re-windowing values already
 in [0, 1]); the mr preset's percentile scaling is nearly idempotent, so there it changed little.
 """
@@ -87,7 +87,8 @@ def _inference_input(record: Case, card: dict) -> np.ndarray:
     (predict_volume pads only when the window is larger than the image)."""
     image, geometry = read_channels(record.image_files)
     organ, _ = read_image(record.mask)
-    grid = prepare_volume(load_case(record), card["preprocessing"]).image.shape[-3:]  # only for the grid's shape
+    grid = prepare_volume(load_case(record), card["preprocessing"],  # only for the grid's shape
+                          card.get("crop_to_organ")).image.shape[-3:]
     card = json.loads(json.dumps(card))  # the card as a checkpoint stores it
     card["inference"] = {"patch_size": list(grid), "overlap": 0.0, "blend": "constant"}
     recorder = InputRecorder()
@@ -163,6 +164,44 @@ def test_custom_target_spacing_and_organ_mask_reach_both_sides_alike(dataset):
             assert whole.shape[1:] != SHAPE  # resampled
             _assert_patch_is_crop(batch["image"][b].numpy(), batch["origin"][b].numpy(), whole,
                                   f"{preset} resampled case {case_id}")
+
+
+@pytest.mark.parametrize("cache_size,workers", [(None, 0), (2, 1)], ids=["in-memory", "lazy+worker"])
+def test_organ_crop_reaches_both_sides_alike(dataset, cache_size, workers):
+    """With ``crop_to_organ`` (issue 20) every training patch is a crop of what predict_volume
+    feeds the network, which is the organ box of the prepared case (one function,
+    ``preprocessing.organ_box``, on both sides); the prediction is pasted back into the whole
+    grid with no lesion outside the box; a card with the crop and no organ mask gets a warning."""
+    preset, root = dataset
+    config = _config(root, preset, crop_to_organ=1, cache_size=cache_size)
+    data = load_training_data(config, verbose=False)
+    card = model_card(config, data, epoch=0, validation_metrics=None)
+    assert card["crop_to_organ"] == 1
+    records = _records(root)
+    wholes: dict[str, np.ndarray] = {}
+    for batch in _training_batches(config, workers, steps=2):
+        for b, case_id in enumerate(batch["case"]):
+            if case_id not in wholes:
+                wholes[case_id] = _inference_input(records[case_id], card)
+                uncropped = prepare_volume(load_case(records[case_id]), card["preprocessing"]).image
+                assert wholes[case_id].shape[1:] != uncropped.shape[-3:]  # the crop has teeth here
+            _assert_patch_is_crop(batch["image"][b].numpy(), batch["origin"][b].numpy(), wholes[case_id],
+                                  f"{preset} organ crop, case {case_id} patch {b}")
+    record = records[next(iter(wholes))]
+    image, geometry = read_channels(record.image_files)
+    organ, _ = read_image(record.mask)
+    pred = predict_volume(InputRecorder(), image, card, geometry=geometry, organ_mask=organ, device="cpu",
+                          engine="eager", skip_background=False)
+    inside = np.zeros(organ.shape, bool)
+    hits = np.argwhere(organ != 0)
+    inside[tuple(slice(max(a - 1, 0), b + 2) for a, b in zip(hits.min(axis=0), hits.max(axis=0)))] = True
+    assert not inside.all()
+    assert np.all(pred.probabilities[~inside] == 0.0)  # pasted back: nothing outside the box
+    np.testing.assert_allclose(pred.probabilities[inside], 1 / (1 + np.exp(10.0)), rtol=1e-4)
+    messages = []
+    predict_volume(InputRecorder(), image, card, geometry=geometry, device="cpu", engine="eager",
+                   on_warning=messages.append)
+    assert any("crop_to_organ: 1 voxels" in m and "no organ mask was given" in m for m in messages)
 
 
 def test_validation_feeds_what_predict_feeds(dataset):

@@ -369,3 +369,103 @@ def test_ddp_two_cpu_processes_train_and_only_rank0_writes(dataset, tmp_path):
     assert len(rows) == 3  # header + 2 epochs: one writer
     assert proc.stdout.count("trained 2 epoch(s)") == 1  # only rank 0 reports
     assert (out / RESUME_STATE).is_file()
+
+
+# --------------------------------------------------------------------------- the authors' choices (issue 20)
+
+
+def test_every_shipped_config_is_accepted_and_the_paper_recipe_has_the_authors_choices():
+    shipped = sorted((REPO / "Resources" / "Configs").glob("*.yaml"))
+    assert {p.name for p in shipped} >= {"example_train.yaml", "cpu_train.yaml"}
+    for path in shipped:
+        load_config(path)  # every key known, every value valid (InputError otherwise)
+    paper = load_config(REPO / "Resources" / "Configs" / "example_train.yaml")
+    assert (paper.case_sampling, paper.checkpoint_choice, paper.crop_to_organ) == ("lesions", "last", 5)
+    assert paper.model_config()["head_norm"] is True
+    assert (paper.optimizer, paper.nesterov, paper.lr, paper.lr_final) == ("sgd", True, 1e-2, 1e-3)
+    defaults = TrainConfig()  # the defaults stay ours
+    assert (defaults.case_sampling, defaults.checkpoint_choice, defaults.crop_to_organ) == ("uniform", "best", None)
+    assert defaults.model_config()["head_norm"] is False
+    for bad, match in (("case_sampling=tumours", "'case_sampling' must be one of uniform, lesions"),
+                       ("checkpoint_choice=first", "'checkpoint_choice' must be one of best, last"),
+                       ("crop_to_organ=-1", "'crop_to_organ' must be a margin"),
+                       ("model.head_norm=maybe", "'head_norm' must be true or false")):
+        with pytest.raises(InputError, match=match):
+            load_config(None, [bad])
+
+
+@pytest.mark.parametrize("cache_size", [None, 1], ids=["in-memory", "lazy"])
+def test_lesion_case_sampling_weights_each_training_case_by_its_lesions(dataset, tmp_path, cache_size):
+    """``case_sampling: lesions`` gives each training case its lesion count as sampling weight,
+    counted as the sampler labels it (prepared, 26-connected), whether the cases are loaded up
+    front or lazily (then counted in one pass before training); ``uniform`` gives none."""
+    from IWSegmentationLib.core.lesions import label_components
+    from IWSegmentationLib.data import load_dataset, load_prepared_case
+
+    config = tiny_config(dataset, tmp_path / "o", case_sampling="lesions", cache_size=cache_size)
+    data = load_training_data(config, verbose=False)
+    ds = make_patch_dataset(config, data.train_cases, data.params, lesion_counts=data.lesion_counts)
+    records = {c.id: c for c in load_dataset(dataset)}
+    ids = [c.id for c in data.train_cases]
+    counts = np.array([label_components(load_prepared_case(records[i], data.params).lesion, 26)[1] for i in ids])
+    assert counts.min() > 0 and len(set(counts.tolist())) > 1  # the weights are not uniform here
+    assert np.allclose(ds.case_probabilities, counts / counts.sum())
+    uniform = tiny_config(dataset, tmp_path / "u", cache_size=cache_size)
+    assert make_patch_dataset(uniform, data.train_cases, data.params).case_probabilities is None
+    with pytest.raises(RuntimeError, match="lesion count of every training case"):
+        make_patch_dataset(config, data.train_cases, data.params)
+
+
+def test_checkpoint_choice_names_the_runs_model_and_the_card_records_it(dataset, tmp_path, capsys):
+    """A 2-epoch run with validation after each epoch: with ``checkpoint_choice: last`` the run's
+    model is last.safetensors (epoch 2, whatever epoch was best) and both cards record the choice;
+    the summary line names it. The default is the best checkpoint."""
+    out = tmp_path / "run"
+    code = cli_main(["train", "--set", f"data={dataset}", "--set", f"out={out}", "--set", "model_size=tiny",
+                     "--set", "patch_size=16", "--set", "epochs=2", "--set", "iters_per_epoch=2",
+                     "--set", "num_workers=0", "--set", "val_every=1", "--set", "val_fraction=0.25",
+                     "--set", "tensorboard=false", "--set", "progress=false", "--set", "checkpoint_choice=last"])
+    assert code == 0
+    assert f"model: {out / 'last.safetensors'} (checkpoint_choice: last)" in capsys.readouterr().out
+    last, best = read_metadata(out / "last.safetensors"), read_metadata(out / "best.safetensors")
+    assert last["training"]["checkpoint_choice"] == best["training"]["checkpoint_choice"] == "last"
+    assert last["training"]["epochs_done"] == 2
+    from IWSegmentationLib.training import TrainResult
+
+    result = TrainResult(out=out, last_checkpoint=out / "last.safetensors", best_checkpoint=out / "best.safetensors",
+                         epochs_done=2)
+    assert result.model_checkpoint == out / "best.safetensors"  # the default choice
+    assert TrainResult(**{**result.__dict__, "checkpoint_choice": "last"}).model_checkpoint == out / "last.safetensors"
+
+
+def test_crop_to_organ_crops_training_cases_to_the_organ_box(dataset, tmp_path):
+    """With ``crop_to_organ: m`` every prepared training case is its organ mask's bounding box
+    grown by m voxels (clipped to the grid), the same box for image, lesion and organ; the model
+    card records the margin for inference; a case without an organ mask is refused by name."""
+    from IWSegmentationLib.data import load_dataset, load_prepared_case
+    from IWSegmentationLib.training import model_card
+
+    config = tiny_config(dataset, tmp_path / "o", crop_to_organ=2)
+    data = load_training_data(config, verbose=False)
+    records = {c.id: c for c in load_dataset(dataset)}
+    for volume in data.train_cases:
+        whole = load_prepared_case(records[volume.id], data.params)
+        inside = np.argwhere(whole.organ != 0)
+        lo = np.maximum(inside.min(axis=0) - 2, 0)
+        hi = np.minimum(inside.max(axis=0) + 1 + 2, whole.organ.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        assert volume.image.shape == tuple(hi - lo) and volume.organ_crop == 2
+        assert tuple(hi - lo) != whole.image.shape  # the crop has teeth on these cases
+        assert np.array_equal(volume.image, whole.image[box]) and np.array_equal(volume.lesion, whole.lesion[box])
+        assert volume.geometry.origin == whole.geometry.index_to_physical(lo)
+    card = model_card(config, data, epoch=0, validation_metrics=None)
+    assert card["crop_to_organ"] == 2
+    assert "crop_to_organ" not in model_card(tiny_config(dataset, tmp_path / "p"), data, epoch=0,
+                                             validation_metrics=None)
+    # volumes prepared without the crop do not pass for cropped ones
+    with pytest.raises(RuntimeError, match="another organ crop \\(None vs crop_to_organ 2\\)"):
+        make_patch_dataset(config, [load_prepared_case(records[data.train_cases[0].id], data.params)], data.params)
+    no_mask = records[data.train_cases[0].id]
+    no_mask = type(no_mask)(**{**no_mask.__dict__, "mask": None})
+    with pytest.raises(InputError, match=f"case {no_mask.id} has no organ mask.*crop_to_organ"):
+        load_prepared_case(no_mask, data.params, 2)

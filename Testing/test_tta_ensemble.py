@@ -87,6 +87,7 @@ def test_check_ensemble_names_both_files_and_the_difference():
         (_card(preprocessing=get_preset("ct-liver")), "preprocessing clip"),
         (_card(architecture={"in_channels": 2, "out_channels": 1}), "in_channels: 1 vs 2"),
         (_card(inference={"overlap": 0.5}), "overlap: 0.25 vs 0.5"),
+        (_card(crop_to_organ=5), "crop_to_organ: None vs 5"),
     ]
     for other, needle in cases:
         with pytest.raises(InputError) as info:

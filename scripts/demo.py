@@ -111,7 +111,7 @@ def train_model(train_dir: Path, out: Path, settings: dict):
     result = train(config)
     print(result.summary())
     model_path = out / "model.safetensors"
-    shutil.copyfile(result.best_checkpoint, model_path)
+    shutil.copyfile(result.model_checkpoint, model_path)
     return result, model_path
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.imageio import Geometry, check_same_grid, read_channels, read_image
+from ..preprocessing.cropping import organ_box
 from ..preprocessing.resampling import prepare_case, resample_to_geometry
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ class CaseVolume:
     ``preprocessing`` is the preset the image was prepared with by :func:`prepare_volume`
     (network input), or None while it holds the raw intensities :func:`load_case` read. It
     makes "prepared exactly once" checkable: :func:`prepare_volume` refuses a prepared case.
+    ``organ_crop`` is the margin (voxels) of the organ box the prepared case was cropped to
+    (``crop_to_organ``), or None when it was not cropped; ``geometry`` is then the box's grid.
     """
 
     id: str
@@ -32,6 +35,7 @@ class CaseVolume:
     organ: np.ndarray | None
     geometry: Geometry
     preprocessing: dict | None = None
+    organ_crop: int | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -102,13 +106,17 @@ def load_case(case: Case, *, dtype=np.float32) -> CaseVolume:
     return CaseVolume(case.id, image, lesion, organ, geometry)
 
 
-def prepare_volume(volume: CaseVolume, params: Mapping[str, Any]) -> CaseVolume:
+def prepare_volume(volume: CaseVolume, params: Mapping[str, Any], crop_to_organ: int | None = None) -> CaseVolume:
     """A raw case turned into network input by the preprocessing preset ``params``, through
     :func:`preprocessing.prepare_case`, the function inference uses too; the lesion mask
-    follows a resampling (nearest neighbour). Top-level, so DataLoader workers can pickle it.
+    follows a resampling (nearest neighbour). With ``crop_to_organ`` (a margin in voxels) the
+    prepared case is then cropped to :func:`preprocessing.organ_box` of its prepared organ mask,
+    the box inference crops to (lesion voxels outside the box are dropped). Top-level, so
+    DataLoader workers can pickle it.
 
     Raises:
-        InputError: naming the case, when its image cannot be prepared.
+        InputError: naming the case, when its image cannot be prepared, or ``crop_to_organ`` is
+            set and the case has no organ mask or an empty one.
         RuntimeError: when ``volume`` is already prepared (a program error: preparing twice
             re-windows values already in [0, 1] and crushes the contrast).
     """
@@ -121,9 +129,18 @@ def prepare_volume(volume: CaseVolume, params: Mapping[str, Any]) -> CaseVolume:
     lesion = volume.lesion
     if geometry != volume.geometry:
         lesion = resample_to_geometry(lesion, volume.geometry, geometry, is_mask=True)
-    return CaseVolume(volume.id, image, lesion, organ, geometry, preprocessing=dict(params))
+    if crop_to_organ is None:
+        return CaseVolume(volume.id, image, lesion, organ, geometry, preprocessing=dict(params))
+    if organ is None:
+        raise InputError(f"case {volume.id} has no organ mask, and crop_to_organ ({crop_to_organ} voxels) crops "
+                         "every case to its organ's bounding box; give the dataset organ masks or set crop_to_organ: null")
+    box = organ_box(organ, crop_to_organ)
+    if box is None:
+        raise InputError(f"case {volume.id}: its organ mask is empty, so crop_to_organ has no box to crop to")
+    return CaseVolume(volume.id, box.crop(image), box.crop(lesion), box.crop(organ), box.geometry(geometry),
+                      preprocessing=dict(params), organ_crop=int(crop_to_organ))
 
 
-def load_prepared_case(case: Case, params: Mapping[str, Any]) -> CaseVolume:
+def load_prepared_case(case: Case, params: Mapping[str, Any], crop_to_organ: int | None = None) -> CaseVolume:
     """:func:`load_case` then :func:`prepare_volume`: a case record as network input."""
-    return prepare_volume(load_case(case), params)
+    return prepare_volume(load_case(case), params, crop_to_organ)

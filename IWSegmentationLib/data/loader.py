@@ -47,6 +47,10 @@ class PatchDataset(IterableDataset):
     ``transform`` (optional, ``dict -> dict``) runs on each finished batch in the worker, e.g.
     to compute the inverse weights off the training step; ``augment`` (``(Patch, rng) -> Patch``,
     e.g. :func:`augment_patch`) on each patch.
+
+    **Which case.** Each patch's case is drawn uniformly (``case_weights=None``), or with
+    probability proportional to ``case_weights`` (one weight >= 0 per case, e.g. its lesion
+    count: the trainer's ``case_sampling: lesions``); a case of weight 0 is never drawn.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class PatchDataset(IterableDataset):
         loader: Callable[[Case], CaseVolume] = load_case,
         cache_size: int | None = None,
         rng_factory: Callable[[int], np.random.Generator] | None = None,
+        case_weights: Sequence[float] | None = None,
     ):
         super().__init__()
         if not cases:
@@ -88,6 +93,7 @@ class PatchDataset(IterableDataset):
         self.augment, self.transform, self.loader = augment, transform, loader
         self.cache_size = cache_size
         self.rng_factory = rng_factory
+        self.case_probabilities = None if case_weights is None else _probabilities(case_weights, len(self.cases))
         self._cache: OrderedDict[int, PreparedCase] = OrderedDict()
 
     def __len__(self) -> int:
@@ -127,12 +133,19 @@ class PatchDataset(IterableDataset):
         rng = self.rng(step)
         out = []
         for _ in range(self.batch_size):
-            index = int(rng.integers(len(self.cases)))
+            index = self.draw_case(rng)
             patch = self.sampler.sample(self.prepared(index), rng)
             if self.augment is not None:
                 patch = self.augment(patch, rng)
             out.append(patch)
         return out
+
+    def draw_case(self, rng: np.random.Generator) -> int:
+        """The index of the next patch's case: uniform (one ``rng.integers`` draw, the stream every
+        run had before ``case_weights`` existed), or by :attr:`case_probabilities`."""
+        if self.case_probabilities is None:
+            return int(rng.integers(len(self.cases)))
+        return int(rng.choice(len(self.cases), p=self.case_probabilities))
 
     def batch(self, step: int) -> dict:
         """Batch ``step`` as tensors (see the class docstring)."""
@@ -160,6 +173,18 @@ class PatchDataset(IterableDataset):
         while end is None or step < end:
             yield self.batch(step)
             step += workers
+
+
+def _probabilities(weights: Sequence[float], n: int) -> np.ndarray:
+    """``weights`` normalised to sum to 1, after checking there is one finite weight >= 0 per case
+    and that some case can be drawn."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise InputError(f"case_weights must be one finite weight >= 0 per case ({n}), got {list(weights)!r}")
+    if w.sum() <= 0:
+        raise InputError("case_weights are all 0: no case can be drawn (with case_sampling: lesions, no training "
+                         "case has a lesion)")
+    return w / w.sum()
 
 
 def make_loader(dataset: PatchDataset, *, num_workers: int = 2, pin_memory: bool = False,

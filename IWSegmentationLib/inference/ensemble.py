@@ -10,7 +10,7 @@ from .predict import inference_settings
 
 def _card_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """What two model cards disagree on among the settings an ensemble must share: the
-    preprocessing (how the input is prepared), the sliding window (patch size, overlap, blend),
+    preprocessing (how the input is prepared) and organ crop, the sliding window (patch size, overlap, blend),
     the threshold and the network's input and output channels."""
     from ..preprocessing.presets import validate_params
 
@@ -20,6 +20,8 @@ def _card_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
               if pa.get(k) != pb.get(k)]
     sa, sb = inference_settings(a), inference_settings(b)
     diffs += [f"{k}: {sa[k]!r} vs {sb[k]!r}" for k in sa if sa[k] != sb[k]]
+    if a.get("crop_to_organ") != b.get("crop_to_organ"):
+        diffs.append(f"crop_to_organ: {a.get('crop_to_organ')!r} vs {b.get('crop_to_organ')!r}")
     ta, tb = float(a.get("threshold", 0.5)), float(b.get("threshold", 0.5))
     if ta != tb:
         diffs.append(f"threshold: {ta:g} vs {tb:g}")

@@ -13,6 +13,7 @@ from torch import nn
 from ..core.confidence import SKIPPED_LOGIT, probability_to_logit, sigmoid
 from ..core.errors import InputError
 from ..nn.model_card import check_in_channels
+from ..preprocessing.cropping import OrganBox, organ_box
 from .devices import resolve_device, resolve_precision
 from .engine import _runnable
 from .predictors import EnsemblePredictor, MirroredPredictor
@@ -49,6 +50,26 @@ def inference_settings(metadata: Mapping[str, Any]) -> dict[str, Any]:
         "overlap": float(extra.get("overlap", 0.25)),
         "blend": str(extra.get("blend", "gaussian")),
     }
+
+
+def card_organ_box(metadata: Mapping[str, Any], organ: np.ndarray | None,
+                   warn: Callable[[str], None]) -> OrganBox | None:
+    """The organ box a model card's ``crop_to_organ`` asks for, of ``organ`` (the organ mask on
+    the network's grid, as :func:`preprocessing.prepare_case` returns it), or None: no crop in
+    the card, or (with a warning) no organ mask or an empty one, when the whole volume is used."""
+    margin = metadata.get("crop_to_organ")
+    if margin is None:
+        return None
+    if organ is None:
+        warn(f"the model was trained on volumes cropped to the organ's bounding box (model card crop_to_organ: "
+             f"{margin} voxels) but no organ mask was given, so it sees the whole volume, unlike in training, "
+             "and may find lesions outside the organ; give the organ mask (--organ-mask)")
+        return None
+    box = organ_box(organ, int(margin))
+    if box is None:
+        warn(f"the organ mask is empty, so the organ crop of the model card (crop_to_organ: {margin} voxels) "
+             "cannot be applied; the whole volume is used")
+    return box
 
 
 def predict_volume(
@@ -93,7 +114,10 @@ def predict_volume(
         metadata: the checkpoint's model card (``patch_size``, ``preprocessing``, ``threshold``).
         geometry: the image's :class:`~IWSegmentationLib.core.imageio.Geometry` (spacing matters when
             the card resamples); default: 1 mm isotropic, axis-aligned.
-        organ_mask: the organ mask the preset names (e.g. lungs for ``ct-lung``), same grid.
+        organ_mask: the organ mask the preset names (e.g. lungs for ``ct-lung``), same grid. A card
+            with ``crop_to_organ`` (the network was trained on organ boxes) crops the prepared
+            input to :func:`preprocessing.organ_box` of it and pastes the prediction back (no
+            lesion outside the box); without a mask such a card gets a warning.
         overlap, threshold, blend: override the card's values (see :func:`inference_settings`).
         precision: ``auto`` (fp16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``fp16``, ``bf16``.
         skip_background: skip windows outside the foreground (their voxels get probability 0).
@@ -136,12 +160,16 @@ def predict_volume(
         stats.warnings.append(message)
         report(message)
 
-    network_input, work_geometry, _ = prepare_case(image, geometry, params, organ_mask)
+    network_input, work_geometry, work_organ = prepare_case(image, geometry, params, organ_mask)
     foreground = None
     if skip_background:
         foreground = foreground_mask(spatial, params, organ_mask, on_warning=warn, spacing_zyx=geometry.spacing_zyx)
         if foreground is not None and work_geometry != geometry:
             foreground = resample_to_geometry(foreground.view(np.uint8), geometry, work_geometry, is_mask=True) != 0
+    box = card_organ_box(metadata, work_organ, warn)
+    if box is not None:  # the network sees the organ box it was trained on; pasted back below
+        network_input = box.crop(network_input)
+        foreground = None if foreground is None else box.crop(foreground)
 
     networks = [_runnable(m, engine, device, precision, channels_last, warn) for m in models]
     stats.engine = "frozen" if all(n is not m for n, m in zip(networks, models)) else "eager"
@@ -173,6 +201,8 @@ def predict_volume(
     if logits.shape[0] != 1:
         raise InputError(f"the model returns {logits.shape[0]} channels; lesion segmentation needs 1")
     logits = logits[0]
+    if box is not None:
+        logits = box.paste(logits, fill=SKIPPED_LOGIT)  # outside the organ box: no lesion (probability 0)
     if work_geometry != geometry:
         logits = resample_to_geometry(logits, work_geometry, geometry)
     mask = (logits > logit_threshold).view(np.uint8)

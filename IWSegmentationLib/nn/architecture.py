@@ -28,6 +28,7 @@ PAPER_CONFIG: dict[str, Any] = {
     "blocks_per_level": 2,
     "kernel_size": 3,
     "norm": "batch",
+    "head_norm": False,
 }
 
 #: Normalisation layers of the pre-activation units: the paper's ``batch`` (BatchNorm3d), or
@@ -35,6 +36,10 @@ PAPER_CONFIG: dict[str, Any] = {
 #: fewer) whose statistics do not depend on the batch (see docs/results/README.md: BatchNorm at
 #: batch size 2 makes eval-mode outputs depend on the last steps' running averages).
 NORMS = ("batch", "instance", "group")
+
+#: ``head_norm``: False, the head ends with a conv with bias (our default); True, with a bias-free
+#: conv followed by ``BatchNorm3d(out_channels)`` on the logits, as the authors' network. A card
+#: written before the key existed means False, the network it was trained as.
 
 #: Same topology (3 poolings, stride 8), narrow and shallow: for CPU tests and demos.
 TINY_CONFIG: dict[str, Any] = {
@@ -102,6 +107,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         raise InputError(f"model config 'kernel_size' must be odd, got {k!r}")
     if out["norm"] not in NORMS:
         raise InputError(f"model config 'norm' must be one of {', '.join(NORMS)}, got {out['norm']!r}")
+    if not isinstance(out["head_norm"], bool):
+        raise InputError(f"model config 'head_norm' must be true or false, got {out['head_norm']!r}")
     return out
 
 

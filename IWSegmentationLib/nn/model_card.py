@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 from ..core.errors import CheckpointError, InputError
 from ..core.lesions import MIN_SIZE_UNITS, SIZE_PRESETS, MinLesionSize, parse_size_thresholds
+from ..preprocessing.cropping import MAX_CROP_MARGIN
 from ..preprocessing.presets import PRESETS, validate_params
 from .architecture import validate_config
 
@@ -53,9 +54,9 @@ OPTIONAL_FIELDS: dict[str, Any] = {
     "validation_metrics": None,
     "description": "",
 }
-#: Optional fields written only when set: the sliding-window defaults, the training settings
-#: and the smallest lesion kept at inference.
-SECTION_FIELDS = ("inference", "training", "min_lesion_size")
+#: Optional fields written only when set: the sliding-window defaults, the training settings,
+#: the smallest lesion kept at inference and the organ crop (a margin in voxels).
+SECTION_FIELDS = ("inference", "training", "min_lesion_size", "crop_to_organ")
 
 # ---------------------------------------------------------------------------------- limits
 #: Largest side of ``patch_size`` (and of ``inference.patch_size``) in voxels.
@@ -176,6 +177,9 @@ class ModelCard:
     training_data: dict[str, Any] | None = None
     validation_metrics: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
+    #: Margin (voxels of the network's grid) of the organ box inference crops to when given an
+    #: organ mask, as the network was trained (``crop_to_organ``); None: the whole volume.
+    crop_to_organ: int | None = None
     description: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -218,6 +222,8 @@ class ModelCard:
             training_data=check.section(card.get("training_data"), "training_data"),
             validation_metrics=check.section(card.get("validation_metrics"), "validation_metrics"),
             training=check.section(card.get("training"), "training"),
+            crop_to_organ=(None if card.get("crop_to_organ") is None
+                           else check.integer(card["crop_to_organ"], "crop_to_organ", 0, MAX_CROP_MARGIN)),
             description=check.text(card.get("description", ""), "description") or "",
             format=_format(card.get("format", FORMAT), check),
             format_version=check.integer(card.get("format_version", FORMAT_VERSION), "format_version", 1,

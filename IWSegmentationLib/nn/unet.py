@@ -15,8 +15,9 @@ Design (Shirokikh et al., MICCAI 2020, section 4.2 and the authors' published ne
   the last one going ``channels[i] -> channels[i-1]`` (level 0 stays at ``channels[0]``);
 * the **head** is a 1x1x1 residual block and a 1x1x1 pre-activation unit to ``out_channels``
   logits (no sigmoid: losses take logits). The authors' head ends with a bias-free conv and a
-  ``BatchNorm3d(1)``; we use a conv bias instead (same affine freedom in eval mode, one fewer
-  parameter, no batch statistics on the logits).
+  ``BatchNorm3d(1)``; by default we use a conv bias instead (same affine freedom in eval mode,
+  one fewer parameter, no batch statistics on the logits); ``head_norm: true`` builds the
+  authors' head (in training mode its BatchNorm rescales the logits of each batch).
 
 With the paper's widths 16/64/128/256 and two blocks per level this has 11,074,305 trainable
 parameters (the authors report 11.07 M; hand count in ``Testing/test_models.py``) and
@@ -139,9 +140,12 @@ class ResidualUNet3D(nn.Module):
         self.decoder = nn.ModuleList(
             _blocks([ch[i]] * b + [ch[max(i - 1, 0)]], k, norm) for i in range(levels - 1)
         )
+        out = self.config["out_channels"]
+        head_norm = self.config["head_norm"]
         self.head = nn.Sequential(
             ResBlock3d(ch[0], ch[0], 1, norm),
-            PreActivation3d(ch[0], self.config["out_channels"], 1, norm=norm),
+            PreActivation3d(ch[0], out, 1, bias=not head_norm, norm=norm),
+            *([nn.BatchNorm3d(out)] if head_norm else []),  # the authors' head: BatchNorm on the logits
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

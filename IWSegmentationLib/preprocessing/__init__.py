@@ -1,6 +1,12 @@
-"""Preprocessing, one code path for training and inference: presets, intensities, foreground, resampling.
+"""Preprocessing, one code path for training and inference: presets, intensities, foreground, resampling,
+the organ crop.
 """
 
+from .cropping import (  # noqa: F401  (re-exported)
+    MAX_CROP_MARGIN,
+    OrganBox,
+    organ_box,
+)
 from .foreground import (  # noqa: F401  (re-exported)
     foreground_mask,
     lung_field,
@@ -26,6 +32,9 @@ from .resampling import (  # noqa: F401  (re-exported)
 )
 
 __all__ = [
+    "MAX_CROP_MARGIN",
+    "OrganBox",
+    "organ_box",
     "SCALINGS",
     "MODALITIES",
     "PARAM_KEYS",

@@ -8,6 +8,8 @@ from .card import (  # noqa: F401  (re-exported)
 )
 from .config import (  # noqa: F401  (re-exported)
     AMP_MODES,
+    CASE_SAMPLINGS,
+    CHECKPOINT_CHOICES,
     DATA_FORMATS,
     LR_SCHEDULES,
     MERGE_WARNING_DICE,
@@ -30,6 +32,7 @@ from .distributed import (  # noqa: F401  (re-exported)
 from .inputs import (  # noqa: F401  (re-exported)
     BatchWeights,
     TrainingData,
+    case_weights,
     load_training_data,
     make_patch_dataset,
 )
@@ -70,6 +73,8 @@ __all__ = [
     "AMP_MODES",
     "OPTIMIZERS",
     "DATA_FORMATS",
+    "CASE_SAMPLINGS",
+    "CHECKPOINT_CHOICES",
     "TrainConfig",
     "parse_overrides",
     "merge_config",
@@ -87,6 +92,7 @@ __all__ = [
     "RunLogger",
     "BatchWeights",
     "TrainingData",
+    "case_weights",
     "load_training_data",
     "make_patch_dataset",
     "validate",

@@ -13,7 +13,7 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
                world_size: int = 1) -> dict:
     """The checkpoint metadata of this run (see docs/checkpoints.md)."""
     thresholds = config.size_groups()
-    return {
+    card = {
         "architecture": config.model_config(data.channels),  # save_checkpoint writes the model's own
         "patch_size": list(config.patch_size),
         "preprocessing": data.params,
@@ -34,9 +34,14 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
                           "lr_schedule": config.lr_schedule, "momentum": config.momentum,
                           "nesterov": config.nesterov},
             "lesion_probability": config.lesion_probability,
+            "case_sampling": config.case_sampling,
+            "checkpoint_choice": config.checkpoint_choice,
             "augment": config.augment,
             "seed": config.seed,
             "world_size": world_size,
         },
         "description": f"{config.loss} U-Net trained by iwseg train on {data.summary['dataset']}",
     }
+    if config.crop_to_organ is not None:  # written only when set: a card without it means no crop
+        card["crop_to_organ"] = config.crop_to_organ
+    return card

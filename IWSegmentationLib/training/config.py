@@ -50,6 +50,7 @@ from ..core.errors import InputError
 from ..core.lesions import SIZE_PRESETS, parse_min_lesion_size, size_thresholds
 from ..evaluation.hit_rules import parse_hit_rule
 from ..nn.architecture import default_config, model_stride
+from ..preprocessing.cropping import MAX_CROP_MARGIN
 from ..preprocessing.presets import PRESETS, get_preset
 
 #: Metrics a run can select its best checkpoint by (keys of the validation report; higher is better).
@@ -77,6 +78,16 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 DATA_FORMATS = ("auto", "msd", "lits", "luna", "folder")
+
+
+#: How a training case is drawn for each patch: ``uniform`` (every case alike) or ``lesions``
+#: (in proportion to its lesion count, as the authors' ``with_cc`` config: every lesion alike).
+CASE_SAMPLINGS = ("uniform", "lesions")
+
+
+#: Which checkpoint is the run's model (``TrainResult.model_checkpoint``): the best by
+#: ``val_metric``, or the last (the one the authors tested).
+CHECKPOINT_CHOICES = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -135,11 +146,17 @@ class TrainConfig:
                                   "checked before training; else loaded lazily by the workers).", section="data")
     connectivity: int = _key(26, "Connectivity (6, 18, 26) used to label lesions on the whole image.",
                              section="data")
+    crop_to_organ: Optional[int] = _key(None, "Crop every case to its organ mask's bounding box grown by this "
+                                        "many voxels (of the network's grid) before sampling, as the authors "
+                                        "prepared LiTS (5); stored in the model card, so inference crops alike "
+                                        "when given an organ mask. null: no crop.", section="data")
     # -- model and loss ----------------------------------------------------------------------
     model_size: str = _key("paper", "Network preset of models.default_config: paper (11.07 M parameters), "
                            "small (0.71 M, the CPU config's) or tiny (86 k, the demo's and the tests').", section="model")
     model: dict = _key({}, "Overrides of the preset (e.g. {channels: [8, 16, 32, 64], blocks_per_level: 1}); "
-                       "dotted overrides work: --set model.channels=[8,16,32,64].", section="model")
+                       "dotted overrides work: --set model.channels=[8,16,32,64]. head_norm: true ends the "
+                       "network with the authors' head (bias-free conv + BatchNorm3d on the logits; "
+                       "docs/checkpoints.md).", section="model")
     loss: str = _key("iw-dice", "Loss name from losses.LOSS_NAMES (bce, iw-bce, focal, iw-focal, dice, "
                      "iw-dice, asl, iw-asl, wce, gdl, dbce, combo, iw-combo).", section="model")
     loss_params: dict = _key({}, "Keyword arguments of losses.get_loss (e.g. {beta: 1.5} for asl). For "
@@ -151,6 +168,10 @@ class TrainConfig:
     patch_size: Int3 = _key([128, 128, 128], "Training patch size (z, y, x) in voxels; each side a "
                             "multiple of the network stride.", section="sampling")
     batch_size: int = _key(2, "Patches per step (per rank under DDP).", section="sampling")
+    case_sampling: str = _key("uniform", "How the case of each patch is drawn: 'uniform' (every training case "
+                              "alike) or 'lesions' (in proportion to its number of lesions, so every lesion is "
+                              "equally likely, as the authors' code; cases without lesions are never drawn).",
+                              section="sampling")
     lesion_probability: float = _key(0.5, "Probability that a patch is centred on a random voxel of a "
                                      "uniformly chosen lesion (else placed uniformly).", section="sampling")
     num_workers: int = _key(2, "DataLoader worker processes that sample patches in the background "
@@ -195,6 +216,10 @@ class TrainConfig:
     val_metric: str = _key("cpm_object_dice", f"Metric that picks the best checkpoint: one of "
                            f"{', '.join(VAL_METRICS)}; cpm_object_dice is the harmonic mean of CPM and "
                            "object Dice, so a model that merges lesions is not preferred.", section="validation")
+    checkpoint_choice: str = _key("best", "Which checkpoint is the run's model (printed as 'model:' at the end, "
+                                  "recorded in the model card): 'best' (best.safetensors, by val_metric) or "
+                                  "'last' (last.safetensors, the one the authors tested). Both files are written.",
+                                  section="validation")
     val_hit_rule: str = _key("paper", "When a predicted component hits a lesion at validation: paper "
                              "(any overlap, many-to-one), one-to-one, panoptica, or terms such as "
                              "'hungarian,iou>0.5' (docs/metrics.md).", section="validation")
@@ -262,6 +287,11 @@ class TrainConfig:
         need(0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1, "test_fraction",
              "must be in [0, 1) with val_fraction + test_fraction < 1")
         need(self.connectivity in (6, 18, 26), "connectivity", "must be 6, 18 or 26")
+        need(self.crop_to_organ is None or 0 <= self.crop_to_organ <= MAX_CROP_MARGIN, "crop_to_organ",
+             f"must be a margin in voxels from 0 to {MAX_CROP_MARGIN}, or null")
+        need(self.case_sampling in CASE_SAMPLINGS, "case_sampling", f"must be one of {', '.join(CASE_SAMPLINGS)}")
+        need(self.checkpoint_choice in CHECKPOINT_CHOICES, "checkpoint_choice",
+             f"must be one of {', '.join(CHECKPOINT_CHOICES)}")
         need(all(v > 0 for v in self.patch_size), "patch_size", "must be three positive sizes")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(0 <= self.lesion_probability <= 1, "lesion_probability", "must be in [0, 1]")

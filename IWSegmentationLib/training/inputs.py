@@ -40,7 +40,9 @@ class BatchWeights:
 class TrainingData:
     """What :func:`load_training_data` found: the split, the training cases (preprocessed
     ``CaseVolume`` objects, or ``Case`` records loaded lazily when ``cache_size`` is set), the
-    validation ``Case`` records and a summary for the model card."""
+    validation ``Case`` records and a summary for the model card. ``lesion_counts`` (case id ->
+    lesions, counted on the prepared, cropped case as the sampler labels it) is filled when the
+    cases are loaded up front, and always with ``case_sampling: lesions``."""
 
     root: Path
     layout: str
@@ -51,6 +53,7 @@ class TrainingData:
     summary: dict
     #: Image channels of every case (``_0000``, ``_0001``... files): the network's ``in_channels``.
     channels: int = 1
+    lesion_counts: dict[str, int] | None = None
 
 
 def _log(message: str) -> None:
@@ -104,7 +107,7 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
         bar = tqdm(train_records, desc="loading training cases", unit="case", disable=not (verbose and config.progress),
                    leave=False)
         for record in bar:
-            volume = load_prepared_case(record, params)
+            volume = load_prepared_case(record, params, config.crop_to_organ)
             lesion_counts[record.id] = label_components(volume.lesion, config.connectivity)[1]
             train_cases.append(volume)
         bar.close()
@@ -124,9 +127,16 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
                 if verbose:
                     _log(f"note: skipping {len(empty)} training case(s) without lesions: {listing}")
             elif verbose:
-                _log(f"note: {len(empty)} training case(s) have no lesion and give only uniform patches: {listing}")
+                use = ("are never drawn (case_sampling: lesions)" if config.case_sampling == "lesions"
+                       else "give only uniform patches")
+                _log(f"note: {len(empty)} training case(s) have no lesion and {use}: {listing}")
     else:
         train_cases = list(train_records)
+        if config.case_sampling == "lesions":
+            lesion_counts = _count_lesions(train_records, params, config, verbose)
+            if not any(lesion_counts.values()):
+                raise InputError(f"no training case of {config.data} contains a lesion, so case_sampling: lesions "
+                                 "has no case to draw; check lesion_values")
 
     spacings = [v.geometry.spacing_zyx for v in train_cases if hasattr(v, "geometry")]
     summary = {
@@ -142,14 +152,45 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
         "channels": channels,
     }
     return TrainingData(Path(config.data), dataset.layout, splits, params, train_cases, val_records, summary,
-                        channels)
+                        channels, lesion_counts or None)
+
+
+def _count_lesions(records: Sequence, params: Mapping[str, Any], config: TrainConfig, verbose: bool) -> dict[str, int]:
+    """Lesions of each case as the sampler will count them (prepared, cropped, labelled with
+    ``connectivity``), for ``case_sampling: lesions`` when the cases are loaded lazily: one pass
+    over the data before training, keeping nothing but the counts."""
+    from tqdm import tqdm
+
+    from ..core.lesions import label_components
+    from ..data.cases import load_prepared_case
+
+    counts = {}
+    for record in tqdm(records, desc="counting lesions", unit="case", disable=not (verbose and config.progress),
+                       leave=False):
+        volume = load_prepared_case(record, params, config.crop_to_organ)
+        counts[record.id] = label_components(volume.lesion, config.connectivity)[1]
+    return counts
+
+
+def case_weights(config: TrainConfig, cases: Sequence, lesion_counts: Mapping[str, int] | None) -> list[float] | None:
+    """The sampling weight of each training case: None for ``case_sampling: uniform``; its lesion
+    count for ``lesions`` (so every lesion of the training set is equally likely, as the authors'
+    ``with_cc`` config; a case without lesions is never drawn)."""
+    if config.case_sampling == "uniform":
+        return None
+    if lesion_counts is None or any(c.id not in lesion_counts for c in cases):
+        raise RuntimeError("case_sampling: lesions needs the lesion count of every training case "
+                           "(TrainingData.lesion_counts from load_training_data)")
+    return [float(lesion_counts[c.id]) for c in cases]
 
 
 def make_patch_dataset(config: TrainConfig, cases: Sequence, params: Mapping[str, Any], *, rank: int = 0,
                        world_size: int = 1, start_step: int = 0, steps: int | None = None,
-                       keep_labels: bool = False):
+                       keep_labels: bool = False, lesion_counts: Mapping[str, int] | None = None):
     """The data module's :class:`~IWSegmentationLib.data.loader.PatchDataset` with this config's sampler,
-    augmentation, preprocessing (for lazily loaded cases) and per-patch inverse weights.
+    case sampling (``lesion_counts``, :attr:`TrainingData.lesion_counts`, is needed for
+    ``case_sampling: lesions``), augmentation, preprocessing and organ crop (for lazily loaded
+    cases) and per-patch inverse weights.
 
     ``cases`` are :class:`~IWSegmentationLib.data.Case` records, prepared with ``params`` when
     first loaded, or volumes already prepared with ``params`` (:func:`load_training_data`'s
@@ -164,10 +205,16 @@ def make_patch_dataset(config: TrainConfig, cases: Sequence, params: Mapping[str
     from ..data.sampling import PatchSampler, augment_patch
 
     for case in cases:
-        if isinstance(case, CaseVolume) and case.preprocessing != dict(params):
+        if not isinstance(case, CaseVolume):
+            continue
+        if case.preprocessing != dict(params):
             state = "raw" if case.preprocessing is None else "prepared with other parameters"
-            raise RuntimeError(f"case {case.id} is {state}: the patch dataset takes records or volumes "
-                               "prepared with these parameters (data.prepare_volume)")
+        elif case.organ_crop != config.crop_to_organ:
+            state = f"prepared with another organ crop ({case.organ_crop} vs crop_to_organ {config.crop_to_organ})"
+        else:
+            continue
+        raise RuntimeError(f"case {case.id} is {state}: the patch dataset takes records or volumes "
+                           "prepared with these parameters and organ crop (data.prepare_volume)")
 
     sampler = PatchSampler(config.patch_size, lesion_probability=config.lesion_probability,
                            connectivity=config.connectivity)
@@ -179,8 +226,9 @@ def make_patch_dataset(config: TrainConfig, cases: Sequence, params: Mapping[str
         list(cases), sampler,
         batch_size=config.batch_size, steps=steps, start_step=start_step,
         seed=config.seed, rank=rank, world_size=world_size,
-        loader=functools.partial(load_prepared_case, params=dict(params)),
+        loader=functools.partial(load_prepared_case, params=dict(params), crop_to_organ=config.crop_to_organ),
         augment=augment,
         transform=BatchWeights(config.inverse_weighted, config.weight_params(), keep_labels),
         cache_size=config.cache_size,
+        case_weights=case_weights(config, cases, lesion_counts),
     )

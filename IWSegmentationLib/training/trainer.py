@@ -19,6 +19,7 @@ import numpy as np
 from ..core.errors import CheckpointError, InputError
 from ..core.outputs import remove_stale_partials
 from ..data.cases import load_case
+from ..nn.architecture import validate_config
 from .card import model_card
 from .distributed import _barrier, amp_settings, cleanup_distributed, seed_everything, setup_distributed
 from .inputs import _log, load_training_data, make_patch_dataset
@@ -55,7 +56,7 @@ RUN_FILES = (CONFIG_FILE, SPLITS_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT, RESUME_
 
 #: Config keys a resumed run may change: they do not alter the sequence of weights it computes.
 RESUME_MAY_CHANGE = ("data", "allow_outside_paths", "out", "overwrite", "num_workers", "prefetch_factor", "cache_size", "progress",
-                     "tensorboard", "val_every", "val_max_cases", "device", "ddp_timeout_min")
+                     "tensorboard", "val_every", "val_max_cases", "device", "ddp_timeout_min", "checkpoint_choice")
 
 
 @dataclass
@@ -72,11 +73,19 @@ class TrainResult:
     best_epoch: int | None = None
     seconds: float = 0.0
     is_main: bool = True
+    #: The config's ``checkpoint_choice``: which of the two files is the run's model.
+    checkpoint_choice: str = "best"
+
+    @property
+    def model_checkpoint(self) -> Path:
+        """The run's model: :attr:`best_checkpoint` or :attr:`last_checkpoint`, as ``checkpoint_choice`` says."""
+        return self.last_checkpoint if self.checkpoint_choice == "last" else self.best_checkpoint
 
     def summary(self) -> str:
         best = (f"best {self.best_metric} {self.best_value:.4f} at epoch {self.best_epoch}"
                 if self.best_value is not None else "no validation metric")
         return (f"trained {self.epochs_done} epoch(s) in {self.seconds:.0f} s; {best}\n"
+                f"  model: {self.model_checkpoint} (checkpoint_choice: {self.checkpoint_choice})\n"
                 f"  best checkpoint: {self.best_checkpoint}\n  last checkpoint: {self.last_checkpoint}\n"
                 f"  log: {self.out / 'log.csv'}")
 
@@ -286,6 +295,9 @@ class _Run:
         # the channels follow the data, read later (run() checks them against the dataset)
         saved_channels = saved_arch.get("in_channels") if isinstance(saved_arch, Mapping) else None
         arch = self.config.model_config(saved_channels if isinstance(saved_channels, int) else None)
+        if isinstance(saved_arch, dict):  # keys added since (head_norm) take the value the run was built with
+            with contextlib.suppress(InputError):
+                saved_arch = validate_config(saved_arch)
         if saved_arch != arch:
             raise CheckpointError(
                 f"cannot resume from {path}: it was written by a different architecture "
@@ -416,7 +428,7 @@ class _Run:
         iters, start = config.iters_per_epoch, self.start_epoch
         dataset = make_patch_dataset(config, self.data.train_cases, self.data.params, rank=info.rank,
                                      world_size=info.world_size, start_step=start * iters,
-                                     steps=(config.epochs - start) * iters)
+                                     steps=(config.epochs - start) * iters, lesion_counts=self.data.lesion_counts)
         if config.cache_size is None:
             dataset.preload()
         loader = make_loader(dataset, num_workers=config.num_workers, pin_memory=info.device.type == "cuda",
@@ -524,6 +536,7 @@ class _Run:
             epochs_done=self.config.epochs,
             history=self.history, best_metric=self.best.get("metric", ""), best_value=self.best.get("value"),
             best_epoch=self.best.get("epoch"), seconds=time.perf_counter() - t_start, is_main=self.info.is_main,
+            checkpoint_choice=self.config.checkpoint_choice,
         )
 
 
