@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 from _subprocess import run_in_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +40,7 @@ def run_suite(*args: str, timeout: float = 120):
     return run_in_group([sys.executable, "-m", "scripts.bench", *args], timeout=timeout, cwd=REPO, env=env)
 
 
+@pytest.mark.slow  # about 8 s on a quiet 2-core machine (an interpreter, torch, the quick weights run); 20 s loaded
 def test_quick_run_replaces_only_its_block(tmp_path):
     report = tmp_path / "report.md"
     report.write_text(BEFORE, encoding="utf-8")
