@@ -14,7 +14,8 @@ help:
 	@echo "make demo   - synthetic data -> train a small iw-Dice U-Net -> predict -> evaluate (demo_output/)"
 	@echo "make test   - the full test suite (pytest, Testing/)"
 	@echo "make lint   - ruff"
-	@echo "make bench  - benchmarks (scripts/bench_*.py), results in docs/benchmarks.md"
+	@echo "make bench  - every benchmark (scripts/bench/), tables into docs/benchmarks.md;"
+	@echo "              BENCH=\"weights evaluate\" picks some, QUICK=1 runs each one's smallest mode (no report)"
 
 venv: $(STAMP)
 
@@ -35,7 +36,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check IWSegmentationLib IWSegmentation Testing scripts
 
 bench: $(STAMP)
-	scripts/run_benchmarks.sh
+	$(PY) -m scripts.bench $(if $(QUICK),--quick) $(BENCH)
 
 clean:
 	rm -rf demo_output Testing/_output .pytest_cache

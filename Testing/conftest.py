@@ -28,7 +28,7 @@ import pytest
 from _fake_backend import FAKE_BACKEND
 
 TESTING = Path(__file__).resolve().parent
-SCRIPTS = TESTING.parent / "scripts"
+REPO = TESTING.parent
 DATA_CACHE = TESTING / ".data"
 OUTPUT = TESTING / "_output"
 PYRADIOMICS_SDIST = "pyradiomics-bhklab==3.1.4"
@@ -73,9 +73,9 @@ def clinical_data() -> Path:
 def authors_records(tmp_path_factory):
     """``(dataset, loss) -> Path`` of the authors' ``prc_records.json`` (``"lits", "dl"``); skips
     when no local copy of their repository (or of that file) is found."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    import rescore_authors_records as rescore
+    if str(REPO) not in sys.path:  # scripts/ is a package of the repository, not of the installed engine
+        sys.path.insert(0, str(REPO))
+    from scripts import rescore_authors_records as rescore
 
     repo = os.environ.get(rescore.REPO_ENV)
     if not repo or not Path(repo).exists():

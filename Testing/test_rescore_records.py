@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # scripts/ is a package of the repository, not of the installed engine
+    sys.path.insert(0, str(REPO))
 
-import rescore_authors_records as rescore  # noqa: E402  (a script, found through SCRIPTS)
+from scripts import rescore_authors_records as rescore  # noqa: E402  (a package of the repository)
 
 INF = float("inf")
 
@@ -112,7 +112,7 @@ def test_the_table_from_a_checkout(tmp_path, capsys):
     assert "| `iw-dice` − `dice` (all) | +0.326 | +0.478 | n/a |" in text
     assert "| `iw-dice` − `dice` (small) | +0.435 | +0.536 | n/a |" in text
     assert "| `iw-bce` | 0.59 / 0.53 | missing from the snapshot |" in text
-    assert "python scripts/rescore_authors_records.py --repo PATH/TO/inverse_weighting" in text
+    assert "python -m scripts.rescore_authors_records --repo PATH/TO/inverse_weighting" in text
 
 
 def test_reads_a_froc_data_folder_and_a_bare_git_directory(tmp_path):

@@ -18,9 +18,9 @@ checkpoint path and predicts the held-out set; its blended **logits** (float32) 
 table and the training curves are scored afterwards, ranking components by their maximum logit,
 with the metrics code as it is when the table is written.
 
-    python scripts/compare_losses.py                                  # the study (docs/results)
-    python scripts/compare_losses.py --quick --markdown /tmp/t.md     # smoke run (minutes)
-    python scripts/compare_losses.py --table-only                     # score kept runs, train nothing
+    python -m scripts.compare_losses                                  # the study (docs/results)
+    python -m scripts.compare_losses --quick --markdown /tmp/t.md     # smoke run (minutes)
+    python -m scripts.compare_losses --table-only                     # score kept runs, train nothing
 
 Resuming: a finished run is kept (its record and logits) and skipped; an interrupted run goes on
 from its last finished epoch (the trainer's own ``resume``), so the study can be stopped at any
@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from compare_losses_report import run_id, write_report
+
+from scripts.compare_losses_report import run_id, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN_AND_IW = (("dice", "iw-dice"), ("bce", "iw-bce"), ("focal", "iw-focal"), ("asl", "iw-asl"))
@@ -273,7 +274,8 @@ def run_parallel(todo: list[tuple[str, int]], args, work: Path) -> None:
     """Run each (arm, seed) in its own process, ``args.jobs`` at a time, logs in work/logs/."""
     (work / "logs").mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
-    base = [sys.executable, str(Path(__file__).resolve()), "--worker", "--work", str(work), "--regime", args.regime,
+    base = [sys.executable, "-m", "scripts.compare_losses", "--worker", "--work", str(work.resolve()), "--regime",
+            args.regime,
             "--eval-every", str(args.eval_every)]
     if args.quick:
         base.append("--quick")
@@ -290,7 +292,7 @@ def run_parallel(todo: list[tuple[str, int]], args, work: Path) -> None:
             log = open(work / "logs" / f"{rid}.log", "a")  # noqa: SIM115 (closed when the process ends)
             print(f"[start] {rid} ({len(pending)} waiting)", flush=True)
             cmd = base + ["--arms", arm, "--seeds", str(seed)]
-            running.append((rid, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            running.append((rid, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), log))
         time.sleep(2)
         for item in list(running):
             rid, proc, log = item
@@ -405,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if todo:
         log.write_text(json.dumps(spent + [{"runs": len(todo), "seconds": wall, "jobs": args.jobs}]))
     kept = [r for r in runs if is_done(work, run_id(*r), settings_for(base, r[1], overrides), data)]
-    command = "python scripts/compare_losses.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+    command = "python -m scripts.compare_losses " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                        else sys.argv[1:]))
     markdown = args.markdown or REPO / "docs" / "results" / f"compare_losses_{args.regime}.md"
     write_report(work, kept, base, data, args.regime, command.strip(), markdown,

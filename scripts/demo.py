@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-#: Synthetic data of the demo (and of scripts/bench_training.py): lung-CT-like volumes of
+#: Synthetic data of the demo (and of the training benchmarks, scripts/bench/): lung-CT-like volumes of
 #: 48 x 96 x 96 voxels at 1.25 x 0.7 x 0.7 mm with vessels, about 5.5 nodules per case. (The
 #: liver-like preset has lesions only 1.5-8 noise SDs from the liver: no loss learns them in a
 #: few CPU minutes; see docs/results/README.md.)

@@ -16,7 +16,7 @@ WORK=${WORK:-gpu_output}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_recipe: no CUDA device visible to PyTorch')"
 export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
 start=$(date +%s)
-"$PY" scripts/compare_losses.py --regime lits --work "$WORK" --jobs 2 --arms dice iw-dice --seeds 0 1 2 \
+"$PY" -m scripts.compare_losses --regime lits --work "$WORK" --jobs 2 --arms dice iw-dice --seeds 0 1 2 \
   --epochs 20 --iters 100 --eval-every 4 --set device=cuda --set model_size=paper --set amp=bf16 \
   --markdown "$WORK/table.md"
 echo "gpu_recipe: $(( $(date +%s) - start )) s wall" >&2

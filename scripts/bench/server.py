@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Server overhead: ``iwseg predict --server`` (loopback) against a local ``iwseg predict``, same job.
 
 Both are timed as a user runs them, from the command's start to its exit, with the outputs
@@ -7,18 +6,21 @@ Both are timed as a user runs them, from the command's start to its exit, with t
 * local: ``iwseg predict --model M --input V ...``;
 * server: ``iwseg predict --server URL --model NAME --input V ...`` against an ``iwseg serve``
   started once on 127.0.0.1 (one worker, the same device and environment). Its extra work is the
-  upload, the queue, the event stream, the downloads and the client's own start-up.
+  upload, the queue, the event stream, the downloads and the client's own start-up;
+* api: the same job through the Python client (:func:`api_run`), with the server's own account
+  of the job's time.
 
-Runs alternate (local, server, local, ...) so that a change in the machine's load hits both;
-``--warmup`` pairs are dropped, then medians are reported. The ``--progress-format jsonl``
+Runs alternate (local, server, api, local, ...; :func:`scripts.bench.timing.interleaved`) so
+that a change in the machine's load hits all three; ``--warmup`` rounds are dropped, then medians
+are reported, and every round's three masks must be the same bytes. The ``--progress-format jsonl``
 lines are time-stamped as they arrive, which splits the time: *to start* is until the backend's
 ``start`` event (process start-up, and for the server the upload and the queue), *after done*
 from the ``done`` event to the exit (for the server the downloads). The model is the phantom
 checkpoint of IWSegmentationLib/testing/phantom.py (the library's tiny U-Net, hand-wired), on a
 256 x 256 x 128 phantom volume by default.
 
-    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
-        python scripts/bench_server.py --out docs/bench/server.json
+    python -m scripts.bench server                      # into docs/benchmarks.md
+    python -m scripts.bench.server --quick              # a smoke run (a 128 x 128 x 64 volume, one round)
 """
 
 from __future__ import annotations
@@ -27,10 +29,8 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,15 +40,15 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from IWSegmentationLib.backend.process_tree import descendant_pids
+from IWSegmentationLib.core import imageio
+from IWSegmentationLib.serve.client import ServerClient, download_outputs
+from IWSegmentationLib.testing import phantom
+from scripts.bench import report, timing
 
-from IWSegmentationLib.backend.process_tree import descendant_pids  # noqa: E402
-from IWSegmentationLib.core import imageio  # noqa: E402
-from IWSegmentationLib.serve.client import ServerClient, download_outputs  # noqa: E402
-from IWSegmentationLib.testing import phantom  # noqa: E402
-
+REPO = Path(__file__).resolve().parents[2]
 PY = [sys.executable, "-m", "IWSegmentationLib"]
+WHERE = ("local", "server", "api")
 
 
 def make_volume(folder: Path, shape_zyx: tuple[int, int, int]) -> Path:
@@ -116,11 +116,15 @@ def api_run(client: ServerClient, volume: Path, out: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", type=int, nargs=3, default=(128, 256, 256), metavar=("Z", "Y", "X"))
-    ap.add_argument("--repeats", type=int, default=3, help="measured pairs (after the warm-up)")
-    ap.add_argument("--warmup", type=int, default=1, help="pairs run first and dropped")
+    ap.add_argument("--repeats", type=int, default=3, help="measured rounds (after the warm-up)")
+    ap.add_argument("--warmup", type=int, default=1, help="rounds run first and dropped")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--quick", action="store_true", help="a 128 x 128 x 64 volume, one round, no warm-up")
+    report.add_report_argument(ap)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
+    if args.quick:
+        args.shape, args.repeats, args.warmup = (64, 128, 128), 1, 0
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
@@ -135,38 +139,30 @@ def main(argv: list[str] | None = None) -> int:
                                    "--workdir", str(tmp / "serve")],
                                   env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/v1/health", timeout=2).read()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit("iwseg serve did not start") from None
-                    time.sleep(0.2)
-            runs: dict[str, list[dict[str, float]]] = {"local": [], "server": [], "api": []}
+            wait_for_health(url, server)
             client = ServerClient(url)
-            for i in range(args.warmup + args.repeats):
-                for where in ("local", "server", "api"):
-                    out = tmp / f"{where}-{i}"
+            done = dict.fromkeys(WHERE, 0)
+
+            def job(where: str):
+                def run() -> dict[str, float]:
+                    out = tmp / f"{where}-{done[where]}"
+                    done[where] += 1
                     out.mkdir()
                     if where == "api":
-                        result = api_run(client, volume, out)
-                        print(f"{'warm-up' if i < args.warmup else 'run'} {i} {where}: "
-                              + ", ".join(f"{k} {v:.2f}" for k, v in result.items()), flush=True)
-                        if i >= args.warmup:
-                            runs[where].append(result)
-                        continue
+                        return api_run(client, volume, out)
                     cmd = [*PY, "predict", "--input", str(volume), "--output", str(out / "mask.nii.gz"),
                            "--probabilities", str(out / "prob.nii.gz"), "--lesions", str(out / "lesions.json"),
                            "--progress-format", "jsonl"]
                     cmd += (["--model", str(model), "--device", args.device] if where == "local"
                             else ["--model", "phantom", "--server", url])
-                    result = timed(cmd, env)
-                    print(f"{'warm-up' if i < args.warmup else 'run'} {i} {where}: "
-                          + ", ".join(f"{k} {v:.2f}" for k, v in result.items()), flush=True)
-                    if i >= args.warmup:
-                        runs[where].append(result)
+                    return timed(cmd, env)
+                return run
+
+            runs = timing.interleaved({where: job(where) for where in WHERE}, args.repeats, args.warmup,
+                                      on_result=lambda label, where, result: print(
+                                          f"{label} {where}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()),
+                                          file=sys.stderr, flush=True))
+            for i in range(args.warmup + args.repeats):
                 local_mask = (tmp / f"local-{i}" / "mask.nii.gz").read_bytes()
                 if any((tmp / f"{w}-{i}" / "mask.nii.gz").read_bytes() != local_mask for w in ("server", "api")):
                     raise SystemExit(f"run {i}: a server mask differs from the local one")
@@ -178,31 +174,46 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 server.wait(timeout=20)
 
-    medians = {where: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for where, rs in runs.items()}
-    overhead = medians["api"]["overhead_s"] / medians["local"]["total_s"]
-    end_to_end = medians["server"]["total_s"] / medians["local"]["total_s"] - 1.0
-    report = {
-        "shape_zyx": list(args.shape), "device": args.device, "repeats": args.repeats, "warmup": args.warmup,
-        "medians": medians, "overhead": overhead, "end_to_end": end_to_end, "runs": runs,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "malloc_env": {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}},
-    }
-    print("\n| run | total s | to `start` s | after `done` s |\n|---|---:|---:|---:|")
-    for where in ("local", "server"):
-        m = medians[where]
-        print(f"| {where} | {m['total_s']:.2f} | {m['to_start_s']:.2f} | {m['after_done_s']:.2f} |")
-    a = medians["api"]
-    print("\n| Python client | total s | upload s | queue s | job on the server s | downloads s | overhead s |"
-          "\n|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| median | {a['total_s']:.2f} | {a['upload_s']:.3f} | {a['queue_s']:.3f} | {a['job_s']:.2f} | "
-          f"{a['download_s']:.3f} | {a['overhead_s']:.3f} |")
-    print(f"\nserver overhead (Python client total - job on the server) / local total: {100 * overhead:.1f}%; "
-          f"end to end, CLI vs CLI: {100 * end_to_end:+.1f}% (median of {args.repeats}, after {args.warmup} warm-up)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report.publish("server", markdown(runs, args), args.report, argv, quick=args.quick)
     return 0
 
+
+def wait_for_health(url: str, server: subprocess.Popen, seconds: float = 120) -> None:
+    """Wait until the server answers ``/v1/health``; stop if it exits or takes over ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/v1/health", timeout=2).read()
+            return
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("iwseg serve did not start") from None
+            time.sleep(0.2)
+
+
+def markdown(runs: dict[str, list[dict[str, float]]], args) -> str:
+    """The two tables (CLI runs; the Python client's split), the overhead sentence, every run."""
+    medians = {where: timing.medians(rows) for where, rows in runs.items()}
+    overhead = medians["api"]["overhead_s"] / medians["local"]["total_s"]
+    end_to_end = medians["server"]["total_s"] / medians["local"]["total_s"] - 1.0
+    z, y, x = args.shape
+    lines = [f"`iwseg predict` on a {x} × {y} × {z} phantom volume on loopback, {args.device}, one server worker; "
+             f"{args.repeats} interleaved round(s) after {args.warmup} warm-up, medians. "
+             + timing.machine_line(("torch",)), "",
+             "| run | total s | to `start` s | after `done` s |", "|---|---:|---:|---:|"]
+    for where, label in (("local", "local `iwseg predict`"), ("server", "`iwseg predict --server`")):
+        m = medians[where]
+        lines.append(f"| {label} | {m['total_s']:.2f} | {m['to_start_s']:.2f} | {m['after_done_s']:.2f} |")
+    a = medians["api"]
+    lines += ["", "| Python client | total s | upload s | queue s | job on the server s | downloads s | overhead s |",
+              "|---|---:|---:|---:|---:|---:|---:|",
+              f"| median | {a['total_s']:.2f} | {a['upload_s']:.3f} | {a['queue_s']:.3f} | {a['job_s']:.2f} | "
+              f"{a['download_s']:.3f} | {a['overhead_s']:.3f} |", "",
+              f"Server overhead (Python client total - job on the server) / local total: {100 * overhead:.1f}%; "
+              f"end to end, CLI vs CLI: {100 * end_to_end:+.1f}%. Target: overhead <= 10%.", "",
+              "Every run, total s: " + "; ".join(
+                  f"{where}: " + ", ".join(f"{r['total_s']:.2f}" for r in runs[where]) for where in WHERE) + "."]
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     sys.exit(main())

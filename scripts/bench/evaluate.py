@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark of the lesion-wise evaluation (``iwseg evaluate``) on one large synthetic case.
 
 Target from issue 2: one 512x512x300 case with 30 lesions evaluated in <= 1.5 s on 2 CPU
@@ -13,10 +12,9 @@ one warm-up run:
   lesions and the three size groups;
 * ``read 2 files``: reading the prediction and reference as uncompressed NRRD (``--with-io``).
 
-Run quietly (the lead's setting), e.g.::
+Run quietly (``python -m scripts.bench evaluate`` sets the allocator), e.g.::
 
-    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
-        .venv/bin/python scripts/bench_evaluate.py --with-io --markdown docs/bench_evaluate.md
+    python -m scripts.bench.evaluate --with-io --report docs/benchmarks.md
 
 ``--quick`` uses a 300x256x256 volume with 15 lesions and 2 repeats, to check the script runs.
 """
@@ -24,18 +22,16 @@ Run quietly (the lead's setting), e.g.::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import _bench
 import numpy as np
 
 from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
 from IWSegmentationLib.core.lesions import SIZE_PRESETS
 from IWSegmentationLib.evaluation import evaluate_cases, match_case
+from scripts.bench import report, timing
 
 TARGET_S = 1.5
 SPACING = (1.0, 0.7, 0.7)  # (sz, sy, sx) mm, a typical chest CT
@@ -79,21 +75,12 @@ def make_case(shape, n_lesions: int, n_fp: int = 10, seed: int = 0):
     return prob, ref
 
 
-def _median_time(fn, repeats: int) -> tuple[float, object]:
-    result = fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
-
-
 def run(shape, n_lesions: int, repeats: int, with_io: bool) -> tuple[list[tuple[str, float]], dict]:
     prob, ref = make_case(shape, n_lesions)
     thresholds = SIZE_PRESETS["lung"]
-    t_match, case = _median_time(lambda: match_case(prob, ref, SPACING, thresholds=thresholds, case="bench"), repeats)
-    t_report, report = _median_time(lambda: evaluate_cases([case]), repeats)
+    t_match, case = timing.median_time(lambda: match_case(prob, ref, SPACING, thresholds=thresholds, case="bench"),
+                                       repeats)
+    t_report, scores = timing.median_time(lambda: evaluate_cases([case]), repeats)
     rows = [("match_case (checks, 2x label, 2x lesion table, overlaps)", t_match),
             ("evaluate_cases (FROC, CPM, avg recall, 4x100 bootstrap)", t_report),
             ("total in memory", t_match + t_report)]
@@ -103,11 +90,11 @@ def run(shape, n_lesions: int, repeats: int, with_io: bool) -> tuple[list[tuple[
             p_pred, p_ref = Path(tmp, "pred.nrrd"), Path(tmp, "ref.nrrd")
             write_image(p_pred, prob, geometry, compress=False)
             write_image(p_ref, ref, geometry, compress=False)
-            t_io, _ = _median_time(lambda: (read_image(p_pred), read_image(p_ref)), repeats)
+            t_io, _ = timing.median_time(lambda: (read_image(p_pred), read_image(p_ref)), repeats)
         rows.append(("read 2 files (uncompressed NRRD)", t_io))
         rows.append(("total with reading", t_match + t_report + t_io))
     info = {"lesions": len(case.lesions), "components": len(case.components),
-            "false positives": case.n_false_positives, "cpm": report["cpm"]}
+            "false positives": case.n_false_positives, "cpm": scores["cpm"]}
     return rows, info
 
 
@@ -115,7 +102,7 @@ def markdown_table(rows, shape, n_lesions, info, repeats) -> str:
     lines = [
         f"Evaluation of one {'x'.join(map(str, shape[::-1]))} (x·y·z) case, {n_lesions} lesions "
         f"({info['components']} predicted components, {info['false positives']} FP); median of {repeats} "
-        f"after a warm-up. {_bench.machine_line()} Target: total in memory <= {TARGET_S} s.",
+        f"after a warm-up. {timing.machine_line()} Target: total in memory <= {TARGET_S} s.",
         "",
         "| step | seconds |",
         "|---|---:|",
@@ -129,13 +116,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small volume, 2 repeats: check that it runs")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats after the warm-up (default 7)")
     parser.add_argument("--with-io", action="store_true", help="also time reading the two files")
-    parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table to FILE")
+    report.add_report_argument(parser)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     shape, n_lesions = ((300, 256, 256), 15) if args.quick else ((300, 512, 512), 30)
     repeats = args.repeats or (2 if args.quick else 7)
     rows, info = run(shape, n_lesions, repeats, args.with_io)
     table = markdown_table(rows, shape, n_lesions, info, repeats)
-    _bench.write_report(args.markdown, table)
+    report.publish("evaluate", table, args.report, argv, quick=args.quick)
     total = dict(rows)["total in memory"]
     if not args.quick and total > TARGET_S:
         print(f"note: {total:.2f} s is above the {TARGET_S} s target", file=sys.stderr)

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Speed of the inverse weights (issue 2, "Speed"): one run, medians after warm-up.
 
-    python scripts/bench_weights.py [--quick] [--threads 2] [--markdown FILE]
+    python -m scripts.bench.weights [--quick] [--threads 2] [--report FILE]
 
 Times ``weights.inverse_weights`` (labelling included) on a (2, 1, 128, 128, 128) float
 target batch with 10, 200 and 2,000 lesions, and a per-component reference loop (one
@@ -9,7 +8,7 @@ target batch with 10, 200 and 2,000 lesions, and a per-component reference loop 
 10 and with 2,000 lesions on 2 CPU cores, and ≥ 50x faster than the loop at 200 lesions.
 Run it on a quiet machine, pinned to two cores, e.g.
 
-    taskset -c 0,1 python scripts/bench_weights.py --markdown docs/bench_weights.md
+    taskset -c 0,1 python -m scripts.bench weights
 
 ``--quick`` (64³ patches, few repeats) only checks that the script works.
 """
@@ -17,17 +16,14 @@ Run it on a quiet machine, pinned to two cores, e.g.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from pathlib import Path
 
-import _bench
 import numpy as np
 import torch
 
 from IWSegmentationLib.core.lesions import label_components
 from IWSegmentationLib.core.weights import inverse_weights
+from scripts.bench import report, timing
 
 TARGET_MS = 15.0
 TARGET_RATIO = 50.0
@@ -67,14 +63,8 @@ def reference_loop(target: torch.Tensor, w_min: float = 1.0, w_max: float = 2e5)
 
 
 def median_ms(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """:func:`timing.median_time` in milliseconds."""
+    return timing.median_time(fn, repeats, warmup)[0] * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="64³ patches and few repeats: a smoke test")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 50; quick 5)")
-    parser.add_argument("--markdown", type=Path, default=None, help="also write the markdown table to FILE")
+    report.add_report_argument(parser)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -114,16 +105,14 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"Inverse weights, medians of {repeats} runs after {warmup} warm-up runs "
-        f"(loop: {loop_repeats} runs). {_bench.machine_line(('torch', 'numpy'), threads=args.threads)}"
-        + (" — QUICK smoke run, not a measurement" if args.quick else ""),
+        f"(loop: {loop_repeats} runs). {timing.machine_line(('torch', 'numpy'), threads=args.threads)}",
         "",
         "| case | lesions / sample | median ms | target | met |",
         "|---|---:|---:|---|---|",
     ]
     for name, k, ms, target, met in rows:
         lines.append(f"| {name} | {k} | {'' if ms is None else f'{ms:.2f}'} | {target} | {met} |")
-    table = "\n".join(lines) + "\n"
-    _bench.write_report(args.markdown, table)
+    report.publish("weights", "\n".join(lines), args.report, argv, quick=args.quick)
     return 0
 
 

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Sliding-window inference speed and memory, side by side with MONAI (issue 3, "Speed and memory").
 
-    python scripts/bench_inference.py [--quick] [--threads 2] [--markdown FILE] [--device cpu]
+    python -m scripts.bench.inference [--quick] [--threads 2] [--report FILE] [--device cpu] [--parts compare,paper,ct]
 
 Three parts, every measured job in a **fresh subprocess** (so each peak RSS is its own):
 
@@ -27,10 +26,13 @@ Three parts, every measured job in a **fresh subprocess** (so each peak RSS is i
    RSS of the process (goal on 2 CPU cores: <= 4 min, <= 4 GB).
 
 Run it on a quiet machine, pinned to two cores, with glibc's allocator told not to return
-memory eagerly (as the Makefile does):
+memory eagerly (``python -m scripts.bench`` sets it, see :mod:`scripts.bench.timing`):
 
-    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
-        taskset -c 0,1 python scripts/bench_inference.py --markdown docs/bench_inference.md
+    taskset -c 0,1 python -m scripts.bench inference
+
+Each part writes its own block of the report (``inference/compare``, ``inference/paper``,
+``inference/ct``) as soon as it is done, so a long run keeps what it measured and rerunning one
+part (``--parts ct``) keeps the others' tables.
 
 ``--quick`` shrinks everything (96x96x48 volume, 32³ patches, the tiny net, one repeat, a
 96x96x64 "CT") only to check that the script works; its numbers mean nothing.
@@ -49,10 +51,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import _bench
 import numpy as np
 
-SCRIPT = Path(__file__).resolve()
+from scripts.bench import report, timing
+
+REPO = Path(__file__).resolve().parents[2]
 CONV_PEAK_GFLOPS = 235.0  # measured fp32 conv3d peak of the 2-core development machine (method notes)
 
 
@@ -225,16 +228,14 @@ def job_paper(spec: dict) -> dict:
     device = torch.device(spec["device"])
     net, _ = _prepared_net(spec, device)
     x = torch.rand((1, 1, *(spec["patch"],) * 3), device=device)
-    times = []
+
+    def forward():
+        net(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     with torch.inference_mode(), _autocast(device, spec["precision"]):
-        for i in range(spec["repeats"] + 1):
-            start = time.perf_counter()
-            net(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:  # the first call is the warm-up
-                times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+        seconds, _ = timing.median_time(forward, spec["repeats"], warmup=1)
     voxels = spec["patch"] ** 3
     flops = flops_per_voxel(default_config(spec["net"])) * voxels
     return {"seconds": seconds, "gflops": flops / seconds / 1e9, "mvoxel_s": voxels / seconds / 1e6,
@@ -244,8 +245,8 @@ def job_paper(spec: dict) -> dict:
 def run_worker(spec: dict) -> dict:
     """Run ``spec`` in a fresh interpreter and return its JSON result (the last stdout line)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench.inference", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"worker {spec['kind']}/{spec.get('impl', '')} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -380,7 +381,7 @@ def part_ct(args, tmp: Path) -> tuple[list[str], dict]:
 
 
 def machine_line(args) -> str:
-    return (_bench.machine_line(("torch", "monai"), threads=args.threads)
+    return (timing.machine_line(("torch", "monai"), threads=args.threads)
             + f" Median of {args.repeats} run(s) after a warm-up.")
 
 
@@ -398,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct-shape", type=int, nargs=3, default=(300, 512, 512), metavar=("Z", "Y", "X"),
                         help="size of the end-to-end CT (default 300 512 512)")
     parser.add_argument("--parts", default="compare,paper,ct", help="comma-separated parts to run")
-    parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the tables to FILE")
+    report.add_report_argument(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -409,20 +411,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.repeats, args.patch, args.net = 1, 32, "tiny"
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    lines = ["## Sliding-window inference benchmark", "", machine_line(args), ""]
     runners = {"compare": lambda tmp: part_compare(args, tmp), "paper": lambda tmp: part_paper(args),
                "ct": lambda tmp: part_ct(args, tmp)}
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(runners))
+    if unknown:
+        parser.error(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {', '.join(runners)}")
     with tempfile.TemporaryDirectory(prefix="iwseg-bench-") as tmp:
         for part in parts:
             # each finished part is printed and saved at once, so a long run keeps what it measured
-            lines += runners[part](Path(tmp))[0]
-            _publish(lines, args.markdown)
+            lines = [machine_line(args), "", *runners[part](Path(tmp))[0]]
+            report.publish(f"inference/{part}", "\n".join(lines), args.report, argv, quick=args.quick)
     return 0
-
-
-def _publish(lines: list[str], markdown: Path | None) -> None:
-    _bench.write_report(markdown, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
-#!/usr/bin/env python
 """Training speed: CPU iterations/s of the demo configuration, the share of the step spent
 waiting for data, and what the paper's full run (100 x 100 iterations, 128³ patches, batch 2)
 costs on a GPU.
 
-    python scripts/bench_training.py --quick                 # a smoke run (a minute)
-    python scripts/bench_training.py --markdown docs/benchmarks_training.md
+    python -m scripts.bench.training --quick                 # a smoke run (a minute)
+    python -m scripts.bench training                         # into docs/benchmarks.md
 
 What is measured (CPU):
 
 * ``train()`` on synthetic data with the demo's network, patch and batch (scripts/demo.py),
+  through :func:`scripts.bench.train_runs.measure_cpu`,
   once with background DataLoader workers (the default) and once with ``num_workers=0``
   (patches sampled in the training process), to show what background loading buys;
 * each run trains ``warmup`` epochs first (oneDNN builds its kernels on the first steps, the
@@ -26,16 +26,14 @@ memory is counted from a forward pass with hooks (every module output kept for b
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import _bench
-
-REPO = Path(__file__).resolve().parents[1]
+from scripts import demo
+from scripts.bench import report, timing
+from scripts.bench.train_runs import measure_cpu
 
 #: Dense peak TFLOP/s (vendor data sheets) of GPUs people train on: (name, mixed-precision peak,
 #: fp32 peak). Mixed precision means bf16/fp16 tensor cores without sparsity.
@@ -51,33 +49,6 @@ GPUS = (
 #: cores far from their peak.
 UTILISATION = (0.05, 0.15)
 PAPER_HOURS_M40 = 26.0
-
-
-def load_demo():
-    spec = importlib.util.spec_from_file_location("iwseg_demo", REPO / "scripts" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def measure_cpu(data: Path, settings: dict, *, num_workers: int, iters: int, epochs: int, warmup: int) -> dict:
-    """Median iterations/s and data-wait fraction over the timed epochs of a real ``train()``."""
-    from IWSegmentationLib.training import TrainConfig, train
-
-    with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig.from_dict({
-            **settings, "data": str(data), "out": out, "epochs": warmup + epochs, "iters_per_epoch": iters,
-            "num_workers": num_workers, "val_every": 0, "tensorboard": False, "progress": False,
-            "lr_schedule": "constant",
-        })
-        result = train(config, verbose=False)
-    timed = result.history[warmup:]
-    return {
-        "iters_per_s": statistics.median(r["iters_per_s"] for r in timed),
-        "data_wait": statistics.median(r["data_wait_fraction"] for r in timed),
-        "epochs": len(timed),
-        "iters": iters,
-    }
 
 
 def activation_bytes_per_voxel(config: dict) -> float:
@@ -128,8 +99,8 @@ def gpu_estimate(epochs: int = 100, iters: int = 100, patch: int = 128, batch: i
     }
 
 
-def markdown(cpu: list[tuple[str, dict]], demo_settings: dict, gpu: dict, command: str) -> str:
-    lines = ["# Training speed", "", f"Command: `{command}`", "", _bench.machine_line(("torch",)), ""]
+def markdown(cpu: list[tuple[str, dict]], demo_settings: dict, gpu: dict) -> str:
+    lines = [timing.machine_line(("torch",)), ""]
     if cpu:
         s = demo_settings
         lines += [
@@ -144,7 +115,7 @@ def markdown(cpu: list[tuple[str, dict]], demo_settings: dict, gpu: dict, comman
                          f"median of {r['epochs']} epochs x {r['iters']} it |")
         lines.append("")
     lines += [
-        "## GPU cost of the paper's run (estimate from FLOP counts)",
+        "### GPU cost of the paper's run (estimate from FLOP counts)",
         "",
         f"The paper's U-Net ({gpu['params'] / 1e6:.2f} M parameters, {gpu['flops_per_voxel'] / 1e6:.3f} MFLOP of "
         f"convolution per voxel forward), 128³ patches, batch 2: one training step is about "
@@ -181,11 +152,11 @@ def _hours(h: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few iterations (a smoke run, about a minute)")
-    parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table to FILE")
     parser.add_argument("--no-cpu", action="store_true", help="only the GPU estimate")
+    report.add_report_argument(parser)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
-    demo = load_demo()
     settings = dict(demo.TRAIN_SETTINGS)
     cpu: list[tuple[str, dict]] = []
     if not args.no_cpu:
@@ -204,12 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
                 cpu.append((label, r))
     gpu = gpu_estimate()
-    command = "python scripts/bench_training.py" + (" --quick" if args.quick else "") + \
-        (" --no-cpu" if args.no_cpu else "")
-    text = markdown(cpu, settings, gpu, command)
-    _bench.write_report(args.markdown, text)
-    if args.markdown:
-        print(f"written: {args.markdown}", file=sys.stderr)
+    report.publish("training", markdown(cpu, settings, gpu), args.report, argv, quick=args.quick)
     return 0
 
 

@@ -1,9 +1,11 @@
-#!/usr/bin/env python
 """Is bf16 on the CPU safe for a trained model? fp32 against bf16 autocast, case by case.
 
-    python scripts/bench_precision.py --model demo_output/model.safetensors \\
+    python -m scripts.bench.precision --model demo_output/model.safetensors \\
         --input demo_output/data/heldout/imagesTr --organ-mask demo_output/data/heldout/masksTr \\
-        --labels demo_output/data/heldout/labelsTr --markdown docs/bench/precision.md
+        --labels demo_output/data/heldout/labelsTr --report docs/benchmarks.md
+
+(``python -m scripts.bench precision`` runs exactly this after ``make demo``, and skips the
+benchmark without the demo's checkpoint.)
 
 ``--precision bf16`` is opt-in in ``iwseg predict`` (about 2x faster on CPUs with AVX-512 bf16
 or AMX). This script measures what it costs in accuracy on a *trained* checkpoint — an
@@ -23,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-import _bench
+from scripts.bench import report, timing
 
 
 def _dice(a, b) -> float:
@@ -58,6 +60,8 @@ def measure(args) -> tuple[list[dict], dict | None]:
     torch.set_num_threads(args.threads)
     model, card = load_checkpoint(args.model)
     images = list_images(args.input, what="--input")
+    if args.quick:
+        images = dict(list(images.items())[:2])
     groups = size_thresholds((card.get("size_thresholds") or {}).get("preset") or "lung")
     rows, scored = [], {"fp32": [], "bf16": []}
     warm = next(iter(images.values()))
@@ -90,12 +94,7 @@ def measure(args) -> tuple[list[dict], dict | None]:
 
 
 def markdown(rows: list[dict], reports: dict | None, args) -> str:
-
-    lines = ["## fp32 against bf16 autocast on a trained checkpoint", "",
-             f"Command: `python scripts/bench_precision.py --model {args.model} --input {args.input}"
-             + (f" --organ-mask {args.organ_mask}" if args.organ_mask else "")
-             + (f" --labels {args.labels}" if args.labels else "") + "` (one warm-up case per precision). "
-             + _bench.machine_line(("torch",), threads=args.threads), "",
+    lines = ["One warm-up case per precision. " + timing.machine_line(("torch",), threads=args.threads), "",
              "| case | fp32 s | bf16 s | speed-up | max abs Δp | voxels flipped | Dice fp32 vs bf16 mask | "
              "lesions fp32 / bf16 |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -122,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--organ-mask", type=Path, help="folder of organ masks named like the images")
     parser.add_argument("--labels", type=Path, help="folder of reference lesion masks named like the images")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    parser.add_argument("--quick", action="store_true", help="only the first 2 images: checks the script works")
+    report.add_report_argument(parser)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     rows, reports = measure(args)
-    text = markdown(rows, reports, args)
-    _bench.write_report(args.markdown, text)
+    report.publish("precision", markdown(rows, reports, args), args.report, argv, quick=args.quick)
     return 0
 
 
