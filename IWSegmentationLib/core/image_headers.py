@@ -185,18 +185,20 @@ def _scan_nifti(path: Path, opener, offset: int, need: int, dtype: str | None) -
 
 def _text_header(path: Path, end: re.Pattern) -> tuple[list[str], int] | None:
     """The header's lines and its length in bytes, up to and including the line matching ``end``
-    (None when no such line comes within :data:`_TEXT_HEADER_LIMIT` bytes)."""
-    with open(path, "rb") as fh:
-        head = fh.read(_TEXT_HEADER_LIMIT)
-    lines, position = [], 0
-    for raw in head.splitlines(keepends=True):
-        position += len(raw)
-        line = raw.decode("latin-1").rstrip("\r\n")
-        lines.append(line)
-        if end.match(line):
-            return lines, position
-        if not raw.endswith(b"\n"):
-            break
+    (None when no such line comes within :data:`_TEXT_HEADER_LIMIT` bytes). Reads 64 KiB first
+    and walks line by line, so the voxel data after the header is not touched."""
+    for limit in (1 << 16, _TEXT_HEADER_LIMIT):
+        with open(path, "rb") as fh:
+            head = fh.read(limit)
+        lines, position = [], 0
+        while (stop := head.find(b"\n", position)) >= 0:
+            line = head[position:stop].decode("latin-1").rstrip("\r")
+            position = stop + 1
+            lines.append(line)
+            if end.match(line):
+                return lines, position
+        if len(head) < limit:
+            return None
     return None
 
 
