@@ -25,7 +25,7 @@ import test_training
 
 from IWSegmentationLib.core.errors import Cancelled, GeometryMismatchError, InputError
 from IWSegmentationLib.core.imageio import read_image, write_image
-from IWSegmentationLib.core.outputs import atomic_output, remove_stale_partials
+from IWSegmentationLib.core.outputs import remove_stale_partials
 from IWSegmentationLib.core.progress import CancelState
 from IWSegmentationLib.data import load_dataset
 from IWSegmentationLib.nn.checkpoint import load_checkpoint
@@ -157,15 +157,33 @@ def test_progress_false_hides_the_loading_bar(dataset, tmp_path, capsys, progres
 # --------------------------------------------------------------------------- stale partials
 
 
+def killed_inside_atomic_output(path: Path) -> Path:
+    """The partial file a process SIGKILLed inside ``atomic_output(path)`` leaves (a real child,
+    so that its lock dies with it)."""
+    code = ("import sys, time\nfrom IWSegmentationLib.core.outputs import atomic_output\n"
+            "with atomic_output(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half a file')\n"
+            "    print(tmp, flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        partial = Path(proc.stdout.readline().strip())
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert partial.is_file() and partial.parent == path.parent
+    return partial
+
+
 def test_stale_partials_of_our_outputs_are_removed_and_nothing_else(dataset, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     # what a run killed by SIGKILL inside atomic_output leaves: the context never exits
-    leftover = atomic_output(out / LAST_CHECKPOINT)
-    real = leftover.__enter__()
-    real.write_bytes(b"half a checkpoint")
+    real = killed_inside_atomic_output(out / LAST_CHECKPOINT)
     handmade = out / ".resume.safetensors.partial-ab_c1234.safetensors"
     handmade.write_bytes(b"x")
+    for path in (real, handmade):  # written by an earlier run: before this process started
+        os.utime(path, (time.time() - 86400, time.time() - 86400))
     keep = [out / ".notes.txt.partial-abcd1234.txt",            # not one of our outputs
             out / "last.safetensors.partial-abcd1234",           # not our naming (no leading dot)
             out / ".last.safetensors.partial-abc.safetensors",   # not 8 random characters

@@ -157,7 +157,7 @@ def test_weights_per_patch_equal_component_weights_of_cropped_labels(tmp_path, m
     whole, k = label_components(volume.lesion)
     assert k == 3
     whole_counts = np.bincount(whole.ravel())
-    config = tiny_config(tmp_path, tmp_path / "out", loss="iw-dice", loss_params={"mode": mode},
+    config = tiny_config(tmp_path / "data", tmp_path / "out", loss="iw-dice", loss_params={"mode": mode},
                          lesion_probability=1.0, batch_size=4)
     params = config.preprocessing_params()
     ds = make_patch_dataset(config, [prepare_volume(volume, params)], params, keep_labels=True)
@@ -188,7 +188,7 @@ def test_weights_per_patch_equal_component_weights_of_cropped_labels(tmp_path, m
 
 def test_each_rank_and_step_gets_its_own_patches(tmp_path):
     volume = _volume_with_lesions()
-    config = tiny_config(tmp_path, tmp_path / "out")
+    config = tiny_config(tmp_path / "data", tmp_path / "out")
     params = config.preprocessing_params()
     volume = prepare_volume(volume, params)
     r0 = make_patch_dataset(config, [volume], params, rank=0, world_size=2)
@@ -198,7 +198,7 @@ def test_each_rank_and_step_gets_its_own_patches(tmp_path):
     assert not torch.equal(r0.batch(0)["image"], r0.batch(1)["image"])
     assert torch.equal(r0.batch(5)["image"], again.batch(5)["image"])  # a pure function of (seed, rank, step)
     assert "weight" in r0.batch(0) and "labels" not in r0.batch(0)  # labels dropped after weighting
-    plain = make_patch_dataset(tiny_config(tmp_path, tmp_path / "o", loss="dice"), [volume], params)
+    plain = make_patch_dataset(tiny_config(tmp_path / "data", tmp_path / "o", loss="dice"), [volume], params)
     assert "weight" not in plain.batch(0)  # non-iw losses get no inverse weights
 
 

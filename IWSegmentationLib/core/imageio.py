@@ -9,11 +9,8 @@ Physical coordinates are ITK's LPS millimetres; Slicer converts them to RAS.
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +19,7 @@ import numpy as np
 
 from .errors import GeometryMismatchError, InputError, OutputError
 from .files import DETACHED_SUFFIXES, IMAGE_SUFFIXES
+from .image_headers import header_problem, is_nifti, nifti_problem
 from .outputs import atomic_output
 
 
@@ -139,28 +137,25 @@ def read_sitk(path: str | os.PathLike, *, what: str = "image"):
     """Read a NIfTI/NRRD/MHA file or a DICOM series folder into a SimpleITK image.
 
     Raises :class:`InputError` naming ``path`` when it is missing, not a regular file,
-    unreadable, or a DICOM series with a missing slice.
+    unreadable, a DICOM series with a missing slice, or when its header disagrees with itself or
+    with the file's size, or promises more than ``core.image_headers.MAX_VOXELS`` voxels
+    (:func:`~IWSegmentationLib.core.image_headers.header_problem`, checked before ITK allocates).
     """
     sitk = _sitk()
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} not found: {path}")
     _check_regular(path, what)
+    if path.is_file() and (problem := header_problem(path)):  # before ITK allocates what the header promises
+        raise InputError(f"{what} {path} {problem}")
     try:
         if path.is_dir():
             return _read_dicom_series(path, what)
-        image = sitk.ReadImage(str(path))
+        return sitk.ReadImage(str(path))
     except InputError:
         raise
     except RuntimeError as exc:
         raise InputError(f"cannot read {what} {path}: {itk_message(exc)}") from None
-    if is_nifti(path) and (problem := nifti_problem(path)):
-        raise InputError(f"{what} {path} {problem}")
-    return image
-
-
-def is_nifti(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith((".nii", ".nii.gz"))
 
 
 def _read_dicom_series(path: Path, what: str):
@@ -209,93 +204,6 @@ def check_slice_positions(positions: Sequence[Sequence[float]], direction: Seque
             + (f" (about {missing} slice(s) missing)" if missing > 0 else " (a duplicated or missing slice)")
             + "; export the complete series"
         )
-
-
-#: NIfTI datatype codes of floating-point voxels -> numpy scalar type (complex types as float pairs).
-_NIFTI_FLOATS = {16: "f4", 64: "f8", 32: "f4", 1792: "f8"}
-
-
-_CHUNK_BYTES = 1 << 24
-
-
-def _nifti_layout(head: bytes) -> tuple[int, int, str | None, str] | None:
-    """``(vox_offset, data bytes, float type or None, byte order)`` from a NIfTI-1/2 header, or None
-    when ``head`` is not one."""
-    for order in "<>":
-        size = struct.unpack(order + "i", head[:4])[0] if len(head) >= 4 else 0
-        if len(head) >= 348 and size == 348:
-            dims = struct.unpack(order + "8h", head[40:56])
-            datatype, bitpix = struct.unpack(order + "2h", head[70:74])
-            offset = int(struct.unpack(order + "f", head[108:112])[0])
-        elif len(head) >= 540 and size == 540:
-            datatype, bitpix = struct.unpack(order + "2h", head[12:16])
-            dims = struct.unpack(order + "8q", head[16:80])
-            offset = struct.unpack(order + "q", head[168:176])[0]
-        else:
-            continue
-        ndim = min(max(int(dims[0]), 0), 7)
-        voxels = int(np.prod([max(int(d), 1) for d in dims[1:1 + ndim]], dtype=object))
-        return max(offset, size), voxels * max(int(bitpix), 0) // 8, _NIFTI_FLOATS.get(int(datatype)), order
-    return None
-
-
-def nifti_problem(path: str | os.PathLike) -> str | None:
-    """What is wrong with a NIfTI file's voxel data, or None when it is complete and finite.
-
-    ITK reads a truncated NIfTI (gzipped or not) without an error, the missing part as zeros,
-    and NaN/inf voxels as 0. This checks the raw data against the header instead: the byte
-    count (for gzip, the stream's size trailer, or a full pass when that disagrees) and, for
-    floating-point voxels, that every value is finite (one streaming pass).
-    """
-    path = Path(path)
-    with open(path, "rb") as fh:
-        zipped = fh.read(2) == b"\x1f\x8b"
-    opener = gzip.open if zipped else open
-    try:
-        with opener(path, "rb") as fh:
-            layout = _nifti_layout(fh.read(540))
-        if layout is None:
-            return None  # not NIfTI-1/2: ITK's own reader has judged it
-        offset, nbytes, float_type, order = layout
-        need = offset + nbytes
-        if float_type is None:
-            if not zipped and path.stat().st_size >= need:
-                return None
-            if zipped and _gzip_size_trailer(path) == need % (1 << 32):
-                return None
-        return _scan_nifti(path, opener, offset, need, float_type and order + float_type)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        return f"is truncated or corrupt ({exc})"
-
-
-def _gzip_size_trailer(path: Path) -> int:
-    """ISIZE, the last 4 bytes of a gzip member: the uncompressed size modulo 2**32."""
-    with open(path, "rb") as fh:
-        fh.seek(-4, os.SEEK_END)
-        return struct.unpack("<I", fh.read(4))[0]
-
-
-def _scan_nifti(path: Path, opener, offset: int, need: int, dtype: str | None) -> str | None:
-    """Count the bytes (and the non-finite values, for float data) in one pass."""
-    total, bad, carry = 0, 0, b""
-    with opener(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK_BYTES):
-            start, end = max(0, offset - total), min(len(chunk), need - total)
-            if dtype is not None and end > start:
-                data = carry + chunk[start:end]
-                usable = len(data) - len(data) % 8  # whole values of both f4 and f8
-                values = np.frombuffer(data, dtype=dtype, count=usable // np.dtype(dtype).itemsize)
-                bad += int(values.size - np.count_nonzero(np.isfinite(values)))
-                carry = data[usable:]
-            total += len(chunk)
-            if dtype is not None and total >= need:
-                break
-    if total < need:
-        return (f"is truncated: its header promises {need} bytes{' (uncompressed)' if opener is gzip.open else ''}, "
-                f"the file holds {total}")
-    if bad:
-        return f"holds {bad} NaN or infinite voxel value(s); values must be finite"
-    return None
 
 
 def read_image(path: str | os.PathLike, *, what: str = "image", dtype=None) -> tuple[np.ndarray, Geometry]:

@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -35,8 +36,41 @@ def _output_error(path: Path, exc: BaseException) -> OutputError:
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
 
 
+def check_output_path(path: str | os.PathLike, flag: str = "output") -> None:
+    """Refuse an output path that exists and is not a regular file.
+
+    A rename onto a device node, FIFO or socket would replace it (``--lesions /dev/null
+    --overwrite`` run as root would destroy ``/dev/null``), and a folder cannot be replaced by a
+    file. A symbolic link is judged by what it points to. :class:`InputError` naming ``flag``.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise InputError(f"{flag} {path}: cannot check it ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{flag} {path} is a folder; give a file name")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise InputError(f"{flag} {path} is {kind}; outputs are written only to regular files "
+                         "(refusing to replace it)")
+
+
+def _lock_partial(fd: int) -> None:
+    """Hold an advisory lock on a partial file while it is written, so that
+    :func:`remove_stale_partials` can tell a live writer's file from a dead one's."""
+    with contextlib.suppress(ImportError, OSError):
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def _commit(tmp: Path, path: Path, mode: int) -> None:
     """Check, flush and rename a complete temporary file onto ``path``, then sync the folder."""
+    check_output_path(path)  # it may have appeared while the output was being computed
     os.chmod(tmp, mode)
     if tmp.stat().st_size == 0:
         raise OutputError(f"cannot write {path}: the writer produced an empty file (disk full?)")
@@ -66,16 +100,15 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if not path.parent.exists():
         raise InputError(f"output folder does not exist: {path.parent} (for {path.name})")
-    if path.is_dir():
-        raise InputError(f"output {path} is a folder; give a file name")
+    check_output_path(path)
     mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask()
     name = path.name
     suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), path.suffix)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.partial-", suffix=suffix, dir=path.parent)
-        os.close(fd)
     except OSError as exc:
         raise _output_error(path, exc) from None
+    _lock_partial(fd)  # held (the descriptor stays open) until the block ends
     tmp_path = Path(tmp)
     try:
         try:
@@ -88,6 +121,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        os.close(fd)
 
 
 def check_writable(folder: str | os.PathLike, flag: str) -> None:
@@ -152,14 +186,48 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
+def process_start_time() -> float:
+    """When this process started (seconds since the epoch): from ``/proc`` on Linux, else the
+    time this module was first imported (a little later, so never too early)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+def _held_by_a_writer(path: Path) -> bool:
+    """True when a live :func:`atomic_output` holds the lock on ``path`` (False without ``fcntl``)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - POSIX only
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return True  # cannot look: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def remove_stale_partials(folder: str | os.PathLike, names: Sequence[str]) -> list[Path]:
     """Remove the temporary files that :func:`atomic_output` left in ``folder`` for the outputs
     ``names`` when its process was killed before it could clean up (SIGKILL, power loss).
 
-    Only files named exactly as ``atomic_output`` names them are removed: ``.NAME.partial-``,
-    the 8 characters ``tempfile`` draws, and NAME's suffix; nothing else in ``folder`` is
-    touched. Call it only where no other process is writing these outputs. Returns the paths
-    removed.
+    A file is removed only if all of these hold: it is named exactly as ``atomic_output`` names
+    it (``.NAME.partial-``, the 8 characters ``tempfile`` draws, and NAME's suffix); it is a
+    regular file, not a link; it was last written before this process started; and no live
+    ``atomic_output`` holds its lock (POSIX ``flock``). Nothing else in ``folder`` is touched,
+    so a concurrent run writing the same outputs keeps its files. Returns the paths removed.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -168,9 +236,28 @@ def remove_stale_partials(folder: str | os.PathLike, names: Sequence[str]) -> li
     for name in names:
         suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), Path(name).suffix)
         patterns.append(re.compile(rf"^\.{re.escape(name)}\.partial-[a-z0-9_]{{8}}{re.escape(suffix)}$"))
+    started = process_start_time()
     removed = []
     for entry in folder.iterdir():
-        if any(p.match(entry.name) for p in patterns) and entry.is_file() and not entry.is_symlink():
+        if not any(p.match(entry.name) for p in patterns):
+            continue
+        try:
+            info = entry.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(info.st_mode) or info.st_mtime >= started or _held_by_a_writer(entry):
+            continue
+        with contextlib.suppress(FileNotFoundError):
             entry.unlink()
             removed.append(entry)
     return sorted(removed)
+
+
+def remove_stale_partials_of(outputs: Sequence[str | os.PathLike | None]) -> list[Path]:
+    """:func:`remove_stale_partials` for a list of output paths (None skipped), folder by folder:
+    what a command calls at its start, before it writes ``outputs``."""
+    by_folder: dict[Path, list[str]] = {}
+    for output in outputs:
+        if output is not None:
+            by_folder.setdefault(Path(output).parent, []).append(Path(output).name)
+    return sorted(p for folder, names in by_folder.items() for p in remove_stale_partials(folder, names))

@@ -111,7 +111,8 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     return out  # type: ignore[return-value]
 
 
-def _physical_memory() -> int | None:
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the system does not say)."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
@@ -121,7 +122,7 @@ def _physical_memory() -> int | None:
 def check_memory(shape: Sequence[int], available: int | None = None) -> None:
     """Refuse a volume size whose generation needs more memory than the machine has
     (:data:`BYTES_PER_VOXEL` per voxel), before anything is allocated or written."""
-    available = _physical_memory() if available is None else available
+    available = physical_memory() if available is None else available
     need = math.prod(int(v) for v in shape) * BYTES_PER_VOXEL
     if available and need > available:
         raise InputError(

@@ -13,9 +13,12 @@ exit codes 0 / 2 / 3 / other mapped to :class:`~IWSegmentationLib.backend.job.Ou
   docs/server.md and in the generated ``/docs`` page).
 
 Security by default (see docs/server.md): loopback bind unless told otherwise, a bearer token
-required on any other address, an upload size limit (413), client file names reduced to a
-checked image suffix (never used as a path), one token's jobs invisible (404) to another, and
-models only from the ``--models`` folder, by name, read as safetensors (never unpickled).
+required on any other address, an upload size limit (413) and time limit (408), a job slot taken
+before the upload is read (429 past ``--max-jobs``), a per-job time limit, a Host/Origin check
+when the server has no tokens (no cross-site or DNS-rebinding requests from a browser), client
+file names reduced to a checked image suffix (never used as a path), one token's jobs invisible
+(404) to another, and models only from the ``--models`` folder, by name, read as safetensors
+(never unpickled).
 """
 
 import asyncio
@@ -26,6 +29,7 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Optional
@@ -53,6 +57,7 @@ from .jobs import (  # noqa: F401  (re-exported: the app's names for its jobs)
     single_file_suffix,
     upload_name,
 )
+from .workdir import WORKDIR_PREFIX, hold_workdir, remove_stale_job_folders, remove_stale_workdirs
 
 #: Seconds between two looks at a job's new events while streaming them.
 STREAM_INTERVAL_S = 0.02
@@ -129,6 +134,8 @@ class ServerConfig:
     max_jobs: int = 100
     workdir: Optional[Path] = None
     cuda_devices: int = 0
+    upload_timeout_s: float = 600.0
+    job_timeout_s: Optional[float] = 3600.0
 
     def check(self) -> None:
         if not Path(self.models_dir).is_dir():
@@ -142,6 +149,28 @@ class ServerConfig:
             raise InputError(f"--port must be in 0..65535, got {self.port}")
         if self.device not in DEVICES:
             raise InputError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not self.upload_timeout_s > 0:
+            raise InputError(f"--upload-timeout must be > 0 seconds, got {self.upload_timeout_s:g}")
+        if self.max_jobs < 1:
+            raise InputError(f"--max-jobs must be >= 1 (0 would refuse every job), got {self.max_jobs}")
+        if not self.keep_results_s > 0:
+            raise InputError(f"--keep-results must be > 0 seconds (0 would delete results before any "
+                             f"client could download them), got {self.keep_results_s:g}")
+        if self.job_timeout_s is not None and not self.job_timeout_s > 0:
+            raise InputError(f"--job-timeout must be > 0 seconds, got {self.job_timeout_s:g}")
+
+
+def host_allowed(header: str, server_host: str) -> bool:
+    """Whether a ``Host`` header or an ``Origin`` (``http://name:port``) names this machine: a
+    loopback name or address, or the address the server was bound to. A browser page from
+    another site sends its own Origin; a DNS-rebinding page sends its own host name as Host."""
+    text = header.strip()
+    parts = urllib.parse.urlsplit(text if "://" in text else "//" + text)
+    try:
+        name = parts.hostname or ""
+    except ValueError:
+        return False
+    return bool(name) and (is_loopback(name) or name == server_host.strip("[]").lower())
 
 
 def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
@@ -152,29 +181,50 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
     config.check()
-    root = Path(config.workdir) if config.workdir else Path(tempfile.mkdtemp(prefix="iwseg-serve-"))
+    root = Path(config.workdir) if config.workdir else Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
     root.mkdir(parents=True, exist_ok=True)
     models = list_models(config.models_dir)
     manager = manager or JobManager(
         models=models, root=root, workers=config.workers, device=config.device,
-        keep_results_s=config.keep_results_s, max_jobs=config.max_jobs, cuda_devices=config.cuda_devices)
+        keep_results_s=config.keep_results_s, max_jobs=config.max_jobs, cuda_devices=config.cuda_devices,
+        job_timeout_s=config.job_timeout_s)
     digests = [token_digest(t) for t in config.tokens]
+    held = hold_workdir(root)  # for the server's life: a folder nobody holds is a dead server's
+    stale = remove_stale_job_folders(root) if config.workdir else remove_stale_workdirs(root)
+    if stale:
+        LOG.info("iwseg serve: removed %d folder(s) a killed server left: %s", len(stale),
+                 ", ".join(p.name for p in stale))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        manager.start()
         try:
-            yield
+            manager.start()
+            try:
+                yield
+            finally:
+                manager.stop()
+                if not config.workdir:
+                    shutil.rmtree(root, ignore_errors=True)
         finally:
-            manager.stop()
-            if not config.workdir:
-                shutil.rmtree(root, ignore_errors=True)
+            os.close(held)
 
     app = FastAPI(
         title="IWSegmentation inference server", version=__version__, lifespan=lifespan,
         description="Lesion segmentation jobs run by `iwseg predict` on this machine. See docs/server.md.",
     )
     app.state.manager = manager
+
+    @app.middleware("http")
+    async def same_machine_only(request: Request, call_next):
+        """Without tokens, only requests for this machine from this machine's pages: a web page
+        elsewhere could otherwise POST a scan (a ``text/plain`` form needs no CORS preflight)."""
+        if not digests:
+            host, origin = request.headers.get("host", ""), request.headers.get("origin")
+            if not host_allowed(host, config.host) or (origin is not None and not host_allowed(origin, config.host)):
+                return JSONResponse({"detail": "refused: without --token-file this server answers only requests "
+                                               "for this machine (Host) from this machine (Origin)"},
+                                    status_code=403)
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
@@ -197,6 +247,13 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
     def health() -> Dict[str, Any]:
         return {"status": "ok", "version": __version__, "workers": config.workers,
                 "max_upload_bytes": config.max_upload_bytes, "auth": bool(digests), **manager.counts()}
+
+    @app.get("/v1/limits", summary="This server's limits; needs a token like every job call (a client checks "
+                                   "its token here before it uploads)")
+    def limits(_who: str = Depends(owner)) -> Dict[str, Any]:
+        return {"max_upload_bytes": config.max_upload_bytes, "max_jobs": config.max_jobs,
+                "upload_timeout_s": config.upload_timeout_s, "job_timeout_s": config.job_timeout_s,
+                "keep_results_s": config.keep_results_s}
 
     @app.get("/v1/models", summary="The models in --models, with their model cards")
     def get_models(_who: str = Depends(owner)) -> List[Dict[str, Any]]:
@@ -233,9 +290,9 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
         options = JobOptions(threshold, overlap, probabilities, lesions, output_format, probabilities_uint8,
                              no_skip, batch_size, precision, engine, size_preset, size_thresholds, connectivity,
                              tta, min_lesion_size, force)
-        job = manager.new_job(who, model, filename, options)
+        job = manager.new_job(who, model, filename, options)  # takes a slot before the body is read
         try:
-            await _receive(request, job.run.input_path, config.max_upload_bytes)
+            await _receive(request, job.run.input_path, config.max_upload_bytes, config.upload_timeout_s)
         except BaseException:
             manager.discard(job)
             raise
@@ -283,12 +340,31 @@ def _too_large(limit: int) -> str:
     return f"the upload is larger than this server's limit of {limit / 2**20:g} MB (iwseg serve --max-upload-mb)"
 
 
-async def _receive(request, target: Path, limit: int) -> None:
-    """Stream the request body into ``target``; 413 (and no file) once it exceeds ``limit`` bytes."""
+#: Seconds an upload may send nothing before it is dropped (within ``--upload-timeout``).
+UPLOAD_IDLE_S = 60.0
+
+
+async def _receive(request, target: Path, limit: int, timeout_s: float = 600.0) -> None:
+    """Stream the request body into ``target``; 413 (and no file) once it exceeds ``limit`` bytes,
+    408 once it has taken ``timeout_s`` seconds in all or :data:`UPLOAD_IDLE_S` without a byte
+    (a client trickling bytes cannot hold a slot and a connection for ever)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     size = 0
     try:
         with open(target, "wb") as f:
-            async for chunk in request.stream():
+            chunks = request.stream().__aiter__()
+            while True:
+                left = deadline - loop.time()
+                try:
+                    if left <= 0:
+                        raise asyncio.TimeoutError
+                    chunk = await asyncio.wait_for(chunks.__anext__(), min(left, UPLOAD_IDLE_S))
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise ApiError(408, f"the upload was too slow: not complete after {timeout_s:g} s, or "
+                                        f"{UPLOAD_IDLE_S:g} s without data (iwseg serve --upload-timeout)") from None
                 size += len(chunk)
                 if size > limit:
                     raise ApiError(413, _too_large(limit))

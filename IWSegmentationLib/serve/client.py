@@ -114,6 +114,17 @@ class ServerClient:
     def health(self) -> dict:
         return self._json("GET", "/v1/health")
 
+    def limits(self) -> dict:
+        """The server's limits (``max_upload_bytes``, ...), asked with the token: a wrong token is
+        refused here (:class:`ServerInputError`, "refused the token") before anything is uploaded.
+        A server older than this call (404) is asked for its health instead (no token check)."""
+        try:
+            return self._json("GET", "/v1/limits")
+        except ServerInputError as exc:
+            if " answered 404 " not in str(exc):
+                raise
+            return self.health()
+
     def models(self) -> list[dict]:
         """``[{"name", "card"}]`` for each model the server offers."""
         return self._json("GET", "/v1/models")
@@ -137,9 +148,9 @@ class ServerClient:
         query = {"model": model, "filename": image.name, **(options or {})}
         with open(image, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            # The server answers 413 from the headers and closes; a client still sending a large body
-            # would only see a broken pipe. So the limit is checked first.
-            limit = self.health().get("max_upload_bytes")
+            # The server answers 401, 413 or 429 from the headers and closes; a client still sending
+            # a large body would only see a broken pipe. So the token and the limit are checked first.
+            limit = self.limits().get("max_upload_bytes")
             if isinstance(limit, int) and size > limit:
                 raise ServerInputError(f"server {self.url}: {image.name} ({size / 2**20:.1f} MB) is larger than "
                                        f"the server's upload limit of {limit / 2**20:g} MB (413)")

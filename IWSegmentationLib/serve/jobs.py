@@ -217,6 +217,7 @@ class Job:
     result_dir: Optional[Path] = None
     cancel_requested: bool = False
     delete_requested: bool = False
+    timed_out: bool = False
     events: List[bytes] = field(default_factory=list)
 
     @property
@@ -238,16 +239,28 @@ class JobManager:
 
     Every :class:`InferenceRun` call happens on the scheduler thread; request handlers only
     add jobs, set ``cancel_requested`` and read state under :attr:`lock`.
+
+    ``max_jobs`` bounds the unfinished jobs **plus the uploads in progress**: a submission takes
+    a slot (:meth:`new_job`) before its body is read and gives it back if the upload fails, so
+    concurrent slow uploads cannot get past the limit. A running job is cancelled once it has run
+    ``job_timeout_s`` seconds (None: no limit). A job is not tied to the connection that
+    submitted it (clients fetch it later by id): a client that vanishes leaves its job to finish,
+    bounded by ``job_timeout_s``, and its results to expire after ``keep_results_s``.
     """
 
     def __init__(self, *, models: Dict[str, Path], root: Path, workers: int = 1, device: str = "auto",
                  keep_results_s: float = 3600.0, max_jobs: int = 100, cuda_devices: int = 0,
                  command_prefix: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None,
-                 cancel_grace_s: float = CANCEL_GRACE_S) -> None:
+                 cancel_grace_s: float = CANCEL_GRACE_S, job_timeout_s: Optional[float] = None) -> None:
         if workers < 1:
             raise InputError(f"--workers must be >= 1, got {workers}")
-        if keep_results_s < 0:
-            raise InputError(f"--keep-results must be >= 0 seconds, got {keep_results_s}")
+        if not keep_results_s > 0:
+            raise InputError(f"--keep-results must be > 0 seconds (0 would delete results before any "
+                             f"client could download them), got {keep_results_s:g}")
+        if max_jobs < 1:
+            raise InputError(f"--max-jobs must be >= 1 (0 would refuse every job), got {max_jobs}")
+        if job_timeout_s is not None and not job_timeout_s > 0:
+            raise InputError(f"--job-timeout must be > 0 seconds, got {job_timeout_s:g}")
         self.models = models
         self.root = root
         self.workers = workers
@@ -258,8 +271,10 @@ class JobManager:
         self.command_prefix = command_prefix or default_command_prefix()
         self.env = env if env is not None else backend_environment()
         self.cancel_grace_s = cancel_grace_s
+        self.job_timeout_s = job_timeout_s
         self.lock = threading.RLock()
         self.jobs: Dict[str, Job] = {}
+        self._uploading = 0  # slots taken by submissions whose upload has not ended yet
         self._slots: Dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -287,13 +302,27 @@ class JobManager:
     # -- requests ------------------------------------------------------------------------------
 
     def new_job(self, owner: str, model: str, filename: str, options: JobOptions) -> Job:
-        """Create a job (its folder, not yet its input); :class:`ApiError` for bad requests."""
+        """Create a job (its folder, not yet its input) and take its slot; :class:`ApiError` for
+        bad requests, 429 when ``max_jobs`` slots are taken. The slot is the job's from now on:
+        :meth:`enqueue` keeps it, :meth:`discard` (a failed upload) gives it back."""
         path = self.models.get(model)
         if path is None:
             raise ApiError(404, f"unknown model {model!r}; GET /v1/models lists the models")
-        with self.lock:
-            if sum(not j.final for j in self.jobs.values()) >= self.max_jobs:
+        with self.lock:  # checked and taken under one lock: two submissions cannot take one slot
+            if sum(not j.final for j in self.jobs.values()) + self._uploading >= self.max_jobs:
                 raise ApiError(429, f"the server already holds {self.max_jobs} unfinished jobs; try again later")
+            self._uploading += 1
+        try:
+            return self._create(owner, model, path, filename, options)
+        except BaseException:
+            self._release_upload_slot()
+            raise
+
+    def _release_upload_slot(self) -> None:
+        with self.lock:
+            self._uploading = max(0, self._uploading - 1)
+
+    def _create(self, owner: str, model: str, path: Path, filename: str, options: JobOptions) -> Job:
         try:
             stored = upload_name(filename)
             parameters = PredictParameters(
@@ -311,12 +340,22 @@ class JobManager:
         return job
 
     def enqueue(self, job: Job) -> None:
+        """Queue a job whose upload is complete (its slot, taken by :meth:`new_job`, stays taken)."""
         with self.lock:
+            self._uploading = max(0, self._uploading - 1)
             self.jobs[job.id] = job
 
     def discard(self, job: Job) -> None:
-        """Forget a job that was never queued (its upload failed)."""
-        job.run.discard()
+        """Forget a job that was never queued (its upload failed) and give its slot back."""
+        try:
+            job.run.discard()
+        finally:
+            self._release_upload_slot()
+
+    def uploading(self) -> int:
+        """Submissions whose upload is still being read (each holds a slot of ``max_jobs``)."""
+        with self.lock:
+            return self._uploading
 
     def get(self, owner: str, job_id: str) -> Job:
         """The job, if it exists **and** belongs to ``owner``; else 404 (no hint that it exists)."""
@@ -352,7 +391,8 @@ class JobManager:
     def counts(self) -> Dict[str, int]:
         with self.lock:
             states = [j.state for j in self.jobs.values()]
-        return {"queued": states.count(QUEUED), "running": states.count(RUNNING)}
+            uploading = self._uploading
+        return {"queued": states.count(QUEUED), "running": states.count(RUNNING), "uploading": uploading}
 
     # -- the scheduler thread ------------------------------------------------------------------
 
@@ -374,6 +414,10 @@ class JobManager:
                     job.run.discard()
                     self._end(job, Outcome.CANCELLED.value, EXIT_CANCELLED, "cancelled before it started")
             elif job.state == RUNNING:
+                if (self.job_timeout_s is not None and not job.cancel_requested and job.started is not None
+                        and time.time() - job.started > self.job_timeout_s):
+                    with self.lock:
+                        job.cancel_requested = job.timed_out = True
                 if job.cancel_requested:
                     job.run.cancel()
                 job.run.poll()
@@ -404,7 +448,10 @@ class JobManager:
             job.log_tail = [line for line in result.stderr_tail if line.strip()][-15:]
             if result.workdir is not None:  # a failed run's folder: the job's files, removed with it
                 job.result_dir = job.result_dir or result.workdir
-            self._end(job, result.outcome.value, code, result.message)
+            message = result.message
+            if job.timed_out and result.outcome is Outcome.CANCELLED:
+                message = f"cancelled: the job ran longer than this server's limit of {self.job_timeout_s:g} s (--job-timeout)"
+            self._end(job, result.outcome.value, code, message)
 
     def _end(self, job: Job, state: str, exit_code: Optional[int], message: str) -> None:
         job.state, job.exit_code, job.message = state, exit_code, message

@@ -104,6 +104,18 @@ Float3 = Annotated[list, Vector(3, float)]
 Float2 = Annotated[list, Vector(2, float)]
 
 
+#: Least memory one training patch voxel takes (image, target, weight, logits and their
+#: gradients in float32, before the network's feature maps): a lower bound, for refusing a
+#: ``patch_size`` no machine could hold (4096³ needs 2 TiB), not for fitting one.
+BYTES_PER_PATCH_VOXEL = 32
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or inside it (resolved: links and ``..`` followed)."""
+    p, f = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return p == f or f in p.parents
+
+
 def _key(default: Any, help: str, *, section: str):
     """A config field: its default and its documentation (its type is the field's annotation)."""
     if isinstance(default, (list, dict)):
@@ -321,6 +333,10 @@ class TrainConfig:
         need(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
         need(self.ddp_timeout_min > 0, "ddp_timeout_min", "must be > 0")
         need(bool(self.out), "out", "must name an output folder")
+        need(not self.data or not _inside(self.out, self.data), "out",
+             f"must not be the dataset folder {self.data!r} or inside it (the run's files would mix with the "
+             "dataset's and be read as cases)")
+        self._validate_patch_memory()
         self._validate_components()
         self._validate_patch_stride()
         if self.size_thresholds is not None:
@@ -402,6 +418,20 @@ class TrainConfig:
 
     def size_groups(self):
         return size_thresholds(self.size_preset, self.size_thresholds)
+
+    def _validate_patch_memory(self) -> None:
+        """Refuse a patch one sample of which needs more memory than the machine has
+        (:data:`BYTES_PER_PATCH_VOXEL` per voxel), before any data is read."""
+        from ..data.synth import physical_memory
+
+        available = physical_memory()
+        for key in ("patch_size", "val_patch_size"):
+            patch = getattr(self, key)
+            need = math.prod(int(v) for v in patch) * BYTES_PER_PATCH_VOXEL if patch else 0
+            if available and need > available:
+                raise InputError(
+                    f"config key {key!r} is {list(patch)}: one patch needs at least {need / 2**30:.3g} GiB of memory, "
+                    f"more than this machine's {available / 2**30:.3g} GiB; choose a smaller {key}")
 
     @property
     def inference_patch_size(self) -> list[int]:
@@ -557,6 +587,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise InputError(f"config file {path} is not valid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise InputError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                             "save it as UTF-8") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, Mapping):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from ..core.errors import CheckpointError, InputError
+from ..core.errors import CheckpointError, InputError, OutputError
 from ..core.outputs import remove_stale_partials
 from ..data.cases import load_case
 from ..nn.architecture import validate_config
@@ -113,6 +113,16 @@ def train(config: TrainConfig, *, resume: bool = False, verbose: bool = True,
             cleanup_distributed()
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: Python's ``MemoryError``, torch's
+    ``OutOfMemoryError`` (an accelerator), or the ``RuntimeError`` of torch's CPU allocator
+    ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 class _Run:
     """One training run (see :func:`train`): :meth:`run` is the recipe, each step a method."""
 
@@ -162,8 +172,9 @@ class _Run:
             return False
         if self.verbose:
             amp_on, amp_dtype = self.amp
-            log_start_report(self.model, self.config, self.data, self.info.device, start_epoch=self.start_epoch,
-                             autocast_dtype=amp_dtype if amp_on else None, log=_log)
+            with self._out_of_memory_is_bad_input():  # it times one step with the run's batch
+                log_start_report(self.model, self.config, self.data, self.info.device, start_epoch=self.start_epoch,
+                                 autocast_dtype=amp_dtype if amp_on else None, log=_log)
         self._open_stream()
         return True
 
@@ -182,10 +193,11 @@ class _Run:
         t0 = time.perf_counter()
         for i in range(iters):
             t = time.perf_counter()
-            with self._cancel_deferred():
-                batch = next_batch(self.stream)  # a worker's error in one line, naming the case
-            wait += time.perf_counter() - t
-            value = self.train_step(batch)
+            with self._out_of_memory_is_bad_input():
+                with self._cancel_deferred():
+                    batch = next_batch(self.stream)  # a worker's error in one line, naming the case
+                wait += time.perf_counter() - t
+                value = self.train_step(batch)
             if not math.isfinite(value):
                 raise InputError(
                     f"training diverged: the {config.loss} loss is {value} at epoch {epoch + 1}, step {i + 1}; "
@@ -204,6 +216,20 @@ class _Run:
         }
         self.scheduler.step()
         return row
+
+    @contextlib.contextmanager
+    def _out_of_memory_is_bad_input(self):
+        """A batch that does not fit in memory is a setting the user chose: one line naming it
+        (exit code 2), not torch's allocator traceback."""
+        try:
+            yield
+        except (MemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            config = self.config
+            raise InputError(
+                f"out of memory at batch size {config.batch_size} (patch_size {list(config.patch_size)}, "
+                f"{self.info.device.type}): lower batch_size or patch_size") from None
 
     def train_step(self, batch: Mapping[str, Any]) -> float:
         """One optimiser step on one batch (AMP, gradient clipping); returns the loss."""
@@ -564,12 +590,16 @@ def _describe_arch(arch: Any) -> str:
 
 def _guarded_write(path: Path, write: Callable[[Path], Any]) -> None:
     """Run an atomic writer; a failure (disk full, permissions) keeps the previous file and is
-    reported as a :class:`CheckpointError` naming the file."""
+    reported as an :class:`OutputError` (exit code 4) naming the file. ``--resume`` is advised
+    only when a resume state is there for it to continue from (before the first one is written,
+    a ``--resume`` would be refused)."""
     try:
         write(path)
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise CheckpointError(
-            f"could not write {path}: {reason}. The previous {path.name} (if any) is intact; free disk "
-            "space and continue with --resume"
-        ) from exc
+        if (path.parent / RESUME_STATE).is_file():
+            then = "free disk space and continue with --resume (from the last resume state written)"
+        else:
+            then = "free disk space and start the run again (no resume state was written yet)"
+        raise OutputError(f"could not write {path}: {reason}. The previous {path.name} (if any) is intact; {then}") \
+            from exc

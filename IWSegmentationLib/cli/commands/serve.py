@@ -4,6 +4,7 @@ and docs/server.md. Needs the ``serve`` extra: ``pip install "iwsegmentation[ser
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 from ...core.devices import DEVICES
@@ -33,9 +34,15 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="jobs run at once (default: one per CUDA GPU, else 1); the others wait in a queue")
     p.add_argument("--device", default="auto", choices=DEVICES, help="device of every job (default auto)")
     p.add_argument("--keep-results", type=float, default=3600.0, metavar="S",
-                   help="seconds a finished job's results are kept before they are deleted (default 3600)")
+                   help="seconds (> 0) a finished job's results are kept before they are deleted (default 3600)")
     p.add_argument("--max-jobs", type=int, default=100, metavar="N",
-                   help="unfinished jobs the server holds at most; more get HTTP 429 (default 100)")
+                   help="unfinished jobs and uploads in progress the server holds at most (>= 1); more get "
+                        "HTTP 429 (default 100)")
+    p.add_argument("--job-timeout", type=float, default=3600.0, metavar="S",
+                   help="seconds a job may run before it is cancelled (default 3600); 0 for no limit")
+    p.add_argument("--upload-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds an upload may take in all before it is dropped with HTTP 408 (default 600; "
+                        "also dropped after 60 s without data)")
     p.add_argument("--workdir", type=Path, metavar="DIR",
                    help="folder for uploads and results (default: a temporary folder removed at exit)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -65,9 +72,15 @@ def run(args: argparse.Namespace) -> int:
         tokens=read_token_file(args.token_file) if args.token_file else [],
         max_upload_bytes=int(args.max_upload_mb * 2**20), workers=args.workers if args.workers is not None else max(1, gpus),
         device=args.device, keep_results_s=args.keep_results, max_jobs=args.max_jobs,
-        workdir=args.workdir, cuda_devices=gpus,
+        workdir=args.workdir, cuda_devices=gpus, upload_timeout_s=args.upload_timeout,
+        job_timeout_s=args.job_timeout if args.job_timeout != 0 else None,
     )
     app = create_app(config)
+    # SIGTERM and SIGINT stop a server gracefully (uvicorn finishes, the jobs are cancelled and their
+    # files removed): that is its normal end, exit 0. uvicorn raises the signal again once it has
+    # shut down; the command line's own handler would turn that into "cancelled" (exit 3).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
                 timeout_graceful_shutdown=10)
     return 0
