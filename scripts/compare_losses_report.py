@@ -39,7 +39,7 @@ RECALL_LEVELS = (0.5, 0.7)
 def match_logits(logits: np.ndarray, ref: np.ndarray, spacing, thresholds, hit_rule: str, case: str):
     """One held-out case matched with components ranked by their maximum logit."""
     return match_case(logits, ref, spacing, threshold=0.5, thresholds=thresholds, case=case, hit_rule=hit_rule,
-                      scores="logits")
+                      score="logit")
 
 
 def score_epoch(work: Path, rid: str, epoch: int, heldout: dict, thresholds) -> dict[str, list]:
@@ -211,7 +211,7 @@ def write_report(work: Path, kept: list[tuple[str, int]], settings: dict, data: 
     walls = json.loads(wall_file.read_text()) if wall_file.is_file() else []
     run_seconds = [r["seconds"] for r in records.values()]
     ours = next((r["parameters"] for r in records.values() if r["arm"] != peer), 0)
-    peer = next((r["parameters"] for r in records.values() if r["arm"] == peer), 0)
+    peer_parameters = next((r["parameters"] for r in records.values() if r["arm"] == peer), 0)
     h, t = stats["heldout"], stats["train"]
     s = settings
     lines = [
@@ -233,7 +233,7 @@ def write_report(work: Path, kept: list[tuple[str, int]], settings: dict, data: 
         f"({ours:,} parameters), CPU fp32, 1 thread per run; seeds {', '.join(map(str, sorted(set(x for _, x in kept))))} "
         "(initialisation and patch stream). Every run is tested at its **last** checkpoint (as the authors did).",
         "",
-        f"**Peer arm** `{peer}`: MONAI's `UNet` ({peer:,} parameters) + `monai.losses.DiceLoss(sigmoid=True)` on "
+        f"**Peer arm** `{peer}`: MONAI's `UNet` ({peer_parameters:,} parameters) + `monai.losses.DiceLoss(sigmoid=True)` on "
         "the same patch stream, optimiser and schedule.",
         "",
         f"**Data:** `iwseg synth --preset {data['preset']}`, {'x'.join(map(str, data['shape']))} voxels at "
@@ -253,14 +253,14 @@ def write_report(work: Path, kept: list[tuple[str, int]], settings: dict, data: 
         + " / ".join(f"{patch_stats['share'][k]:.0%}" for k in ("0", "1", "2-3", "4+")) + ".",
         "",
         "**Metrics:** components of `logit > 0` (probability 0.5), each ranked by its maximum logit. CPM = mean "
-        "recall at 1/8 ... 8 FP/image (the paper's \"avg Recall\"). Cells: mean ± std over seeds. `FP/img @R`: "
+        "recall at 1/8 ... 8 FP/image (the paper's \"avg Recall\"). Cells: mean ± std over seeds. `FP/img @recall R`: "
         "FP per image where the FROC first reaches recall R (— if never).",
         "",
     ]
     groups = [g for g in SIZE_GROUPS if h["groups"][g]]
     for rule in HIT_RULES:
         head = ["loss", "CPM"] + [f"{g} CPM" for g in groups] + ["object Dice", "detected @0.5", "FP/img @0.5",
-                                                                 "pred/ref"] + [f"FP/img @{r}" for r in RECALL_LEVELS]
+                                                                 "pred/ref"] + [f"FP/img @recall {r}" for r in RECALL_LEVELS]
         if rule == "paper":
             head += ["paper LUNA16", "paper LiTS"]
         lines += [f"### Hit rule `{rule}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
