@@ -616,6 +616,7 @@ class PredictParameters:
     threshold: float | None = None  # None: the checkpoint's own threshold
     probabilities: bool = True
     lesions: bool = True
+    logits: bool = False  # the logit map (--logits): what the module loads, for maximum-logit confidences
 
     def validate(self, *, local: bool = True) -> None:
         """``local=False``: the checkpoint names a model on a server, so it need not exist here."""
@@ -640,6 +641,8 @@ class PredictParameters:
         ]
         if "probabilities" in outputs:
             args += ["--probabilities", str(outputs["probabilities"])]
+        if "logits" in outputs:
+            args += ["--logits", str(outputs["logits"])]
         if "lesions" in outputs:
             args += ["--lesions", str(outputs["lesions"])]
         if organ_mask is not None:
@@ -743,7 +746,8 @@ class FolderJob:
 
     INPUT_NAME = "input.nrrd"
     ORGAN_MASK_NAME = "organ_mask.nrrd"
-    OUTPUT_NAMES = {"mask": "mask.nrrd", "probabilities": "probabilities.nrrd", "lesions": "lesions.json"}
+    OUTPUT_NAMES = {"mask": "mask.nrrd", "probabilities": "probabilities.nrrd", "logits": "logits.nrrd",
+                    "lesions": "lesions.json"}
     FOLDER_PREFIX = "iwseg-run-"
     #: Who wrote the outputs, in messages ("reading the backend's results failed").
     WRITER = "backend"
@@ -767,7 +771,8 @@ class FolderJob:
 
     @property
     def output_paths(self) -> dict[str, Path]:
-        wanted = {"mask": True, "probabilities": self.parameters.probabilities, "lesions": self.parameters.lesions}
+        wanted = {"mask": True, "probabilities": self.parameters.probabilities, "logits": self.parameters.logits,
+                  "lesions": self.parameters.lesions}
         return {key: self._folder() / name for key, name in self.OUTPUT_NAMES.items() if wanted[key]}
 
     @property
@@ -994,7 +999,7 @@ class InferenceRun(FolderJob):
 # --------------------------------------------------------------------------------------------
 
 
-#: ``loader(outputs)``: reads the outputs (``{"mask": path, "probabilities": path, "lesions": path}``)
+#: ``loader(outputs)``: reads the outputs (``{"mask": path, "logits": path, "lesions": path}``, those asked for)
 #: on success, on the polling thread, while the files still exist; its value becomes ``RunResult.loaded``.
 Loader = Callable[[dict[str, Path]], Any]
 
