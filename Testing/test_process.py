@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import os
 import signal
 import subprocess
@@ -626,7 +625,7 @@ def test_real_backend_end_to_end_with_a_known_answer(tmp_path):
     assert mask_geometry.differences(geometry) == [] and prob_geometry.differences(geometry) == []
     assert np.array_equal(mask, case.reference)
     assert prob.dtype == np.float32 and prob.min() >= 0.0 and prob.max() <= 1.0
-    # lesions of intensity 70, 85, 100 (of 100): confidence sigmoid(20 (v/100 - 0.5)) = 0.98201, 0.99909, 0.99995
+    # lesions of intensity 70, 85, 100 (of 100): confidence (maximum logit) 20 (v/100 - 0.5) = 4, 7, 10
     found = sorted((row["size_group"], row["confidence"]) for row in table["lesions"])
     expected = sorted(zip(("small", "medium", "large"), case.confidences()))
     assert [g for g, _ in found] == [g for g, _ in expected]
@@ -659,9 +658,8 @@ def test_phantom_case_geometry_and_refusals():
     assert case.image.shape == case.reference.shape == (32, 48, 48) and case.spacing == (2.0, 1.0, 1.0)
     assert set(np.unique(case.image[case.reference > 0])) == {70.0, 85.0, 100.0}
     assert case.image.dtype == np.float32 and case.reference.dtype == np.uint8
-    # sigmoid(20 (v/100 - 0.5)) for v = 70, 85, 100
-    assert case.confidences() == pytest.approx([1 / (1 + math.exp(-4)), 1 / (1 + math.exp(-7)),
-                                                1 / (1 + math.exp(-10))])
+    # maximum logits 20 (v/100 - 0.5) for v = 70, 85, 100
+    assert case.confidences() == pytest.approx([4.0, 7.0, 10.0])
     with pytest.raises(InputError, match="overlaps"):
         phantom.phantom_case(lesions=[(16, 24, 24, 4.0, 100.0), (16, 26, 24, 4.0, 90.0)])
     with pytest.raises(InputError, match="0.5%"):
