@@ -72,7 +72,8 @@ def metric_row(report: Mapping[str, Any] | None) -> dict[str, float | None]:
 
 def compact_metrics(report: Mapping[str, Any] | None, epoch: int) -> dict | None:
     """The validation numbers stored in the model card (no per-case lists, no curves);
-    ``epoch`` is the 1-based number of the epoch they were measured after."""
+    ``epoch`` is the 1-based number of the epoch they were measured after, ``score`` what ranked
+    the components (``logit``: their maximum logit)."""
     if not report:
         return None
 
@@ -90,7 +91,8 @@ def compact_metrics(report: Mapping[str, Any] | None, epoch: int) -> dict | None
             "object_dice_std": od.get("std"),
         }
 
-    out = {"epoch": epoch, "n_images": report.get("n_images"), "hit_rule": report.get("hit_rule"), **part(report)}
+    out = {"epoch": epoch, "n_images": report.get("n_images"), "hit_rule": report.get("hit_rule"),
+           "score": report.get("score"), **part(report)}
     out["by_size"] = {g: part(sub) for g, sub in (report.get("by_size") or {}).items()}
     return out
 
