@@ -229,7 +229,9 @@ def _check_logits(logits: np.ndarray, name: str, on_warning: Callable[[str], obj
         on_warning(f"prediction {name} is read as logits but every value lies in [0, 1] (none negative): it looks "
                    "like a probability map or a mask, whose components all lie below logit 0 (probability 0.5) "
                    "except the 1s; give probability maps as probabilities (iwseg evaluate --pred)")
-    if lo is None or not np.issubdtype(logits.dtype, np.floating) or (np.isfinite(lo) and np.isfinite(hi)):
+    if lo is None or not np.issubdtype(logits.dtype, np.floating):
+        return
+    if not (np.isnan(lo) or np.isnan(hi) or hi == np.inf):  # NaN propagates through min/max; -inf is fine
         return
     n_nan = int(np.count_nonzero(np.isnan(logits)))
     if n_nan:
