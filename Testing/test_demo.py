@@ -29,7 +29,9 @@ def test_demo_quick_writes_every_output(tmp_path):
     assert len(heldout) == 2
     assert sorted(p.name for p in (out / "masks").iterdir()) == heldout
     assert sorted(p.name for p in (out / "probabilities").iterdir()) == heldout
+    assert sorted(p.name for p in (out / "logits").iterdir()) == heldout
     report = json.loads((out / "report.json").read_text())
+    assert report["score"] == "logit"  # lesions ranked by their maximum logit, as the product does
     assert report["n_images"] == 2 and set(report["by_size"]) == {"small", "medium", "large"}
     assert report["n_lesions"] > 0
     rows = (out / "lesions.csv").read_text().strip().splitlines()

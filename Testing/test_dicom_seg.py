@@ -128,6 +128,8 @@ def test_predict_dicom_seg_frames_land_on_their_source_slices(tmp_path, series, 
         assert item.SegmentAlgorithmType == "AUTOMATIC"
         assert item.SegmentDescription.startswith(f"{row['size_group']} lesion, equivalent diameter "
                                                   f"{row['diameter_mm']:.1f} mm")
+        # the confidence is the lesion's maximum logit, as in the lesion JSON
+        assert item.SegmentDescription.endswith(f", max logit {row['confidence']:.2f}")
         assert item.SegmentLabel == f"Lesion {row['id']:02d} - {row['diameter_mm']:.1f} mm - {row['size_group']}"
     assert sorted(by_id[i.SegmentNumber]["size_group"] for i in seg.SegmentSequence) == ["large", "medium", "small"]
 

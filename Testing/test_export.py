@@ -59,18 +59,18 @@ def test_csv_of_the_panel_rows_by_hand(scene, tmp_path):
     mask[2:4, 3:5, 4:6] = 1  # the detection: 2 x 2 x 2 = 8 voxels
     reference = mask.copy()
     reference[6, 6, 6] = 1  # a reference lesion the detection misses (FN)
-    prob = np.where(mask > 0, np.float32(0.9), np.float32(0.0))
+    logits = np.where(mask > 0, np.float32(2.2), np.float32(-8.0))
     volume = mrml.add_volume_from_array(scene, (mask * 100).astype(np.int16), g, "Tiny")
     ref_node = mrml.lesion_segmentation(scene, volume, reference, name="Reference", closed_surface=False)
-    results = mrml.load_prediction(scene, volume, mask, prob, reference=ref_node, size_thresholds_mm=(5, 10),
+    results = mrml.load_prediction(scene, volume, mask, logits, reference=ref_node, size_thresholds_mm=(5, 10),
                                    make_table=False, closed_surface=False)
     path = export.write_lesion_csv(tmp_path / "lesions.csv", results.rows)
     detection, missed = _read_csv(path)
     # detection: V = 8 mm^3, d = (6 V / pi)^(1/3) = (15.279)^(1/3) = 2.4814 mm < 5 -> small; confidence
-    # float32(0.9) -> 0.9 at 6 decimals; Dice 1 (the reference lesion is the same 8 voxels);
+    # (the maximum logit) float32(2.2) -> 2.2 at 6 decimals; Dice 1 (the reference lesion is the same 8 voxels);
     # centroid index (x, y, z) = (4.5, 3.5, 2.5) -> LPS (10 + 4.5 * 0.5, 20 + 3.5 * 1, 30 + 2.5 * 2)
     assert detection == {"id": "1", "name": "Lesion 01 · 2.5 mm · small", "diameter_mm": "2.4814",
-                         "volume_mm3": "8.0", "size_group": "small", "confidence": "0.9", "dice": "1.0",
+                         "volume_mm3": "8.0", "size_group": "small", "confidence": "2.2", "dice": "1.0",
                          "status": "TP", "centroid_L_mm": "12.25", "centroid_P_mm": "23.5", "centroid_S_mm": "35.0"}
     # missed: reference lesion 2 (scan order), 1 voxel: d = (6 / pi)^(1/3) = 1.2407 mm, no confidence,
     # Dice 0; voxel (x, y, z) = (6, 6, 6) -> LPS (10 + 3, 20 + 6, 30 + 12)
@@ -149,7 +149,7 @@ def test_saved_segmentation_keeps_the_lesion_table(scene, tmp_path):
     mask[2:4, 2:5, 3:9] = 1
     mask[7, 9, 11] = 1
     volume = mrml.add_volume_from_array(scene, mask, g, "v")
-    segmentation = mrml.lesion_segmentation(scene, volume, mask, probabilities=mask * np.float32(0.7),
+    segmentation = mrml.lesion_segmentation(scene, volume, mask, logits=mask * np.float32(33.5),
                                             closed_surface=False)
     path = str(tmp_path / "lesions.seg.nrrd")
     writer = slicer.vtkMRMLSegmentationStorageNode()

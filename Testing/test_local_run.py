@@ -269,7 +269,7 @@ def test_real_backend_end_to_end_with_a_known_answer(tmp_path):
     assert mask_geometry.differences(geometry) == [] and prob_geometry.differences(geometry) == []
     assert np.array_equal(mask, case.reference)
     assert prob.dtype == np.float32 and prob.min() >= 0.0 and prob.max() <= 1.0
-    # lesions of intensity 70, 85, 100 (of 100): confidence sigmoid(20 (v/100 - 0.5)) = 0.98201, 0.99909, 0.99995
+    # lesions of intensity 70, 85, 100 (of 100): confidence (maximum logit) 20 (v/100 - 0.5) = 4, 7, 10
     found = sorted((row["size_group"], row["confidence"]) for row in table["lesions"])
     expected = sorted(zip(("small", "medium", "large"), case.confidences()))
     assert [g for g, _ in found] == [g for g, _ in expected]

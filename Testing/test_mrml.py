@@ -111,19 +111,20 @@ def _sphere(shape, center_zyx, radius_vox) -> np.ndarray:
 
 @pytest.fixture
 def oblique_case():
-    """Three lesions of 1, 12 and 125 voxels on the oblique grid, probabilities 0.6/0.8/0.95."""
+    """Three lesions of 1, 12 and 125 voxels on the oblique grid, maximum logits 0.5 / 1.5 / 30
+    (30: a probability that is exactly 1.0 in float32; the logit still ranks it)."""
     shape = OBLIQUE.shape_zyx
     mask = np.zeros(shape, np.uint8)
-    prob = np.zeros(shape, np.float32)
+    logits = np.full(shape, -8.0, np.float32)
     mask[15, 25, 35] = 1  # 1 voxel
-    prob[15, 25, 35] = 0.6
+    logits[15, 25, 35] = 0.5
     mask[2:4, 3:5, 30:33] = 1  # 2 x 2 x 3 = 12 voxels
-    prob[2:4, 3:5, 30:33] = 0.5
-    prob[3, 4, 31] = 0.8
+    logits[2:4, 3:5, 30:33] = 0.2
+    logits[3, 4, 31] = 1.5
     mask[8:13, 10:15, 5:10] = 1  # 5 x 5 x 5 = 125 voxels
-    prob[8:13, 10:15, 5:10] = 0.95
+    logits[8:13, 10:15, 5:10] = 30.0
     image = (mask * 100).astype(np.int16)
-    return image, mask, prob
+    return image, mask, logits
 
 
 @needs_slicer
@@ -151,9 +152,9 @@ def test_slicer_reader_agrees_with_geometry(scene, tmp_path, oblique_case, slice
 def test_lesion_segments(scene, oblique_case, slicer):
     import vtk
 
-    image, mask, prob = oblique_case
+    image, mask, logits = oblique_case
     volume = mrml.add_volume_from_array(scene, image, OBLIQUE, "CT")
-    node = mrml.lesion_segmentation(scene, volume, mask, probabilities=prob, size_thresholds_mm=(3.0, 6.0))
+    node = mrml.lesion_segmentation(scene, volume, mask, logits=logits, size_thresholds_mm=(3.0, 6.0))
     segmentation = node.GetSegmentation()
     assert segmentation.GetNumberOfSegments() == 3
     assert node.GetName() == "CT lesions" and node.GetAttribute(mrml.ATTR_LESION_COUNT) == "3"
@@ -162,9 +163,9 @@ def test_lesion_segments(scene, oblique_case, slicer):
     # 125 voxels -> 196.875 mm³ -> (376.00)^(1/3) = 7.2177 mm (large, >= 6); 12 -> 18.9 mm³ -> 3.305 mm (medium);
     # 1 -> 1.575 mm³ -> 1.444 mm (small, < 3). Largest first.
     expected = [
-        ("Lesion 01 · 7.2 mm · large", 125, 7.2177, "large", 0.95),
-        ("Lesion 02 · 3.3 mm · medium", 12, 3.3049, "medium", 0.8),
-        ("Lesion 03 · 1.4 mm · small", 1, 1.4435, "small", 0.6),
+        ("Lesion 01 · 7.2 mm · large", 125, 7.2177, "large", 30.0),
+        ("Lesion 02 · 3.3 mm · medium", 12, 3.3049, "medium", 1.5),
+        ("Lesion 03 · 1.4 mm · small", 1, 1.4435, "small", 0.5),
     ]
     rows = mrml.lesion_rows(node)
     assert [r["segment_id"] for r in rows] == ["lesion_01", "lesion_02", "lesion_03"]
@@ -222,15 +223,17 @@ def labelmap_value(segmentation, segment_id):
 
 @needs_slicer
 def test_empty_mask_and_bad_input(scene, oblique_case, slicer):
-    image, mask, prob = oblique_case
+    image, mask, logits = oblique_case
     volume = mrml.add_volume_from_array(scene, image, OBLIQUE, "CT")
     empty = mrml.lesion_segmentation(scene, volume, np.zeros_like(mask))
     assert empty.GetSegmentation().GetNumberOfSegments() == 0
     assert empty.GetAttribute(mrml.ATTR_LESION_COUNT) == "0"
     with pytest.raises(GeometryMismatchError, match=r"shape \(20, 30, 41\).*'CT'"):
         mrml.lesion_segmentation(scene, volume, np.zeros((20, 30, 41), np.uint8))
-    with pytest.raises(InputError, match=r"\[0, 1\]"):
-        mrml.lesion_segmentation(scene, volume, mask, probabilities=prob * 3)
+    nan_logits = logits.copy()
+    nan_logits[0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="logits must be numbers"):
+        mrml.lesion_segmentation(scene, volume, mask, logits=nan_logits)
     with pytest.raises(InputError, match="size thresholds"):
         mrml.lesion_segmentation(scene, volume, mask, size_thresholds_mm=(6.0, 3.0))
     with pytest.raises(InputError, match="volume node"):
@@ -250,22 +253,24 @@ def test_empty_mask_and_bad_input(scene, oblique_case, slicer):
 
 @needs_slicer
 def test_confidence_threshold_hides_and_counts(scene, oblique_case, slicer):
-    image, mask, prob = oblique_case
+    image, mask, logits = oblique_case
     volume = mrml.add_volume_from_array(scene, image, OBLIQUE, "CT")
-    node = mrml.lesion_segmentation(scene, volume, mask, probabilities=prob, closed_surface=False)
+    node = mrml.lesion_segmentation(scene, volume, mask, logits=logits, closed_surface=False)
     display = node.GetDisplayNode()
-    # Confidences 0.95, 0.8, 0.6 (largest first). τ = 0.8 keeps >= 0.8: two shown.
-    assert mrml.set_confidence_threshold(node, 0.8) == {"threshold": 0.8, "shown": 2, "hidden": 1, "total": 3}
+    # Confidences (maximum logits) 30, 1.5, 0.5 (largest first). τ = 1.5 keeps >= 1.5: two shown.
+    assert mrml.set_confidence_threshold(node, 1.5) == {"threshold": 1.5, "shown": 2, "hidden": 1, "total": 3}
     assert [display.GetSegmentVisibility(s) for s in ("lesion_01", "lesion_02", "lesion_03")] == [True, True, False]
-    assert mrml.set_confidence_threshold(node, 0.96)["shown"] == 0
-    assert mrml.set_confidence_threshold(node, 0.0)["hidden"] == 0
-    assert node.GetAttribute(mrml.ATTR_CONFIDENCE_THRESHOLD) == "0.0"
+    # τ = 20: only the lesion at logit 30 (its probability, like that of any logit above 17, is 1.0)
+    assert mrml.set_confidence_threshold(node, 20.0)["shown"] == 1
+    assert mrml.set_confidence_threshold(node, 31.0)["shown"] == 0
+    assert mrml.set_confidence_threshold(node, -5.0)["hidden"] == 0
+    assert node.GetAttribute(mrml.ATTR_CONFIDENCE_THRESHOLD) == "-5.0"
     assert all(r["visible"] for r in mrml.lesion_rows(node))
     with pytest.raises(InputError, match="confidence threshold"):
-        mrml.set_confidence_threshold(node, 1.5)
-    # Without a probability map there are no confidences: nothing is ever hidden.
+        mrml.set_confidence_threshold(node, float("nan"))
+    # Without a logit map there are no confidences: nothing is ever hidden.
     plain = mrml.lesion_segmentation(scene, volume, mask, closed_surface=False)
-    assert mrml.set_confidence_threshold(plain, 0.99) == {"threshold": 0.99, "shown": 3, "hidden": 0, "total": 3}
+    assert mrml.set_confidence_threshold(plain, 2.5) == {"threshold": 2.5, "shown": 3, "hidden": 0, "total": 3}
 
 
 # ---------------------------------------------------------------------------- object Dice
@@ -283,9 +288,9 @@ def test_object_dice_by_hand(scene, slicer):
     pred = np.zeros_like(ref)
     pred[1:3, 1:4, 1:4] = 1
     pred[6, 8, 1:3] = 1
-    prob = pred * 0.9
+    logits = np.where(pred > 0, 2.2, -5.0).astype(np.float32)
     volume = mrml.add_volume_from_array(scene, np.zeros_like(ref, dtype=np.int16), g, "V")
-    seg = mrml.lesion_segmentation(scene, volume, pred, probabilities=prob, closed_surface=False)
+    seg = mrml.lesion_segmentation(scene, volume, pred, logits=logits, closed_surface=False)
     reference = mrml.lesion_segmentation(scene, volume, ref, name="Reference", closed_surface=False)
     rows = mrml.object_dice_table(seg, reference)
     assert [(r["segment_id"], r["status"]) for r in rows] == [("lesion_01", "TP"), ("lesion_02", "FP"), ("lesion_02", "FN")]
@@ -302,8 +307,8 @@ def test_object_dice_by_hand(scene, slicer):
     assert [r["status"] for r in mrml.object_dice_table(seg, empty)] == ["FP", "FP"]
 
 
-def _metrics_rows(prob, ref, spacing):
-    case = evaluation.match_case(prob, ref, spacing, threshold=0.5)
+def _metrics_rows(logits, ref, spacing):
+    case = evaluation.match_case(logits, ref, spacing, threshold=0.5, score="logit")
     comps = sorted(((c.voxels, c.hit_dice, c.confidence, c.false_positive) for c in case.components), reverse=True)
     refs = sorted((les.voxels, les.hit_dice, les.confidence) for les in case.lesions)
     return comps, refs
@@ -319,15 +324,16 @@ def test_object_dice_equals_metrics(scene, rng, slicer):
     shift = np.roll(ref, 1, axis=2)
     fps = np.zeros_like(ref)
     fps[::7, ::9, ::11] = 1
-    prob = np.clip(shift * rng.uniform(0.55, 1.0, shape) + fps * 0.7, 0, 1).astype(np.float32)
-    pred = (prob > 0.5).astype(np.uint8)
+    # logits: lesions at 0.2 .. 40 (probabilities 0.55 .. 1.0, many exactly 1.0), false positives at 0.85
+    logits = (shift * rng.uniform(0.2, 40.0, shape) + fps * 0.85 - (1 - np.maximum(shift, fps)) * 6).astype(np.float32)
+    pred = (logits > 0).astype(np.uint8)
     g = imageio.Geometry(size=shape[::-1], spacing=(0.8, 0.8, 2.0), origin=(3.0, 4.0, 5.0),
                          direction=tuple(_rotation(0.4).ravel()))
     volume = mrml.add_volume_from_array(scene, ref.astype(np.int16), g, "V")
-    seg = mrml.lesion_segmentation(scene, volume, pred, probabilities=prob, closed_surface=False)
+    seg = mrml.lesion_segmentation(scene, volume, pred, logits=logits, closed_surface=False)
     reference = mrml.lesion_segmentation(scene, volume, ref, name="Reference", closed_surface=False)
     match = mrml.match_segmentations(seg, reference)
-    comps, refs = _metrics_rows(prob, ref, g.spacing_zyx)
+    comps, refs = _metrics_rows(logits, ref, g.spacing_zyx)
     assert len(comps) > 5 and any(c[3] for c in comps) and any(not c[3] for c in comps)
     got_comps = sorted(((d["voxels"], d["dice"], d["confidence"], d["status"] == "FP") for d in match.detections),
                        reverse=True)
@@ -387,7 +393,7 @@ def test_dice_table_node(scene, slicer):
     vtable = table.GetTable()
     assert vtable.GetColumnByName("Lesion").GetValue(0) == "Lesion 01 · 7.2 mm · large"
     assert vtable.GetColumnByName("Dice").GetValue(0) == pytest.approx(0.8)
-    assert math.isnan(vtable.GetColumnByName("Confidence").GetValue(1))
+    assert math.isnan(vtable.GetColumnByName("Max logit").GetValue(1))
     assert vtable.GetColumnByName("Reference lesion").GetValue(1) == 1
     assert vtable.GetColumnByName("Segment ID").GetValue(1) == ""
     assert table.GetColumnUnitLabel("Diameter") == "mm"
@@ -403,32 +409,33 @@ def test_load_prediction_phantom_known_answer(scene, slicer):
     g = imageio.Geometry.identity(case.reference.shape, case.spacing)
     volume = mrml.add_volume_from_array(scene, case.image, g, "Phantom")
     reference = mrml.lesion_segmentation(scene, volume, case.reference, name="Reference", closed_surface=False)
-    confidences = case.confidences()
+    confidences = case.confidences()  # maximum logits 4, 7, 10
     labels, _ = lesions.label_components(case.reference)
-    prob = np.zeros(case.reference.shape, np.float32)
+    logits = np.full(case.reference.shape, -10.0, np.float32)
     for component, value in zip(range(1, 4), sorted(confidences)):
-        prob[labels == component] = value
-    results = mrml.load_prediction(scene, volume, case.reference, prob, reference=reference,
+        logits[labels == component] = value
+    results = mrml.load_prediction(scene, volume, case.reference, logits, reference=reference,
                                    size_thresholds_mm=phantom.DEFAULT_SIZE_THRESHOLDS, keep_probabilities=True)
     assert [les["size_group"] for les in results.lesions] == ["large", "medium", "small"]
     assert [m["status"] for m in results.matches] == ["TP", "TP", "TP"]
     assert all(m["dice"] == 1.0 and les["status"] == "TP" for m, les in zip(results.matches, results.lesions))
     assert results.table.GetNumberOfRows() == 3
-    assert mrml.array_from_volume(results.probabilities)[0].max() == pytest.approx(max(confidences))
+    # the probability volume is the sigmoid of the logit map
+    assert mrml.array_from_volume(results.probabilities)[0].max() == pytest.approx(1 / (1 + math.exp(-10)))
     assert [r["status"] for r in results.rows] == ["TP", "TP", "TP"] and results.rows == results.lesions
     tau = sorted(les["confidence"] for les in results.lesions)[1]
     counts = panel.detection_counts(results.lesions, tau, results.matches)
     shown = mrml.set_confidence_threshold(results.segmentation, tau)["shown"]
     assert counts.shown == shown == 2 and counts.detected == 2 and counts.false_positives == 0
     # Without a reference: no matches, the table lists the lesions.
-    alone = mrml.load_prediction(scene, volume, case.reference, prob, make_table=False, geometry=g)
+    alone = mrml.load_prediction(scene, volume, case.reference, logits, make_table=False, geometry=g)
     assert alone.matches is None and alone.table is None and len(alone.lesions) == 3
     assert [r["status"] for r in alone.rows] == [None] * 3  # no reference: no TP/FP
     # A mask read from a file on another grid is refused, naming what differs, and adds nothing.
     nodes = scene.GetNumberOfNodes()
     other = imageio.Geometry(g.size, g.spacing, (0.0, 0.0, 1.0), g.direction)
     with pytest.raises(GeometryMismatchError, match="lesion mask.*origin"):
-        mrml.load_prediction(scene, volume, case.reference, prob, geometry=other)
+        mrml.load_prediction(scene, volume, case.reference, logits, geometry=other)
     assert scene.GetNumberOfNodes() == nodes
 
 
@@ -440,7 +447,7 @@ def test_direct_layer_read_equals_slicer_export(scene, oblique_case, slicer):
     import vtk
     from vtkmodules.util import numpy_support
 
-    image, mask, prob = oblique_case
+    image, mask, logits = oblique_case
     volume = mrml.add_volume_from_array(scene, image, OBLIQUE, "CT")
     node = mrml.lesion_segmentation(scene, volume, mask, closed_surface=False)
     extra = np.zeros(mask.shape, np.uint8)
@@ -568,7 +575,7 @@ def test_mask_on_another_grid_is_refused(scene, slicer):
     nodes = scene.GetNumberOfNodes()
     with pytest.raises(InputError, match=r"lesion mask is not on the voxel grid of volume 'Oblique'.*direction"):
         mrml.load_prediction(scene, volume, mask, geometry=axis_aligned)
-    with pytest.raises(InputError, match=r"probability map .*spacing"):
+    with pytest.raises(InputError, match=r"logit map .*spacing"):
         mrml.load_prediction(scene, volume, mask, mask.astype(np.float32), geometry=SMALL_OBLIQUE,
-                             probabilities_geometry=imageio.Geometry.identity(SMALL_OBLIQUE.shape_zyx))
+                             logits_geometry=imageio.Geometry.identity(SMALL_OBLIQUE.shape_zyx))
     assert scene.GetNumberOfNodes() == nodes

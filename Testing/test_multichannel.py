@@ -194,18 +194,19 @@ def test_predict_volume_refuses_a_channel_count_the_card_does_not_take():
 
 def test_tta_with_two_channels_is_the_mean_of_the_flipped_runs():
     """One window covers the image (patch = image, overlap 0), so mirroring the input is
-    mirroring the output: TTA = mean over the 8 flips f of f(predict(f(image)))."""
+    mirroring the output: TTA = mean over the 8 flips f of f(predict(f(image))), in logits (what
+    mirroring averages, as nnU-Net does)."""
     torch.manual_seed(0)
     model = build_model(default_config("tiny", in_channels=2, norm="instance"))
     card = dict(_card(2), inference={"patch_size": list(SHAPE), "overlap": 0.0, "blend": "constant"})
     image = np.stack([_image(4), _image(5)]).astype(np.float32)
     options = dict(device="cpu", engine="eager", skip_background=False, channels_last=False)
-    tta = predict_volume(model, image, card, tta=True, **options).probabilities
+    tta = predict_volume(model, image, card, tta=True, **options).logits
     flips = [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
     runs = []
     for axes in flips:
         flipped = np.flip(image, tuple(a + 1 for a in axes)) if axes else image
-        out = predict_volume(model, np.ascontiguousarray(flipped), card, **options).probabilities
+        out = predict_volume(model, np.ascontiguousarray(flipped), card, **options).logits
         runs.append(np.flip(out, axes) if axes else out)
     np.testing.assert_allclose(tta, np.mean(runs, axis=0), atol=1e-5)
     assert not np.allclose(tta, runs[0], atol=1e-4)  # mirroring changed something

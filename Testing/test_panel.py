@@ -220,7 +220,7 @@ def test_lesion_cells_format_the_rows_mrml_builds():
     # lesion found without a reference or probability map (no status, Dice or confidence).
     rows = [
         {"row": "detection", "id": 1, "name": "Lesion 01 · 14.0 mm · large", "diameter_mm": 14.0,
-         "volume_mm3": 1436.8, "size_group": "large", "confidence": 0.99, "dice": 0.8, "status": "TP"},
+         "volume_mm3": 1436.8, "size_group": "large", "confidence": 46.123, "dice": 0.8, "status": "TP"},
         {"row": "detection", "id": 2, "name": None, "diameter_mm": 6.24, "volume_mm3": 124.6,
          "size_group": "medium", "confidence": 0.6249, "dice": 0.0, "status": "FP"},
         {"row": "reference", "id": 3, "name": "Reference 03 · 2.5 mm · small (Segment_1)", "diameter_mm": 2.5,
@@ -229,8 +229,9 @@ def test_lesion_cells_format_the_rows_mrml_builds():
          "volume_mm3": 31.0, "size_group": "small", "confidence": None, "dice": None, "status": None},
     ]
     assert [panel.lesion_cells(r) for r in rows] == [
-        ["Lesion 01 · 14.0 mm · large", "14.0", "1437", "large", "0.990", "0.80", "TP"],
-        ["Lesion 2", "6.2", "125", "medium", "0.625", "0.00", "FP"],
+        # the confidence column is the maximum logit, 2 decimals
+        ["Lesion 01 · 14.0 mm · large", "14.0", "1437", "large", "46.12", "0.80", "TP"],
+        ["Lesion 2", "6.2", "125", "medium", "0.62", "0.00", "FP"],
         ["Reference 03 · 2.5 mm · small (Segment_1)", "2.5", "8", "small", "–", "0.00", "FN"],
         ["Lesion 04 · 3.9 mm · small", "3.9", "31", "small", "–", "–", "–"],
     ]
@@ -269,28 +270,29 @@ def test_detection_counts_text():
 
 
 def test_detection_counts_agree_with_the_metrics_module():
-    """The slider's TP/FP at a threshold are the metrics' FROC counts (evaluation.evaluate_cases)."""
+    """The slider's TP/FP at a threshold (a logit) are the metrics' FROC counts (evaluation.evaluate_cases)."""
     np = pytest.importorskip("numpy")
     from IWSegmentationLib import evaluation
 
-    prob = np.zeros((12, 24, 24), dtype=np.float32)
-    ref = np.zeros_like(prob, dtype=np.uint8)
-    prob[2:5, 2:5, 2:5] = 0.9       # hits reference lesion A
+    logits = np.full((12, 24, 24), -6.0, dtype=np.float32)
+    ref = np.zeros(logits.shape, dtype=np.uint8)
+    logits[2:5, 2:5, 2:5] = 25.0      # hits reference lesion A (probability exactly 1.0 in float32)
     ref[2:5, 2:6, 2:5] = 1
-    prob[6:8, 10:12, 10:12] = 0.6   # a false positive
-    prob[8:11, 18:21, 18:21] = 0.75  # hits reference lesion B
+    logits[6:8, 10:12, 10:12] = 18.0  # a false positive (probability 1.0 too: only the logit ranks it below A)
+    logits[8:11, 18:21, 18:21] = 1.1  # hits reference lesion B
     ref[8:11, 18:22, 18:22] = 1
-    ref[2:4, 18:20, 2:4] = 1        # reference lesion C, missed
-    case = evaluation.match_case(prob, ref)
+    ref[2:4, 18:20, 2:4] = 1          # reference lesion C, missed
+    case = evaluation.match_case(logits, ref, score="logit")
     components = [{"id": c.id, "confidence": c.confidence, "hit_dice": c.hit_dice} for c in case.components]
     references = [{"id": g.id, "confidence": g.confidence, "hit_dice": g.hit_dice} for g in case.lesions]
-    for threshold in (0.0, 0.6, 0.7, 0.8, 0.95):
+    for threshold in (-5.0, 1.0, 1.2, 18.0, 20.0, 26.0):
         counts = panel.detection_counts(components, threshold, references)
         tp = sum(g.hit_dice > 0 and g.confidence is not None and g.confidence >= threshold for g in case.lesions)
         fp = sum(c.hit_dice == 0 and c.confidence >= threshold for c in case.components)
         assert (counts.detected, counts.false_positives) == (tp, fp)
-    assert panel.detection_counts(components, 0.7, references).detected == 2  # A (0.9) and B (0.75)
-    assert panel.detection_counts(components, 0.0, references).false_positives == 1
+    assert panel.detection_counts(components, 1.0, references).detected == 2  # A (25) and B (1.1)
+    assert panel.detection_counts(components, 20.0, references).false_positives == 0  # the FP (18) is hidden
+    assert panel.detection_counts(components, 20.0, references).detected == 1
 
 
 # ---------------------------------------------------------------------------- dependencies

@@ -3,8 +3,6 @@ and the case has the geometry and lesions it says."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from IWSegmentationLib.core.errors import InputError
@@ -32,9 +30,8 @@ def test_phantom_case_geometry_and_refusals():
     assert case.image.shape == case.reference.shape == (32, 48, 48) and case.spacing == (2.0, 1.0, 1.0)
     assert set(np.unique(case.image[case.reference > 0])) == {70.0, 85.0, 100.0}
     assert case.image.dtype == np.float32 and case.reference.dtype == np.uint8
-    # sigmoid(20 (v/100 - 0.5)) for v = 70, 85, 100
-    assert case.confidences() == pytest.approx([1 / (1 + math.exp(-4)), 1 / (1 + math.exp(-7)),
-                                                1 / (1 + math.exp(-10))])
+    # maximum logits 20 (v/100 - 0.5) for v = 70, 85, 100
+    assert case.confidences() == pytest.approx([4.0, 7.0, 10.0])
     with pytest.raises(InputError, match="overlaps"):
         phantom.phantom_case(lesions=[(16, 24, 24, 4.0, 100.0), (16, 26, 24, 4.0, 90.0)])
     with pytest.raises(InputError, match="0.5%"):

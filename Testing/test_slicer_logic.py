@@ -82,8 +82,9 @@ def test_known_answer_through_the_real_backend(phantom_scene, scene, tmp_path):
         color = segmentation.GetSegment(row["segment_id"]).GetColor()
         assert np.allclose(color, np.array(SIZE_GROUP_COLORS[row["size_group"]]) / 255.0, atol=1e-6)
         assert row["hit_dice"] == pytest.approx(1.0)  # the prediction is the reference, voxel for voxel
-    # confidences sigmoid(20 (v/100 - 0.5)) for intensities 100, 85, 70
+    # confidences: maximum logits 20 (v/100 - 0.5) = 10, 7, 4 for intensities 100, 85, 70
     expected_conf = sorted(case.confidences(), reverse=True)
+    assert expected_conf == pytest.approx([10.0, 7.0, 4.0])
     assert [row["confidence"] for row in results.lesions] == pytest.approx(expected_conf, abs=1e-3)
 
     assert [r["status"] for r in results.rows] == ["TP", "TP", "TP"]
@@ -91,14 +92,16 @@ def test_known_answer_through_the_real_backend(phantom_scene, scene, tmp_path):
     assert results.table.GetNumberOfRows() == 3
     prob_geometry = mrml.volume_geometry(results.probabilities)
     assert prob_geometry.differences(mrml.volume_geometry(volume)) == []
+    # the backend wrote the logit map only; the probability volume is its sigmoid: 1 / (1 + e^-10) at most
+    assert mrml.array_from_volume(results.probabilities)[0].max() == pytest.approx(1 / (1 + math.exp(-10)), abs=1e-6)
 
-    # The slider at 0.99 hides the least confident lesion (0.982), keeps recall 2/3 and no FP.
-    counts = logic.set_confidence_threshold(results, 0.99)
+    # The slider at logit 5 hides the least confident lesion (4), keeps recall 2/3 and no FP.
+    counts = logic.set_confidence_threshold(results, 5.0)
     assert (counts.shown, counts.hidden, counts.detected, counts.false_positives) == (2, 1, 2, 0)
     display = results.segmentation.GetDisplayNode()
     visible = [row["size_group"] for row in results.lesions if display.GetSegmentVisibility(row["segment_id"])]
     assert visible == ["large", "medium"]
-    assert logic.set_confidence_threshold(results, 0.0).shown == 3
+    assert logic.set_confidence_threshold(results, -5.0).shown == 3
 
 
 def test_cancel_leaves_the_scene_unchanged(phantom_scene, scene, tmp_path):
@@ -120,7 +123,7 @@ def test_failed_loading_rolls_the_scene_back(phantom_scene, scene, tmp_path, mon
     case, volume, reference = phantom_scene
     geometry = mrml.volume_geometry(volume)
     outputs = {"mask": imageio.write_image(tmp_path / "mask.nrrd", case.reference, geometry),
-               "probabilities": imageio.write_image(tmp_path / "prob.nrrd", case.reference.astype(np.float32), geometry)}
+               "logits": imageio.write_image(tmp_path / "logits.nrrd", case.reference.astype(np.float32), geometry)}
     before = node_ids(scene)
 
     def broken_table(*args, **kwargs):
@@ -133,11 +136,11 @@ def test_failed_loading_rolls_the_scene_back(phantom_scene, scene, tmp_path, mon
     assert node_ids(scene) == before
 
 
-def write_outputs(folder, mask, probabilities, mask_geometry, probabilities_geometry=None) -> dict:
-    """The files the backend writes, on the given grids."""
+def write_outputs(folder, mask, logits, mask_geometry, logits_geometry=None) -> dict:
+    """The files the backend writes for the module (mask and logit map), on the given grids."""
     return {"mask": imageio.write_image(folder / "mask.nrrd", mask, mask_geometry),
-            "probabilities": imageio.write_image(folder / "prob.nrrd", probabilities.astype(np.float32),
-                                                 probabilities_geometry or mask_geometry)}
+            "logits": imageio.write_image(folder / "logits.nrrd", logits.astype(np.float32),
+                                          logits_geometry or mask_geometry)}
 
 
 def test_outputs_on_another_grid_are_refused(phantom_scene, scene, tmp_path):
@@ -152,7 +155,7 @@ def test_outputs_on_another_grid_are_refused(phantom_scene, scene, tmp_path):
     with pytest.raises(InputError, match="lesion mask is not on the voxel grid of volume 'Phantom'.*direction"):
         logic.load_results(outputs, volume)
     outputs = write_outputs(tmp_path, case.reference, case.reference, right, wrong)
-    with pytest.raises(InputError, match="probability map is not on the voxel grid"):
+    with pytest.raises(InputError, match="logit map is not on the voxel grid"):
         logic.load_results(outputs, volume)
     assert node_ids(scene) == before and logic.results is None
 

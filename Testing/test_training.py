@@ -227,6 +227,7 @@ def test_two_epoch_tiny_run_decreases_the_loss_and_writes_everything(dataset, tm
     assert card["training_data"]["cases"] == {"train": 3, "val": 1}
     val = card["validation_metrics"]
     assert val["epoch"] == 2 and set(val["by_size"]) == {"small", "medium", "large"}
+    assert val["score"] == "logit"  # validation (and the best checkpoint) ranks components by their maximum logit
     assert model.config["channels"] == [4, 8, 16, 32]
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["val"])

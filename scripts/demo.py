@@ -168,14 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     result, model_path = train_model(train_dir, out, settings)
 
     stage(3, total, f"predicting the {n_heldout} held-out cases (iwseg predict)")
-    for name in ("masks", "probabilities", "lesions"):
+    for name in ("masks", "probabilities", "logits", "lesions"):
         (out / name).mkdir()
     run_cli(["predict", "--model", str(model_path), "--input", str(heldout_dir / "imagesTr"),
              "--organ-mask", str(heldout_dir / "masksTr"), "--output", str(out / "masks"),
-             "--probabilities", str(out / "probabilities"), "--lesions", str(out / "lesions"), "--device", "cpu"])
+             "--probabilities", str(out / "probabilities"), "--logits", str(out / "logits"),
+             "--lesions", str(out / "lesions"), "--device", "cpu"])
 
-    stage(4, total, "evaluating lesion by lesion (iwseg evaluate)")
-    run_cli(["evaluate", "--pred", str(out / "probabilities"), "--ref", str(heldout_dir / "labelsTr"),
+    stage(4, total, "evaluating lesion by lesion (iwseg evaluate, lesions ranked by their maximum logit)")
+    run_cli(["evaluate", "--logits", str(out / "logits"), "--ref", str(heldout_dir / "labelsTr"),
              "--size-preset", settings["size_preset"], "--json", str(out / "report.json"),
              "--csv", str(out / "lesions.csv"), "--froc-png", str(out / "froc.png")])
 
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         ("data/", "the synthetic datasets, train/ and heldout/ (MSD layout)"),
         ("masks/", "predicted lesion masks of the held-out cases"),
         ("probabilities/", "predicted probability maps"),
-        ("lesions/", "per-case lesion tables (JSON: volume, diameter, size group, confidence)"),
+        ("logits/", "the blended logit maps (what ranks lesions: a lesion's confidence is its maximum logit)"),
+        ("lesions/", "per-case lesion tables (JSON: volume, diameter, size group, confidence = maximum logit)"),
         ("report.json", "lesion-wise evaluation: avg recall, CPM, object Dice, by size group"),
         ("lesions.csv", "one row per reference lesion: size, group, detected, Dice"),
         ("froc.png", "FROC curves, overall and per size group"),
