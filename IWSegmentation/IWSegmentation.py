@@ -75,7 +75,8 @@ class IWSegmentation(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["IWSegmentation developers"]
         self.parent.helpText = """Segments lesions with a 3D U-Net trained with inverse weighting, so small lesions are
-not lost among large ones: one segment per lesion, coloured by size, with diameter, volume, confidence and Dice.
+not lost among large ones: one segment per lesion, coloured by size, with diameter, volume, confidence (the maximum
+logit inside the lesion) and Dice.
 Inference runs in a background process (Apply turns into Cancel). See the
 <a href="https://github.com/iwsegmentation/SlicerIWSegmentation/blob/main/docs/module.md">documentation</a>."""
         self.parent.acknowledgementText = """Method: B. Shirokikh, A. Shevtsov, A. Kurmukov et al., "Universal Loss
@@ -92,7 +93,9 @@ class IWSegmentationParameterNode:
     device: Annotated[str, Choice(list(panel.DEVICE_CHOICES))] = "Auto"
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
-    confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    # a logit (a lesion's confidence is its maximum logit); the minimum, -5, is below every lesion's
+    # (each lies above logit(threshold) >= logit(0.05) = -2.9), so the default shows them all
+    confidenceThreshold: Annotated[float, WithinRange(-5.0, 50.0)] = -5.0
     runOn: Annotated[str, Choice(list(panel.RUN_ON))] = panel.RUN_ON[0]
     serverUrl: str = "http://127.0.0.1:8000"
     serverTokenFile: str = ""
@@ -449,10 +452,10 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
         self.assertEqual([r["status"] for r in results.rows], ["TP"] * 3)
         self.assertEqual(results.table.GetNumberOfRows(), 3)
 
-        # The slider: the intensity-70 lesion has confidence sigmoid(20 (0.7 - 0.5)) = 0.982 < 0.99.
-        counts = panel.detection_counts(results.lesions, 0.99, results.matches)
+        # The slider (logits): the intensity-70 lesion has confidence 20 (0.7 - 0.5) = 4 < 5, the others 7 and 10.
+        counts = panel.detection_counts(results.lesions, 5.0, results.matches)
         self.assertEqual((counts.shown, counts.detected, counts.false_positives), (2, 2, 0))
-        logic.setConfidenceThreshold(results, 0.99)
+        logic.setConfidenceThreshold(results, 5.0)
         display = results.segmentation.GetDisplayNode()
         ids = [segmentation.GetNthSegmentID(i) for i in range(3)]
         self.assertEqual(sum(bool(display.GetSegmentVisibility(i)) for i in ids), 2)
@@ -519,11 +522,11 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
         mask[2:5, 2:5, 2:5] = 1
         geometry = mrml.volume_geometry(volume)
         outputs = {"mask": imageio.write_image(os.path.join(self.tmp, "mask.nrrd"), mask, geometry),
-                   "probabilities": imageio.write_image(os.path.join(self.tmp, "p.nrrd"), mask * 0.9, geometry)}
+                   "logits": imageio.write_image(os.path.join(self.tmp, "l.nrrd"), mask * 2.2, geometry)}
         widget.showResults(widget.logic.lesionLogic.load_results(outputs, volume), 1.0)
         self.assertEqual(widget.ui.lesionTableWidget.rowCount, 1)
         slicer.mrmlScene.Clear()
         self.assertIsNone(widget.logic.results)
         self.assertEqual(widget.ui.lesionTableWidget.rowCount, 0)
-        widget.onConfidenceChanged(0.5)  # the slider no longer reaches for deleted nodes
+        widget.onConfidenceChanged(2.0)  # the slider no longer reaches for deleted nodes
         self.delayDisplay("Test passed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 from test_metrics import hand_case_arrays  # Testing/ is on sys.path (pytest rootdir, no __init__.py)
 
+from IWSegmentationLib.core.confidence import SKIPPED_LOGIT
 from IWSegmentationLib.core.imageio import read_image, write_image
 
 
@@ -55,8 +57,9 @@ def test_evaluate_writes_report_csv_and_plot(hand_dirs, tmp_path, output_dir):
     assert all_row.split()[1:4] == ["3", "2", "0.667"] and "0.506" in all_row
     report = json.loads((out / "report.json").read_text())
     assert list(report) == ["n_images", "n_lesions", "recall", "object_dice", "cpm", "avg_recall_0_5", "froc",
-                            "bootstrap", "hit_rule", "by_size", "cases"]
+                            "bootstrap", "hit_rule", "score", "by_size", "cases"]
     assert report["recall"] == pytest.approx(2 / 3) and report["hit_rule"] == "paper"
+    assert report["score"] == "probability"  # --pred: ranked by maximum probability
     # values worked out in test_metrics.test_froc_cpm_avg_recall_object_dice_by_hand
     assert report["n_images"] == 3 and report["n_lesions"] == 3
     assert report["cpm"] == pytest.approx((0.125 + 0.25 + 0.5 + 4 * 2 / 3) / 7)
@@ -82,11 +85,82 @@ def test_evaluate_writes_report_csv_and_plot(hand_dirs, tmp_path, output_dir):
     # A1 is voxels z 1-2, y 1-2, x 1-5 on a 1 mm grid at the origin: centroid (x, y, z) = (3, 1.5, 1.5) mm
     assert [float(rows[0][f"centroid_{a}_mm"]) for a in "xyz"] == pytest.approx([3.0, 1.5, 1.5])
     assert rows[3]["confidence"] == "" and rows[3]["matched_component"] == ""
+    assert {r["score"] for r in rows} == {"probability"}
 
     png = (out / "froc.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     shutil.copy(out / "froc.png", output_dir / "evaluate_froc_hand_case.png")
     assert not list(out.glob(".*partial*"))  # atomic writes leave no temporaries
+
+
+def _hand_logits(prob: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """The hand case as logits: ``scale * log(p / (1 - p))`` per voxel, -1e4 where p = 0 (no window)."""
+    logits = np.full(prob.shape, SKIPPED_LOGIT, np.float32)
+    inside = prob > 0
+    logits[inside] = scale * np.log(prob[inside] / (1 - prob[inside]))
+    return logits
+
+
+@pytest.fixture
+def logit_dirs(hand_dirs, tmp_path):
+    """The hand case's maps as logits, as is and scaled by 40 (every probability would be 1.0 then)."""
+    _, ref = hand_dirs
+    for scale in (1, 40):
+        for name, (prob, _) in hand_case_arrays().items():
+            write(tmp_path / f"logits{scale}" / f"{name}.nii.gz", _hand_logits(prob, scale))
+    return tmp_path / "logits1", tmp_path / "logits40", ref
+
+
+def test_logits_rank_as_the_probabilities_and_survive_scaling(logit_dirs, hand_dirs, tmp_path):
+    """--logits ranks components by their maximum logit. The logit is monotone in the probability,
+    so the hand case gives the numbers of --pred (CPM (0.125 + 0.25 + 0.5 + 4 * 2/3) / 7, worked
+    out in test_metrics); scaled by 40, every probability above 0.5 would round to 1.0 in float32
+    (the confident components tie), but no logit ranking or 0.5 decision changes: the same CPM."""
+    logits1, logits40, ref = logit_dirs
+    reports = {}
+    for key, args in (("pred", ("--pred", hand_dirs[0])), ("l1", ("--logits", logits1)), ("l40", ("--logits", logits40))):
+        proc = iwseg(*args, "--ref", ref, "--size-thresholds", "2", "4", "--no-progress", "--json", tmp_path / f"{key}.json",
+                     "--csv", tmp_path / f"{key}.csv")
+        assert proc.returncode == 0, proc.stderr
+        assert "warning" not in proc.stderr
+        reports[key] = json.loads((tmp_path / f"{key}.json").read_text())
+    expected = (0.125 + 0.25 + 0.5 + 4 * 2 / 3) / 7
+    for key, report in reports.items():
+        assert report["cpm"] == pytest.approx(expected), key
+        assert report["froc"]["recall"] == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3]), key
+    assert reports["l1"]["score"] == reports["l40"]["score"] == "logit"
+    # the confidences are the maximum logits: A's lesion 1 is hit by the component of max p 0.9, logit 2.197
+    a1 = reports["l1"]["cases"][0]["lesions"][0]
+    assert a1["confidence"] == pytest.approx(math.log(0.9 / 0.1), abs=1e-5)
+    assert reports["l40"]["cases"][0]["lesions"][0]["confidence"] == pytest.approx(40 * math.log(9), abs=1e-3)
+    rows = list(csv.DictReader((tmp_path / "l40.csv").open()))
+    assert {r["score"] for r in rows} == {"logit"}
+    # the CSV read back as --records keeps the logit ranking
+    proc = iwseg("--records", tmp_path / "l40.csv", "--size-thresholds", "2", "4", "--json", tmp_path / "again.json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "again.json").read_text())["cpm"] == pytest.approx(expected)
+
+
+def test_logits_bad_input(logit_dirs, hand_dirs, tmp_path):
+    """--logits given a probability map warns naming the file; --pred given logits is an error
+    that says to use --logits; both flags at once are refused; NaN logits name the file."""
+    logits1, _, ref = logit_dirs
+    pred = hand_dirs[0]
+    proc = iwseg("--logits", pred, "--ref", ref, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if line.startswith("warning: --logits")]
+    # A and B hold probabilities in [0, 1]; C is all 0 (in [0, 1] too): three warnings, each naming its file
+    assert len(warned) == 3 and "A.nii.gz" in warned[0] and "looks like a probability map" in warned[0]
+    proc = iwseg("--pred", logits1, "--ref", ref, "--no-progress")
+    assert proc.returncode == 2 and "A.nii.gz" in proc.stderr and "--logits" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = iwseg("--pred", pred, "--logits", logits1, "--ref", ref)
+    assert proc.returncode == 2 and "not both" in proc.stderr
+    bad = _hand_logits(hand_case_arrays()["A"][0])
+    bad[0, 0, 0] = np.nan
+    write(logits1 / "A.nii.gz", bad)
+    proc = iwseg("--logits", logits1, "--ref", ref, "--no-progress")
+    assert proc.returncode == 2 and "A.nii.gz" in proc.stderr and "NaN" in proc.stderr
 
 
 def test_missing_partner_is_exit_2(hand_dirs):

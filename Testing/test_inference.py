@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from IWSegmentationLib.core.confidence import SKIPPED_LOGIT
 from IWSegmentationLib.core.errors import Cancelled, InputError
 from IWSegmentationLib.inference import (
     InferenceStats,
@@ -299,6 +300,42 @@ def test_predict_volume_resamples_back_and_skips():
     assert np.all(result.probabilities[:, 40:, :] == 0) and np.all(result.probabilities[:, :, 40:] == 0)
     assert np.all((result.probabilities > 0)[4:26, 8:20, 8:20])
     assert np.array_equal(result.mask, (result.probabilities > 0.5).astype(np.uint8))
+    # the skipped windows hold SKIPPED_LOGIT (-1e4), far below every threshold, and sigmoid(-1e4) is exactly 0
+    assert result.logits.dtype == np.float32 and np.all(result.logits[:, 40:, :] == SKIPPED_LOGIT)
+    assert np.array_equal(result.mask, (result.logits > 0).astype(np.uint8))
+
+
+class ConstantLogit(torch.nn.Module):
+    """A network whose every logit is ``value``."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return torch.full_like(x[:, :1], self.value)
+
+
+def test_resampling_back_never_makes_lesions_from_the_fill_value():
+    """A 5-slice scan (1 mm) worked on at 4 mm along z: the coarse grid has floor(5 / 4 + 0.5) = 1
+    slice, centred at z = 1.5 mm, which ITK extends by half a voxel to [-0.5, 3.5] mm, so slice
+    4 (z = 4 mm) of the input grid lies outside it and gets the resampler's fill value. Every
+    logit is -1 (probability 0.27). At threshold 0.2 (logit -1.386) every covered voxel is
+    lesion; the uncovered slice must read as skipped (probability 0, no lesion), not as logit
+    0, which is probability 0.5 and would be lesion at this threshold."""
+    from IWSegmentationLib.core.imageio import Geometry
+    from IWSegmentationLib.preprocessing import get_preset
+
+    image = np.random.default_rng(0).normal(100, 10, (5, 16, 16)).astype(np.float32)
+    geometry = Geometry(size=(16, 16, 5), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+    meta = {"patch_size": [4, 16, 16], "threshold": 0.2,
+            "preprocessing": get_preset("mr", target_spacing=[4.0, None, None])}
+    result = predict_volume(ConstantLogit(-1.0), image, meta, geometry=geometry, device="cpu", engine="eager",
+                            skip_background=False)
+    assert result.mask.shape == image.shape
+    np.testing.assert_allclose(result.logits[:4], -1.0, atol=1e-6)
+    assert result.mask[:4].all()
+    assert result.logits[4].max() < -1000 and not result.mask[4].any() and result.probabilities[4].max() == 0
 
 
 # --------------------------------------------------------------------------- the frozen CPU engine

@@ -48,14 +48,14 @@ def test_lesion_table_volumes_diameters_groups():
     assert labels.max() == 2
 
 
-def test_confidence_is_max_probability_inside():
+def test_confidence_is_max_score_inside():
     mask = np.zeros((6, 6, 6), np.uint8)
     mask[1:3, 1:3, 1:3] = 1
-    prob = np.zeros(mask.shape, np.float32)
-    prob[1, 1, 1], prob[2, 2, 2] = 0.7, 0.9
-    prob[5, 5, 5] = 1.0  # outside the lesion, must not count
-    _, lesions = analyze_lesions(mask, probabilities=prob)
-    assert lesions[0].confidence == pytest.approx(0.9)
+    logits = np.full(mask.shape, -3.0, np.float32)
+    logits[1, 1, 1], logits[2, 2, 2] = 0.7, 25.0  # 25: sigmoid rounds to 1.0 in float32, the logit does not
+    logits[5, 5, 5] = 40.0  # outside the lesion, must not count
+    _, lesions = analyze_lesions(mask, scores=logits)
+    assert lesions[0].confidence == 25.0
 
 
 def test_presets_and_threshold_resolution():

@@ -233,7 +233,7 @@ def test_clinical_label_against_itself_is_perfect(clinical_data):
         (np.full((3, 3, 3), np.nan), np.zeros((3, 3, 3)), "NaN"),
         (np.full((3, 3, 3), np.inf), np.zeros((3, 3, 3)), "infinite"),
         (np.full((3, 3, 3), 1.5), np.zeros((3, 3, 3)), r"\[0, 1\]"),
-        (np.full((3, 3, 3), -2.0), np.zeros((3, 3, 3)), "sigmoid"),
+        (np.full((3, 3, 3), -2.0), np.zeros((3, 3, 3)), r"logits\? .*--logits"),
         (np.full((3, 3, 3), 255, np.uint8), np.zeros((3, 3, 3)), "0/255"),
         (np.zeros((3, 3, 3)), np.full((3, 3, 3), 2), "not a binary mask"),
         (np.zeros((3, 3, 3)), np.full((3, 3, 3), 0.5), "not a binary mask"),
@@ -633,6 +633,95 @@ def test_table_2_is_not_the_mean_recall_over_0_5_fp_and_scores_are_logits(author
     assert ours["bootstrap"]["cpm"]["mean"] < report["bootstrap"]["cpm"]["mean"] - 0.015
     by_stat = evaluate_cases(load_records(path, LIVER, score="stat"), seed=42, bootstrap_mode="paper")
     assert by_stat["bootstrap"]["cpm"]["mean"] < 0.60 and by_stat["object_dice"] == report["object_dice"]
+
+
+# ---------------------------------------------------------------------------- logits (issue 20)
+
+# no magnitudes that 2^-8 would scale into float32's subnormals (where scaling is no longer exact)
+logit_maps = arrays(np.float32, (5, 6, 6),
+                    elements=st.floats(-30, 30, width=32).filter(lambda v: v == 0 or abs(v) > 1e-30))
+
+
+def _curve_summary(cases):
+    report = evaluate_cases(cases, n_resamples=1)
+    return report["cpm"], report["froc"]["fp_per_image"], report["froc"]["recall"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(refs=st.lists(masks, min_size=1, max_size=3), data=st.data(), exponent=st.integers(-8, 8))
+def test_positive_scaling_of_logits_changes_no_mask_ranking_cpm_or_froc(refs, data, exponent):
+    """x -> a x with a > 0 is monotone and keeps the sign, so it keeps every component of
+    ``x > logit(0.5) = 0``, every ranking and so every CPM and FROC point; only the FROC
+    thresholds scale by a. a = 2^k scales float32 exactly, so no rounding ties values apart."""
+    a = np.float32(2.0 ** exponent)
+    logits = [data.draw(logit_maps) for _ in refs]
+    plain = [match_case(x, r, case=f"c{i}", score="logit") for i, (x, r) in enumerate(zip(logits, refs))]
+    scaled = [match_case(a * x, r, case=f"c{i}", score="logit") for i, (x, r) in enumerate(zip(logits, refs))]
+    for p, q in zip(plain, scaled):
+        assert [(c.id, c.voxels, c.hit_dice, c.lesion) for c in p.components] == \
+               [(c.id, c.voxels, c.hit_dice, c.lesion) for c in q.components]
+        assert [(g.hit_dice, g.component) for g in p.lesions] == [(g.hit_dice, g.component) for g in q.lesions]
+        assert [a * c.confidence for c in p.components] == [c.confidence for c in q.components]
+    cpm_p, fp_p, rec_p = _curve_summary(plain)
+    cpm_q, fp_q, rec_q = _curve_summary(scaled)
+    assert fp_p == fp_q and rec_p == rec_q and (cpm_p == cpm_q or (cpm_p is None and cpm_q is None))
+
+
+def test_confident_false_positives_below_more_confident_hits_rank_by_logit_not_probability():
+    """Known bad vs known good: four images, each with one lesion hit at logit 40 and one false
+    positive at logit 20. Ranked by logit, the FROC reaches recall 1 at 0 FP/image: CPM 1. In
+    float32 both probabilities are exactly 1.0 (sigmoid rounds to 1 above logit ~17), so ranked
+    by probability the hits and the false positives tie: the only points are (0, 0) and
+    (1 FP/image, recall 1); recall at 1/8, 1/4, 1/2 is interpolated 0.125, 0.25, 0.5, then 1 at
+    1, 2, 4, 8: CPM (0.875 + 4) / 7 = 0.696. The model that orders its detections right must
+    score higher, and does only by logit."""
+    from IWSegmentationLib.core.confidence import sigmoid
+
+    ref = np.zeros((6, 6, 6), np.uint8)
+    ref[1:3, 1:3, 1:3] = 1
+    logits = np.full(ref.shape, -10.0, np.float32)
+    logits[1:3, 1:3, 1:3] = 40.0  # the hit
+    logits[4, 4, 4] = 20.0  # the confident false positive
+    prob = sigmoid(logits)
+    assert prob[1, 1, 1] == prob[4, 4, 4] == 1.0  # the saturation
+    by_logit = evaluate_cases([match_case(logits, ref, case=f"c{i}", score="logit") for i in range(4)])
+    by_prob = evaluate_cases([match_case(prob, ref, case=f"c{i}") for i in range(4)])
+    assert by_logit["cpm"] == pytest.approx(1.0) and by_logit["score"] == "logit"
+    assert by_prob["cpm"] == pytest.approx((0.125 + 0.25 + 0.5 + 4) / 7) and by_prob["score"] == "probability"
+    assert by_logit["cpm"] > by_prob["cpm"]
+
+
+def test_logit_threshold_is_the_probability_threshold_in_logit_space():
+    """t = 0.8 is logit log(0.8 / 0.2) = 1.386: a voxel at logit 1.3 is out, one at 1.5 is in.
+    Components of all-negative logits (t = 0.1, logit -2.197) keep their negative maximum as
+    confidence; -inf is probability 0 and allowed; NaN and +inf are refused naming the file."""
+    ref = np.zeros((3, 3, 8), np.uint8)
+    x = np.full(ref.shape, -np.inf, np.float32)
+    x[1, 1, 1], x[1, 1, 4], x[1, 1, 6] = 1.3, 1.5, -1.0
+    case = match_case(x, ref, threshold=0.8, score="logit")
+    assert [c.confidence for c in case.components] == [1.5]
+    low = match_case(x, ref, threshold=0.1, score="logit")
+    assert sorted(c.confidence for c in low.components) == pytest.approx([-1.0, 1.3, 1.5])
+    for value, needle in ((np.nan, "NaN"), (np.inf, r"\+inf")):
+        bad = x.copy()
+        bad[0, 0, 0] = value
+        with pytest.raises(InputError, match=f"l.nii.gz.*{needle}"):
+            match_case(bad, ref, score="logit", pred_name="l.nii.gz")
+    with pytest.raises(InputError, match="score must be one of"):
+        match_case(x, ref, score="logits")
+
+
+def test_logits_that_look_like_probabilities_warn_and_scores_do_not_mix():
+    ref = np.zeros((3, 3, 3), np.uint8)
+    warnings = []
+    match_case(np.full(ref.shape, 0.7, np.float32), ref, score="logit", pred_name="p.nrrd", on_warning=warnings.append)
+    assert len(warnings) == 1 and "p.nrrd" in warnings[0] and "probability map" in warnings[0]
+    match_case(np.full(ref.shape, -0.7, np.float32), ref, score="logit", on_warning=warnings.append)
+    assert len(warnings) == 1  # a negative value: logits, no warning
+    mixed = [match_case(np.zeros(ref.shape, np.float32), ref, case="a"),
+             match_case(np.zeros(ref.shape, np.float32), ref, case="b", score="logit")]
+    with pytest.raises(InputError, match="different scores"):
+        evaluate_cases(mixed)
 
 
 # ---------------------------------------------------------------------------- best checkpoint (issue 9)

@@ -107,8 +107,9 @@ def test_end_to_end_oblique_anisotropic_jsonl(tmp_path, checkpoint):
     src = tmp_path / "case.nrrd"
     write_image(src, image, geometry)
     out, prob, table = tmp_path / "mask.nrrd", tmp_path / "prob.nii.gz", tmp_path / "lesions.json"
+    logit_path = tmp_path / "logits.nrrd"
     proc = run_cli("--model", checkpoint, "--input", src, "--output", out, "--probabilities", prob,
-                   "--lesions", table, "--progress-format", "jsonl", "--device", "cpu")
+                   "--lesions", table, "--logits", logit_path, "--progress-format", "jsonl", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
 
     # the protocol: every stdout line is an event, stages in order, inference counts up to its total
@@ -126,7 +127,7 @@ def test_end_to_end_oblique_anisotropic_jsonl(tmp_path, checkpoint):
     first_inf, last_inf = stages.index("inference"), len(stages) - 1 - stages[::-1].index("inference")
     assert stages[:first_inf] == ["start", "load", "load", "preprocess"]
     assert set(stages[first_inf:last_inf + 1]) == {"inference"}
-    assert stages[last_inf + 1:] == ["postprocess", "write", "write", "write", "case_done", "done"]
+    assert stages[last_inf + 1:] == ["postprocess", "write", "write", "write", "write", "case_done", "done"]
     inference = [e for e in evs if e.stage == "inference"]
     done = [e.get("done") for e in inference]
     assert done == sorted(done) and done[-1] == inference[-1].get("total") and inference[-1].fraction == 1.0
@@ -145,6 +146,12 @@ def test_end_to_end_oblique_anisotropic_jsonl(tmp_path, checkpoint):
     probs, prob_geom = read_image(prob)
     assert probs.dtype == np.float32 and not prob_geom.differences(geometry)
     assert probs[lesions].min() > 0.99 and probs[~lesions].max() < 0.01
+    # the logit map: float32 on the same grid, GAIN (x - 0.5) = +-13.8 at +100 / -800 HU (skipped air:
+    # -1e4), and the probability map is its sigmoid
+    logits, logit_geom = read_image(logit_path)
+    assert logits.dtype == np.float32 and not logit_geom.differences(geometry)
+    assert logits[lesions].min() == pytest.approx(13.8, abs=0.1) and logits[~lesions].max() < -13
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits.astype(np.float64))), atol=1e-6)
 
     # the lesion table: volumes from the anisotropic spacing, centroids in LPS via SimpleITK
     report = json.loads(table.read_text())
@@ -160,7 +167,9 @@ def test_end_to_end_oblique_anisotropic_jsonl(tmp_path, checkpoint):
     expected = reference.TransformContinuousIndexToPhysicalPoint((16.5, 13.5, 6.5))
     np.testing.assert_allclose(rows[0]["centroid_lps_mm"], expected, atol=1e-3)
     assert rows[0]["bbox_zyx"] == [5, 12, 14, 9, 16, 20]
-    assert rows[0]["confidence"] > 0.99
+    # a lesion's confidence is its maximum logit (not its probability, which is 1.0 - 1e-6 here)
+    assert rows[0]["confidence"] == pytest.approx(float(logits[5:9, 12:16, 14:20].max()), abs=1e-6)
+    assert rows[0]["confidence"] == pytest.approx(13.8, abs=0.1) and "maximum blended logit" in report["confidence"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -206,11 +215,12 @@ def test_folder_input_shards_and_uint8_probabilities(tmp_path, checkpoint, capsy
     names = ["a", "b", "c"]
     for name in names:
         write_image(src / f"{name}.nii.gz", image, oblique_geometry(image.shape))
-    out, prob, table = (tmp_path / d for d in ("masks", "probs", "tables"))
+    out, prob, table, logit_dir = (tmp_path / d for d in ("masks", "probs", "tables", "logits"))
     for d in (out, prob, table):
         d.mkdir()
     common = ["predict", "--model", str(checkpoint), "--input", str(src), "--output", str(out),
-              "--probabilities", str(prob), "--lesions", str(table), "--probabilities-uint8", "--device", "cpu"]
+              "--probabilities", str(prob), "--lesions", str(table), "--probabilities-uint8", "--device", "cpu",
+              "--logits", str(logit_dir)]
     assert main([*common, "--shard", "1/2"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["b.nii.gz"]
     assert main([*common, "--shard", "0/2", "--progress-format", "jsonl"]) == 0
@@ -222,6 +232,9 @@ def test_folder_input_shards_and_uint8_probabilities(tmp_path, checkpoint, capsy
     assert np.array_equal(mask, lesions.astype(np.uint8))
     p8, _ = read_image(prob / "a.nii.gz")
     assert p8.dtype == np.uint8 and p8[lesions].min() >= 253 and p8[~lesions].max() <= 2  # round(255 p)
+    # --logits is a folder too (created), named like the cases; logits stay float32 with --probabilities-uint8
+    assert sorted(p.name for p in logit_dir.iterdir()) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    assert read_image(logit_dir / "a.nii.gz")[0].dtype == np.float32
 
 
 def test_volume_smaller_than_patch_is_padded(tmp_path, checkpoint):
@@ -269,6 +282,8 @@ def _bad_inputs(tmp: Path, checkpoint: Path):
         ("missing input", {"--input": tmp / "absent.nii.gz"}, "not found"),
         ("output folder is a file", {"--output": good_image.parent / "out" / "mask.nrrd" / "x.nrrd"}, "is a file"),
         ("output is the input", {"--output": good_image}, "overwrite the input"),
+        ("logits are the mask", {"--logits": good_image.parent / "out" / "mask.nrrd"}, "--output and --logits"),
+        ("logits not an image name", {"--logits": good_image.parent / "out" / "l.txt"}, "--logits"),
         ("bad shard", {"--shard": "3/2"}, "--shard"),
         ("bad overlap", {"--overlap": "1.5"}, "--overlap"),
     ]

@@ -113,27 +113,31 @@ CARD = {"patch_size": [16, 16, 16], "preprocessing": get_preset("mr"), "threshol
 @pytest.mark.parametrize("seed", [0, 1])
 def test_predict_volume_tta_is_the_mean_of_flipped_predictions(seed):
     """With one window (image = patch) and no skipping, mirroring inside the window is the same
-    as predicting each flipped image and flipping the result back: the mean of the 8 must match."""
+    as predicting each flipped image and flipping the result back: the mean of the 8 *logits*
+    must match (logits are what is averaged, as nnU-Net does), and the probabilities are the
+    sigmoid of that mean -- not the mean of the 8 sigmoids, which differs by up to about 1e-5
+    here (sigmoid is not linear)."""
     image = np.random.default_rng(seed).normal(100, 20, (16, 16, 16)).astype(np.float32)
     model = _random_net(seed)
     kwargs = dict(device="cpu", skip_background=False, engine="eager")
-    tta = predict_volume(model, image, CARD, tta=True, **kwargs).probabilities
+    tta = predict_volume(model, image, CARD, tta=True, **kwargs)
     flips = [d for r in range(4) for d in itertools.combinations((0, 1, 2), r)]
-    by_hand = np.mean([np.flip(predict_volume(model, np.flip(image, d).copy(), CARD, **kwargs).probabilities, d)
+    by_hand = np.mean([np.flip(predict_volume(model, np.flip(image, d).copy(), CARD, **kwargs).logits, d)
                        for d in flips], axis=0)
-    np.testing.assert_allclose(tta, by_hand, atol=1e-5)
-    plain = predict_volume(model, image, CARD, **kwargs).probabilities
-    assert np.abs(tta - plain).max() > 1e-4  # a random net is not mirror-symmetric: TTA changed something
+    np.testing.assert_allclose(tta.logits, by_hand, atol=1e-5)
+    np.testing.assert_allclose(tta.probabilities, 1 / (1 + np.exp(-by_hand.astype(np.float64))), atol=1e-6)
+    plain = predict_volume(model, image, CARD, **kwargs).logits
+    assert np.abs(tta.logits - plain).max() > 1e-4  # a random net is not mirror-symmetric: TTA changed something
 
 
 def test_predict_volume_ensemble_is_the_mean_of_members():
+    """An ensemble averages its members' logits: (l_a + l_b) / 2 voxel for voxel."""
     image = np.random.default_rng(2).normal(100, 20, (20, 24, 18)).astype(np.float32)
     a, b = _random_net(3), _random_net(4)
     kwargs = dict(device="cpu", skip_background=False)
     both = predict_volume([a, b], image, CARD, **kwargs)
-    mean = (predict_volume(a, image, CARD, **kwargs).probabilities
-            + predict_volume(b, image, CARD, **kwargs).probabilities) / 2
-    np.testing.assert_allclose(both.probabilities, mean, atol=1e-5)
+    mean = (predict_volume(a, image, CARD, **kwargs).logits + predict_volume(b, image, CARD, **kwargs).logits) / 2
+    np.testing.assert_allclose(both.logits, mean, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- the command line
@@ -156,17 +160,14 @@ def test_cli_tta_and_ensemble(tmp_path, checkpoints, capsys):
     write_image(src, image, Geometry.identity(image.shape))
     base = ["predict", "--input", str(src), "--device", "cpu", "--no-skip"]
     a, b = str(checkpoints["a"]), str(checkpoints["b"])
-    assert main([*base, "--model", a, "--output", str(tmp_path / "m.nii.gz"),
-                 "--probabilities", str(tmp_path / "p_a.nii.gz")]) == 0
-    assert main([*base, "--model", a, "--tta", "--output", str(tmp_path / "m_tta.nii.gz"),
-                 "--probabilities", str(tmp_path / "p_tta.nii.gz")]) == 0
-    assert main([*base, "--model", b, "--output", str(tmp_path / "m_b.nii.gz"),
-                 "--probabilities", str(tmp_path / "p_b.nii.gz")]) == 0
-    assert main([*base, "--model", a, b, "--output", str(tmp_path / "m_ab.nii.gz"),
-                 "--probabilities", str(tmp_path / "p_ab.nii.gz")]) == 0
-    p = {k: read_image(tmp_path / f"p_{k}.nii.gz")[0] for k in ("a", "b", "tta", "ab")}
-    np.testing.assert_allclose(p["ab"], (p["a"] + p["b"]) / 2, atol=1e-5)
-    assert np.abs(p["tta"] - p["a"]).max() > 1e-4
+    for key, models in (("a", [a]), ("tta", [a, "--tta"]), ("b", [b]), ("ab", [a, b])):
+        assert main([*base, "--model", *models, "--output", str(tmp_path / f"m_{key}.nii.gz"),
+                     "--logits", str(tmp_path / f"l_{key}.nii.gz")]) == 0
+    logit = {k: read_image(tmp_path / f"l_{k}.nii.gz")[0] for k in ("a", "b", "tta", "ab")}
+    assert all(v.dtype == np.float32 for v in logit.values())
+    # the ensemble's logit map is the mean of its members' (what the CLI writes is what it averaged)
+    np.testing.assert_allclose(logit["ab"], (logit["a"] + logit["b"]) / 2, atol=1e-5)
+    assert np.abs(logit["tta"] - logit["a"]).max() > 1e-4
     capsys.readouterr()
 
     code = main([*base, "--model", a, str(checkpoints["odd"]), "--output", str(tmp_path / "x.nii.gz")])

@@ -120,7 +120,7 @@ def describe_exit_code(code: int | None, *, silent: bool = False) -> str:
     return f"the backend exited with code {code}"
 
 
-#: ``loader(outputs)``: reads the outputs (``{"mask": path, "probabilities": path, "lesions": path}``)
+#: ``loader(outputs)``: reads the outputs (``{"mask": path, "logits": path, "lesions": path}``, those asked for)
 #: on success, on the polling thread, while the files still exist; its value becomes ``RunResult.loaded``.
 Loader = Callable[[dict[str, Path]], Any]
 
@@ -180,7 +180,8 @@ class FolderJob:
 
     INPUT_NAME = "input.nrrd"
     ORGAN_MASK_NAME = "organ_mask.nrrd"
-    OUTPUT_NAMES = {"mask": "mask.nrrd", "probabilities": "probabilities.nrrd", "lesions": "lesions.json"}
+    OUTPUT_NAMES = {"mask": "mask.nrrd", "probabilities": "probabilities.nrrd", "logits": "logits.nrrd",
+                    "lesions": "lesions.json"}
     FOLDER_PREFIX = "iwseg-run-"
     #: Who wrote the outputs, in messages ("reading the backend's results failed").
     WRITER = "backend"
@@ -204,7 +205,8 @@ class FolderJob:
 
     @property
     def output_paths(self) -> dict[str, Path]:
-        wanted = {"mask": True, "probabilities": self.parameters.probabilities, "lesions": self.parameters.lesions}
+        wanted = {"mask": True, "probabilities": self.parameters.probabilities, "logits": self.parameters.logits,
+                  "lesions": self.parameters.lesions}
         return {key: self._folder() / name for key, name in self.OUTPUT_NAMES.items() if wanted[key]}
 
     @property

@@ -24,6 +24,7 @@ class PredictParameters:
     threshold: float | None = None  # None: the checkpoint's own threshold
     probabilities: bool = True
     lesions: bool = True
+    logits: bool = False  # the logit map (--logits): what the module loads, for maximum-logit confidences
 
     def validate(self, *, local: bool = True) -> None:
         """``local=False``: the checkpoint names a model on a server, so it need not exist here."""
@@ -48,6 +49,8 @@ class PredictParameters:
         ]
         if "probabilities" in outputs:
             args += ["--probabilities", str(outputs["probabilities"])]
+        if "logits" in outputs:
+            args += ["--logits", str(outputs["logits"])]
         if "lesions" in outputs:
             args += ["--lesions", str(outputs["lesions"])]
         if organ_mask is not None:

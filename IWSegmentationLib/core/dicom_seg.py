@@ -10,7 +10,7 @@ What the object holds:
 * one ``BINARY`` segment per lesion, segment number ``n`` for the voxels of value ``n`` in the
   label map given; its label is the name the Slicer segment has (``Lesion 07 - 4.2 mm - small``,
   :func:`IWSegmentationLib.core.lesions.segment_name` in ASCII), its description the size group, the
-  equivalent diameter, the volume and the confidence, its colour the size group's
+  equivalent diameter, the volume and the confidence (the lesion's maximum logit), its colour the size group's
   (:data:`~IWSegmentationLib.core.lesions.SIZE_GROUP_COLORS`), its category and type the terminology of
   the Slicer segments (:data:`IWSegmentationLib.core.lesions.LESION_TERMINOLOGY`: SCT 49755003
   *Morphologically Altered Structure* / SCT 52988006 *Lesion*), its algorithm ``AUTOMATIC``
@@ -158,10 +158,12 @@ def _ascii(text: str) -> str:
 
 
 def segment_description(lesion: Mapping[str, Any]) -> str:
-    """``small lesion, equivalent diameter 4.2 mm, volume 38.8 mm3, confidence 0.982``."""
+    """``small lesion, equivalent diameter 4.2 mm, volume 38.8 mm3, max logit 4.00``: the
+    confidence is the lesion's maximum logit (``iwseg predict``'s lesion JSON, the Slicer
+    segments), which still orders lesions whose probability rounds to 1."""
     parts = [f"{lesion.get('size_group') or 'unknown size'} lesion"]
     for key, text, digits, unit in (("diameter_mm", "equivalent diameter", 1, " mm"),
-                                    ("volume_mm3", "volume", 1, " mm3"), ("confidence", "confidence", 3, "")):
+                                    ("volume_mm3", "volume", 1, " mm3"), ("confidence", "max logit", 2, "")):
         value = lesion.get(key)
         if value is not None:
             parts.append(f"{text} {float(value):.{digits}f}{unit}")
@@ -173,7 +175,7 @@ def lesion_segment_descriptions(lesions: Sequence[Mapping[str, Any]]) -> list[An
 
     A row is a lesion-table row, as :func:`IWSegmentationLib.slicer.mrml.lesion_rows` or the lesion JSON of
     ``iwseg predict`` makes them: ``id``, ``diameter_mm``, ``size_group`` and optionally ``name``
-    (the segment label), ``volume_mm3``, ``confidence``.
+    (the segment label), ``volume_mm3``, ``confidence`` (the maximum logit).
     """
     hd = require_highdicom()
     from pydicom.sr.codedict import codes

@@ -175,7 +175,9 @@ def equivalent_diameter(volume_mm3):
 class Lesion:
     """One connected component. ``centroid`` and ``bbox`` are voxel indices in ``[z, y, x]`` order;
     ``bbox`` is ``(z0, y0, x0, z1, y1, x1)`` with exclusive ends. ``confidence`` is the maximum
-    probability inside the lesion when a probability map was given."""
+    of the score map inside the lesion when one was given: the **maximum logit** for ``iwseg
+    predict`` (a float32 sigmoid rounds to 1.0 above about 17, so confident lesions would tie;
+    see :mod:`IWSegmentationLib.core.confidence`)."""
 
     id: int
     voxels: int
@@ -244,14 +246,15 @@ def lesion_table(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     *,
     thresholds: SizeThresholds | None = None,
-    probabilities: np.ndarray | None = None,
+    scores: np.ndarray | None = None,
     k: int | None = None,
 ) -> list[Lesion]:
     """Describe every component of a label map (from :func:`label_components`).
 
     ``spacing`` is ``(sz, sy, sx)`` in mm. Voxel counts, bounding boxes and centroids come
-    from one pass of ``cc3d.statistics``; confidences from one pass over lesion voxels only.
-    Ids absent from ``labels`` (e.g. after cropping) are skipped.
+    from one pass of ``cc3d.statistics``; confidences (the maximum of ``scores``, the logit
+    map, inside each lesion) from one pass over lesion voxels only. Ids absent from
+    ``labels`` (e.g. after cropping) are skipped.
     """
     _check_volume(labels, "labels")
     sp = np.asarray(check_spacing(spacing))
@@ -260,11 +263,11 @@ def lesion_table(
         k = int(labels.max()) if labels.size else 0
     if k == 0:
         return []
-    if probabilities is not None and probabilities.shape != labels.shape:
-        raise InputError(f"probabilities shape {probabilities.shape} differs from labels shape {labels.shape}")
+    if scores is not None and scores.shape != labels.shape:
+        raise InputError(f"scores shape {scores.shape} differs from labels shape {labels.shape}")
     stats = _label_statistics(labels)
     counts, boxes, centroids = stats["voxel_counts"], stats["bounding_boxes"], stats["centroids"]
-    conf = component_max(labels, probabilities, k) if probabilities is not None else None
+    conf = component_max(labels, scores, k) if scores is not None else None
     voxel_mm3 = float(np.prod(sp))
     out = []
     for j in range(1, min(k, len(counts) - 1) + 1):
@@ -294,11 +297,12 @@ def analyze_lesions(
     *,
     connectivity: int = 26,
     thresholds: SizeThresholds | None = None,
-    probabilities: np.ndarray | None = None,
+    scores: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[Lesion]]:
-    """Label ``mask`` and describe its lesions: returns ``(labels, lesions)``."""
+    """Label ``mask`` and describe its lesions: returns ``(labels, lesions)``; a lesion's
+    confidence is the maximum of ``scores`` (the logit map) inside it."""
     labels, k = label_components(mask, connectivity)
-    return labels, lesion_table(labels, spacing, thresholds=thresholds, probabilities=probabilities, k=k)
+    return labels, lesion_table(labels, spacing, thresholds=thresholds, scores=scores, k=k)
 
 
 def relabel_by_size(labels: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:

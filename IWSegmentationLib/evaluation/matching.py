@@ -6,9 +6,16 @@ text, with worked examples, is in ``docs/metrics.md``.
 
 Per case (:func:`match_case`)
     *Reference lesions* are the connected components of the reference mask; *predicted
-    components* those of ``prob > t_seg`` (default 0.5); both labelled with the same
-    connectivity (26 by default). The *confidence* of a component is the maximum
-    probability inside it. With ``Dice(g, c) = 2|g ∩ c| / (|g| + |c|)``:
+    components* those of ``sigmoid(score) > t_seg`` (default 0.5); both labelled with the same
+    connectivity (26 by default). The *confidence* of a component is the maximum score inside
+    it: the maximum **logit** when the scores are logits (``score="logit"``: what ``iwseg
+    predict`` blends, ``iwseg evaluate --logits`` and training validation), else the maximum
+    probability (``score="probability"``, the default, for probability maps and masks from
+    other tools). Logits, because a float32 sigmoid rounds to exactly 1.0 above about 17, so
+    confident components would all tie at 1.0 and the FROC could not order them; the
+    threshold is applied in logit space (:func:`~IWSegmentationLib.core.confidence.probability_to_logit`),
+    so a positive scaling of the logits changes no mask and no ranking.
+    With ``Dice(g, c) = 2|g ∩ c| / (|g| + |c|)``:
 
     * each lesion ``g`` is matched to the overlapping component with the highest Dice
       (ties: the higher confidence, then the lower id); ``hit_dice(g)`` is that Dice (0 when
@@ -56,10 +63,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from ..core.confidence import probability_to_logit
 from ..core.errors import InputError
 from ..core.lesions import (
     CONNECTIVITIES,
@@ -77,6 +85,11 @@ from .hit_rules import parse_hit_rule
 
 if TYPE_CHECKING:
     from .hit_rules import HitRule
+
+#: What a prediction map holds, and so what a component's confidence is (its maximum of it):
+#: ``logit`` (the network's blended output; ``iwseg predict --logits``) or ``probability``
+#: (a probability map in [0, 1] or a 0/1 mask, e.g. from another tool).
+SCORES = ("logit", "probability")
 
 
 @dataclass
@@ -111,7 +124,7 @@ class LesionResult(Lesion):
 @dataclass
 class ComponentResult(Lesion):
     """One predicted component (a :class:`~IWSegmentationLib.core.lesions.Lesion` whose ``confidence``
-    is its maximum probability). ``lesion`` is the id of the reference lesion it overlaps with
+    is its maximum score: logit or probability, :attr:`CaseResult.score`). ``lesion`` is the id of the reference lesion it overlaps with
     the highest Dice (None for a false positive); ``hit_dice`` that Dice (0 if none)."""
 
     hit_dice: float = 0.0
@@ -138,6 +151,8 @@ class CaseResult:
 
     ``ref_labels`` / ``pred_labels`` (the int32 component label maps whose ids the lesions
     and components carry) are kept only when :func:`match_case` was asked to keep them.
+    ``score`` is what the confidences are (one of :data:`SCORES`); ``threshold`` is always a
+    probability.
     """
 
     case: str
@@ -151,6 +166,7 @@ class CaseResult:
     ref_labels: np.ndarray | None = field(default=None, repr=False)
     pred_labels: np.ndarray | None = field(default=None, repr=False)
     hit_rule: str = "paper"
+    score: str = "probability"
 
     @property
     def voxel_dice(self) -> float:
@@ -184,18 +200,49 @@ def voxel_dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return dice_from_counts(int(np.count_nonzero(a & b)), int(np.count_nonzero(b)), int(np.count_nonzero(a)))
 
 
-def _check_probabilities(prob: np.ndarray, name: str) -> None:
-    if not isinstance(prob, np.ndarray) or prob.ndim != 3:
-        shape = getattr(prob, "shape", type(prob).__name__)
+def _check_prediction(pred: np.ndarray, name: str) -> tuple:
+    """A 3D, non-empty, numeric (or bool) prediction; returns its ``(min, max)`` (None for bool)."""
+    if not isinstance(pred, np.ndarray) or pred.ndim != 3:
+        shape = getattr(pred, "shape", type(pred).__name__)
         raise InputError(f"prediction {name} must be a 3D volume [z, y, x], got {shape}")
-    if prob.dtype == bool:
+    if pred.dtype == bool:
+        return None, None
+    if not (np.issubdtype(pred.dtype, np.number) and not np.issubdtype(pred.dtype, np.complexfloating)):
+        raise InputError(f"prediction {name} has non-numeric voxel type {pred.dtype}")
+    if pred.size == 0:
+        raise InputError(f"prediction {name} is empty (shape {pred.shape})")
+    return pred.min(), pred.max()  # NaN propagates through min/max: one check covers it
+
+
+def looks_like_probabilities(lo, hi) -> bool:
+    """A map whose values all lie in [0, 1] (so none is negative): a probability map or a mask,
+    which given as logits would put every voxel below the 0.5 threshold's logit 0 but the 1s."""
+    return lo is None or (lo >= 0 and hi <= 1)
+
+
+def _check_logits(logits: np.ndarray, name: str, on_warning: Callable[[str], object] | None) -> None:
+    """Logits: any finite real values (``-inf``, probability 0, is allowed; NaN and ``+inf`` are
+    not). A map with every value in [0, 1] is almost surely a probability map or a mask: it is
+    accepted, but ``on_warning`` hears about it, naming the file."""
+    lo, hi = _check_prediction(logits, name)
+    if on_warning is not None and looks_like_probabilities(lo, hi):
+        on_warning(f"prediction {name} is read as logits but every value lies in [0, 1] (none negative): it looks "
+                   "like a probability map or a mask, whose components all lie below logit 0 (probability 0.5) "
+                   "except the 1s; give probability maps as probabilities (iwseg evaluate --pred)")
+    if lo is None or not np.issubdtype(logits.dtype, np.floating) or (np.isfinite(lo) and np.isfinite(hi)):
         return
-    if not (np.issubdtype(prob.dtype, np.number) and not np.issubdtype(prob.dtype, np.complexfloating)):
-        raise InputError(f"prediction {name} has non-numeric voxel type {prob.dtype}")
-    if prob.size == 0:
-        raise InputError(f"prediction {name} is empty (shape {prob.shape})")
-    lo, hi = prob.min(), prob.max()  # NaN propagates through min/max: one check covers it
-    if lo >= 0 and hi <= 1:
+    n_nan = int(np.count_nonzero(np.isnan(logits)))
+    if n_nan:
+        raise InputError(f"prediction {name} holds {n_nan} NaN voxel(s); logits must be numbers")
+    n_inf = int(np.count_nonzero(np.isposinf(logits)))
+    if n_inf:
+        raise InputError(f"prediction {name} holds {n_inf} voxel(s) of logit +inf; logits must be finite "
+                         "(a voxel of -inf reads as probability 0)")
+
+
+def _check_probabilities(prob: np.ndarray, name: str) -> None:
+    lo, hi = _check_prediction(prob, name)
+    if looks_like_probabilities(lo, hi):
         return
     if np.issubdtype(prob.dtype, np.floating):
         n_nan = int(np.count_nonzero(np.isnan(prob)))
@@ -205,7 +252,8 @@ def _check_probabilities(prob: np.ndarray, name: str) -> None:
         if n_inf:
             raise InputError(f"prediction {name} holds {n_inf} infinite voxel(s); probabilities must be finite")
     hint = " (a 0/255 mask? store it as 0/1)" if hi == 255 and lo >= 0 else ""
-    hint = hint or (" (logits? apply a sigmoid first)" if lo < 0 else "")
+    hint = hint or (" (logits? evaluate them as logits: iwseg evaluate --logits, match_case(score='logit'))"
+                    if lo < 0 else "")
     raise InputError(
         f"prediction {name} has values in [{float(lo):g}, {float(hi):g}]; "
         f"probabilities or a binary mask in [0, 1] are needed{hint}"
@@ -250,15 +298,18 @@ def match_case(
     keep_labels: bool = False,
     hit_rule: HitRule | str | None = None,
     min_lesion_size: MinLesionSize | str | None = None,
+    score: str = "probability",
+    on_warning: Callable[[str], object] | None = None,
 ) -> CaseResult:
     """Match the predicted components of one image to its reference lesions.
 
     Args:
-        prob: ``[z, y, x]`` probabilities in [0, 1] (or a 0/1 mask; its components then all
-            have confidence 1).
+        prob: ``[z, y, x]`` scores: logits (``score="logit"``, any finite values) or
+            probabilities in [0, 1] (or a 0/1 mask; its components then all have confidence 1).
         ref: ``[z, y, x]`` binary reference mask (0/1 or bool), same shape.
         spacing: voxel size ``(sz, sy, sx)`` in mm, for volumes and diameters.
-        threshold: ``t_seg``; predicted components are those of ``prob > threshold``.
+        threshold: ``t_seg``, a probability; predicted components are those of
+            ``prob > threshold``, or for logits ``prob > log(t / (1 - t))``.
         thresholds: size-group diameter cut-offs (default: the lung preset).
         connectivity: 6, 18 or 26, used for both reference and prediction.
         case: case id reported in the results.
@@ -268,18 +319,28 @@ def match_case(
             default the paper's rule (any overlap, best Dice, many-to-one).
         min_lesion_size: predicted components smaller than this are dropped before matching
             (:class:`~IWSegmentationLib.core.lesions.MinLesionSize` or ``"10vox"`` / ``"5mm3"``).
+        score: what ``prob`` holds (:data:`SCORES`): ``"logit"`` ranks components by their
+            maximum logit, ``"probability"`` (default) by their maximum probability.
+        on_warning: called with a message naming ``pred_name`` when logits look like a
+            probability map (every value in [0, 1]); found in the pass that checks them.
 
     Returns a :class:`CaseResult`. Costs two labellings, two lesion tables and one pass
     over the predicted voxels; raises :class:`InputError` naming the input on bad data.
     """
     pred_name = pred_name or case
     ref_name = ref_name or case
-    _check_probabilities(prob, pred_name)
+    if score not in SCORES:
+        raise InputError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    if score == "logit":
+        _check_logits(prob, pred_name, on_warning)
+    else:
+        _check_probabilities(prob, pred_name)
     _check_reference(ref, ref_name)
     if prob.shape != ref.shape:
         raise InputError(f"prediction {pred_name} has shape {prob.shape} but reference {ref_name} has {ref.shape}")
-    if not (0.0 <= float(threshold) < 1.0):
-        raise InputError(f"segmentation threshold must be in [0, 1), got {threshold}")
+    cut = probability_to_logit(threshold, "segmentation threshold")  # also checks 0 <= t < 1
+    if score == "probability":
+        cut = float(threshold)
     if connectivity not in CONNECTIVITIES:
         raise InputError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity}")
     thresholds = thresholds or SIZE_PRESETS[DEFAULT_SIZE_PRESET]
@@ -287,7 +348,7 @@ def match_case(
     rule = parse_hit_rule(hit_rule)
     min_size = parse_min_lesion_size(min_lesion_size)
 
-    pred_mask = prob > threshold
+    pred_mask = prob > cut
     ref_labels, n_ref = label_components(ref, connectivity)
     pred_labels, n_pred = label_components(pred_mask, connectivity)
     ref_table = lesion_table(ref_labels, spacing, thresholds=thresholds, k=n_ref)
@@ -300,7 +361,7 @@ def match_case(
     # One pass over the predicted voxels gives both the confidences and all overlaps.
     idx = np.flatnonzero(pred_mask)
     comp_of_voxel = pred_labels.reshape(-1)[idx]
-    confidence = np.zeros(n_pred + 1, dtype=np.float64)
+    confidence = np.full(n_pred + 1, -np.inf)  # logits of a component may all be negative
     np.maximum.at(confidence, comp_of_voxel, prob.reshape(-1)[idx].astype(np.float64))
     lesion_of_voxel = ref_labels.reshape(-1)[idx]
     both = lesion_of_voxel > 0
@@ -337,7 +398,7 @@ def match_case(
         case=case, lesions=lesions, components=components, threshold=float(threshold), spacing=spacing,
         ref_voxels=int(ref_sizes.sum()), pred_voxels=int(pred_sizes.sum()), overlap_voxels=int(pair_overlap.sum()),
         ref_labels=ref_labels if keep_labels else None, pred_labels=pred_labels if keep_labels else None,
-        hit_rule=str(rule),
+        hit_rule=str(rule), score=score,
     )
 
 

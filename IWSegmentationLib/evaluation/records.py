@@ -15,9 +15,11 @@ read from a file rather than computed from masks. Three formats are read:
   1.0 for most detections, and the order among those ties matters: on their LiTS Dice records,
   putting every tied lesion before (after) every tied false positive gives a bootstrap CPM of
   0.65 (0.51). ``score="logit"`` is the default; it reproduces Table 2 (0.616 vs .62).
-* **Our JSON report** (``iwseg evaluate --json``): its ``cases`` list.
+* **Our JSON report** (``iwseg evaluate --json``): its ``cases`` list; its ``score`` says
+  whether the confidences are logits or probabilities (probabilities when absent: reports
+  written before confidences were logits).
 * **Our per-lesion CSV** (``iwseg evaluate --csv``): rows of ``kind`` ``lesion`` and
-  ``false_positive``.
+  ``false_positive``; the ``score`` column as the report's (probabilities when absent).
 
 Records carry no voxels, so the voxel Dice of such cases is undefined (NaN).
 """
@@ -32,9 +34,11 @@ from typing import Any, Iterable
 
 from ..core.errors import InputError
 from ..core.lesions import SizeThresholds
-from .matching import CaseResult, ComponentResult, LesionResult
+from .matching import SCORES, CaseResult, ComponentResult, LesionResult
 
 RECORD_SCORES = ("logit", "stat")
+#: What each of the authors' scores is, as :data:`~IWSegmentationLib.evaluation.matching.SCORES` names it.
+_RECORD_SCORE_KIND = {"logit": "logit", "stat": "probability"}
 _NO_BOX = (0, 0, 0, 0, 0, 0)
 _NO_CENTROID = (math.nan, math.nan, math.nan)
 
@@ -53,7 +57,7 @@ def load_records(path: Path, thresholds: SizeThresholds, *, score: str = "logit"
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"records file {path} is not valid JSON: {exc}") from None
     if isinstance(data, dict) and isinstance(data.get("cases"), list):
-        return _from_report(data["cases"], path, thresholds)
+        return _from_report(data["cases"], path, thresholds, _score_kind(data.get("score"), str(path)))
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
         return _from_authors(data, path, thresholds, score)
     raise InputError(f"records file {path}: neither an iwseg evaluate report (a 'cases' list) nor the "
@@ -90,9 +94,17 @@ def _component(id: int, hit_dice: float, confidence: float, lesion, geometry: di
                            confidence=float(confidence), hit_dice=hit_dice, lesion=lesion if hit_dice > 0 else None)
 
 
-def _case(name: str, lesions: list, components: list) -> CaseResult:
+def _case(name: str, lesions: list, components: list, score: str) -> CaseResult:
     return CaseResult(case=name, lesions=lesions, components=components, threshold=math.nan,
-                      spacing=(math.nan,) * 3, ref_voxels=0, pred_voxels=0, overlap_voxels=0)
+                      spacing=(math.nan,) * 3, ref_voxels=0, pred_voxels=0, overlap_voxels=0, score=score)
+
+
+def _score_kind(value, where: str) -> str:
+    """A report's or CSV row's ``score`` (absent: ``probability``, as files written before logits)."""
+    kind = value or "probability"
+    if kind not in SCORES:
+        raise InputError(f"{where}: score must be one of {', '.join(SCORES)}, got {value!r}")
+    return kind
 
 
 # --------------------------------------------------------------------------------------
@@ -129,7 +141,7 @@ def _from_authors(data: dict, path: Path, thresholds: SizeThresholds, score: str
                                                  _object_id(obj.get("hit_obj", "tum_None"), "tum_", where), geometry))
             except (KeyError, TypeError, ValueError) as exc:
                 raise InputError(f"{where}: not a prc_records object ({type(exc).__name__}: {exc})") from None
-        cases.append(_case(str(image), lesions, components))
+        cases.append(_case(str(image), lesions, components, _RECORD_SCORE_KIND[score]))
     return cases
 
 
@@ -138,7 +150,7 @@ def _from_authors(data: dict, path: Path, thresholds: SizeThresholds, score: str
 # --------------------------------------------------------------------------------------
 
 
-def _from_report(entries: Iterable, path: Path, thresholds: SizeThresholds) -> list[CaseResult]:
+def _from_report(entries: Iterable, path: Path, thresholds: SizeThresholds, score: str) -> list[CaseResult]:
     cases = []
     for i, entry in enumerate(entries):
         try:
@@ -148,7 +160,7 @@ def _from_report(entries: Iterable, path: Path, thresholds: SizeThresholds) -> l
             components = [_component(int(x["id"]), float(x["hit_dice"]), float(x["confidence"]), None,
                                      _diameter_fields(x.get("diameter_mm"), x.get("volume_mm3"), thresholds))
                           for x in entry["components"]]
-            cases.append(_case(str(entry["case"]), lesions, components))
+            cases.append(_case(str(entry["case"]), lesions, components, score))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: case entry {i} is not an iwseg evaluate case "
                              f"({type(exc).__name__}: {exc})") from None
@@ -164,8 +176,10 @@ def _from_csv(path: Path, thresholds: SizeThresholds) -> list[CaseResult]:
                              f"{', '.join(sorted(missing))}); write it again with iwseg evaluate --csv")
         rows = list(reader)
     by_case: dict[str, tuple[list, list]] = {}
+    kinds: dict[str, str] = {}
     for line, row in enumerate(rows, start=2):
         lesions, components = by_case.setdefault(row["case"], ([], []))
+        kinds.setdefault(row["case"], _score_kind(row.get("score"), f"{path}, line {line}"))
         try:
             geometry = _diameter_fields(row["diameter_mm"], row.get("volume_mm3"), thresholds)
             if row["kind"] == "lesion":
@@ -178,4 +192,4 @@ def _from_csv(path: Path, thresholds: SizeThresholds) -> list[CaseResult]:
                 raise ValueError(f"kind {row['kind']!r} is not lesion, false_positive or image")
         except (TypeError, ValueError) as exc:
             raise InputError(f"{path}, line {line}: {exc}") from None
-    return [_case(name, les, comp) for name, (les, comp) in by_case.items()]
+    return [_case(name, les, comp, kinds[name]) for name, (les, comp) in by_case.items()]

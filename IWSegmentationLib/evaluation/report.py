@@ -27,7 +27,8 @@ def evaluate_cases(
 
     Keys: ``n_images, n_lesions, recall, object_dice{mean,std,n}, cpm, avg_recall_0_5,
     froc{fp_per_image,recall,threshold}, bootstrap{cpm{mean,std}, avg_recall_0_5{mean,std}, n,
-    mode, seed}, hit_rule, by_size{small,medium,large -> the same fields}, cases[...]`` (in input
+    mode, seed}, hit_rule, score`` (what the confidences and FROC thresholds are: ``logit`` or
+    ``probability``, :data:`~IWSegmentationLib.evaluation.matching.SCORES`), ``by_size{small,medium,large -> the same fields}, cases[...]`` (in input
     order, see :meth:`CaseResult.as_dict`). ``recall`` is at the segmentation threshold (every
     component counts). A FROC threshold of None is the added (0, 0) point (τ = ∞).
     ``bootstrap_mode`` is one of :data:`BOOTSTRAP_MODES` (see :func:`bootstrap`).
@@ -37,9 +38,14 @@ def evaluate_cases(
     rules = sorted({c.hit_rule for c in ordered})
     if len(rules) > 1:
         raise InputError(f"cases were matched with different hit rules ({', '.join(rules)}); pool one rule at a time")
+    scores = sorted({c.score for c in ordered})
+    if len(scores) > 1:
+        raise InputError(f"cases rank their components by different scores ({', '.join(scores)}); a logit and a "
+                         "probability are not comparable: pool one kind at a time")
     pool = _Pool.from_cases(ordered)
     report = _summary(pool, None, n_resamples, fraction, seed, bootstrap_mode)
     report["hit_rule"] = rules[0]
+    report["score"] = scores[0]
     report["by_size"] = {g: _summary(pool, g, n_resamples, fraction, seed, bootstrap_mode) for g in SIZE_GROUPS}
     report["cases"] = [c.as_dict() for c in cases]
     return report

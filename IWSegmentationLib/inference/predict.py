@@ -23,17 +23,25 @@ from .sliding_window import InferenceStats, _triple, sliding_window_inference
 @dataclass
 class VolumePrediction:
     """:func:`predict_volume`'s result, on the input grid: the blended float32 ``logits`` (what
-    ranks components: their maximum logit is their confidence), float32 ``probabilities``
-    (``sigmoid(logits)``), the uint8 mask ``logits > logit(threshold)`` (the same as
-    ``probabilities > threshold`` without the sigmoid's rounding), the threshold used (a
-    probability) and the run's :class:`InferenceStats`. Voxels no window covered have the
-    logit :data:`~IWSegmentationLib.core.confidence.SKIPPED_LOGIT` (probability 0)."""
+    ranks components: their maximum logit is their confidence), the uint8 mask
+    ``logits > logit(threshold)`` (the same as ``probabilities > threshold`` without the
+    sigmoid's rounding), the threshold used (a probability) and the run's
+    :class:`InferenceStats`. Voxels no window covered have the logit
+    :data:`~IWSegmentationLib.core.confidence.SKIPPED_LOGIT` (probability 0).
+
+    :attr:`probabilities` is computed from the logits when asked for, not kept: a second
+    float32 volume is paid for only by a caller that wants probabilities (``iwseg predict``
+    computes it only to write ``--probabilities``)."""
 
     logits: np.ndarray
-    probabilities: np.ndarray
     mask: np.ndarray
     threshold: float
     stats: InferenceStats
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """``sigmoid(logits)``, float32, a new array on every access (keep it if needed twice)."""
+        return sigmoid(self.logits)
 
 
 def inference_settings(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,8 +107,10 @@ def predict_volume(
     then intensity scaling and the organ mask), the foreground for skipping
     (:func:`preprocessing.foreground_mask`: the organ mask, else the lung field for ``ct-lung``,
     else the preset's body threshold),
-    :func:`sliding_window_inference` of the logits ``model(x)`` (blended), resampling back to the input grid,
-    the sigmoid, and ``mask = logits > logit(threshold)``.
+    :func:`sliding_window_inference` of the logits ``model(x)`` (blended), resampling the logits
+    back to the input grid (as nnU-Net resamples logits before its softmax), and
+    ``mask = logits > logit(threshold)``. Logits are blended rather than probabilities: the
+    measurement behind that choice is in docs/inference.md.
 
     Args:
         model: the network (``load_checkpoint``'s first value), or several networks whose cards
@@ -204,7 +214,7 @@ def predict_volume(
     if box is not None:
         logits = box.paste(logits, fill=SKIPPED_LOGIT)  # outside the organ box: no lesion (probability 0)
     if work_geometry != geometry:
-        logits = resample_to_geometry(logits, work_geometry, geometry)
+        # points of the input grid beyond the coarse grid's edge read as skipped, not as logit 0 (p = 0.5)
+        logits = resample_to_geometry(logits, work_geometry, geometry, default_value=SKIPPED_LOGIT)
     mask = (logits > logit_threshold).view(np.uint8)
-    return VolumePrediction(logits=logits, probabilities=sigmoid(logits), mask=mask, threshold=threshold,
-                            stats=stats)
+    return VolumePrediction(logits=logits, mask=mask, threshold=threshold, stats=stats)

@@ -48,13 +48,17 @@ _SITK_NATIVE = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint1
 
 
 def resample_to_geometry(
-    array: np.ndarray, geometry: Geometry, target: Geometry, *, is_mask: bool = False
+    array: np.ndarray, geometry: Geometry, target: Geometry, *, is_mask: bool = False,
+    default_value: float = 0.0,
 ) -> np.ndarray:
     """Resample ``array`` (on ``geometry``) onto the grid ``target`` with SimpleITK.
 
     Images: linear interpolation, float32 out. Masks (``is_mask=True``): nearest neighbour,
-    the input dtype kept. Points outside the source image get 0 (edge voxels are extended by
-    half a voxel, as ITK does, so grids from :func:`resampled_geometry` have no empty border).
+    the input dtype kept. Points outside the source image get ``default_value`` (0 unless
+    given; logits pass :data:`~IWSegmentationLib.core.confidence.SKIPPED_LOGIT`, since a logit
+    of 0 is probability 0.5). Edge voxels are extended by half a voxel, as ITK does, but a
+    coarser grid from :func:`resampled_geometry` may still end up to half a coarse voxel short
+    of the fine grid's far edge, so such points do occur.
     """
     import SimpleITK as sitk
 
@@ -74,7 +78,7 @@ def resample_to_geometry(
         [float(v) for v in target.origin],
         [float(v) for v in target.spacing],
         [float(v) for v in target.direction],
-        0.0,
+        float(default_value),
         out_type,
     )
     return sitk.GetArrayFromImage(result)

@@ -282,6 +282,7 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
         size_thresholds: Annotated[Optional[List[float]], Query()] = None, connectivity: Optional[int] = None,
         tta: bool = False, min_lesion_size: Optional[str] = None,
         force: bool = Query(False, description="run on an input that looks like a label map"),
+        logits: bool = Query(False, description="also return the blended logit map (result 'logits', float32)"),
         who: str = Depends(owner),
     ):
         declared = request.headers.get("content-length")
@@ -289,7 +290,7 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
             raise ApiError(413, _too_large(config.max_upload_bytes))
         options = JobOptions(threshold, overlap, probabilities, lesions, output_format, probabilities_uint8,
                              no_skip, batch_size, precision, engine, size_preset, size_thresholds, connectivity,
-                             tta, min_lesion_size, force)
+                             tta, min_lesion_size, force, logits)
         job = manager.new_job(who, model, filename, options)  # takes a slot before the body is read
         try:
             await _receive(request, job.run.input_path, config.max_upload_bytes, config.upload_timeout_s)
@@ -321,7 +322,7 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
         manager.delete(job)
         return {"id": job.id, "deleted": True}
 
-    @app.get("/v1/jobs/{job_id}/results/{name}", summary="Download an output: mask, probabilities or lesions")
+    @app.get("/v1/jobs/{job_id}/results/{name}", summary="Download an output: mask, probabilities, logits or lesions")
     def result(job_id: str, name: str, who: str = Depends(owner)):
         job = manager.get(who, job_id)
         if name not in RESULT_NAMES:

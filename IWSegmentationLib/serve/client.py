@@ -179,7 +179,7 @@ class ServerClient:
                                   f"({type(exc).__name__}: {exc or 'closed'}); the server may have stopped") from None
 
     def download(self, job_id: str, name: str, target: str | os.PathLike) -> Path:
-        """Write result ``name`` (mask, probabilities, lesions) to ``target`` (the caller makes it atomic)."""
+        """Write result ``name`` (mask, probabilities, logits, lesions) to ``target`` (the caller makes it atomic)."""
         path = f"/v1/jobs/{_quote(job_id)}/results/{_quote(name)}"
         with self._open("GET", path) as response, open(target, "wb") as f:
             try:
@@ -262,12 +262,12 @@ def job_options(args) -> dict[str, Any]:
         "engine": None if args.engine == "auto" else args.engine, "size_preset": args.size_preset,
         "size_thresholds": list(args.size_thresholds) if args.size_thresholds else None,
         "connectivity": args.connectivity, "tta": args.tta, "min_lesion_size": args.min_lesion_size,
-        "force": args.force,
+        "force": args.force, "logits": args.logits is not None,
     }
-    if args.probabilities is not None and single_file_suffix(args.probabilities.name, what="--probabilities") \
-            != options["output_format"]:
-        raise InputError("with --server, --probabilities must use the format of --output "
-                         f"({options['output_format']}), got {args.probabilities.name}")
+    for flag, path in (("--probabilities", args.probabilities), ("--logits", args.logits)):
+        if path is not None and single_file_suffix(path.name, what=flag) != options["output_format"]:
+            raise InputError(f"with --server, {flag} must use the format of --output "
+                             f"({options['output_format']}), got {path.name}")
     return options
 
 
@@ -304,7 +304,8 @@ def predict_on_server(args, reporter, state) -> int:
 
         info = client.follow(job["id"], forward)
         _raise_for_state(client, info)
-        outputs = {"mask": case.mask, "probabilities": case.probabilities, "lesions": case.lesions}
+        outputs = {"mask": case.mask, "probabilities": case.probabilities, "logits": case.logits,
+                   "lesions": case.lesions}
         outputs = {k: v for k, v in outputs.items() if v is not None}
         download_outputs(client, job["id"], outputs, str(case.image), state.deferred,
                          on_write=lambda _name, path: reporter.emit("write", case=case.name, path=str(path)))
@@ -387,6 +388,7 @@ class RemoteInferenceRun(FolderJob):
         """The job's options: the parameters', then ``options`` given to the constructor."""
         return {"threshold": self.parameters.threshold, "overlap": self.parameters.overlap,
                 "probabilities": self.parameters.probabilities, "lesions": self.parameters.lesions,
+                "logits": self.parameters.logits,
                 "output_format": ".nrrd", **self.extra_options}
 
     def start(self, write_input: Callable[[Path], Any] | None = None,

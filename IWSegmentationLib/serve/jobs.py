@@ -37,7 +37,7 @@ FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 #: The outputs a job can return, by the name used in the URL.
-RESULT_NAMES = ("mask", "probabilities", "lesions")
+RESULT_NAMES = ("mask", "probabilities", "logits", "lesions")
 
 
 #: Job states; the last four are final and equal :class:`~IWSegmentationLib.backend.job.Outcome` values.
@@ -132,6 +132,7 @@ class JobOptions:
     tta: bool = False
     min_lesion_size: Optional[str] = None
     force: bool = False
+    logits: bool = False
 
     def check(self) -> None:
         """Refuse a value ``iwseg predict`` would refuse, before anything is uploaded."""
@@ -188,6 +189,8 @@ class JobRun(InferenceRun):
         paths = {"mask": self._folder() / f"mask{self.output_format}"}
         if self.parameters.probabilities:
             paths["probabilities"] = self._folder() / f"probabilities{self.output_format}"
+        if self.parameters.logits:
+            paths["logits"] = self._folder() / f"logits{self.output_format}"
         if self.parameters.lesions:
             paths["lesions"] = self._folder() / "lesions.json"
         return paths
@@ -327,7 +330,7 @@ class JobManager:
             stored = upload_name(filename)
             parameters = PredictParameters(
                 path, device=self.device, overlap=options.overlap, threshold=options.threshold,
-                probabilities=options.probabilities, lesions=options.lesions)
+                probabilities=options.probabilities, lesions=options.lesions, logits=options.logits)
             run = JobRun(parameters, input_name=stored, options=options, command_prefix=self.command_prefix,
                          env=self.env, workdir_parent=self.root, cancel_grace_s=self.cancel_grace_s,
                          loader=None)

@@ -5,7 +5,8 @@ else is here, without Qt, and runs under the ``slicer-core`` wheel in the tests.
 
 * :func:`write_lesion_csv` writes the lesion table rows that :func:`IWSegmentationLib.slicer.mrml.lesion_rows`
   builds (the rows the panel shows, missed reference lesions included) with the columns of
-  :data:`CSV_COLUMNS`: id, name, equivalent diameter, volume, size group, confidence, Dice, status
+  :data:`CSV_COLUMNS`: id, name, equivalent diameter, volume, size group, confidence (the
+  lesion's maximum logit, as in ``iwseg predict``'s lesion JSON), Dice, status
   (TP/FP/FN) and the centroid in LPS millimetres (DICOM's patient coordinates; the rows hold RAS,
   Slicer's, and ``L = -R``, ``P = -A``). Numbers are rounded as in ``iwseg predict``'s lesion JSON.
 * :func:`export_results` writes that CSV and, when the volume was loaded from Slicer's DICOM
@@ -117,8 +118,8 @@ def export_results(results, path: str | os.PathLike, source_files: Sequence[str 
     """Write ``<path>.csv`` (the lesion table) and, given the volume's DICOM files, ``<path>.dcm``.
 
     ``results`` is the module's :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`; the SEG holds
-    every lesion segment (hidden ones too: the confidence is in each segment's description), numbered
-    as the segments (1 = largest). ``source_files`` are the DICOM files of the input volume
+    every lesion segment (hidden ones too: the confidence, its maximum logit, is in each segment's
+    description), numbered as the segments (1 = largest). ``source_files`` are the DICOM files of the input volume
     (:func:`instance_files`); without them only the CSV is written, and the result says why.
     """
     from ..core import dicom_seg

@@ -17,7 +17,8 @@ Flow of one run:
    ``python -m IWSegmentationLib predict`` in a child process
    (:class:`~IWSegmentationLib.backend.local_run.LocalJobFactory`), in tests a fake, and any other
    :class:`~IWSegmentationLib.backend.job.SegmentationJob` (e.g. a server) alike;
-3. on success the run's loader reads the mask and probabilities and calls
+3. on success the run's loader reads the mask and the logit map (confidences are maximum
+   logits; the probability volume is its sigmoid) and calls
    :func:`IWSegmentationLib.slicer.mrml.load_prediction` inside :func:`scene_rollback`: if anything
    fails, every node it added is removed, so a failed run leaves the scene as it was. A
    cancelled or failed backend never touches the scene at all.
@@ -163,7 +164,10 @@ class LesionSegmentationLogic:
         from ..core import imageio
         from . import mrml
 
-        parameters = PredictParameters(checkpoint_path, device=device, overlap=overlap, threshold=threshold)
+        # the logit map, not the probabilities: confidences are maximum logits, and the probability
+        # volume is its sigmoid, computed on loading (one map written, read and sent, not two)
+        parameters = PredictParameters(checkpoint_path, device=device, overlap=overlap, threshold=threshold,
+                                       probabilities=False, logits=True)
         check_volume_node(volume_node)
         card = self.job_factory.model_card(parameters)
         check_single_channel(card, checkpoint_path)
@@ -189,18 +193,18 @@ class LesionSegmentationLogic:
         from . import mrml
 
         mask, mask_geometry = imageio.read_image(outputs["mask"], what="lesion mask")
-        probabilities, prob_geometry = imageio.read_image(outputs["probabilities"], what="probability map")
+        logits, logits_geometry = imageio.read_image(outputs["logits"], what="logit map")
         with scene_rollback(self.scene):
             self.results = mrml.load_prediction(
-                self.scene, volume_node, mask, probabilities, reference=reference,
+                self.scene, volume_node, mask, logits, reference=reference,
                 size_thresholds_mm=size_thresholds_mm, keep_probabilities=True,
-                geometry=mask_geometry, probabilities_geometry=prob_geometry,
+                geometry=mask_geometry, logits_geometry=logits_geometry,
             )
         return self.results
 
     @staticmethod
     def set_confidence_threshold(results, value: float) -> panel.DetectionCounts:
-        """Show only lesions with confidence >= ``value``; return the counts the panel shows."""
+        """Show only lesions whose confidence (maximum logit) is >= ``value``; return the counts the panel shows."""
         from . import mrml
 
         mrml.set_confidence_threshold(results.segmentation, value)

@@ -311,7 +311,7 @@ RUN_ON = ("this computer", "server")
 RUN_ON_SIGNALS = {"runOnComboBox": "currentIndexChanged(int)", "serverUrlLineEdit": "editingFinished()",
                   "serverTokenFileLineEdit": "editingFinished()"}
 
-LESION_COLUMNS = ("Lesion", "Diameter (mm)", "Volume (mm³)", "Size", "Confidence", "Dice", "Status")
+LESION_COLUMNS = ("Lesion", "Diameter (mm)", "Volume (mm³)", "Size", "Max logit", "Dice", "Status")
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -330,12 +330,13 @@ def lesion_cells(row: LesionRow) -> list[str]:
 
     ``row`` is a row of :func:`IWSegmentationLib.slicer.mrml.lesion_rows` (built there from the scene
     and the reference match; this only formats it): name, diameter (mm, 1 decimal), volume
-    (mm³, whole), size group, confidence (3 decimals), Dice (2 decimals) and status (``TP``,
-    ``FP``, ``FN``). What a row does not have (no reference, no probability map) shows as ``–``.
+    (mm³, whole), size group, confidence (the maximum logit, 2 decimals), Dice (2 decimals) and
+    status (``TP``, ``FP``, ``FN``). What a row does not have (no reference, no logit map) shows
+    as ``–``.
     """
     return [
         str(row.get("name") or f"Lesion {row.get('id')}"), _fmt(row.get("diameter_mm"), 1),
-        _fmt(row.get("volume_mm3"), 0), str(row.get("size_group") or "–"), _fmt(row.get("confidence"), 3),
+        _fmt(row.get("volume_mm3"), 0), str(row.get("size_group") or "–"), _fmt(row.get("confidence"), 2),
         _fmt(row.get("dice"), 2), str(row.get("status") or "–"),
     ]
 
@@ -370,7 +371,8 @@ def detection_counts(
     components: Iterable[LesionRow], threshold: float,
     references: Iterable[LesionRow] | None = None,
 ) -> DetectionCounts:
-    """Counts at confidence cut-off ``threshold``, with the definitions of :mod:`IWSegmentationLib.evaluation`.
+    """Counts at confidence cut-off ``threshold`` (a logit: confidences are maximum logits),
+    with the definitions of :mod:`IWSegmentationLib.evaluation`.
 
     A detected lesion is shown when its ``confidence >= threshold`` (always, without a
     confidence). With ``references``: a reference lesion is *detected* when ``hit_dice > 0``

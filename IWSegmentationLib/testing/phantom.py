@@ -16,7 +16,7 @@ the answer is known in advance:
 With the ``mr`` preset, ``x`` is the image scaled by its 0.5 / 99.5 percentiles; in the
 default phantom these are the background (0) and the brightest lesion (100), so a voxel is
 lesion exactly when its intensity is above ``level · 100``, and a lesion of intensity ``v``
-has confidence ``sigmoid(gain · (v / 100 − level))``. The backend's prediction is then the
+has confidence (maximum logit) ``gain · (v / 100 − level)``, probability ``sigmoid`` of it. The backend's prediction is then the
 reference mask, voxel for voxel, whatever the window layout or blending.
 
 Used by ``Testing/test_local_run.py`` (the real backend through :class:`~IWSegmentationLib.backend.local_run.InferenceRun`)
@@ -26,7 +26,6 @@ and by the Slicer module's self-test (``IWSegmentationTest``), which writes the 
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +57,10 @@ class PhantomCase:
     intensities: list[float] = field(default_factory=list)
 
     def confidences(self, gain: float = 20.0, level: float = 0.5) -> list[float]:
-        """The confidence the threshold checkpoint gives each lesion (in the order of ``intensities``)."""
+        """The confidence, the maximum logit ``gain · (v / top − level)``, that the threshold
+        checkpoint gives each lesion (in the order of ``intensities``)."""
         top = max(self.intensities)
-        return [1.0 / (1.0 + math.exp(-gain * (v / top - level))) for v in self.intensities]
+        return [gain * (v / top - level) for v in self.intensities]
 
 
 def phantom_case(
@@ -153,7 +153,7 @@ def threshold_checkpoint(
         "threshold": 0.5,
         "loss": "none (hand-wired test model)",
         "size_thresholds": [float(s) for s in size_thresholds],
-        "description": f"Test model, not trained: probability = sigmoid({gain:g} * (x - {level:g})) of the "
+        "description": f"Test model, not trained: logit = {gain:g} * (x - {level:g}) of the "
                        "preprocessed input x. See IWSegmentationLib/testing/phantom.py.",
     })
     return path

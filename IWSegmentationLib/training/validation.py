@@ -17,7 +17,9 @@ def validate(model, cases: Sequence, config: TrainConfig, card: Mapping[str, Any
 
     Each case is predicted with :func:`inference.predict_volume` (the checkpoint's own
     preprocessing, sliding window of ``val_patch_size`` with ``val_overlap``), matched with
-    :func:`metrics.match_case` and the report built by :func:`metrics.evaluate_cases`.
+    :func:`metrics.match_case` ranking each component by its maximum logit (as ``iwseg predict``
+    and ``iwseg evaluate --logits`` do, so the best checkpoint is chosen on the same CPM), and
+    the report built by :func:`metrics.evaluate_cases`.
     ``cache`` (a dict) keeps loaded cases between validations. Returns the report (see
     :func:`metrics.evaluate_cases`); the model is left in eval mode.
     """
@@ -40,10 +42,10 @@ def validate(model, cases: Sequence, config: TrainConfig, card: Mapping[str, Any
                 cache[record.id] = volume
         pred = predict_volume(model, volume.image, card, geometry=volume.geometry, organ_mask=volume.organ,
                               device=device or "cpu", overlap=config.val_overlap, channels_last=False)
-        results.append(match_case(pred.probabilities, volume.lesion, volume.geometry.spacing_zyx,
+        results.append(match_case(pred.logits, volume.lesion, volume.geometry.spacing_zyx,
                                   threshold=config.threshold, thresholds=thresholds,
                                   connectivity=config.connectivity, case=record.id,
-                                  hit_rule=hit_rule, min_lesion_size=min_size))
+                                  hit_rule=hit_rule, min_lesion_size=min_size, score="logit"))
     bar.close()
     return evaluate_cases(results, seed=config.seed)
 

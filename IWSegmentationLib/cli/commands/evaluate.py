@@ -1,6 +1,6 @@
-"""``iwseg evaluate``: lesion-wise evaluation of predicted probability maps against references.
+"""``iwseg evaluate``: lesion-wise evaluation of predicted logit or probability maps against references.
 
-Pairs prediction and reference files by case name, matches lesions per case
+Pairs prediction (``--logits`` or ``--pred``) and reference files by case name, matches lesions per case
 (:func:`IWSegmentationLib.evaluation.match_case`), or reads per-lesion records
 (:func:`IWSegmentationLib.evaluation.records.load_records`), pools the cases
 (:func:`IWSegmentationLib.evaluation.evaluate_cases`), prints a summary table and optionally
@@ -49,7 +49,7 @@ from ...evaluation.report import evaluate_cases
 CSV_COLUMNS = (
     "case", "lesion_id", "voxels", "volume_mm3", "diameter_mm", "size_group",
     "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
-    "detected", "hit_dice", "confidence", "matched_component", "kind",
+    "detected", "hit_dice", "confidence", "matched_component", "kind", "score",
 )
 
 
@@ -58,13 +58,18 @@ def register(subparsers) -> argparse.ArgumentParser:
         "evaluate",
         help="lesion-wise evaluation (FROC, CPM, avg recall, object Dice) of predictions against references",
         description=(
-            "Lesion-wise evaluation as in Shirokikh et al. (MICCAI 2020). Pairs the files of --pred and "
-            "--ref by case name (NIfTI/NRRD/MHA); predictions are probability maps in [0, 1] or binary "
-            "masks, references binary lesion masks on the same voxel grid. Or pools per-lesion --records. "
-            "See docs/metrics.md."
+            "Lesion-wise evaluation as in Shirokikh et al. (MICCAI 2020). Pairs the files of --logits (or "
+            "--pred) and --ref by case name (NIfTI/NRRD/MHA); predictions are logit maps (iwseg predict --logits: "
+            "a lesion's confidence is its maximum logit, as the authors rank them) or probability maps in [0, 1] "
+            "or binary masks, references binary lesion masks on the same voxel grid. Or pools per-lesion "
+            "--records. See docs/metrics.md."
         ),
     )
-    p.add_argument("--pred", type=Path, metavar="DIR", help="folder of predictions (probability maps)")
+    p.add_argument("--logits", type=Path, metavar="DIR",
+                   help="folder of logit maps (iwseg predict --logits): components ranked by their maximum logit")
+    p.add_argument("--pred", type=Path, metavar="DIR",
+                   help="instead of --logits: folder of probability maps in [0, 1] or masks (e.g. from another "
+                        "tool), ranked by their maximum probability (ties at 1.0 for confident components)")
     p.add_argument("--ref", type=Path, metavar="DIR", help="folder of reference lesion masks")
     p.add_argument("--records", type=Path, metavar="FILE",
                    help="instead of --pred/--ref: per-lesion records, the authors' prc_records.json or an "
@@ -80,7 +85,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="ours (default: FP/image over each resample's images) or paper (the authors' quirk: "
                         "images without records left out, FP/image over all images, seed 42)")
     p.add_argument("--threshold", type=float, default=0.5, metavar="T",
-                   help="segmentation threshold t_seg: components are those of prob > T (default 0.5)")
+                   help="segmentation threshold t_seg, a probability: components are those of prob > T, or of "
+                        "logit > log(T / (1 - T)) with --logits (default 0.5)")
     p.add_argument("--spacing-from", choices=("ref", "pred"), default="ref",
                    help="image whose voxel spacing gives volumes and diameters (default ref)")
     sizes = p.add_mutually_exclusive_group()
@@ -118,8 +124,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.records is not None:
         check_not_overwriting(outputs, {"--records": [args.records]})
     else:
-        pairs = pair_cases(args.pred, args.ref)
-        check_not_overwriting(outputs, {"--pred": [args.pred, *(p for _, p, _ in pairs)],
+        flag, folder = _prediction_source(args)
+        pairs = pair_cases(folder, args.ref)
+        check_not_overwriting(outputs, {flag: [folder, *(p for _, p, _ in pairs)],
                                         "--ref": [args.ref, *(r for _, _, r in pairs)]})
     for flag, path in outputs.items():
         if path is not None:
@@ -154,14 +161,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _check_sources(args: argparse.Namespace) -> None:
-    """Either --pred and --ref, or --records (which are matched already)."""
+    """Either --logits or --pred, with --ref; or --records (which are matched already)."""
+    if args.logits is not None and args.pred is not None:
+        raise InputError("give either --logits (logit maps) or --pred (probability maps), not both")
     if args.records is not None:
-        if args.pred is not None or args.ref is not None:
-            raise InputError("give either --records or --pred/--ref, not both")
+        if args.pred is not None or args.logits is not None or args.ref is not None:
+            raise InputError("give either --records or --logits/--pred with --ref, not both")
         if args.hit_rule not in (None, "paper") or args.min_lesion_size is not None:
-            raise InputError("--hit-rule and --min-lesion-size need masks (--pred/--ref): records are matched already")
-    elif args.pred is None or args.ref is None:
-        raise InputError("give --pred and --ref (folders of predictions and references), or --records FILE")
+            raise InputError("--hit-rule and --min-lesion-size need masks (--logits/--pred with --ref): records are "
+                             "matched already")
+    elif (args.pred is None and args.logits is None) or args.ref is None:
+        raise InputError("give --logits (or --pred) and --ref (folders of predictions and references), or --records "
+                         "FILE")
+
+
+def _prediction_source(args: argparse.Namespace) -> tuple[str, Path]:
+    """The flag and folder of the predictions: ``--logits`` or ``--pred``."""
+    return ("--logits", args.logits) if args.logits is not None else ("--pred", args.pred)
 
 
 def _evaluate_folders(args: argparse.Namespace, thresholds: SizeThresholds,
@@ -169,7 +185,7 @@ def _evaluate_folders(args: argparse.Namespace, thresholds: SizeThresholds,
     """Match every prediction/reference pair of the two folders (progress bar on stderr)."""
     from tqdm import tqdm
 
-    pairs = pair_cases(args.pred, args.ref)
+    pairs = pair_cases(_prediction_source(args)[1], args.ref)
     results: list[CaseResult] = []
     bar = tqdm(pairs, desc="evaluate", unit="case", file=sys.stderr, leave=False, disable=args.no_progress)
     for name, pred_path, ref_path in bar:
@@ -181,15 +197,18 @@ def _evaluate_folders(args: argparse.Namespace, thresholds: SizeThresholds,
 
 def _evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries) -> CaseResult:
     ref, ref_geom = read_image(ref_path, what="reference")
-    prob, pred_geom = read_image(pred_path, what="prediction")
-    prob = probabilities_from_file(prob)  # predict's --probabilities-uint8 maps: round(255 p)
+    logits = args.logits is not None
+    pred, pred_geom = read_image(pred_path, what="logit map" if logits else "prediction")
+    if not logits:
+        pred = probabilities_from_file(pred)  # predict's --probabilities-uint8 maps: round(255 p)
     check_same_grid(ref_geom, pred_geom, f"reference {ref_path}", f"prediction {pred_path}")
     geom = ref_geom if args.spacing_from == "ref" else pred_geom
     geometries[name] = geom
     return match_case(
-        prob, ref, geom.spacing_zyx, threshold=args.threshold, thresholds=thresholds,
+        pred, ref, geom.spacing_zyx, threshold=args.threshold, thresholds=thresholds,
         connectivity=args.connectivity, case=name, pred_name=str(pred_path), ref_name=str(ref_path),
-        hit_rule=args.hit_rule, min_lesion_size=args.min_lesion_size,
+        hit_rule=args.hit_rule, min_lesion_size=args.min_lesion_size, score="logit" if logits else "probability",
+        on_warning=lambda message: print(f"warning: --logits: {message}", file=sys.stderr),
     )
 
 
@@ -203,10 +222,11 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _source(results: Sequence[CaseResult], threshold: float) -> str:
-    """What the numbers were computed from: records (no threshold, no voxels) or thresholded maps."""
+    """What the numbers were computed from (records, or thresholded maps) and what ranks the components."""
+    ranked = f"ranked by max {results[0].score}" if results else ""
     if all(math.isnan(r.threshold) and r.ref_voxels == 0 and r.pred_voxels == 0 for r in results):
-        return "per-lesion records"
-    return f"components of prob > {threshold:g}"
+        return f"per-lesion records {ranked}"
+    return f"components of prob > {threshold:g} {ranked}"
 
 
 def _group_label(group: str, thresholds: SizeThresholds) -> str:
@@ -265,8 +285,9 @@ def write_json(path: Path, report: dict) -> None:
 def write_lesion_csv(path: Path, results: Sequence[CaseResult], geometries: dict[str, Geometry]) -> None:
     """One row per reference lesion (``kind`` lesion), then one per false-positive component
     (``kind`` false_positive, its id in ``matched_component``), and one ``kind`` image row for
-    an image with neither, so that the table alone gives the FROC (``--records``). Centroids
-    are in physical (LPS) mm when the geometry is known."""
+    an image with neither, so that the table alone gives the FROC (``--records``). ``confidence``
+    is the maximum logit (``score`` logit) or probability (``score`` probability) of the
+    component. Centroids are in physical (LPS) mm when the geometry is known."""
     with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
@@ -276,12 +297,13 @@ def write_lesion_csv(path: Path, results: Sequence[CaseResult], geometries: dict
             for les in r.lesions:
                 writer.writerow([r.case, les.id, *_size_cells(les, r, geom), int(les.detected), f"{les.hit_dice:.4f}",
                                  "" if les.confidence is None else f"{les.confidence:.6g}",
-                                 "" if les.component is None else les.component, "lesion"])
+                                 "" if les.component is None else les.component, "lesion", r.score])
             for comp in fps:
                 writer.writerow([r.case, "", *_size_cells(comp, r, geom), "", "0.0000", f"{comp.confidence:.6g}",
-                                 comp.id, "false_positive"])
+                                 comp.id, "false_positive", r.score])
             if not r.lesions and not fps:
-                writer.writerow([r.case, *[""] * (len(CSV_COLUMNS) - 2), "image"])
+                writer.writerow([r.case, *[""] * (len(CSV_COLUMNS) - 3), "image", r.score])
+
 
 
 def _size_cells(les, r: CaseResult, geom: Geometry | None) -> list:

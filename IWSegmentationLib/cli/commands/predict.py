@@ -69,12 +69,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=(
             "Segment lesions with a trained checkpoint (.safetensors). --input is an image file "
             "(NIfTI/NRRD/MHA), a DICOM series folder, or a folder of cases; then --output, "
-            "--probabilities and --lesions are folders. Outputs keep the input's exact grid. "
+            "--probabilities, --logits and --lesions are folders. Outputs keep the input's exact grid. "
             "Exit codes: 0 success, 2 bad input, 3 cancelled. See docs/inference.md."
         ),
     )
     p.add_argument("--model", required=True, type=Path, nargs="+", metavar="CKPT",
-                   help="checkpoint (.safetensors); several: an ensemble whose probabilities are averaged "
+                   help="checkpoint (.safetensors); several: an ensemble whose logits are averaged "
                         "(their preprocessing, window and threshold must agree)")
     p.add_argument("--input", required=True, type=Path, nargs="+", metavar="IMG|DIR",
                    help="image, DICOM folder or folder of cases; several image files: the channels of one case "
@@ -84,6 +84,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--probabilities", type=Path, metavar="PROB|DIR", help="also write the probability map (or folder)")
     p.add_argument("--probabilities-uint8", action="store_true",
                    help="write probabilities as uint8 round(255 p) instead of float32 (4x smaller)")
+    p.add_argument("--logits", type=Path, metavar="LOGITS|DIR",
+                   help="also write the blended logit map, float32 (or folder): what ranks lesions (a lesion's "
+                        "confidence is its maximum logit); iwseg evaluate --logits reads it")
     p.add_argument("--lesions", type=Path, metavar="JSON|DIR", help="also write the lesion table as JSON (or folder)")
     p.add_argument("--dicom-seg", type=Path, metavar="DCM|DIR",
                    help="DICOM series input: also write the lesions as a DICOM SEG referencing the series, one "
@@ -104,7 +107,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "only: up to 2x faster for narrow nets, same outputs within 1e-6) or eager")
     p.add_argument("--no-skip", action="store_true", help="run every window (no background skipping)")
     p.add_argument("--tta", action="store_true",
-                   help="test-time mirroring: average the probabilities of the 8 flips over the 3 axes (8x the time)")
+                   help="test-time mirroring: average the logits of the 8 flips over the 3 axes (8x the time)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     p.add_argument("--force", action="store_true",
                    help="segment an input that looks like a label map (few integer values) instead of refusing it")
@@ -292,7 +295,7 @@ def _predict_case(case: PredictJob, model, card: dict, args, device, precision, 
         )
     except InputError as exc:
         raise InputError(f"{case.image}: {exc}") from None
-    _check_finite(prediction.probabilities, case, args.model)
+    _check_finite(prediction.logits, case, args.model)
     del image, organ
     reporter.emit("postprocess", case=case.name)
     if args.min_lesion_size is not None:

@@ -30,10 +30,21 @@ class PredictJob:
     dicom_seg: Path | None = None
     #: Channels 1, 2, ... of a multi-channel image (``image`` is channel 0).
     more_channels: tuple[Path, ...] = ()
+    logits: Path | None = None
 
     @property
     def image_files(self) -> tuple[Path, ...]:
         return (self.image, *self.more_channels)
+
+    @property
+    def outputs(self) -> dict[str, Path | None]:
+        """The case's mask, probability, logit and lesion-table paths by flag (None: not asked for)."""
+        return {"--output": self.mask, "--probabilities": self.probabilities, "--logits": self.logits,
+                "--lesions": self.lesions}
+
+    def output_paths(self) -> list[Path]:
+        """The paths of :attr:`outputs` that were asked for."""
+        return [p for p in self.outputs.values() if p is not None]
 
 
 def _image_suffix(path: Path) -> str:
@@ -181,7 +192,7 @@ def _check_output_folder(flag: str, path: Path) -> None:
 
 def _refuse_existing(cases: list[PredictJob]) -> None:
     """Refuse to replace outputs that exist (as ``synth`` and ``train`` do); ``--overwrite`` allows it."""
-    existing = [str(p) for c in cases for p in (c.mask, c.probabilities, c.lesions) if p is not None and p.exists()]
+    existing = [str(p) for c in cases for p in c.output_paths() if p.exists()]
     if existing:
         raise InputError(f"output(s) already exist: {preview_names(existing, 3)}; pass --overwrite to replace them, "
                          "or choose another output")
@@ -189,7 +200,7 @@ def _refuse_existing(cases: list[PredictJob]) -> None:
 
 def _make_output_folders(cases: list[PredictJob]) -> None:
     """Create the folders the outputs go to (once every path has been checked)."""
-    for folder in sorted({p.parent for c in cases for p in (c.mask, c.probabilities, c.lesions) if p is not None}):
+    for folder in sorted({p.parent for c in cases for p in c.output_paths()}):
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -268,25 +279,30 @@ def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
     if not folder_mode:
         name, path = next(iter(inputs.items()))
         _check_output_file("--output", args.output, image=True)
-        if args.probabilities is not None:
-            _check_output_file("--probabilities", args.probabilities, image=True)
+        for flag, value in (("--probabilities", args.probabilities), ("--logits", args.logits)):
+            if value is not None:
+                _check_output_file(flag, value, image=True)
         if args.lesions is not None:
             _check_output_file("--lesions", args.lesions, image=False)
         organ = args.organ_mask
         if organ is not None and not organ.exists():
             raise InputError(f"--organ-mask not found: {organ}")
         return _checked([PredictJob(name, path, args.output, args.probabilities, args.lesions, organ,
-                                     more_channels=more_channels)], args)
+                                     more_channels=more_channels, logits=args.logits)], args)
 
     _check_output_folder("--output", args.output)
     folders = [args.output.resolve()]
-    for flag, value in (("--probabilities", args.probabilities), ("--lesions", args.lesions)):
+    image_folders = [args.output.resolve()]  # images named like the inputs: never the input folder
+    logits = args.logits
+    for flag, value in (("--probabilities", args.probabilities), ("--logits", logits), ("--lesions", args.lesions)):
         if value is not None:
             _check_output_folder(flag, value)
             if value.resolve() in folders:
                 raise InputError(f"{flag} must be a different folder from the other outputs (same case names)")
             folders.append(value.resolve())
-    if src.resolve() in folders[:2]:
+            if flag != "--lesions":
+                image_folders.append(value.resolve())
+    if src.resolve() in image_folders:
         raise InputError(f"output folder {src} is the input folder; refusing to overwrite the input images")
     organs: dict[str, Path] = {}
     if args.organ_mask is not None:
@@ -301,6 +317,7 @@ def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
             args.probabilities / f"{name}{suffix}" if args.probabilities is not None else None,
             args.lesions / f"{name}.json" if args.lesions is not None else None,
             organs.get(name), more_channels=channels.get(name, (path,))[1:],
+            logits=logits / f"{name}{suffix}" if logits is not None else None,
         ))
     if args.organ_mask is not None:
         missing = [c.name for c in cases if c.organ_mask is None]
@@ -315,13 +332,12 @@ def _checked(cases: list[PredictJob], args: argparse.Namespace) -> list[PredictJ
     before any inference runs."""
     for case in cases:
         check_not_overwriting(
-            {"--output": case.mask, "--probabilities": case.probabilities, "--lesions": case.lesions},
-            {"--input": case.image_files, "--organ-mask": case.organ_mask, "--model": args.model},
+            case.outputs, {"--input": case.image_files, "--organ-mask": case.organ_mask, "--model": args.model},
         )
     if not getattr(args, "overwrite", False):
         _refuse_existing(cases)
     _make_output_folders(cases)
-    folders = {p.parent for c in cases[:1] for p in (c.mask, c.probabilities, c.lesions) if p is not None}
+    folders = {p.parent for c in cases[:1] for p in c.output_paths()}
     for folder in sorted(folders):
         check_writable(folder, "output")
     return cases

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from .predict_inputs import PredictJob
 
 
+#: What the lesion JSON's ``confidence`` is (its top-level ``confidence`` entry says so too).
+CONFIDENCE_NOTE = ("maximum blended logit inside the lesion (probability = sigmoid(confidence)); logits, because "
+                   "a float32 probability rounds to 1.0 above logit 17 and would tie every confident lesion")
+
+
 def _dicom_seg():
     from ...core import dicom_seg
 
@@ -45,9 +50,10 @@ def attach_dicom_seg(cases: list[PredictJob], args: argparse.Namespace) -> None:
     single = len(cases) == 1 and cases[0].image == args.input
     if single:
         _check_output_file("--dicom-seg", args.dicom_seg, image=False)
-        others = {p.resolve() for p in (cases[0].mask, cases[0].probabilities, cases[0].lesions) if p is not None}
+        others = {p.resolve() for p in cases[0].outputs.values() if p is not None}
         if args.dicom_seg.resolve() in others:
-            raise InputError("--dicom-seg must be a different file from --output, --probabilities and --lesions")
+            raise InputError("--dicom-seg must be a different file from --output, --probabilities, --logits "
+                             "and --lesions")
         cases[0].dicom_seg = args.dicom_seg
     else:
         _check_output_folder("--dicom-seg", args.dicom_seg)
@@ -82,10 +88,12 @@ def lesion_report(case: PredictJob, prediction, geometry: Geometry, thresholds: 
                   connectivity: int) -> tuple[dict, int]:
     """The lesion JSON of one case and its lesion count: one entry per connected component of the
     mask, ids in scan order (as ``lesions.label_components`` numbers them), centroids in voxel
-    indices and in physical LPS mm."""
+    indices and in physical LPS mm, and its ``confidence``: the maximum blended logit inside it
+    (probability ``sigmoid(confidence)``; a float32 probability would be exactly 1.0 for every
+    lesion above logit 17, see :mod:`IWSegmentationLib.core.confidence`)."""
     _, lesions = analyze_lesions(
         prediction.mask, geometry.spacing_zyx, connectivity=connectivity, thresholds=thresholds,
-        probabilities=prediction.probabilities,
+        scores=prediction.logits,
     )
     rows = []
     for les in lesions:
@@ -105,6 +113,7 @@ def lesion_report(case: PredictJob, prediction, geometry: Geometry, thresholds: 
         "image": str(case.image),
         **({"channels": [str(p) for p in case.image_files]} if case.more_channels else {}),
         "threshold": prediction.threshold,
+        "confidence": CONFIDENCE_NOTE,
         "connectivity": connectivity,
         "spacing_zyx_mm": list(geometry.spacing_zyx),
         "size_thresholds_mm": {"small": thresholds.small_mm, "large": thresholds.large_mm},
@@ -133,11 +142,17 @@ def _write_outputs(case: PredictJob, prediction, geometry: Geometry, report: dic
         if case.probabilities is not None:
             tmp = stack.enter_context(atomic_output(case.probabilities))
             reporter.emit("write", case=case.name, path=str(case.probabilities))
-            probs = prediction.probabilities
+            probs = prediction.probabilities  # computed here, only when asked for (float32, sigmoid of the logits)
             if args.probabilities_uint8:
                 probs = probabilities_to_uint8(probs)
             write_image(tmp, probs, geometry)
+            del probs
             outputs["probabilities"] = str(case.probabilities)
+        if case.logits is not None:
+            tmp = stack.enter_context(atomic_output(case.logits))
+            reporter.emit("write", case=case.name, path=str(case.logits))
+            write_image(tmp, prediction.logits, geometry)
+            outputs["logits"] = str(case.logits)
         if case.lesions is not None:
             tmp = stack.enter_context(atomic_output(case.lesions))
             reporter.emit("write", case=case.name, path=str(case.lesions))
@@ -160,11 +175,12 @@ def _write_outputs(case: PredictJob, prediction, geometry: Geometry, report: dic
     return outputs
 
 
-def _check_finite(probabilities: np.ndarray, case: PredictJob, model: Path) -> None:
-    """NaN/inf probabilities threshold to "no lesion": refuse them instead of writing an empty mask."""
-    bad = probabilities.size - int(np.count_nonzero(np.isfinite(probabilities)))
+def _check_finite(logits: np.ndarray, case: PredictJob, model: Path) -> None:
+    """NaN logits threshold to "no lesion" and infinite ones are an overflow (fp16): refuse them
+    instead of writing a wrong mask. Skipped voxels hold a finite logit (``SKIPPED_LOGIT``)."""
+    bad = logits.size - int(np.count_nonzero(np.isfinite(logits)))
     if bad:
         raise InputError(
-            f"{case.image}: the network gave NaN or infinite probabilities for {bad} voxel(s) with {model}; "
+            f"{case.image}: the network gave NaN or infinite logits for {bad} voxel(s) with {model}; "
             "the image's values may be far out of range (or try --precision fp32)"
         )

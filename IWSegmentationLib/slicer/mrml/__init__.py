@@ -27,7 +27,8 @@ Object Dice (:func:`object_dice_table`)
     The segments and the reference are exported onto the volume's grid by Slicer's
     segmentation logic (which resamples a reference drawn on another grid), and matched by
     :func:`IWSegmentationLib.evaluation.match_case` — the same definitions and numbers as
-    ``iwseg evaluate``. Each detection's confidence is its segment's confidence tag.
+    ``iwseg evaluate``. Each detection's confidence is its segment's confidence tag: the
+    lesion's maximum logit (as ``iwseg predict`` and ``iwseg evaluate --logits`` rank lesions).
 
 The lesion table (:func:`lesion_rows`)
     Built here and only here, from the segments' tags and the match: the module shows these rows

@@ -1,4 +1,4 @@
-"""The module's entry point into the scene: load one prediction (mask, probabilities, reference) as nodes."""
+"""The module's entry point into the scene: load one prediction (mask, logits, reference) as nodes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ...core.confidence import sigmoid
 from ...core.imageio import Geometry
 from ...core.lesions import (
     SizeThresholds,
@@ -27,7 +28,7 @@ class PredictionResults:
     ``matches``: one dict per reference lesion (``status`` TP/FN, ``dice``/``hit_dice``,
     ``confidence`` of its match, ``segment_id`` in ``reference``, ``center_ras``), or None
     without a reference. ``table``: the table node holding ``rows``. ``probabilities``: the
-    probability volume node (when kept).
+    probability volume node, ``sigmoid(logits)`` (when kept).
     """
 
     segmentation: Any
@@ -47,7 +48,7 @@ def load_prediction(
     scene,
     volume_node,
     lesion_mask: np.ndarray,
-    probabilities: np.ndarray | None = None,
+    logits: np.ndarray | None = None,
     *,
     reference=None,
     reference_segment_ids: Sequence[str] | None = None,
@@ -58,24 +59,26 @@ def load_prediction(
     make_table: bool = True,
     closed_surface: bool = True,
     geometry: Geometry | None = None,
-    probabilities_geometry: Geometry | None = None,
+    logits_geometry: Geometry | None = None,
 ) -> PredictionResults:
     """Turn the backend's outputs (read onto the volume's grid) into segments and table rows.
 
-    Calls :func:`lesion_segmentation` and, given a ``reference`` segmentation node,
+    Calls :func:`lesion_segmentation` (each lesion's confidence is its maximum of ``logits``,
+    the backend's ``--logits`` map) and, given a ``reference`` segmentation node,
     :func:`match_segmentations`; the rows are :func:`lesion_rows`. Optionally adds the
-    probability map as a volume node (``keep_probabilities``) and the table node
-    (``make_table``). Pass the ``geometry`` (and ``probabilities_geometry``) that
-    :func:`IWSegmentationLib.core.imageio.read_image` returned with the mask (and the probability
-    map): a file on another grid is refused with :class:`GeometryMismatchError` naming what
-    differs, before anything is added to the scene — the arrays alone cannot tell.
+    probability map ``sigmoid(logits)`` as a volume node (``keep_probabilities``; computed
+    here, so the backend writes one map, not two) and the table node (``make_table``). Pass
+    the ``geometry`` (and ``logits_geometry``) that :func:`IWSegmentationLib.core.imageio.read_image`
+    returned with the mask (and the logit map): a file on another grid is refused with
+    :class:`GeometryMismatchError` naming what differs, before anything is added to the scene
+    — the arrays alone cannot tell.
     """
     if geometry is not None:
         check_on_volume_grid(geometry, volume_node, "the backend's lesion mask")
-    if probabilities_geometry is not None:
-        check_on_volume_grid(probabilities_geometry, volume_node, "the backend's probability map")
+    if logits_geometry is not None:
+        check_on_volume_grid(logits_geometry, volume_node, "the backend's logit map")
     segmentation = lesion_segmentation(
-        scene, volume_node, lesion_mask, probabilities=probabilities, size_thresholds_mm=size_thresholds_mm,
+        scene, volume_node, lesion_mask, logits=logits, size_thresholds_mm=size_thresholds_mm,
         name=name, connectivity=connectivity, closed_surface=closed_surface,
     )
     match = None
@@ -85,10 +88,9 @@ def load_prediction(
     rows = lesion_rows(segmentation, match)
     table = dice_table_node(scene, rows, f"{segmentation.GetName()} table") if make_table else None
     probability_node = None
-    if keep_probabilities and probabilities is not None:
+    if keep_probabilities and logits is not None:
         probability_node = add_volume_from_array(
-            scene, probabilities.astype(np.float32, copy=False), volume_geometry(volume_node),
-            f"{segmentation.GetName()} probabilities",
+            scene, sigmoid(logits), volume_geometry(volume_node), f"{segmentation.GetName()} probabilities",
         )
         if volume_node.GetTransformNodeID():
             probability_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ...core.confidence import SKIPPED_LOGIT
 from ...core.errors import GeometryMismatchError, InputError
 from ...core.lesions import (
     SizeThresholds,
@@ -215,8 +216,8 @@ def match_segmentations(
     :func:`lesion_segmentation`, exactly its segments); reference lesions are the connected
     components of the union of ``reference_segment_ids`` (default: all). Both are put on
     ``volume_node``'s grid (default: the segmentation's reference volume) and matched by
-    :func:`IWSegmentationLib.evaluation.match_case`, with each detection's confidence taken from
-    its segment's confidence tag (1.0 when absent).
+    :func:`IWSegmentationLib.evaluation.match_case`, with each detection's confidence (its maximum
+    logit) taken from its segment's confidence tag (:data:`UNTAGGED_LOGIT` when absent).
     """
     volume_node = _matching_volume(segmentation_node, reference_segmentation_node, volume_node)
     geometry = volume_geometry(volume_node)
@@ -235,7 +236,7 @@ def match_segmentations(
     offset = np.array([sl.start for sl in box], dtype=float)
     case = match_case(
         _segment_confidences(seg_ids, rows)[seg_labels], (ref_labels > 0).astype(np.uint8), geometry.spacing_zyx,
-        threshold=0.0, thresholds=thresholds, connectivity=connectivity, case=segmentation_node.GetName(),
+        threshold=0.0, score="logit", thresholds=thresholds, connectivity=connectivity, case=segmentation_node.GetName(),
         pred_name=f"segmentation {segmentation_node.GetName()!r}",
         ref_name=f"reference {reference_segmentation_node.GetName()!r}", keep_labels=True,
     )
@@ -272,14 +273,21 @@ def _matching_volume(segmentation_node, reference_segmentation_node, volume_node
     return volume_node
 
 
+#: The logit a segment without a confidence tag (drawn by hand) is matched with: above any
+#: network's, so it ranks first among ties (the confidence only breaks Dice ties here).
+UNTAGGED_LOGIT = 1.0e4
+
+
 def _segment_confidences(seg_ids: Sequence[str], rows: dict[str, LesionRow]) -> np.ndarray:
-    """Label value -> its segment's confidence (1.0 without a tag; 0 for the background)."""
-    seg_conf = np.ones(len(seg_ids) + 1, dtype=np.float32)
-    seg_conf[0] = 0.0
+    """Label value -> its segment's confidence, a logit (:data:`UNTAGGED_LOGIT` without a tag;
+    :data:`~IWSegmentationLib.core.confidence.SKIPPED_LOGIT` for the background)."""
+    seg_conf = np.full(len(seg_ids) + 1, UNTAGGED_LOGIT, dtype=np.float32)
+    seg_conf[0] = SKIPPED_LOGIT
+    # match_case at threshold 0 keeps logit > SKIPPED_LOGIT: a segment's own confidence must stay above it
+    floor = np.nextafter(np.float32(SKIPPED_LOGIT), np.float32(0.0))
     for n, segment_id in enumerate(seg_ids, start=1):
         if rows[segment_id].confidence is not None:
-            # match_case keeps prob > 0: a confidence of exactly 0 would drop the lesion.
-            seg_conf[n] = max(float(rows[segment_id].confidence), np.finfo(np.float32).tiny)
+            seg_conf[n] = max(float(rows[segment_id].confidence), float(floor))
     return seg_conf
 
 

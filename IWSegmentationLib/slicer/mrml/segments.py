@@ -36,7 +36,7 @@ TAGS = {
     "volume_mm3": TAG_PREFIX + "VolumeMm3",
     "diameter_mm": TAG_PREFIX + "DiameterMm",
     "size_group": TAG_PREFIX + "SizeGroup",
-    "confidence": TAG_PREFIX + "Confidence",  # absent when no probability map was given
+    "confidence": TAG_PREFIX + "Confidence",  # the maximum logit; absent when no logit map was given
     "center_ras": TAG_PREFIX + "CenterRAS",  # "r,a,s" mm, the centroid of the voxels
 }
 
@@ -57,7 +57,7 @@ LABELMAP = "Binary labelmap"
 CLOSED_SURFACE = "Closed surface"
 
 
-def _check_mask_arrays(volume_node, lesion_mask, probabilities) -> None:
+def _check_mask_arrays(volume_node, lesion_mask, logits) -> None:
     shape = volume_geometry(volume_node).shape_zyx
     name = volume_node.GetName()
     if not isinstance(lesion_mask, np.ndarray) or lesion_mask.ndim != 3:
@@ -67,15 +67,15 @@ def _check_mask_arrays(volume_node, lesion_mask, probabilities) -> None:
             f"lesion_mask has shape {lesion_mask.shape} but volume {name!r} has {shape} voxels [z, y, x]; "
             "read the backend's output onto the volume's grid first"
         )
-    if probabilities is None:
+    if logits is None:
         return
-    if not isinstance(probabilities, np.ndarray) or probabilities.shape != shape:
+    if not isinstance(logits, np.ndarray) or logits.shape != shape:
         raise GeometryMismatchError(
-            f"probabilities have shape {getattr(probabilities, 'shape', None)} but volume {name!r} has {shape}"
+            f"logits have shape {getattr(logits, 'shape', None)} but volume {name!r} has {shape}"
         )
-    lo, hi = float(np.min(probabilities)), float(np.max(probabilities))
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > 1:
-        raise InputError(f"probabilities must be finite values in [0, 1], got range [{lo:g}, {hi:g}]")
+    lo, hi = float(np.min(logits)), float(np.max(logits))
+    if math.isnan(lo) or math.isnan(hi) or hi == math.inf:
+        raise InputError(f"logits must be numbers below +inf, got range [{lo:g}, {hi:g}]")
 
 
 def _smallest_uint(k: int):
@@ -87,7 +87,7 @@ def lesion_segmentation(
     volume_node,
     lesion_mask: np.ndarray,
     *,
-    probabilities: np.ndarray | None = None,
+    logits: np.ndarray | None = None,
     size_thresholds_mm: Sequence[float] | SizeThresholds | str | None = None,
     name: str | None = None,
     connectivity: int = 26,
@@ -101,8 +101,9 @@ def lesion_segmentation(
             oblique and anisotropic included) becomes the segmentation's reference geometry,
             and its parent transform the segmentation's.
         lesion_mask: ``[z, y, x]`` array on the volume's IJK grid; nonzero = lesion.
-        probabilities: optional ``[z, y, x]`` probability map on the same grid; a lesion's
-            confidence is its maximum inside the lesion (as ``lesions.lesion_table``).
+        logits: optional ``[z, y, x]`` logit map on the same grid (``iwseg predict --logits``);
+            a lesion's confidence is its maximum logit (as ``lesions.lesion_table`` and the
+            backend's lesion JSON): a probability would round to 1.0 above logit 17.
         size_thresholds_mm: ``(small, large)`` diameter cut-offs in mm, a
             :class:`SizeThresholds`, a preset name, or None for the default preset.
         name: node name (default ``"<volume name> lesions"``).
@@ -114,12 +115,12 @@ def lesion_segmentation(
     the caller can say "no lesions found").
     """
     _check_volume_node(volume_node, "volume_node")
-    _check_mask_arrays(volume_node, lesion_mask, probabilities)
+    _check_mask_arrays(volume_node, lesion_mask, logits)
     thresholds = parse_size_thresholds(size_thresholds_mm)
     geometry = volume_geometry(volume_node)
     labels, found = analyze_lesions(
         lesion_mask, geometry.spacing_zyx, connectivity=connectivity, thresholds=thresholds,
-        probabilities=probabilities,
+        scores=logits,
     )
     # Largest first; ties keep scan order (stable sort), as lesions.relabel_by_size.
     found = sorted(found, key=lambda les: -les.voxels)
@@ -260,16 +261,17 @@ def segment_rows(segmentation_node) -> list[LesionRow]:
 
 
 def set_confidence_threshold(segmentation_node, threshold: float) -> dict:
-    """Show the segments whose confidence is ``>= threshold`` and hide the others.
+    """Show the segments whose confidence (maximum logit) is ``>= threshold`` and hide the others.
 
-    The confidence slider of the module: no inference is rerun, only segment visibility
-    changes (in one display-node modification, so views redraw once). Segments without a
-    confidence tag stay visible. Returns ``{"threshold", "shown", "hidden", "total"}``; the
-    threshold is also kept as the node attribute ``IWSegmentation.ConfidenceThreshold``.
+    The confidence slider of the module, in logit units (0 is probability 0.5): no inference is
+    rerun, only segment visibility changes (in one display-node modification, so views redraw
+    once). Segments without a confidence tag stay visible. Returns ``{"threshold", "shown",
+    "hidden", "total"}``; the threshold is also kept as the node attribute
+    ``IWSegmentation.ConfidenceThreshold``.
     """
     threshold = float(threshold)
-    if not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
-        raise InputError(f"confidence threshold must be in [0, 1], got {threshold}")
+    if not math.isfinite(threshold):
+        raise InputError(f"confidence threshold must be a finite logit, got {threshold}")
     display = segmentation_node.GetDisplayNode()
     if display is None:
         segmentation_node.CreateDefaultDisplayNodes()

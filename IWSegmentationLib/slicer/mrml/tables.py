@@ -16,7 +16,7 @@ DICE_TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("diameter_mm", "Diameter", "mm"),
     ("volume_mm3", "Volume", "mm3"),
     ("size_group", "Size group", ""),
-    ("confidence", "Confidence", ""),
+    ("confidence", "Max logit", ""),
     ("dice", "Dice", ""),
     ("reference_id", "Reference lesion", ""),
     ("segment_id", "Segment ID", ""),
