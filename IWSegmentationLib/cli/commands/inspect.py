@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ...nn.checkpoint import load_checkpoint, read_metadata
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -21,8 +23,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ...nn.checkpoint import load_checkpoint, read_metadata
-
     card = load_checkpoint(args.checkpoint)[1] if args.verify else read_metadata(args.checkpoint)
     print(json.dumps(card, indent=2, sort_keys=True))
     return 0
