@@ -445,9 +445,7 @@ def _greedy_pairs(lesion, comp, dice, confidence) -> list[tuple[int, int, float]
 
 def _hungarian_pairs(lesion, comp, dice) -> list[tuple[int, int, float]]:
     """One-to-one pairs of maximum total Dice (``scipy.optimize.linear_sum_assignment``)."""
-    from scipy.optimize import (
-        linear_sum_assignment,  # lazy: slow; Slicer installs it on Apply
-    )
+    from scipy.optimize import linear_sum_assignment  # lazy: slow; Slicer installs it
 
     if lesion.size == 0:
         return []
