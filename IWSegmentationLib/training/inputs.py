@@ -11,7 +11,6 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.lesions import label_components
-from ..core.weights import component_weights
 from ..data.cases import CaseVolume, load_prepared_case
 from ..data.datasets import load_dataset
 from ..data.sampling import PatchSampler, augment_patch
@@ -35,6 +34,8 @@ class BatchWeights:
         self.keep_labels = keep_labels
 
     def __call__(self, batch: dict) -> dict:
+        from ..core.weights import component_weights  # lazy: `iwseg` starts without it
+
         labels = batch["labels"] if self.keep_labels else batch.pop("labels")
         if self.inverse_weighted:
             batch["weight"] = component_weights(labels, **self.weight_params)

@@ -21,8 +21,6 @@ from ..core.outputs import atomic_output, remove_stale_partials
 from ..data.cases import load_case
 from ..data.splits import write_splits
 from ..nn.architecture import validate_config
-from ..nn.checkpoint import load_checkpoint, save_checkpoint
-from ..nn.training_state import capture_rng_state, load_training_state, restore_rng_state, save_training_state
 from .card import model_card
 from .distributed import amp_settings, barrier, cleanup_distributed, seed_everything, setup_distributed
 from .inputs import load_training_data, make_patch_dataset, print_note
@@ -316,6 +314,8 @@ class _Run:
             )
 
     def _load_resume_state(self):
+        from ..nn.training_state import load_training_state  # lazy: `iwseg` starts without it
+
         path = self.out / RESUME_STATE
         state = load_training_state(path)
         saved_arch = state.get("architecture")
@@ -431,6 +431,8 @@ class _Run:
 
     def _restore(self, model, state: dict) -> None:
         """Continue exactly where the resume state stopped: weights, optimiser, scheduler, scaler, RNG."""
+        from ..nn.training_state import restore_rng_state  # lazy: `iwseg` starts without it
+
         model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -509,6 +511,9 @@ class _Run:
 
     def _save(self, epoch: int, improved: bool) -> None:
         """The last (and, if improved, best) checkpoint with its model card, and the resume state."""
+        from ..nn.checkpoint import save_checkpoint  # lazy: `iwseg` starts without it
+        from ..nn.training_state import capture_rng_state, save_training_state  # lazy: as above
+
         config, model = self.config, self.model
         card = model_card(config, self.data, epoch=epoch, validation_metrics=self.latest_validation,
                           world_size=self.info.world_size)
@@ -538,6 +543,8 @@ class _Run:
         write_splits(self.out / SPLITS_FILE, data.splits)
 
     def _init_from_checkpoint(self, model) -> None:
+        from ..nn.checkpoint import load_checkpoint  # lazy: `iwseg` starts without it
+
         source, card = load_checkpoint(self.config.init_checkpoint)
         if card["architecture"] != model.config:
             raise CheckpointError(

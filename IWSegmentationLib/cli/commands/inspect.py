@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from ...nn.checkpoint import load_checkpoint, read_metadata
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -23,6 +21,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ...nn.checkpoint import load_checkpoint, read_metadata  # lazy: `iwseg` starts without it
+
     card = load_checkpoint(args.checkpoint)[1] if args.verify else read_metadata(args.checkpoint)
     print(json.dumps(card, indent=2, sort_keys=True))
     return 0

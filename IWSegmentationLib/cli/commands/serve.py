@@ -7,7 +7,6 @@ import argparse
 import signal
 from pathlib import Path
 
-from ...backend.device_probe import DeviceProbe
 from ...core.devices import DEVICES
 from ...core.errors import InputError
 
@@ -55,6 +54,8 @@ def _cuda_devices(device: str) -> int:
     """CUDA GPUs the jobs may use (asked in a child interpreter: the server never imports torch)."""
     if device not in ("auto", "cuda"):
         return 0
+    from ...backend.device_probe import DeviceProbe  # lazy: `iwseg` starts without it
+
 
     return len(DeviceProbe().run_blocking().get("cuda") or [])
 
