@@ -733,7 +733,7 @@ def test_default_best_metric_does_not_prefer_a_merging_model(capsys):
     2 * 0.077 / 1.077 = 0.143. "good": two lesions exactly, the third missed: a single FROC point
     (0, 2/3), CPM 2/3, object Dice 1, harmonic mean 2 * (2/3) / (5/3) = 0.8."""
     from IWSegmentationLib.training import TrainConfig, harmonic_mean, merging_warning
-    from IWSegmentationLib.training.validation import _metric_value
+    from IWSegmentationLib.training.validation import metric_value
 
     ref = np.zeros((4, 4, 56), np.uint8)
     for x0 in (2, 20, 40):
@@ -744,16 +744,16 @@ def test_default_best_metric_does_not_prefer_a_merging_model(capsys):
     good[:, :, 40:] = 0
     reports = {name: evaluate_cases([match_case(p, ref)]) for name, p in (("blob", blob), ("good", good))}
     assert reports["blob"]["cpm"] == 1.0 and reports["blob"]["object_dice"]["mean"] == pytest.approx(16 / 208)
-    assert _metric_value(reports["blob"], "cpm") > _metric_value(reports["good"], "cpm")  # CPM alone is gamed
+    assert metric_value(reports["blob"], "cpm") > metric_value(reports["good"], "cpm")  # CPM alone is gamed
     default = TrainConfig().val_metric
     assert default == "cpm_object_dice"
-    assert _metric_value(reports["blob"], default) == pytest.approx(2 * (16 / 208) / (1 + 16 / 208))
-    assert _metric_value(reports["good"], default) == pytest.approx(0.8)
+    assert metric_value(reports["blob"], default) == pytest.approx(2 * (16 / 208) / (1 + 16 / 208))
+    assert metric_value(reports["good"], default) == pytest.approx(0.8)
     assert harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(None, 0.5) is None
     # nothing hit: object Dice is undefined, but the combined metric is 0 (not None), so an untrained
     # model still gets a best checkpoint
     nothing = evaluate_cases([match_case(np.zeros(ref.shape, np.float32), ref)])
-    assert nothing["object_dice"]["mean"] is None and _metric_value(nothing, default) == 0.0
+    assert nothing["object_dice"]["mean"] is None and metric_value(nothing, default) == 0.0
     assert "object Dice 0.077" in merging_warning(reports["blob"]) and merging_warning(reports["good"]) is None
 
 

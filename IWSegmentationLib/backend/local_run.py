@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..nn.checkpoint import read_metadata
 from .child_process import CANCEL_GRACE_S, BackendProcess
 from .interpreter import backend_environment, default_command_prefix
 from .job import FolderJob, Loader, Outcome, RunResult, describe_exit_code, outcome_for_exit_code
@@ -189,8 +190,6 @@ class LocalJobFactory:
 
     def model_card(self, parameters: PredictParameters) -> dict:
         """The checkpoint file's model card (its header only: no weights are read)."""
-        from ..nn.checkpoint import read_metadata
-
         parameters.validate()
         return read_metadata(parameters.checkpoint)
 

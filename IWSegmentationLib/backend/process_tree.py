@@ -91,7 +91,7 @@ def _psutil_identity(psutil, proc) -> ProcessIdentity | None:
 
 def _psutil():
     try:
-        import psutil  # optional: the tables below do without it
+        import psutil  # lazy: optional; the tables below do without it
     except ImportError:
         return None
     return psutil

@@ -55,7 +55,7 @@ ORIENTATION_TOLERANCE = 1e-3
 def require_highdicom():
     """The ``highdicom`` module, or an error that says how to install it."""
     try:
-        import highdicom
+        import highdicom  # lazy: optional, only DICOM SEG output needs it
     except ImportError:
         raise IWSegError(
             f"writing a DICOM SEG needs highdicom: pip install '{HIGHDICOM_REQUIREMENT}' "
@@ -82,8 +82,8 @@ def terminology_codes(serialized: str = LESION_TERMINOLOGY) -> tuple[tuple[str, 
 def read_headers(paths: Iterable[str | os.PathLike]) -> list[Any]:
     """The DICOM headers (no pixel data) of the image files among ``paths``; files that are not
     DICOM, and DICOM objects without an image position (DICOMDIR, reports), are skipped."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    import pydicom  # lazy: only DICOM input needs pydicom
+    from pydicom.errors import InvalidDicomError  # lazy: only DICOM input needs pydicom
 
     headers = []
     for path in paths:
@@ -178,7 +178,7 @@ def lesion_segment_descriptions(lesions: Sequence[Mapping[str, Any]]) -> list[An
     (the segment label), ``volume_mm3``, ``confidence`` (the maximum logit).
     """
     hd = require_highdicom()
-    from pydicom.sr.codedict import codes
+    from pydicom.sr.codedict import codes  # lazy: only DICOM SEG output needs pydicom
 
     (c_scheme, c_value, c_meaning), (t_scheme, t_value, t_meaning) = terminology_codes()
     category = hd.sr.CodedConcept(c_value, c_scheme, c_meaning)

@@ -104,7 +104,7 @@ def check_same_grid(a: Geometry, b: Geometry, name_a: str, name_b: str) -> None:
 
 
 def _sitk():
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # lazy: SimpleITK takes ~0.4 s to load; the GUI side imports this module
 
     return sitk
 

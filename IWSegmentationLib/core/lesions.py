@@ -153,7 +153,7 @@ def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarr
     Returns ``(labels, K)``: an int32 array with 0 for background and 1..K for the
     components, numbered in scan order. ``connectivity`` is 6, 18 or 26.
     """
-    import cc3d
+    import cc3d  # lazy: installed on first Apply in Slicer (slicer/deps.py)
 
     _check_volume(mask, "mask")
     if connectivity not in CONNECTIVITIES:
@@ -197,7 +197,7 @@ class Lesion:
 
 def _label_statistics(labels: np.ndarray) -> dict:
     """Voxel counts, bounding boxes and centroids of every label id in one C++ pass (cc3d)."""
-    import cc3d
+    import cc3d  # lazy: installed on first Apply in Slicer (slicer/deps.py)
 
     labels = np.ascontiguousarray(labels)
     if labels.dtype.kind == "i":  # cc3d wants unsigned ids; ours are never negative

@@ -63,7 +63,7 @@ def _lock_partial(fd: int) -> None:
     """Hold an advisory lock on a partial file while it is written, so that
     :func:`remove_stale_partials` can tell a live writer's file from a dead one's."""
     with contextlib.suppress(ImportError, OSError):
-        import fcntl
+        import fcntl  # lazy: POSIX only (Windows has no fcntl)
 
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
@@ -174,7 +174,7 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     Without ``fcntl`` (Windows) the block runs unlocked: the last writer wins, file by file.
     """
     try:
-        import fcntl
+        import fcntl  # lazy: POSIX only (Windows has no fcntl)
     except ImportError:  # pragma: no cover - POSIX only
         yield
         return
@@ -203,7 +203,7 @@ _IMPORTED = time.time()
 def _held_by_a_writer(path: Path) -> bool:
     """True when a live :func:`atomic_output` holds the lock on ``path`` (False without ``fcntl``)."""
     try:
-        import fcntl
+        import fcntl  # lazy: POSIX only (Windows has no fcntl)
     except ImportError:  # pragma: no cover - POSIX only
         return False
     try:

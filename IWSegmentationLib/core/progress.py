@@ -147,7 +147,7 @@ class ProgressReporter:
         return progress
 
     def _text_bar(self, data: dict) -> None:
-        from tqdm import tqdm
+        from tqdm import tqdm  # lazy: installed on first Apply in Slicer (slicer/deps.py)
 
         total, done = data.get("total") or 0, data.get("done") or 0
         if self._bar is None or self._bar.total != total:

@@ -67,7 +67,7 @@ def _mask_to_numpy(x) -> np.ndarray:
     """CPU numpy view of a (B,1,D,H,W) mask tensor (no copy for CPU tensors of numpy dtypes);
     dtypes numpy lacks (bfloat16) become ``x != 0`` first. Single-threaded numpy does the
     comparisons later, which stays fast when other work shares the cores."""
-    import torch
+    import torch  # lazy: core stays torch-free (evaluation uses it)
 
     x = x.detach()
     if x.dtype == torch.bfloat16 or x.is_complex():
@@ -146,7 +146,7 @@ def _run_per_sample(x, fill: Callable[[np.ndarray, np.ndarray], None]):
     Returns float32 weights with the shape and kind of ``x``."""
     out = np.empty(tuple(x.shape), np.float32)
     if _is_tensor(x):
-        import torch
+        import torch  # lazy: core stays torch-free (evaluation uses it)
 
         arr = x.numpy()
         for b in range(arr.shape[0]):
@@ -175,7 +175,7 @@ def component_weights(labels, *, mode: str = "clip", w_min: float = 1.0, w_max: 
     """
     _check_array(labels, "labels")
     if _is_tensor(labels):
-        import torch
+        import torch  # lazy: core stays torch-free (evaluation uses it)
 
         if labels.is_floating_point() or labels.dtype == torch.bool:
             _check_label_dtype(labels.dtype)
@@ -204,7 +204,7 @@ def inverse_weights(mask, *, connectivity: int = 26, mode: str = "clip", w_min: 
     if connectivity not in CONNECTIVITIES:
         raise InputError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity}")
     if _is_tensor(mask):
-        import torch
+        import torch  # lazy: core stays torch-free (evaluation uses it)
 
         arr = _mask_to_numpy(mask)
         out = np.empty(arr.shape, np.float32)
@@ -287,7 +287,7 @@ def gdl_class_weights(target, *, smooth: float = 1.0):
     if not (smooth > 0 and math.isfinite(smooth)):
         raise InputError(f"GDL smooth must be a positive number, got {smooth}")
     if _is_tensor(target):
-        import torch
+        import torch  # lazy: core stays torch-free (evaluation uses it)
 
         t = target.detach().float()
         fg = t.sum(dim=(1, 2, 3, 4))
@@ -372,7 +372,7 @@ def dilated_balance_weights(mask, *, radius: float = 3.0):
     if isinstance(radius, bool) or not (isinstance(radius, numbers.Real) and math.isfinite(radius) and radius >= 0):
         raise InputError(f"DBCE radius must be a number >= 0 (voxels), got {radius!r}")
     if _is_tensor(mask):
-        import torch
+        import torch  # lazy: core stays torch-free (evaluation uses it)
 
         arr = _mask_to_numpy(mask)
         out = np.empty(arr.shape, np.float32)

@@ -150,7 +150,7 @@ class Dataset:
         return [by_id[i] for i in ids]
 
 
-def _read_json(path: Path, *, what: str, missing: str) -> Any:
+def read_json(path: Path, *, what: str, missing: str) -> Any:
     """The JSON document in ``path``; :class:`InputError` with ``missing`` if the file does not
     exist, or naming ``what`` and the file if it cannot be read or parsed."""
     try:
@@ -261,7 +261,7 @@ def read_msd(root: str | os.PathLike, *, lesion_values: Sequence[float] | None =
     """
     root = Path(root)
     path = root / "dataset.json"
-    meta = _read_json(path, what="dataset description",
+    meta = read_json(path, what="dataset description",
                       missing=f"{root} has no dataset.json (Medical Segmentation Decathlon layout)")
     if not isinstance(meta, Mapping):
         raise InputError(f"{path} must hold a JSON object")

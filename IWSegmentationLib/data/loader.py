@@ -6,12 +6,14 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import IterableDataset
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..core.errors import InputError, IWSegError
+from ..core.progress import reinstall_cancel_handlers
 from .cases import load_case
 from .datasets import Case
-from .sampling import _batch_images, default_batch_rng
+from .sampling import batch_images, default_batch_rng
 
 if TYPE_CHECKING:
     from .cases import CaseVolume
@@ -149,11 +151,9 @@ class PatchDataset(IterableDataset):
 
     def batch(self, step: int) -> dict:
         """Batch ``step`` as tensors (see the class docstring)."""
-        import torch
-
         patches = self.sample_patches(step)
         batch = {
-            "image": torch.from_numpy(_batch_images([p.image for p in patches])),
+            "image": torch.from_numpy(batch_images([p.image for p in patches])),
             "target": torch.from_numpy(np.stack([p.target for p in patches])[:, None].astype(np.float32)),
             "labels": torch.from_numpy(np.stack([p.labels for p in patches])[:, None]),
             "lesion_centred": torch.tensor([p.lesion_centred for p in patches]),
@@ -164,8 +164,6 @@ class PatchDataset(IterableDataset):
         return self.transform(batch) if self.transform is not None else batch
 
     def __iter__(self) -> Iterator[dict]:
-        from torch.utils.data import get_worker_info
-
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         end = None if self.steps is None else self.start_step + self.steps
@@ -192,10 +190,6 @@ def make_loader(dataset: PatchDataset, *, num_workers: int = 2, pin_memory: bool
     """A ``DataLoader`` over batches of ``dataset`` with ``num_workers`` background processes
     (persistent, so their caches live for the whole run; they keep a cancel handler the
     parent installed, see :func:`~IWSegmentationLib.core.progress.reinstall_cancel_handlers`)."""
-    from torch.utils.data import DataLoader
-
-    from ..core.progress import reinstall_cancel_handlers
-
     if num_workers < 0:
         raise InputError(f"num_workers must be >= 0, got {num_workers}")
     kwargs: dict[str, Any] = {}

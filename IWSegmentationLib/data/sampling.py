@@ -178,7 +178,7 @@ def default_batch_rng(seed: int, rank: int, step: int) -> np.random.Generator:
 CaseSource = Union[Case, CaseVolume]
 
 
-def _batch_images(images: Sequence[np.ndarray]) -> np.ndarray:
+def batch_images(images: Sequence[np.ndarray]) -> np.ndarray:
     """Patches ``[z, y, x]`` or ``[C, z, y, x]`` stacked as the network's ``(B, C, z, y, x)``."""
     batch = np.stack(images)
     return batch[:, None] if batch.ndim == 4 else batch

@@ -14,7 +14,7 @@ import numpy as np
 from ..core.errors import InputError
 from ..core.files import natural_key, preview_names
 from ..core.outputs import atomic_output
-from .datasets import SPLIT_NAMES, _read_json
+from .datasets import SPLIT_NAMES, read_json
 
 
 def _split_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
@@ -114,7 +114,7 @@ def read_splits(
     :func:`check_splits`. An nnU-Net ``splits_final.json`` (a list of such objects, one per
     fold) is accepted too: ``fold`` picks one."""
     path = Path(path)
-    data = _read_json(path, what="split file", missing=f"split file not found: {path}")
+    data = read_json(path, what="split file", missing=f"split file not found: {path}")
     if isinstance(data, list):
         if not (0 <= fold < len(data)):
             raise InputError(f"split file {path} has {len(data)} fold(s); fold {fold} does not exist")

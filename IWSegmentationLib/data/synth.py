@@ -41,15 +41,19 @@ import csv
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from .. import __version__
 from ..core.errors import InputError
+from ..core.imageio import Geometry, write_image
 from ..core.lesions import check_spacing
-from .synth_anatomy import _ANATOMY, SynthLesion, _norm_coords, correlated_noise, place_lesions
+from ..core.outputs import atomic_output
+from .synth_anatomy import ANATOMY, SynthLesion, correlated_noise, norm_coords, place_lesions
 
 PRESETS = ("ct-liver", "ct-lung", "mr")
 
@@ -187,13 +191,13 @@ def synth_case(
     except (TypeError, ValueError):
         raise InputError(f"seed must be a non-negative integer or a sequence of them, got {seed!r}") from None
 
-    anatomy = _ANATOMY[preset](rng, shape, spacing, body_fraction)
+    anatomy = ANATOMY[preset](rng, shape, spacing, body_fraction)
     n = int(rng.poisson(mean_lesions))
     primary = None if primary_diameter is None else float(primary_diameter) * float(rng.uniform(0.85, 1.15))
     label, lesions = place_lesions(rng, anatomy, spacing, shape, n, lo, hi, size_exponent, primary=primary)
     image = anatomy.image
     if preset == "mr":
-        z, y, x = _norm_coords(shape)
+        z, y, x = norm_coords(shape)
         coef = rng.uniform(-0.12, 0.12, 4).astype(np.float32)
         bias = 1.0 + coef[0] * z + coef[1] * y + coef[2] * x + coef[3] * y * x
         signal = image * bias
@@ -226,7 +230,7 @@ def second_sequence(case: SynthCase, seed: int | Sequence[int]) -> np.ndarray:
     first lacks for its faint (1.5 SD) and hypo-intense lesions, as FLAIR does beside T1.
     Drawn from its own generator (``seed``), so channel 0 is the same as a one-channel dataset's.
     """
-    from scipy import ndimage
+    from scipy import ndimage  # lazy: `iwseg` starts without scipy
 
     rng = np.random.default_rng(seed)
     base = ndimage.gaussian_filter(case.image.astype(np.float32), 1.0)
@@ -265,8 +269,6 @@ def _remove_stale_cases(folders, keep: set[str], written: set[str] | None = None
     new ``dataset.json`` does not list (only files of that exact generated name pattern, with an
     optional channel suffix ``_0000``); with ``written`` (the file names just written), also
     those of a kept case in the other naming (one- vs multi-channel)."""
-    import re
-
     pattern = re.compile(r"^(synth_\d{3,})(_\d{4})?\.nii\.gz$")
     for folder in folders:
         for file in folder.iterdir():
@@ -301,10 +303,6 @@ def write_dataset(
     ``imagesTr/synth_000_0000.nii.gz`` (the image above) and ``synth_000_0001.nii.gz``
     (:func:`second_sequence`, where every lesion is hyperintense).
     """
-    from .. import __version__
-    from ..core.imageio import Geometry, write_image
-    from ..core.outputs import atomic_output
-
     preset = _check_preset(preset)
     shape = _check_shape(shape)
     check_memory(shape)

@@ -46,7 +46,7 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], cells: S
 
 def correlated_noise(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
     """Unit-variance Gaussian noise blurred in-plane by [1, 2, 1]/4, like reconstructed CT noise."""
-    from scipy import ndimage
+    from scipy import ndimage  # lazy: `iwseg` starts without scipy
 
     white = rng.standard_normal(shape, dtype=np.float32)
     kernel = np.array([0.25, 0.5, 0.25], np.float32)
@@ -61,7 +61,7 @@ def _soft(inside_depth: np.ndarray) -> np.ndarray:
     return np.clip(inside_depth + 0.5, 0.0, 1.0, dtype=np.float32)
 
 
-def _norm_coords(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def norm_coords(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Broadcastable FOV coordinates in [-1, 1] along z, y, x (voxel centres)."""
     out = []
     for axis, n in enumerate(shape):
@@ -127,7 +127,7 @@ def _body_ct(rng, shape, coords, body_fraction, wob):
 
 
 def _anatomy_ct_liver(rng, shape, spacing, body_fraction) -> _Anatomy:
-    coords = _norm_coords(shape)
+    coords = norm_coords(shape)
     cells = [max(3, n // 10) for n in shape]
     wob = smooth_field(rng, shape, [max(2, n // 32) for n in shape]).astype(np.float32)
     image, body_depth, (ay, ax, cy) = _body_ct(rng, shape, coords, body_fraction, wob)
@@ -144,7 +144,7 @@ def _anatomy_ct_liver(rng, shape, spacing, body_fraction) -> _Anatomy:
 
 
 def _anatomy_ct_lung(rng, shape, spacing, body_fraction) -> _Anatomy:
-    coords = _norm_coords(shape)
+    coords = norm_coords(shape)
     wob = smooth_field(rng, shape, [max(2, n // 32) for n in shape]).astype(np.float32)
     image, body_depth, (ay, ax, cy) = _body_ct(rng, shape, coords, body_fraction, wob)
     lung_value = -850.0
@@ -200,7 +200,7 @@ def _add_vessels(rng, image, organ, spacing, n_per_lung: int = 8):
 
 
 def _anatomy_mr(rng, shape, spacing, body_fraction) -> _Anatomy:
-    coords = _norm_coords(shape)
+    coords = norm_coords(shape)
     wob = smooth_field(rng, shape, [max(2, n // 32) for n in shape]).astype(np.float32)
     aspect = np.array([0.85, 1.0, 0.8])
     scale = (6.0 * body_fraction / (math.pi * aspect.prod())) ** (1.0 / 3.0)
@@ -218,7 +218,8 @@ def _anatomy_mr(rng, shape, spacing, body_fraction) -> _Anatomy:
     return _Anatomy(image, brain_depth >= 0.0, brain_value, float(rng.uniform(8.0, 14.0)), hypo_prob=0.25)
 
 
-_ANATOMY = {"ct-liver": _anatomy_ct_liver, "ct-lung": _anatomy_ct_lung, "mr": _anatomy_mr}
+#: preset name -> the function that draws its anatomy (image, body mask, lesion intensity), for :mod:`.synth`
+ANATOMY = {"ct-liver": _anatomy_ct_liver, "ct-lung": _anatomy_ct_lung, "mr": _anatomy_mr}
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -251,7 +252,7 @@ def _rasterize_lesion(rng, centre, radius_mm, spacing, shape):
     Returns ``(box, weight, inside, rho)`` with ``inside = weight >= 0.5`` restricted to the
     26-connected piece holding the centre, or ``None`` if the box leaves the volume.
     """
-    import cc3d
+    import cc3d  # lazy: `iwseg` starts without cc3d
 
     sp = np.asarray(spacing, dtype=np.float32)
     stretch = np.exp(rng.uniform(-0.25, 0.25, 3)).astype(np.float32)
@@ -297,7 +298,7 @@ def _rasterize_lesion(rng, centre, radius_mm, spacing, shape):
 
 
 def _dilate26(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
+    from scipy import ndimage  # lazy: `iwseg` starts without scipy
 
     return ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), bool))
 

@@ -12,7 +12,7 @@ from ..core.errors import InputError
 from ..core.lesions import (
     SIZE_GROUPS,
 )
-from .froc import AVG_RECALL_FP_RATES, CPM_FP_RATES, _json_float, avg_recall, cpm, froc
+from .froc import AVG_RECALL_FP_RATES, CPM_FP_RATES, avg_recall, cpm, froc, json_float
 from .matching import CaseResult
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ PAPER_BOOTSTRAP_SEED = 42
 
 
 @dataclass
-class _Pool:
+class CasePool:
     """Flat arrays over all lesions and components of a list of cases (image-indexed)."""
 
     n_images: int
@@ -49,7 +49,7 @@ class _Pool:
     comp_fp: np.ndarray
 
     @classmethod
-    def from_cases(cls, cases: Sequence[CaseResult]) -> _Pool:
+    def from_cases(cls, cases: Sequence[CaseResult]) -> CasePool:
         group_code = {g: i for i, g in enumerate(SIZE_GROUPS)}
         les = [(i, group_code.get(x.size_group, -1), x.hit_dice, math.nan if x.confidence is None or x.hit_dice <= 0
                 else x.confidence) for i, c in enumerate(cases) for x in c.lesions]
@@ -109,7 +109,9 @@ class _Pool:
         return {"mean": float(d.mean()), "std": float(d.std(ddof=0)), "n": int(d.size)}
 
 
-def _check_cases(cases: Sequence[CaseResult]) -> list[CaseResult]:
+def check_cases(cases: Sequence[CaseResult]) -> list[CaseResult]:
+    """``cases`` sorted by case name, after refusing (:class:`InputError`) an empty list or anything
+    that is not a :class:`CaseResult`; the fixed order makes a seeded bootstrap input-order free."""
     cases = list(cases)
     if not cases:
         raise InputError("no cases to evaluate")
@@ -133,7 +135,8 @@ def _resamples(candidates: np.ndarray, n_resamples: int, fraction: float, seed: 
     return [candidates[rng.choice(candidates.size, size=size, replace=False)] for _ in range(n_resamples)]
 
 
-def _check_mode(mode: str) -> str:
+def check_bootstrap_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`BOOTSTRAP_MODES`, else :class:`InputError`."""
     if mode not in BOOTSTRAP_MODES:
         raise InputError(f"bootstrap mode must be one of {', '.join(BOOTSTRAP_MODES)}, got {mode!r}")
     return mode
@@ -154,12 +157,12 @@ def bootstrap_recall_curves(
     Rows of resamples without any lesion of the group are NaN. The FROC plot draws its
     ±1 std band from these. ``mode`` is one of :data:`BOOTSTRAP_MODES`.
     """
-    pool = _Pool.from_cases(_check_cases(cases))
+    pool = CasePool.from_cases(check_cases(cases))
     return _bootstrap_curves(pool, np.asarray(fp_per_image, float), size_group, n_resamples, fraction, seed,
-                             _check_mode(mode))
+                             check_bootstrap_mode(mode))
 
 
-def _bootstrap_curves(pool: _Pool, grid: np.ndarray, group, n_resamples, fraction, seed, mode="ours") -> np.ndarray:
+def _bootstrap_curves(pool: CasePool, grid: np.ndarray, group, n_resamples, fraction, seed, mode="ours") -> np.ndarray:
     paper = mode == "paper"
     candidates = pool.with_records() if paper else np.arange(pool.n_images)
     denominator = pool.n_images if paper else None
@@ -171,7 +174,7 @@ def _bootstrap_curves(pool: _Pool, grid: np.ndarray, group, n_resamples, fractio
     return out
 
 
-def _bootstrap(pool: _Pool, group, n_resamples, fraction, seed, mode="ours") -> dict:
+def _bootstrap(pool: CasePool, group, n_resamples, fraction, seed, mode="ours") -> dict:
     n_cpm = len(CPM_FP_RATES)
     grid = np.r_[np.asarray(CPM_FP_RATES), AVG_RECALL_FP_RATES]
     curves = _bootstrap_curves(pool, grid, group, n_resamples, fraction, seed, mode)
@@ -207,19 +210,21 @@ def bootstrap(
     "seed"}`` where ``n`` counts the resamples that hold at least one lesion (the others have
     no recall and are left out); std has ddof 0.
     """
-    pool = _Pool.from_cases(_check_cases(cases))
-    return _bootstrap(pool, size_group, n_resamples, fraction, seed, _check_mode(mode))
+    pool = CasePool.from_cases(check_cases(cases))
+    return _bootstrap(pool, size_group, n_resamples, fraction, seed, check_bootstrap_mode(mode))
 
 
-def _summary(pool: _Pool, group, n_resamples, fraction, seed, mode="ours") -> dict:
+def pooled_summary(pool: CasePool, group, n_resamples, fraction, seed, mode="ours") -> dict:
+    """The report fields of one size ``group`` (None: all lesions) of ``pool``: counts, recall,
+    object Dice, CPM, average recall to 0.5 FP/image, the FROC curve and its bootstrap."""
     curve = pool.froc(group)
     return {
         "n_images": pool.n_images,
         "n_lesions": curve.n_lesions,
-        "recall": _json_float(pool.recall(group)),
+        "recall": json_float(pool.recall(group)),
         "object_dice": pool.object_dice(group),
-        "cpm": _json_float(cpm(curve)),
-        "avg_recall_0_5": _json_float(avg_recall(curve)),
+        "cpm": json_float(cpm(curve)),
+        "avg_recall_0_5": json_float(avg_recall(curve)),
         "froc": curve.as_dict(),
         "bootstrap": _bootstrap(pool, group, n_resamples, fraction, seed, mode),
     }

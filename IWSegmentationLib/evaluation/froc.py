@@ -40,8 +40,8 @@ class Froc:
     def as_dict(self) -> dict:
         return {
             "fp_per_image": [float(v) for v in self.fp_per_image],
-            "recall": [_json_float(v) for v in self.recall],
-            "threshold": [_json_float(v) for v in self.threshold],
+            "recall": [json_float(v) for v in self.recall],
+            "threshold": [json_float(v) for v in self.threshold],
         }
 
 
@@ -111,6 +111,8 @@ def avg_recall(curve: Froc, max_fp: float = 5.0, n_points: int = 501) -> float:
     return float(np.mean(curve.recall_at(np.linspace(0.0, max_fp, n_points))))
 
 
-def _json_float(value) -> float | None:
+def json_float(value) -> float | None:
+    """``value`` as a float, or None where it is NaN or infinite: JSON has neither, and the
+    reports write an undefined value (no lesions, no curve) as null."""
     value = float(value)
     return value if math.isfinite(value) else None

@@ -80,7 +80,7 @@ from ..core.lesions import (
     lesion_table,
     parse_min_lesion_size,
 )
-from .froc import _json_float
+from .froc import json_float
 from .hit_rules import parse_hit_rule
 
 if TYPE_CHECKING:
@@ -113,11 +113,11 @@ class LesionResult(Lesion):
         """The report's per-lesion entry: ``id, volume_mm3, diameter_mm, size_group, hit_dice, confidence``."""
         return {
             "id": self.id,
-            "volume_mm3": _json_float(self.volume_mm3),
-            "diameter_mm": _json_float(self.diameter_mm),
+            "volume_mm3": json_float(self.volume_mm3),
+            "diameter_mm": json_float(self.diameter_mm),
             "size_group": self.size_group,
             "hit_dice": self.hit_dice,
-            "confidence": None if self.confidence is None else _json_float(self.confidence),
+            "confidence": None if self.confidence is None else json_float(self.confidence),
         }
 
 
@@ -138,9 +138,9 @@ class ComponentResult(Lesion):
         """The report's per-component entry: ``id, volume_mm3, diameter_mm, confidence, hit_dice``."""
         return {
             "id": self.id,
-            "volume_mm3": _json_float(self.volume_mm3),
-            "diameter_mm": _json_float(self.diameter_mm),
-            "confidence": _json_float(self.confidence),
+            "volume_mm3": json_float(self.volume_mm3),
+            "diameter_mm": json_float(self.diameter_mm),
+            "confidence": json_float(self.confidence),
             "hit_dice": self.hit_dice,
         }
 
@@ -447,7 +447,7 @@ def _greedy_pairs(lesion, comp, dice, confidence) -> list[tuple[int, int, float]
 
 def _hungarian_pairs(lesion, comp, dice) -> list[tuple[int, int, float]]:
     """One-to-one pairs of maximum total Dice (``scipy.optimize.linear_sum_assignment``)."""
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # lazy: slow; Slicer installs it
 
     if lesion.size == 0:
         return []

@@ -8,7 +8,14 @@ from ..core.errors import InputError
 from ..core.lesions import (
     SIZE_GROUPS,
 )
-from .bootstrap import BOOTSTRAP_FRACTION, N_BOOTSTRAP, _check_cases, _check_mode, _Pool, _summary
+from .bootstrap import (
+    BOOTSTRAP_FRACTION,
+    N_BOOTSTRAP,
+    CasePool,
+    check_bootstrap_mode,
+    check_cases,
+    pooled_summary,
+)
 
 if TYPE_CHECKING:
     from .froc import Froc
@@ -33,8 +40,8 @@ def evaluate_cases(
     component counts). A FROC threshold of None is the added (0, 0) point (τ = ∞).
     ``bootstrap_mode`` is one of :data:`BOOTSTRAP_MODES` (see :func:`bootstrap`).
     """
-    ordered = _check_cases(cases)
-    _check_mode(bootstrap_mode)
+    ordered = check_cases(cases)
+    check_bootstrap_mode(bootstrap_mode)
     rules = sorted({c.hit_rule for c in ordered})
     if len(rules) > 1:
         raise InputError(f"cases were matched with different hit rules ({', '.join(rules)}); pool one rule at a time")
@@ -42,15 +49,15 @@ def evaluate_cases(
     if len(scores) > 1:
         raise InputError(f"cases rank their components by different scores ({', '.join(scores)}); a logit and a "
                          "probability are not comparable: pool one kind at a time")
-    pool = _Pool.from_cases(ordered)
-    report = _summary(pool, None, n_resamples, fraction, seed, bootstrap_mode)
+    pool = CasePool.from_cases(ordered)
+    report = pooled_summary(pool, None, n_resamples, fraction, seed, bootstrap_mode)
     report["hit_rule"] = rules[0]
     report["score"] = scores[0]
-    report["by_size"] = {g: _summary(pool, g, n_resamples, fraction, seed, bootstrap_mode) for g in SIZE_GROUPS}
+    report["by_size"] = {g: pooled_summary(pool, g, n_resamples, fraction, seed, bootstrap_mode) for g in SIZE_GROUPS}
     report["cases"] = [c.as_dict() for c in cases]
     return report
 
 
 def froc_of_cases(cases: Sequence[CaseResult], size_group: str | None = None) -> Froc:
     """The pooled FROC curve of a list of cases (all lesions, or one size group)."""
-    return _Pool.from_cases(_check_cases(cases)).froc(size_group)
+    return CasePool.from_cases(check_cases(cases)).froc(size_group)

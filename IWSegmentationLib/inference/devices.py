@@ -70,7 +70,7 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast_context(device: torch.device, precision: str):
     """The autocast context for ``precision`` on ``device`` (a null context for fp32)."""
     if precision in ("fp16", "bf16") and device.type in ("cuda", "cpu", "mps"):
         return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)

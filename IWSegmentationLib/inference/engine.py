@@ -10,6 +10,7 @@ from torch import nn
 
 from ..core.devices import ENGINES
 from ..core.errors import InputError
+from ..nn.unet import ResidualUNet3D, network_macs_per_voxel, pad_to_multiple
 
 
 class FrozenNetwork(nn.Module):
@@ -35,8 +36,6 @@ class FrozenNetwork(nn.Module):
         self.config = dict(config or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..nn.unet import pad_to_multiple
-
         spatial = tuple(x.shape[2:])
         out = self.frozen(pad_to_multiple(x.contiguous(), self.stride))
         if tuple(out.shape[2:]) != spatial:
@@ -109,13 +108,11 @@ def resolve_engine(engine: str, device: torch.device, precision: str, flops_per_
 
 def _flops_per_voxel(model: nn.Module) -> float | None:
     """Convolution FLOPs per voxel of one of our U-Nets, counted on ``model`` itself; else None."""
-    from ..nn.unet import ResidualUNet3D, network_macs_per_voxel
-
     return 2.0 * network_macs_per_voxel(model) if isinstance(model, ResidualUNet3D) else None
 
 
-def _runnable(model: nn.Module, engine: str, device: torch.device, precision: str, channels_last: bool | None,
-              warn: Callable[[str], None]) -> nn.Module:
+def prepare_network(model: nn.Module, engine: str, device: torch.device, precision: str, channels_last: bool | None,
+                    warn: Callable[[str], None]) -> nn.Module:
     """``model`` ready to run on ``device``: in eval mode, moved there, and either frozen for the
     CPU (``engine`` resolves to ``frozen`` and :func:`freeze_for_cpu` succeeds) or eager with
     ``channels_last_3d`` weights where that is faster (CPU and CUDA; ``channels_last`` overrides).

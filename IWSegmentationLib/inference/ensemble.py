@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ..core.errors import InputError
+from ..preprocessing.presets import validate_params
 from .predict import inference_settings
 
 
@@ -12,8 +13,6 @@ def _card_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """What two model cards disagree on among the settings an ensemble must share: the
     preprocessing (how the input is prepared) and organ crop, the sliding window (patch size, overlap, blend),
     the threshold and the network's input and output channels."""
-    from ..preprocessing.presets import validate_params
-
     diffs = []
     pa, pb = validate_params(dict(a["preprocessing"])), validate_params(dict(b["preprocessing"]))
     diffs += [f"preprocessing {k}: {pa.get(k)!r} vs {pb.get(k)!r}" for k in sorted(set(pa) | set(pb))

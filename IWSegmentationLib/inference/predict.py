@@ -12,12 +12,16 @@ from torch import nn
 
 from ..core.confidence import SKIPPED_LOGIT, probability_to_logit, sigmoid
 from ..core.errors import InputError
+from ..core.imageio import Geometry
 from ..nn.model_card import check_in_channels
 from ..preprocessing.cropping import OrganBox, organ_box
+from ..preprocessing.foreground import foreground_mask
+from ..preprocessing.presets import validate_params
+from ..preprocessing.resampling import prepare_case, resample_to_geometry
 from .devices import resolve_device, resolve_precision
-from .engine import _runnable
+from .engine import prepare_network
 from .predictors import EnsemblePredictor, MirroredPredictor
-from .sliding_window import InferenceStats, _triple, sliding_window_inference
+from .sliding_window import InferenceStats, as_triple, sliding_window_inference
 
 
 @dataclass
@@ -54,7 +58,7 @@ def inference_settings(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if patch is None:
         raise InputError("checkpoint metadata has no 'patch_size': cannot choose the sliding-window size")
     return {
-        "patch_size": _triple(patch, "patch_size", int),
+        "patch_size": as_triple(patch, "patch_size", int),
         "overlap": float(extra.get("overlap", 0.25)),
         "blend": str(extra.get("blend", "gaussian")),
     }
@@ -139,11 +143,6 @@ def predict_volume(
             or ``eager`` (the module as it is).
         tta: test-time mirroring (:class:`MirroredPredictor`): 8 passes per window, averaged.
     """
-    from ..core.imageio import Geometry
-    from ..preprocessing.foreground import foreground_mask
-    from ..preprocessing.presets import validate_params
-    from ..preprocessing.resampling import prepare_case, resample_to_geometry
-
     models = [model] if isinstance(model, nn.Module) else list(model)
     if not models or not all(isinstance(m, nn.Module) for m in models):
         raise InputError(f"model must be a torch.nn.Module or a list of them, got {type(model).__name__}")
@@ -181,7 +180,7 @@ def predict_volume(
         network_input = box.crop(network_input)
         foreground = None if foreground is None else box.crop(foreground)
 
-    networks = [_runnable(m, engine, device, precision, channels_last, warn) for m in models]
+    networks = [prepare_network(m, engine, device, precision, channels_last, warn) for m in models]
     stats.engine = "frozen" if all(n is not m for n, m in zip(networks, models)) else "eager"
     predictor: nn.Module = EnsemblePredictor(networks) if len(networks) > 1 else networks[0]
     if tta:

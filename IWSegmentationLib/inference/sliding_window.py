@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from ..core.errors import Cancelled, InputError, IWSegError
-from .devices import _autocast, resolve_precision
+from .devices import autocast_context, resolve_precision
 
 BLEND_MODES = ("gaussian", "constant")
 
@@ -69,7 +69,9 @@ _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _triple(value, name: str, cast=int) -> tuple:
+def as_triple(value, name: str, cast=int) -> tuple:
+    """``value`` (one number, or three for z, y, x) as a tuple of three ``cast`` values;
+    :class:`InputError` naming the parameter ``name`` otherwise."""
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
         value = (value,) * 3
     try:
@@ -126,7 +128,7 @@ def importance_map(patch_size: Sequence[int], blend: str = "gaussian", sigma_sca
     if blend == "constant":
         weights = torch.ones(patch_size, dtype=torch.float32, device=device)
     else:
-        scales = _triple(sigma_scale, "sigma_scale", float)
+        scales = as_triple(sigma_scale, "sigma_scale", float)
         if any(s <= 0 for s in scales):
             raise InputError(f"sigma_scale must be positive, got {sigma_scale!r}")
         weights = None
@@ -246,7 +248,7 @@ class _WindowRunner:
         sync = self.device.type == "cuda"
         start = time.perf_counter()
         x = batch.to(self.device, non_blocking=True)
-        with _autocast(self.device, self.precision):
+        with autocast_context(self.device, self.precision):
             out = self.predictor(x)
         if not isinstance(out, torch.Tensor):
             raise InputError(f"the predictor must return a tensor, got {type(out).__name__}")
@@ -331,10 +333,10 @@ def sliding_window_inference(
         raise InputError(f"predictor must be callable, got {type(predictor).__name__}")
     tensor, is_numpy = _as_image_tensor(image)
     spatial = tuple(tensor.shape[1:])
-    patch = _triple(patch_size, "patch_size", int)
+    patch = as_triple(patch_size, "patch_size", int)
     if any(p < 1 for p in patch):
         raise InputError(f"patch_size must be positive, got {patch_size!r}")
-    overlaps = _triple(overlap, "overlap", float)
+    overlaps = as_triple(overlap, "overlap", float)
     if any(not (0.0 <= o < 1.0) for o in overlaps):
         raise InputError(f"overlap must be in [0, 1), got {overlap!r}")
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
@@ -423,7 +425,7 @@ def _output_channels(predictor, tensor, patch, device, precision) -> int:
     if isinstance(config, Mapping) and isinstance(config.get("out_channels"), int):
         return int(config["out_channels"])
     probe = torch.zeros((1, tensor.shape[0], *patch), dtype=torch.float32, device=device)
-    with _autocast(device, precision):
+    with autocast_context(device, precision):
         return int(predictor(probe).shape[1])
 
 

@@ -68,9 +68,9 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100_000_000
 
 
-def _dtype_codes() -> dict:
+def dtype_codes() -> dict:
     """safetensors dtype codes (the header's "dtype" strings) of the torch dtypes we store."""
-    import torch
+    import torch  # lazy: a checkpoint's card is read without torch
 
     return {
         torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -86,9 +86,9 @@ def weights_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     safetensors dtype code (``F32``...), ``\\0``, the shape as comma-separated ints, ``\\0``,
     then the tensor's raw little-endian bytes in C order.
     """
-    import torch
+    import torch  # lazy: a checkpoint's card is read without torch
 
-    codes = _dtype_codes()
+    codes = dtype_codes()
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach()
@@ -147,7 +147,7 @@ def build_model_card(model: nn.Module, metadata: Mapping[str, Any], tensors: Map
             "the model has no .config and metadata has no 'architecture': build the model with "
             "models.build_model(config) or pass metadata['architecture']"
         )
-    import torch
+    import torch  # lazy: a checkpoint's card is read without torch
 
     card.update(
         format=FORMAT,
@@ -187,9 +187,11 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
-    """Write atomically (temp file beside ``path``, checked, fsync'ed, renamed: :func:`atomic_output`)."""
-    from safetensors.torch import save_file
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
+    """Write ``tensors`` with the string ``header`` as a safetensors file at ``path``, atomically (temp
+    file beside ``path``, checked, fsync'ed, renamed: :func:`atomic_output`); checkpoints and training
+    states are written here."""
+    from safetensors.torch import save_file  # lazy: safetensors.torch imports torch
 
     path = Path(path)
     with atomic_output(path) as tmp:
@@ -218,7 +220,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: Mapping
     card = build_model_card(model, metadata, tensors)
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
               "model_card": json.dumps(card, allow_nan=False, sort_keys=True)}
-    _write_safetensors(path, tensors, header)
+    write_safetensors(path, tensors, header)
     return card
 
 
@@ -302,7 +304,10 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def _check_format(path: Path, meta: Mapping[str, str], expected: str) -> int:
+def check_format(path: Path, meta: Mapping[str, str], expected: str) -> int:
+    """The format version of the file at ``path`` (its safetensors ``meta``data), after checking it is
+    an IWSegmentation file of the ``expected`` format (a checkpoint or a training state) and a version
+    this code reads; :class:`CheckpointError` otherwise."""
     if meta.get("format") != expected:
         raise CheckpointError(
             f"checkpoint {path} has no IWSegmentation metadata (format {meta.get('format')!r}, "
@@ -338,7 +343,7 @@ def read_model_card(path: str | os.PathLike) -> ModelCard:
             f"checkpoint {path} has no model card (no IWSegmentation metadata in its header); "
             "it cannot say how to preprocess or threshold. Re-save it with save_checkpoint"
         )
-    _check_format(path, meta, FORMAT)
+    check_format(path, meta, FORMAT)
     try:
         card = json.loads(meta["model_card"])
     except json.JSONDecodeError as exc:
@@ -356,8 +361,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return read_model_card(path).to_dict()
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file at ``path``, on the CPU (no pickle is involved);
+    :class:`CheckpointError` for a damaged file."""
+    from safetensors.torch import load_file  # lazy: safetensors.torch imports torch
 
     try:
         return load_file(str(path), device="cpu")
@@ -370,9 +377,9 @@ def _build_and_load(path: Path, architecture: Mapping[str, Any], tensors: dict[s
     torch's ``meta`` device (no memory) and its tensor shapes compared with the file's, so a
     card that claims a huge network allocates nothing: the real build is at most as large as
     the weights the file holds."""
-    import torch
+    import torch  # lazy: a checkpoint's card is read without torch
 
-    from .unet import build_model
+    from .unet import build_model  # lazy: unet imports torch
 
     try:
         with torch.device("meta"):
@@ -423,7 +430,7 @@ def load_checkpoint(
             model, card = _load_torch_weights_only(path, metadata)
             return model.to(map_location), card
     card = read_model_card(path)
-    tensors = _load_tensors(path)
+    tensors = load_tensors(path)
     digest = weights_sha256(tensors)
     if digest != card.weights_sha256:
         raise CheckpointError(
@@ -438,7 +445,7 @@ def load_checkpoint(
 def check_finite_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
     """Refuse weights holding NaN or inf (a diverged or damaged run): such a network predicts
     NaN, which thresholds to "no lesions" without any other sign. Names the first tensors."""
-    import torch
+    import torch  # lazy: a checkpoint's card is read without torch
 
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
@@ -450,7 +457,7 @@ def check_finite_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Te
 
 def _load_torch_weights_only(path: Path, metadata: Mapping[str, Any] | None) -> tuple[nn.Module, dict]:
     """Read a pickled state dict with ``torch.load(weights_only=True)``; never full unpickling."""
-    import torch
+    import torch  # lazy: a checkpoint's card is read without torch
 
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -6,6 +6,7 @@ import collections
 import json
 import math
 import os
+import random
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -19,11 +20,11 @@ if TYPE_CHECKING:  # torch is imported lazily: reading a model card must not nee
     import torch
 from .checkpoint import (
     TRAINING_STATE_FORMAT,
-    _check_format,
-    _dtype_codes,
-    _load_tensors,
-    _write_safetensors,
+    check_format,
+    dtype_codes,
+    load_tensors,
     read_header,
+    write_safetensors,
 )
 from .model_card import FORMAT_VERSION
 
@@ -45,7 +46,7 @@ def _pack(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous().clone()
-        if t.dtype not in _dtype_codes():
+        if t.dtype not in dtype_codes():
             raise InputError(f"training state {where}: tensor dtype {t.dtype} is not storable")
         key = f"t{len(tensors):06d}"
         tensors[key] = t
@@ -53,7 +54,7 @@ def _pack(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     if isinstance(obj, np.ndarray):
         if obj.dtype.hasobject:
             raise InputError(f"training state {where}: object arrays are not storable")
-        import torch
+        import torch  # lazy: iwseg train starts without torch
 
         key = f"t{len(tensors):06d}"
         tensors[key] = torch.from_numpy(np.frombuffer(np.ascontiguousarray(obj).tobytes(), dtype=np.uint8).copy())
@@ -108,7 +109,7 @@ def save_training_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Pa
     header = {"format": TRAINING_STATE_FORMAT, "format_version": str(FORMAT_VERSION),
               "library_version": __version__,
               "state": json.dumps(structure, allow_nan=False)}
-    return _write_safetensors(Path(path), tensors, header)
+    return write_safetensors(Path(path), tensors, header)
 
 
 def load_training_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -119,8 +120,8 @@ def load_training_state(path: str | os.PathLike, map_location: str | torch.devic
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or "state" not in meta:
         raise CheckpointError(f"{path} is not an IWSegmentation training state (no 'state' in its header)")
-    _check_format(path, meta, TRAINING_STATE_FORMAT)
-    tensors = _load_tensors(path)
+    check_format(path, meta, TRAINING_STATE_FORMAT)
+    tensors = load_tensors(path)
     if str(map_location) != "cpu":
         tensors = {k: v.to(map_location) for k, v in tensors.items()}
     try:
@@ -132,9 +133,7 @@ def load_training_state(path: str | os.PathLike, map_location: str | torch.devic
 def capture_rng_state() -> dict[str, Any]:
     """The Python, numpy (global) and torch (CPU and every CUDA device) RNG states, storable
     with :func:`save_training_state`."""
-    import random
-
-    import torch
+    import torch  # lazy: iwseg train starts without torch
 
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -144,9 +143,7 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`."""
-    import random
-
-    import torch
+    import torch  # lazy: iwseg train starts without torch
 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])

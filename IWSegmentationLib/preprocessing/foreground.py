@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..core.errors import InputError
-from .intensity import _check_mask
+from ..core.lesions import component_sizes
+from .intensity import check_mask
 from .presets import validate_params
 
 
@@ -26,7 +27,7 @@ def foreground_mask(image: np.ndarray, params: dict[str, Any], mask: np.ndarray 
     """
     params = validate_params(params)
     if mask is not None and params["mask"] is not None:
-        return _check_mask(mask, image.shape)
+        return check_mask(mask, image.shape)
     if params["mask"] == "lung" and params["modality"] == "CT":
         field = lung_field(image, spacing_zyx)
         if field is not None:
@@ -54,10 +55,8 @@ def lung_field(image: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)
     Returns a bool mask on the image's grid, or None when no such air is found (an image that is
     not a chest CT) — the caller then falls back to the body threshold.
     """
-    import cc3d
-    from scipy import ndimage
-
-    from ..core.lesions import component_sizes
+    import cc3d  # lazy: `iwseg` starts without loading cc3d
+    from scipy import ndimage  # lazy: scipy takes ~1.5 s to load, and only the lung field needs it
 
     image = np.asarray(image)
     if image.ndim != 3:

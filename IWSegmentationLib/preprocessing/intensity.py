@@ -11,7 +11,9 @@ from ..core.errors import InputError
 from .presets import validate_params
 
 
-def _check_image(image: np.ndarray) -> None:
+def check_image(image: np.ndarray) -> None:
+    """Refuse (:class:`InputError`) an image that is not a non-empty 3D ``[z, y, x]`` array of
+    finite real numbers: every preprocessing entry point checks its input here, once."""
     if not isinstance(image, np.ndarray):
         raise InputError(f"image must be a numpy array, got {type(image).__name__}")
     if image.ndim != 3:
@@ -30,7 +32,9 @@ def _check_image(image: np.ndarray) -> None:
         )
 
 
-def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``mask`` as a bool array (non-zero = inside), after checking it is a numpy array of the
+    image's ``shape``; :class:`InputError` otherwise."""
     if not isinstance(mask, np.ndarray):
         raise InputError(f"mask must be a numpy array, got {type(mask).__name__}")
     if mask.shape != shape:
@@ -63,13 +67,14 @@ def preprocess(image: np.ndarray, params: dict[str, Any], mask: np.ndarray | Non
     :func:`prepare_case`.
     """
     params = validate_params(params)
-    _check_image(image)
-    return _preprocess_inplace(np.array(image, dtype=np.float32, copy=True, order="C"), params, mask)
+    check_image(image)
+    return preprocess_inplace(np.array(image, dtype=np.float32, copy=True, order="C"), params, mask)
 
 
-def _preprocess_inplace(out: np.ndarray, params: dict[str, Any], mask: np.ndarray | None) -> np.ndarray:
-    """:func:`preprocess` on a float32 array this module owns (overwritten and returned)."""
-    organ = _check_mask(mask, out.shape) if (mask is not None and params["mask"] is not None) else None
+def preprocess_inplace(out: np.ndarray, params: dict[str, Any], mask: np.ndarray | None) -> np.ndarray:
+    """:func:`preprocess` on a float32 array the caller owns (overwritten and returned), with
+    ``params`` already validated: :func:`~.resampling.prepare_case` saves a full-size copy this way."""
+    organ = check_mask(mask, out.shape) if (mask is not None and params["mask"] is not None) else None
     if params["clip"] is not None:
         lo, hi = params["clip"]
         np.clip(out, lo, hi, out=out)

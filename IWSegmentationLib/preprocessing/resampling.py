@@ -8,7 +8,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.imageio import Geometry, to_sitk
-from .intensity import _check_image, _check_mask, _preprocess_inplace, preprocess
+from .intensity import check_image, check_mask, preprocess, preprocess_inplace
 from .presets import validate_params
 
 #: Largest grid :func:`resampled_geometry` makes: 2^31 voxels (8 GiB as float32), so a crafted
@@ -60,7 +60,7 @@ def resample_to_geometry(
     coarser grid from :func:`resampled_geometry` may still end up to half a coarse voxel short
     of the fine grid's far edge, so such points do occur.
     """
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # lazy: SimpleITK takes ~0.4 s to load; only resampling needs it
 
     if array.ndim != 3:
         raise InputError(f"array to resample must be 3D [z, y, x], got shape {array.shape}")
@@ -110,11 +110,11 @@ def prepare_case(
     if isinstance(image, np.ndarray) and image.ndim == 4:
         return prepare_channels(image, geometry, params, mask)
     params = validate_params(params)
-    _check_image(image)
+    check_image(image)
     if tuple(image.shape) != geometry.shape_zyx:
         raise InputError(f"image shape {image.shape} does not match its geometry {geometry.shape_zyx}")
     if mask is not None:
-        _check_mask(mask, image.shape)
+        check_mask(mask, image.shape)
     target = geometry if params["target_spacing"] is None else resampled_geometry(geometry, params["target_spacing"])
     if target == geometry:
         return preprocess(image, params, mask), geometry, mask
@@ -122,7 +122,7 @@ def prepare_case(
     work = resample_to_geometry(image, geometry, target)
     if mask is not None:
         mask = resample_to_geometry(np.asarray(mask != 0, dtype=np.uint8), geometry, target, is_mask=True)
-    return _preprocess_inplace(work, params, mask), target, mask
+    return preprocess_inplace(work, params, mask), target, mask
 
 
 def prepare_channels(

@@ -86,7 +86,7 @@ def installed_version(distribution: str) -> str | None:
 
 
 def _requirement(spec: str):
-    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.requirements import InvalidRequirement, Requirement  # lazy: an undeclared dependency
 
     try:
         return Requirement(spec)
@@ -136,7 +136,7 @@ def write_constraints(path: str | os.PathLike | None = None, **kwargs) -> Path:
 
 def torch_problem(version_of: VersionLookup = installed_version, minimum: str = MINIMUM_TORCH) -> str | None:
     """None when a usable torch is installed, else a sentence saying what is wrong."""
-    from packaging.version import InvalidVersion, Version
+    from packaging.version import InvalidVersion, Version  # lazy: an undeclared dependency
 
     version = version_of("torch")
     if version is None:
@@ -165,7 +165,7 @@ def _ensure_torch_in_slicer(version_of: VersionLookup = installed_version) -> No
     if problem is None:
         return
     try:
-        import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS PyTorch)
+        import PyTorchUtils  # lazy: the PyTorch extension (EXTENSION_DEPENDS PyTorch), only in Slicer
     except ImportError:
         raise DependencyError(
             f"{problem}. Install the 'PyTorch' extension from the Extensions Manager, restart "
@@ -203,7 +203,7 @@ def ensure_in_slicer(requester: str = "IWSegmentation", requirements: Sequence[s
     constraints = write_constraints(protected=protected)
     try:
         try:
-            from slicer import packaging as slicer_packaging  # pip_ensure: Slicer >= 5.12
+            from slicer import packaging as slicer_packaging  # lazy: pip_ensure, Slicer >= 5.12
         except ImportError:
             slicer_packaging = None
         if slicer_packaging is not None and hasattr(slicer_packaging, "pip_ensure"):
@@ -229,7 +229,7 @@ def ensure_in_slicer(requester: str = "IWSegmentation", requirements: Sequence[s
 
 def _legacy_install(missing: list[str], constraints: Path, requester: str) -> None:
     """Older Slicer: confirm, ``slicer.util.pip_install`` with ``-c``, then suggest a restart."""
-    import slicer
+    import slicer  # lazy: Slicer's own; importable without it
 
     text = (
         f"{requester} needs {len(missing)} Python package(s) that are not installed:\n\n"

@@ -28,8 +28,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..core import dicom_seg
 from ..core.errors import InputError
 from ..core.outputs import atomic_output
+from . import deps as slicer_deps
+from . import mrml
 from .mrml.geometry import LPS_TO_RAS
 
 #: ``(CSV column, row key, decimals)``; ``centroid_lps`` is computed from the row's ``center_ras``.
@@ -122,9 +125,6 @@ def export_results(results, path: str | os.PathLike, source_files: Sequence[str 
     description), numbered as the segments (1 = largest). ``source_files`` are the DICOM files of the input volume
     (:func:`instance_files`); without them only the CSV is written, and the result says why.
     """
-    from ..core import dicom_seg
-    from . import mrml
-
     base = Path(path)
     if base.suffix.lower() in (".csv", ".dcm"):
         base = base.with_suffix("")
@@ -151,10 +151,6 @@ def export_in_slicer(results, path: str | os.PathLike, database) -> ExportResult
     """The module's Export button: :func:`export_results` with the input volume's files from Slicer's
     DICOM database (``slicer.dicomDatabase``), installing highdicom on first use (Slicer's own
     pydicom, numpy and SimpleITK are pinned, never replaced; see :mod:`IWSegmentationLib.slicer.deps`)."""
-    from ..core import dicom_seg
-    from . import deps as slicer_deps
-    from . import mrml
-
     volume = mrml.reference_volume_node(results.segmentation)
     sources = instance_files(volume, database) if volume is not None else []
     if sources:

@@ -22,6 +22,7 @@ Pixels are returned as top-down ``(H, W, 3)`` uint8 arrays; view sizes are ``(wi
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 import subprocess
@@ -32,9 +33,12 @@ from typing import Sequence
 
 import numpy as np
 
-from ..core.errors import IWSegError
+from ..core import files, imageio, outputs
+from ..core.errors import InputError, IWSegError
 from ..core.lesions import SIZE_GROUP_COLORS, SIZE_GROUPS, size_thresholds
+from . import mrml
 from .lesion_row import LesionRow
+from .mrml.geometry import as_numpy_matrix
 
 #: Default size of one view, ``(width, height)`` pixels.
 VIEW_SIZE = (320, 320)
@@ -90,7 +94,7 @@ def probe_offscreen(timeout: float = 120.0) -> str:
     success is remembered for the process.
     """
     try:
-        import slicer  # noqa: F401
+        import slicer  # noqa: F401  (lazy: only whether Slicer is there)
     except ImportError:
         raise OffscreenRenderingError(
             "slicer-core is not installed (pip install 'slicer-core==5.13.*')") from None
@@ -112,8 +116,8 @@ def probe_offscreen(timeout: float = 120.0) -> str:
 
 def grab(render_window) -> np.ndarray:
     """Render the window and return its pixels as a top-down ``(H, W, 3)`` uint8 array."""
-    import vtk
-    from vtkmodules.util import numpy_support
+    import vtk  # lazy: Slicer's own; importable without it
+    from vtkmodules.util import numpy_support  # lazy: Slicer's own; importable without it
 
     render_window.Render()
     grabber = vtk.vtkWindowToImageFilter()
@@ -128,7 +132,7 @@ def grab(render_window) -> np.ndarray:
 
 def offscreen_window(size: Sequence[int] = VIEW_SIZE, layers: int = 1):
     """An offscreen ``vtkRenderWindow`` of ``size`` (width, height) with ``layers`` renderer layers."""
-    import vtk
+    import vtk  # lazy: Slicer's own; importable without it
 
     window = vtk.vtkRenderWindow()
     window.SetOffScreenRendering(1)
@@ -141,7 +145,7 @@ def offscreen_window(size: Sequence[int] = VIEW_SIZE, layers: int = 1):
 def displayable_managers(factory, app_logic, renderer, names: Sequence[str]):
     """A displayable manager group drawing into ``renderer``, with ``names`` registered in ``factory``
     (Slicer's slice- or 3D-view factory), as Slicer's views set theirs up."""
-    import slicer
+    import slicer  # lazy: Slicer's own; importable without it
 
     factory.SetMRMLApplicationLogic(app_logic)
     for manager in names:
@@ -163,8 +167,8 @@ class SliceView:
     """
 
     def __init__(self, scene, app_logic, name: str, orientation: str, size: Sequence[int] = VIEW_SIZE):
-        import slicer
-        import vtk
+        import slicer  # lazy: Slicer's own; importable without it
+        import vtk  # lazy: Slicer's own; importable without it
 
         self.size = (int(size[0]), int(size[1]))
         self.window = offscreen_window(self.size, layers=2)
@@ -213,9 +217,7 @@ class SliceView:
 
     def xy_to_ras(self) -> np.ndarray:
         """The slice node's 4x4 ``XYToRAS`` matrix (pixel x, y from the bottom left -> RAS mm)."""
-        from .mrml.geometry import _as_numpy_matrix
-
-        return _as_numpy_matrix(self.node.GetXYToRAS())
+        return as_numpy_matrix(self.node.GetXYToRAS())
 
     def pixel_ras(self) -> np.ndarray:
         """RAS of every pixel centre, ``(H, W, 3)``, top-down like :meth:`capture`."""
@@ -256,8 +258,8 @@ class ThreeDView:
     segmentations). ``size`` is ``(width, height)`` pixels."""
 
     def __init__(self, scene, app_logic, name: str = "1", size: Sequence[int] = VIEW_SIZE):
-        import slicer
-        import vtk
+        import slicer  # lazy: Slicer's own; importable without it
+        import vtk  # lazy: Slicer's own; importable without it
 
         self.size = (int(size[0]), int(size[1]))
         self.window = offscreen_window(self.size)
@@ -280,7 +282,7 @@ class ThreeDView:
 
     def look_from_anterior(self) -> None:
         """Point the camera from the patient's front at everything shown."""
-        import slicer
+        import slicer  # lazy: Slicer's own; importable without it
 
         camera = self.managers.GetDisplayableManagerByClassName("vtkMRMLCameraDisplayableManager").GetCameraNode()
         self.renderer.ResetCamera()
@@ -326,21 +328,15 @@ class LesionPicture:
 
 def _read_mask(path, geometry, image, what: str) -> np.ndarray:
     """A binary mask on the image's grid; InputError naming the file when it is unusable."""
-    from ..core import imageio
-
     labels, mask_geometry = imageio.read_image(path, what=what)
     imageio.check_same_grid(geometry, mask_geometry, f"image {image}", f"{what} {path}")
     if not np.all(np.isfinite(labels)):
-        from ..core.errors import InputError
-
         raise InputError(f"{what} {path} holds NaN or infinite values")
     return labels != 0
 
 
 def _read_case(image, mask):
     """The image, the mask and their geometry; InputError naming the file when one is unusable."""
-    from ..core import imageio
-
     volume, geometry = imageio.read_image(image, what="image")
     return volume, _read_mask(mask, geometry, image, "lesion mask"), geometry
 
@@ -349,8 +345,6 @@ def _show_review(scene, volume_node, segmentation, reference_mask, thresholds) -
     """Colour the predicted lesions that hit no reference lesion as false positives, and add the
     reference lesions no prediction hit as outlined segments (the matching of
     :func:`mrml.match_segmentations`, the paper's rule). Returns the counts and the missed rows."""
-    from . import mrml
-
     reference = mrml.lesion_segmentation(scene, volume_node, reference_mask, size_thresholds_mm=thresholds,
                                          name="Reference lesions")
     match = mrml.match_segmentations(segmentation, reference, volume_node=volume_node, size_thresholds_mm=thresholds)
@@ -426,10 +420,6 @@ def render_lesions_png(
     unreadable input, or a mask on another grid, and :class:`OffscreenRenderingError` when
     slicer-core or offscreen OpenGL is unavailable.
     """
-    from ..core import files, outputs
-    from ..core.errors import InputError
-    from . import mrml
-
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise InputError(f"output must be a .png file, got {output}")
@@ -491,9 +481,7 @@ _PANEL_TITLES = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal",
 def _font(size: int):
     """DejaVu Sans (it has ≤ and ≥; matplotlib ships it, Pillow finds a system copy), else
     Pillow's built-in font."""
-    import importlib.util
-
-    from PIL import ImageFont
+    from PIL import ImageFont  # lazy: only the picture needs Pillow
 
     spec = importlib.util.find_spec("matplotlib")
     candidates = ["DejaVuSans.ttf"]
@@ -515,7 +503,7 @@ def _compose(shots, counts, thresholds, preset, title, focus, review=None):
     thresholds and counts, then the review colours), then a note (on the same line when it
     fits, else on the next).
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # lazy: only the picture needs Pillow
 
     gap, margin, header, line = 6, 12, 78, 22
     w, h = next(iter(shots.values()))[0].shape[1::-1]

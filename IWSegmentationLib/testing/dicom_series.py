@@ -19,9 +19,9 @@ from IWSegmentationLib.core.imageio import Geometry
 
 def write_ct_series(folder: Path, image: np.ndarray, geometry: Geometry, *, seed: int = 7) -> list[Path]:
     """Write ``image`` as a CT series into ``folder``; returns the files in slice order."""
-    import pydicom  # optional (the dicom extra, with highdicom): imported only when a series is written
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    import pydicom  # lazy: optional (the dicom extra), only to write a series
+    from pydicom.dataset import FileMetaDataset  # lazy: optional, as above
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # lazy: optional, as above
 
     folder.mkdir(parents=True, exist_ok=True)
     nz = image.shape[0]

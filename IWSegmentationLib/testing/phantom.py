@@ -34,6 +34,8 @@ from typing import Sequence
 import numpy as np
 
 from ..core.errors import InputError
+from ..nn.checkpoint import save_checkpoint
+from ..preprocessing.presets import get_preset
 
 #: Default lesions: (centre z, y, x in voxels, radius in mm, intensity). Diameters of about
 #: 4, 8 and 14 mm fall in the small / medium / large groups of the thresholds (5, 10) mm, and
@@ -105,9 +107,9 @@ def phantom_case(
 
 def threshold_model(gain: float = 20.0, level: float = 0.5, config: dict | None = None):
     """The library's U-Net with weights set so that ``logit = gain · (x − level)`` voxel-wise."""
-    import torch
+    import torch  # lazy: the phantom's data is made without torch
 
-    from ..nn.unet import build_model, default_config
+    from ..nn.unet import build_model, default_config  # lazy: imports torch
 
     model = build_model(config or default_config("tiny"))
     with torch.no_grad():
@@ -143,9 +145,6 @@ def threshold_checkpoint(
     size_thresholds: Sequence[float] = DEFAULT_SIZE_THRESHOLDS,
 ) -> Path:
     """Write the hand-wired model as a real checkpoint (``mr`` preset, threshold 0.5)."""
-    from ..nn.checkpoint import save_checkpoint
-    from ..preprocessing.presets import get_preset
-
     path = Path(path)
     save_checkpoint(path, threshold_model(gain, level), {
         "patch_size": [int(p) for p in patch_size],

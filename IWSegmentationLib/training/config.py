@@ -48,6 +48,7 @@ from typing import (
 
 from ..core.errors import InputError
 from ..core.lesions import SIZE_PRESETS, parse_min_lesion_size, size_thresholds
+from ..data.synth import physical_memory
 from ..evaluation.hit_rules import parse_hit_rule
 from ..nn.architecture import default_config, model_stride
 from ..preprocessing.cropping import MAX_CROP_MARGIN
@@ -347,7 +348,7 @@ class TrainConfig:
 
     def _validate_components(self) -> None:
         """Check the names other modules resolve (model, loss, preset), so a typo fails before any data is read."""
-        from ..nn.losses import get_loss  # torch: loaded only when a config is validated
+        from ..nn.losses import get_loss  # lazy: imports torch; loaded only when a config is validated
 
         if self.preprocessing not in PRESETS:
             raise InputError(f"config key 'preprocessing' must be one of {', '.join(PRESETS)}, got {self.preprocessing!r}")
@@ -392,7 +393,7 @@ class TrainConfig:
 
     def weight_params(self) -> dict:
         """``component_weights`` keyword arguments of an iw-* loss (its mode, w_min, w_max)."""
-        from ..nn.losses import loss_parameters  # torch, as above
+        from ..nn.losses import loss_parameters  # lazy: imports torch, as above
 
         defaults = loss_parameters(self.loss)
         return {k: self.loss_params.get(k, defaults[k]) for k in ("mode", "w_min", "w_max") if k in defaults}
@@ -422,8 +423,6 @@ class TrainConfig:
     def _validate_patch_memory(self) -> None:
         """Refuse a patch one sample of which needs more memory than the machine has
         (:data:`BYTES_PER_PATCH_VOXEL` per voxel), before any data is read."""
-        from ..data.synth import physical_memory
-
         available = physical_memory()
         for key in ("patch_size", "val_patch_size"):
             patch = getattr(self, key)
@@ -531,7 +530,7 @@ _CONVERTERS: dict[type, Callable[[Any, Callable[[str], InputError]], Any]] = {
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """Parse ``["key=value", "model.channels=[8,16,32,64]"]`` into a nested dict (values are YAML)."""
-    import yaml
+    import yaml  # lazy: `iwseg` starts without yaml
 
     out: dict[str, Any] = {}
     for item in overrides or ():
@@ -574,7 +573,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     ``overrides`` is a list of ``key=value`` strings (the CLI's ``--set``) or a mapping.
     Unknown keys, in the file or the overrides, raise :class:`InputError` listing the valid keys.
     """
-    import yaml
+    import yaml  # lazy: `iwseg` starts without yaml
 
     values: dict[str, Any] = {}
     source = "config"

@@ -41,10 +41,10 @@ def setup_distributed(config: TrainConfig) -> DistInfo:
     Backend: nccl when the ranks train on CUDA, gloo otherwise (CPU). Each rank trains on
     ``cuda:LOCAL_RANK`` when ``device`` is auto/cuda.
     """
-    import torch
-    import torch.distributed as dist
+    import torch  # lazy: `iwseg` starts without torch
+    import torch.distributed as dist  # lazy: `iwseg` starts without torch
 
-    from ..inference.devices import resolve_device  # with torch: the CLI imports training/ at start-up
+    from ..inference.devices import resolve_device  # lazy: imports torch
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -64,15 +64,16 @@ def setup_distributed(config: TrainConfig) -> DistInfo:
 
 
 def cleanup_distributed() -> None:
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: `iwseg` starts without torch
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def _barrier(info: DistInfo) -> None:
+def barrier(info: DistInfo) -> None:
+    """Wait until every rank of a distributed run reaches this point (nothing in a single-process run)."""
     if info.distributed:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: `iwseg` starts without torch
 
         if info.device is not None and info.device.type == "cuda":
             dist.barrier(device_ids=[info.device.index])
@@ -82,7 +83,7 @@ def _barrier(info: DistInfo) -> None:
 
 def amp_settings(config: TrainConfig, device) -> tuple[bool, Any, bool]:
     """``(enabled, dtype, use_grad_scaler)`` for ``torch.autocast`` on ``device``."""
-    import torch
+    import torch  # lazy: `iwseg` starts without torch
 
     mode = config.amp
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
@@ -100,7 +101,7 @@ def amp_settings(config: TrainConfig, device) -> tuple[bool, Any, bool]:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (all devices) global generators."""
-    import torch
+    import torch  # lazy: `iwseg` starts without torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -6,6 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..core.outputs import atomic_output
+
 #: The run log's file name inside OUT.
 LOG_FILE = "log.csv"
 
@@ -35,7 +37,7 @@ class RunLogger:
         self._truncate_csv(start_epoch)
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # lazy: imports torch
             except ImportError:  # tensorboard is an optional dependency (the [train] extra)
                 print("note: tensorboard is not installed; TensorBoard scalars are skipped "
                       "(pip install tensorboard)", flush=True)
@@ -44,8 +46,6 @@ class RunLogger:
                 self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge)
 
     def _truncate_csv(self, start_epoch: int) -> None:
-        from ..core.outputs import atomic_output
-
         rows = []
         if self.csv_path.is_file() and start_epoch > 0:
             with open(self.csv_path, newline="", encoding="utf-8") as fh:

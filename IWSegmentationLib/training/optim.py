@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 def build_optimizer(model, config: TrainConfig):
     """SGD with (Nesterov) momentum, the paper's optimiser; or Adam/AdamW."""
-    import torch
+    import torch  # lazy: `iwseg` starts without torch
 
     if config.optimizer in ("adam", "adamw"):
         cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
@@ -34,7 +34,7 @@ def build_scheduler(optimizer, config: TrainConfig):
     * ``cosine``: cosine annealing from ``lr`` to ``lr_final`` over the epochs;
     * ``constant``: ``lr`` throughout.
     """
-    import torch
+    import torch  # lazy: `iwseg` starts without torch
 
     if config.lr_schedule == "step":
         milestone = max(1, int(round(config.lr_decay_at * config.epochs)))

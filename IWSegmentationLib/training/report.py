@@ -87,7 +87,7 @@ def time_training_step(model, patch: Sequence[int], batch_size: int, device, *, 
                        stride: int = 1) -> tuple[float, tuple[int, int, int]]:
     """Seconds of one training step at ``patch`` (measured on a smaller probe patch and scaled,
     see the module docstring) and the probe patch used. ``model`` itself is not touched."""
-    import torch
+    import torch  # lazy: `iwseg` starts without torch
 
     probe = probe_patch(patch, stride)
     net = copy.deepcopy(model).to(device).train()

@@ -17,16 +17,17 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from ..core.errors import CheckpointError, InputError, OutputError
-from ..core.outputs import remove_stale_partials
+from ..core.outputs import atomic_output, remove_stale_partials
 from ..data.cases import load_case
+from ..data.splits import write_splits
 from ..nn.architecture import validate_config
 from .card import model_card
-from .distributed import _barrier, amp_settings, cleanup_distributed, seed_everything, setup_distributed
-from .inputs import _log, load_training_data, make_patch_dataset
+from .distributed import amp_settings, barrier, cleanup_distributed, seed_everything, setup_distributed
+from .inputs import load_training_data, make_patch_dataset, print_note
 from .logger import LOG_FILE, RunLogger
 from .optim import build_optimizer, build_scheduler
 from .report import log_start_report
-from .validation import _metric_value, compact_metrics, merging_warning, metric_row, validate
+from .validation import compact_metrics, merging_warning, metric_row, metric_value, validate
 
 if TYPE_CHECKING:
     from ..core.progress import CancelState
@@ -168,13 +169,13 @@ class _Run:
         self._build_model(state)
         if self.start_epoch >= self.config.epochs:
             if self.verbose:
-                _log(f"the run in {self.out} already finished its {self.config.epochs} epochs")
+                print_note(f"the run in {self.out} already finished its {self.config.epochs} epochs")
             return False
         if self.verbose:
             amp_on, amp_dtype = self.amp
             with self._out_of_memory_is_bad_input():  # it times one step with the run's batch
                 log_start_report(self.model, self.config, self.data, self.info.device, start_epoch=self.start_epoch,
-                                 autocast_dtype=amp_dtype if amp_on else None, log=_log)
+                                 autocast_dtype=amp_dtype if amp_on else None, log=print_note)
         self._open_stream()
         return True
 
@@ -184,7 +185,7 @@ class _Run:
 
     def train_epoch(self, epoch: int) -> dict:
         """``iters_per_epoch`` steps, then the scheduler's step; returns the epoch's log row."""
-        from ..data.loader import next_batch  # torch: importing the trainer stays torch-free
+        from ..data.loader import next_batch  # lazy: imports torch; importing the trainer stays torch-free
 
         config = self.config
         iters = config.iters_per_epoch
@@ -233,7 +234,7 @@ class _Run:
 
     def train_step(self, batch: Mapping[str, Any]) -> float:
         """One optimiser step on one batch (AMP, gradient clipping); returns the loss."""
-        import torch
+        import torch  # lazy: `iwseg` starts without torch
 
         config, device = self.config, self.info.device
         amp_on, amp_dtype = self.amp
@@ -270,7 +271,7 @@ class _Run:
             self.model.train()
             if self.bar is not None:
                 self.bar.set_description("training")
-        _barrier(self.info)
+        barrier(self.info)
         return report
 
     def on_epoch_end(self, epoch: int, row: dict, report: dict | None) -> None:
@@ -282,11 +283,11 @@ class _Run:
                 self._save(epoch, improved)
                 self.logger.epoch(row, (epoch + 1) * self.config.iters_per_epoch)
             if self.verbose:
-                _log(_epoch_line(row, report, improved, self.config.epochs))
+                print_note(_epoch_line(row, report, improved, self.config.epochs))
             warning = merging_warning(report)
             if warning:
-                _log(warning)
-        _barrier(self.info)
+                print_note(warning)
+        barrier(self.info)
         self.history.append(row)
         if self.epoch_callback is not None:
             self.epoch_callback(epoch, row)
@@ -313,7 +314,7 @@ class _Run:
             )
 
     def _load_resume_state(self):
-        from ..nn.training_state import load_training_state
+        from ..nn.training_state import load_training_state  # lazy: `iwseg` starts without it
 
         path = self.out / RESUME_STATE
         state = load_training_state(path)
@@ -346,7 +347,7 @@ class _Run:
         power loss: no chance to clean up); nothing else in ``out`` is touched."""
         removed = remove_stale_partials(self.out, RUN_FILES)
         if removed and self.verbose:
-            _log(f"note: removed {len(removed)} temporary file(s) of an earlier run that was killed: "
+            print_note(f"note: removed {len(removed)} temporary file(s) of an earlier run that was killed: "
                  + ", ".join(p.name for p in removed))
 
     def _check_validation_cases(self, data: TrainingData) -> dict | None:
@@ -375,8 +376,6 @@ class _Run:
     def _prepare_output_and_data(self) -> dict | None:
         """Check the output folder, read the resume state and the data, write config and splits;
         returns the resume state (None for a new run)."""
-        from ..data.splits import write_splits
-
         config, info = self.config, self.info
         if info.is_main:
             self._check_output()
@@ -397,15 +396,15 @@ class _Run:
                 (self.out / RESUME_STATE).unlink(missing_ok=True)
             self._write_run_files(self.data, write_splits)
         self.val_cache = self._check_validation_cases(self.data)
-        _barrier(info)
+        barrier(info)
         return state
 
     def _build_model(self, state: dict | None) -> None:
         """Network, loss, optimiser, scheduler and AMP scaler, restored from ``state`` when resuming."""
-        import torch
+        import torch  # lazy: `iwseg` starts without torch
 
-        from ..nn.losses import get_loss
-        from ..nn.unet import build_model
+        from ..nn.losses import get_loss  # lazy: imports torch
+        from ..nn.unet import build_model  # lazy: imports torch
 
         config, info = self.config, self.info
         device = info.device
@@ -425,14 +424,14 @@ class _Run:
         self.model = model
         self.train_model = model
         if info.distributed:
-            from torch.nn.parallel import DistributedDataParallel
+            from torch.nn.parallel import DistributedDataParallel  # lazy: `iwseg` starts without torch
 
             self.train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                        else None)
 
     def _restore(self, model, state: dict) -> None:
         """Continue exactly where the resume state stopped: weights, optimiser, scheduler, scaler, RNG."""
-        from ..nn.training_state import restore_rng_state
+        from ..nn.training_state import restore_rng_state  # lazy: `iwseg` starts without it
 
         model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -444,11 +443,11 @@ class _Run:
         self.start_epoch = int(state["epoch"]) + 1
         restore_rng_state(state["rng"])
         if self.verbose:
-            _log(f"resuming {self.out} at epoch {self.start_epoch + 1}/{self.config.epochs}")
+            print_note(f"resuming {self.out} at epoch {self.start_epoch + 1}/{self.config.epochs}")
 
     def _open_stream(self) -> None:
         """The patch stream from the first step still to train, the run log and the progress bar."""
-        from ..data.loader import make_loader
+        from ..data.loader import make_loader  # lazy: imports torch
 
         config, info = self.config, self.info
         iters, start = config.iters_per_epoch, self.start_epoch
@@ -462,7 +461,7 @@ class _Run:
         self.logger = RunLogger(self.out, enabled=info.is_main, tensorboard=config.tensorboard,
                                 start_epoch=start, iters_per_epoch=iters)
         if self.verbose and config.progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # lazy: `iwseg` starts without tqdm (~0.25 s)
 
             self.bar = tqdm(total=config.epochs * iters, initial=start * iters, desc="training", unit="it",
                             dynamic_ncols=True)
@@ -499,7 +498,7 @@ class _Run:
         if report is not None:
             self.latest_validation = compact_metrics(report, epoch + 1)
             row.update(metric_row(report))
-            value = _metric_value(report, config.val_metric)
+            value = metric_value(report, config.val_metric)
             if value is not None and (self.best["value"] is None or value > self.best["value"]):
                 self.best = {"metric": config.val_metric, "value": value, "epoch": epoch + 1}
                 improved = True
@@ -512,8 +511,8 @@ class _Run:
 
     def _save(self, epoch: int, improved: bool) -> None:
         """The last (and, if improved, best) checkpoint with its model card, and the resume state."""
-        from ..nn.checkpoint import save_checkpoint
-        from ..nn.training_state import capture_rng_state, save_training_state
+        from ..nn.checkpoint import save_checkpoint  # lazy: `iwseg` starts without it
+        from ..nn.training_state import capture_rng_state, save_training_state  # lazy: as above
 
         config, model = self.config, self.model
         card = model_card(config, self.data, epoch=epoch, validation_metrics=self.latest_validation,
@@ -537,16 +536,14 @@ class _Run:
         _guarded_write(self.out / RESUME_STATE, lambda p: save_training_state(p, state))
 
     def _write_run_files(self, data: TrainingData, write_splits) -> None:
-        import yaml
-
-        from ..core.outputs import atomic_output
+        import yaml  # lazy: `iwseg` starts without yaml
 
         with atomic_output(self.out / CONFIG_FILE) as tmp:
             tmp.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False), encoding="utf-8")
         write_splits(self.out / SPLITS_FILE, data.splits)
 
     def _init_from_checkpoint(self, model) -> None:
-        from ..nn.checkpoint import load_checkpoint
+        from ..nn.checkpoint import load_checkpoint  # lazy: `iwseg` starts without it
 
         source, card = load_checkpoint(self.config.init_checkpoint)
         if card["architecture"] != model.config:

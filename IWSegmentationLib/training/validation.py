@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from ..data.cases import load_case
+from ..evaluation.matching import match_case
+from ..evaluation.report import evaluate_cases
 from .config import MERGE_WARNING_DICE, MERGE_WARNING_RECALL
 
 if TYPE_CHECKING:
@@ -23,12 +26,9 @@ def validate(model, cases: Sequence, config: TrainConfig, card: Mapping[str, Any
     ``cache`` (a dict) keeps loaded cases between validations. Returns the report (see
     :func:`metrics.evaluate_cases`); the model is left in eval mode.
     """
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: `iwseg` starts without tqdm (~0.25 s)
 
-    from ..data.cases import load_case
-    from ..evaluation.matching import match_case
-    from ..evaluation.report import evaluate_cases
-    from ..inference.predict import predict_volume
+    from ..inference.predict import predict_volume  # lazy: imports torch
 
     thresholds = config.size_groups()
     hit_rule, min_size = config.detection_rule()
@@ -117,6 +117,8 @@ def merging_warning(report: Mapping[str, Any] | None) -> str | None:
             "(docs/metrics.md, hit rules)")
 
 
-def _metric_value(report: Mapping[str, Any] | None, name: str) -> float | None:
+def metric_value(report: Mapping[str, Any] | None, name: str) -> float | None:
+    """Validation metric ``name`` (``cpm``, ``dice``, ...) of an evaluation ``report`` as a float, or
+    None when there is no report or the value is undefined (NaN, no lesions): what picks the best epoch."""
     value = metric_row(report).get(f"val_{name}")
     return None if value is None or not math.isfinite(float(value)) else float(value)

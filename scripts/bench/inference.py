@@ -221,7 +221,7 @@ def job_paper(spec: dict) -> dict:
     """Seconds per window and GFLOP/s of the paper network (or ``spec['net']``) on one window."""
     import torch
 
-    from IWSegmentationLib.inference.devices import _autocast
+    from IWSegmentationLib.inference.devices import autocast_context
     from IWSegmentationLib.nn.unet import default_config, flops_per_voxel
 
     torch.set_num_threads(spec["threads"])
@@ -234,7 +234,7 @@ def job_paper(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    with torch.inference_mode(), _autocast(device, spec["precision"]):
+    with torch.inference_mode(), autocast_context(device, spec["precision"]):
         seconds, _ = timing.median_time(forward, spec["repeats"], warmup=1)
     voxels = spec["patch"] ** 3
     flops = flops_per_voxel(default_config(spec["net"])) * voxels

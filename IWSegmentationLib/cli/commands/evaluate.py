@@ -183,7 +183,7 @@ def _prediction_source(args: argparse.Namespace) -> tuple[str, Path]:
 def _evaluate_folders(args: argparse.Namespace, thresholds: SizeThresholds,
                       geometries: dict[str, Geometry]) -> list[CaseResult]:
     """Match every prediction/reference pair of the two folders (progress bar on stderr)."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: `iwseg` starts without tqdm (~0.25 s)
 
     pairs = pair_cases(_prediction_source(args)[1], args.ref)
     results: list[CaseResult] = []
@@ -324,8 +324,8 @@ def plot_froc(path: Path, report: dict, results: Sequence[CaseResult], threshold
               threshold: float = 0.5, seed: int = 0, bootstrap_mode: str = "ours") -> None:
     """FROC plot: recall vs FP/image on a log axis (1/8 ... 8, as LUNA16), all lesions with a
     ±1 std bootstrap band and the CPM points marked, plus one curve per size group."""
-    from matplotlib import patheffects
-    from matplotlib.figure import Figure
+    from matplotlib import patheffects  # lazy: matplotlib takes ~1 s to load; only the plot needs it
+    from matplotlib.figure import Figure  # lazy: matplotlib takes ~1 s to load; only the plot needs it
 
     fig = Figure(figsize=(8.0, 6.0), dpi=120, layout="constrained")
     ax = fig.add_subplot()

@@ -54,17 +54,18 @@ def _cuda_devices(device: str) -> int:
     """CUDA GPUs the jobs may use (asked in a child interpreter: the server never imports torch)."""
     if device not in ("auto", "cuda"):
         return 0
-    from ...backend.device_probe import DeviceProbe
+    from ...backend.device_probe import DeviceProbe  # lazy: `iwseg` starts without it
+
 
     return len(DeviceProbe().run_blocking().get("cuda") or [])
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # lazy: optional (the serve extra)
     except ImportError:
         raise InputError('iwseg serve needs FastAPI and uvicorn: pip install "iwsegmentation[serve]"') from None
-    from ...serve.app import ServerConfig, create_app, read_token_file
+    from ...serve.app import ServerConfig, create_app, read_token_file  # lazy: ~0.5 s, only iwseg serve
 
     gpus = _cuda_devices(args.device)
     config = ServerConfig(

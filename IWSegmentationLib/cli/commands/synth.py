@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ...core.errors import InputError
+from ...core.outputs import atomic_output
 from ...data.synth import DEFAULT_SHAPE, PRESETS, write_dataset
 
 
@@ -91,13 +92,11 @@ def read_lesion_diameters(path: Path) -> np.ndarray:
 
 def plot_lesion_sizes(diameters: Sequence[float], counts: Sequence[int], path: Path, *, title: str = "") -> Path:
     """Two panels: the lesion equivalent-diameter histogram (log bins) and lesions per case."""
-    import matplotlib
-    import matplotlib.ticker
+    import matplotlib  # lazy: matplotlib takes ~1 s to load; only the plot needs it
+    import matplotlib.ticker  # lazy: matplotlib takes ~1 s to load; only the plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ...core.outputs import atomic_output
+    import matplotlib.pyplot as plt  # lazy: matplotlib takes ~1 s to load; only the plot needs it
 
     d = np.asarray(diameters, dtype=float)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})

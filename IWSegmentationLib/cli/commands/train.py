@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train; SIGINT and SIGTERM cancel the run (exit code 3) with its temporary files removed,
     even when the shell started it with SIGINT ignored (a background job)."""
-    import yaml
+    import yaml  # lazy: `iwseg` starts without yaml
 
     config = load_config(args.config, args.overrides)
     if args.print_config:

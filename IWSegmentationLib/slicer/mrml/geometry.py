@@ -8,7 +8,7 @@ import numpy as np
 
 from ...core.errors import GeometryMismatchError, InputError
 from ...core.imageio import Geometry
-from .scene import _slicer
+from .scene import slicer_module
 
 #: RAS <-> LPS: flip the first two axes (homogeneous 4x4).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -28,7 +28,7 @@ def geometry_from_ijk_to_ras(ijk_to_ras: Any, shape_zyx: Sequence[int]) -> Geome
     ``ijk_to_ras`` is a 4x4 numpy array or a ``vtkMatrix4x4``. Spacing is the length of each
     column; a zero-length column (a degenerate matrix) is refused.
     """
-    m = _as_numpy_matrix(ijk_to_ras)
+    m = as_numpy_matrix(ijk_to_ras)
     lps = LPS_TO_RAS @ m
     columns = lps[:3, :3]
     spacing = np.linalg.norm(columns, axis=0)
@@ -43,7 +43,9 @@ def geometry_from_ijk_to_ras(ijk_to_ras: Any, shape_zyx: Sequence[int]) -> Geome
     )
 
 
-def _as_numpy_matrix(matrix: Any) -> np.ndarray:
+def as_numpy_matrix(matrix: Any) -> np.ndarray:
+    """A 4x4 matrix (a numpy array or a ``vtkMatrix4x4``) as a float numpy array; :class:`InputError`
+    for another shape."""
     if isinstance(matrix, np.ndarray):
         m = np.asarray(matrix, dtype=float)
     else:  # vtkMatrix4x4
@@ -53,8 +55,9 @@ def _as_numpy_matrix(matrix: Any) -> np.ndarray:
     return m
 
 
-def _vtk_matrix(m: np.ndarray):
-    import vtk
+def to_vtk_matrix(m: np.ndarray):
+    """The 4x4 numpy matrix ``m`` as a ``vtkMatrix4x4`` (what MRML nodes take)."""
+    import vtk  # lazy: Slicer's own; importable without it
 
     out = vtk.vtkMatrix4x4()
     for r in range(4):
@@ -71,15 +74,17 @@ def centroid_ras(ijk_to_ras: np.ndarray, centroid_zyx: Sequence[float]) -> tuple
 
 def volume_ijk_to_ras(volume_node) -> np.ndarray:
     """The volume node's ``IJKToRAS`` as a 4x4 numpy array (its parent transform is not applied)."""
-    import vtk
+    import vtk  # lazy: Slicer's own; importable without it
 
     m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
-    return _as_numpy_matrix(m)
+    return as_numpy_matrix(m)
 
 
-def _check_volume_node(volume_node, what: str = "volume") -> None:
-    slicer = _slicer()
+def check_volume_node(volume_node, what: str = "volume") -> None:
+    """Refuse (:class:`InputError`, naming the node as ``what``) anything but a scalar volume node
+    with non-empty image data."""
+    slicer = slicer_module()
     if volume_node is None or not isinstance(volume_node, slicer.vtkMRMLVolumeNode):
         raise InputError(f"{what} must be a volume node, got {type(volume_node).__name__}")
     image = volume_node.GetImageData()
@@ -98,7 +103,7 @@ def _check_volume_node(volume_node, what: str = "volume") -> None:
 
 def volume_geometry(volume_node) -> Geometry:
     """The ITK (LPS) :class:`Geometry` of a volume node's voxel grid."""
-    _check_volume_node(volume_node)
+    check_volume_node(volume_node)
     dims = volume_node.GetImageData().GetDimensions()
     return geometry_from_ijk_to_ras(volume_ijk_to_ras(volume_node), dims[::-1])
 
@@ -109,9 +114,9 @@ def array_from_volume(volume_node) -> tuple[np.ndarray, Geometry]:
     With :func:`IWSegmentationLib.core.imageio.write_image` this writes the volume to a file the
     backend reads (NRRD, NIfTI) on exactly the volume's grid.
     """
-    from vtkmodules.util import numpy_support
+    from vtkmodules.util import numpy_support  # lazy: Slicer's own; importable without it
 
-    _check_volume_node(volume_node)
+    check_volume_node(volume_node)
     image = volume_node.GetImageData()
     dims = image.GetDimensions()
     flat = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
@@ -130,10 +135,10 @@ def check_on_volume_grid(geometry: Geometry, volume_node, what: str = "image") -
 def add_volume_from_array(scene, array: np.ndarray, geometry: Geometry, name: str = "Volume", *,
                           labelmap: bool = False):
     """Add a scalar (or labelmap) volume node holding a ``[z, y, x]`` array on ``geometry``."""
-    import vtk
-    from vtkmodules.util import numpy_support
+    import vtk  # lazy: Slicer's own; importable without it
+    from vtkmodules.util import numpy_support  # lazy: Slicer's own; importable without it
 
-    slicer = _slicer()
+    slicer = slicer_module()
     if not isinstance(array, np.ndarray) or array.ndim != 3:
         raise InputError(f"{name}: a 3D [z, y, x] array is needed, got {getattr(array, 'shape', type(array))}")
     if tuple(array.shape) != geometry.shape_zyx:
@@ -147,6 +152,6 @@ def add_volume_from_array(scene, array: np.ndarray, geometry: Geometry, name: st
     image.SetDimensions(*array.shape[::-1])
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True))
     node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras_matrix(geometry)))
+    node.SetIJKToRASMatrix(to_vtk_matrix(ijk_to_ras_matrix(geometry)))
     node.CreateDefaultDisplayNodes()
     return node

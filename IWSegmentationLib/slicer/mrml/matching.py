@@ -16,8 +16,8 @@ from ...core.lesions import (
 )
 from ...evaluation.matching import match_case
 from ..lesion_row import LesionRow
-from .geometry import _as_numpy_matrix, _check_volume_node, centroid_ras, volume_geometry, volume_ijk_to_ras
-from .scene import _slicer
+from .geometry import as_numpy_matrix, centroid_ras, check_volume_node, volume_geometry, volume_ijk_to_ras
+from .scene import slicer_module
 from .segments import (
     ATTR_SIZE_THRESHOLDS,
     LABELMAP,
@@ -44,11 +44,11 @@ def labelmap_on_volume_grid(segmentation_node, volume_node, segment_ids: Sequenc
     :func:`lesion_segmentation` makes) are read directly, one pass per layer; Slicer's export
     merges segment by segment over the whole grid, which costs seconds for hundreds of lesions.
     """
-    slicer = _slicer()
-    import vtk
-    from vtkmodules.util import numpy_support
+    slicer = slicer_module()
+    import vtk  # lazy: Slicer's own; importable without it
+    from vtkmodules.util import numpy_support  # lazy: Slicer's own; importable without it
 
-    _check_volume_node(volume_node, "volume_node")
+    check_volume_node(volume_node, "volume_node")
     ids = list(list_segment_ids(segmentation_node) if segment_ids is None else segment_ids)
     shape = volume_geometry(volume_node).shape_zyx
     known = set(list_segment_ids(segmentation_node))
@@ -96,8 +96,8 @@ def labelmap_on_volume_grid(segmentation_node, volume_node, segment_ids: Sequenc
 def _layers_on_volume_grid(segmentation_node, volume_node, ids: list[str]) -> np.ndarray | None:
     """:func:`labelmap_on_volume_grid` read straight from the layers, or None when a segment has
     no labelmap on exactly the volume's grid (then Slicer resamples)."""
-    import vtk
-    from vtkmodules.util import numpy_support
+    import vtk  # lazy: Slicer's own; importable without it
+    from vtkmodules.util import numpy_support  # lazy: Slicer's own; importable without it
 
     if segmentation_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
         return None
@@ -117,7 +117,7 @@ def _layers_on_volume_grid(segmentation_node, volume_node, ids: list[str]) -> np
         image.GetImageToWorldMatrix(matrix)
         if image.GetPointData().GetScalars() is None or image.GetNumberOfScalarComponents() != 1:
             return None
-        if not np.allclose(_as_numpy_matrix(matrix), grid, rtol=1e-6, atol=1e-6):
+        if not np.allclose(as_numpy_matrix(matrix), grid, rtol=1e-6, atol=1e-6):
             return None
         e = image.GetExtent()
         if e[1] < e[0] or e[3] < e[2] or e[5] < e[4]:

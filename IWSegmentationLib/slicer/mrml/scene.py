@@ -8,9 +8,12 @@ from typing import Sequence
 from ...core.errors import InputError
 
 
-def _slicer():
+def slicer_module():
+    """The ``slicer`` module (3D Slicer, or the slicer-core wheel outside it); an ImportError saying
+    how to install it otherwise. The mrml modules import it through here, on first use, so that
+    they import without Slicer."""
     try:
-        import slicer
+        import slicer  # lazy: Slicer's own; importable without it
     except ImportError as exc:  # pragma: no cover - exercised only without slicer-core
         raise ImportError(
             "IWSegmentationLib.slicer.mrml needs 3D Slicer or the slicer-core wheel (pip install 'slicer-core==5.13.*')"
@@ -25,7 +28,7 @@ def ensure_converter_rules() -> None:
     and without the rules a segmentation cannot make the surfaces the 3D view shows. A
     segmentation copies the rules when it is created, so call this before creating one.
     """
-    slicer = _slicer()
+    slicer = slicer_module()
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
     have = {rule.GetClassName() for rule in factory.GetConverterRules()}
     for cls in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
@@ -44,9 +47,9 @@ def headless_scene():
     colour table up through it). Inside Slicer use ``slicer.mrmlScene`` and
     ``slicer.app.applicationLogic()`` instead.
     """
-    import vtk
+    import vtk  # lazy: Slicer's own; importable without it
 
-    slicer = _slicer()
+    slicer = slicer_module()
     ensure_converter_rules()
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
@@ -68,8 +71,8 @@ def center_slice_views(scene, center_ras: Sequence[float], volume_node=None) -> 
     (``vtkMRMLSliceNode.JumpAllSlices`` in centred mode — no Qt, no Markups module). Returns the
     world point.
     """
-    slicer = _slicer()
-    import vtk
+    slicer = slicer_module()
+    import vtk  # lazy: Slicer's own; importable without it
 
     if center_ras is None or len(center_ras) != 3 or not all(math.isfinite(float(v)) for v in center_ras):
         raise InputError(f"a lesion centre needs three finite RAS coordinates, got {center_ras!r}")

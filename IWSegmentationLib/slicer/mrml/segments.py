@@ -22,8 +22,8 @@ from ...core.lesions import (
     segment_name,
 )
 from ..lesion_row import LesionRow
-from .geometry import _check_volume_node, _vtk_matrix, centroid_ras, volume_geometry, volume_ijk_to_ras
-from .scene import _slicer, ensure_converter_rules
+from .geometry import centroid_ras, check_volume_node, to_vtk_matrix, volume_geometry, volume_ijk_to_ras
+from .scene import ensure_converter_rules, slicer_module
 
 #: Segment tags written by :func:`lesion_segmentation` (values are strings, as MRML stores them).
 TAG_PREFIX = "IWSegmentation."
@@ -114,7 +114,7 @@ def lesion_segmentation(
     attribute ``IWSegmentation.LesionCount`` (0 for an empty mask: the node is still made, so
     the caller can say "no lesions found").
     """
-    _check_volume_node(volume_node, "volume_node")
+    check_volume_node(volume_node, "volume_node")
     _check_mask_arrays(volume_node, lesion_mask, logits)
     thresholds = parse_size_thresholds(size_thresholds_mm)
     geometry = volume_geometry(volume_node)
@@ -146,7 +146,7 @@ def lesion_segmentation(
 
 def _empty_segmentation(scene, volume_node, name: str | None, count: int, thresholds: SizeThresholds):
     """A new segmentation node on the volume's grid (and transform), with the lesion count and size groups."""
-    slicer = _slicer()
+    slicer = slicer_module()
     ensure_converter_rules()
     node = slicer.vtkMRMLSegmentationNode()
     node.SetName(name or f"{volume_node.GetName()} lesions")
@@ -162,8 +162,8 @@ def _empty_segmentation(scene, volume_node, name: str | None, count: int, thresh
 
 def _shared_labelmap(labels: np.ndarray, found: Sequence, ijk_to_ras: np.ndarray):
     """One labelmap for all segments (value = lesion number), cropped to the union of the lesions' boxes."""
-    slicer = _slicer()
-    from vtkmodules.util import numpy_support
+    slicer = slicer_module()
+    from vtkmodules.util import numpy_support  # lazy: Slicer's own; importable without it
 
     lut = np.zeros(int(labels.max()) + 1, dtype=_smallest_uint(len(found)))
     for number, les in enumerate(found, start=1):
@@ -174,13 +174,13 @@ def _shared_labelmap(labels: np.ndarray, found: Sequence, ijk_to_ras: np.ndarray
     image = slicer.vtkOrientedImageData()
     image.SetExtent(int(lo[2]), int(hi[2]) - 1, int(lo[1]), int(hi[1]) - 1, int(lo[0]), int(hi[0]) - 1)
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(crop).ravel(), deep=True))
-    image.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras))
+    image.SetImageToWorldMatrix(to_vtk_matrix(ijk_to_ras))
     return image
 
 
 def _lesion_segment(number: int, les, image, ijk_to_ras: np.ndarray, width: int):
     """The segment of lesion ``number``: name, size-group colour, terminology and the numbers as tags."""
-    segment = _slicer().vtkSegment()
+    segment = slicer_module().vtkSegment()
     segment.SetName(segment_name(number, les.diameter_mm, les.size_group, width))
     segment.SetColor(*(c / 255.0 for c in SIZE_GROUP_COLORS[les.size_group]))
     segment.SetLabelValue(number)
@@ -209,7 +209,7 @@ def list_segment_ids(segmentation_node) -> list[str]:
 
 def get_tag(segment, tag: str) -> str | None:
     """A segment tag's value, or None when the segment does not have it."""
-    from vtkmodules.vtkCommonCore import reference
+    from vtkmodules.vtkCommonCore import reference  # lazy: Slicer's own; importable without it
 
     value = reference("")
     return str(value) if segment.GetTag(tag, value) else None

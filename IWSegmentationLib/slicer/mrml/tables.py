@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .scene import _slicer
+from .scene import slicer_module
 
 #: Columns of :func:`dice_table_node`: (row key, column title, unit).
 DICE_TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -30,9 +30,9 @@ def table_node_from_rows(scene, rows: Sequence[dict], name: str = "Table",
     Column types follow the values: integers -> int, other numbers -> double (missing = NaN),
     anything else -> string (missing = empty). Default columns: the keys of the first row.
     """
-    import vtk
+    import vtk  # lazy: Slicer's own; importable without it
 
-    slicer = _slicer()
+    slicer = slicer_module()
     rows = list(rows)
     if columns is None:
         columns = [(key, key, "") for key in (rows[0] if rows else {})]
