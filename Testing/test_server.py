@@ -31,11 +31,11 @@ pytest.importorskip("uvicorn")
 from _subprocess import kill_process_group, run_in_group  # noqa: E402
 
 from IWSegmentationLib.backend.job import Outcome  # noqa: E402
-from IWSegmentationLib.backend.parameters import PredictParameters  # noqa: E402
 from IWSegmentationLib.backend.process_tree import descendant_pids, pid_alive  # noqa: E402
 from IWSegmentationLib.core import imageio
 from IWSegmentationLib.core.errors import InputError  # noqa: E402
 from IWSegmentationLib.core.progress import parse_progress_line  # noqa: E402
+from IWSegmentationLib.predict.options import PredictOptions  # noqa: E402
 from IWSegmentationLib.serve import app as server  # noqa: E402
 from IWSegmentationLib.serve.client import RemoteInferenceRun, ServerClient, ServerError, ServerInputError  # noqa: E402
 from IWSegmentationLib.testing import phantom
@@ -429,7 +429,7 @@ def test_remote_run_has_the_local_runner_shape_and_cancels(srv, scan, tmp_path):
     polling thread, a loader on success, CANCELLED (exit code 3) after a cancel, folders removed."""
     client = srv.client()
     loaded = []
-    run = RemoteInferenceRun(PredictParameters(Path("phantom.safetensors")), client=client, workdir_parent=tmp_path,
+    run = RemoteInferenceRun(PredictOptions(models=(Path("phantom.safetensors"),)), client=client, workdir_parent=tmp_path,
                              loader=lambda outputs: loaded.append(imageio.read_image(outputs["mask"])[0]) or "ok")
     stages = []
     run.progress.connect(lambda e: stages.append(e.stage))
@@ -438,7 +438,7 @@ def test_remote_run_has_the_local_runner_shape_and_cancels(srv, scan, tmp_path):
     assert np.array_equal(loaded[0], scan[1].reference)
     assert stages[0] == "start" and stages[-1] == "done" and result.workdir is None and run.workdir is None
 
-    slow = RemoteInferenceRun(PredictParameters(Path("phantom.safetensors"), overlap=0.95), client=client,
+    slow = RemoteInferenceRun(PredictOptions(models=(Path("phantom.safetensors"),), overlap=0.95), client=client,
                               workdir_parent=tmp_path, options={"no_skip": True},
                               loader=lambda outputs: pytest.fail("loader after a cancel"))
     slow.progress.connect(lambda e: e.stage == "inference" and slow.cancel())
