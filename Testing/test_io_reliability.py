@@ -399,15 +399,15 @@ def test_nan_weights_are_refused_at_load(tmp_path):
 
 
 def test_nan_probabilities_are_refused_not_written_as_no_lesions(tmp_path):
-    from IWSegmentationLib.cli.commands.predict_inputs import PredictJob as Case
-    from IWSegmentationLib.cli.commands.predict_outputs import _check_finite
+    from IWSegmentationLib.predict.cases import PredictJob as Case
+    from IWSegmentationLib.predict.outputs import check_finite
 
     probs = np.zeros((4, 4, 4), np.float32)
-    _check_finite(probs, Case("a", tmp_path / "a.nii.gz", tmp_path / "m.nii.gz"), Path("m.safetensors"))
+    check_finite(probs, Case("a", tmp_path / "a.nii.gz", tmp_path / "m.nii.gz"), Path("m.safetensors"))
     probs[1, 1, 1] = np.nan
     probs[2, 2, 2] = np.inf
     with pytest.raises(InputError, match=r"NaN or infinite probabilities for 2 voxel\(s\)"):
-        _check_finite(probs, Case("a", tmp_path / "a.nii.gz", tmp_path / "m.nii.gz"), Path("m.safetensors"))
+        check_finite(probs, Case("a", tmp_path / "a.nii.gz", tmp_path / "m.nii.gz"), Path("m.safetensors"))
 
 
 # --------------------------------------------------------------------------- detached formats (16.2)

@@ -138,7 +138,7 @@ def scan(tmp_path_factory) -> tuple[Path, phantom.PhantomCase]:
 
 
 def _slow_volume(folder: Path) -> Path:
-    """A volume whose job runs for minutes (5766 windows: overlap 0.95, no skipping): something to cancel.
+    """A volume whose job runs for minutes (overlap 0.9, no skipping, 8 mirrored passes each): something to cancel.
 
     int16 keeps the upload at 500 KiB, under the 1 MB limit.
     """
@@ -148,7 +148,7 @@ def _slow_volume(folder: Path) -> Path:
                                                                                origin=(0.0,) * 3), compress=False)
 
 
-SLOW = {"overlap": 0.95, "no_skip": True, "probabilities": True, "lesions": True}
+SLOW = {"overlap": 0.9, "no_skip": True, "tta": True, "probabilities": True, "lesions": True}
 
 
 def _runs(stages) -> list[str]:
@@ -216,12 +216,13 @@ def test_models_come_only_from_the_folder(models):
     assert list(server.list_models(models)) == ["phantom"]  # the link to a file outside is left out
 
 
-def test_job_options_become_predict_arguments():
-    options = server.JobOptions(probabilities_uint8=True, batch_size=2, size_thresholds=[4.0, 9.0], connectivity=6)
-    assert options.extra_arguments() == ["--probabilities-uint8", "--batch-size", "2", "--connectivity", "6",
-                                         "--size-thresholds", "4.0", "9.0"]
-    with pytest.raises(InputError, match="precision must be one of"):
-        server.JobOptions(precision="--model=/etc/passwd").extra_arguments()
+def test_job_options_become_predict_arguments(tmp_path):
+    options = PredictOptions.from_request({"probabilities_uint8": True, "batch_size": 2, "size_thresholds": [4.0, 9.0],
+                                           "connectivity": 6}, models=(tmp_path / "m.safetensors",))
+    assert options.to_arguments(tmp_path / "in.nrrd", {"mask": tmp_path / "m.nrrd"})[12:] == [
+        "--batch-size", "2", "--connectivity", "6", "--size-thresholds", "4.0", "9.0", "--probabilities-uint8"]
+    with pytest.raises(InputError, match="--precision must be one of"):
+        PredictOptions.from_request({"precision": "--model=/etc/passwd"})
 
 
 # ---------------------------------------------------------------------------- the HTTP API
@@ -401,7 +402,7 @@ def test_cancel_mid_job_is_exit_code_3_and_leaves_no_result(srv, tokens_file, tm
     out = tmp_path / "mask.nrrd"
     results_before = set(srv_workdir(srv).glob("results-*"))
     cmd = [*PY, "predict", "--server", srv.url, "--token-file", str(tokens_file), "--model", "phantom",
-           "--input", str(volume), "--output", str(out), "--overlap", "0.95", "--no-skip", "--progress-format", "jsonl"]
+           "--input", str(volume), "--output", str(out), "--overlap", "0.9", "--no-skip", "--tta", "--progress-format", "jsonl"]
     client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                               start_new_session=True)
     try:
@@ -438,8 +439,8 @@ def test_remote_run_has_the_local_runner_shape_and_cancels(srv, scan, tmp_path):
     assert np.array_equal(loaded[0], scan[1].reference)
     assert stages[0] == "start" and stages[-1] == "done" and result.workdir is None and run.workdir is None
 
-    slow = RemoteInferenceRun(PredictOptions(models=(Path("phantom.safetensors"),), overlap=0.95), client=client,
-                              workdir_parent=tmp_path, options={"no_skip": True},
+    slow = RemoteInferenceRun(PredictOptions(models=(Path("phantom.safetensors"),), overlap=0.9, no_skip=True,
+                                             tta=True), client=client, workdir_parent=tmp_path,
                               loader=lambda outputs: pytest.fail("loader after a cancel"))
     slow.progress.connect(lambda e: e.stage == "inference" and slow.cancel())
     volume = _slow_volume(tmp_path)
@@ -458,7 +459,7 @@ def test_killing_the_server_mid_job_is_a_clear_error_and_writes_nothing(models, 
         volume = _slow_volume(tmp_path)
         out = tmp_path / "mask.nrrd"
         cmd = [*PY, "predict", "--server", own.url, "--model", "phantom", "--input", str(volume),
-               "--output", str(out), "--overlap", "0.95", "--no-skip", "--progress-format", "jsonl"]
+               "--output", str(out), "--overlap", "0.9", "--no-skip", "--tta", "--progress-format", "jsonl"]
         client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                                   start_new_session=True)
         try:
