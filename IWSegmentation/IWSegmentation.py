@@ -56,15 +56,13 @@ _findEngine()
 from IWSegmentationLib.backend.device_probe import DeviceProbe  # noqa: E402
 from IWSegmentationLib.backend.interpreter import backend_environment  # noqa: E402
 from IWSegmentationLib.backend.job import Outcome  # noqa: E402
-from IWSegmentationLib.backend.local_run import LocalJobFactory, check_local_checkpoints  # noqa: E402
+from IWSegmentationLib.backend.local_run import LocalJobFactory  # noqa: E402
 from IWSegmentationLib.core import errors, lesions  # noqa: E402
 from IWSegmentationLib.slicer import deps as slicer_deps  # noqa: E402
 from IWSegmentationLib.slicer import logic as slicer_logic  # noqa: E402
-from IWSegmentationLib.slicer import panel  # noqa: E402
-from IWSegmentationLib.slicer.parameter_node import predict_options  # noqa: E402
+from IWSegmentationLib.slicer import panel, parameter_node  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the module
-
 
 
 class IWSegmentation(ScriptedLoadableModule):
@@ -379,12 +377,9 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
     def start(self, parameters, onProgress=None, onFinished=None):
         """Install missing dependencies (first use), then start the backend; returns the running job."""
         self.lesionLogic.run_on(parameters.runOn, parameters.serverUrl, parameters.serverTokenFile)
-        options = predict_options(parameters)  # every range checked here, named by its iwseg predict flag
-        if self.lesionLogic.runs_locally:  # a server needs no PyTorch here, nor the checkpoint file
-            check_local_checkpoints(options)
+        options = self.lesionLogic.check_checkpoint(parameter_node.predict_options(parameters))  # ranges, file
+        if self.lesionLogic.runs_locally:  # a server needs no PyTorch here
             slicer_deps.ensure_in_slicer()
-        else:
-            _ = options.checkpoint  # InputError when no model is selected
         return self.lesionLogic.start(
             parameters.inputVolume, options, organ_mask=parameters.organMask,
             reference=parameters.referenceSegmentation, on_progress=onProgress, on_finished=onFinished,

@@ -33,7 +33,7 @@ import os
 from typing import Any, Callable, Iterator, Mapping
 
 from ..backend.job import JobFactory, RunResult, SegmentationJob
-from ..backend.local_run import LocalJobFactory
+from ..backend.local_run import LocalJobFactory, check_local_checkpoints
 from ..core.errors import InputError
 from ..predict.options import PredictOptions
 from . import panel
@@ -132,6 +132,15 @@ class LesionSegmentationLogic:
     def runs_locally(self) -> bool:
         """True when jobs run on this computer (which then needs PyTorch)."""
         return self.job_factory is self._local_factory
+
+    def check_checkpoint(self, options: PredictOptions) -> PredictOptions:
+        """``options``, refused without a checkpoint or, for a job on this computer, when its file
+        is missing (a server's model is named, not read here): before anything is installed."""
+        if self.runs_locally:
+            check_local_checkpoints(options)
+        else:
+            options.checkpoint  # noqa: B018  (the property raises InputError when none is selected)
+        return options
 
     def check_inputs(self, volume_node, card: Mapping[str, Any] | None, dicom_modality: str | None = None) -> list[str]:
         """Raise :class:`InputError` for unusable inputs; return warnings the user should confirm."""
