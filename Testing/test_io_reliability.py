@@ -406,7 +406,7 @@ def test_nan_probabilities_are_refused_not_written_as_no_lesions(tmp_path):
     check_finite(probs, Case("a", tmp_path / "a.nii.gz", tmp_path / "m.nii.gz"), Path("m.safetensors"))
     probs[1, 1, 1] = np.nan
     probs[2, 2, 2] = np.inf
-    with pytest.raises(InputError, match=r"NaN or infinite probabilities for 2 voxel\(s\)"):
+    with pytest.raises(InputError, match=r"NaN or infinite logits for 2 voxel\(s\)"):
         check_finite(probs, Case("a", tmp_path / "a.nii.gz", tmp_path / "m.nii.gz"), Path("m.safetensors"))
 
 
