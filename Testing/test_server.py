@@ -253,6 +253,17 @@ def test_unknown_job_model_and_result_are_404(srv, scan):
         client.submit(scan[0], "linked")
 
 
+def test_a_bad_option_is_a_400_whose_body_is_the_cli_message(srv, scan):
+    """The body's detail is PredictOptions' message, the one ``iwseg predict`` prints for the flag
+    (issue 21: one message whichever front end; issue 23: overlap 0.999 is refused from a client)."""
+    for query, message in (("overlap=0.999", "--overlap must be in [0, 0.9], got 0.999"),
+                           ("threshold=1.0", "--threshold must be in [0, 1), got 1.0"),
+                           ("batch_size=0", "--batch-size must be >= 1, got 0"),
+                           ("colour=red", "unknown option(s) colour;")):
+        status, body = _raw_post(srv, f"model=phantom&filename=scan.nii.gz&{query}", {"Content-Length": "1"}, b"x")
+        assert status == 400 and body["detail"].startswith(message), (query, status, body)
+
+
 def _raw_post(srv, query: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
     try:
@@ -510,15 +521,15 @@ def test_the_slicer_logic_runs_on_the_server_and_a_failure_leaves_the_scene_unch
 
     before = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
     with pytest.raises(ServerInputError, match="has no model 'nope'.*phantom"):
-        logic.start(volume, tmp_path / "nope.safetensors")
-    logic.job_factory.options = {"output_format": ".exe"}  # the server refuses the job (400): nothing runs
-    result = logic.start(volume, missing_here, reference=reference).wait(timeout=120)
+        logic.start(volume, PredictOptions(models=(tmp_path / "nope.safetensors",)))
+    logic.job_factory.extra = {"output_format": ".exe"}  # the server refuses the job (400): nothing runs
+    result = logic.start(volume, PredictOptions(models=(missing_here,)), reference=reference).wait(timeout=120)
     assert result.outcome is Outcome.FAILED and srv.url in result.message and ".exe" in result.message
     assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == before
     assert logic.results is None
 
-    logic.job_factory.options = None
-    result = logic.start(volume, missing_here, reference=reference).wait(timeout=120)
+    logic.job_factory.extra = None
+    result = logic.start(volume, PredictOptions(models=(missing_here,)), reference=reference).wait(timeout=120)
     assert result.ok, result.report()
     segments = logic.results.segmentation.GetSegmentation()
     assert segments.GetNumberOfSegments() == 3  # the phantom's three lesions, each matched to the reference
