@@ -57,14 +57,12 @@ from IWSegmentationLib.backend.device_probe import DeviceProbe  # noqa: E402
 from IWSegmentationLib.backend.interpreter import backend_environment  # noqa: E402
 from IWSegmentationLib.backend.job import Outcome  # noqa: E402
 from IWSegmentationLib.backend.local_run import LocalJobFactory  # noqa: E402
-from IWSegmentationLib.backend.parameters import PredictParameters  # noqa: E402
 from IWSegmentationLib.core import errors, lesions  # noqa: E402
 from IWSegmentationLib.slicer import deps as slicer_deps  # noqa: E402
 from IWSegmentationLib.slicer import logic as slicer_logic  # noqa: E402
-from IWSegmentationLib.slicer import panel  # noqa: E402
+from IWSegmentationLib.slicer import panel, parameter_node  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the module
-
 
 
 class IWSegmentation(ScriptedLoadableModule):
@@ -379,12 +377,11 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
     def start(self, parameters, onProgress=None, onFinished=None):
         """Install missing dependencies (first use), then start the backend; returns the running job."""
         self.lesionLogic.run_on(parameters.runOn, parameters.serverUrl, parameters.serverTokenFile)
-        PredictParameters(parameters.checkpointPath).validate(local=self.lesionLogic.runs_locally)
+        options = self.lesionLogic.check_checkpoint(parameter_node.predict_options(parameters))  # ranges, file
         if self.lesionLogic.runs_locally:  # a server needs no PyTorch here
             slicer_deps.ensure_in_slicer()
         return self.lesionLogic.start(
-            parameters.inputVolume, parameters.checkpointPath, device=panel.DEVICE_CHOICES[parameters.device],
-            overlap=parameters.overlap, threshold=parameters.threshold, organ_mask=parameters.organMask,
+            parameters.inputVolume, options, organ_mask=parameters.organMask,
             reference=parameters.referenceSegmentation, on_progress=onProgress, on_finished=onFinished,
             on_log=lambda line: logging.info(f"[iwseg] {line}"))
 

@@ -15,7 +15,7 @@ import pytest
 
 from IWSegmentationLib.backend.interpreter import backend_environment
 from IWSegmentationLib.backend.local_run import InferenceRun
-from IWSegmentationLib.backend.parameters import PredictParameters
+from IWSegmentationLib.predict.options import PredictOptions
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX process groups and signals")
 
@@ -158,7 +158,7 @@ def make_run(fake_backend, checkpoint, tmp_path, mode, **kwargs) -> InferenceRun
     work_parent = tmp_path / "runs"
     work_parent.mkdir(exist_ok=True)
     return InferenceRun(
-        PredictParameters(checkpoint, device="cpu", overlap=0.25),
+        PredictOptions(models=(checkpoint,), device="cpu", overlap=0.25),
         command_prefix=[sys.executable, str(fake_backend)],
         env=fake_env(mode),
         workdir_parent=work_parent,

@@ -42,21 +42,29 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"core", "data", "preprocessing"},
     "inference": {"core", "inference", "nn", "preprocessing"},
     "training": {"core", "training", "data", "nn", "preprocessing", "inference", "evaluation"},
-    # ``iwseg predict`` as a child process, what the module and the server share (nn: model cards, no torch)
-    "backend": {"core", "backend", "nn"},
+    # the prediction use case: its options (torch-free) and the local run, files in -> files out
+    "predict": {"core", "predict", "nn", "preprocessing", "inference"},
+    # ``iwseg predict`` as a child process, what the module and the server share (nn: model cards,
+    # no torch; predict: only its options, see ONLY_THROUGH)
+    "backend": {"core", "backend", "nn", "predict"},
     # the phantom, and its checkpoint written by a child (backend)
     "testing": {"core", "testing", "nn", "preprocessing", "backend"},
-    # the front ends: the command line, the server (the FastAPI app runs predictions with the CLI's
-    # helpers), the Slicer side (the server only through its client, see ONLY_THROUGH)
-    "cli": {"core", "cli", "data", "nn", "preprocessing", "inference", "evaluation", "training", "serve", "backend"},
-    "serve": {"core", "serve", "nn", "preprocessing", "inference", "evaluation", "cli", "backend"},
-    "slicer": {"core", "slicer", "evaluation", "nn", "backend", "serve"},
+    # the front ends: the command line, the server (its jobs are ``iwseg predict`` child processes:
+    # it needs the options, never the CLI), the Slicer side (the server only through its client)
+    "cli": {"core", "cli", "data", "nn", "preprocessing", "inference", "evaluation", "training", "serve", "backend",
+            "predict"},
+    "serve": {"core", "serve", "nn", "preprocessing", "inference", "evaluation", "backend", "predict"},
+    "slicer": {"core", "slicer", "evaluation", "nn", "backend", "serve", "predict"},
 }
 #: folders with rules that the tree may not have yet (serve/ arrives with the server branch)
 PLANNED: set[str] = set()
 #: folder -> the only modules of another folder it may import from there (the rest of it is off limits):
 #: the module talks to a remote server through the client, which needs only the standard library
-ONLY_THROUGH = {("slicer", "serve"): {f"{PACKAGE}.serve.client"}}
+ONLY_THROUGH = {("slicer", "serve"): {f"{PACKAGE}.serve.client"},
+                # the torch-free parts of the prediction use case: what a job is asked, the lesion file
+                ("slicer", "predict"): {f"{PACKAGE}.predict.options", f"{PACKAGE}.predict.lesion_json"},
+                ("serve", "predict"): {f"{PACKAGE}.predict.options", f"{PACKAGE}.predict.lesion_json"},
+                ("backend", "predict"): {f"{PACKAGE}.predict.options"}}
 #: files that may import only the standard library (and the engine's own modules)
 STDLIB_ONLY = {"serve/client.py"}
 
@@ -71,7 +79,7 @@ SLICER_APP = {"slicer", "vtk", "qt", "ctk", "mrml", "vtkSegmentationCorePython"}
 #: folders whose files may import torch lazily only (inside a function): importing them stays torch-free
 TORCH_ONLY_LAZILY = {"core", "preprocessing", "data/cases.py", "data/datasets.py", "data/splits.py",
                      "data/sampling.py", "data/synth.py", "data/synth_anatomy.py", "training", "cli", "nn/checkpoint.py",
-                     "serve"}
+                     "serve", "predict"}
 
 
 def folder_of(path: Path) -> str:
@@ -299,6 +307,11 @@ def test_the_private_name_check_allows_public_and_dunder_names():
     ("slicer/x.py", "def f():\n    from ..serve.app import create_app\n", "only through IWSegmentationLib.serve.client"),
     ("serve/client.py", "import requests\n", "only the standard library, not requests"),
     ("serve/app.py", "import torch\n", "imports torch at module level"),
+    # the server and its client never climb to the command line; they use the use case's options
+    ("serve/client.py", "from ..cli.commands.predict import run\n", "serve/ may not import cli/"),
+    ("serve/jobs.py", "from ..predict.predictor import Predictor\n", "only through"),
+    ("backend/job.py", "from ..predict.cases import collect_cases\n", "only through"),
+    ("predict/options.py", "from ..backend.job import Outcome\n", "predict/ may not import backend/"),
 ])
 def test_the_checker_catches_each_kind_of_violation(rel, source, expected):
     """The rules can fail: each of these made-up files breaks one."""
@@ -315,7 +328,7 @@ def test_the_checker_allows_what_the_rules_allow():
     client = "import json\nimport urllib.request\nfrom ..core.errors import InputError\n"
     assert violations(LIB / "serve" / "client.py", client) == []
     assert violations(LIB / "slicer" / "x.py", "from ..serve.client import RemoteRun\n") == []
-    assert violations(LIB / "serve" / "app.py", "from ..cli.commands.predict_inputs import collect_cases\n") == []
+    assert violations(LIB / "serve" / "client.py", "from ..predict.options import PredictOptions\n") == []
 
 
 def _loads_torch(modules: list[str]) -> bool:

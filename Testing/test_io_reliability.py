@@ -399,16 +399,16 @@ def test_nan_weights_are_refused_at_load(tmp_path):
 
 
 def test_nan_logits_are_refused_not_written_as_no_lesions(tmp_path):
-    from IWSegmentationLib.cli.commands.predict_inputs import PredictJob as Case
-    from IWSegmentationLib.cli.commands.predict_outputs import _check_finite
     from IWSegmentationLib.core.confidence import SKIPPED_LOGIT
+    from IWSegmentationLib.predict.cases import PredictJob as Case
+    from IWSegmentationLib.predict.outputs import check_finite
 
     logits = np.full((4, 4, 4), SKIPPED_LOGIT, np.float32)  # skipped voxels are finite: accepted
-    _check_finite(logits, Case("a", tmp_path / "a.nii.gz", tmp_path / "m.nii.gz"), Path("m.safetensors"))
+    check_finite(logits, Case("a", tmp_path / "a.nii.gz", tmp_path / "m.nii.gz"), Path("m.safetensors"))
     logits[1, 1, 1] = np.nan
     logits[2, 2, 2] = np.inf  # an fp16 overflow: a probability of 1.0 would hide it
     with pytest.raises(InputError, match=r"NaN or infinite logits for 2 voxel\(s\)"):
-        _check_finite(logits, Case("a", tmp_path / "a.nii.gz", tmp_path / "m.nii.gz"), Path("m.safetensors"))
+        check_finite(logits, Case("a", tmp_path / "a.nii.gz", tmp_path / "m.nii.gz"), Path("m.safetensors"))
 
 
 # --------------------------------------------------------------------------- detached formats (16.2)

@@ -58,4 +58,4 @@ def test_the_job_contract_and_the_remote_job_load_no_process_code():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['job', 'parameters']"
+    assert done.stdout.strip() == "['job']"

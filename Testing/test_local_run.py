@@ -18,15 +18,15 @@ from _fake_backend import make_launched_run, make_run, posix_only, start_tree, w
 
 from IWSegmentationLib.backend.job import BackendError, Outcome, SegmentationJob, describe_exit_code
 from IWSegmentationLib.backend.local_run import InferenceRun, LocalJobFactory
-from IWSegmentationLib.backend.parameters import PredictParameters
 from IWSegmentationLib.backend.process_tree import pid_alive
 from IWSegmentationLib.core.errors import InputError
+from IWSegmentationLib.predict.options import PredictOptions
 
 
 def test_relative_paths_become_absolute_for_the_backend(fake_checkpoint, tmp_path, monkeypatch):
     # the backend runs inside its working folder, so a relative path would point elsewhere
     monkeypatch.chdir(fake_checkpoint.parent)
-    run = InferenceRun(PredictParameters(Path(fake_checkpoint.name)), workdir_parent=".")
+    run = InferenceRun(PredictOptions(models=(Path(fake_checkpoint.name),)), workdir_parent=".")
     try:
         command = run.command
         assert command[command.index("--model") + 1] == str(fake_checkpoint.resolve())
@@ -37,13 +37,13 @@ def test_relative_paths_become_absolute_for_the_backend(fake_checkpoint, tmp_pat
 
 def test_missing_checkpoint_is_refused_before_anything_starts(tmp_path):
     with pytest.raises(InputError, match="checkpoint not found"):
-        InferenceRun(PredictParameters(tmp_path / "missing.safetensors"), workdir_parent=tmp_path)
+        InferenceRun(PredictOptions(models=(tmp_path / "missing.safetensors",)), workdir_parent=tmp_path)
     assert list(tmp_path.iterdir()) == []  # no working folder was created
 
 
 def test_inference_run_fulfils_the_job_protocol(fake_checkpoint, tmp_path):
     factory = LocalJobFactory(python="/opt/slicer/bin/PythonSlicer", env={"X": "1"}, workdir_parent=tmp_path)
-    run = factory(PredictParameters(fake_checkpoint), loader=lambda outputs: outputs)
+    run = factory(PredictOptions(models=(fake_checkpoint,)), loader=lambda outputs: outputs)
     try:
         assert isinstance(run, SegmentationJob)
         assert run.command[:3] == ["/opt/slicer/bin/PythonSlicer", "-m", "IWSegmentationLib"]
@@ -182,7 +182,7 @@ def test_failing_input_writer_removes_the_folder_and_runs_nothing(fake_backend, 
 
 
 def test_missing_interpreter_is_a_clear_error(fake_checkpoint, tmp_path):
-    run = InferenceRun(PredictParameters(fake_checkpoint), command_prefix=[str(tmp_path / "no-such-python")],
+    run = InferenceRun(PredictOptions(models=(fake_checkpoint,)), command_prefix=[str(tmp_path / "no-such-python")],
                        workdir_parent=tmp_path)
     workdir = run.workdir
     with pytest.raises(BackendError, match="cannot start the backend"):
@@ -258,7 +258,7 @@ def test_real_backend_end_to_end_with_a_known_answer(tmp_path):
         return mask, mask_geometry, prob, prob_geometry, table
 
     stages = []
-    run = InferenceRun(PredictParameters(model_path, device="cpu", overlap=0.25), workdir_parent=tmp_path,
+    run = InferenceRun(PredictOptions(models=(model_path,), device="cpu", overlap=0.25), workdir_parent=tmp_path,
                        loader=loader)
     run.progress.connect(lambda e: stages.append(e.stage))
     result = run.run_blocking(write_input=lambda path: path.write_bytes(source.read_bytes()), timeout=300)

@@ -293,7 +293,7 @@ def test_iwseg_predict_on_channel_files_in_a_subprocess(two_channel_run, tmp_pat
 
 
 def test_several_inputs_must_be_existing_image_files(tmp_path):
-    from IWSegmentationLib.cli.commands.predict_inputs import split_channel_inputs
+    from IWSegmentationLib.predict.cases import split_channel_inputs
 
     a = _write(tmp_path / "t1.nii.gz", _image(0))
     assert split_channel_inputs([tmp_path]) == (tmp_path, ())  # one path: any input (here a folder)
@@ -330,6 +330,7 @@ def test_an_ensemble_must_agree_on_in_channels(two_channel_run, tmp_path):
 def test_slicer_logic_refuses_a_multi_channel_model_before_starting(two_channel_run):
     slicer = pytest.importorskip("slicer")
     from IWSegmentationLib.backend.local_run import LocalJobFactory
+    from IWSegmentationLib.predict.options import PredictOptions
     from IWSegmentationLib.slicer import mrml
     from IWSegmentationLib.slicer.logic import LesionSegmentationLogic
 
@@ -350,7 +351,7 @@ def test_slicer_logic_refuses_a_multi_channel_model_before_starting(two_channel_
                                          r"CHANNEL0.nii.gz CHANNEL1.nii.gz"):
         logic.check_inputs(volume, card)
     with pytest.raises(InputError, match=r"takes 2 image channels"):
-        logic.start(volume, checkpoint)
+        logic.start(volume, PredictOptions(models=(checkpoint,)))
     assert started == []
 
 

@@ -323,14 +323,14 @@ def test_bad_input_exit_code_in_a_real_process(tmp_path, checkpoint):
 
 def test_device_precision_and_engine_names_have_one_definition():
     """The parser, the backend wrapper, the panel and the engine use core.devices' tuples, not copies."""
-    from IWSegmentationLib.backend import parameters
     from IWSegmentationLib.cli.commands import predict
     from IWSegmentationLib.core import devices
     from IWSegmentationLib.inference import devices as inference_devices
     from IWSegmentationLib.inference import engine
+    from IWSegmentationLib.predict import options
     from IWSegmentationLib.slicer import panel
 
-    assert predict.DEVICES is devices.DEVICES is parameters.DEVICES is inference_devices.DEVICES
+    assert predict.DEVICES is devices.DEVICES is options.DEVICES is inference_devices.DEVICES
     assert predict.PRECISIONS is devices.PRECISIONS is inference_devices.PRECISIONS
     assert predict.ENGINES is devices.ENGINES is engine.ENGINES
     assert set(panel.DEVICE_CHOICES.values()) <= set(devices.DEVICES)

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from IWSegmentationLib.cli.commands.predict_inputs import LABEL_MAP_MAX_VALUES, label_map_values
 from IWSegmentationLib.cli.main import main
 from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
 from IWSegmentationLib.core.progress import parse_progress_line
 from IWSegmentationLib.nn.checkpoint import save_checkpoint
+from IWSegmentationLib.predict.cases import LABEL_MAP_MAX_VALUES, label_map_values
 from IWSegmentationLib.preprocessing import get_preset
 from IWSegmentationLib.testing.phantom import threshold_model
 

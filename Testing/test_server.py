@@ -31,11 +31,11 @@ pytest.importorskip("uvicorn")
 from _subprocess import kill_process_group, run_in_group  # noqa: E402
 
 from IWSegmentationLib.backend.job import Outcome  # noqa: E402
-from IWSegmentationLib.backend.parameters import PredictParameters  # noqa: E402
 from IWSegmentationLib.backend.process_tree import descendant_pids, pid_alive  # noqa: E402
 from IWSegmentationLib.core import imageio
 from IWSegmentationLib.core.errors import InputError  # noqa: E402
 from IWSegmentationLib.core.progress import parse_progress_line  # noqa: E402
+from IWSegmentationLib.predict.options import PredictOptions  # noqa: E402
 from IWSegmentationLib.serve import app as server  # noqa: E402
 from IWSegmentationLib.serve.client import RemoteInferenceRun, ServerClient, ServerError, ServerInputError  # noqa: E402
 from IWSegmentationLib.testing import phantom
@@ -138,7 +138,7 @@ def scan(tmp_path_factory) -> tuple[Path, phantom.PhantomCase]:
 
 
 def _slow_volume(folder: Path) -> Path:
-    """A volume whose job runs for minutes (5766 windows: overlap 0.95, no skipping): something to cancel.
+    """A volume whose job runs for minutes (overlap 0.9, no skipping, 8 mirrored passes each): something to cancel.
 
     int16 keeps the upload at 500 KiB, under the 1 MB limit.
     """
@@ -148,7 +148,7 @@ def _slow_volume(folder: Path) -> Path:
                                                                                origin=(0.0,) * 3), compress=False)
 
 
-SLOW = {"overlap": 0.95, "no_skip": True, "probabilities": True, "lesions": True}
+SLOW = {"overlap": 0.9, "no_skip": True, "tta": True, "probabilities": True, "lesions": True}
 
 
 def _runs(stages) -> list[str]:
@@ -216,12 +216,13 @@ def test_models_come_only_from_the_folder(models):
     assert list(server.list_models(models)) == ["phantom"]  # the link to a file outside is left out
 
 
-def test_job_options_become_predict_arguments():
-    options = server.JobOptions(probabilities_uint8=True, batch_size=2, size_thresholds=[4.0, 9.0], connectivity=6)
-    assert options.extra_arguments() == ["--probabilities-uint8", "--batch-size", "2", "--connectivity", "6",
-                                         "--size-thresholds", "4.0", "9.0"]
-    with pytest.raises(InputError, match="precision must be one of"):
-        server.JobOptions(precision="--model=/etc/passwd").extra_arguments()
+def test_job_options_become_predict_arguments(tmp_path):
+    options = PredictOptions.from_request({"probabilities_uint8": True, "batch_size": 2, "size_thresholds": [4.0, 9.0],
+                                           "connectivity": 6}, models=(tmp_path / "m.safetensors",))
+    assert options.to_arguments(tmp_path / "in.nrrd", {"mask": tmp_path / "m.nrrd"})[12:] == [
+        "--batch-size", "2", "--connectivity", "6", "--size-thresholds", "4.0", "9.0", "--probabilities-uint8"]
+    with pytest.raises(InputError, match="--precision must be one of"):
+        PredictOptions.from_request({"precision": "--model=/etc/passwd"})
 
 
 # ---------------------------------------------------------------------------- the HTTP API
@@ -250,6 +251,17 @@ def test_unknown_job_model_and_result_are_404(srv, scan):
         client.submit(scan[0], "nope")
     with pytest.raises(ServerInputError, match="unknown model 'linked'"):
         client.submit(scan[0], "linked")
+
+
+def test_a_bad_option_is_a_400_whose_body_is_the_cli_message(srv, scan):
+    """The body's detail is PredictOptions' message, the one ``iwseg predict`` prints for the flag
+    (issue 21: one message whichever front end; issue 23: overlap 0.999 is refused from a client)."""
+    for query, message in (("overlap=0.999", "--overlap must be in [0, 0.9], got 0.999"),
+                           ("threshold=1.0", "--threshold must be in [0, 1), got 1.0"),
+                           ("batch_size=0", "--batch-size must be >= 1, got 0"),
+                           ("colour=red", "unknown option(s) colour;")):
+        status, body = _raw_post(srv, f"model=phantom&filename=scan.nii.gz&{query}", {"Content-Length": "1"}, b"x")
+        assert status == 400 and body["detail"].startswith(message), (query, status, body)
 
 
 def _raw_post(srv, query: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict]:
@@ -401,7 +413,7 @@ def test_cancel_mid_job_is_exit_code_3_and_leaves_no_result(srv, tokens_file, tm
     out = tmp_path / "mask.nrrd"
     results_before = set(srv_workdir(srv).glob("results-*"))
     cmd = [*PY, "predict", "--server", srv.url, "--token-file", str(tokens_file), "--model", "phantom",
-           "--input", str(volume), "--output", str(out), "--overlap", "0.95", "--no-skip", "--progress-format", "jsonl"]
+           "--input", str(volume), "--output", str(out), "--overlap", "0.9", "--no-skip", "--tta", "--progress-format", "jsonl"]
     client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                               start_new_session=True)
     try:
@@ -429,7 +441,7 @@ def test_remote_run_has_the_local_runner_shape_and_cancels(srv, scan, tmp_path):
     polling thread, a loader on success, CANCELLED (exit code 3) after a cancel, folders removed."""
     client = srv.client()
     loaded = []
-    run = RemoteInferenceRun(PredictParameters(Path("phantom.safetensors")), client=client, workdir_parent=tmp_path,
+    run = RemoteInferenceRun(PredictOptions(models=(Path("phantom.safetensors"),)), client=client, workdir_parent=tmp_path,
                              loader=lambda outputs: loaded.append(imageio.read_image(outputs["mask"])[0]) or "ok")
     stages = []
     run.progress.connect(lambda e: stages.append(e.stage))
@@ -438,8 +450,8 @@ def test_remote_run_has_the_local_runner_shape_and_cancels(srv, scan, tmp_path):
     assert np.array_equal(loaded[0], scan[1].reference)
     assert stages[0] == "start" and stages[-1] == "done" and result.workdir is None and run.workdir is None
 
-    slow = RemoteInferenceRun(PredictParameters(Path("phantom.safetensors"), overlap=0.95), client=client,
-                              workdir_parent=tmp_path, options={"no_skip": True},
+    slow = RemoteInferenceRun(PredictOptions(models=(Path("phantom.safetensors"),), overlap=0.9, no_skip=True,
+                                             tta=True), client=client, workdir_parent=tmp_path,
                               loader=lambda outputs: pytest.fail("loader after a cancel"))
     slow.progress.connect(lambda e: e.stage == "inference" and slow.cancel())
     volume = _slow_volume(tmp_path)
@@ -458,7 +470,7 @@ def test_killing_the_server_mid_job_is_a_clear_error_and_writes_nothing(models, 
         volume = _slow_volume(tmp_path)
         out = tmp_path / "mask.nrrd"
         cmd = [*PY, "predict", "--server", own.url, "--model", "phantom", "--input", str(volume),
-               "--output", str(out), "--overlap", "0.95", "--no-skip", "--progress-format", "jsonl"]
+               "--output", str(out), "--overlap", "0.9", "--no-skip", "--tta", "--progress-format", "jsonl"]
         client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
                                   start_new_session=True)
         try:
@@ -509,15 +521,15 @@ def test_the_slicer_logic_runs_on_the_server_and_a_failure_leaves_the_scene_unch
 
     before = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
     with pytest.raises(ServerInputError, match="has no model 'nope'.*phantom"):
-        logic.start(volume, tmp_path / "nope.safetensors")
-    logic.job_factory.options = {"output_format": ".exe"}  # the server refuses the job (400): nothing runs
-    result = logic.start(volume, missing_here, reference=reference).wait(timeout=120)
+        logic.start(volume, PredictOptions(models=(tmp_path / "nope.safetensors",)))
+    logic.job_factory.extra = {"output_format": ".exe"}  # the server refuses the job (400): nothing runs
+    result = logic.start(volume, PredictOptions(models=(missing_here,)), reference=reference).wait(timeout=120)
     assert result.outcome is Outcome.FAILED and srv.url in result.message and ".exe" in result.message
     assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == before
     assert logic.results is None
 
-    logic.job_factory.options = None
-    result = logic.start(volume, missing_here, reference=reference).wait(timeout=120)
+    logic.job_factory.extra = None
+    result = logic.start(volume, PredictOptions(models=(missing_here,)), reference=reference).wait(timeout=120)
     assert result.ok, result.report()
     segments = logic.results.segmentation.GetSegmentation()
     assert segments.GetNumberOfSegments() == 3  # the phantom's three lesions, each matched to the reference

@@ -234,23 +234,23 @@ def test_a_wrong_token_is_refused_before_the_upload(models, tokens_file, tmp_pat
 
 def test_upload_slot_accounting_is_exact(tmp_path):
     # the JobManager alone: a failed upload gives its slot back, an enqueued job keeps it
-    from IWSegmentationLib.serve.jobs import ApiError, JobManager, JobOptions
+    from IWSegmentationLib.serve.jobs import ApiError, JobManager
 
     model = tmp_path / "m.safetensors"
     model.write_bytes(b"x")
     manager = JobManager(models={"m": model}, root=tmp_path, max_jobs=2, command_prefix=["true"], env={})
-    a = manager.new_job("o", "m", "a.nrrd", JobOptions())
-    b = manager.new_job("o", "m", "b.nrrd", JobOptions())
+    a = manager.new_job("o", "m", "a.nrrd", {})
+    b = manager.new_job("o", "m", "b.nrrd", {})
     with pytest.raises(ApiError) as full:
-        manager.new_job("o", "m", "c.nrrd", JobOptions())
+        manager.new_job("o", "m", "c.nrrd", {})
     assert full.value.status == 429 and manager.uploading() == 2
     manager.discard(a)
     manager.enqueue(b)
     assert manager.uploading() == 0 and manager.counts()["queued"] == 1
-    c = manager.new_job("o", "m", "c.nrrd", JobOptions())  # a's slot is free again
+    c = manager.new_job("o", "m", "c.nrrd", {})  # a's slot is free again
     with pytest.raises(ApiError):
-        manager.new_job("o", "m", "d.nrrd", JobOptions())  # b (queued) and c (uploading) hold both
+        manager.new_job("o", "m", "d.nrrd", {})  # b (queued) and c (uploading) hold both
     with pytest.raises(ApiError):
-        manager.new_job("o", "m", "../e.nrrd", JobOptions())  # a bad request takes no slot ...
+        manager.new_job("o", "m", "../e.nrrd", {})  # a bad request takes no slot ...
     assert manager.uploading() == 1  # ... and leaves the count as it was
     manager.discard(c)

@@ -26,6 +26,7 @@ from IWSegmentationLib.core import imageio  # noqa: E402
 from IWSegmentationLib.core.errors import InputError  # noqa: E402
 from IWSegmentationLib.core.lesions import SIZE_GROUP_COLORS  # noqa: E402
 from IWSegmentationLib.core.progress import parse_progress_line  # noqa: E402
+from IWSegmentationLib.predict.options import PredictOptions  # noqa: E402
 from IWSegmentationLib.slicer import mrml, panel  # noqa: E402
 from IWSegmentationLib.slicer.logic import LesionSegmentationLogic, scene_rollback  # noqa: E402
 from IWSegmentationLib.testing import phantom  # noqa: E402
@@ -69,7 +70,7 @@ def test_known_answer_through_the_real_backend(phantom_scene, scene, tmp_path):
     checkpoint = phantom.threshold_checkpoint(tmp_path / "threshold.safetensors")
     logic = make_logic(scene, tmp_path)
     stages = []
-    results = logic.start(volume, checkpoint, device="cpu", reference=reference, organ_mask=organ,
+    results = logic.start(volume, PredictOptions(models=(checkpoint,), device="cpu"), reference=reference, organ_mask=organ,
                           on_progress=lambda e: stages.append(e.stage)).wait(timeout=300).loaded_or_raise()
     assert stages[0] == "start" and stages[-1] == "done"
     assert results is logic.results
@@ -109,7 +110,7 @@ def test_cancel_leaves_the_scene_unchanged(phantom_scene, scene, tmp_path):
     checkpoint = phantom.threshold_checkpoint(tmp_path / "threshold.safetensors")
     before = node_ids(scene)
     logic = make_logic(scene, tmp_path)
-    run = logic.start(volume, checkpoint, device="cpu", reference=reference)
+    run = logic.start(volume, PredictOptions(models=(checkpoint,), device="cpu"), reference=reference)
     workdir = run.workdir
     run.cancel()  # at once: the backend is still importing torch
     result = run.wait(timeout=60)
@@ -231,7 +232,7 @@ def test_bad_checkpoint_is_refused_before_anything_runs(phantom_scene, scene, tm
     _, volume, _ = phantom_scene
     before = node_ids(scene)
     with pytest.raises(InputError, match="checkpoint not found"):
-        make_logic(scene, tmp_path).start(volume, tmp_path / "missing.safetensors")
+        make_logic(scene, tmp_path).start(volume, PredictOptions(models=(tmp_path / "missing.safetensors",)))
     assert node_ids(scene) == before and list(tmp_path.iterdir()) == []
 
 
@@ -292,7 +293,7 @@ def test_an_injected_job_factory_replaces_the_process(phantom_scene, scene, tmp_
     logic = LesionSegmentationLogic(scene, job_factory=Factory())
     assert isinstance(KnownAnswerJob(None, None, tmp_path, None, None), SegmentationJob)
     stages, finished = [], []
-    job = logic.start(volume, checkpoint, device="cpu", threshold=0.4, reference=reference,
+    job = logic.start(volume, PredictOptions(models=(checkpoint,), device="cpu", threshold=0.4), reference=reference,
                       on_progress=lambda e: stages.append(e.stage), on_finished=finished.append)
     assert job is jobs[-1] and job.running
     assert (job.parameters.device, job.parameters.threshold) == ("cpu", 0.4)

@@ -1,9 +1,10 @@
 """Running the backend: ``iwseg predict`` in a child process, watched and cancelled from a front end.
 
 Standard library only, no torch and no Slicer: the Slicer module (``slicer/``) and the inference
-server (``serve/``) both run their jobs with it. Its modules, each importing only those above it:
+server (``serve/``) both run their jobs with it. A job is given a
+:class:`~IWSegmentationLib.predict.options.PredictOptions` (what the user chose, checked, and its
+command line). Its modules, each importing only those above it:
 
-* :mod:`.parameters` — :class:`PredictParameters`, what the user chose, and its command-line options;
 * :mod:`.job` — the job contract: :class:`Signal`, the exit-code policy (:class:`Outcome`),
   :class:`RunResult`, the :class:`SegmentationJob` and :class:`JobFactory` protocols, and
   :class:`FolderJob` (the working folder every job shares, the remote job of ``serve.client`` too);

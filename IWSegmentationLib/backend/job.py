@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from ..core.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, InputError, IWSegError
-from .parameters import PredictParameters
+from ..predict.options import PredictOptions
 
 
 class BackendError(IWSegError):
@@ -186,9 +186,9 @@ class FolderJob:
     #: Who wrote the outputs, in messages ("reading the backend's results failed").
     WRITER = "backend"
 
-    def __init__(self, parameters: PredictParameters, *, workdir_parent: str | os.PathLike | None = None,
+    def __init__(self, options: PredictOptions, *, workdir_parent: str | os.PathLike | None = None,
                  loader: Callable[[dict[str, Path]], Any] | None = None) -> None:
-        self.parameters = parameters
+        self.options = options
         self.loader = loader
         self.progress = Signal()
         self.log = Signal()
@@ -205,8 +205,8 @@ class FolderJob:
 
     @property
     def output_paths(self) -> dict[str, Path]:
-        wanted = {"mask": True, "probabilities": self.parameters.probabilities, "logits": self.parameters.logits,
-                  "lesions": self.parameters.lesions}
+        wanted = {"mask": True, "probabilities": self.options.probabilities, "logits": self.options.logits,
+                  "lesions": self.options.lesions}
         return {key: self._folder() / name for key, name in self.OUTPUT_NAMES.items() if wanted[key]}
 
     @property
@@ -328,8 +328,8 @@ class JobFactory(Protocol):
     :class:`~IWSegmentationLib.serve.client.RemoteJobFactory` for a server).
     """
 
-    def model_card(self, parameters: PredictParameters) -> dict:
-        """The model card of ``parameters.checkpoint`` where the jobs run; :class:`InputError` if unusable."""
+    def model_card(self, options: PredictOptions) -> dict:
+        """The model card of ``options.checkpoint`` where the jobs run; :class:`InputError` if unusable."""
         ...
 
-    def __call__(self, parameters: PredictParameters, *, loader: Loader) -> SegmentationJob: ...
+    def __call__(self, options: PredictOptions, *, loader: Loader) -> SegmentationJob: ...

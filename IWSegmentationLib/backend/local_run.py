@@ -2,7 +2,7 @@
 
 :class:`InferenceRun` owns one prediction: a temporary working folder holding the input volume
 and the outputs (:class:`~IWSegmentationLib.backend.job.FolderJob`), the command line
-(:meth:`~IWSegmentationLib.backend.parameters.PredictParameters.arguments` after the interpreter's
+(:meth:`~IWSegmentationLib.predict.options.PredictOptions.to_arguments` after the interpreter's
 :func:`~IWSegmentationLib.backend.interpreter.default_command_prefix`), the backend process
 (:class:`~IWSegmentationLib.backend.child_process.BackendProcess`), and the outcome read from its
 exit code. :class:`LocalJobFactory` makes one per prediction for the Slicer logic.
@@ -19,11 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..core.errors import InputError
 from ..nn.checkpoint import read_metadata
+from ..predict.options import PredictOptions
 from .child_process import CANCEL_GRACE_S, BackendProcess
 from .interpreter import backend_environment, default_command_prefix
 from .job import FolderJob, Loader, Outcome, RunResult, describe_exit_code, outcome_for_exit_code
-from .parameters import PredictParameters
+
+
+def check_local_checkpoints(options: PredictOptions) -> None:
+    """Refuse options whose checkpoint(s) are not files on this computer (a job runs them here)."""
+    if not options.models:
+        raise InputError("no checkpoint selected")
+    for path in options.models:
+        if not path.is_file():
+            raise InputError(f"checkpoint not found: {path}")
 
 
 class InferenceRun(FolderJob):
@@ -31,7 +41,7 @@ class InferenceRun(FolderJob):
 
     Typical use from a front end::
 
-        run = InferenceRun(PredictParameters(checkpoint), command_prefix=[pythonSlicer, "-m", "IWSegmentationLib"],
+        run = InferenceRun(PredictOptions(models=(checkpoint,)), command_prefix=[pythonSlicer, "-m", "IWSegmentationLib"],
                            loader=read_outputs_into_scene)
         run.progress.connect(show_progress)      # ProgressEvent
         run.finished.connect(show_result)        # RunResult
@@ -45,7 +55,7 @@ class InferenceRun(FolderJob):
 
     def __init__(
         self,
-        parameters: PredictParameters,
+        options: PredictOptions,
         *,
         command_prefix: Sequence[str | os.PathLike] | None = None,
         env: dict[str, str] | None = None,
@@ -55,7 +65,7 @@ class InferenceRun(FolderJob):
         cancel_grace_s: float = CANCEL_GRACE_S,
         backend_factory: Callable[..., BackendProcess] = BackendProcess,
     ) -> None:
-        parameters.validate()
+        check_local_checkpoints(options)
         self.command_prefix = [os.fspath(c) for c in (command_prefix or default_command_prefix())]
         self.env = backend_environment() if env is None else env
         self._stderr_lines = stderr_lines
@@ -63,12 +73,12 @@ class InferenceRun(FolderJob):
         self._backend_factory = backend_factory
         self._backend: BackendProcess | None = None
         self._with_organ_mask = False
-        super().__init__(parameters, workdir_parent=workdir_parent, loader=loader)
+        super().__init__(options, workdir_parent=workdir_parent, loader=loader)
 
     @property
     def command(self) -> list[str]:
         organ = self.organ_mask_path if self._with_organ_mask else None
-        return self.command_prefix + self.parameters.arguments(self.input_path, self.output_paths, organ)
+        return self.command_prefix + self.options.to_arguments(self.input_path, self.output_paths, organ)
 
     @property
     def running(self) -> bool:
@@ -188,11 +198,11 @@ class LocalJobFactory:
     env: dict[str, str] | None = None
     workdir_parent: str | os.PathLike | None = None
 
-    def model_card(self, parameters: PredictParameters) -> dict:
+    def model_card(self, options: PredictOptions) -> dict:
         """The checkpoint file's model card (its header only: no weights are read)."""
-        parameters.validate()
-        return read_metadata(parameters.checkpoint)
+        check_local_checkpoints(options)
+        return read_metadata(options.checkpoint)
 
-    def __call__(self, parameters: PredictParameters, *, loader: Loader) -> InferenceRun:
-        return InferenceRun(parameters, command_prefix=default_command_prefix(self.python), env=self.env,
+    def __call__(self, options: PredictOptions, *, loader: Loader) -> InferenceRun:
+        return InferenceRun(options, command_prefix=default_command_prefix(self.python), env=self.env,
                             workdir_parent=self.workdir_parent, loader=loader)

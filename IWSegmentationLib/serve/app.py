@@ -49,7 +49,6 @@ from .jobs import (  # noqa: F401  (re-exported: the app's names for its jobs)
     ApiError,
     Job,
     JobManager,
-    JobOptions,
     JobRun,
     format_event,
     list_models,
@@ -288,10 +287,14 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > config.max_upload_bytes:
             raise ApiError(413, _too_large(config.max_upload_bytes))
-        options = JobOptions(threshold, overlap, probabilities, lesions, output_format, probabilities_uint8,
-                             no_skip, batch_size, precision, engine, size_preset, size_thresholds, connectivity,
-                             tta, min_lesion_size, force, logits)
-        job = manager.new_job(who, model, filename, options)  # takes a slot before the body is read
+        options = dict(threshold=threshold, overlap=overlap, probabilities=probabilities, lesions=lesions,
+                       probabilities_uint8=probabilities_uint8, no_skip=no_skip, batch_size=batch_size,
+                       precision=precision, engine=engine, size_preset=size_preset, size_thresholds=size_thresholds,
+                       connectivity=connectivity, tta=tta, min_lesion_size=min_lesion_size, force=force, logits=logits)
+        # a query key that is no parameter here is refused by PredictOptions.from_request, not ignored
+        options.update({key: request.query_params[key] for key in request.query_params
+                        if key not in options and key not in ("model", "filename", "output_format")})
+        job = manager.new_job(who, model, filename, options, output_format)  # takes a slot before the body is read
         try:
             await _receive(request, job.run.input_path, config.max_upload_bytes, config.upload_timeout_s)
         except BaseException:

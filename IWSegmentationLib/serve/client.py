@@ -10,8 +10,10 @@ no extra package.
   ``start`` / ``cancel`` / ``wait`` / ``run_blocking``, a :class:`~IWSegmentationLib.backend.job.RunResult`
   with the same outcomes and folder policy), so a front end runs a job on a server exactly as it
   runs one locally. The HTTP calls run on a background thread; signals only on the polling thread.
-* :func:`predict_on_server` is ``iwseg predict --server URL``: the same outputs as a local run,
-  written to temporary names and renamed together once all are downloaded.
+* :func:`predict_on_server` runs ``iwseg predict --server URL``: the same outputs as a local run,
+  written to temporary names and renamed together once all are downloaded. It is given explicit
+  paths and options (the command line's edge checks the paths first); this module reads no
+  command-line flags.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ..backend.job import FolderJob, Loader, Outcome, RunResult
-from ..backend.parameters import PredictParameters
 from ..core.errors import Cancelled, InputError, IWSegError
-from ..core.progress import ProgressEvent, parse_progress_line
+from ..core.outputs import atomic_output
+from ..core.progress import ProgressEvent, ProgressReporter, parse_progress_line
+from ..predict.lesion_json import relabelled_lesion_report
+from ..predict.options import PredictOptions
 
 #: Seconds a request may wait for the server (the event stream sends a keep-alive line every 15 s).
 DEFAULT_TIMEOUT_S = 60.0
@@ -228,9 +232,6 @@ def download_outputs(client: ServerClient, job_id: str, outputs: Mapping[str, Pa
     The lesion JSON's ``image`` becomes ``image_name`` (what a local run writes there). A
     broken download or a cancel leaves no partial file and keeps existing files untouched.
     """
-    from ..cli.commands.predict_outputs import format_lesion_report
-    from ..core.outputs import atomic_output
-
     with contextlib.ExitStack() as stack:
         for name, target in outputs.items():
             tmp = stack.enter_context(atomic_output(target))
@@ -238,9 +239,7 @@ def download_outputs(client: ServerClient, job_id: str, outputs: Mapping[str, Pa
                 on_write(name, target)
             client.download(job_id, name, tmp)
             if name == "lesions":
-                report = json.loads(tmp.read_text(encoding="utf-8"))
-                report["image"] = image_name
-                tmp.write_text(format_lesion_report(report), encoding="utf-8")
+                tmp.write_text(relabelled_lesion_report(tmp.read_text(encoding="utf-8"), image_name), encoding="utf-8")
         with deferred():
             stack.close()
 
@@ -250,49 +249,15 @@ def download_outputs(client: ServerClient, job_id: str, outputs: Mapping[str, Pa
 # --------------------------------------------------------------------------------------------
 
 
-def job_options(args) -> dict[str, Any]:
-    """The server job options for an ``iwseg predict`` command line (None: the server's default)."""
-    from .jobs import single_file_suffix
-
-    options = {
-        "threshold": args.threshold, "overlap": args.overlap, "probabilities": args.probabilities is not None,
-        "lesions": args.lesions is not None, "output_format": single_file_suffix(args.output.name, what="--output"),
-        "probabilities_uint8": args.probabilities_uint8, "no_skip": args.no_skip, "batch_size": args.batch_size,
-        "precision": None if args.precision == "auto" else args.precision,
-        "engine": None if args.engine == "auto" else args.engine, "size_preset": args.size_preset,
-        "size_thresholds": list(args.size_thresholds) if args.size_thresholds else None,
-        "connectivity": args.connectivity, "tta": args.tta, "min_lesion_size": args.min_lesion_size,
-        "force": args.force, "logits": args.logits is not None,
-    }
-    for flag, path in (("--probabilities", args.probabilities), ("--logits", args.logits)):
-        if path is not None and single_file_suffix(path.name, what=flag) != options["output_format"]:
-            raise InputError(f"with --server, {flag} must use the format of --output "
-                             f"({options['output_format']}), got {path.name}")
-    return options
-
-
-def predict_on_server(args, reporter, state) -> int:
-    """``iwseg predict --server URL``: the job runs on the server, the outputs land where a local run puts them."""
-    from ..cli.commands.predict_inputs import collect_cases
-
-    if len(args.input) != 1:
-        raise InputError("--server takes one image file as --input; multi-channel input runs on this computer")
-    args.input, args.more_channels = args.input[0], ()
-    if args.input.is_dir():
-        raise InputError(f"--input {args.input}: with --server give one image file (folders and DICOM series "
-                         "are not sent to a server)")
-    if args.organ_mask is not None:
-        raise InputError("--organ-mask cannot be sent to a server yet; run without --server")
-    if len(args.model) != 1:
-        raise InputError("--server runs one model; an ensemble (several --model) runs on this computer")
-    case = collect_cases(args)[0]  # the same checks of the paths as a local run
-    options = job_options(args)
-    client = ServerClient.from_token_file(args.server, args.token_file)
-    model = model_name(args.model[0])
+def predict_on_server(client: ServerClient, model: str, image: Path, case_name: str, outputs: Mapping[str, Path],
+                      options: Mapping[str, Any], reporter: ProgressReporter, state) -> int:
+    """Run one job on the server and write its ``outputs`` (``mask``, ``probabilities``, ``logits``,
+    ``lesions`` -> path) where a local run puts them; ``options`` is the job's request
+    (:meth:`~IWSegmentationLib.predict.options.PredictOptions.to_request` and ``output_format``).
+    The progress events go to ``reporter`` as a local run's would; ``state`` defers signals
+    while the outputs are renamed."""
     t0 = time.monotonic()
-    if args.device != "auto":
-        reporter.emit("warning", case=None, message=f"--device {args.device} is ignored: the server picks the device")
-    job = client.submit(case.image, model, options)
+    job = client.submit(image, model, options)
     held: list[ProgressEvent] = []
     try:
 
@@ -304,11 +269,8 @@ def predict_on_server(args, reporter, state) -> int:
 
         info = client.follow(job["id"], forward)
         _raise_for_state(client, info)
-        outputs = {"mask": case.mask, "probabilities": case.probabilities, "logits": case.logits,
-                   "lesions": case.lesions}
-        outputs = {k: v for k, v in outputs.items() if v is not None}
-        download_outputs(client, job["id"], outputs, str(case.image), state.deferred,
-                         on_write=lambda _name, path: reporter.emit("write", case=case.name, path=str(path)))
+        download_outputs(client, job["id"], outputs, str(image), state.deferred,
+                         on_write=lambda _name, path: reporter.emit("write", case=case_name, path=str(path)))
     except BaseException:
         with contextlib.suppress(IWSegError):
             client.cancel(job["id"])
@@ -356,7 +318,7 @@ class RemoteInferenceRun(FolderJob):
     :class:`~IWSegmentationLib.backend.local_run.InferenceRun` is, with the same folder policy
     (:class:`~IWSegmentationLib.backend.job.FolderJob`).
 
-    ``model`` names the server's model (default: :func:`model_name` of the parameters'
+    ``model`` names the server's model (default: :func:`model_name` of the options'
     checkpoint; the server's ``--models`` folder must hold it, and the checkpoint need not exist
     here). The device is the server's; ``options`` adds job options (``no_skip``, ``tta``, ... see
     docs/server.md). The input is written to a local temporary folder, uploaded, and the outputs
@@ -368,28 +330,26 @@ class RemoteInferenceRun(FolderJob):
     FOLDER_PREFIX = "iwseg-remote-"
     WRITER = "server"
 
-    def __init__(self, parameters: PredictParameters, *, client: ServerClient, model: str | None = None,
-                 options: Mapping[str, Any] | None = None, workdir_parent: str | os.PathLike | None = None,
+    def __init__(self, options: PredictOptions, *, client: ServerClient, model: str | None = None,
+                 extra: Mapping[str, Any] | None = None, workdir_parent: str | os.PathLike | None = None,
                  loader: Callable[[dict[str, Path]], Any] | None = None) -> None:
         self.client = client
-        self.model = model or model_name(parameters.checkpoint)
-        self.extra_options = dict(options or {})
+        self.model = model or model_name(options.checkpoint)
+        self.extra_options = dict(extra or {})
         self.job_id: str | None = None
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
-        super().__init__(parameters, workdir_parent=workdir_parent, loader=loader)
+        super().__init__(options, workdir_parent=workdir_parent, loader=loader)
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self.result is None
 
-    def options(self) -> dict[str, Any]:
-        """The job's options: the parameters', then ``options`` given to the constructor."""
-        return {"threshold": self.parameters.threshold, "overlap": self.parameters.overlap,
-                "probabilities": self.parameters.probabilities, "lesions": self.parameters.lesions,
-                "logits": self.parameters.logits,
-                "output_format": ".nrrd", **self.extra_options}
+    def request(self) -> dict[str, Any]:
+        """The job's request: the options (but the server's own choices), the output format, then
+        ``extra`` given to the constructor (e.g. another ``output_format``)."""
+        return {**self.options.to_request(), "output_format": ".nrrd", **self.extra_options}
 
     def start(self, write_input: Callable[[Path], Any] | None = None,
               write_organ_mask: Callable[[Path], Any] | None = None) -> None:
@@ -409,7 +369,7 @@ class RemoteInferenceRun(FolderJob):
 
     def _work(self) -> None:
         try:
-            job = self.client.submit(self.input_path, self.model, self.options())
+            job = self.client.submit(self.input_path, self.model, self.request())
             self.job_id = job["id"]
             if self._cancel.is_set():
                 self.client.cancel(self.job_id)
@@ -493,22 +453,21 @@ class RemoteJobFactory:
 
     Injected into :class:`~IWSegmentationLib.slicer.logic.LesionSegmentationLogic` in place of
     the default :class:`~IWSegmentationLib.backend.local_run.LocalJobFactory` ("Run on: server").
-    ``model`` overrides the model name taken from the checkpoint field.
+    ``model`` overrides the model name taken from the checkpoint field; ``extra`` is added to
+    each job's request.
     """
 
     client: ServerClient
     model: str | None = None
-    options: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] | None = None
     workdir_parent: str | os.PathLike | None = None
 
-    def model_card(self, parameters: PredictParameters) -> dict:
+    def model_card(self, options: PredictOptions) -> dict:
         """The server's card of the model; :class:`ServerInputError` naming the models it has if unknown."""
-        parameters.validate(local=False)
-        return self.client.model_card(self.model or model_name(parameters.checkpoint))
+        return self.client.model_card(self.model or model_name(options.checkpoint))
 
-    def __call__(self, parameters: PredictParameters, *, loader: Loader) -> RemoteInferenceRun:
-        parameters.validate(local=False)
-        return RemoteInferenceRun(parameters, client=self.client, model=self.model, options=self.options,
+    def __call__(self, options: PredictOptions, *, loader: Loader) -> RemoteInferenceRun:
+        return RemoteInferenceRun(options, client=self.client, model=self.model, extra=self.extra,
                                   workdir_parent=self.workdir_parent, loader=loader)
 
 

@@ -1,4 +1,8 @@
-"""The jobs of ``iwseg serve``: what a client may choose, the queue, and the files of each job.
+"""The jobs of ``iwseg serve``: the queue, and the files of each job.
+
+What a client may choose is a :class:`~IWSegmentationLib.predict.options.PredictOptions`, read
+from its request (:meth:`~IWSegmentationLib.predict.options.PredictOptions.from_request`: an
+unknown option, or one the server chooses, is refused, as is a value out of range).
 
 :class:`JobManager` holds the jobs: a FIFO queue, at most ``workers`` running at once, every
 :class:`~IWSegmentationLib.backend.local_run.InferenceRun` call (start, poll, cancel) made from its
@@ -19,17 +23,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from ..backend.child_process import CANCEL_GRACE_S
 from ..backend.interpreter import backend_environment, default_command_prefix
 from ..backend.job import Outcome, RunResult
 from ..backend.local_run import InferenceRun
-from ..backend.parameters import PredictParameters
-from ..core.devices import ENGINES, PRECISIONS
 from ..core.errors import EXIT_CANCELLED, InputError
-from ..core.lesions import CONNECTIVITIES, SIZE_PRESETS, parse_min_lesion_size
 from ..core.outputs import atomic_output
+from ..predict.lesion_json import relabelled_lesion_report
+from ..predict.options import PredictOptions
 
 #: Single-file image formats a job accepts as upload and writes as output (``.nhdr``/``.mhd``
 #: keep their voxels in a second file, which one upload cannot carry).
@@ -109,76 +112,15 @@ def format_event(stage: str, data: Dict[str, Any]) -> bytes:
     return (json.dumps({"stage": stage, **data}, default=str) + "\n").encode("utf-8")
 
 
-@dataclass
-class JobOptions:
-    """What a client may choose for a job; each maps to one ``iwseg predict`` option.
-
-    The device and the model file are the server's choice (``--device``, ``--models``).
-    """
-
-    threshold: Optional[float] = None
-    overlap: Optional[float] = None
-    probabilities: bool = True
-    lesions: bool = True
-    output_format: str = ".nrrd"
-    probabilities_uint8: bool = False
-    no_skip: bool = False
-    batch_size: Optional[int] = None
-    precision: Optional[str] = None
-    engine: Optional[str] = None
-    size_preset: Optional[str] = None
-    size_thresholds: Optional[List[float]] = None
-    connectivity: Optional[int] = None
-    tta: bool = False
-    min_lesion_size: Optional[str] = None
-    force: bool = False
-    logits: bool = False
-
-    def check(self) -> None:
-        """Refuse a value ``iwseg predict`` would refuse, before anything is uploaded."""
-        single_file_suffix(self.output_format)
-        for name, value, allowed in (("precision", self.precision, PRECISIONS), ("engine", self.engine, ENGINES),
-                                     ("size_preset", self.size_preset, tuple(sorted(SIZE_PRESETS))),
-                                     ("connectivity", self.connectivity, CONNECTIVITIES)):
-            if value is not None and value not in allowed:
-                raise InputError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.size_thresholds is not None and len(self.size_thresholds) != 2:
-            raise InputError(f"size_thresholds needs two values (S M), got {self.size_thresholds}")
-        if self.min_lesion_size is not None and self.min_lesion_size.strip().lower() != "none":
-            parse_min_lesion_size(self.min_lesion_size)
-
-    def extra_arguments(self) -> List[str]:
-        """The ``iwseg predict`` options beyond :meth:`PredictParameters.arguments`."""
-        self.check()
-        args: List[str] = []
-        if self.probabilities_uint8:
-            args.append("--probabilities-uint8")
-        for flag, wanted in (("--no-skip", self.no_skip), ("--tta", self.tta), ("--force", self.force)):
-            if wanted:
-                args.append(flag)
-        for flag, value in (("--batch-size", self.batch_size), ("--precision", self.precision),
-                            ("--engine", self.engine), ("--size-preset", self.size_preset),
-                            ("--connectivity", self.connectivity), ("--min-lesion-size", self.min_lesion_size)):
-            if value is not None:
-                args += [flag, str(value)]
-        if self.size_thresholds is not None:
-            args += ["--size-thresholds", *(repr(float(v)) for v in self.size_thresholds)]
-        return args
-
-
 class JobRun(InferenceRun):
     """An :class:`InferenceRun` whose input keeps the upload's format and whose image outputs use
     the format the client asked for (so they are the files a local ``iwseg predict`` writes)."""
 
-    def __init__(self, parameters: PredictParameters, *, input_name: str, options: JobOptions,
+    def __init__(self, options: PredictOptions, *, input_name: str, output_format: str = ".nrrd",
                  **kwargs: Any) -> None:
         self.input_name = input_name
-        self.options = options
-        self.output_format = single_file_suffix(options.output_format)
-        self._extra = options.extra_arguments()
-        super().__init__(parameters, **kwargs)
+        self.output_format = single_file_suffix(output_format)
+        super().__init__(options, **kwargs)
 
     @property
     def input_path(self) -> Path:
@@ -187,17 +129,13 @@ class JobRun(InferenceRun):
     @property
     def output_paths(self) -> Dict[str, Path]:
         paths = {"mask": self._folder() / f"mask{self.output_format}"}
-        if self.parameters.probabilities:
+        if self.options.probabilities:
             paths["probabilities"] = self._folder() / f"probabilities{self.output_format}"
-        if self.parameters.logits:
+        if self.options.logits:
             paths["logits"] = self._folder() / f"logits{self.output_format}"
-        if self.parameters.lesions:
+        if self.options.lesions:
             paths["lesions"] = self._folder() / "lesions.json"
         return paths
-
-    @property
-    def command(self) -> List[str]:
-        return super().command + self._extra
 
 
 @dataclass
@@ -304,9 +242,11 @@ class JobManager:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def new_job(self, owner: str, model: str, filename: str, options: JobOptions) -> Job:
+    def new_job(self, owner: str, model: str, filename: str, request: Mapping[str, Any],
+                output_format: str = ".nrrd") -> Job:
         """Create a job (its folder, not yet its input) and take its slot; :class:`ApiError` for
-        bad requests, 429 when ``max_jobs`` slots are taken. The slot is the job's from now on:
+        bad requests (400 for an option :class:`PredictOptions` refuses, named by its flag), 429
+        when ``max_jobs`` slots are taken. ``request``: the job's options by field name. The slot is the job's from now on:
         :meth:`enqueue` keeps it, :meth:`discard` (a failed upload) gives it back."""
         path = self.models.get(model)
         if path is None:
@@ -316,7 +256,7 @@ class JobManager:
                 raise ApiError(429, f"the server already holds {self.max_jobs} unfinished jobs; try again later")
             self._uploading += 1
         try:
-            return self._create(owner, model, path, filename, options)
+            return self._create(owner, model, path, filename, request, output_format)
         except BaseException:
             self._release_upload_slot()
             raise
@@ -325,13 +265,12 @@ class JobManager:
         with self.lock:
             self._uploading = max(0, self._uploading - 1)
 
-    def _create(self, owner: str, model: str, path: Path, filename: str, options: JobOptions) -> Job:
+    def _create(self, owner: str, model: str, path: Path, filename: str, request: Mapping[str, Any],
+                output_format: str) -> Job:
         try:
+            options = PredictOptions.from_request(request, models=(path,), device=self.device)
             stored = upload_name(filename)
-            parameters = PredictParameters(
-                path, device=self.device, overlap=options.overlap, threshold=options.threshold,
-                probabilities=options.probabilities, lesions=options.lesions, logits=options.logits)
-            run = JobRun(parameters, input_name=stored, options=options, command_prefix=self.command_prefix,
+            run = JobRun(options, input_name=stored, output_format=output_format, command_prefix=self.command_prefix,
                          env=self.env, workdir_parent=self.root, cancel_grace_s=self.cancel_grace_s,
                          loader=None)
         except InputError as exc:
@@ -494,9 +433,6 @@ class JobManager:
 def relabel_lesion_report(path: Path, image: str) -> None:
     """Set the lesion JSON's ``image`` to ``image`` (the run's temporary path means nothing to
     the client), written as ``iwseg predict`` writes it, atomically."""
-    from ..cli.commands.predict_outputs import format_lesion_report  # the CLI's, loaded on the first result
-
-    report = json.loads(path.read_text(encoding="utf-8"))
-    report["image"] = image
+    text = relabelled_lesion_report(path.read_text(encoding="utf-8"), image)
     with atomic_output(path) as tmp:
-        tmp.write_text(format_lesion_report(report), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")

@@ -55,8 +55,8 @@ RELOAD_ORDER = ("core.errors", "core.devices", "core.progress", "core.lesions", 
                 "core.imageio", "evaluation.hit_rules", "evaluation.matching", "evaluation.froc", "evaluation.bootstrap",
                 "evaluation.report", "evaluation",
                 "slicer.mrml.scene", "slicer.mrml.geometry", "slicer.mrml.segments", "slicer.mrml.matching",
-                "slicer.mrml.tables", "slicer.mrml.loading", "slicer.mrml", "slicer.panel", "backend.parameters",
-                "backend.job", "backend.process_tree", "backend.child_process", "backend.interpreter", "backend.local_run",
+                "slicer.mrml.tables", "slicer.mrml.loading", "slicer.mrml", "slicer.panel", "predict.lesion_json",
+                "predict.options", "slicer.parameter_node", "backend.job", "backend.process_tree", "backend.child_process", "backend.interpreter", "backend.local_run",
                 "backend.device_probe", "serve.client", "slicer.deps", "slicer.logic")
 
 

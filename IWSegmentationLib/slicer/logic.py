@@ -33,9 +33,9 @@ import os
 from typing import Any, Callable, Iterator, Mapping
 
 from ..backend.job import JobFactory, RunResult, SegmentationJob
-from ..backend.local_run import LocalJobFactory
-from ..backend.parameters import PredictParameters
+from ..backend.local_run import LocalJobFactory, check_local_checkpoints
 from ..core.errors import InputError
+from ..predict.options import PredictOptions
 from . import panel
 
 
@@ -112,7 +112,7 @@ class LesionSegmentationLogic:
 
     def read_model_card(self, checkpoint_path: str | os.PathLike) -> dict:
         """The model card of the checkpoint, from where the jobs run (the file here, or the server)."""
-        return self.job_factory.model_card(PredictParameters(checkpoint_path))
+        return self.job_factory.model_card(PredictOptions(models=(checkpoint_path,)))
 
     def run_on(self, where: str = panel.RUN_ON[0], server_url: str = "",
                token_file: str | os.PathLike | None = None) -> None:
@@ -133,6 +133,15 @@ class LesionSegmentationLogic:
         """True when jobs run on this computer (which then needs PyTorch)."""
         return self.job_factory is self._local_factory
 
+    def check_checkpoint(self, options: PredictOptions) -> PredictOptions:
+        """``options``, refused without a checkpoint or, for a job on this computer, when its file
+        is missing (a server's model is named, not read here): before anything is installed."""
+        if self.runs_locally:
+            check_local_checkpoints(options)
+        else:
+            options.checkpoint  # noqa: B018  (the property raises InputError when none is selected)
+        return options
+
     def check_inputs(self, volume_node, card: Mapping[str, Any] | None, dicom_modality: str | None = None) -> list[str]:
         """Raise :class:`InputError` for unusable inputs; return warnings the user should confirm."""
         check_volume_node(volume_node)
@@ -145,11 +154,8 @@ class LesionSegmentationLogic:
     def start(
         self,
         volume_node,
-        checkpoint_path: str | os.PathLike,
+        options: PredictOptions,
         *,
-        device: str = "auto",
-        overlap: float | None = None,
-        threshold: float | None = None,
         organ_mask=None,
         reference=None,
         on_progress: Callable[[Any], Any] | None = None,
@@ -157,6 +163,9 @@ class LesionSegmentationLogic:
         on_log: Callable[[str], Any] | None = None,
     ) -> SegmentationJob:
         """Write the inputs and start the backend; returns the running :class:`~IWSegmentationLib.backend.job.SegmentationJob`.
+
+        ``options`` (the module builds them with :func:`~IWSegmentationLib.slicer.parameter_node.predict_options`)
+        are run with the outputs this logic loads: the mask, the logit map and the lesion table.
 
         Poll it (``run.poll()`` from a timer) or wait for it (``run.wait(timeout).loaded_or_raise()``, the blocking mode). On success its
         result's ``loaded`` is the :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`.
@@ -166,11 +175,10 @@ class LesionSegmentationLogic:
 
         # the logit map, not the probabilities: confidences are maximum logits, and the probability
         # volume is its sigmoid, computed on loading (one map written, read and sent, not two)
-        parameters = PredictParameters(checkpoint_path, device=device, overlap=overlap, threshold=threshold,
-                                       probabilities=False, logits=True)
+        options = options.with_outputs(probabilities=False, logits=True, lesions=True)
         check_volume_node(volume_node)
-        card = self.job_factory.model_card(parameters)
-        check_single_channel(card, checkpoint_path)
+        card = self.job_factory.model_card(options)
+        check_single_channel(card, options.checkpoint)
         sizes = panel.card_size_thresholds(card)
         array, geometry = mrml.array_from_volume(volume_node)
 
@@ -178,7 +186,7 @@ class LesionSegmentationLogic:
             organ = mrml.labelmap_on_volume_grid(organ_mask, volume_node) > 0
             imageio.write_image(path, organ.astype("uint8"), geometry)
 
-        run = self.job_factory(parameters, loader=lambda outputs: self.load_results(outputs, volume_node, reference,
+        run = self.job_factory(options, loader=lambda outputs: self.load_results(outputs, volume_node, reference,
                                                                                     sizes))
         for signal, slot in ((run.progress, on_progress), (run.finished, on_finished), (run.log, on_log)):
             if slot is not None:

@@ -1,65 +1,29 @@
 """``iwseg predict``: lesion masks, probability maps and lesion tables from a trained checkpoint.
 
-One volume (NIfTI/NRRD/MHA file or DICOM series folder) or a folder of them. For each case:
-read -> the checkpoint's preprocessing -> sliding-window inference (background windows
-skipped) -> threshold -> lesion analysis -> outputs on the input's exact grid. All outputs of a
-case are written to temporary names first and renamed together only once all are complete, so
-a failure or a cancel (SIGINT/SIGTERM, exit code 3) never leaves a half-written file and never
-replaces an existing one with a partial result. Bad input exits with code 2 and a one-line
-message naming the file. ``--progress-format jsonl`` speaks the protocol of
-:mod:`IWSegmentationLib.core.progress` on stdout (logs on stderr). See docs/inference.md.
+The argparse edge of the prediction use case (:mod:`IWSegmentationLib.predict`): the flags become
+a :class:`~IWSegmentationLib.predict.options.PredictOptions` (which checks every range) and an
+:class:`~IWSegmentationLib.predict.cases.OutputTargets`, then a
+:class:`~IWSegmentationLib.predict.predictor.Predictor` runs them here, or
+:func:`~IWSegmentationLib.serve.client.predict_on_server` on an ``iwseg serve`` server. A cancel
+(SIGINT/SIGTERM) exits with code 3, bad input with code 2 and a one-line message naming the file
+or flag. ``--progress-format jsonl`` speaks the protocol of :mod:`IWSegmentationLib.core.progress`
+on stdout (logs on stderr). See docs/inference.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-
-from ... import __version__
 from ...core.devices import DEVICES, ENGINES, PRECISIONS
 from ...core.errors import EXIT_FAILURE, Cancelled, InputError, IWSegError
-from ...core.imageio import (
-    read_channels,
-    read_image,
-)
-from ...core.lesions import (
-    CONNECTIVITIES,
-    SIZE_PRESETS,
-    remove_small_components,
-)
+from ...core.lesions import CONNECTIVITIES, SIZE_PRESETS
 from ...core.progress import CancelState, ProgressReporter
-from .predict_inputs import (
-    check_case_channels,
-    check_label_map,
-    collect_cases,
-    model_channels,
-    organ_mask_warning,
-    parse_shard,
-    resolve_dataset_root,
-    split_channel_inputs,
-)
-from .predict_outputs import (
-    _check_finite,
-    _dicom_seg,
-    _min_lesion_size,
-    _size_thresholds,
-    _write_outputs,
-    attach_dicom_seg,
-    lesion_report,
-)
-
-if TYPE_CHECKING:
-    from .predict_inputs import PredictJob
-
-
-#: Seconds between two ``inference`` progress lines of one case (the last one always goes out).
-PROGRESS_INTERVAL_S = 0.2
+from ...predict.cases import OutputTargets, collect_cases
+from ...predict.options import OVERLAP_RANGE, PredictOptions
+from ...predict.predictor import Predictor
+from ...serve.client import ServerClient, model_name, predict_on_server
+from ...serve.jobs import single_file_suffix
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -96,8 +60,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "of them named like the cases; also limits the windows that run")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda or mps (default auto)")
-    p.add_argument("--overlap", type=float, metavar="F", help="window overlap in [0, 1) (default: checkpoint's, 0.25)")
-    p.add_argument("--threshold", type=float, metavar="F", help="probability threshold (default: checkpoint's)")
+    p.add_argument("--overlap", type=float, metavar="F",
+                   help=f"window overlap in [{OVERLAP_RANGE[0]:g}, {OVERLAP_RANGE[1]:g}] (default: checkpoint's, 0.25)")
+    p.add_argument("--threshold", type=float, metavar="F", help="probability threshold in [0, 1) (default: checkpoint's)")
     p.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass (default 1 CPU, 4 GPU)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto (fp16 autocast on CUDA, fp32 elsewhere), fp32, fp16 (GPU) or bf16 (opt-in on CPU: "
@@ -134,26 +99,23 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-class _Throttled:
-    """Forwards ``progress(done, total)`` at most every ``interval`` seconds (always the last)."""
+def options_from_arguments(args: argparse.Namespace) -> PredictOptions:
+    """The prediction parameters of a parsed ``iwseg predict`` command line (checked on construction)."""
+    return PredictOptions(
+        models=tuple(args.model), device=args.device, overlap=args.overlap, threshold=args.threshold,
+        batch_size=args.batch_size, precision=args.precision, engine=args.engine, tta=args.tta,
+        no_skip=args.no_skip, force=args.force, threads=args.threads,
+        probabilities=args.probabilities is not None, probabilities_uint8=args.probabilities_uint8,
+        logits=args.logits is not None, lesions=args.lesions is not None, size_preset=args.size_preset,
+        size_thresholds=None if args.size_thresholds is None else tuple(args.size_thresholds),
+        connectivity=args.connectivity, min_lesion_size=args.min_lesion_size,
+    )
 
-    def __init__(self, callback, interval: float = PROGRESS_INTERVAL_S):
-        self.callback, self.interval, self.last = callback, interval, -1e9
 
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done >= total or now - self.last >= self.interval:
-            self.last = now
-            self.callback(done, total)
-
-
-def _device_name(requested: str) -> str:
-    """``auto`` under torchrun picks ``cuda:LOCAL_RANK`` so ranks do not share one GPU."""
-    import torch
-
-    if requested == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK']) % max(1, torch.cuda.device_count())}"
-    return requested
+def targets_from_arguments(args: argparse.Namespace) -> OutputTargets:
+    """Where the outputs of a parsed ``iwseg predict`` command line go."""
+    return OutputTargets(mask=args.output, probabilities=args.probabilities, logits=args.logits,
+                         lesions=args.lesions, dicom_seg=args.dicom_seg)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,11 +129,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with state.installed():
+            options = options_from_arguments(args)
+            targets = targets_from_arguments(args)
             if args.server:
-                from ...serve.client import predict_on_server
-
-                return predict_on_server(args, reporter, state)
-            return _run(args, reporter, state)
+                return _run_on_server(args, options, targets, reporter, state)
+            return Predictor(options, reporter, state).run(args.input, targets, organ_mask=args.organ_mask,
+                                                           shard=args.shard, overwrite=args.overwrite)
     except Cancelled as exc:
         report_error(f"cancelled: {exc}", exc.exit_code)
         raise
@@ -186,124 +149,30 @@ def run(args: argparse.Namespace) -> int:
         raise
 
 
-def _run(args: argparse.Namespace, reporter: ProgressReporter, state: CancelState) -> int:
-    import torch
-
-    from ...inference.devices import resolve_device, resolve_precision
-
-    t0 = time.monotonic()
-    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
-        raise InputError(f"--overlap must be in [0, 1), got {args.overlap}")
-    if args.threshold is not None and not 0.0 <= args.threshold < 1.0:
-        raise InputError(f"--threshold must be in [0, 1), got {args.threshold}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.threads is not None:
-        limit = os.cpu_count() or 1
-        if not 1 <= args.threads <= limit:
-            raise InputError(f"--threads must be between 1 and {limit} (the CPUs of this machine), got {args.threads}")
-        torch.set_num_threads(args.threads)
-    parse_shard(args.shard)  # a bad --shard is an error even for a single input (where it does nothing)
-    notes: list[str] = []
-    args.input, args.more_channels = split_channel_inputs(list(args.input))
-    args.model_channels = model_channels(args.model[0])
-    args.input = resolve_dataset_root(args.input, notes.append)
-    cases = collect_cases(args)
+def _run_on_server(args: argparse.Namespace, options: PredictOptions, targets: OutputTargets,
+                   reporter: ProgressReporter, state: CancelState) -> int:
+    """``--server URL``: the same path checks as a local run, then the job runs on the server."""
+    if len(args.input) != 1:
+        raise InputError("--server takes one image file as --input; multi-channel input runs on this computer")
+    image = args.input[0]
+    if image.is_dir():
+        raise InputError(f"--input {image}: with --server give one image file (folders and DICOM series "
+                         "are not sent to a server)")
+    if args.organ_mask is not None:
+        raise InputError("--organ-mask cannot be sent to a server yet; run without --server")
     if args.dicom_seg is not None:
-        attach_dicom_seg(cases, args)
-    device = resolve_device(_device_name(args.device))
-    precision = resolve_precision(args.precision, device)
-    reporter.emit("start", version=__version__, cases=len(cases), device=str(device), precision=precision,
-                  model=", ".join(str(m) for m in args.model))
-    for note in notes:
-        reporter.emit("load", case=None, message=note)
-    model, card = _load_models(args.model, reporter)
-    check_case_channels(cases, card)
-    warning = organ_mask_warning(card, args.organ_mask is not None)
-    if warning:
-        reporter.emit("warning", case=None, message=warning)
-    thresholds = _size_thresholds(args, card)
-    args.min_lesion_size = _min_lesion_size(args.min_lesion_size, card)
-
-    failed: list[str] = []
-    bar = None
-    if args.progress_format == "text" and len(cases) > 1:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(cases), desc="cases", unit="case", file=sys.stderr)
-    for case in cases:
-        try:
-            _predict_case(case, model, card, args, device, precision, thresholds, reporter, state)
-        except InputError as exc:
-            if len(cases) == 1:
-                raise
-            failed.append(case.name)
-            reporter.emit("warning", case=case.name, message=f"case skipped: {exc}")
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    reporter.emit("done", seconds=round(time.monotonic() - t0, 2), cases=len(cases) - len(failed), failed=failed)
-    if failed:
-        raise InputError(f"{len(failed)} of {len(cases)} case(s) failed: {', '.join(failed)}")
-    return 0
-
-
-def _load_models(paths: list[Path], reporter: ProgressReporter) -> tuple[list, dict]:
-    """The networks of ``--model`` and the card of the first; several must agree
-    (:func:`inference.check_ensemble` names the two files that do not)."""
-    from ...inference.ensemble import check_ensemble
-    from ...nn.checkpoint import load_checkpoint
-
-    if len(set(p.resolve() for p in paths)) != len(paths):
-        raise InputError("--model names the same checkpoint twice; an ensemble needs different checkpoints")
-    models, cards = [], []
-    for path in paths:
-        reporter.emit("load", case=None, message=f"checkpoint {path}")
-        model, card = load_checkpoint(path, map_location="cpu")
-        models.append(model)
-        cards.append((str(path), card))
-    check_ensemble(cards)
-    return models, cards[0][1]
-
-
-def _predict_case(case: PredictJob, model, card: dict, args, device, precision, thresholds, reporter, state) -> None:
-    from ...inference.predict import predict_volume
-
-    t0 = time.monotonic()
-    reporter.emit("load", case=case.name, message=f"reading {', '.join(map(str, case.image_files))}")
-    image, geometry = read_channels(case.image_files, what="image")
-    check_label_map(image, case.image, force=args.force,
-                    warn=lambda message: reporter.emit("warning", case=case.name, message=message))
-    # the SEG's source images are read (and matched to the grid) before inference, so a series
-    # that cannot be referenced fails in seconds, not after the network has run
-    dicom_source = None if case.dicom_seg is None else _dicom_seg().source_series(case.image, geometry)
-    organ = None
-    if case.organ_mask is not None:
-        organ, organ_geometry = read_image(case.organ_mask, what="organ mask")
-        diffs = geometry.differences(organ_geometry)
-        if diffs:
-            raise InputError(f"organ mask {case.organ_mask} is not on the grid of {case.image}: {'; '.join(diffs)}")
-    reporter.emit("preprocess", case=case.name)
-    try:
-        prediction = predict_volume(
-            model, image, card, geometry=geometry, organ_mask=organ, device=device, overlap=args.overlap,
-            threshold=args.threshold, batch_size=args.batch_size, precision=precision,
-            skip_background=not args.no_skip, engine=args.engine, tta=args.tta,
-            progress=_Throttled(reporter.inference_callback(case.name)), cancel=state,
-            on_warning=lambda message: reporter.emit("warning", case=case.name, message=message),
-        )
-    except InputError as exc:
-        raise InputError(f"{case.image}: {exc}") from None
-    _check_finite(prediction.logits, case, args.model)
-    del image, organ
-    reporter.emit("postprocess", case=case.name)
-    if args.min_lesion_size is not None:
-        prediction.mask = remove_small_components(prediction.mask, geometry.spacing_zyx, args.min_lesion_size,
-                                                  args.connectivity).astype(np.uint8)
-    # the lesion count goes into the progress protocol, so lesions are analysed even without --lesions
-    report, n_lesions = lesion_report(case, prediction, geometry, thresholds, args.connectivity)
-    outputs = _write_outputs(case, prediction, geometry, report, args, reporter, state, dicom_source)
-    reporter.emit("case_done", case=case.name, outputs=outputs, lesions=n_lesions,
-                  windows=prediction.stats.windows_run, windows_total=prediction.stats.windows_total,
-                  engine=prediction.stats.engine, seconds=round(time.monotonic() - t0, 2))
+        raise InputError("--dicom-seg needs a DICOM series, which is not sent to a server; run without --server")
+    if len(options.models) != 1:
+        raise InputError("--server runs one model; an ensemble (several --model) runs on this computer")
+    output_format = single_file_suffix(targets.mask.name, what="--output")
+    for flag, path in (("--probabilities", targets.probabilities), ("--logits", targets.logits)):
+        if path is not None and single_file_suffix(path.name, what=flag) != output_format:
+            raise InputError(f"with --server, {flag} must use the format of --output ({output_format}), got {path.name}")
+    case = collect_cases(image, targets, models=options.models, overwrite=args.overwrite)[0]
+    if options.device != "auto":
+        reporter.emit("warning", case=None, message=f"--device {options.device} is ignored: the server picks the device")
+    outputs = {"mask": case.mask, "probabilities": case.probabilities, "logits": case.logits, "lesions": case.lesions}
+    client = ServerClient.from_token_file(args.server, args.token_file)
+    return predict_on_server(client, model_name(options.models[0]), case.image, case.name,
+                             {k: v for k, v in outputs.items() if v is not None},
+                             {**options.to_request(), "output_format": output_format}, reporter, state)

@@ -1,64 +1,52 @@
-"""What ``iwseg predict`` writes for a case besides the mask: the lesion report (size groups, minimum size), DICOM SEG, the finite-output check."""
+"""What a prediction writes for a case: the mask, the maps, the lesion report (size groups,
+minimum size), the DICOM SEG, all renamed together; and the finite-output check."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...core.errors import InputError
-from ...core.imageio import Geometry, probabilities_to_uint8, write_image
-from ...core.lesions import (
+from ..core import dicom_seg as dicom_seg_writer
+from ..core.errors import InputError
+from ..core.imageio import Geometry, probabilities_to_uint8, write_image
+from ..core.lesions import (
     SizeThresholds,
     analyze_lesions,
+    label_components,
     parse_min_lesion_size,
     parse_size_thresholds,
     size_thresholds,
 )
-from ...core.outputs import atomic_output, folder_lock
-from ...core.progress import CancelState
-from .predict_inputs import _check_output_file, _check_output_folder
-
-if TYPE_CHECKING:
-    from .predict_inputs import PredictJob
-
-
-#: What the lesion JSON's ``confidence`` is (its top-level ``confidence`` entry says so too).
-CONFIDENCE_NOTE = ("maximum blended logit inside the lesion (probability = sigmoid(confidence)); logits, because "
-                   "a float32 probability rounds to 1.0 above logit 17 and would tie every confident lesion")
+from ..core.outputs import atomic_output, folder_lock
+from ..core.progress import CancelState
+from .cases import PredictJob, check_output_file, check_output_folder
+from .lesion_json import CONFIDENCE_NOTE, format_lesion_report
+from .options import PredictOptions
 
 
-def _dicom_seg():
-    from ...core import dicom_seg
-
-    return dicom_seg
-
-
-def attach_dicom_seg(cases: list[PredictJob], args: argparse.Namespace) -> None:
+def attach_dicom_seg(cases: list[PredictJob], src: Path, target: Path) -> None:
     """Set where each case's DICOM SEG goes (``--dicom-seg``): the given file for one series, else
     ``<folder>/<case>.dcm``. Every case must be a DICOM series (the SEG references its images), and
     the SEG must not land inside a source series folder (it would become a second series there)."""
-    _dicom_seg().require_highdicom()  # before any inference
+    dicom_seg_writer.require_highdicom()  # before any inference
     not_dicom = [c.image for c in cases if not c.image.is_dir()]
     if not_dicom:
         raise InputError(f"--dicom-seg needs DICOM series as --input (a DICOM SEG references the source images); "
                          f"{not_dicom[0]} is an image file, not a DICOM series folder")
-    single = len(cases) == 1 and cases[0].image == args.input
+    single = len(cases) == 1 and cases[0].image == src
     if single:
-        _check_output_file("--dicom-seg", args.dicom_seg, image=False)
+        check_output_file("--dicom-seg", target, image=False)
         others = {p.resolve() for p in cases[0].outputs.values() if p is not None}
-        if args.dicom_seg.resolve() in others:
+        if target.resolve() in others:
             raise InputError("--dicom-seg must be a different file from --output, --probabilities, --logits "
                              "and --lesions")
-        cases[0].dicom_seg = args.dicom_seg
+        cases[0].dicom_seg = target
     else:
-        _check_output_folder("--dicom-seg", args.dicom_seg)
+        check_output_folder("--dicom-seg", target)
         for case in cases:
-            case.dicom_seg = args.dicom_seg / f"{case.name}.dcm"
+            case.dicom_seg = target / f"{case.name}.dcm"
     series_folders = {c.image.resolve() for c in cases}
     for case in cases:
         if case.dicom_seg.resolve().parent in series_folders:
@@ -66,14 +54,14 @@ def attach_dicom_seg(cases: list[PredictJob], args: argparse.Namespace) -> None:
                              "elsewhere (a second series there would make the folder unreadable as one series)")
 
 
-def _size_thresholds(args: argparse.Namespace, card: dict) -> SizeThresholds:
-    """The command line's size groups, else the checkpoint's (list, dict or preset name), else lung."""
-    if args.size_preset is not None or args.size_thresholds is not None:
-        return size_thresholds(args.size_preset, args.size_thresholds)
+def size_thresholds_for(options: PredictOptions, card: dict) -> SizeThresholds:
+    """The options' size groups, else the checkpoint's (list, dict or preset name), else lung."""
+    if options.size_preset is not None or options.size_thresholds is not None:
+        return size_thresholds(options.size_preset, options.size_thresholds)
     return parse_size_thresholds(card.get("size_thresholds"))
 
 
-def _min_lesion_size(flag: str | None, card: dict):
+def min_lesion_size_for(flag: str | None, card: dict):
     """--min-lesion-size, else the card's optional ``min_lesion_size`` ({"value", "unit"} or null)."""
     try:
         if flag is not None:
@@ -124,13 +112,8 @@ def lesion_report(case: PredictJob, prediction, geometry: Geometry, thresholds: 
     return report, len(rows)
 
 
-def format_lesion_report(report: dict) -> str:
-    """The lesion JSON file's text (also used by the server, which relabels its ``image``)."""
-    return json.dumps(report, indent=2, allow_nan=False) + "\n"
-
-
-def _write_outputs(case: PredictJob, prediction, geometry: Geometry, report: dict, args, reporter,
-                   state: CancelState, dicom_source=None) -> dict[str, str]:
+def write_case_outputs(case: PredictJob, prediction, geometry: Geometry, report: dict, options: PredictOptions,
+                       reporter, state: CancelState, dicom_source=None) -> dict[str, str]:
     """Write every output of a case to temporary names, then rename them all (signals deferred
     during the renames), so a case's outputs appear together or not at all."""
     outputs: dict[str, str] = {}
@@ -143,7 +126,7 @@ def _write_outputs(case: PredictJob, prediction, geometry: Geometry, report: dic
             tmp = stack.enter_context(atomic_output(case.probabilities))
             reporter.emit("write", case=case.name, path=str(case.probabilities))
             probs = prediction.probabilities  # computed here, only when asked for (float32, sigmoid of the logits)
-            if args.probabilities_uint8:
+            if options.probabilities_uint8:
                 probs = probabilities_to_uint8(probs)
             write_image(tmp, probs, geometry)
             del probs
@@ -165,17 +148,15 @@ def _write_outputs(case: PredictJob, prediction, geometry: Geometry, report: dic
             tmp = stack.enter_context(atomic_output(case.dicom_seg))
             reporter.emit("write", case=case.name, path=str(case.dicom_seg))
             # label_components numbers the components as the lesion JSON does: segment n = JSON lesion id n
-            from ...core.lesions import label_components
-
-            labels, _ = label_components(prediction.mask, args.connectivity)
-            _dicom_seg().write_lesion_seg(tmp, labels, report["lesions"], dicom_source)
+            labels, _ = label_components(prediction.mask, options.connectivity)
+            dicom_seg_writer.write_lesion_seg(tmp, labels, report["lesions"], dicom_source)
             outputs["dicom_seg"] = str(case.dicom_seg)
         with folder_lock(case.mask.parent), state.deferred():  # two writers of one set: the last wins whole
             stack.close()
     return outputs
 
 
-def _check_finite(logits: np.ndarray, case: PredictJob, model: Path) -> None:
+def check_finite(logits: np.ndarray, case: PredictJob, model) -> None:
     """NaN logits threshold to "no lesion" and infinite ones are an overflow (fp16): refuse them
     instead of writing a wrong mask. Skipped voxels hold a finite logit (``SKIPPED_LOGIT``)."""
     bad = logits.size - int(np.count_nonzero(np.isfinite(logits)))

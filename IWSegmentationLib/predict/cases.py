@@ -1,25 +1,38 @@
-"""The inputs of ``iwseg predict``: cases collected from files, folders, DICOM series and datasets, checked (label maps, shards, outputs) before any inference."""
+"""The cases of a prediction: collected from files, folders, DICOM series and datasets, with
+where each case's outputs go, every path checked (label maps, shards, outputs) before any
+inference runs."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from ...core.errors import InputError, IWSegError
-from ...core.files import IMAGE_SUFFIXES, case_name, group_channels, list_images, preview_names
-from ...core.imageio import check_output_format, output_suffix
-from ...core.outputs import check_not_overwriting, check_writable
+from ..core.errors import InputError, IWSegError
+from ..core.files import IMAGE_SUFFIXES, case_name, group_channels, list_images, preview_names
+from ..core.imageio import check_output_format, output_suffix
+from ..core.outputs import check_not_overwriting, check_output_path, check_writable, remove_stale_partials_of
+
+
+@dataclass(frozen=True)
+class OutputTargets:
+    """Where a prediction's outputs go, by what the user gave: for one input, a file each; for
+    a folder of cases, a folder each (``<case><suffix>``). None: that output is not written."""
+
+    mask: Path
+    probabilities: Path | None = None
+    logits: Path | None = None
+    lesions: Path | None = None
+    dicom_seg: Path | None = None
 
 
 @dataclass
 class PredictJob:
-    """One ``iwseg predict`` input volume and where its outputs go (a dataset case is ``data.Case``)."""
+    """One input volume of a prediction and where its outputs go (a dataset case is ``data.Case``)."""
 
     name: str
     image: Path
@@ -47,12 +60,14 @@ class PredictJob:
         return [p for p in self.outputs.values() if p is not None]
 
 
-def _image_suffix(path: Path) -> str:
+def image_suffix(path: Path) -> str:
+    """The image suffix of ``path`` (``.nii.gz``, ...), or "" for a name that is not an image file."""
     name = path.name.lower()
     return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), "")
 
 
-def _is_dicom_folder(path: Path) -> bool:
+def is_dicom_folder(path: Path) -> bool:
+    """True for a folder that holds a DICOM series."""
     import SimpleITK as sitk
 
     if not path.is_dir():
@@ -67,7 +82,7 @@ LABEL_MAP_MAX_VALUES = 16
 
 
 #: Voxels of the evenly strided sample checked first, so a real scan is cleared in milliseconds.
-_LABEL_SAMPLE_VOXELS = 1 << 20
+LABEL_SAMPLE_VOXELS = 1 << 20
 
 
 @contextlib.contextmanager
@@ -89,7 +104,7 @@ def label_map_values(image: np.ndarray, max_values: int = LABEL_MAP_MAX_VALUES) 
     (what a mask or label map looks like), else None. A strided sample of about a million voxels
     is looked at first; only an image that already looks like a label map there pays a full pass."""
     flat = image.reshape(-1)
-    step = max(1, flat.size // _LABEL_SAMPLE_VOXELS)
+    step = max(1, flat.size // LABEL_SAMPLE_VOXELS)
     values = np.unique(flat[::step])
     if values.size > max_values:
         return None
@@ -142,7 +157,7 @@ def msd_images_folder(root: Path) -> Path | None:
 def resolve_dataset_root(src: Path, note) -> Path:
     """``src``, or the image folder of ``src`` when it is an MSD dataset root (no images or DICOM
     series of its own, an ``imagesTs/`` or ``imagesTr/`` inside), saying which through ``note``."""
-    if not src.is_dir() or list_images(src, what="input folder") or _is_dicom_folder(src):
+    if not src.is_dir() or list_images(src, what="input folder") or is_dicom_folder(src):
         return src
     folder = msd_images_folder(src)
     if folder is None:
@@ -173,8 +188,10 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def _check_output_file(flag: str, path: Path, *, image: bool) -> None:
-    if image and not _image_suffix(path):
+def check_output_file(flag: str, path: Path, *, image: bool) -> None:
+    """Refuse an output file name (one input) that cannot be written: a folder, a non-image name
+    for an image output, a parent that is a file, an existing FIFO or device."""
+    if image and not image_suffix(path):
         raise InputError(f"{flag} {path}: use an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
     if image:
         check_output_format(path, flag)
@@ -185,7 +202,8 @@ def _check_output_file(flag: str, path: Path, *, image: bool) -> None:
         raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
 
 
-def _check_output_folder(flag: str, path: Path) -> None:
+def check_output_folder(flag: str, path: Path) -> None:
+    """Refuse an output folder (a folder of cases as input) that is an existing file."""
     if path.exists() and not path.is_dir():
         raise InputError(f"{flag} {path}: with a folder of cases as --input this must be a folder, not a file")
 
@@ -215,7 +233,7 @@ def split_channel_inputs(inputs: list[Path]) -> tuple[Path, tuple[Path, ...]]:
     for path in inputs:
         if not path.exists():
             raise InputError(f"input not found: {path}")
-        if not path.is_file() or not _image_suffix(path):
+        if not path.is_file() or not image_suffix(path):
             raise InputError(f"--input {path}: several --input paths are the channels of one case and must each be "
                              f"an image file ({', '.join(IMAGE_SUFFIXES)})")
     if len({p.resolve() for p in inputs}) != len(inputs):
@@ -227,8 +245,8 @@ def model_channels(checkpoint: Path) -> int | None:
     """The image channels the first model takes, read from its card's header (no weights), so a
     folder is read as that model's cases; None if the card cannot be read yet (loading the model
     then says why)."""
-    from ...nn.checkpoint import read_metadata
-    from ...nn.model_card import card_in_channels
+    from ..nn.checkpoint import read_metadata
+    from ..nn.model_card import card_in_channels
 
     try:
         return card_in_channels(read_metadata(checkpoint))
@@ -238,33 +256,39 @@ def model_channels(checkpoint: Path) -> int | None:
 
 def check_case_channels(cases: list[PredictJob], card: dict) -> None:
     """Refuse, before any inference, cases whose channel count is not the model's."""
-    from ...nn.model_card import check_in_channels
+    from ..nn.model_card import check_in_channels
 
     for case in cases:
         files = ", ".join(p.name for p in case.image_files)
         check_in_channels(card, len(case.image_files), f"case {case.name} ({files})")
 
 
-def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
-    """The cases to process (after ``--shard``), with their output paths; checks every path first."""
-    src: Path = args.input
-    more_channels: tuple[Path, ...] = tuple(getattr(args, "more_channels", ()))
+def collect_cases(src: Path, targets: OutputTargets, *, more_channels: Sequence[Path] = (),
+                  model_channels: int | None = None, organ_mask: Path | None = None, shard: str | None = None,
+                  models: Sequence[Path] = (), overwrite: bool = False) -> list[PredictJob]:
+    """The cases to process (after ``shard``), with their output paths; checks every path first.
+
+    ``src`` is an image file (whose other channels are ``more_channels``), a DICOM series folder
+    or a folder of cases (read as cases of ``model_channels`` channels); ``organ_mask`` a file
+    (one input) or a folder of masks named like the cases. Outputs that exist are refused unless
+    ``overwrite``; none may be an input, an organ mask or one of ``models``.
+    """
+    more_channels = tuple(more_channels)
     if not src.exists():
         raise InputError(f"input not found: {src}")
     folder_mode = False
     inputs: dict[str, Path] = {}
     channels: dict[str, tuple[Path, ...]] = {}
     if src.is_dir():
-        channels = group_channels(list_images(src, what="input folder"), where=src,
-                                  channels=getattr(args, "model_channels", None))
+        channels = group_channels(list_images(src, what="input folder"), where=src, channels=model_channels)
         inputs = {name: files[0] for name, files in channels.items()}
         if inputs:
             folder_mode = True
-        elif _is_dicom_folder(src):
+        elif is_dicom_folder(src):
             inputs = {src.name: src}
         else:
             subdirs = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
-            inputs = {d.name: d for d in subdirs if _is_dicom_folder(d)}
+            inputs = {d.name: d for d in subdirs if is_dicom_folder(d)}
             if not inputs:
                 raise InputError(
                     f"input folder {src} holds no images ({', '.join(IMAGE_SUFFIXES)}), "
@@ -272,31 +296,30 @@ def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
                 )
             folder_mode = True
     else:
-        if not _image_suffix(src):
+        if not image_suffix(src):
             raise InputError(f"input {src}: not an image file ({', '.join(IMAGE_SUFFIXES)}) or DICOM folder")
         inputs = {case_name(src): src}
 
     if not folder_mode:
         name, path = next(iter(inputs.items()))
-        _check_output_file("--output", args.output, image=True)
-        for flag, value in (("--probabilities", args.probabilities), ("--logits", args.logits)):
+        check_output_file("--output", targets.mask, image=True)
+        for flag, value in (("--probabilities", targets.probabilities), ("--logits", targets.logits)):
             if value is not None:
-                _check_output_file(flag, value, image=True)
-        if args.lesions is not None:
-            _check_output_file("--lesions", args.lesions, image=False)
-        organ = args.organ_mask
-        if organ is not None and not organ.exists():
-            raise InputError(f"--organ-mask not found: {organ}")
-        return _checked([PredictJob(name, path, args.output, args.probabilities, args.lesions, organ,
-                                     more_channels=more_channels, logits=args.logits)], args)
+                check_output_file(flag, value, image=True)
+        if targets.lesions is not None:
+            check_output_file("--lesions", targets.lesions, image=False)
+        if organ_mask is not None and not organ_mask.exists():
+            raise InputError(f"--organ-mask not found: {organ_mask}")
+        return _checked([PredictJob(name, path, targets.mask, targets.probabilities, targets.lesions, organ_mask,
+                                     more_channels=more_channels, logits=targets.logits)], models, overwrite)
 
-    _check_output_folder("--output", args.output)
-    folders = [args.output.resolve()]
-    image_folders = [args.output.resolve()]  # images named like the inputs: never the input folder
-    logits = args.logits
-    for flag, value in (("--probabilities", args.probabilities), ("--logits", logits), ("--lesions", args.lesions)):
+    check_output_folder("--output", targets.mask)
+    folders = [targets.mask.resolve()]
+    image_folders = [targets.mask.resolve()]  # images named like the inputs: never the input folder
+    for flag, value in (("--probabilities", targets.probabilities), ("--logits", targets.logits),
+                        ("--lesions", targets.lesions)):
         if value is not None:
-            _check_output_folder(flag, value)
+            check_output_folder(flag, value)
             if value.resolve() in folders:
                 raise InputError(f"{flag} must be a different folder from the other outputs (same case names)")
             folders.append(value.resolve())
@@ -305,39 +328,50 @@ def collect_cases(args: argparse.Namespace) -> list[PredictJob]:
     if src.resolve() in image_folders:
         raise InputError(f"output folder {src} is the input folder; refusing to overwrite the input images")
     organs: dict[str, Path] = {}
-    if args.organ_mask is not None:
-        organs = list_images(args.organ_mask, what="--organ-mask folder")
-    i, n = parse_shard(args.shard)
+    if organ_mask is not None:
+        organs = list_images(organ_mask, what="--organ-mask folder")
+    i, n = parse_shard(shard)
     cases = []
     for name in sorted(inputs)[i::n]:
         path = inputs[name]
         suffix = output_suffix(path)
         cases.append(PredictJob(
-            name, path, args.output / f"{name}{suffix}",
-            args.probabilities / f"{name}{suffix}" if args.probabilities is not None else None,
-            args.lesions / f"{name}.json" if args.lesions is not None else None,
+            name, path, targets.mask / f"{name}{suffix}",
+            targets.probabilities / f"{name}{suffix}" if targets.probabilities is not None else None,
+            targets.lesions / f"{name}.json" if targets.lesions is not None else None,
             organs.get(name), more_channels=channels.get(name, (path,))[1:],
-            logits=logits / f"{name}{suffix}" if logits is not None else None,
+            logits=targets.logits / f"{name}{suffix}" if targets.logits is not None else None,
         ))
-    if args.organ_mask is not None:
+    if organ_mask is not None:
         missing = [c.name for c in cases if c.organ_mask is None]
         if missing:
-            raise InputError(f"--organ-mask folder {args.organ_mask} has no mask for case(s) {', '.join(missing)}")
-    return _checked(cases, args)
+            raise InputError(f"--organ-mask folder {organ_mask} has no mask for case(s) {', '.join(missing)}")
+    return _checked(cases, models, overwrite)
 
 
-def _checked(cases: list[PredictJob], args: argparse.Namespace) -> list[PredictJob]:
+def _checked(cases: list[PredictJob], models: Sequence[Path], overwrite: bool) -> list[PredictJob]:
     """Refuse outputs that would overwrite an input (image, organ mask, checkpoint) or each other,
     existing outputs without ``--overwrite``, and output folders that cannot be made or written,
     before any inference runs."""
     for case in cases:
         check_not_overwriting(
-            case.outputs, {"--input": case.image_files, "--organ-mask": case.organ_mask, "--model": args.model},
+            case.outputs, {"--input": case.image_files, "--organ-mask": case.organ_mask, "--model": list(models)},
         )
-    if not getattr(args, "overwrite", False):
+    if not overwrite:
         _refuse_existing(cases)
     _make_output_folders(cases)
     folders = {p.parent for c in cases[:1] for p in c.output_paths()}
     for folder in sorted(folders):
         check_writable(folder, "output")
     return cases
+
+
+def prepare_outputs(cases: list[PredictJob]) -> None:
+    """Before any inference: refuse an output that exists and is not a regular file (a FIFO, a
+    device such as ``/dev/null``, a folder: the final rename would replace it), then remove the
+    temporary files a killed earlier run left next to these outputs."""
+    for case in cases:
+        for flag, path in (*case.outputs.items(), ("--dicom-seg", case.dicom_seg)):
+            if path is not None:
+                check_output_path(path, flag)
+    remove_stale_partials_of([p for c in cases for p in (*c.output_paths(), c.dicom_seg)])

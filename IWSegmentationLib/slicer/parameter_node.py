@@ -1,0 +1,48 @@
+"""The module's parameter node as a prediction: :func:`predict_options`.
+
+The scripted module (``IWSegmentation/IWSegmentation.py``, class ``IWSegmentationParameterNode``)
+keeps what the user chose in a parameter node. Every field of it is either a prediction parameter,
+which becomes an ``iwseg predict`` option (:data:`PREDICTION_FIELDS`), or something else, said in
+:data:`OTHER_FIELDS`; a test reads the node's fields from the module's source and checks that
+each is in exactly one of the two, and that each prediction field reaches the command line.
+Qt-free and torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..predict.options import PredictOptions
+from . import panel
+
+#: parameter-node field -> the ``iwseg predict`` flag it becomes. The volume and the organ mask
+#: are written into the job's folder (``--input``, ``--organ-mask``); the rest are options.
+PREDICTION_FIELDS = {
+    "checkpointPath": "--model",
+    "device": "--device",
+    "overlap": "--overlap",
+    "threshold": "--threshold",
+    "inputVolume": "--input",
+    "organMask": "--organ-mask",
+}
+
+#: parameter-node fields that are not prediction parameters, and what each is for.
+OTHER_FIELDS = {
+    "referenceSegmentation": "compared with the result after loading (object Dice), not sent to the backend",
+    "confidenceThreshold": "display only: hides the lesions whose confidence is below it, after the run",
+    "runOn": "where the job runs (this computer or a server), not what it does",
+    "serverUrl": "where the job runs",
+    "serverTokenFile": "how the module proves itself to the server",
+    "outputSegmentation": "the result the run makes",
+}
+
+
+def predict_options(node: Any) -> PredictOptions:
+    """The :class:`PredictOptions` of a parameter node (any object with its fields): the checkpoint,
+    the device (its label mapped by :data:`panel.DEVICE_CHOICES`), the overlap and the threshold.
+    The outputs are what the module loads: the mask, the logit map (confidences are maximum
+    logits, the probability volume its sigmoid) and the lesion table."""
+    checkpoint = str(node.checkpointPath or "").strip()
+    return PredictOptions(models=(checkpoint,) if checkpoint else (), device=panel.DEVICE_CHOICES[node.device],
+                          overlap=float(node.overlap), threshold=float(node.threshold),
+                          probabilities=False, logits=True, lesions=True)
