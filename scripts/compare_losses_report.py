@@ -171,11 +171,13 @@ def plot_curves(curves: dict, epochs: list[int], iters: int, path: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig.suptitle("Solid: inverse-weighted; dashed: plain losses and the MONAI peer", fontsize=9)
     steps = [e * iters for e in epochs]
-    for arm, by_epoch in curves.items():
-        style = "-" if arm.startswith("iw-") else "--"
-        axes[0].plot(steps, [by_epoch[e]["cpm"] for e in epochs], style, marker="o", ms=3, label=arm)
-        axes[1].plot(steps, [by_epoch[e]["fp"] for e in epochs], style, marker="o", ms=3, label=arm)
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: every arm its own
+    for i, (arm, by_epoch) in enumerate(curves.items()):
+        style = dict(linestyle="-" if arm.startswith("iw-") else "--", marker="o", ms=3, color=colours[i % 20])
+        axes[0].plot(steps, [by_epoch[e]["cpm"] for e in epochs], label=arm, **style)
+        axes[1].plot(steps, [by_epoch[e]["fp"] for e in epochs], label=arm, **style)
     axes[0].set(xlabel="training step", ylabel="held-out CPM (ranked by logit)", ylim=(0, 1))
     axes[1].set(xlabel="training step", ylabel="held-out FP/image at 0.5", yscale="symlog")
     axes[0].legend(fontsize=7, ncol=2)
