@@ -325,7 +325,7 @@ def test_server_outputs_equal_a_local_predict(srv, models, scan, tokens_file, tm
         cmd = [*PY, "predict", "--model", str(models / "phantom.safetensors"),
                "--input", str(image), "--output", str(folder / "mask.nii.gz"),
                "--probabilities", str(folder / "prob.nii.gz"), "--lesions", str(folder / "lesions.json"),
-               "--device", "cpu", "--progress-format", "jsonl", *extra]
+               "--logits", str(folder / "logits.nii.gz"), "--device", "cpu", "--progress-format", "jsonl", *extra]
         if where == "remote":
             cmd += ["--server", srv.url, "--token-file", str(tokens_file)]
             cmd[cmd.index("--device") + 1] = "auto"
@@ -342,6 +342,11 @@ def test_server_outputs_equal_a_local_predict(srv, models, scan, tokens_file, tm
     prob_l, geometry_l = imageio.read_image(local / "prob.nii.gz")
     prob_r, geometry_r = imageio.read_image(remote / "prob.nii.gz")
     assert geometry_r.differences(geometry_l) == [] and np.abs(prob_r - prob_l).max() <= 1e-6
+    # the logit map comes through the server too (job option logits, result "logits"), float32
+    logits_l, _ = imageio.read_image(local / "logits.nii.gz")
+    logits_r, geometry_r = imageio.read_image(remote / "logits.nii.gz")
+    assert logits_r.dtype == np.float32 and geometry_r.differences(geometry_l) == []
+    assert np.abs(logits_r - logits_l).max() <= 1e-4
     mask, _ = imageio.read_image(remote / "mask.nii.gz")
     lesions = json.loads((remote / "lesions.json").read_text())["lesions"]
     if extra:  # a minimum of 300 voxels drops the phantom's smaller lesions, on the server too
@@ -355,7 +360,7 @@ def test_server_outputs_equal_a_local_predict(srv, models, scan, tokens_file, tm
     assert _runs(e.stage for e in local_events) == _runs(stages)
     assert remote_events[-2].get("outputs")["mask"] == str(remote / "mask.nii.gz")
     assert remote_events[-2].get("case") == "case_7" == local_events[-2].get("case")
-    assert sorted(os.listdir(remote)) == ["lesions.json", "mask.nii.gz", "prob.nii.gz"]  # no temporary left
+    assert sorted(os.listdir(remote)) == ["lesions.json", "logits.nii.gz", "mask.nii.gz", "prob.nii.gz"]  # no temporary left
 
 
 @pytest.mark.slow

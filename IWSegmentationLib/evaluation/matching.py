@@ -6,8 +6,9 @@ text, with worked examples, is in ``docs/metrics.md``.
 
 Per case (:func:`match_case`)
     *Reference lesions* are the connected components of the reference mask; *predicted
-    components* those of ``sigmoid(score) > t_seg`` (default 0.5); both labelled with the same
-    connectivity (26 by default). The *confidence* of a component is the maximum score inside
+    components* those of ``prob > t_seg`` (default 0.5), or for logits of
+    ``logit > log(t_seg / (1 - t_seg))``; both labelled with the same connectivity (26 by
+    default). The *confidence* of a component is the maximum score inside
     it: the maximum **logit** when the scores are logits (``score="logit"``: what ``iwseg
     predict`` blends, ``iwseg evaluate --logits`` and training validation), else the maximum
     probability (``score="probability"``, the default, for probability maps and masks from
@@ -123,9 +124,10 @@ class LesionResult(Lesion):
 
 @dataclass
 class ComponentResult(Lesion):
-    """One predicted component (a :class:`~IWSegmentationLib.core.lesions.Lesion` whose ``confidence``
-    is its maximum score: logit or probability, :attr:`CaseResult.score`). ``lesion`` is the id of the reference lesion it overlaps with
-    the highest Dice (None for a false positive); ``hit_dice`` that Dice (0 if none)."""
+    """One predicted component (a :class:`~IWSegmentationLib.core.lesions.Lesion` whose
+    ``confidence`` is its maximum score: logit or probability, as :attr:`CaseResult.score` says).
+    ``lesion`` is the id of the reference lesion it overlaps with the highest Dice (None for a
+    false positive); ``hit_dice`` that Dice (0 if none)."""
 
     hit_dice: float = 0.0
     lesion: int | None = None
@@ -214,9 +216,8 @@ def _check_prediction(pred: np.ndarray, name: str) -> tuple:
     return pred.min(), pred.max()  # NaN propagates through min/max: one check covers it
 
 
-def looks_like_probabilities(lo, hi) -> bool:
-    """A map whose values all lie in [0, 1] (so none is negative): a probability map or a mask,
-    which given as logits would put every voxel below the 0.5 threshold's logit 0 but the 1s."""
+def _looks_like_probabilities(lo, hi) -> bool:
+    """A map whose values all lie in [0, 1] (none negative): a probability map or a mask (bool)."""
     return lo is None or (lo >= 0 and hi <= 1)
 
 
@@ -225,10 +226,10 @@ def _check_logits(logits: np.ndarray, name: str, on_warning: Callable[[str], obj
     not). A map with every value in [0, 1] is almost surely a probability map or a mask: it is
     accepted, but ``on_warning`` hears about it, naming the file."""
     lo, hi = _check_prediction(logits, name)
-    if on_warning is not None and looks_like_probabilities(lo, hi):
+    if on_warning is not None and _looks_like_probabilities(lo, hi):
         on_warning(f"prediction {name} is read as logits but every value lies in [0, 1] (none negative): it looks "
-                   "like a probability map or a mask, whose components all lie below logit 0 (probability 0.5) "
-                   "except the 1s; give probability maps as probabilities (iwseg evaluate --pred)")
+                   "like a probability map or a mask; read as logits, every voxel above 0 is above the 0.5 "
+                   "threshold (logit 0) and ranks wrongly; give probability maps with iwseg evaluate --pred")
     if lo is None or not np.issubdtype(logits.dtype, np.floating):
         return
     if not (np.isnan(lo) or np.isnan(hi) or hi == np.inf):  # NaN propagates through min/max; -inf is fine
@@ -244,7 +245,7 @@ def _check_logits(logits: np.ndarray, name: str, on_warning: Callable[[str], obj
 
 def _check_probabilities(prob: np.ndarray, name: str) -> None:
     lo, hi = _check_prediction(prob, name)
-    if looks_like_probabilities(lo, hi):
+    if _looks_like_probabilities(lo, hi):
         return
     if np.issubdtype(prob.dtype, np.floating):
         n_nan = int(np.count_nonzero(np.isnan(prob)))
@@ -340,9 +341,8 @@ def match_case(
     _check_reference(ref, ref_name)
     if prob.shape != ref.shape:
         raise InputError(f"prediction {pred_name} has shape {prob.shape} but reference {ref_name} has {ref.shape}")
-    cut = probability_to_logit(threshold, "segmentation threshold")  # also checks 0 <= t < 1
-    if score == "probability":
-        cut = float(threshold)
+    logit_cut = probability_to_logit(threshold, "segmentation threshold")  # also checks 0 <= t < 1
+    cut = logit_cut if score == "logit" else float(threshold)
     if connectivity not in CONNECTIVITIES:
         raise InputError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity}")
     thresholds = thresholds or SIZE_PRESETS[DEFAULT_SIZE_PRESET]

@@ -22,7 +22,8 @@ Beyond MONAI:
   preprocessing, or ``image > threshold`` from :func:`foreground_from_threshold`), windows that
   contain no foreground voxel are never run. The blend then sums only over the windows that ran,
   so every foreground voxel — all of whose windows ran — gets exactly the value of the full run;
-  voxels no window covered get ``fill_value`` (0: zero probability).
+  voxels no window covered get ``fill_value`` (``predict_volume`` blends logits and passes
+  :data:`~IWSegmentationLib.core.confidence.SKIPPED_LOGIT`, probability 0).
 * **bounded memory** — one float32 accumulator of the output's size, filled in place
   (``addcmul_``); no float64 and no full-size weight map: ``Σ g`` is rebuilt slab by slab at the
   end (a few MB) and the accumulator is divided in place. A 512×512×300 output costs one
