@@ -19,7 +19,7 @@ import torch
 from _subprocess import run_in_group
 
 from IWSegmentationLib.cli import main as cli_main
-from IWSegmentationLib.core.errors import CheckpointError, GeometryMismatchError, InputError
+from IWSegmentationLib.core.errors import CheckpointError, GeometryMismatchError, InputError, OutputError
 from IWSegmentationLib.core.imageio import read_image, write_image
 from IWSegmentationLib.data import prepare_volume
 from IWSegmentationLib.nn.checkpoint import load_checkpoint, read_metadata
@@ -293,7 +293,9 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(dataset, tmp_path,
     def fill_disk(epoch, row):
         full["on"] = True
 
-    with pytest.raises(CheckpointError, match="No space left on device.*intact"):
+    # a full disk is an output error (exit 4, issue 23), not a bad checkpoint: the message keeps saying
+    # that the previous checkpoint is intact and how to continue
+    with pytest.raises(OutputError, match="No space left on device.*intact"):
         train(tiny_config(dataset, out, iters_per_epoch=2), verbose=False, on_epoch_end=fill_disk)
     _, card = load_checkpoint(out / LAST_CHECKPOINT)  # still complete, sha256 verified
     assert card["training"]["epochs_done"] == 1

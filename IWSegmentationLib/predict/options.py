@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 from ..core.devices import DEVICES, ENGINES, PRECISIONS
 from ..core.errors import InputError
-from ..core.lesions import CONNECTIVITIES, SIZE_PRESETS, parse_min_lesion_size
+from ..core.lesion_sizes import CONNECTIVITIES, SIZE_PRESETS, parse_min_lesion_size
 
 #: The closed range of ``--overlap`` (see the module docstring).
 OVERLAP_RANGE = (0.0, 0.9)
