@@ -244,12 +244,6 @@ def test_the_cycle_check_catches_a_made_up_cycle():
     assert import_cycles(made_up) == [[f"{PACKAGE}.core.a", f"{PACKAGE}.core.b", f"{PACKAGE}.core.c"]]
 
 
-#: files another branch is rewriting (the prediction use case, issue 21): their private-name imports
-#: are left as they are until it merges; remove this set then
-PRIVATE_NAMES_PENDING = {"cli/commands/predict.py", "cli/commands/predict_inputs.py", "cli/commands/predict_outputs.py",
-                         "serve/app.py", "serve/client.py", "serve/jobs.py", "serve/workdir.py", "serve/__init__.py",
-                         "backend/parameters.py", "slicer/logic.py"}
-
 
 def private_imports(source: str, path: Path) -> list[str]:
     """``file:line: name`` for every ``from X import _name`` in ``source`` (a file at ``path``) that
@@ -271,8 +265,7 @@ def private_imports(source: str, path: Path) -> list[str]:
 
 
 def test_no_private_name_is_imported_across_modules():
-    broken = [v for path in engine_files() if path.relative_to(LIB).as_posix() not in PRIVATE_NAMES_PENDING
-              for v in private_imports(path.read_text(), path)]
+    broken = [v for path in engine_files() for v in private_imports(path.read_text(), path)]
     assert not broken, "private names imported from another module (make them public):\n" + "\n".join(broken)
 
 
