@@ -105,7 +105,7 @@ def predict_volume(
     cancel: Callable[[], bool] | None = None,
     on_warning: Callable[[str], None] | None = None,
 ) -> VolumePrediction:
-    """Lesion probabilities of a raw 3D image with a trained network and its model card.
+    """Lesion logits (and the mask) of a raw 3D image with a trained network and its model card.
 
     Steps: :func:`preprocessing.prepare_case` (resampling to the card's target spacing, if any,
     then intensity scaling and the organ mask), the foreground for skipping
@@ -118,7 +118,7 @@ def predict_volume(
 
     Args:
         model: the network (``load_checkpoint``'s first value), or several networks whose cards
-            agree (:func:`check_ensemble`): an ensemble whose probabilities are averaged
+            agree (:func:`check_ensemble`): an ensemble whose logits are averaged
             (:class:`EnsemblePredictor`). Each is put in ``eval()`` mode and moved to ``device``
             (to the CPU on an out-of-memory fallback).
         image: raw ``[z, y, x]`` intensities (HU for CT), or ``[C, z, y, x]`` for a network of
@@ -134,7 +134,8 @@ def predict_volume(
             lesion outside the box); without a mask such a card gets a warning.
         overlap, threshold, blend: override the card's values (see :func:`inference_settings`).
         precision: ``auto`` (fp16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``fp16``, ``bf16``.
-        skip_background: skip windows outside the foreground (their voxels get probability 0).
+        skip_background: skip windows outside the foreground (their voxels get
+            :data:`~IWSegmentationLib.core.confidence.SKIPPED_LOGIT`, probability 0).
         channels_last: use ``channels_last_3d`` weights with the eager engine (default: on for
             CPU and CUDA, where it is faster for 3D convolutions; off on MPS).
         engine: ``auto`` (``frozen`` for fp32 on the CPU with a narrow network, see

@@ -36,8 +36,8 @@ Beyond MONAI:
   reported through ``on_warning``.
 
 :func:`predict_volume` is the high-level entry point of ``iwseg predict``: the checkpoint's
-preprocessing, the network with a sigmoid, skipping by the preprocessing mask, and
-probabilities (and the thresholded mask) back on the input grid.
+preprocessing, the network's logits blended, skipping by the preprocessing mask, and the
+logits (and the thresholded mask) back on the input grid.
 """
 
 from __future__ import annotations
