@@ -789,3 +789,22 @@ def test_tiny_training_run_validates_with_the_hit_rule_and_writes_min_size_to_th
     assert result.best_metric == "cpm_object_dice"
     header = (tmp_path / "run" / "log.csv").read_text().splitlines()[0].split(",")
     assert {"val_recall", "val_cpm_object_dice"} <= set(header)
+
+
+def test_case_pool_counts_an_image_drawn_twice_twice():
+    """A draw with replacement (the study's paired bootstrap) repeats an image's lesions and FPs.
+
+    Working, on the hand cases (A: lesions A1 hit at 0.9 and A2 hit at 0.6, FP at 0.7; B: lesion B1
+    missed, FPs at 0.95 and 0.55; C: nothing). Images [0, 0, 1] (A twice, B once):
+    hit confidences 0.9, 0.6, 0.9, 0.6 and NaN (B1); FPs 0.7, 0.7, 0.95, 0.55; 3 images.
+    Images [0, 1] (no repeat) keep what the boolean selection gave: 2 images, 2 + 1 lesions, 1 + 2 FPs.
+    """
+    from IWSegmentationLib.evaluation.bootstrap import CasePool
+
+    pool = CasePool.from_cases(hand_cases())
+    hits, fps, n = pool.select(images=np.array([0, 0, 1]))
+    assert n == 3
+    assert sorted(hits[np.isfinite(hits)].tolist()) == pytest.approx([0.6, 0.6, 0.9, 0.9]) and np.isnan(hits).sum() == 1
+    assert sorted(fps.tolist()) == pytest.approx([0.55, 0.7, 0.7, 0.95])
+    hits, fps, n = pool.select(images=np.array([0, 1]))
+    assert n == 2 and hits.size == 3 and sorted(fps.tolist()) == pytest.approx([0.55, 0.7, 0.95])

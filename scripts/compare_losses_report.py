@@ -27,7 +27,8 @@ import numpy as np
 
 from IWSegmentationLib.core.lesions import SIZE_GROUPS, size_thresholds
 from IWSegmentationLib.data import load_case, load_dataset
-from IWSegmentationLib.evaluation import cpm, froc, froc_of_cases, match_case
+from IWSegmentationLib.evaluation import cpm, froc_of_cases, match_case
+from IWSegmentationLib.evaluation.bootstrap import CasePool
 from scripts.bench.report import write_report as write_markdown
 from scripts.bench.timing import cpu_name, visible_cores
 
@@ -88,37 +89,18 @@ def summary(cases: Sequence) -> dict:
     return out
 
 
-def detection_arrays(case, group: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """One case's FROC inputs: each lesion's hit confidence (NaN when missed) and each false
-    positive's confidence, for all lesions or one size group (an unmatched component counts in the
-    group of its own size, as the metrics module pools them)."""
-    hit = [math.nan if les.hit_dice <= 0 or les.confidence is None else les.confidence
-           for les in case.lesions if group is None or les.size_group == group]
-    fp = [comp.confidence for comp in case.components
-          if comp.false_positive and (group is None or comp.size_group == group)]
-    return np.asarray(hit, float), np.asarray(fp, float)
-
-
-def pooled_cpm(arrays: Sequence[tuple[np.ndarray, np.ndarray]], images: Sequence[int]) -> float:
-    """The CPM of the images ``images`` (indices, repeats allowed) from :func:`detection_arrays`."""
-    hit = np.concatenate([arrays[i][0] for i in images])
-    fp = np.concatenate([arrays[i][1] for i in images])
-    return cpm(froc(hit, fp, len(images)))
-
-
 def paired_difference(plain: list[list], iw: list[list], group: str | None, seed: int = 0) -> dict:
     """Mean over seeds of CPM(iw) - CPM(plain), per seed, and a 95% percentile bootstrap interval:
     images drawn with replacement, the same draw for both arms and every seed."""
-    a = [[detection_arrays(c, group) for c in cases] for cases in plain]
-    b = [[detection_arrays(c, group) for c in cases] for cases in iw]
+    a = [CasePool.from_cases(cases) for cases in plain]
+    b = [CasePool.from_cases(cases) for cases in iw]
+    per_seed = [cpm(y.froc(group)) - cpm(x.froc(group)) for x, y in zip(a, b)]
     n = len(plain[0])
-    everything = list(range(n))
-    per_seed = [pooled_cpm(y, everything) - pooled_cpm(x, everything) for x, y in zip(a, b)]
     rng = np.random.default_rng(seed)
     means = []
     for _ in range(N_PAIRED_RESAMPLES):
-        idx = rng.integers(0, n, n)
-        diffs = [pooled_cpm(y, idx) - pooled_cpm(x, idx) for x, y in zip(a, b)]
+        idx = rng.integers(0, n, n)  # with replacement: an image drawn twice counts twice
+        diffs = [cpm(y.froc(group, idx)) - cpm(x.froc(group, idx)) for x, y in zip(a, b)]
         diffs = [d for d in diffs if math.isfinite(d)]
         if diffs:
             means.append(float(np.mean(diffs)))

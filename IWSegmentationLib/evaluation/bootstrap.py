@@ -73,7 +73,9 @@ class CasePool:
                fp_denominator: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """(hit_conf of the selected lesions, confidences of the selected FPs, FP/image denominator).
 
-        The denominator is the number of selected images unless ``fp_denominator`` is given."""
+        ``images`` are image indices; an image listed k times counts k times (its lesions and false
+        positives repeated), as a draw with replacement needs. The denominator is the number of
+        selected images, repeats included, unless ``fp_denominator`` is given."""
         les_ok = np.ones(self.les_conf.size, bool)
         fp_ok = self.comp_fp.copy()
         n_images = self.n_images
@@ -81,13 +83,13 @@ class CasePool:
             code = SIZE_GROUPS.index(group)
             les_ok &= self.les_group == code
             fp_ok &= self.comp_group == code
-        if images is not None:
-            chosen = np.zeros(self.n_images, bool)
-            chosen[images] = True
-            les_ok &= chosen[self.les_image]
-            fp_ok &= chosen[self.comp_image]
-            n_images = int(np.count_nonzero(chosen))
-        return self.les_conf[les_ok], self.comp_conf[fp_ok], fp_denominator or n_images
+        if images is None:
+            return self.les_conf[les_ok], self.comp_conf[fp_ok], fp_denominator or n_images
+        times = np.bincount(np.asarray(images, dtype=np.int64), minlength=self.n_images)
+        les_times = np.where(les_ok, times[self.les_image], 0)
+        fp_times = np.where(fp_ok, times[self.comp_image], 0)
+        return (np.repeat(self.les_conf, les_times), np.repeat(self.comp_conf, fp_times),
+                fp_denominator or int(times.sum()))
 
     def froc(self, group: str | None = None, images: np.ndarray | None = None,
              fp_denominator: int | None = None) -> Froc:
