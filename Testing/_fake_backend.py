@@ -1,4 +1,4 @@
-"""The fake backend of the backend tests (test_child_process.py, test_local_run.py, ...): helpers.
+"""The fake backend of the backend tests (backend/test_child_process.py, backend/test_local_run.py, ...): helpers.
 
 Its fixtures (``fake_backend``, ``fake_checkpoint``, ``stranger``) are in conftest.py.
 """

@@ -20,7 +20,7 @@ Design (Shirokikh et al., MICCAI 2020, section 4.2 and the authors' published ne
   authors' head (in training mode its BatchNorm rescales the logits of each batch).
 
 With the paper's widths 16/64/128/256 and two blocks per level this has 11,074,305 trainable
-parameters (the authors report 11.07 M; hand count in ``Testing/test_models.py``) and
+parameters (the authors report 11.07 M; hand count in ``Testing/nn/test_unet.py``) and
 0.3992 MFLOP of convolution per input voxel (:func:`flops_per_voxel`; 837 GFLOP per 128^3
 window). Inputs of any size are padded (at the far end of each axis, with
 each sample's minimum, as the authors padded with the image minimum) to a multiple of

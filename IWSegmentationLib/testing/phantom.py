@@ -19,7 +19,7 @@ lesion exactly when its intensity is above ``level · 100``, and a lesion of int
 has confidence (maximum logit) ``gain · (v / 100 − level)``, probability ``sigmoid`` of it. The backend's prediction is then the
 reference mask, voxel for voxel, whatever the window layout or blending.
 
-Used by ``Testing/test_local_run.py`` (the real backend through :class:`~IWSegmentationLib.backend.local_run.InferenceRun`)
+Used by ``Testing/backend/test_local_run.py`` (the real backend through :class:`~IWSegmentationLib.backend.local_run.InferenceRun`)
 and by the Slicer module's self-test (``IWSegmentationTest``), which writes the checkpoint with
 :func:`IWSegmentationLib.testing.known_answer.write_known_answer_checkpoint`.
 """

@@ -6,7 +6,7 @@ The icon shows a cross-section with three lesions in the size-group colours of
 :data:`IWSegmentationLib.core.lesions.SIZE_GROUP_COLORS`: a large one, a medium one and a small
 one that is ringed, because finding the small ones is what inverse weighting is for. The
 legend uses the same colours, so the panel, the docs and the rendered segments agree
-(``Testing/test_extension_static.py`` checks the legend's pixels against the palette).
+(``Testing/module/test_extension_layout.py`` checks the legend's pixels against the palette).
 """
 
 from __future__ import annotations

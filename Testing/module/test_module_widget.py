@@ -1,0 +1,262 @@
+"""The module's widget (IWSegmentation/IWSegmentation.py) with its Qt widgets mocked.
+
+The real application cannot run here, so the widget class is loaded with stand-ins for the few
+``qt``/``slicer``/``vtk`` names it uses, and its own methods run against fake widgets that
+record what is done to them. The engine behind it (``panel``, ``backend``) is the real one.
+What needs the real Qt and MRML is covered by ``IWSegmentationTest`` inside Slicer; these tests
+pin the life-cycle defects of issue 15 (each failed on the module as it was).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from IWSegmentationLib.backend.job import Outcome, RunResult
+
+MODULE_PY = Path(__file__).resolve().parents[2] / "IWSegmentation" / "IWSegmentation.py"
+
+
+class FakeWidget:
+    """A Qt widget: any attribute can be set; every method call is recorded in ``calls``."""
+
+    def __init__(self, **attributes):
+        self.calls: list[tuple] = []
+        self.rowCount = 0
+        self.text = ""
+        self.enabled = True
+        self.__dict__.update(attributes)
+
+    def setRowCount(self, n):  # noqa: N802 (Qt's name)
+        self.rowCount = n
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args: self.calls.append((name, *args))
+
+
+def _stub_modules(errors: list) -> dict[str, types.ModuleType]:
+    qt = types.ModuleType("qt")
+    qt.QTimer, qt.QTableWidgetItem = FakeWidget, lambda text: text
+    vtk = types.ModuleType("vtk")
+    vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent=33)
+    slicer = types.ModuleType("slicer")
+    slicer.vtkMRMLScalarVolumeNode = type("vtkMRMLScalarVolumeNode", (), {})
+    slicer.vtkMRMLSegmentationNode = type("vtkMRMLSegmentationNode", (), {})
+    slicer.mrmlScene = types.SimpleNamespace(StartCloseEvent=1, EndCloseEvent=2)
+    util = types.ModuleType("slicer.util")
+
+    class VTKObservationMixin:
+        def __init__(self):
+            self.observed = []
+
+        def addObserver(self, obj, event, method):  # noqa: N802
+            self.observed.append((obj, event))
+
+        def removeObserver(self, obj, event, method):  # noqa: N802
+            if (obj, event) in self.observed:
+                self.observed.remove((obj, event))
+
+        def removeObservers(self):  # noqa: N802
+            self.observed.clear()
+
+    @contextlib.contextmanager
+    def tryWithErrorDisplay(message, waitCursor=False):  # noqa: N802 (Slicer shows the error in a dialog)
+        try:
+            yield
+        except Exception as exc:
+            errors.append(exc)
+
+    util.VTKObservationMixin, util.tryWithErrorDisplay = VTKObservationMixin, tryWithErrorDisplay
+    util.confirmOkCancelDisplay = lambda *args: True
+    util.errorDisplay = lambda *args, **kwargs: errors.append(args)
+    slicer.util = util
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = wrapper.WithinRange = lambda *args: None
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
+                 "ScriptedLoadableModuleWidget"):
+        setattr(scripted, name, type(name, (), {"__init__": lambda self, parent=None: None}))
+    return {"qt": qt, "vtk": vtk, "slicer": slicer, "slicer.util": util, "slicer.parameterNodeWrapper": wrapper,
+            "slicer.ScriptedLoadableModule": scripted}
+
+
+@pytest.fixture
+def module(monkeypatch):
+    """IWSegmentation.py loaded with the stand-ins (sys.modules is restored afterwards)."""
+    errors: list = []
+    for name, stub in _stub_modules(errors).items():
+        monkeypatch.setitem(sys.modules, name, stub)
+    spec = importlib.util.spec_from_file_location("IWSegmentation_under_test", MODULE_PY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.shown_errors = errors
+    return mod
+
+
+class FakeParameters:
+    """A parameter node wrapper: Slicer makes a new one around the same MRML node on every call."""
+
+    def __init__(self, node, log):
+        self.parameterNode, self.log = node, log
+
+    def connectGui(self, gui):  # noqa: N802
+        self.log.append("connect")  # Slicer 5.6/5.8: no tag
+
+    def disconnectGui(self, tag):  # noqa: N802
+        self.log.append("disconnect")
+
+    def __getattr__(self, name):  # the parameters themselves live on the shared node
+        return getattr(self.parameterNode, name)
+
+    def __setattr__(self, name, value):
+        if name in ("parameterNode", "log"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.parameterNode, name, value)
+
+
+class FakeRun:
+    def __init__(self):
+        self.running, self.closed = True, False
+
+    def close(self):
+        self.closed, self.running = True, False
+
+
+class FakeLogic:
+    def __init__(self):
+        self.node = types.SimpleNamespace(inputVolume="volume", checkpointPath="", confidenceThreshold=0.0,
+                                          outputSegmentation=None, device="CPU", threshold=0.5)
+        self.gui_log: list[str] = []
+        self.results = None
+        self.python, self.env = sys.executable, None
+        self.lesionLogic = types.SimpleNamespace(clear_results=lambda: setattr(self, "results", None),
+                                                 close=lambda: None)
+        self.started = 0
+
+    def getParameterNode(self):  # noqa: N802
+        return FakeParameters(self.node, self.gui_log)
+
+    def checkInputs(self, parameters, card):  # noqa: N802
+        return []
+
+    def readModelCard(self, path, parameters=None):  # noqa: N802
+        self.card_read_with = parameters  # the module passes its node: where to run decides where the card is
+        return {"threshold": 0.4}
+
+    def setConfidenceThreshold(self, results, value):  # noqa: N802
+        return types.SimpleNamespace(text=lambda: f"{len(results.lesions)} shown")
+
+
+def make_widget(module):
+    widget = module.IWSegmentationWidget()
+    names = ("applyButton", "statusLabel", "summaryLabel", "countsLabel", "progressBar", "modelCardLabel",
+             "resultsCollapsibleButton", "lesionTableWidget", "deviceInfoLabel", "checkpointPathLineEdit",
+             "deviceComboBox")
+    widget.ui = types.SimpleNamespace(**{name: FakeWidget() for name in names})
+    widget.ui.checkpointPathLineEdit.currentPath = ""
+    widget.logic = FakeLogic()
+    widget._gui = module.panel.GuiBinding(widget.ui)
+    widget._timer = FakeWidget()
+    widget._card = {}
+    return widget
+
+
+def ok_result(n_lesions=2):
+    lesions = [{"name": f"Lesion {i}"} for i in range(n_lesions)]
+    rows = [{"name": f"Lesion {i}", "status": "TP"} for i in range(n_lesions)]
+    loaded = types.SimpleNamespace(segmentation="segmentation node", rows=rows, lesions=lesions)
+    return RunResult(Outcome.OK, 0, "done", loaded=loaded, seconds=3.0)
+
+
+def test_a_run_finishing_while_in_another_module_fills_the_results(module):
+    widget = make_widget(module)
+    widget.enter()
+    widget.exit()  # the user went to another module; the backend keeps running
+    widget.onFinished(ok_result())
+    assert module.shown_errors == []
+    assert widget.logic.node.outputSegmentation == "segmentation node"
+    assert widget.ui.lesionTableWidget.rowCount == 2
+
+
+def test_reentering_connects_the_gui_once_on_slicer_5_6(module):
+    widget = make_widget(module)
+    for _ in range(3):
+        widget.enter()
+        widget.exit()
+    widget.enter()
+    assert widget.logic.gui_log.count("connect") == 1  # connectGui gave no tag: connected for good
+
+
+def test_apply_cannot_start_a_second_install(module, monkeypatch):
+    widget = make_widget(module)
+    widget.enter()
+    seen = []
+
+    def start(parameters, onProgress=None, onFinished=None):
+        widget.logic.started += 1
+        seen.append(widget.ui.applyButton.enabled)
+        if widget.logic.started == 1:
+            widget.onApplyButton()  # pip_install processes GUI events: a second click arrives
+        return FakeRun()
+
+    widget.logic.start = start
+    widget.onApplyButton()
+    assert module.shown_errors == []
+    assert widget.logic.started == 1 and seen == [False]
+    assert widget.ui.applyButton.text == "Cancel" and widget.ui.applyButton.enabled
+
+
+def test_the_device_line_is_probed_again_after_installing_torch(module, monkeypatch):
+    probes = []
+
+    class Probe:
+        def __init__(self, python, env=None):
+            probes.append(self)
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(module, "DeviceProbe", Probe)
+    widget = make_widget(module)
+    widget.enter()
+    widget._devices = {"torch": None, "cuda": [], "mps": False, "error": "No module named 'torch'"}
+    widget.logic.start = lambda parameters, **kwargs: FakeRun()
+    widget.onApplyButton()
+    assert len(probes) == 1 and widget._devices is None  # asked again; the answer will fill the line
+
+
+def test_closing_the_scene_empties_the_table(module):
+    widget = make_widget(module)
+    widget.enter()
+    widget.onFinished(ok_result(3))
+    widget.logic.results = "results of the old scene"
+    assert widget.ui.lesionTableWidget.rowCount == 3
+    widget.onSceneStartClose(None, None)
+    assert widget.ui.lesionTableWidget.rowCount == 0 and widget._rows == []
+    assert widget.logic.results is None and widget.ui.resultsCollapsibleButton.enabled is False
+
+
+def test_cleanup_closes_the_run_and_the_probe(module):
+    widget = make_widget(module)
+    run, probe = FakeRun(), types.SimpleNamespace(closed=False)
+    probe.close = lambda: setattr(probe, "closed", True)
+    widget._run, widget._deviceProbe = run, probe
+    widget.cleanup()
+    assert run.closed and probe.closed
+
+
+def test_a_readable_checkpoint_goes_into_the_path_history(module):
+    widget = make_widget(module)
+    widget.enter()
+    widget.onCheckpointChanged("/models/liver.safetensors")
+    assert ("addCurrentPathToHistory",) in widget.ui.checkpointPathLineEdit.calls
+    assert widget.logic.node.threshold == 0.4
