@@ -4,7 +4,7 @@
 1. generate a small synthetic lung-CT-like set with several nodules per case of very
    different sizes among vessels (``iwseg synth``), and a separate held-out set;
 2. train a small inverse-weighted-Dice U-Net on it (``iwseg train``), keeping the checkpoint
-   with the best validation average recall;
+   with the best validation ``cpm_object_dice`` (harmonic mean of CPM and object Dice);
 3. predict the held-out cases (``iwseg predict``: masks, probability maps, lesion tables);
 4. evaluate them lesion by lesion (``iwseg evaluate``: report.json, per-lesion CSV, FROC plot);
 5. when 3D Slicer's Python (``slicer-core``) is available, render the lesions coloured by size.
@@ -57,6 +57,8 @@ TRAIN_SETTINGS = {
     "size_preset": "lung",
     "preprocessing": "ct-lung",
     "seed": 0,
+    # the model is trained on synthetic data this script makes: it is the repository's, under its licence
+    "license": "Apache-2.0",
 }
 QUICK = {"n_train": 6, "n_heldout": 2, "shape": (32, 64, 64),
          "train": {"model_size": "tiny", "patch_size": [32, 32, 32], "epochs": 2, "iters_per_epoch": 3,
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - t0) / 60
     print(f"\nDemo finished in {minutes:.1f} min. Everything is in {out}/:")
     rows = [
-        ("model.safetensors", "the trained checkpoint (best validation avg recall) with its model card"),
+        ("model.safetensors", f"the checkpoint with the best validation {settings['val_metric']} (harmonic mean "
+                              "of CPM and object Dice) with its model card"),
         ("training/", "training run: last/best checkpoints, resume state, log.csv, tensorboard/, config.yaml"),
         ("data/", "the synthetic datasets, train/ and heldout/ (MSD layout)"),
         ("masks/", "predicted lesion masks of the held-out cases"),

@@ -53,6 +53,7 @@ OPTIONAL_FIELDS: dict[str, Any] = {
     "training_data": None,
     "validation_metrics": None,
     "description": "",
+    "license": "not stated",
 }
 #: Optional fields written only when set: the sliding-window defaults, the training settings,
 #: the smallest lesion kept at inference and the organ crop (a margin in voxels).
@@ -71,6 +72,18 @@ MAX_SIZE_THRESHOLD_MM = 1000.0
 MAX_DEPTH = 32
 #: Largest ``min_lesion_size`` value (voxels or mm^3): 1e9.
 MAX_MIN_LESION_SIZE = 1e9
+
+# ---------------------------------------------------------------------------------- licence
+#: ``license`` of a card that states none: the default of ``iwseg train`` and of every card
+#: written before the field existed (a model's licence is its owner's to state, not ours to guess).
+LICENSE_NOT_STATED = OPTIONAL_FIELDS["license"]
+#: Longest ``license`` expression and ``license_url``, and longest ``license_text`` (characters;
+#: the Apache-2.0 text is about 11 000).
+MAX_LICENSE_CHARS, MAX_LICENSE_URL_CHARS, MAX_LICENSE_TEXT_CHARS = 200, 2048, 200_000
+#: One licence id of an SPDX expression: ``Apache-2.0``, ``GPL-2.0+``, ``LicenseRef-my-terms``,
+#: ``DocumentRef-spdx-doc:LicenseRef-x``; joined by ``AND``/``OR``/``WITH`` and parentheses.
+_SPDX_OPERATORS = ("AND", "OR", "WITH")
+_SPDX_ID = re.compile(r"^(DocumentRef-[A-Za-z0-9.\-]+:)?[A-Za-z0-9][A-Za-z0-9.\-]*\+?$")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -181,6 +194,11 @@ class ModelCard:
     #: organ mask, as the network was trained (``crop_to_organ``); None: the whole volume.
     crop_to_organ: int | None = None
     description: str = ""
+    #: The model's licence: an SPDX expression (``Apache-2.0``, ``CC-BY-NC-4.0``,
+    #: ``LicenseRef-...``) or ``"not stated"``; a URL and the full text are optional.
+    license: str = LICENSE_NOT_STATED
+    license_url: str | None = None
+    license_text: str | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     library_version: str | None = None
@@ -225,6 +243,9 @@ class ModelCard:
             crop_to_organ=(None if card.get("crop_to_organ") is None
                            else check.integer(card["crop_to_organ"], "crop_to_organ", 0, MAX_CROP_MARGIN)),
             description=check.text(card.get("description", ""), "description") or "",
+            license=_license(card.get("license", LICENSE_NOT_STATED), check),
+            license_url=_license_url(card.get("license_url"), check),
+            license_text=_license_text(card.get("license_text"), check),
             format=_format(card.get("format", FORMAT), check),
             format_version=check.integer(card.get("format_version", FORMAT_VERSION), "format_version", 1,
                                          FORMAT_VERSION),
@@ -251,7 +272,11 @@ class ModelCard:
             "training_data": self.training_data,
             "validation_metrics": self.validation_metrics,
             "description": self.description,
+            "license": self.license,
         }
+        for key in ("license_url", "license_text"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         for key in ("library_version", "torch_version", "created", "num_parameters", "weights_sha256"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -272,6 +297,30 @@ class ModelCard:
         """The card's size groups as :class:`~IWSegmentationLib.core.lesions.SizeThresholds`, or None
         when it records none (each of the three written shapes is understood)."""
         return None if self.size_thresholds is None else parse_size_thresholds(self.size_thresholds)
+
+
+def check_license(license: Any, license_url: Any = None, *, source: str = "model card") -> None:
+    """Refuse a ``license`` that is not an SPDX expression (or ``"not stated"``) or a
+    ``license_url`` that is not an http(s) URL, as a card would (:class:`CheckpointError`, an
+    :class:`InputError`, naming ``source`` and the field); ``iwseg train`` checks its config
+    with it before training rather than at the first checkpoint."""
+    check = _Checker(source)
+    _license(LICENSE_NOT_STATED if license is None else license, check)
+    _license_url(license_url, check)
+
+
+def license_summary(card: Mapping[str, Any]) -> str:
+    """One line saying a card's licence, for ``iwseg inspect`` and the module's card summary:
+    ``Apache-2.0 (https://...)``, ``... (full text in the card)``, or ``not stated`` for a card
+    that states none (every card written before the field existed)."""
+    value = card.get("license") if isinstance(card, Mapping) else None
+    text = value if isinstance(value, str) and value.strip() else LICENSE_NOT_STATED
+    url = card.get("license_url") if isinstance(card, Mapping) else None
+    if isinstance(url, str) and url:
+        text += f" ({url})"
+    if isinstance(card, Mapping) and isinstance(card.get("license_text"), str) and card["license_text"]:
+        text += " (full text in the card: license_text)"
+    return text
 
 
 def card_in_channels(card: Mapping[str, Any]) -> int:
@@ -413,6 +462,56 @@ def _inference(value: Any, check: _Checker) -> dict | None:
     if "blend" in out:
         check.text(out["blend"], "inference.blend")
     return out
+
+
+def _license(value: Any, check: _Checker) -> str:
+    """An SPDX licence expression or :data:`LICENSE_NOT_STATED`. The ids are checked for SPDX's
+    syntax, not against its list (which changes; ``LicenseRef-`` ids are anyone's)."""
+    text = check.text(value, "license")
+    if text == LICENSE_NOT_STATED:
+        return text
+    if len(text) > MAX_LICENSE_CHARS or not _is_spdx_expression(text):
+        raise check.fail("license", f"must be an SPDX licence expression (e.g. 'Apache-2.0', 'CC-BY-NC-4.0', "
+                         f"'LicenseRef-mine') of at most {MAX_LICENSE_CHARS} characters, or "
+                         f"{LICENSE_NOT_STATED!r}", value)
+    return text
+
+
+def _is_spdx_expression(text: str) -> bool:
+    """Whether ``text`` is ids joined by ``AND``/``OR``/``WITH`` with balanced parentheses
+    (``Apache 2.0`` is not: two ids without an operator)."""
+    want_operand, depth = True, 0
+    for token in re.findall(r"\(|\)|[^\s()]+", text):
+        if want_operand and token == "(":
+            depth += 1
+        elif want_operand:
+            if token in _SPDX_OPERATORS or not _SPDX_ID.match(token):
+                return False
+            want_operand = False
+        elif token == ")":
+            depth -= 1
+            if depth < 0:
+                return False
+        elif token in _SPDX_OPERATORS:
+            want_operand = True
+        else:
+            return False
+    return not want_operand and depth == 0
+
+
+def _license_url(value: Any, check: _Checker) -> str | None:
+    url = check.text(value, "license_url", optional=True)
+    if url is not None and (not re.match(r"^https?://\S+$", url) or len(url) > MAX_LICENSE_URL_CHARS):
+        raise check.fail("license_url", f"must be an http(s) URL of at most {MAX_LICENSE_URL_CHARS} characters",
+                         value)
+    return url
+
+
+def _license_text(value: Any, check: _Checker) -> str | None:
+    text = check.text(value, "license_text", optional=True)
+    if text is not None and len(text) > MAX_LICENSE_TEXT_CHARS:
+        raise check.fail("license_text", f"must be at most {MAX_LICENSE_TEXT_CHARS} characters", f"{len(text)} characters")
+    return text
 
 
 def _format(value: Any, check: _Checker) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..core.errors import InputError
 from ..core.lesions import SIZE_GROUP_COLORS, parse_size_thresholds
 from ..core.progress import ProgressEvent
+from ..nn.model_card import license_summary
 from .lesion_row import LesionRow
 
 #: Free GPU memory (MiB) under which the panel warns: the paper network at a 128³ patch needs
@@ -172,6 +173,7 @@ def model_card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("Size groups", f"small < {sizes[0]:g} mm ≤ medium < {sizes[1]:g} mm ≤ large"))
     metrics = _metric_items(card.get("validation_metrics"))
     rows.append(("Validation", ", ".join(metrics) if metrics else "no metrics recorded"))
+    rows.append(("Licence", license_summary(card)))  # "not stated" for a card that states none
     for key, label in (("library_version", "Library"), ("created", "Created")):
         if card.get(key):
             rows.append((label, str(card[key])))

@@ -42,6 +42,10 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
         },
         "description": f"{config.loss} U-Net trained by iwseg train on {data.summary['dataset']}",
     }
+    if config.license is not None:  # unset: the card says "not stated"
+        card["license"] = config.license
+    if config.license_url is not None:
+        card["license_url"] = config.license_url
     if config.crop_to_organ is not None:  # written only when set: a card without it means no crop
         card["crop_to_organ"] = config.crop_to_organ
     return card

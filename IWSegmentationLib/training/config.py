@@ -51,6 +51,7 @@ from ..core.lesions import SIZE_PRESETS, parse_min_lesion_size, size_thresholds
 from ..data.synth import physical_memory
 from ..evaluation.hit_rules import parse_hit_rule
 from ..nn.architecture import default_config, model_stride
+from ..nn.model_card import check_license
 from ..preprocessing.cropping import MAX_CROP_MARGIN
 from ..preprocessing.presets import PRESETS, get_preset
 
@@ -260,6 +261,11 @@ class TrainConfig:
                           "false hides them all, log lines stay.", section="output")
     ddp_timeout_min: float = _key(60.0, "DDP collective timeout in minutes (rank 0 validates while "
                                   "the others wait).", section="output")
+    license: Optional[str] = _key(None, "The trained model's licence, written into its model card: an SPDX "
+                                  "expression such as Apache-2.0 or CC-BY-NC-4.0 (the training data's terms "
+                                  "usually decide it); null: 'not stated'.", section="output")
+    license_url: Optional[str] = _key(None, "A URL of the model's licence, written into its model card.",
+                                      section="output")
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -333,6 +339,7 @@ class TrainConfig:
         need(0 <= self.val_overlap < 1, "val_overlap", "must be in [0, 1)")
         need(0 < self.threshold < 1, "threshold", "must be in (0, 1)")
         need(self.ddp_timeout_min > 0, "ddp_timeout_min", "must be > 0")
+        check_license(self.license, self.license_url, source="training config")
         need(bool(self.out), "out", "must name an output folder")
         need(not self.data or not _inside(self.out, self.data), "out",
              f"must not be the dataset folder {self.data!r} or inside it (the run's files would mix with the "

@@ -57,7 +57,8 @@ RUN_FILES = (CONFIG_FILE, SPLITS_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT, RESUME_
 
 #: Config keys a resumed run may change: they do not alter the sequence of weights it computes.
 RESUME_MAY_CHANGE = ("data", "allow_outside_paths", "out", "overwrite", "num_workers", "prefetch_factor", "cache_size", "progress",
-                     "tensorboard", "val_every", "val_max_cases", "device", "ddp_timeout_min", "checkpoint_choice")
+                     "tensorboard", "val_every", "val_max_cases", "device", "ddp_timeout_min", "checkpoint_choice",
+                     "license", "license_url")
 
 
 @dataclass

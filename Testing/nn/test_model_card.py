@@ -20,7 +20,14 @@ from IWSegmentationLib.cli.main import main as cli_main
 from IWSegmentationLib.core.errors import CheckpointError, InputError
 from IWSegmentationLib.core.lesions import SIZE_PRESETS, SizeThresholds
 from IWSegmentationLib.nn.checkpoint import load_checkpoint, read_header, read_metadata, save_checkpoint
-from IWSegmentationLib.nn.model_card import MAX_DEPTH, MAX_PATCH_VOXELS, MinLesionSize, ModelCard
+from IWSegmentationLib.nn.model_card import (
+    MAX_DEPTH,
+    MAX_PATCH_VOXELS,
+    MinLesionSize,
+    ModelCard,
+    check_license,
+    license_summary,
+)
 from IWSegmentationLib.nn.unet import TINY_CONFIG, build_model
 from IWSegmentationLib.preprocessing import get_preset
 
@@ -245,3 +252,63 @@ def test_a_target_spacing_within_the_card_limits_still_cannot_ask_for_terabytes(
     with pytest.raises(InputError, match=r"would make 2\.62e\+11 voxels, more than 2147483648"):
         predict_volume(model, image, card, geometry=Geometry.identity(image.shape), device="cpu")
     assert time.perf_counter() - t0 < 5
+
+
+# ------------------------------------------------------------------------------ licence (issue 22 item 6)
+
+
+def test_a_card_without_a_licence_says_not_stated(saved, tmp_path, capsys):
+    # a card written before the field existed: no "license" key at all
+    path = _crafted(saved, tmp_path, lambda card: card.pop("license", None))
+    assert "license" not in json.loads(read_header(path)["__metadata__"]["model_card"])
+    assert read_metadata(path)["license"] == "not stated"
+    assert cli_main(["inspect", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["license"] == "not stated"
+    # a newly saved card without one states it the same way, and has no URL or text
+    card = read_metadata(saved)
+    assert card["license"] == "not stated" and "license_url" not in card and "license_text" not in card
+
+
+def test_a_stated_licence_round_trips_and_is_shown_by_inspect(saved, tmp_path, capsys):
+    terms = "Permission is granted to use this model for research only."
+    path = tmp_path / "licensed.safetensors"
+    save_checkpoint(path, build_model(TINY_CONFIG), {
+        "patch_size": [32, 32, 32], "preprocessing": get_preset("ct-lung"),
+        "license": "(MIT OR Apache-2.0) AND LicenseRef-research-only",
+        "license_url": "https://example.org/terms", "license_text": terms,
+    })
+    assert cli_main(["inspect", str(path)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["license"] == "(MIT OR Apache-2.0) AND LicenseRef-research-only"
+    assert (shown["license_url"], shown["license_text"]) == ("https://example.org/terms", terms)
+    record = ModelCard.from_dict(shown)
+    assert record.to_dict() == shown and record.license_text == terms
+    assert license_summary(shown) == ("(MIT OR Apache-2.0) AND LicenseRef-research-only (https://example.org/terms)"
+                                      " (full text in the card: license_text)")
+    assert license_summary({}) == "not stated"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("license", "Apache 2.0", "SPDX licence expression"),   # two ids without an operator
+    ("license", "MIT OR", "SPDX licence expression"),        # an operator without its operand
+    ("license", "(MIT", "SPDX licence expression"),          # unbalanced
+    ("license", "", "SPDX licence expression"),
+    ("license", 2.0, "must be a string"),
+    ("license", "A" * 201, "at most 200 characters"),
+    ("license_url", "file:///etc/passwd", "http\\(s\\) URL"),
+    ("license_url", "https://a b", "http\\(s\\) URL"),
+    ("license_text", ["x"], "must be a string"),
+    ("license_text", "x" * 200_001, "at most 200000 characters"),
+])
+def test_a_bad_licence_is_refused_naming_the_field(saved, tmp_path, key, value, message):
+    path = _crafted(saved, tmp_path, _set(key, value))
+    with pytest.raises(CheckpointError, match=f"{path}: model card field '{key}' .*{message}"):
+        read_metadata(path)
+
+
+def test_check_license_accepts_spdx_expressions_and_names_the_source():
+    for good in ("Apache-2.0", "GPL-2.0+ WITH Classpath-exception-2.0", "DocumentRef-d:LicenseRef-x",
+                 "not stated", None):
+        check_license(good, "https://example.org/l")
+    with pytest.raises(InputError, match="training config field 'license'"):
+        check_license("Apache License 2.0", source="training config")

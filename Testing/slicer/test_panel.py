@@ -101,8 +101,11 @@ def test_model_card_rows_summarise_the_card():
         ("Threshold", "0.4"),
         ("Size groups", "small < 10 mm ≤ medium < 20 mm ≤ large"),
         ("Validation", "avg_recall_0_5 0.734, cpm 0.61, object_dice/mean 0.77, object_dice/std 0.1"),
+        ("Licence", "not stated"),  # the card has no license field: written before it existed
         ("Library", "0.1.0"),
     ]
+    licensed = {**CT_LUNG_CARD, "license": "Apache-2.0", "license_url": "https://example.org/LICENSE"}
+    assert dict(panel.model_card_rows(licensed))["Licence"] == "Apache-2.0 (https://example.org/LICENSE)"
     assert panel.card_size_thresholds(CT_LUNG_CARD) == (10.0, 20.0)
     assert panel.card_size_thresholds({"size_thresholds": {"small_mm": 5, "large_mm": 10}}) == (5.0, 10.0)
     assert panel.card_size_thresholds({}) is None
@@ -120,12 +123,14 @@ def test_model_card_of_a_real_checkpoint(tmp_path):
     assert rows["Training loss"] == "none (hand-wired test model)"
     assert rows["Size groups"] == "small < 5 mm ≤ medium < 10 mm ≤ large"
     assert rows["Validation"] == "no metrics recorded"
+    assert rows["Licence"] == "not stated"  # threshold_checkpoint states no licence
     assert panel.model_card_text(card).startswith("Modality: MR\nPreset: mr\n")
 
 
 def test_model_card_of_a_sparse_card_says_unknown():
     assert panel.model_card_rows({}) == [
         ("Modality", "unknown"), ("Preset", "unknown"), ("Training loss", "unknown"), ("Validation", "no metrics recorded"),
+        ("Licence", "not stated"),
     ]
     with pytest.raises(InputError, match="model card"):
         panel.model_card_rows(["not", "a", "card"])

@@ -453,3 +453,23 @@ def test_crop_to_organ_crops_training_cases_to_the_organ_box(dataset, tmp_path):
     no_mask = type(no_mask)(**{**no_mask.__dict__, "mask": None})
     with pytest.raises(InputError, match=f"case {no_mask.id} has no organ mask.*crop_to_organ"):
         load_prepared_case(no_mask, data.params, 2)
+
+
+def test_the_config_licence_is_written_into_the_model_card(dataset, tmp_path):
+    """``license``/``license_url`` go into the card as given; unset, the card has no licence
+    and the saved checkpoint says "not stated"; a licence that is not SPDX is refused before
+    training, naming the key (issue 22 item 6)."""
+    from IWSegmentationLib.nn.checkpoint import read_metadata, save_checkpoint
+    from IWSegmentationLib.nn.unet import build_model
+    from IWSegmentationLib.training import model_card
+
+    config = tiny_config(dataset, tmp_path / "o", license="CC-BY-4.0", license_url="https://example.org/cc")
+    data = load_training_data(config, verbose=False)
+    card = model_card(config, data, epoch=0, validation_metrics=None)
+    assert (card["license"], card["license_url"]) == ("CC-BY-4.0", "https://example.org/cc")
+    unstated = model_card(tiny_config(dataset, tmp_path / "p"), data, epoch=0, validation_metrics=None)
+    assert "license" not in unstated and "license_url" not in unstated
+    save_checkpoint(tmp_path / "m.safetensors", build_model(config.model_config(data.channels)), unstated)
+    assert read_metadata(tmp_path / "m.safetensors")["license"] == "not stated"
+    with pytest.raises(InputError, match="training config field 'license' must be an SPDX licence expression"):
+        load_config(None, ["license=Apache License 2.0"])

@@ -10,7 +10,8 @@ def register(subparsers) -> None:
         "inspect",
         help="print a checkpoint's model card (JSON)",
         description="Print the model card of a .safetensors checkpoint: architecture, patch size, "
-        "preprocessing, loss, size thresholds, training data and validation metrics. "
+        "preprocessing, loss, size thresholds, training data, validation metrics and licence "
+        "(license: an SPDX id, or \"not stated\"). "
         "Reads the header only, unless --verify.",
     )
     parser.add_argument("checkpoint", help="checkpoint file (.safetensors)")
