@@ -75,8 +75,8 @@ class IWSegmentation(ScriptedLoadableModule):
         self.parent.helpText = """Segments lesions with a 3D U-Net trained with inverse weighting, so small lesions are
 not lost among large ones: one segment per lesion, coloured by size, with diameter, volume, confidence (the maximum
 logit inside the lesion) and Dice.
-Inference runs in a background process (Apply turns into Cancel). See the
-<a href="https://github.com/iwsegmentation/SlicerIWSegmentation/blob/main/docs/module.md">documentation</a>."""
+Inference runs in a background process (Apply turns into Cancel). The user guide is docs/module.md in the
+extension's source folder (the folder above this module's IWSegmentation/)."""
         self.parent.acknowledgementText = """Method: B. Shirokikh, A. Shevtsov, A. Kurmukov et al., "Universal Loss
 Reweighting to Balance Lesion Size Inequality in 3D Medical Image Segmentation", MICCAI 2020, LNCS 12264,
 pp. 523-532, doi:10.1007/978-3-030-59719-1_51."""

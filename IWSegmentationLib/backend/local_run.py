@@ -48,7 +48,7 @@ class InferenceRun(FolderJob):
         run.start(write_input=lambda path: export_volume(volume, path))
         # ... then call run.poll() from a timer until it returns False, or run.cancel().
 
-    or, in a script or test, ``result = run.run_blocking(write_input=...)``. The folder and the
+    or, in a script or test, ``run.start(write_input=...)`` then ``run.wait().loaded_or_raise()``. The folder and the
     loader follow :class:`FolderJob`. ``command_prefix`` and ``backend_factory`` are injectable
     so tests can run a fake backend script.
     """
