@@ -104,8 +104,9 @@ class VerifyResult:
 
 def card_summary(card: Mapping[str, Any]) -> str:
     """A model card in one line: its description, preset, window and threshold."""
-    preset = (card.get("preprocessing") or {}).get("preset") if isinstance(card.get("preprocessing"), dict) else None
-    parts = [str(card.get("description") or "").strip().split("\n")[0][:120]]
+    preprocessing = card.get("preprocessing")
+    preset = preprocessing.get("name") if isinstance(preprocessing, dict) else None
+    parts = [str(card.get("description") or "").strip().split("\n")[0][:120].rstrip(".")]
     if preset:
         parts.append(f"preset {preset}")
     if card.get("patch_size"):
