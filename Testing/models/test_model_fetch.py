@@ -13,6 +13,8 @@ import hashlib
 import http.server
 import json
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -24,7 +26,9 @@ from IWSegmentationLib.core.progress import parse_progress_line
 from IWSegmentationLib.models.download import DownloadError, download, partial_path
 from IWSegmentationLib.models.library import ModelLibrary
 from IWSegmentationLib.models.manifest import MANIFEST_FORMAT, read_manifest
-from IWSegmentationLib.testing.phantom import threshold_checkpoint
+from IWSegmentationLib.nn.checkpoint import save_checkpoint
+from IWSegmentationLib.preprocessing.presets import get_preset
+from IWSegmentationLib.testing.phantom import threshold_checkpoint, threshold_model
 
 
 class FileServer(http.server.ThreadingHTTPServer):
@@ -170,9 +174,6 @@ def test_a_download_with_another_sha256_is_deleted_and_reported(tmp_path, server
 
 
 def test_the_cli_reports_a_sha256_mismatch_with_exit_code_2(tmp_path, server, model_bytes):
-    import subprocess
-    import sys
-
     manifest = write_manifest(tmp_path / "models.json", server, model_bytes, url=f"{server.url}/other.safetensors")
     done = subprocess.run([sys.executable, "-m", "IWSegmentationLib", "models", "fetch", "phantom", "--library",
                            str(tmp_path / "lib"), "--manifest", str(manifest)], capture_output=True, text=True,
@@ -240,3 +241,22 @@ def test_a_missing_file_on_the_server_is_a_clear_error(tmp_path, server, model_b
     with pytest.raises(DownloadError, match="gone.safetensors: the server answered 404"):
         ModelLibrary(tmp_path / "lib").fetch(read_manifest(manifest)[0])
     assert ModelLibrary(tmp_path / "lib").entries() == []
+
+
+def test_a_card_asking_for_acceptance_keeps_the_model_unaccepted(tmp_path, server, capsys):
+    """The manifest does not say so, the downloaded card does: the model is kept, not accepted."""
+    path = tmp_path / "licensed.safetensors"
+    save_checkpoint(path, threshold_model(), {"patch_size": [32, 32, 32], "preprocessing": get_preset("mr"),
+                                              "license": "Research only", "license_requires_acceptance": True})
+    data = path.read_bytes()
+    server.files["/licensed.safetensors"] = data
+    manifest = write_manifest(tmp_path / "models.json", server, data, url=f"{server.url}/licensed.safetensors",
+                              license="see the model card")
+    assert fetch(tmp_path / "lib", manifest) == 2
+    assert "iwseg models accept phantom" in capsys.readouterr().err
+    entry = ModelLibrary(tmp_path / "lib").get("phantom")
+    assert entry.needs_acceptance and entry.license == "see the model card"
+    with pytest.raises(InputError, match="must be accepted before first use"):
+        ModelLibrary(tmp_path / "lib").resolve("phantom")
+    assert main(["models", "accept", "phantom", "--library", str(tmp_path / "lib")]) == 0
+    assert ModelLibrary(tmp_path / "lib").resolve("phantom").read_bytes() == data
