@@ -60,7 +60,7 @@ from IWSegmentationLib.backend.local_run import LocalJobFactory  # noqa: E402
 from IWSegmentationLib.core import errors, lesions  # noqa: E402
 from IWSegmentationLib.slicer import deps as slicer_deps  # noqa: E402
 from IWSegmentationLib.slicer import logic as slicer_logic  # noqa: E402
-from IWSegmentationLib.slicer import panel, parameter_node  # noqa: E402
+from IWSegmentationLib.slicer import model_choices, panel, parameter_node  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the module
 
@@ -106,8 +106,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = self._parameterNode = self._gui = None
         self._run = self._progress = self._card = self._devices = self._deviceProbe = None
-        self._installing = False
-        self._rows = []
+        self._installing, self._rows = False, []
 
     # -- setup and teardown ----------------------------------------------------------------------
 
@@ -124,6 +123,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onCheckpointChanged)
+        self.modelMenu = model_choices.ModelMenu(qt.QComboBox(), self.ui.checkpointPathLineEdit, row=1)  # the library
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceInfo)
         for name, signal in panel.RUN_ON_SIGNALS.items():  # where the model runs decides where its card is read
             getattr(self.ui, name).connect(signal, lambda *a: self.onCheckpointChanged(

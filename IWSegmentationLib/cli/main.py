@@ -46,6 +46,7 @@ COMMANDS = {
     "synth": "synth",
     "inspect": "inspect",
     "serve": "serve",
+    "models": "models",
 }
 
 #: OSError numbers that mean the system could not store a file (exit code 4, not a traceback).

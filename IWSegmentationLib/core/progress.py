@@ -23,6 +23,8 @@ stage          keys
                when it concerns one case (a folder case that failed and was skipped)
 ``done``       ``seconds``, ``cases`` (cases that succeeded); ``failed`` (list of case names)
 ``error``      ``message``, ``exit_code``
+``download``   ``model``, ``done``, ``total`` (bytes; ``total`` null when the server does not
+               say), ``eta_s`` — ``iwseg models fetch``; at most about 5 lines a second
 =============  ==========================================================================
 
 Keys after the semicolons were added after the first version; readers must not require them
@@ -49,6 +51,7 @@ from .errors import Cancelled
 
 STAGES = (
     "start", "load", "preprocess", "inference", "postprocess", "write", "case_done", "warning", "done", "error",
+    "download",
 )
 
 
@@ -125,8 +128,8 @@ class ProgressReporter:
             out.write(json.dumps({"stage": stage, **data}, default=str) + "\n")
             out.flush()
             return
-        if stage == "inference":
-            self._text_bar(data)
+        if stage in ("inference", "download"):
+            self._text_bar(data, unit="win" if stage == "inference" else "B")
             return
         self._close_bar()
         message = data.get("message") or data.get("path") or ""
@@ -146,13 +149,14 @@ class ProgressReporter:
 
         return progress
 
-    def _text_bar(self, data: dict) -> None:
+    def _text_bar(self, data: dict, unit: str = "win") -> None:
         from tqdm import tqdm  # lazy: installed on first Apply in Slicer (slicer/deps.py)
 
         total, done = data.get("total") or 0, data.get("done") or 0
         if self._bar is None or self._bar.total != total:
             self._close_bar()
-            self._bar = tqdm(total=total, desc=f"{data.get('case') or 'inference'}", unit="win", leave=False)
+            desc = data.get("case") or data.get("model") or "inference"
+            self._bar = tqdm(total=total, desc=f"{desc}", unit=unit, unit_scale=unit == "B", leave=False)
         self._bar.n = done
         self._bar.refresh()
         if done >= total:

@@ -56,7 +56,8 @@ RELOAD_ORDER = ("core.errors", "core.devices", "core.progress", "core.lesions", 
                 "evaluation.report", "evaluation",
                 "slicer.mrml.scene", "slicer.mrml.geometry", "slicer.mrml.segments", "slicer.mrml.matching",
                 "slicer.mrml.tables", "slicer.mrml.loading", "slicer.mrml", "slicer.panel", "predict.lesion_json",
-                "predict.options", "slicer.parameter_node", "backend.job", "backend.process_tree", "backend.child_process", "backend.interpreter", "backend.local_run",
+                "predict.options", "slicer.parameter_node", "models.manifest", "models.download", "models.library",
+                "slicer.model_choices", "backend.job", "backend.process_tree", "backend.child_process", "backend.interpreter", "backend.local_run",
                 "backend.device_probe", "serve.client", "slicer.deps", "slicer.logic")
 
 

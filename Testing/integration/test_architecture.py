@@ -47,14 +47,17 @@ ALLOWED: dict[str, set[str]] = {
     # ``iwseg predict`` as a child process, what the module and the server share (nn: model cards,
     # no torch; predict: only its options, see ONLY_THROUGH)
     "backend": {"core", "backend", "nn", "predict"},
+    # the model library: checkpoints by name, their licence and sha256, manifests and downloads (nn: the
+    # safe card reader only, see ONLY_THROUGH)
+    "models": {"core", "models", "nn"},
     # the phantom, and its checkpoint written by a child (backend)
     "testing": {"core", "testing", "nn", "preprocessing", "backend"},
     # the front ends: the command line, the server (its jobs are ``iwseg predict`` child processes:
     # it needs the options, never the CLI), the Slicer side (the server only through its client)
     "cli": {"core", "cli", "data", "nn", "preprocessing", "inference", "evaluation", "training", "serve", "backend",
-            "predict"},
+            "predict", "models"},
     "serve": {"core", "serve", "nn", "preprocessing", "inference", "evaluation", "backend", "predict"},
-    "slicer": {"core", "slicer", "evaluation", "nn", "backend", "serve", "predict"},
+    "slicer": {"core", "slicer", "evaluation", "nn", "backend", "serve", "predict", "models"},
 }
 #: folders with rules that the tree may not have yet (serve/ arrives with the server branch)
 PLANNED: set[str] = set()
@@ -64,7 +67,9 @@ ONLY_THROUGH = {("slicer", "serve"): {f"{PACKAGE}.serve.client"},
                 # the torch-free parts of the prediction use case: what a job is asked, the lesion file
                 ("slicer", "predict"): {f"{PACKAGE}.predict.options", f"{PACKAGE}.predict.lesion_json"},
                 ("serve", "predict"): {f"{PACKAGE}.predict.options", f"{PACKAGE}.predict.lesion_json"},
-                ("backend", "predict"): {f"{PACKAGE}.predict.options"}}
+                ("backend", "predict"): {f"{PACKAGE}.predict.options"},
+                # the library reads model cards with the safe, torch-free reader and nothing else of nn/
+                ("models", "nn"): {f"{PACKAGE}.nn.checkpoint"}}
 #: files that may import only the standard library (and the engine's own modules)
 STDLIB_ONLY = {"serve/client.py"}
 
@@ -73,6 +78,7 @@ FORBIDDEN = {
     "slicer": {"torch"},
     "backend": {"torch"},
     "evaluation": {"torch"},
+    "models": {"torch"},
 }
 #: the Slicer application's modules: only slicer/ talks to Slicer
 SLICER_APP = {"slicer", "vtk", "qt", "ctk", "mrml", "vtkSegmentationCorePython"}
@@ -305,6 +311,9 @@ def test_the_private_name_check_allows_public_and_dunder_names():
     ("serve/jobs.py", "from ..predict.predictor import Predictor\n", "only through"),
     ("backend/job.py", "from ..predict.cases import collect_cases\n", "only through"),
     ("predict/options.py", "from ..backend.job import Outcome\n", "predict/ may not import backend/"),
+    ("models/library.py", "from ..nn.unet import build_model\n", "only through IWSegmentationLib.nn.checkpoint"),
+    ("models/library.py", "import torch\n", "models/ may not import torch"),
+    ("predict/options.py", "from ..models.library import resolve_model\n", "predict/ may not import models/"),
 ])
 def test_the_checker_catches_each_kind_of_violation(rel, source, expected):
     """The rules can fail: each of these made-up files breaks one."""
@@ -335,6 +344,7 @@ def test_the_slicer_side_loads_no_torch():
     """What the module imports into Slicer's GUI process (views needs vtk, which the module has too)."""
     modules = [f"{PACKAGE}.slicer.{m}" for m in ("panel", "logic", "deps", "lesion_row", "mrml")]
     modules += [f"{PACKAGE}.backend.{m}" for m in ("local_run", "device_probe")]
+    modules += [f"{PACKAGE}.slicer.model_choices", f"{PACKAGE}.models.library"]
     assert not _loads_torch(modules)
 
 

@@ -19,6 +19,7 @@ from ...core.devices import DEVICES, ENGINES, PRECISIONS
 from ...core.errors import EXIT_FAILURE, Cancelled, InputError, IWSegError
 from ...core.lesions import CONNECTIVITIES, SIZE_PRESETS
 from ...core.progress import CancelState, ProgressReporter
+from ...models.library import resolve_model
 from ...predict.cases import OutputTargets, collect_cases
 from ...predict.options import OVERLAP_RANGE, PredictOptions
 from ...predict.predictor import Predictor
@@ -38,7 +39,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--model", required=True, type=Path, nargs="+", metavar="CKPT",
-                   help="checkpoint (.safetensors); several: an ensemble whose logits are averaged "
+                   help="checkpoint (.safetensors) or the name of a model in the model library (iwseg models list; "
+                        "docs/models.md); several: an ensemble whose logits are averaged "
                         "(their preprocessing, window and threshold must agree)")
     p.add_argument("--input", required=True, type=Path, nargs="+", metavar="IMG|DIR",
                    help="image, DICOM folder or folder of cases; several image files: the channels of one case "
@@ -101,8 +103,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def options_from_arguments(args: argparse.Namespace) -> PredictOptions:
     """The prediction parameters of a parsed ``iwseg predict`` command line (checked on construction)."""
+    models = tuple(args.model) if args.server else tuple(resolve_model(m) for m in args.model)  # library names
     return PredictOptions(
-        models=tuple(args.model), device=args.device, overlap=args.overlap, threshold=args.threshold,
+        models=models, device=args.device, overlap=args.overlap, threshold=args.threshold,
         batch_size=args.batch_size, precision=args.precision, engine=args.engine, tta=args.tta,
         no_skip=args.no_skip, force=args.force, threads=args.threads,
         probabilities=args.probabilities is not None, probabilities_uint8=args.probabilities_uint8,
