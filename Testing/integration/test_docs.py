@@ -24,6 +24,7 @@ documented example.
 from __future__ import annotations
 
 import ast
+import argparse
 import contextlib
 import importlib
 import importlib.util
@@ -156,11 +157,18 @@ def unwrap(command: list[str]) -> list[str]:
     return cmd
 
 
-def iwseg_help_flags(sub: str) -> set[str]:
-    """The ``--flags`` of ``iwseg SUB`` as its ``--help`` lists them (option lines only)."""
+def nested_commands(sub: str) -> set[str]:
+    """The sub-commands of ``iwseg SUB`` (``iwseg models list``), empty when it has none."""
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    inner = [a for a in top.choices[sub]._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(inner[0].choices) if inner else set()
+
+
+def iwseg_help_flags(*subs: str) -> set[str]:
+    """The ``--flags`` of ``iwseg SUB [SUB2]`` as its ``--help`` lists them (option lines only)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-        build_parser().parse_args([sub, "--help"])
+        build_parser().parse_args([*subs, "--help"])
     flags = set()
     for line in out.getvalue().splitlines():
         if re.match(r"^\s+-", line):
@@ -194,9 +202,10 @@ def check_command(cmd: list[str]) -> str | None:
     if head == "iwseg":
         if len(cmd) < 2 or cmd[1] not in iwseg_subcommands():
             return f"`iwseg {cmd[1] if len(cmd) > 1 else ''}` is not a sub-command"
-        known = iwseg_help_flags(cmd[1])
-        bad = [t.split("=")[0] for t in cmd[2:] if t.startswith("--") and t.split("=")[0] not in known]
-        return f"`iwseg {cmd[1]}` has no {', '.join(bad)}" if bad else None
+        subs = cmd[1:3] if len(cmd) > 2 and cmd[2] in nested_commands(cmd[1]) else cmd[1:2]
+        known = iwseg_help_flags(*subs)
+        bad = [t.split("=")[0] for t in cmd[1 + len(subs):] if t.startswith("--") and t.split("=")[0] not in known]
+        return f"`iwseg {' '.join(subs)}` has no {', '.join(bad)}" if bad else None
     if head in ("python", "python3") and cmd[1:2] == ["-m"]:
         module = cmd[2]
         if module == "venv":

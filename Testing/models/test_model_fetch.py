@@ -184,12 +184,12 @@ def test_the_cli_reports_a_sha256_mismatch_with_exit_code_2(tmp_path, server, mo
 
 def test_a_licence_needing_acceptance_is_shown_and_gates_fetch_and_predict(tmp_path, server, model_bytes, capsys,
                                                                            monkeypatch):
-    manifest = write_manifest(tmp_path / "models.json", server, model_bytes, license="Research only, no clinical use",
+    manifest = write_manifest(tmp_path / "models.json", server, model_bytes, license="LicenseRef-research-only",
                               license_requires_acceptance=True, license_url="https://example.org/licence")
     assert fetch(tmp_path / "lib", manifest) == 2
     assert server.requests == [], "nothing is downloaded before the licence is accepted"
     error = capsys.readouterr().err  # the licence is shown before first use
-    assert "licensed under: Research only, no clinical use (https://example.org/licence)" in error
+    assert "licensed under: LicenseRef-research-only (https://example.org/licence)" in error
     assert "--accept-license" in error
     assert fetch(tmp_path / "lib", manifest, "--accept-license") == 0
     entry = ModelLibrary(tmp_path / "lib").get("phantom")
@@ -247,7 +247,7 @@ def test_a_card_asking_for_acceptance_keeps_the_model_unaccepted(tmp_path, serve
     """The manifest does not say so, the downloaded card does: the model is kept, not accepted."""
     path = tmp_path / "licensed.safetensors"
     save_checkpoint(path, threshold_model(), {"patch_size": [32, 32, 32], "preprocessing": get_preset("mr"),
-                                              "license": "Research only", "license_requires_acceptance": True})
+                                              "license": "LicenseRef-research-only", "license_requires_acceptance": True})
     data = path.read_bytes()
     server.files["/licensed.safetensors"] = data
     manifest = write_manifest(tmp_path / "models.json", server, data, url=f"{server.url}/licensed.safetensors",

@@ -24,7 +24,7 @@ from IWSegmentationLib.nn.checkpoint import save_checkpoint
 from IWSegmentationLib.preprocessing.presets import get_preset
 from IWSegmentationLib.testing.phantom import phantom_case, threshold_checkpoint, threshold_model
 
-LICENSED = {"license": "Research only, no clinical use", "license_requires_acceptance": True}
+LICENSED = {"license": "LicenseRef-research-only", "license_requires_acceptance": True}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_add_refuses_what_is_not_a_safe_checkpoint(tmp_path, checkpoints):
 def test_a_card_licence_needing_acceptance_gates_add(tmp_path, checkpoints, capsys):
     lib = tmp_path / "lib"
     assert models("add", str(checkpoints["licensed"]), "--library", str(lib)) == 2
-    assert "licensed under: Research only, no clinical use" in capsys.readouterr().err
+    assert "licensed under: LicenseRef-research-only" in capsys.readouterr().err
     assert ModelLibrary(lib).entries() == []
     assert models("add", str(checkpoints["licensed"]), "--library", str(lib), "--accept-license") == 0
     entry = ModelLibrary(lib).get("licensed")
@@ -142,11 +142,11 @@ def test_predict_takes_a_library_name_once_its_licence_is_accepted(tmp_path, che
             "--device", "cpu"]
     assert main(args) == 2
     error = capsys.readouterr().err
-    assert "'research' is licensed under: Research only" in error and "iwseg models accept research" in error
+    assert "'research' is licensed under: LicenseRef-research-only" in error and "iwseg models accept research" in error
     assert not (tmp_path / "mask.nrrd").exists()
 
     assert models("accept", "research") == 0
-    assert "licensed under: Research only" in capsys.readouterr().out
+    assert "licensed under: LicenseRef-research-only" in capsys.readouterr().out
     assert main(args) == 0
     mask, _ = read_image(tmp_path / "mask.nrrd")
     # the phantom's threshold model finds its lesions exactly: the mask is the reference
