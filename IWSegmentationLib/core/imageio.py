@@ -173,6 +173,8 @@ def _read_dicom_series(path: Path, what: str):
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     image = reader.Execute()
+    check_slice_orientations([reader.GetMetaData(i, "0020|0037") if reader.HasMetaDataKey(i, "0020|0037") else ""
+                              for i in range(len(files))], f"{what} folder {path}")
     positions = []
     for i in range(len(files)):
         if not reader.HasMetaDataKey(i, "0020|0032"):
@@ -180,6 +182,29 @@ def _read_dicom_series(path: Path, what: str):
         positions.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
     check_slice_positions(positions, image.GetDirection(), f"{what} folder {path}")
     return image
+
+
+def check_slice_orientations(orientations: Sequence[str], where: str, *, tolerance: float = 1e-3) -> None:
+    """Refuse a DICOM series whose slices do not share one ImageOrientationPatient (a scout or a
+    reformatted slice filed in the series): stacked, it would be read as a slice of the volume.
+    ``orientations`` are the tag's ``a\\b\\c\\d\\e\\f`` texts in reading order (``""`` where absent)."""
+    cosines = []
+    for text in orientations:
+        try:
+            cosines.append([float(v) for v in text.split("\\")] if text.strip() else None)
+        except ValueError:
+            cosines.append(None)
+    known = [(i, c) for i, c in enumerate(cosines) if c is not None and len(c) == 6]
+    if not known:
+        return
+    first_index, first = known[0]
+    for i, c in known[1:]:
+        if not np.allclose(c, first, atol=tolerance):
+            raise InputError(
+                f"{where}: slice {i + 1} of {len(orientations)} has ImageOrientationPatient {format_numbers(c)}, "
+                f"slice {first_index + 1} has {format_numbers(first)}: the series mixes orientations (a scout or "
+                "reformatted image?); put the slices of one orientation in their own folder"
+            )
 
 
 def check_slice_positions(positions: Sequence[Sequence[float]], direction: Sequence[float], where: str,
