@@ -109,6 +109,33 @@ def _grid_index(ds, origin: np.ndarray, inverse: np.ndarray) -> np.ndarray:
     return inverse @ (np.asarray([float(v) for v in ds.ImagePositionPatient]) - origin)
 
 
+#: What a SEG copies from or references in every source image and cannot do without (DICOM type 1).
+REQUIRED_REFERENCES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                       "FrameOfReferenceUID", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+#: Patient and study attributes a SEG must hold but may leave empty (DICOM type 2): an anonymised
+#: series that dropped them gets them empty, in memory only (the source files are not touched).
+EMPTY_ALLOWED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+                 "AccessionNumber", "SliceThickness")
+
+
+def check_references(headers: Sequence[Any], *, what: str = "DICOM series") -> None:
+    """Refuse a series a SEG cannot reference (before inference, not in highdicom after it): an
+    image without one of :data:`REQUIRED_REFERENCES`, or images in two frames of reference. Adds
+    the missing :data:`EMPTY_ALLOWED` attributes, empty, to ``headers``."""
+    for ds in headers:
+        missing = [name for name in REQUIRED_REFERENCES if not str(ds.get(name, "") or "").strip()]
+        if missing:
+            raise InputError(f"{what}: image {ds.get('SOPInstanceUID', '?')} has no {', '.join(missing)}; a DICOM SEG "
+                             "must reference it (was the series anonymised too far?). Write the mask instead of --dicom-seg")
+        for name in EMPTY_ALLOWED:
+            if name not in ds:
+                setattr(ds, name, None)
+    frames = sorted({str(ds.FrameOfReferenceUID) for ds in headers})
+    if len(frames) > 1:
+        raise InputError(f"{what}: its images lie in {len(frames)} frames of reference ({', '.join(frames[:3])}); "
+                         "a DICOM SEG references one")
+
+
 def order_by_slice(headers: Sequence[Any], geometry: Geometry, *, what: str = "DICOM series") -> list[Any]:
     """Put single-frame images on the slices of ``geometry``: element ``k`` is the image whose
     ``ImagePositionPatient`` is the grid point ``(i, j, k) = (0, 0, k)`` and whose rows and columns run
@@ -118,6 +145,7 @@ def order_by_slice(headers: Sequence[Any], geometry: Geometry, *, what: str = "D
     series = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in headers})
     if len(series) != 1:
         raise InputError(f"{what} holds images of {len(series)} series; a DICOM SEG references one series")
+    check_references(headers, what=what)
     nx, ny, nz = geometry.size
     axes = geometry.direction_matrix * np.asarray(geometry.spacing, dtype=float)[None, :]
     inverse, origin = np.linalg.inv(axes), np.asarray(geometry.origin, dtype=float)

@@ -22,6 +22,9 @@ from .files import DETACHED_SUFFIXES, IMAGE_SUFFIXES
 from .image_headers import header_problem, is_nifti, nifti_problem
 from .outputs import atomic_output
 
+#: ITK's metadata key for free-text notes: NIfTI's ``descrip`` field, a field of NRRD and MetaImage.
+NOTES_KEY = "ITK_FileNotes"
+
 
 def format_numbers(values: Sequence[float], digits: int = 4) -> str:
     """``(0.8, 0.8, 2)``: numbers for a message, rounded, never ``np.float64(...)``."""
@@ -170,6 +173,8 @@ def _read_dicom_series(path: Path, what: str):
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     image = reader.Execute()
+    check_slice_orientations([reader.GetMetaData(i, "0020|0037") if reader.HasMetaDataKey(i, "0020|0037") else ""
+                              for i in range(len(files))], f"{what} folder {path}")
     positions = []
     for i in range(len(files)):
         if not reader.HasMetaDataKey(i, "0020|0032"):
@@ -177,6 +182,29 @@ def _read_dicom_series(path: Path, what: str):
         positions.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
     check_slice_positions(positions, image.GetDirection(), f"{what} folder {path}")
     return image
+
+
+def check_slice_orientations(orientations: Sequence[str], where: str, *, tolerance: float = 1e-3) -> None:
+    """Refuse a DICOM series whose slices do not share one ImageOrientationPatient (a scout or a
+    reformatted slice filed in the series): stacked, it would be read as a slice of the volume.
+    ``orientations`` are the tag's ``a\\b\\c\\d\\e\\f`` texts in reading order (``""`` where absent)."""
+    cosines = []
+    for text in orientations:
+        try:
+            cosines.append([float(v) for v in text.split("\\")] if text.strip() else None)
+        except ValueError:
+            cosines.append(None)
+    known = [(i, c) for i, c in enumerate(cosines) if c is not None and len(c) == 6]
+    if not known:
+        return
+    first_index, first = known[0]
+    for i, c in known[1:]:
+        if not np.allclose(c, first, atol=tolerance):
+            raise InputError(
+                f"{where}: slice {i + 1} of {len(orientations)} has ImageOrientationPatient {format_numbers(c)}, "
+                f"slice {first_index + 1} has {format_numbers(first)}: the series mixes orientations (a scout or "
+                "reformatted image?); put the slices of one orientation in their own folder"
+            )
 
 
 def check_slice_positions(positions: Sequence[Sequence[float]], direction: Sequence[float], where: str,
@@ -274,8 +302,12 @@ def output_suffix(input_path: str | os.PathLike) -> str:
     return DETACHED_SUFFIXES.get(suffix, suffix)
 
 
-def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, *, compress: bool = True) -> Path:
+def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, *, compress: bool = True,
+                notes: str | None = None) -> Path:
     """Write a ``[z, y, x]`` array with ``geometry`` to ``path`` atomically (temp file, then rename).
+
+    ``notes`` (at most 80 characters) go into the file's header as ITK's ``ITK_FileNotes``
+    (NIfTI ``descrip``, an NRRD or MetaImage field); :func:`read_image_notes` reads them back.
 
     The written file is read back before the rename: its header must give the grid's size and,
     for NIfTI (whose ITK writer does not fail on a short write), the voxel data must be all there.
@@ -284,6 +316,8 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, 
     sitk = _sitk()
     check_output_format(path)
     image = to_sitk(array, geometry)
+    if notes:
+        image.SetMetaData(NOTES_KEY, notes)
     path = Path(path)
     with atomic_output(path) as tmp:
         try:
@@ -292,6 +326,22 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, 
             raise OutputError(f"cannot write {path}: {itk_message(exc)}") from None
         _verify_written(tmp, path, geometry)
     return path
+
+
+def read_image_notes(path: str | os.PathLike) -> str:
+    """The notes :func:`write_image` put into a file's header (``""`` if none, or for a DICOM
+    folder); reads the header only."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    reader = _sitk().ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read {path}: {itk_message(exc)}") from None
+    keys = set(reader.GetMetaDataKeys())
+    return next((reader.GetMetaData(k) for k in (NOTES_KEY, "descrip") if k in keys), "")
 
 
 def _verify_written(tmp: Path, path: Path, geometry: Geometry) -> None:
@@ -306,17 +356,3 @@ def _verify_written(tmp: Path, path: Path, geometry: Geometry) -> None:
         raise OutputError(f"cannot write {path}: the file written reads back as size {reader.GetSize()}")
     if is_nifti(tmp) and (problem := nifti_problem(tmp)):
         raise OutputError(f"cannot write {path}: the file written {problem} (disk full?)")
-
-
-def probabilities_to_uint8(probabilities: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] as ``round(255 p)`` (predict's ``--probabilities-uint8``)."""
-    return np.rint(probabilities * np.float32(255.0)).astype(np.uint8)
-
-
-def probabilities_from_file(array: np.ndarray) -> np.ndarray:
-    """A stored prediction as probabilities: a uint8 map with values above 1 is read as
-    :func:`probabilities_to_uint8` wrote it (``v / 255``); anything else is returned as is
-    (float maps, 0/1 masks)."""
-    if array.dtype == np.uint8 and array.size and int(array.max()) > 1:
-        return array.astype(np.float32) / np.float32(255.0)
-    return array

@@ -42,6 +42,8 @@ import json
 import math
 import os
 import re
+import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -318,6 +320,46 @@ def write_dataset(
         raise InputError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"output folder {out} is not empty; choose another folder or pass --force to overwrite")
+    if not out.parent.is_dir():
+        raise InputError(f"output {out}: folder {out.parent} does not exist")
+    # everything is written into a staging folder next to ``out`` and moved in only when complete:
+    # a full disk or a cancel leaves no partial dataset (the staging folder is removed)
+    staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    staging.mkdir()  # with the umask's mode, which the dataset folder keeps
+    try:
+        summary = _write_cases(staging, cases, seed, preset, shape, spacing, body_fraction, progress, channels, options)
+        _move_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _move_in(staging: Path, out: Path) -> None:
+    """Put the complete dataset in ``staging`` at ``out``: a rename of the folder when ``out`` is
+    absent or empty; else (``--force``) a rename of each file, then the old cases the new
+    ``dataset.json`` does not list are removed (other files in ``out`` are kept)."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    for folder in ("imagesTr", "labelsTr", "masksTr"):
+        (out / folder).mkdir(exist_ok=True)
+        for file in (staging / folder).iterdir():
+            os.replace(file, out / folder / file.name)
+    for name in ("lesions.csv", "dataset.json"):  # dataset.json last: it says the dataset is there
+        os.replace(staging / name, out / name)
+    summary = json.loads((out / "dataset.json").read_text())["iwseg"]
+    cids = {case_id(i) for i in range(len(summary["lesions_per_case"]))}
+    channels = summary["channels"]
+    written = {f"{c}.nii.gz" for c in cids} if channels == 1 else {f"{c}_{k:04d}.nii.gz" for c in cids for k in range(2)}
+    _remove_stale_cases([out / "imagesTr"], cids, written)
+    _remove_stale_cases([out / "labelsTr", out / "masksTr"], cids, {f"{c}.nii.gz" for c in cids})
+
+
+def _write_cases(out: Path, cases: int, seed: int, preset: str, shape, spacing, body_fraction, progress, channels: int,
+                 options: dict) -> dict:
+    """Write the dataset into the empty folder ``out`` (the staging folder of :func:`write_dataset`)."""
     dirs = {name: out / name for name in ("imagesTr", "labelsTr", "masksTr")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
@@ -343,9 +385,6 @@ def write_dataset(
         if progress is not None:
             progress(i + 1, cases, cid)
 
-    keep = {case_id(i) for i in range(cases)}
-    _remove_stale_cases([dirs["imagesTr"]], keep, written)
-    _remove_stale_cases([dirs["labelsTr"], dirs["masksTr"]], keep, {f"{cid}.nii.gz" for cid in keep})
     with atomic_output(out / "lesions.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["case", "lesion", "voxels", "diameter_vox", "contrast", "kind", "z", "y", "x"])

@@ -62,6 +62,8 @@ SECTION_FIELDS = ("inference", "training", "min_lesion_size", "crop_to_organ")
 # ---------------------------------------------------------------------------------- limits
 #: Largest side of ``patch_size`` (and of ``inference.patch_size``) in voxels.
 MAX_PATCH_SIDE = 512
+#: Smallest side of ``patch_size`` in voxels: a 1^3 patch made 131,072 windows of one voxel (a 9-day ETA).
+MIN_PATCH_SIDE = 8
 #: Largest number of voxels of one window: 256^3 (the paper's 128^3 is 8 times less).
 MAX_PATCH_VOXELS = 256 ** 3
 #: Allowed range of each ``preprocessing.target_spacing`` entry, in mm.
@@ -133,7 +135,7 @@ class _Checker:
             value = [value] * 3
         if not isinstance(value, (list, tuple)) or len(value) != 3:
             raise self.fail(key, "must be 3 positive ints (z, y, x)", value)
-        sides = tuple(self.integer(v, key, 1, MAX_PATCH_SIDE) for v in value)
+        sides = tuple(self.integer(v, key, MIN_PATCH_SIDE, MAX_PATCH_SIDE) for v in value)
         if math.prod(sides) > MAX_PATCH_VOXELS:
             raise self.fail(key, f"must hold at most {MAX_PATCH_VOXELS} voxels (256^3)", value)
         return sides  # type: ignore[return-value]

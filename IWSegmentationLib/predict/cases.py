@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core.errors import InputError, IWSegError
 from ..core.files import IMAGE_SUFFIXES, case_name, group_channels, list_images, preview_names
-from ..core.imageio import check_output_format, output_suffix
+from ..core.imageio import Geometry, check_output_format, format_numbers, output_suffix
 from ..core.outputs import check_not_overwriting, check_output_path, check_writable, remove_stale_partials_of
 
 
@@ -129,6 +129,25 @@ def check_label_map(image: np.ndarray, path: Path, *, force: bool, warn) -> None
     if image.dtype.kind in "biu" and values.min() >= 0 and not force:
         raise InputError(f"{what}; give the scan as --input, or pass --force to segment it anyway")
     warn(f"{what}; segmenting it anyway")
+
+
+#: Voxel spacing iwseg predict accepts, in mm: below it is a header in metres or a microscope, above
+#: it not a scan (a 1e-6 mm spacing made the lung field's 15 mm margin a 30,000,001-voxel window).
+SPACING_RANGE_MM = (0.01, 100.0)
+
+
+def check_volume_grid(geometry: Geometry, path: Path) -> None:
+    """Refuse a volume the 3D network cannot mean anything on, before it reaches it: a single
+    slice (a 2D image stored as 3D), a single voxel, or a voxel spacing outside
+    :data:`SPACING_RANGE_MM`; the message names the file and its shape or spacing."""
+    flat = [axis for axis, n in zip("zyx", geometry.shape_zyx) if n < 2]
+    if flat:
+        raise InputError(f"image {path} has shape {geometry.shape_zyx} (z, y, x): one voxel along {', '.join(flat)}; "
+                         "a 3D volume of at least 2 voxels along every axis is needed (a 2D image is refused)")
+    low, high = SPACING_RANGE_MM
+    if not all(low * (1 - 1e-6) <= s <= high * (1 + 1e-6) for s in geometry.spacing):  # NIfTI stores float32
+        raise InputError(f"image {path} has voxel spacing {format_numbers(geometry.spacing, 8)} mm (x, y, z), outside "
+                         f"[{low:g}, {high:g}] mm: is the header in metres or wrong? Fix the spacing first")
 
 
 def organ_mask_warning(card: dict, given: bool) -> str | None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..core import dicom_seg as dicom_seg_writer
 from ..core.errors import InputError
-from ..core.imageio import Geometry, probabilities_to_uint8, write_image
+from ..core.imageio import Geometry, write_image
 from ..core.lesions import (
     SizeThresholds,
     analyze_lesions,
@@ -20,6 +20,7 @@ from ..core.lesions import (
     size_thresholds,
 )
 from ..core.outputs import atomic_output, folder_lock
+from ..core.prediction_maps import PROBABILITY_UINT8_NOTE, probabilities_to_uint8
 from ..core.progress import CancelState
 from .cases import PredictJob, check_output_file, check_output_folder
 from .lesion_json import CONFIDENCE_NOTE, format_lesion_report
@@ -128,7 +129,8 @@ def write_case_outputs(case: PredictJob, prediction, geometry: Geometry, report:
             probs = prediction.probabilities  # computed here, only when asked for (float32, sigmoid of the logits)
             if options.probabilities_uint8:
                 probs = probabilities_to_uint8(probs)
-            write_image(tmp, probs, geometry)
+            # the note tells iwseg evaluate that the values are round(255 p), not labels
+            write_image(tmp, probs, geometry, notes=PROBABILITY_UINT8_NOTE if options.probabilities_uint8 else None)
             del probs
             outputs["probabilities"] = str(case.probabilities)
         if case.logits is not None:

@@ -32,6 +32,7 @@ from .cases import (
     PredictJob,
     check_case_channels,
     check_label_map,
+    check_volume_grid,
     collect_cases,
     model_channels,
     organ_mask_warning,
@@ -184,6 +185,7 @@ class Predictor:
         t0 = time.monotonic()
         reporter.emit("load", case=case.name, message=f"reading {', '.join(map(str, case.image_files))}")
         image, geometry = read_channels(case.image_files, what="image")
+        check_volume_grid(geometry, case.image)  # a 2D slice or a micrometre spacing never reaches the network
         check_label_map(image, case.image, force=options.force,
                         warn=lambda message: reporter.emit("warning", case=case.name, message=message))
         # the SEG's source images are read (and matched to the grid) before inference, so a series

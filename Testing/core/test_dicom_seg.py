@@ -233,3 +233,41 @@ def test_without_highdicom_predict_says_how_to_install_it_before_inference(tmp_p
     stages = [json.loads(line)["stage"] for line in proc.stdout.splitlines() if line.strip()]
     assert stages == ["error"]  # refused before the checkpoint was even loaded
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_series_without_frame_of_reference_is_refused_before_inference(tmp_path, series, checkpoint, capsys):
+    """#23 item 7: a source series without FrameOfReferenceUID ran the whole inference, then highdicom
+    raised (exit 1). Now: exit 2 before the image is preprocessed, naming the series and the attribute."""
+    import pydicom
+
+    _, _, folder, files = series
+    stripped = tmp_path / "CT"
+    stripped.mkdir()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(stripped / f.name)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = main(["predict", "--force", "--model", str(checkpoint), "--input", str(stripped), "--output",
+                 str(out / "m.nrrd"), "--dicom-seg", str(out / "s.dcm"), "--device", "cpu", "--progress-format", "jsonl"])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert f"DICOM series {stripped}" in captured.err and "has no FrameOfReferenceUID" in captured.err
+    stages = [json.loads(line)["stage"] for line in captured.out.splitlines() if line.strip()]
+    assert "preprocess" not in stages and "inference" not in stages, stages
+    assert list(out.iterdir()) == []
+
+
+def test_check_references_fills_type_2_attributes_and_refuses_two_frames(series):
+    _, geometry, _, files = series
+    headers = dicom_seg.read_headers(files)
+    del headers[0].PatientName, headers[0].StudyID  # anonymised: type 2, may be empty
+    dicom_seg.check_references(headers, what="series X")
+    assert "PatientName" in headers[0] and not headers[0].PatientName and not headers[0].StudyID  # present, empty
+    headers[1].FrameOfReferenceUID = "1.2.3"
+    with pytest.raises(InputError, match=r"series X: its images lie in 2 frames of reference"):
+        dicom_seg.check_references(headers, what="series X")
+    del headers[2].PixelSpacing
+    with pytest.raises(InputError, match=r"series X: image .* has no PixelSpacing"):
+        dicom_seg.check_references(headers, what="series X")

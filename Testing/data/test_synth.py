@@ -225,3 +225,37 @@ def test_primary_diameter_must_exceed_the_satellites():
 
     with pytest.raises(InputError, match="primary_diameter"):
         synth_case(0, (32, 64, 64), "ct-liver", diameter_range=(2.5, 5.0), primary_diameter=4.0)
+
+
+def test_a_full_disk_leaves_no_partial_dataset(tmp_path, monkeypatch, capsys):
+    """#23 item 10: the disk fills while case 2 of 3 is written (the 5th image file: case 1 wrote
+    image, label, mask). Before, out/ kept case 1 and no dataset.json; now nothing is left, neither
+    out/ nor the staging folder, the exit code is 4 (OutputError), and with --force over an earlier
+    dataset that dataset is left whole."""
+    import errno
+
+    from IWSegmentationLib.core.errors import OutputError
+    from IWSegmentationLib.data import synth
+
+    real_write, calls = synth.write_image, []
+
+    def full_disk(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 4:
+            raise OutputError(f"cannot write {path}: {os.strerror(errno.ENOSPC)}")
+        return real_write(path, *args, **kwargs)
+
+    out = tmp_path / "synth"
+    args = ["synth", "--out", str(out), "--cases", "3", "--size", "16", "32", "32", "--quiet"]
+    monkeypatch.setattr(synth, "write_image", full_disk)
+    assert cli_main(args) == 4
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no out/, no .synth.partial-*
+    monkeypatch.setattr(synth, "write_image", real_write)
+    assert cli_main(args) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    calls.clear()
+    monkeypatch.setattr(synth, "write_image", full_disk)
+    assert cli_main([*args[:4], "2", *args[5:], "--seed", "9", "--force"]) == 4
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]

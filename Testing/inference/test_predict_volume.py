@@ -413,3 +413,24 @@ def test_predict_volume_frozen_and_eager_agree():
     assert (frozen.stats.engine, eager.stats.engine) == ("frozen", "eager")
     assert frozen.stats.windows_run == eager.stats.windows_run == frozen.stats.windows_total
     np.testing.assert_allclose(frozen.probabilities, eager.probabilities, atol=1e-6)
+
+
+def test_more_windows_than_a_job_may_run_is_refused_before_any_runs():
+    """#23 item 5: windows per volume are bounded. Hand-worked: a 100 x 200 x 200 volume in 8^3
+    windows at overlap 0.5 (step 4) has (100 - 8) / 4 + 1 = 24 by (200 - 8) / 4 + 1 = 49 by 49
+    starts: 57,624 windows, under MAX_WINDOWS; at overlap 0.75 (step 2): 47 x 97 x 97 = 442,223,
+    refused naming the count, patch, overlap and volume, with the predictor never called."""
+    from IWSegmentationLib.inference.sliding_window import MAX_WINDOWS, sliding_window_inference
+
+    calls = []
+
+    def predictor(batch):
+        calls.append(batch.shape)
+        return torch.zeros((batch.shape[0], 1, *batch.shape[2:]))
+
+    image = np.zeros((100, 200, 200), np.float32)
+    assert 57_624 < MAX_WINDOWS < 442_223
+    with pytest.raises(InputError, match=r"442,223 windows of \[8, 8, 8\] voxels at overlap \[0.75, 0.75, 0.75\] over "
+                                         r"a volume of \[100, 200, 200\] voxels: more than the 200,000"):
+        sliding_window_inference(image, predictor, 8, overlap=0.75)
+    assert calls == []

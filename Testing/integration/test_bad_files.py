@@ -32,6 +32,11 @@ from IWSegmentationLib.cli.main import main
 from IWSegmentationLib.core import imageio, outputs
 from IWSegmentationLib.core.errors import CheckpointError, InputError
 from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
+from IWSegmentationLib.core.prediction_maps import (
+    PROBABILITY_UINT8_NOTE,
+    prediction_probabilities,
+    probabilities_to_uint8,
+)
 from IWSegmentationLib.nn.checkpoint import MAX_HEADER_BYTES, load_checkpoint, read_header, save_checkpoint
 from IWSegmentationLib.preprocessing import get_preset
 from IWSegmentationLib.testing.phantom import phantom_case, threshold_checkpoint, threshold_model
@@ -482,11 +487,11 @@ def test_evaluate_accepts_predicts_uint8_probabilities(tmp_path, model, phantom)
 
 def test_probabilities_uint8_round_trip():
     p = np.array([0.0, 0.002, 0.5, 0.8, 1.0], np.float32)
-    stored = imageio.probabilities_to_uint8(p)
+    stored = probabilities_to_uint8(p)
     assert stored.tolist() == [0, 1, 128, 204, 255]  # rint(255 p): 0.51 -> 1, 127.5 -> 128, 204.0, 255
-    assert np.allclose(imageio.probabilities_from_file(stored), p, atol=0.5 / 255)
+    assert np.allclose(prediction_probabilities(stored, PROBABILITY_UINT8_NOTE, "p.nii.gz"), p, atol=0.5 / 255)
     binary = np.array([0, 1, 1], np.uint8)
-    assert imageio.probabilities_from_file(binary) is binary  # a 0/1 mask stays a mask
+    assert prediction_probabilities(binary, "", "m.nii.gz") is binary  # a 0/1 mask stays a mask
 
 
 # --------------------------------------------------------------------------- limits (14.10)

@@ -170,6 +170,25 @@ def test_lung_field_keeps_lungs_and_lesions_and_drops_outside_air():
     assert not small_margin[parts["mass"]].all()  # a 4 mm margin loses the outer part of the mass
 
 
+def test_lung_field_margin_is_bounded_by_the_image():
+    """A 1e-6 mm spacing asked maximum_filter for a 30,000,001-voxel window (15 mm margin): it hung.
+    A window of 2n - 1 voxels already reaches the whole axis from every voxel, so the margin is
+    capped there: the same answer at once. Hand-worked: one enclosed air box in a 20 x 40 x 40
+    volume, grown by more than the image on every axis, fills the whole volume; at 1 mm it grows
+    by 15 voxels only, so the corner voxel (0, 39, 39), 24 voxels in-plane from the box, stays out."""
+    import time
+
+    image = np.zeros((20, 40, 40), np.float32)
+    image[:, 0, :] = -1000  # air touching the border: not lung
+    image[5:15, 10:20, 10:20] = -900
+    start = time.monotonic()
+    field = lung_field(image, (1e-6, 1e-6, 1e-6))
+    assert time.monotonic() - start < 5.0
+    assert field.all()
+    one_mm = lung_field(image, (1.0, 1.0, 1.0))
+    assert one_mm[10, 15, 15] and not one_mm[0, 39, 39]
+
+
 def test_lung_field_absent_falls_back_to_the_body_threshold():
     """An image without enclosed air (a body in air, no lungs): no lung field, and the ct-lung
     foreground falls back to the body threshold, saying so."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from ...core.errors import InputError
 from ...core.files import pair_cases
-from ...core.imageio import Geometry, check_same_grid, probabilities_from_file, read_image
+from ...core.imageio import Geometry, check_same_grid, read_image, read_image_notes
 from ...core.lesions import (
     CONNECTIVITIES,
     SIZE_GROUP_COLORS,
@@ -32,6 +32,7 @@ from ...core.lesions import (
     size_thresholds,
 )
 from ...core.outputs import atomic_output, check_not_overwriting, check_writable
+from ...core.prediction_maps import parse_prediction_values, prediction_probabilities
 from ...core.progress import CancelState
 from ...evaluation.bootstrap import (
     BOOTSTRAP_FRACTION,
@@ -70,6 +71,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pred", type=Path, metavar="DIR",
                    help="instead of --logits: folder of probability maps in [0, 1] or masks (e.g. from another "
                         "tool), ranked by their maximum probability (ties at 1.0 for confident components)")
+    p.add_argument("--pred-values", default="auto", metavar="KIND",
+                   help="what --pred's values are: auto (default: float maps are probabilities, a uint8 map "
+                        "written by iwseg predict --probabilities-uint8 is round(255 p), an integer map of 0 and one "
+                        "value k is a label map; other integer maps are refused), probability, uint8 (round(255 p) "
+                        "without predict's note) or label=K (voxels of value K are lesion, e.g. label=2 for LiTS)")
     p.add_argument("--ref", type=Path, metavar="DIR", help="folder of reference lesion masks")
     p.add_argument("--records", type=Path, metavar="FILE",
                    help="instead of --pred/--ref: per-lesion records, the authors' prc_records.json or an "
@@ -117,6 +123,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not (0.0 <= args.threshold < 1.0):
         raise InputError(f"--threshold must be in [0, 1), got {args.threshold}")
     _check_sources(args)
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise InputError(f"--seed must be in [0, 2^32), got {args.seed}")
+    args.pred_values = parse_prediction_values(args.pred_values)
+    if args.pred_values != "auto" and args.pred is None:
+        raise InputError("--pred-values says what --pred's values are; give it with --pred")
     outputs = {"--json": args.json, "--csv": args.csv, "--froc-png": args.froc_png}
     for flag, path in outputs.items():
         if path is not None and not path.resolve().parent.is_dir():
@@ -199,8 +210,8 @@ def _evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries) -> C
     ref, ref_geom = read_image(ref_path, what="reference")
     logits = args.logits is not None
     pred, pred_geom = read_image(pred_path, what="logit map" if logits else "prediction")
-    if not logits:
-        pred = probabilities_from_file(pred)  # predict's --probabilities-uint8 maps: round(255 p)
+    if not logits:  # probability, round(255 p) (predict's note says so) or label map; else refused
+        pred = prediction_probabilities(pred, read_image_notes(pred_path), pred_path, args.pred_values)
     check_same_grid(ref_geom, pred_geom, f"reference {ref_path}", f"prediction {pred_path}")
     geom = ref_geom if args.spacing_from == "ref" else pred_geom
     geometries[name] = geom
