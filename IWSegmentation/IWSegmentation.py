@@ -296,7 +296,8 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode or self.logic.getParameterNode()
         parameters.outputSegmentation = results.segmentation
         self._rows = results.rows  # detected lesions, then missed reference lesions (FN)
-        self.ui.statusLabel.text, self.ui.summaryLabel.text = panel.result_texts(len(results.lesions), seconds)
+        self.ui.statusLabel.text, self.ui.summaryLabel.text = panel.result_texts(len(results.lesions), seconds,
+                                                                                    getattr(self._progress, "summary", None))
         self.ui.resultsCollapsibleButton.enabled = True
         table = self.ui.lesionTableWidget
         table.setRowCount(len(self._rows))

@@ -18,7 +18,7 @@ Arrays are ``[z, y, x]``; ``spacing`` is in the same order ``(sz, sy, sx)`` (see
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -193,6 +193,38 @@ def lesion_table(
     return out
 
 
+def first_voxel(labels: np.ndarray, lesion: Lesion) -> int:
+    """The flat C-order index (``[z, y, x]`` scan order) of ``lesion``'s first voxel in ``labels``.
+
+    Only the first slice of the lesion's bounding box is read: the first voxel in scan order lies there."""
+    z0, y0, x0, _, y1, x1 = lesion.bbox
+    plane = labels[z0, y0:y1, x0:x1] == lesion.id
+    y, x = divmod(int(np.argmax(plane)), x1 - x0)
+    return int(np.ravel_multi_index((z0, y0 + y, x0 + x), labels.shape))
+
+
+def number_lesions(labels: np.ndarray, lesions: Sequence[Lesion]) -> tuple[np.ndarray, list[Lesion]]:
+    """The one lesion numbering: lesion 1 is the largest (most voxels), ties broken by the scan
+    order (``[z, y, x]``, C order) of each lesion's first voxel.
+
+    Every output that numbers lesions uses it, so "Lesion 002" is the same lesion everywhere: the
+    lesion JSON and the DICOM SEG of ``iwseg predict``, the Slicer segments and the module's CSV
+    and DICOM SEG export. Largest first because a reader looks at the biggest findings first and
+    the number then does not depend on where the scan starts; the first voxel makes it total.
+
+    Returns ``(labels, lesions)`` renumbered: label value ``n`` is lesion ``n`` (``lesions[n - 1]``,
+    whose ``id`` is ``n``); ``labels`` is returned as is when the order already holds.
+    """
+    ordered = sorted(lesions, key=lambda les: (-les.voxels, first_voxel(labels, les)))
+    numbered = [replace(les, id=n) for n, les in enumerate(ordered, start=1)]
+    if all(les.id == n for n, les in enumerate(ordered, start=1)) and int(labels.max(initial=0)) == len(ordered):
+        return labels, numbered
+    lut = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)
+    for n, les in enumerate(ordered, start=1):
+        lut[les.id] = n
+    return lut[labels], numbered
+
+
 def analyze_lesions(
     mask: np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
@@ -201,23 +233,11 @@ def analyze_lesions(
     thresholds: SizeThresholds | None = None,
     scores: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[Lesion]]:
-    """Label ``mask`` and describe its lesions: returns ``(labels, lesions)``; a lesion's
-    confidence is the maximum of ``scores`` (the logit map) inside it."""
+    """Label ``mask`` and describe its lesions, numbered by :func:`number_lesions` (1 = the
+    largest): returns ``(labels, lesions)`` with label value ``n`` = ``lesions[n - 1]``, whose
+    ``id`` is ``n``; a lesion's confidence is the maximum of ``scores`` (the logit map) inside it."""
     labels, k = label_components(mask, connectivity)
-    return labels, lesion_table(labels, spacing, thresholds=thresholds, scores=scores, k=k)
-
-
-def relabel_by_size(labels: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Renumber components so that 1 is the largest, 2 the next, ... (ties keep scan order).
-
-    Returns ``(new_labels, order)`` where ``order[i]`` is the old id of new id ``i + 1``.
-    """
-    counts = component_sizes(labels, k)
-    old_ids = np.arange(1, counts.size)
-    order = old_ids[np.argsort(-counts[1:], kind="stable")]
-    lut = np.zeros(counts.size, dtype=np.int32)
-    lut[order] = np.arange(1, order.size + 1, dtype=np.int32)
-    return lut[labels], order
+    return number_lesions(labels, lesion_table(labels, spacing, thresholds=thresholds, scores=scores, k=k))
 
 
 def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_size: MinLesionSize | None,

@@ -18,7 +18,10 @@ stage          keys
 ``write``      ``case``, ``path`` — about to write this output (it appears atomically)
 ``case_done``  ``case``, ``outputs`` (mapping name -> path), ``lesions`` (count), ``seconds``;
                ``windows``, ``windows_total`` (windows run / in the full grid); ``engine``
-               (``frozen`` or ``eager``, see ``inference.freeze_for_cpu``)
+               (``frozen`` or ``eager``, see ``inference.freeze_for_cpu``); ``summary``
+               (``core.lesion_guards.LesionSummary.as_dict``: lesion count, largest lesion,
+               share of the organ or body, its one-line ``text`` and ``warnings``; each warning
+               is also sent as a ``warning`` event before it)
 ``warning``    ``message`` (e.g. "CUDA out of memory, retrying with batch size 1"); ``case``
                when it concerns one case (a folder case that failed and was skipped)
 ``done``       ``seconds``, ``cases`` (cases that succeeded); ``failed`` (list of case names)
@@ -137,6 +140,8 @@ class ProgressReporter:
         prefix = f"[{case}] " if case else ""
         if stage in ("warning", "error"):
             print(f"{stage}: {prefix}{message}", file=self.stream or sys.stderr, flush=True)
+        elif stage == "case_done" and isinstance(data.get("summary"), dict):
+            print(f"{prefix}summary: {data['summary'].get('text')}", file=self.stream or sys.stderr, flush=True)
         elif message:
             print(f"{prefix}{stage}: {message}", file=self.stream or sys.stderr, flush=True)
 

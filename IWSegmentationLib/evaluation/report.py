@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..core.errors import InputError
 from ..core.lesions import (
@@ -16,6 +16,7 @@ from .bootstrap import (
     check_cases,
     pooled_summary,
 )
+from .froc import cpm, json_float
 
 if TYPE_CHECKING:
     from .froc import Froc
@@ -61,3 +62,47 @@ def evaluate_cases(
 def froc_of_cases(cases: Sequence[CaseResult], size_group: str | None = None) -> Froc:
     """The pooled FROC curve of a list of cases (all lesions, or one size group)."""
     return CasePool.from_cases(check_cases(cases)).froc(size_group)
+
+
+#: A hit whose Dice is below this is a *low-Dice hit*: the rule counts the lesion as found though
+#: the component barely delineates it (a chest-wide blob touching a nodule has Dice ~ 0.003).
+LOW_HIT_DICE = 0.05
+
+#: Two hit rules *disagree* when their CPMs (or recalls) differ by more than this.
+RULE_DISAGREEMENT = 0.1
+
+
+def low_dice_hits(cases: Sequence[CaseResult]) -> int:
+    """Lesions hit (``hit_dice > 0``) with ``hit_dice <`` :data:`LOW_HIT_DICE`."""
+    return sum(1 for c in cases for les in c.lesions if 0 < les.hit_dice < LOW_HIT_DICE)
+
+
+def compare_hit_rules(results: Mapping[str, Sequence[CaseResult]]) -> dict:
+    """The same cases matched under several hit rules (``{rule: cases}``), side by side.
+
+    Returns ``{"rules": [{hit_rule, recall, fp_per_image, cpm, object_dice, low_dice_hits}, ...],
+    "disagree": bool, "reasons": [...]}``. The rules *disagree* when two CPMs or two recalls differ
+    by more than :data:`RULE_DISAGREEMENT`, or when any rule counts a hit with Dice below
+    :data:`LOW_HIT_DICE` (low-Dice hits): then the detection numbers depend on the rule, not on
+    the model alone, and neither should be quoted without the other.
+    """
+    rows = []
+    for rule, cases in results.items():
+        pool = CasePool.from_cases(check_cases(cases))
+        rows.append({
+            "hit_rule": rule, "recall": json_float(pool.recall()),
+            "fp_per_image": sum(c.n_false_positives for c in cases) / len(cases),
+            "cpm": json_float(cpm(pool.froc())), "object_dice": pool.object_dice()["mean"],
+            "low_dice_hits": low_dice_hits(cases),
+        })
+    reasons = []
+    for key, name in (("cpm", "CPM"), ("recall", "recall")):
+        values = [r[key] for r in rows if r[key] is not None]
+        if len(values) > 1 and max(values) - min(values) > RULE_DISAGREEMENT:
+            spread = ", ".join(f"{r[key]:.3f} ({r['hit_rule']})" for r in rows if r[key] is not None)
+            reasons.append(f"{name} differs by more than {RULE_DISAGREEMENT:g} between the hit rules: {spread}")
+    for r in rows:
+        if r["low_dice_hits"]:
+            reasons.append(f"{r['low_dice_hits']} hit(s) under hit rule {r['hit_rule']} have Dice < {LOW_HIT_DICE:g} "
+                           "(low-Dice hits: the lesion counts as found though the component barely overlaps it)")
+    return {"rules": rows, "disagree": bool(reasons), "reasons": reasons}

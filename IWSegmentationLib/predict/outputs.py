@@ -11,10 +11,10 @@ import numpy as np
 from ..core import dicom_seg as dicom_seg_writer
 from ..core.errors import InputError
 from ..core.imageio import Geometry, write_image
+from ..core.lesion_guards import LesionSummary
 from ..core.lesions import (
     SizeThresholds,
     analyze_lesions,
-    label_components,
     parse_min_lesion_size,
     parse_size_thresholds,
     size_thresholds,
@@ -22,6 +22,8 @@ from ..core.lesions import (
 from ..core.outputs import atomic_output, folder_lock
 from ..core.prediction_maps import PROBABILITY_UINT8_NOTE, probabilities_to_uint8
 from ..core.progress import CancelState
+from ..preprocessing.foreground import body_mask
+from ..preprocessing.presets import validate_params
 from .cases import PredictJob, check_output_file, check_output_folder
 from .lesion_json import CONFIDENCE_NOTE, format_lesion_report
 from .options import PredictOptions
@@ -76,7 +78,7 @@ def min_lesion_size_for(flag: str | None, card: dict):
 def lesion_report(case: PredictJob, prediction, geometry: Geometry, thresholds: SizeThresholds,
                   connectivity: int) -> tuple[dict, int]:
     """The lesion JSON of one case and its lesion count: one entry per connected component of the
-    mask, ids in scan order (as ``lesions.label_components`` numbers them), centroids in voxel
+    mask, numbered as every lesion output (``lesions.number_lesions``: 1 = the largest), centroids in voxel
     indices and in physical LPS mm, and its ``confidence``: the maximum blended logit inside it
     (probability ``sigmoid(confidence)``; a float32 probability would be exactly 1.0 for every
     lesion above logit 17, see :mod:`IWSegmentationLib.core.confidence`)."""
@@ -111,6 +113,28 @@ def lesion_report(case: PredictJob, prediction, geometry: Geometry, thresholds: 
         "lesions": rows,
     }
     return report, len(rows)
+
+
+def guard_region(image: np.ndarray, card: dict, organ: np.ndarray | None) -> dict:
+    """What a case's lesions are measured against (:class:`~IWSegmentationLib.core.lesion_guards.LesionSummary`):
+    the body (the preset's intensity threshold on the first channel; the whole volume without one,
+    or when it keeps nothing) and the organ mask's voxels when one was given."""
+    spatial = image if image.ndim == 3 else image[0]
+    body = body_mask(spatial, validate_params(dict(card.get("preprocessing") or {})))
+    body_voxels = 0 if body is None else int(np.count_nonzero(body))
+    region = {"body": "body", "body_voxels": body_voxels} if body_voxels else {"body": "volume",
+                                                                               "body_voxels": int(spatial.size)}
+    region["organ_voxels"] = None if organ is None else int(np.count_nonzero(organ))
+    return region
+
+
+def summarize(report: dict, geometry: Geometry, region: dict) -> LesionSummary:
+    """The case's one-line summary and guards; added to the lesion ``report`` as ``summary`` and ``warnings``."""
+    summary = LesionSummary.of([row["voxels"] for row in report["lesions"]], float(np.prod(geometry.spacing_zyx)),
+                               **region)
+    report["summary"] = summary.as_dict()
+    report["warnings"] = summary.warnings()
+    return summary
 
 
 def write_case_outputs(case: PredictJob, prediction, geometry: Geometry, report: dict, options: PredictOptions,
@@ -149,8 +173,8 @@ def write_case_outputs(case: PredictJob, prediction, geometry: Geometry, report:
         elif case.dicom_seg is not None:
             tmp = stack.enter_context(atomic_output(case.dicom_seg))
             reporter.emit("write", case=case.name, path=str(case.dicom_seg))
-            # label_components numbers the components as the lesion JSON does: segment n = JSON lesion id n
-            labels, _ = label_components(prediction.mask, options.connectivity)
+            # analyze_lesions numbers the lesions as the lesion JSON does: segment n = JSON lesion id n
+            labels, _ = analyze_lesions(prediction.mask, geometry.spacing_zyx, connectivity=options.connectivity)
             dicom_seg_writer.write_lesion_seg(tmp, labels, report["lesions"], dicom_source)
             outputs["dicom_seg"] = str(case.dicom_seg)
         with folder_lock(case.mask.parent), state.deferred():  # two writers of one set: the last wins whole

@@ -45,9 +45,11 @@ from .options import PredictOptions
 from .outputs import (
     attach_dicom_seg,
     check_finite,
+    guard_region,
     lesion_report,
     min_lesion_size_for,
     size_thresholds_for,
+    summarize,
     write_case_outputs,
 )
 
@@ -209,6 +211,7 @@ class Predictor:
         except InputError as exc:
             raise InputError(f"{case.image}: {exc}") from None
         check_finite(prediction.logits, case, ", ".join(map(str, options.models)))
+        region = guard_region(image, card, organ)  # what the summary's percentages are of (lesion_guards)
         del image, organ
         reporter.emit("postprocess", case=case.name)
         if min_size is not None:
@@ -216,7 +219,11 @@ class Predictor:
                                                       options.connectivity).astype(np.uint8)
         # the lesion count goes into the progress protocol, so lesions are analysed even without --lesions
         report, n_lesions = lesion_report(case, prediction, geometry, thresholds, options.connectivity)
+        summary = summarize(report, geometry, region)
+        for message in summary.warnings():
+            reporter.emit("warning", case=case.name, message=message)
         outputs = write_case_outputs(case, prediction, geometry, report, options, reporter, self.cancel, dicom_source)
         reporter.emit("case_done", case=case.name, outputs=outputs, lesions=n_lesions,
                       windows=prediction.stats.windows_run, windows_total=prediction.stats.windows_total,
-                      engine=prediction.stats.engine, seconds=round(time.monotonic() - t0, 2))
+                      engine=prediction.stats.engine, seconds=round(time.monotonic() - t0, 2),
+                      summary=summary.as_dict())

@@ -1,4 +1,4 @@
-"""Foreground masks: the body (intensity threshold) and the lung field (air inside the body)."""
+"""Foreground masks: the body (intensity threshold, :func:`body_mask`) and the lung field (air inside the body)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,17 @@ def foreground_mask(image: np.ndarray, params: dict[str, Any], mask: np.ndarray 
         if on_warning is not None:
             on_warning("no lung field found in the image (no air inside the body?); "
                        "skipping windows by the body threshold instead")
-    if params["body_threshold"] is not None:
-        return image > params["body_threshold"]
-    return None
+    return body_mask(image, params)
+
+
+def body_mask(image: np.ndarray, params: dict[str, Any]) -> np.ndarray | None:
+    """The body: raw voxels above the preset's ``body_threshold`` (CT: -900 HU keeps the lungs), or
+    None when the preset has none (MR). Cheap on purpose: for skipping empty windows and for the
+    share of the body a predicted lesion covers (:mod:`IWSegmentationLib.core.lesion_guards`)."""
+    params = validate_params(params)
+    if params["body_threshold"] is None:
+        return None
+    return np.asarray(image) > params["body_threshold"]
 
 
 def lung_field(image: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0), *, air_below: float = -400.0,

@@ -14,7 +14,7 @@ for the texts, rows and warnings and only puts them into widgets.
 * :func:`lesion_cells` formats a lesion-table row (the rows themselves come from
   :func:`IWSegmentationLib.slicer.mrml.lesion_rows`); :func:`detection_counts` makes the
   recall / false-positive line of the confidence slider; :func:`result_texts` says what a run
-  found, "no lesions found" included.
+  found, "no lesions found" included, with the backend's summary and its guards' warnings.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..core.errors import InputError
+from ..core.lesion_guards import LesionSummary
 from ..core.lesions import SIZE_GROUP_COLORS, parse_size_thresholds
 from ..core.progress import ProgressEvent
 from ..nn.model_card import license_summary
@@ -88,9 +89,16 @@ class ProgressState:
     text: str = "Starting"
     warnings: list[str] = field(default_factory=list)
     device: str | None = None
+    #: the last ``case_done`` event's ``summary`` (:class:`~IWSegmentationLib.core.lesion_guards.LesionSummary`), if any
+    summary: LesionSummary | None = None
 
     def update(self, event: ProgressEvent) -> None:
         stage = event.stage
+        if stage == "case_done" and isinstance(event.get("summary"), Mapping):
+            try:
+                self.summary = LesionSummary.from_dict(event.get("summary"))
+            except (KeyError, TypeError):
+                self.summary = None  # a backend that words it otherwise: the plain texts then
         if stage == "warning":
             message = str(event.get("message") or "warning")
             self.warnings.append(message)
@@ -393,11 +401,22 @@ def detection_counts(
     return DetectionCounts(shown, len(components) - shown, detected, false_positives, len(references))
 
 
-def result_texts(found: int, seconds: float) -> tuple[str, str]:
-    """``(status line, summary line)`` after a successful run that found ``found`` lesions."""
+def result_texts(found: int, seconds: float, summary: LesionSummary | None = None) -> tuple[str, str]:
+    """``(status line, summary line)`` after a successful run that found ``found`` lesions.
+
+    Given the backend's ``summary`` (:attr:`ProgressState.summary`), the summary line is its one
+    line (count, largest lesion, share of the organ or body), and the status line carries the
+    guards' warnings (:mod:`IWSegmentationLib.core.lesion_guards`: a lesion over a few % of the
+    body, hundreds of lesions), as ``iwseg predict`` prints them."""
     if not found:
         return f"Done in {seconds:.0f} s: no lesions found.", "No lesions found above the segmentation threshold."
-    return f"Done in {seconds:.0f} s.", f"{found} lesion{'s' if found != 1 else ''} found (one segment each)"
+    status = f"Done in {seconds:.0f} s."
+    if summary is None:
+        return status, f"{found} lesion{'s' if found != 1 else ''} found (one segment each)"
+    warnings = summary.warnings()
+    if warnings:
+        status = f"{status} Warning: {' '.join(w[0].upper() + w[1:] + '.' for w in warnings)}"
+    return status, f"{summary.line()} (one segment each)"
 
 
 def legend_html(colors: Mapping[str, Sequence[int]] = SIZE_GROUP_COLORS) -> str:

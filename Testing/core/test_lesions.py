@@ -17,7 +17,7 @@ from IWSegmentationLib.core.lesions import (
     equivalent_diameter,
     label_components,
     lesion_table,
-    relabel_by_size,
+    number_lesions,
     size_thresholds,
 )
 
@@ -38,14 +38,15 @@ def test_lesion_table_volumes_diameters_groups():
     mask[10:18, 10:18, 10:18] = 1  # 512 voxels
     spacing = (2.0, 0.5, 0.5)  # 0.5 mm³ per voxel
     labels, lesions = analyze_lesions(mask, spacing, thresholds=SizeThresholds(3.0, 8.0))
-    assert [les.voxels for les in lesions] == [8, 512]
-    assert lesions[0].volume_mm3 == pytest.approx(4.0)  # 8 * 0.5
+    # numbered largest first (lesions.number_lesions): the 512-voxel cube is lesion 1
+    assert [les.voxels for les in lesions] == [512, 8] and [les.id for les in lesions] == [1, 2]
+    assert lesions[1].volume_mm3 == pytest.approx(4.0)  # 8 * 0.5
     # d = (6*4/pi)^(1/3) = 1.969 mm -> small ; (6*256/pi)^(1/3) = 7.878 mm -> medium
-    assert lesions[0].diameter_mm == pytest.approx((24 / math.pi) ** (1 / 3))
-    assert [les.size_group for les in lesions] == ["small", "medium"]
-    assert lesions[1].centroid == pytest.approx((13.5, 13.5, 13.5))
-    assert lesions[1].bbox == (10, 10, 10, 18, 18, 18)
-    assert labels.max() == 2
+    assert lesions[1].diameter_mm == pytest.approx((24 / math.pi) ** (1 / 3))
+    assert [les.size_group for les in lesions] == ["medium", "small"]
+    assert lesions[0].centroid == pytest.approx((13.5, 13.5, 13.5))
+    assert lesions[0].bbox == (10, 10, 10, 18, 18, 18)
+    assert labels.max() == 2 and labels[12, 12, 12] == 1 and labels[2, 2, 2] == 2
 
 
 def test_confidence_is_max_score_inside():
@@ -82,14 +83,30 @@ def test_empty_mask_has_no_lesions():
     assert lesions == [] and labels.max() == 0
 
 
-def test_relabel_by_size_orders_largest_first():
-    labels = np.zeros((1, 1, 10), np.int32)
-    labels[0, 0, :2] = 1  # size 2
-    labels[0, 0, 3:8] = 2  # size 5
+def test_number_lesions_orders_largest_first_then_by_first_voxel():
+    labels = np.zeros((2, 1, 10), np.int32)
+    labels[1, 0, :2] = 1  # size 2, first voxel (1, 0, 0) = flat index 10
+    labels[0, 0, 3:8] = 2  # size 5, the largest
     labels[0, 0, 9] = 3  # size 1
-    new, order = relabel_by_size(labels)
-    assert list(order) == [2, 1, 3]
-    assert list(new[0, 0]) == [2, 2, 0, 1, 1, 1, 1, 1, 0, 3]
+    labels[1, 0, 5:7] = 4  # size 2, first voxel (1, 0, 5) = flat 15: after id 1 (flat 10)
+    labels[0, 0, 0:2] = 5  # size 2, first voxel (0, 0, 0) = flat 0: first of the three ties
+    new, numbered = number_lesions(labels, lesion_table(labels))
+    # by hand: sizes {1: 2, 2: 5, 3: 1, 4: 2, 5: 2} -> 2 (5 voxels), then the 2-voxel ties by first
+    # voxel 5 (flat 0), 1 (flat 10), 4 (flat 15), then 3 (1 voxel)
+    assert [les.voxels for les in numbered] == [5, 2, 2, 2, 1]
+    assert [les.id for les in numbered] == [1, 2, 3, 4, 5]
+    assert [les.bbox[:3] for les in numbered] == [(0, 0, 3), (0, 0, 0), (1, 0, 0), (1, 0, 5), (0, 0, 9)]
+    assert list(new[0, 0]) == [2, 2, 0, 1, 1, 1, 1, 1, 0, 5]
+    assert list(new[1, 0]) == [3, 3, 0, 0, 0, 4, 4, 0, 0, 0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.uint8, st.tuples(*[st.integers(1, 7)] * 3), elements=st.integers(0, 1)))
+def test_numbering_is_by_size_then_scan_order(mask):
+    labels, lesions = analyze_lesions(mask)
+    keys = [(-les.voxels, int(np.flatnonzero(labels.ravel() == les.id)[0])) for les in lesions]
+    assert keys == sorted(keys) and [les.id for les in lesions] == list(range(1, len(lesions) + 1))
+    assert all(int((labels == les.id).sum()) == les.voxels for les in lesions)
 
 
 @settings(max_examples=40, deadline=None)

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from IWSegmentationLib.core.errors import InputError
+from IWSegmentationLib.core.lesion_guards import LesionSummary
 from IWSegmentationLib.core.progress import ProgressEvent, parse_progress_line
 from IWSegmentationLib.slicer import deps, panel
 
@@ -249,6 +250,26 @@ def test_result_texts_say_no_lesions_found():
     assert status == "Done in 12 s: no lesions found." and "no lesions found" in summary.lower()
     assert panel.result_texts(1, 3.0) == ("Done in 3 s.", "1 lesion found (one segment each)")
     assert panel.result_texts(5, 3.0)[1] == "5 lesions found (one segment each)"
+
+
+def test_status_carries_the_backends_summary_and_its_guards():
+    # the case_done event of a chest-wide blob: a 200 mm ball, 4/3 pi 100^3 = 4188790 voxels of 1 mm³
+    # (4188.8 mL, d = (6 V / pi)^(1/3) = 200.0 mm) in an 8e6-voxel body: 52.36% > 5%
+    blob = LesionSummary.of([4_188_790], 1.0, body_voxels=8_000_000)
+    state = panel.ProgressState()
+    state.update(ProgressEvent("case_done", {"case": "chest", "lesions": 1, "summary": blob.as_dict()}))
+    assert state.summary == LesionSummary.from_dict(blob.as_dict())
+    status, summary = panel.result_texts(1, 3.0, state.summary)
+    assert status.startswith("Done in 3 s. Warning: The largest lesion covers 52.4% of the body (4188.8 mL;")
+    assert summary == "1 lesion; largest 4188.8 mL (200.0 mm); lesions cover 52.36% of the body (largest 52.36%) " \
+                      "(one segment each)"
+    # a plausible result: no warning in the status
+    good = LesionSummary.of([96, 8], 1.0, body_voxels=8_000_000)
+    assert panel.result_texts(2, 3.0, good)[0] == "Done in 3 s."
+    # an event without a summary (an older backend) keeps the plain texts
+    state = panel.ProgressState()
+    state.update(ProgressEvent("case_done", {"case": "chest", "lesions": 2}))
+    assert panel.result_texts(2, 3.0, state.summary) == ("Done in 3 s.", "2 lesions found (one segment each)")
 
 
 @pytest.mark.parametrize(

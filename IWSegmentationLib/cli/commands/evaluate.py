@@ -45,7 +45,7 @@ from ...evaluation.froc import CPM_FP_RATES
 from ...evaluation.hit_rules import parse_hit_rule
 from ...evaluation.matching import CaseResult, match_case
 from ...evaluation.records import RECORD_SCORES, load_records
-from ...evaluation.report import evaluate_cases
+from ...evaluation.report import LOW_HIT_DICE, compare_hit_rules, evaluate_cases
 
 CSV_COLUMNS = (
     "case", "lesion_id", "voxels", "volume_mm3", "diameter_mm", "size_group",
@@ -151,13 +151,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.seed = PAPER_BOOTSTRAP_SEED if args.bootstrap == "paper" else 0
 
     geometries: dict[str, Geometry] = {}
+    comparison = None
     if args.records is not None:
         results = load_records(args.records, thresholds, score=args.records_score)
     else:
-        results = _evaluate_folders(args, thresholds, geometries)
+        by_rule = _evaluate_folders(args, thresholds, geometries)
+        results = by_rule[str(args.hit_rule)]
+        comparison = compare_hit_rules(by_rule)
 
     report = evaluate_cases(results, seed=args.seed, bootstrap_mode=args.bootstrap)
     print_summary(report, results, thresholds, threshold=args.threshold)
+    if comparison is not None:
+        report["hit_rule_comparison"] = comparison
+        report["warnings"] = comparison["reasons"]
+        print_rule_comparison(comparison)
     if args.json is not None:
         write_json(args.json, report)
     if args.csv is not None:
@@ -191,22 +198,31 @@ def _prediction_source(args: argparse.Namespace) -> tuple[str, Path]:
     return ("--logits", args.logits) if args.logits is not None else ("--pred", args.pred)
 
 
+#: The hit rules every mask evaluation is also matched under, for the side-by-side comparison.
+COMPARED_HIT_RULES = ("paper", "one-to-one")
+
+
 def _evaluate_folders(args: argparse.Namespace, thresholds: SizeThresholds,
-                      geometries: dict[str, Geometry]) -> list[CaseResult]:
-    """Match every prediction/reference pair of the two folders (progress bar on stderr)."""
+                      geometries: dict[str, Geometry]) -> dict[str, list[CaseResult]]:
+    """Match every prediction/reference pair of the two folders (progress bar on stderr) under
+    ``--hit-rule`` and under :data:`COMPARED_HIT_RULES`: ``{rule: cases}``, ``--hit-rule`` first."""
     from tqdm import tqdm  # lazy: `iwseg` starts without tqdm (~0.25 s)
 
+    rules = {str(args.hit_rule): args.hit_rule}
+    for name in COMPARED_HIT_RULES:
+        rules.setdefault(str(parse_hit_rule(name)), parse_hit_rule(name))
     pairs = pair_cases(_prediction_source(args)[1], args.ref)
-    results: list[CaseResult] = []
+    results: dict[str, list[CaseResult]] = {rule: [] for rule in rules}
     bar = tqdm(pairs, desc="evaluate", unit="case", file=sys.stderr, leave=False, disable=args.no_progress)
     for name, pred_path, ref_path in bar:
         bar.set_postfix_str(name)
-        results.append(_evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries))
+        for rule, case in _evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries, rules).items():
+            results[rule].append(case)
     bar.close()
     return results
 
 
-def _evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries) -> CaseResult:
+def _evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries, rules) -> dict[str, CaseResult]:
     ref, ref_geom = read_image(ref_path, what="reference")
     logits = args.logits is not None
     pred, pred_geom = read_image(pred_path, what="logit map" if logits else "prediction")
@@ -215,12 +231,12 @@ def _evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries) -> C
     check_same_grid(ref_geom, pred_geom, f"reference {ref_path}", f"prediction {pred_path}")
     geom = ref_geom if args.spacing_from == "ref" else pred_geom
     geometries[name] = geom
-    return match_case(
+    return {rule_name: match_case(
         pred, ref, geom.spacing_zyx, threshold=args.threshold, thresholds=thresholds,
         connectivity=args.connectivity, case=name, pred_name=str(pred_path), ref_name=str(ref_path),
-        hit_rule=args.hit_rule, min_lesion_size=args.min_lesion_size, score="logit" if logits else "probability",
-        on_warning=lambda message: print(f"warning: --logits: {message}", file=sys.stderr),
-    )
+        hit_rule=rule, min_lesion_size=args.min_lesion_size, score="logit" if logits else "probability",
+        on_warning=(lambda message: print(f"warning: --logits: {message}", file=sys.stderr)) if first else None,
+    ) for first, (rule_name, rule) in zip((True, *[False] * len(rules)), rules.items())}
 
 
 # --------------------------------------------------------------------------------------
@@ -280,6 +296,22 @@ def print_summary(report: dict, results: Sequence[CaseResult], thresholds: SizeT
           f"{len(dices)} image(s): {mean_dice}", file=out)
     print("CPM (mean recall at 1/8 ... 8 FP/image) is the paper's Table 2 \"avg Recall\"; avg rec 0-5 is not "
           "(docs/metrics.md)", file=out)
+
+
+def print_rule_comparison(comparison: dict, *, file: TextIO | None = None) -> None:
+    """The hit rules side by side (:func:`IWSegmentationLib.evaluation.report.compare_hit_rules`) and,
+    when they disagree, each reason as a ``warning:`` line on stderr."""
+    out = file or sys.stdout
+    print(f"{'hit rule':<22}{'recall':>8}{'FP/img':>8}{'CPM':>8}{'obj Dice':>10}{f'hits Dice<{LOW_HIT_DICE:g}':>16}",
+          file=out)
+    for r in comparison["rules"]:
+        print(f"{r['hit_rule']:<22}{_fmt(r['recall']):>8}{r['fp_per_image']:>8.2f}{_fmt(r['cpm']):>8}"
+              f"{_fmt(r['object_dice']):>10}{r['low_dice_hits']:>16}", file=out)
+    if comparison["disagree"]:
+        print("THE HIT RULES DISAGREE: the detection numbers above depend on the rule; see the warnings "
+              "(docs/metrics.md, \"Hit rules side by side\")", file=out)
+        for reason in comparison["reasons"]:
+            print(f"warning: {reason}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ Conventions
 
 Segments (:func:`lesion_segmentation`)
     One segment per connected component of the mask (:func:`IWSegmentationLib.core.lesions.analyze_lesions`),
-    **largest first** (segment 1 is the largest lesion, as ``lesions.relabel_by_size`` numbers
-    them), named ``Lesion 07 · 4.2 mm · small``, coloured by size group
+    **largest first** (segment 1 is the largest lesion; :func:`IWSegmentationLib.core.lesions.number_lesions`,
+    the numbering of the backend's lesion JSON and DICOM SEG too), named ``Lesion 07 · 4.2 mm · small``, coloured by size group
     (:data:`~IWSegmentationLib.core.lesions.SIZE_GROUP_COLORS`, the legend's colours), tagged with the
     DICOM terminology *Morphologically Altered Structure / Lesion* and with the numbers in
     :data:`TAGS`. All segments share one labelmap layer (label value = lesion number) cropped to

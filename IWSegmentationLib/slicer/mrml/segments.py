@@ -30,8 +30,8 @@ TAG_PREFIX = "IWSegmentation."
 
 
 TAGS = {
-    "number": TAG_PREFIX + "LesionNumber",  # 1 = largest lesion
-    "component": TAG_PREFIX + "ComponentId",  # id in scan order, as the backend's lesion JSON
+    "number": TAG_PREFIX + "LesionNumber",  # 1 = largest lesion (lesions.number_lesions)
+    "component": TAG_PREFIX + "ComponentId",  # the lesion's id in the backend's lesion JSON (the same number)
     "voxels": TAG_PREFIX + "Voxels",
     "volume_mm3": TAG_PREFIX + "VolumeMm3",
     "diameter_mm": TAG_PREFIX + "DiameterMm",
@@ -110,7 +110,8 @@ def lesion_segmentation(
         connectivity: 6, 18 or 26, for the connected components.
         closed_surface: also make the closed-surface representation (what the 3D view shows).
 
-    Returns the new ``vtkMRMLSegmentationNode``, with segments ordered largest first and the
+    Returns the new ``vtkMRMLSegmentationNode``, with segments numbered as every lesion output
+    (:func:`IWSegmentationLib.core.lesions.number_lesions`: largest first) and the
     attribute ``IWSegmentation.LesionCount`` (0 for an empty mask: the node is still made, so
     the caller can say "no lesions found").
     """
@@ -122,8 +123,7 @@ def lesion_segmentation(
         lesion_mask, geometry.spacing_zyx, connectivity=connectivity, thresholds=thresholds,
         scores=logits,
     )
-    # Largest first; ties keep scan order (stable sort), as lesions.relabel_by_size.
-    found = sorted(found, key=lambda les: -les.voxels)
+    # numbered by lesions.number_lesions (largest first), as iwseg predict's lesion JSON and DICOM SEG
     ijk_to_ras = volume_ijk_to_ras(volume_node)
 
     node = _empty_segmentation(scene, volume_node, name, len(found), thresholds)
