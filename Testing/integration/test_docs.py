@@ -23,8 +23,8 @@ documented example.
 
 from __future__ import annotations
 
-import ast
 import argparse
+import ast
 import contextlib
 import importlib
 import importlib.util
