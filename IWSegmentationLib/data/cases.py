@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -11,6 +11,7 @@ import numpy as np
 from ..core.errors import InputError
 from ..core.imageio import Geometry, check_same_grid, read_channels, read_image
 from ..preprocessing.cropping import organ_box
+from ..preprocessing.lung_mask import automatic_organ_mask
 from ..preprocessing.resampling import prepare_case, resample_to_geometry
 
 if TYPE_CHECKING:
@@ -141,6 +142,27 @@ def prepare_volume(volume: CaseVolume, params: Mapping[str, Any], crop_to_organ:
                       preprocessing=dict(params), organ_crop=int(crop_to_organ))
 
 
-def load_prepared_case(case: Case, params: Mapping[str, Any], crop_to_organ: int | None = None) -> CaseVolume:
-    """:func:`load_case` then :func:`prepare_volume`: a case record as network input."""
-    return prepare_volume(load_case(case), params, crop_to_organ)
+def load_prepared_case(case: Case, params: Mapping[str, Any], crop_to_organ: int | None = None,
+                       auto_organ_mask: bool = False) -> CaseVolume:
+    """:func:`load_case` (then :func:`with_automatic_organ` when ``auto_organ_mask``) then
+    :func:`prepare_volume`: a case record as network input."""
+    volume = load_case(case)
+    if auto_organ_mask:
+        volume = with_automatic_organ(volume, params)
+    return prepare_volume(volume, params, crop_to_organ)
+
+
+def with_automatic_organ(volume: CaseVolume, params: Mapping[str, Any]) -> CaseVolume:
+    """A raw case with the automatic organ mask of the preset's organ
+    (:func:`preprocessing.automatic_organ_mask`, the function ``iwseg predict`` uses without
+    ``--organ-mask``) when it has no organ mask of its own; :class:`InputError` naming the case
+    when none is found (no lungs in the image)."""
+    if volume.organ is not None:
+        return volume
+    if volume.preprocessing is not None:
+        raise RuntimeError(f"case {volume.id}: the automatic organ mask is found on the raw image, before preparing")
+    organ = automatic_organ_mask(volume.image, params, volume.geometry)
+    if organ is None:
+        raise InputError(f"case {volume.id}: auto_organ_mask found no {params.get('mask')} in its image "
+                         "(no air inside the body for the lung mask); give the case an organ mask")
+    return replace(volume, organ=organ)

@@ -128,7 +128,9 @@ def predict_volume(
         metadata: the checkpoint's model card (``patch_size``, ``preprocessing``, ``threshold``).
         geometry: the image's :class:`~IWSegmentationLib.core.imageio.Geometry` (spacing matters when
             the card resamples); default: 1 mm isotropic, axis-aligned.
-        organ_mask: the organ mask the preset names (e.g. lungs for ``ct-lung``), same grid. A card
+        organ_mask: the organ mask the preset names (e.g. lungs for ``ct-lung``), same grid. Voxels
+            outside it get :data:`~IWSegmentationLib.core.confidence.SKIPPED_LOGIT` (probability 0)
+            when the preset masks (its ``mask`` is not None). A card
             with ``crop_to_organ`` (the network was trained on organ boxes) crops the prepared
             input to :func:`preprocessing.organ_box` of it and pastes the prediction back (no
             lesion outside the box); without a mask such a card gets a warning.
@@ -216,5 +218,8 @@ def predict_volume(
     if work_geometry != geometry:
         # points of the input grid beyond the coarse grid's edge read as skipped, not as logit 0 (p = 0.5)
         logits = resample_to_geometry(logits, work_geometry, geometry, default_value=SKIPPED_LOGIT)
+    if organ_mask is not None and params["mask"] is not None:
+        # outside the organ the input was masked away: no lesion there, probability exactly 0
+        np.copyto(logits, np.float32(SKIPPED_LOGIT), where=np.asarray(organ_mask) == 0)
     mask = (logits > logit_threshold).view(np.uint8)
     return VolumePrediction(logits=logits, mask=mask, threshold=threshold, stats=stats)

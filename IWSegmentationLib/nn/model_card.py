@@ -29,6 +29,7 @@ from typing import Any, Mapping
 from ..core.errors import CheckpointError, InputError
 from ..core.lesions import MIN_SIZE_UNITS, SIZE_PRESETS, MinLesionSize, parse_size_thresholds
 from ..preprocessing.cropping import MAX_CROP_MARGIN
+from ..preprocessing.lung_mask import automatic_mask_available
 from ..preprocessing.presets import PRESETS, validate_params
 from .architecture import validate_config
 
@@ -57,7 +58,7 @@ OPTIONAL_FIELDS: dict[str, Any] = {
 }
 #: Optional fields written only when set: the sliding-window defaults, the training settings,
 #: the smallest lesion kept at inference and the organ crop (a margin in voxels).
-SECTION_FIELDS = ("inference", "training", "min_lesion_size", "crop_to_organ")
+SECTION_FIELDS = ("inference", "training", "min_lesion_size", "crop_to_organ", "organ_mask")
 
 # ---------------------------------------------------------------------------------- limits
 #: Largest side of ``patch_size`` (and of ``inference.patch_size``) in voxels.
@@ -195,6 +196,9 @@ class ModelCard:
     #: Margin (voxels of the network's grid) of the organ box inference crops to when given an
     #: organ mask, as the network was trained (``crop_to_organ``); None: the whole volume.
     crop_to_organ: int | None = None
+    #: Whether inference needs an organ mask, and which organ: ``{"organ", "required", "automatic",
+    #: "source"}`` (:func:`organ_mask_need`; None in a card written before it: read from the preset).
+    organ_mask: dict[str, Any] | None = None
     description: str = ""
     #: The model's licence: an SPDX expression (``Apache-2.0``, ``CC-BY-NC-4.0``,
     #: ``LicenseRef-...``) or ``"not stated"``; a URL and the full text are optional.
@@ -244,6 +248,7 @@ class ModelCard:
             training=check.section(card.get("training"), "training"),
             crop_to_organ=(None if card.get("crop_to_organ") is None
                            else check.integer(card["crop_to_organ"], "crop_to_organ", 0, MAX_CROP_MARGIN)),
+            organ_mask=_organ_mask(card.get("organ_mask"), check),
             description=check.text(card.get("description", ""), "description") or "",
             license=_license(card.get("license", LICENSE_NOT_STATED), check),
             license_url=_license_url(card.get("license_url"), check),
@@ -348,6 +353,43 @@ def check_in_channels(card: Mapping[str, Any], channels: int, what: str) -> None
         )
 
 
+@dataclass(frozen=True)
+class OrganMaskNeed:
+    """What a model needs as its organ mask: the ``organ`` its inputs were masked to (None: no
+    mask), whether inference ``required`` one (the network never saw unmasked input), whether
+    an ``automatic`` mask exists for it (``preprocessing.automatic_organ_mask``: the CT lungs),
+    and where training's masks came from (``source``: ``dataset``, ``automatic``,
+    ``dataset+automatic``, ``none``; ``preset`` for a card written before the field)."""
+
+    organ: str | None
+    required: bool
+    automatic: bool
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"organ": self.organ, "required": self.required, "automatic": self.automatic, "source": self.source}
+
+
+#: Where a model's training organ masks came from (``organ_mask.source``).
+ORGAN_MASK_SOURCES = ("dataset", "automatic", "dataset+automatic", "none", "preset")
+
+
+def organ_mask_need(card: Mapping[str, Any]) -> OrganMaskNeed:
+    """The card's ``organ_mask`` (written by ``iwseg train``), or for a card written before the
+    field, what its preset says: a preset that names an organ (``ct-lung``: lung, ``ct-liver``:
+    liver) masks every case that has a mask, so the model is taken to need one (``source:
+    preset``); an automatic mask exists for the CT lungs."""
+    preprocessing = card.get("preprocessing") if isinstance(card, Mapping) else None
+    preprocessing = preprocessing if isinstance(preprocessing, Mapping) else {}
+    written = card.get("organ_mask") if isinstance(card, Mapping) else None
+    if isinstance(written, Mapping):
+        return OrganMaskNeed(written.get("organ"), bool(written.get("required")), bool(written.get("automatic")),
+                             str(written.get("source", "preset")))
+    organ = preprocessing.get("mask")
+    return OrganMaskNeed(organ, organ is not None, organ is not None and automatic_mask_available(preprocessing),
+                         "preset")
+
+
 # ---------------------------------------------------------------------------------- fields
 
 
@@ -381,6 +423,23 @@ def _preprocessing(value: Any, check: _Checker) -> dict[str, Any]:
             raise check.fail("preprocessing.target_spacing", f"entries must be in [{low:g}, {high:g}] mm",
                              params["target_spacing"])
     return params
+
+
+def _organ_mask(value: Any, check: _Checker) -> dict[str, Any] | None:
+    """``{"organ": name or null, "required": bool, "automatic": bool, "source": one of
+    ORGAN_MASK_SOURCES}`` or null."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or set(value) != {"organ", "required", "automatic", "source"}:
+        raise check.fail("organ_mask", "must be {organ, required, automatic, source} or null", value)
+    if value["organ"] is not None and not isinstance(value["organ"], str):
+        raise check.fail("organ_mask.organ", "must be an organ name or null", value["organ"])
+    for key in ("required", "automatic"):
+        if not isinstance(value[key], bool):
+            raise check.fail(f"organ_mask.{key}", "must be true or false", value[key])
+    if value["source"] not in ORGAN_MASK_SOURCES:
+        raise check.fail("organ_mask.source", f"must be one of {', '.join(ORGAN_MASK_SOURCES)}", value["source"])
+    return dict(value)
 
 
 def _threshold(value: Any, check: _Checker) -> float:

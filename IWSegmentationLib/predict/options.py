@@ -80,6 +80,8 @@ class PredictOptions:
     connectivity: int = DEFAULT_CONNECTIVITY
     #: e.g. "10vox", "5mm3", "none"; None: the checkpoint's own
     min_lesion_size: str | None = None
+    #: segment without an organ mask a model that needs one (not as it was trained; loudly warned)
+    allow_unmasked: bool = False
 
     def __post_init__(self) -> None:
         # normalised (so equal options compare equal whatever sequence type they came in)
@@ -165,7 +167,7 @@ class PredictOptions:
             args += ["--connectivity", str(self.connectivity)]
         if self.size_thresholds is not None:
             args += ["--size-thresholds", *(repr(float(v)) for v in self.size_thresholds)]
-        for name in ("probabilities_uint8", "no_skip", "tta", "force"):
+        for name in ("probabilities_uint8", "no_skip", "tta", "force", "allow_unmasked"):
             if getattr(self, name):
                 args.append(flag(name))
         return args

@@ -32,10 +32,11 @@ from .cases import (
     PredictJob,
     check_case_channels,
     check_label_map,
+    check_organ_mask,
     check_volume_grid,
     collect_cases,
     model_channels,
-    organ_mask_warning,
+    organ_mask_plan,
     parse_shard,
     prepare_outputs,
     resolve_dataset_root,
@@ -94,6 +95,8 @@ class Predictor:
         self.options = options
         self.reporter = reporter or ProgressReporter("text")
         self.cancel = cancel or CancelState()
+        #: where this run's organ masks come from (:func:`organ_mask_plan`), set when a run starts
+        self.organ_plan = "none"
 
     def run(self, inputs: Sequence[Path], targets: OutputTargets, *, organ_mask: Path | None = None,
             shard: str | None = None, overwrite: bool = False) -> int:
@@ -133,9 +136,9 @@ class Predictor:
             reporter.emit("load", case=None, message=note)
         model, card = self.load_models()
         check_case_channels(cases, card)
-        warning = organ_mask_warning(card, organ_mask is not None)
-        if warning:
-            reporter.emit("warning", case=None, message=warning)
+        self.organ_plan, note = organ_mask_plan(card, organ_mask is not None, options.allow_unmasked)
+        if note:
+            reporter.emit("warning" if self.organ_plan == "unmasked" else "load", case=None, message=note)
         thresholds = size_thresholds_for(options, card)
         min_size = min_lesion_size_for(options.min_lesion_size, card)
 
@@ -179,6 +182,29 @@ class Predictor:
         check_ensemble(cards)
         return models, cards[0][1]
 
+    def read_organ_mask(self, case: PredictJob, image: np.ndarray, geometry, card: dict) -> np.ndarray | None:
+        """The case's organ mask: its ``--organ-mask`` file, checked (the image's grid, not empty,
+        a label map), or the automatic mask when the run's plan says so (:func:`organ_mask_plan`;
+        the function training's ``auto_organ_mask`` uses), or None."""
+        from ..preprocessing.lung_mask import automatic_organ_mask
+
+        if case.organ_mask is not None:
+            organ, organ_geometry = read_image(case.organ_mask, what="organ mask")
+            diffs = geometry.differences(organ_geometry)
+            if diffs:
+                raise InputError(f"organ mask {case.organ_mask} is not on the grid of {case.image}: {'; '.join(diffs)}")
+            check_organ_mask(organ, case.organ_mask, case.image)
+            return organ
+        if self.organ_plan != "automatic":
+            return None
+        organ = automatic_organ_mask(image, card["preprocessing"], geometry)
+        if organ is None or not organ.any():
+            raise InputError(f"{case.image}: the automatic {card['preprocessing'].get('mask')} mask found nothing "
+                             "(no air inside the body: is it a chest CT?); pass --organ-mask, or --allow-unmasked")
+        self.reporter.emit("load", case=case.name, message=f"automatic {card['preprocessing'].get('mask')} mask: "
+                                                           f"{100.0 * float(organ.mean()):.1f}% of the volume")
+        return organ
+
     def predict_case(self, case: PredictJob, model, card: dict, device, precision, thresholds, min_size) -> None:
         """Read, predict, post-process and write one case (its outputs appear together or not at all)."""
         from ..inference.predict import predict_volume  # lazy: torch
@@ -193,12 +219,7 @@ class Predictor:
         # the SEG's source images are read (and matched to the grid) before inference, so a series
         # that cannot be referenced fails in seconds, not after the network has run
         dicom_source = None if case.dicom_seg is None else dicom_seg_writer.source_series(case.image, geometry)
-        organ = None
-        if case.organ_mask is not None:
-            organ, organ_geometry = read_image(case.organ_mask, what="organ mask")
-            diffs = geometry.differences(organ_geometry)
-            if diffs:
-                raise InputError(f"organ mask {case.organ_mask} is not on the grid of {case.image}: {'; '.join(diffs)}")
+        organ = self.read_organ_mask(case, image, geometry, card)
         reporter.emit("preprocess", case=case.name)
         try:
             prediction = predict_volume(

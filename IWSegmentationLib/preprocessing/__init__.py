@@ -1,5 +1,5 @@
-"""Preprocessing, one code path for training and inference: presets, intensities, foreground, resampling,
-the organ crop.
+"""Preprocessing, one code path for training and inference: presets, intensities, foreground, the
+automatic lung mask, resampling, the organ crop.
 """
 
 from .cropping import (  # noqa: F401  (re-exported)
@@ -13,6 +13,11 @@ from .foreground import (  # noqa: F401  (re-exported)
 )
 from .intensity import (  # noqa: F401  (re-exported)
     preprocess,
+)
+from .lung_mask import (  # noqa: F401  (re-exported)
+    automatic_mask_available,
+    automatic_organ_mask,
+    lung_mask,
 )
 from .presets import (  # noqa: F401  (re-exported)
     MODALITIES,
@@ -44,6 +49,9 @@ __all__ = [
     "preprocess",
     "foreground_mask",
     "lung_field",
+    "lung_mask",
+    "automatic_organ_mask",
+    "automatic_mask_available",
     "MAX_RESAMPLED_VOXELS",
     "resampled_geometry",
     "resample_to_geometry",

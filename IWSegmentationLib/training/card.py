@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
+from ..preprocessing.lung_mask import automatic_mask_available
+
 if TYPE_CHECKING:
     from .config import TrainConfig
     from .inputs import TrainingData
@@ -46,6 +48,20 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
         card["license"] = config.license
     if config.license_url is not None:
         card["license_url"] = config.license_url
+    card["organ_mask"] = organ_mask_entry(config, data)
     if config.crop_to_organ is not None:  # written only when set: a card without it means no crop
         card["crop_to_organ"] = config.crop_to_organ
     return card
+
+
+def organ_mask_entry(config: TrainConfig, data: TrainingData) -> dict:
+    """The card's ``organ_mask`` (``nn.model_card.organ_mask_need``): the preset's organ; required
+    when training masked its inputs (a case had a dataset mask, or ``auto_organ_mask``); whether
+    the organ has an automatic mask; where the masks came from."""
+    organ = data.params.get("mask")
+    from_dataset = bool(data.summary.get("organ_masks"))
+    source = ("none" if organ is None else
+              "dataset+automatic" if from_dataset and config.auto_organ_mask else
+              "automatic" if config.auto_organ_mask else "dataset" if from_dataset else "none")
+    return {"organ": organ, "required": source != "none", "automatic": automatic_mask_available(data.params),
+            "source": source}

@@ -53,6 +53,7 @@ from ..evaluation.hit_rules import parse_hit_rule
 from ..nn.architecture import default_config, model_stride
 from ..nn.model_card import check_license
 from ..preprocessing.cropping import MAX_CROP_MARGIN
+from ..preprocessing.lung_mask import automatic_mask_available
 from ..preprocessing.presets import PRESETS, get_preset
 
 #: Metrics a run can select its best checkpoint by (keys of the validation report; higher is better).
@@ -164,6 +165,10 @@ class TrainConfig:
                                         "many voxels (of the network's grid) before sampling, as the authors "
                                         "prepared LiTS (5); stored in the model card, so inference crops alike "
                                         "when given an organ mask. null: no crop.", section="data")
+    auto_organ_mask: bool = _key(False, "Give every case without an organ mask the automatic one "
+                                 "(preprocessing.automatic_organ_mask: the CT lung mask, for ct-lung), the mask "
+                                 "iwseg predict makes when no --organ-mask is given, so training and inference "
+                                 "mask alike; stored in the model card (organ_mask.source).", section="data")
     # -- model and loss ----------------------------------------------------------------------
     model_size: str = _key("paper", "Network preset of models.default_config: paper (11.07 M parameters), "
                            "small (0.71 M, the CPU config's) or tiny (86 k, the demo's and the tests').", section="model")
@@ -359,6 +364,9 @@ class TrainConfig:
 
         if self.preprocessing not in PRESETS:
             raise InputError(f"config key 'preprocessing' must be one of {', '.join(PRESETS)}, got {self.preprocessing!r}")
+        if self.auto_organ_mask and not automatic_mask_available(PRESETS[self.preprocessing]):
+            raise InputError(f"config key 'auto_organ_mask': the preset {self.preprocessing!r} has no automatic organ "
+                             "mask (only ct-lung does: the CT lung mask); give the dataset organ masks instead")
         for key, check in (("model", lambda: self.model_config()), ("loss", lambda: get_loss(self.loss, **self.loss_params))):
             try:
                 check()

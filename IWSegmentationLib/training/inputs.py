@@ -108,7 +108,7 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
         bar = tqdm(train_records, desc="loading training cases", unit="case", disable=not (verbose and config.progress),
                    leave=False)
         for record in bar:
-            volume = load_prepared_case(record, params, config.crop_to_organ)
+            volume = load_prepared_case(record, params, config.crop_to_organ, config.auto_organ_mask)
             lesion_counts[record.id] = label_components(volume.lesion, config.connectivity)[1]
             train_cases.append(volume)
         bar.close()
@@ -151,6 +151,7 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
         "train_lesions": int(sum(lesion_counts.values())) if lesion_counts else None,
         "median_spacing_zyx": [float(v) for v in np.median(np.asarray(spacings), axis=0)] if spacings else None,
         "channels": channels,
+        "organ_masks": sum(getattr(r, "mask", None) is not None for r in train_records),  # from the dataset
     }
     return TrainingData(Path(config.data), dataset.layout, splits, params, train_cases, val_records, summary,
                         channels, lesion_counts or None)
@@ -165,7 +166,7 @@ def _count_lesions(records: Sequence, params: Mapping[str, Any], config: TrainCo
     counts = {}
     for record in tqdm(records, desc="counting lesions", unit="case", disable=not (verbose and config.progress),
                        leave=False):
-        volume = load_prepared_case(record, params, config.crop_to_organ)
+        volume = load_prepared_case(record, params, config.crop_to_organ, config.auto_organ_mask)
         counts[record.id] = label_components(volume.lesion, config.connectivity)[1]
     return counts
 
@@ -220,7 +221,8 @@ def make_patch_dataset(config: TrainConfig, cases: Sequence, params: Mapping[str
         list(cases), sampler,
         batch_size=config.batch_size, steps=steps, start_step=start_step,
         seed=config.seed, rank=rank, world_size=world_size,
-        loader=functools.partial(load_prepared_case, params=dict(params), crop_to_organ=config.crop_to_organ),
+        loader=functools.partial(load_prepared_case, params=dict(params), crop_to_organ=config.crop_to_organ,
+                                 auto_organ_mask=config.auto_organ_mask),
         augment=augment,
         transform=BatchWeights(config.inverse_weighted, config.weight_params(), keep_labels),
         cache_size=config.cache_size,

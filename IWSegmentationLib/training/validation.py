@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from ..data.cases import load_case
+from ..data.cases import load_case, with_automatic_organ
 from ..evaluation.matching import match_case
 from ..evaluation.report import evaluate_cases
 from .config import MERGE_WARNING_DICE, MERGE_WARNING_RECALL
@@ -38,6 +38,8 @@ def validate(model, cases: Sequence, config: TrainConfig, card: Mapping[str, Any
         volume = cache.get(record.id) if cache is not None else None
         if volume is None:
             volume = load_case(record)
+            if config.auto_organ_mask:  # as training prepared it, as predict masks it
+                volume = with_automatic_organ(volume, card["preprocessing"])
             if cache is not None:
                 cache[record.id] = volume
         pred = predict_volume(model, volume.image, card, geometry=volume.geometry, organ_mask=volume.organ,

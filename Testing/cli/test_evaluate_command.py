@@ -318,7 +318,8 @@ def test_predict_min_lesion_size_from_flag_and_card(tmp_path):
     ckpt = tmp_path / "model.safetensors"
     save_checkpoint(ckpt, threshold_model(), {
         "patch_size": [16, 16, 16], "preprocessing": get_preset("ct-lung"), "threshold": 0.5,
-        "min_lesion_size": {"value": 2.0, "unit": "voxels"}, "description": "threshold at -350 HU (tests)"})
+        "min_lesion_size": {"value": 2.0, "unit": "voxels"}, "description": "threshold at -350 HU (tests)",
+        "organ_mask": {"organ": "lung", "required": False, "automatic": True, "source": "none"}})
     image, lesions = ct_volume()
     write(tmp_path / "ct.nii.gz", image)
     write(tmp_path / "ref" / "ct.nii.gz", lesions.astype(np.uint8))

@@ -35,6 +35,8 @@ def checkpoint(tmp_path_factory) -> Path:
     save_checkpoint(path, threshold_model(), {
         "patch_size": [16, 16, 16], "preprocessing": get_preset("ct-lung"), "threshold": 0.5,
         "size_thresholds": [2.5, 5.0], "description": "hand-set voxel-wise threshold at -350 HU (tests)",
+        # a model trained without organ masks: it needs none (the organ-mask runs: Testing/predict/test_organ_masks.py)
+        "organ_mask": {"organ": "lung", "required": False, "automatic": True, "source": "none"},
     })
     return path
 
@@ -76,14 +78,13 @@ def test_end_to_end_oblique_anisotropic_jsonl(tmp_path, checkpoint):
 
     # the protocol: every stdout line is an event, stages in order, inference counts up to its total
     evs = events(proc.stdout)
-    # three warnings: the ct-lung card names a lung mask and none was given; this flat synthetic CT
-    # has only 3 grey values (-1000, -800, 100: looks like a label map, but with negative values,
-    # so only a warning); it has a body but no lungs, so windows are skipped by the body threshold
+    # two warnings: this flat synthetic CT has only 3 grey values (-1000, -800, 100: looks like a
+    # label map, but with negative values, so only a warning); it has a body but no lungs, so
+    # windows are skipped by the body threshold (the card says the model needs no organ mask)
     warned = [e.get("message") for e in evs if e.stage == "warning"]
-    assert len(warned) == 3
-    assert "--organ-mask LUNG_MASK.nii.gz" in warned[0]
-    assert "looks like a label map" in warned[1] and "(-1000, -800, 100)" in warned[1]
-    assert "no lung field" in warned[2] and "body threshold" in warned[2]
+    assert len(warned) == 2
+    assert "looks like a label map" in warned[0] and "(-1000, -800, 100)" in warned[0]
+    assert "no lung field" in warned[1] and "body threshold" in warned[1]
     evs = [e for e in evs if e.stage != "warning"]
     stages = [e.stage for e in evs]
     first_inf, last_inf = stages.index("inference"), len(stages) - 1 - stages[::-1].index("inference")

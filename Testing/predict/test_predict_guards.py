@@ -1,5 +1,5 @@
 """``iwseg predict`` guards the user (issue 11, item 4): label maps given as the image, a missing
-organ mask the card asks for, missing output folders, MSD dataset roots, ITK's stderr noise and
+organ mask the card asks for (refused since issue 22), missing output folders, MSD dataset roots, ITK's stderr noise and
 existing outputs. Real checkpoints, real files, and a real subprocess where stderr matters.
 
 The checkpoint is :func:`IWSegmentationLib.testing.phantom.threshold_model` (a voxel-wise threshold at
@@ -106,15 +106,16 @@ def test_scan_gives_no_label_map_warning(tmp_path, mr_ckpt, capsys):
 # --------------------------------------------------------------------------- organ mask
 
 
-def test_missing_organ_mask_warns_and_says_what_to_pass(tmp_path, liver_ckpt, capsys):
+def test_missing_organ_mask_is_refused_and_says_what_to_pass(tmp_path, liver_ckpt, capsys):
+    # the organ-mask cases (automatic lung mask, --allow-unmasked, bad masks): Testing/predict/test_organ_masks.py
     image = scan() - 300  # around 0 HU: liver-like, inside the ct-liver window
     src, organ = tmp_path / "ct.nii.gz", tmp_path / "liver.nii.gz"
     write_image(src, image, Geometry.identity(image.shape))
     write_image(organ, np.ones(image.shape, np.uint8), Geometry.identity(image.shape))
-    assert predict("--model", liver_ckpt, "--input", src, "--output", tmp_path / "m.nii.gz",
-                   "--progress-format", "jsonl") == 0
-    (warning,) = [w for w in warnings_of(capsys.readouterr().out) if "organ" in w]
-    assert "'mask: liver'" in warning and "--organ-mask LIVER_MASK.nii.gz" in warning
+    assert predict("--model", liver_ckpt, "--input", src, "--output", tmp_path / "m.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert "--organ-mask LIVER_MASK.nii.gz" in err and "TotalSegmentator" in err and "--allow-unmasked" in err
+    assert not (tmp_path / "m.nii.gz").exists()
     assert predict("--model", liver_ckpt, "--input", src, "--output", tmp_path / "m2.nii.gz", "--organ-mask", organ,
                    "--progress-format", "jsonl") == 0
     assert not [w for w in warnings_of(capsys.readouterr().out) if "organ" in w]

@@ -59,7 +59,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "segment per lesion (or a folder: <case>.dcm); needs highdicom")
     p.add_argument("--organ-mask", type=Path, metavar="MASK|DIR",
                    help="organ mask the checkpoint's preprocessing uses (e.g. lungs for ct-lung), or a folder "
-                        "of them named like the cases; also limits the windows that run")
+                        "of them named like the cases; also limits the windows that run. Without it a model that "
+                        "needs one gets the automatic mask where one exists (CT lungs), else the run is refused")
+    p.add_argument("--allow-unmasked", action="store_true",
+                   help="segment without an organ mask although the model needs one (it then sees voxels it never "
+                        "saw in training; a warning says so)")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda or mps (default auto)")
     p.add_argument("--overlap", type=float, metavar="F",
@@ -112,6 +116,7 @@ def options_from_arguments(args: argparse.Namespace) -> PredictOptions:
         logits=args.logits is not None, lesions=args.lesions is not None, size_preset=args.size_preset,
         size_thresholds=None if args.size_thresholds is None else tuple(args.size_thresholds),
         connectivity=args.connectivity, min_lesion_size=args.min_lesion_size,
+        allow_unmasked=args.allow_unmasked,
     )
 
 
