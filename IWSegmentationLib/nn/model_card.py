@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 from ..core.errors import CheckpointError, InputError
 from ..core.lesions import MIN_SIZE_UNITS, SIZE_PRESETS, MinLesionSize, parse_size_thresholds
+from ..core.operating_points import OperatingPoints
 from ..preprocessing.cropping import MAX_CROP_MARGIN
 from ..preprocessing.presets import PRESETS, validate_params
 from .architecture import validate_config
@@ -180,6 +181,9 @@ class ModelCard:
     #: Margin (voxels of the network's grid) of the organ box inference crops to when given an
     #: organ mask, as the network was trained (``crop_to_organ``); None: the whole volume.
     crop_to_organ: int | None = None
+    #: The validation's operating points (``core.operating_points.OperatingPoints.as_dict``): the
+    #: logit threshold and recall at 1/8 ... 8 FP/scan; None in a card written before them.
+    operating_points: dict[str, Any] | None = None
     description: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -224,6 +228,7 @@ class ModelCard:
             training=check.section(card.get("training"), "training"),
             crop_to_organ=(None if card.get("crop_to_organ") is None
                            else check.integer(card["crop_to_organ"], "crop_to_organ", 0, MAX_CROP_MARGIN)),
+            operating_points=_operating_points(card.get("operating_points"), check),
             description=check.text(card.get("description", ""), "description") or "",
             format=_format(card.get("format", FORMAT), check),
             format_version=check.integer(card.get("format_version", FORMAT_VERSION), "format_version", 1,
@@ -259,6 +264,8 @@ class ModelCard:
             value = getattr(self, key)
             if value is not None:
                 out[key] = value.as_dict() if isinstance(value, MinLesionSize) else value
+        if self.operating_points is not None:  # written only when measured
+            out["operating_points"] = self.operating_points
         out.update(self.extra)
         return copy.deepcopy(out)
 
@@ -272,6 +279,11 @@ class ModelCard:
         """The card's size groups as :class:`~IWSegmentationLib.core.lesions.SizeThresholds`, or None
         when it records none (each of the three written shapes is understood)."""
         return None if self.size_thresholds is None else parse_size_thresholds(self.size_thresholds)
+
+
+def _operating_points(value: Any, check: _Checker) -> dict[str, Any] | None:
+    """The ``operating_points`` section, validated by :class:`OperatingPoints` (None: not stored)."""
+    return None if value is None else OperatingPoints.from_dict(value, check.where).as_dict()
 
 
 def card_in_channels(card: Mapping[str, Any]) -> int:

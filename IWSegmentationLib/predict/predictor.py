@@ -46,6 +46,7 @@ from .outputs import (
     check_finite,
     lesion_report,
     min_lesion_size_for,
+    operating_threshold,
     size_thresholds_for,
     write_case_outputs,
 )
@@ -91,6 +92,8 @@ class Predictor:
         self.options = options
         self.reporter = reporter or ProgressReporter("text")
         self.cancel = cancel or CancelState()
+        #: the logit threshold of --operating-point, looked up in the card when the run starts
+        self.logit_threshold: float | None = None
 
     def run(self, inputs: Sequence[Path], targets: OutputTargets, *, organ_mask: Path | None = None,
             shard: str | None = None, overwrite: bool = False) -> int:
@@ -135,6 +138,9 @@ class Predictor:
             reporter.emit("warning", case=None, message=warning)
         thresholds = size_thresholds_for(options, card)
         min_size = min_lesion_size_for(options.min_lesion_size, card)
+        self.logit_threshold, note = operating_threshold(options, card)
+        if note:
+            reporter.emit("load", case=None, message=note)
 
         failed: list[str] = []
         bar = None
@@ -203,6 +209,7 @@ class Predictor:
                 skip_background=not options.no_skip, engine=options.engine, tta=options.tta,
                 progress=Throttled(reporter.inference_callback(case.name)), cancel=self.cancel,
                 on_warning=lambda message: reporter.emit("warning", case=case.name, message=message),
+                logit_threshold=self.logit_threshold,
             )
         except InputError as exc:
             raise InputError(f"{case.image}: {exc}") from None
