@@ -50,7 +50,8 @@ def parse_operating_point(text: str, name: str = "--operating-point") -> float:
     match = _SPEC.match(str(text))
     if not match:
         raise InputError(f"{name} must be a false-positive rate per scan such as 1fp, 0.5fp or 1/8fp, got {text!r}")
-    rate = float(match.group(1)) / (float(match.group(2)) if match.group(2) else 1.0)
+    denominator = float(match.group(2)) if match.group(2) else 1.0
+    rate = float(match.group(1)) / denominator if denominator > 0 else math.nan
     if not math.isfinite(rate) or rate <= 0:
         raise InputError(f"{name} must be a positive false-positive rate per scan, got {text!r}")
     return rate
