@@ -190,9 +190,9 @@ class OperatingPoints:
     def at_logit(self, logit: float) -> SliderLabel:
         """What a confidence threshold ``logit`` means: FP/scan and recall interpolated linearly in
         logit between the stored points it lies between (clamped to the end points), and the point
-        whose threshold is nearest. Thresholds fall as the rate rises."""
+        whose threshold is nearest (halfway: the stricter one). Thresholds fall as the rate rises."""
         pts = sorted(self.points, key=lambda p: p.logit_threshold)  # low logit = many FPs
-        nearest = min(pts, key=lambda p: abs(p.logit_threshold - logit))
+        nearest = min(pts, key=lambda p: (abs(p.logit_threshold - logit), -p.logit_threshold))  # tie: the stricter
         if logit <= pts[0].logit_threshold:
             low = high = pts[0]
         elif logit >= pts[-1].logit_threshold:

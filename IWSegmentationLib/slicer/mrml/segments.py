@@ -23,6 +23,7 @@ from ...core.lesions import (
     segment_name,
 )
 from ..lesion_row import LesionRow
+from ..panel import DEFAULT_SEGMENT_BUDGET
 from .geometry import centroid_ras, check_volume_node, to_vtk_matrix, volume_geometry, volume_ijk_to_ras
 from .scene import ensure_converter_rules, slicer_module
 
@@ -55,11 +56,6 @@ ATTR_CONFIDENCE_THRESHOLD = TAG_PREFIX + "ConfidenceThreshold"
 ATTR_NOT_SHOWN = TAG_PREFIX + "LesionsNotShown"  # lesions counted but not (yet) made segments
 
 
-#: How many lesions become segments by default: the most confident (by maximum logit). Building a
-#: segment costs about 3 ms in the scene (5,000 took 17 s, 20,000 took 146 s: docs/benchmarks.md),
-#: and a reader reviews the most confident first; the rest are counted and one call away
-#: (:func:`show_more_lesions`). The module's "Show next" button adds this many at a time.
-DEFAULT_SEGMENT_BUDGET = 200
 
 
 LABELMAP = "Binary labelmap"
