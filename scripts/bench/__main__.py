@@ -34,6 +34,7 @@ BENCHMARKS = {
     "dicom_seg": "writing a DICOM SEG for a CT-sized lesion mask",
     "multichannel": "what a second input channel costs at inference, and what it buys",
     "startup": "iwseg train's start-up to the first step (--old REF: against an older commit)",
+    "segments": "building the Slicer scene of 5,000 and 20,000 lesions: all as segments vs the display budget",
 }
 
 
