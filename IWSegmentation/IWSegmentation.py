@@ -98,6 +98,9 @@ class IWSegmentationParameterNode:
     serverUrl: str = "http://127.0.0.1:8000"
     serverTokenFile: str = ""
     outputSegmentation: vtkMRMLSegmentationNode
+    # the card's operating point ("1fp", "1/8fp"; empty: the threshold above); display budget
+    operatingPoint: str = ""
+    segmentBudget: Annotated[int, WithinRange(1, 100000)] = panel.DEFAULT_SEGMENT_BUDGET
 
 
 class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -143,6 +146,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startDeviceProbe()
         self.initializeParameterNode()
         self.setupExport()
+        self.setupShowMore()
 
     def cleanup(self):
         """Slicer closes: no backend, no probe, no copy of the patient's volume is left behind."""
@@ -216,6 +220,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.checkpointPathLineEdit.addCurrentPathToHistory()  # the settingKey's recent paths
                 if self._parameterNode:
                     self._parameterNode.threshold = min(max(float(self._card.get("threshold", 0.5)), 0.05), 0.95)
+                    self._parameterNode.confidenceThreshold = panel.default_confidence(self._card)
             except ImportError:  # PyTorch not installed yet: Apply installs it, then the card shows
                 self._card, text = {}, "The model card shows once Apply has installed PyTorch."
             except errors.InputError as exc:
@@ -296,8 +301,13 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode or self.logic.getParameterNode()
         parameters.outputSegmentation = results.segmentation
         self._rows = results.rows  # detected lesions, then missed reference lesions (FN)
-        self.ui.statusLabel.text, self.ui.summaryLabel.text = panel.result_texts(len(results.lesions), seconds,
-                                                                                    getattr(self._progress, "summary", None))
+        if seconds is not None:
+            self.ui.statusLabel.text, self.ui.summaryLabel.text = panel.result_texts(
+                len(results.lesions), seconds, getattr(self._progress, "summary", None))
+        hidden = len(results.not_shown) if results.not_shown is not None else 0
+        self.showMoreButton.text = f"Show next {parameters.segmentBudget} lesions"
+        self.showMoreButton.toolTip = panel.not_shown_text(hidden, parameters.segmentBudget)
+        self.showMoreButton.visible = hidden > 0
         self.ui.resultsCollapsibleButton.enabled = True
         table = self.ui.lesionTableWidget
         table.setRowCount(len(self._rows))
@@ -316,15 +326,29 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsCollapsibleButton.enabled = False
 
     def onConfidenceChanged(self, value):
+        self.ui.confidenceSliderWidget.toolTip = panel.confidence_slider_text(self._card, value)
         results = self.logic.results
         if results is not None:
-            self.ui.countsLabel.text = self.logic.setConfidenceThreshold(results, value).text()
+            counts = self.logic.setConfidenceThreshold(results, value).text()
+            self.ui.countsLabel.text = panel.confidence_slider_text(self._card, value) + "\n" + counts
+
+    def onShowMoreLesions(self):
+        """The display budget: make segments of the next most confident lesions, then refresh the table."""
+        with slicer.util.tryWithErrorDisplay("Could not add the lesions.", waitCursor=True):
+            if self.logic.lesionLogic.show_more():
+                self.showResults(self.logic.results, None)
 
     def onLesionClicked(self, row, column):
         if 0 <= row < len(self._rows):
             self.logic.centerOnLesion(self._rows[row])
 
     # ---- Export: the lesion table as CSV and, for a DICOM volume, the lesions as DICOM SEG (IWSegmentationLib.slicer.export)
+
+    def setupShowMore(self):
+        self.showMoreButton = qt.QPushButton("Show next lesions")
+        self.showMoreButton.visible = False
+        self.ui.resultsCollapsibleButton.layout().addWidget(self.showMoreButton)
+        self.showMoreButton.connect("clicked(bool)", self.onShowMoreLesions)
 
     def setupExport(self):
         self.exportButton = qt.QPushButton("Export lesions (CSV + DICOM SEG)…")
@@ -381,6 +405,7 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
         options = self.lesionLogic.check_checkpoint(parameter_node.predict_options(parameters))  # ranges, file
         if self.lesionLogic.runs_locally:  # a server needs no PyTorch here
             slicer_deps.ensure_in_slicer()
+        self.lesionLogic.segment_budget = int(parameters.segmentBudget)  # display budget of the result
         return self.lesionLogic.start(
             parameters.inputVolume, options, organ_mask=parameters.organMask,
             reference=parameters.referenceSegmentation, on_progress=onProgress, on_finished=onFinished,

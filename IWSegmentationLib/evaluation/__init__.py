@@ -16,6 +16,7 @@ from .froc import (  # noqa: F401  (re-exported)
     avg_recall,
     cpm,
     froc,
+    operating_points,
 )
 from .hit_rules import (  # noqa: F401  (re-exported)
     HIT_RULE_PRESETS,
@@ -34,6 +35,7 @@ from .matching import (  # noqa: F401  (re-exported)
 from .report import (  # noqa: F401  (re-exported)
     evaluate_cases,
     froc_of_cases,
+    operating_points_of_cases,
 )
 
 __all__ = [
@@ -61,4 +63,6 @@ __all__ = [
     "bootstrap",
     "evaluate_cases",
     "froc_of_cases",
+    "operating_points",
+    "operating_points_of_cases",
 ]

@@ -9,9 +9,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.operating_points import OPERATING_POINT_FP_RATES, OperatingPoint
 
-#: FP/image rates of the LUNA16 competition performance metric (CPM).
-CPM_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: FP/image rates of the LUNA16 competition performance metric (CPM): those of the operating points.
+CPM_FP_RATES: tuple[float, ...] = OPERATING_POINT_FP_RATES
 
 
 #: FP/image grid of ``avg_recall_0_5``: 501 points from 0 to 5 (not the paper's "avg Recall",
@@ -109,6 +110,44 @@ def avg_recall(curve: Froc, max_fp: float = 5.0, n_points: int = 501) -> float:
     if curve.n_lesions == 0:
         return math.nan
     return float(np.mean(curve.recall_at(np.linspace(0.0, max_fp, n_points))))
+
+
+def operating_points(
+    hit_conf: Sequence[float],
+    fp_conf: Sequence[float],
+    n_images: int,
+    *,
+    floor_logit: float,
+    rates: Sequence[float] = OPERATING_POINT_FP_RATES,
+) -> list[OperatingPoint]:
+    """The operating points of a FROC (arguments as :func:`froc`; confidences are maximum logits).
+
+    For each rate r: the point of the curve with the most FP/image not above r (the curve is a
+    step function: a threshold must exist, so nothing is interpolated), its recall, and a voxel
+    threshold t that keeps exactly that point's components when a component is kept for
+    ``confidence > t`` (``iwseg predict`` keeps voxels with ``logit > t``): the midpoint between
+    the point's τ and the next lower confidence, or ``floor_logit`` (the logit of the threshold the
+    components were found at) when no confidence lies below τ. Where the curve's first point is
+    the added (0, 0) (τ = ∞), t is the highest confidence (nothing is above it).
+    """
+    curve = froc(hit_conf, fp_conf, n_images)
+    hits = np.asarray(hit_conf, dtype=float).ravel()
+    conf = np.unique(np.concatenate([hits[np.isfinite(hits)], np.asarray(fp_conf, dtype=float).ravel()]))
+    points = []
+    for rate in rates:
+        index = int(np.searchsorted(curve.fp_per_image, float(rate) * (1 + 1e-12), side="right")) - 1
+        tau = float(curve.threshold[index])
+        below = conf[conf < tau]
+        if math.isinf(tau):
+            cut = float(conf[-1]) if conf.size else float(floor_logit)
+        elif below.size:
+            cut = max(0.5 * (tau + float(below[-1])), float(floor_logit))
+        else:
+            cut = float(floor_logit)
+        points.append(OperatingPoint(fp_per_scan=float(rate), logit_threshold=cut,
+                                     recall=json_float(curve.recall[index]),
+                                     achieved_fp_per_scan=float(curve.fp_per_image[index])))
+    return points
 
 
 def json_float(value) -> float | None:

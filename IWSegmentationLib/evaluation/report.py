@@ -8,6 +8,7 @@ from ..core.errors import InputError
 from ..core.lesions import (
     SIZE_GROUPS,
 )
+from ..core.operating_points import OperatingPoints
 from .bootstrap import (
     BOOTSTRAP_FRACTION,
     N_BOOTSTRAP,
@@ -16,7 +17,7 @@ from .bootstrap import (
     check_cases,
     pooled_summary,
 )
-from .froc import cpm, json_float
+from .froc import cpm, json_float, operating_points
 
 if TYPE_CHECKING:
     from .froc import Froc
@@ -106,3 +107,21 @@ def compare_hit_rules(results: Mapping[str, Sequence[CaseResult]]) -> dict:
             reasons.append(f"{r['low_dice_hits']} hit(s) under hit rule {r['hit_rule']} have Dice < {LOW_HIT_DICE:g} "
                            "(low-Dice hits: the lesion counts as found though the component barely overlaps it)")
     return {"rules": rows, "disagree": bool(reasons), "reasons": reasons}
+
+
+def operating_points_of_cases(cases: Sequence[CaseResult], *, floor_logit: float,
+                              epoch: int | None = None) -> OperatingPoints:
+    """The operating points (:func:`~IWSegmentationLib.evaluation.froc.operating_points`) of the
+    pooled FROC of ``cases``, whose components must be ranked by their maximum logit
+    (``score="logit"``: a stored threshold is a logit); ``floor_logit`` is the logit of the
+    threshold the components were found at, ``epoch`` the validation's (1-based)."""
+    ordered = check_cases(cases)
+    if any(c.score != "logit" for c in ordered):
+        raise InputError("operating points need components ranked by their maximum logit (score='logit')")
+    rules = sorted({c.hit_rule for c in ordered})
+    if len(rules) > 1:
+        raise InputError(f"cases were matched with different hit rules ({', '.join(rules)}); pool one rule at a time")
+    hit_conf, fp_conf, n_images = CasePool.from_cases(ordered).select()
+    points = operating_points(hit_conf, fp_conf, n_images, floor_logit=floor_logit)
+    return OperatingPoints(points=tuple(points), hit_rule=rules[0], n_images=int(n_images),
+                           n_lesions=int(len(hit_conf)), epoch=epoch)

@@ -104,6 +104,7 @@ def predict_volume(
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    logit_threshold: float | None = None,
 ) -> VolumePrediction:
     """Lesion logits (and the mask) of a raw 3D image with a trained network and its model card.
 
@@ -145,6 +146,9 @@ def predict_volume(
             (:func:`freeze_for_cpu`; falls back to eager with a warning if it cannot be built)
             or ``eager`` (the module as it is).
         tta: test-time mirroring (:class:`MirroredPredictor`): 8 passes per window, averaged.
+        logit_threshold: the mask's threshold given as a logit (an operating point of the card,
+            ``core.operating_points``), used instead of ``threshold``; the result's ``threshold``
+            is its sigmoid. A logit, so a threshold above logit 37 (probability 1.0 in float64) stays exact.
     """
     models = [model] if isinstance(model, nn.Module) else list(model)
     if not models or not all(isinstance(m, nn.Module) for m in models):
@@ -153,8 +157,12 @@ def predict_volume(
         raise InputError("checkpoint metadata lacks 'preprocessing': cannot prepare the image")
     settings = inference_settings(metadata)
     params = validate_params(dict(metadata["preprocessing"]))
-    threshold = float(metadata.get("threshold", 0.5) if threshold is None else threshold)
-    logit_threshold = probability_to_logit(threshold)
+    if logit_threshold is None:
+        threshold = float(metadata.get("threshold", 0.5) if threshold is None else threshold)
+        logit_threshold = probability_to_logit(threshold)
+    else:
+        logit_threshold = float(logit_threshold)
+        threshold = float(sigmoid(np.float64(logit_threshold)))
     image = np.asarray(image)
     if image.ndim not in (3, 4):
         raise InputError(f"image must be a 3D array [z, y, x] or, with several channels, [C, z, y, x]; "

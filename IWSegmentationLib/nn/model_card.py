@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 from ..core.errors import CheckpointError, InputError
 from ..core.lesions import MIN_SIZE_UNITS, SIZE_PRESETS, MinLesionSize, parse_size_thresholds
+from ..core.operating_points import OperatingPoints
 from ..preprocessing.cropping import MAX_CROP_MARGIN
 from ..preprocessing.lung_mask import automatic_mask_available
 from ..preprocessing.presets import PRESETS, validate_params
@@ -199,6 +200,9 @@ class ModelCard:
     #: Whether inference needs an organ mask, and which organ: ``{"organ", "required", "automatic",
     #: "source"}`` (:func:`organ_mask_need`; None in a card written before it: read from the preset).
     organ_mask: dict[str, Any] | None = None
+    #: The validation's operating points (``core.operating_points.OperatingPoints.as_dict``): the
+    #: logit threshold and recall at 1/8 ... 8 FP/scan; None in a card written before them.
+    operating_points: dict[str, Any] | None = None
     description: str = ""
     #: The model's licence: an SPDX expression (``Apache-2.0``, ``CC-BY-NC-4.0``,
     #: ``LicenseRef-...``) or ``"not stated"``; a URL and the full text are optional.
@@ -249,6 +253,7 @@ class ModelCard:
             crop_to_organ=(None if card.get("crop_to_organ") is None
                            else check.integer(card["crop_to_organ"], "crop_to_organ", 0, MAX_CROP_MARGIN)),
             organ_mask=_organ_mask(card.get("organ_mask"), check),
+            operating_points=_operating_points(card.get("operating_points"), check),
             description=check.text(card.get("description", ""), "description") or "",
             license=_license(card.get("license", LICENSE_NOT_STATED), check),
             license_url=_license_url(card.get("license_url"), check),
@@ -291,6 +296,8 @@ class ModelCard:
             value = getattr(self, key)
             if value is not None:
                 out[key] = value.as_dict() if isinstance(value, MinLesionSize) else value
+        if self.operating_points is not None:  # written only when measured
+            out["operating_points"] = self.operating_points
         out.update(self.extra)
         return copy.deepcopy(out)
 
@@ -328,6 +335,11 @@ def license_summary(card: Mapping[str, Any]) -> str:
     if isinstance(card, Mapping) and isinstance(card.get("license_text"), str) and card["license_text"]:
         text += " (full text in the card: license_text)"
     return text
+
+
+def _operating_points(value: Any, check: _Checker) -> dict[str, Any] | None:
+    """The ``operating_points`` section, validated by :class:`OperatingPoints` (None: not stored)."""
+    return None if value is None else OperatingPoints.from_dict(value, check.where).as_dict()
 
 
 def card_in_channels(card: Mapping[str, Any]) -> int:

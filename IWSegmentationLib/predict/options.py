@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 from ..core.devices import DEVICES, ENGINES, PRECISIONS
 from ..core.errors import InputError
 from ..core.lesion_sizes import CONNECTIVITIES, SIZE_PRESETS, parse_min_lesion_size
+from ..core.operating_points import parse_operating_point
 
 #: The closed range of ``--overlap`` (see the module docstring).
 OVERLAP_RANGE = (0.0, 0.9)
@@ -82,6 +83,9 @@ class PredictOptions:
     min_lesion_size: str | None = None
     #: segment without an organ mask a model that needs one (not as it was trained; loudly warned)
     allow_unmasked: bool = False
+    #: the card's operating point ("1fp", "0.5fp", "1/8fp"): its logit threshold instead of
+    #: ``threshold`` (exclusive with it); None: the threshold
+    operating_point: str | None = None
 
     def __post_init__(self) -> None:
         # normalised (so equal options compare equal whatever sequence type they came in)
@@ -125,6 +129,10 @@ class PredictOptions:
                 parse_min_lesion_size(self.min_lesion_size)
             except InputError as exc:
                 raise InputError(f"--min-lesion-size: {exc}") from None
+        if self.operating_point is not None:
+            if self.threshold is not None:
+                raise InputError("--operating-point and --threshold cannot both be given")
+            parse_operating_point(self.operating_point)
 
     @property
     def checkpoint(self) -> Path:
@@ -156,7 +164,7 @@ class PredictOptions:
             value = getattr(self, name)
             if value is not None:
                 args += [flag(name), repr(float(value))]
-        for name in ("batch_size", "threads", "size_preset", "min_lesion_size"):
+        for name in ("batch_size", "threads", "size_preset", "min_lesion_size", "operating_point"):
             value = getattr(self, name)
             if value is not None:
                 args += [flag(name), str(value)]

@@ -19,6 +19,7 @@ from ..core.lesions import (
     parse_size_thresholds,
     size_thresholds,
 )
+from ..core.operating_points import OperatingPoints
 from ..core.outputs import atomic_output, folder_lock
 from ..core.prediction_maps import PROBABILITY_UINT8_NOTE, probabilities_to_uint8
 from ..core.progress import CancelState
@@ -62,6 +63,32 @@ def size_thresholds_for(options: PredictOptions, card: dict) -> SizeThresholds:
     if options.size_preset is not None or options.size_thresholds is not None:
         return size_thresholds(options.size_preset, options.size_thresholds)
     return parse_size_thresholds(card.get("size_thresholds"))
+
+
+def operating_threshold(options: PredictOptions, card: dict) -> tuple[float | None, str | None]:
+    """The logit threshold of ``--operating-point`` (None without it: the threshold applies) and
+    the line to say once: which point, or that the card has none. Looking a point up is all it
+    costs (no inference time). :class:`InputError` naming the checkpoint when its card has no
+    operating points or none at that rate (listing those it has), or for an ensemble."""
+    checkpoint = options.checkpoint
+    points = OperatingPoints.of_card(card, f"checkpoint {checkpoint}: model card")
+    if options.operating_point is None:
+        if points is None and options.threshold is None:
+            return None, (f"the model card of {checkpoint} has no operating points (written before they were "
+                          f"stored): threshold {float(card.get('threshold', 0.5)):g}, the card's")
+        return None, None
+    if len(options.models) > 1:
+        raise InputError("--operating-point needs one --model: an ensemble's averaged logits have no validation "
+                         "FROC of their own; use --threshold")
+    if points is None:
+        raise InputError(f"--operating-point {options.operating_point}: the model card of {checkpoint} has no "
+                         "operating points (it was written before iwseg train stored them, or without validation); "
+                         "use --threshold")
+    point = points.lookup(options.operating_point, where=f"the model card of {checkpoint}")
+    recall = "n/a" if point.recall is None else f"{point.recall:.3f}"
+    return point.logit_threshold, (
+        f"operating point {point.name}: logit threshold {point.logit_threshold:.6g}; on validation "
+        f"{point.achieved_fp_per_scan:g} FP/scan, recall {recall} (hit rule {points.hit_rule})")
 
 
 def min_lesion_size_for(flag: str | None, card: dict):

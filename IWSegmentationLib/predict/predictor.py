@@ -49,6 +49,7 @@ from .outputs import (
     guard_region,
     lesion_report,
     min_lesion_size_for,
+    operating_threshold,
     size_thresholds_for,
     summarize,
     write_case_outputs,
@@ -97,6 +98,8 @@ class Predictor:
         self.cancel = cancel or CancelState()
         #: where this run's organ masks come from (:func:`organ_mask_plan`), set when a run starts
         self.organ_plan = "none"
+        #: the logit threshold of --operating-point, looked up in the card when the run starts
+        self.logit_threshold: float | None = None
 
     def run(self, inputs: Sequence[Path], targets: OutputTargets, *, organ_mask: Path | None = None,
             shard: str | None = None, overwrite: bool = False) -> int:
@@ -141,6 +144,9 @@ class Predictor:
             reporter.emit("warning" if self.organ_plan == "unmasked" else "load", case=None, message=note)
         thresholds = size_thresholds_for(options, card)
         min_size = min_lesion_size_for(options.min_lesion_size, card)
+        self.logit_threshold, note = operating_threshold(options, card)
+        if note:
+            reporter.emit("load", case=None, message=note)
 
         failed: list[str] = []
         bar = None
@@ -228,6 +234,7 @@ class Predictor:
                 skip_background=not options.no_skip, engine=options.engine, tta=options.tta,
                 progress=Throttled(reporter.inference_callback(case.name)), cancel=self.cancel,
                 on_warning=lambda message: reporter.emit("warning", case=case.name, message=message),
+                logit_threshold=self.logit_threshold,
             )
         except InputError as exc:
             raise InputError(f"{case.image}: {exc}") from None

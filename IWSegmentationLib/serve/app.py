@@ -280,6 +280,8 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
         precision: Optional[str] = None, engine: Optional[str] = None, size_preset: Optional[str] = None,
         size_thresholds: Annotated[Optional[List[float]], Query()] = None, connectivity: Optional[int] = None,
         tta: bool = False, min_lesion_size: Optional[str] = None,
+        operating_point: Optional[str] = Query(None, description="the model card's operating point, e.g. 1fp, "
+                                                                 "1/8fp (instead of threshold)"),
         force: bool = Query(False, description="run on an input that looks like a label map"),
         logits: bool = Query(False, description="also return the blended logit map (result 'logits', float32)"),
         who: str = Depends(owner),
@@ -290,7 +292,8 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
         options = dict(threshold=threshold, overlap=overlap, probabilities=probabilities, lesions=lesions,
                        probabilities_uint8=probabilities_uint8, no_skip=no_skip, batch_size=batch_size,
                        precision=precision, engine=engine, size_preset=size_preset, size_thresholds=size_thresholds,
-                       connectivity=connectivity, tta=tta, min_lesion_size=min_lesion_size, force=force, logits=logits)
+                       connectivity=connectivity, tta=tta, min_lesion_size=min_lesion_size, force=force, logits=logits,
+                       operating_point=operating_point)
         # a query key that is no parameter here is refused by PredictOptions.from_request, not ignored
         options.update({key: request.query_params[key] for key in request.query_params
                         if key not in options and key not in ("model", "filename", "output_format")})

@@ -95,6 +95,8 @@ class LesionSegmentationLogic:
             python, dict(env) if env is not None else None, workdir_parent)
         self._local_factory = self.job_factory
         self.results = None
+        #: how many of the most confident lesions a result makes segments (None: all); see :meth:`show_more`
+        self.segment_budget: int | None = panel.DEFAULT_SEGMENT_BUDGET
         self._close_observer = scene.AddObserver(scene.StartCloseEvent, self._on_scene_close)
 
     def _on_scene_close(self, caller=None, event=None) -> None:
@@ -196,7 +198,8 @@ class LesionSegmentationLogic:
         return run
 
     def load_results(self, outputs: Mapping[str, os.PathLike], volume_node, reference=None, size_thresholds_mm=None):
-        """Read the backend's outputs onto the volume's grid and build the scene (all or nothing)."""
+        """Read the backend's outputs onto the volume's grid and build the scene (all or nothing);
+        only the :attr:`segment_budget` most confident lesions become segments (:meth:`show_more`)."""
         from ..core import imageio
         from . import mrml
 
@@ -206,9 +209,18 @@ class LesionSegmentationLogic:
             self.results = mrml.load_prediction(
                 self.scene, volume_node, mask, logits, reference=reference,
                 size_thresholds_mm=size_thresholds_mm, keep_probabilities=True,
-                geometry=mask_geometry, logits_geometry=logits_geometry,
+                geometry=mask_geometry, logits_geometry=logits_geometry, budget=self.segment_budget,
             )
         return self.results
+
+    def show_more(self, count: int | None = None) -> int:
+        """Make segments of the next ``count`` (default :attr:`segment_budget`) most confident lesions
+        the display budget left out; returns how many were added (0 without results)."""
+        from . import mrml
+
+        if self.results is None:
+            return 0
+        return mrml.show_more_results(self.scene, self.results, count or self.segment_budget or 0)
 
     @staticmethod
     def set_confidence_threshold(results, value: float) -> panel.DetectionCounts:

@@ -14,7 +14,10 @@ for the texts, rows and warnings and only puts them into widgets.
 * :func:`lesion_cells` formats a lesion-table row (the rows themselves come from
   :func:`IWSegmentationLib.slicer.mrml.lesion_rows`); :func:`detection_counts` makes the
   recall / false-positive line of the confidence slider; :func:`result_texts` says what a run
-  found, "no lesions found" included, with the backend's summary and its guards' warnings.
+  found, "no lesions found" included, with the backend's summary and its guards' warnings;
+* :func:`confidence_slider_text` labels the confidence slider in expected false positives per
+  scan and recall (the card's operating points), :func:`default_confidence` is where it starts;
+  :func:`not_shown_text` says how many lesions the display budget left out.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..core.confidence import probability_to_logit
 from ..core.errors import InputError
 from ..core.lesion_guards import LesionSummary
 from ..core.lesions import SIZE_GROUP_COLORS, parse_size_thresholds
+from ..core.operating_points import OperatingPoints
 from ..core.progress import ProgressEvent
 from ..nn.model_card import license_summary
 from .lesion_row import LesionRow
@@ -417,6 +422,64 @@ def result_texts(found: int, seconds: float, summary: LesionSummary | None = Non
     if warnings:
         status = f"{status} Warning: {' '.join(w[0].upper() + w[1:] + '.' for w in warnings)}"
     return status, f"{summary.line()} (one segment each)"
+
+
+#: How many lesions become segments by default (the display budget): the most confident, by
+#: maximum logit. Every segment costs scene time (5,000 took 17 s and 20,000 took 146 s, issue 23;
+#: docs/benchmarks.md has the numbers of today's code), and a reader reviews the most confident first;
+#: the rest are counted and one click away ("Show next", which adds this many at a time).
+DEFAULT_SEGMENT_BUDGET = 200
+
+#: The confidence slider's range (logits), as the module's parameter node declares it.
+CONFIDENCE_RANGE = (-5.0, 50.0)
+
+
+def _operating_points(card: Mapping[str, Any] | None) -> OperatingPoints | None:
+    try:
+        return OperatingPoints.of_card(card)
+    except InputError:  # a broken section: the card view says so; the slider falls back to logits
+        return None
+
+
+def default_confidence(card: Mapping[str, Any] | None) -> float:
+    """Where the confidence slider starts (a logit), documented in docs/module.md: the card's
+    1 FP/scan operating point (:data:`~IWSegmentationLib.core.operating_points.DEFAULT_FP_PER_SCAN`;
+    else its nearest stored rate), or, for a card without operating points, the logit of the
+    card's threshold (0 for 0.5), which every lesion of the run lies above: all are shown.
+    Clamped to the slider's range."""
+    points = _operating_points(card)
+    if points is not None:
+        value = points.default().logit_threshold
+    else:
+        threshold = card.get("threshold", 0.5) if isinstance(card, Mapping) else 0.5
+        try:
+            value = probability_to_logit(float(threshold))
+        except (InputError, TypeError, ValueError):
+            value = 0.0
+    low, high = CONFIDENCE_RANGE
+    return min(max(float(value), low), high)
+
+
+def confidence_slider_text(card: Mapping[str, Any] | None, logit: float) -> str:
+    """The confidence slider's label: what hiding the lesions below ``logit`` means on the model's
+    validation (:meth:`~IWSegmentationLib.core.operating_points.OperatingPoints.at_logit`: expected
+    FP/scan and recall, interpolated between the nearest stored points), or, for a card without
+    operating points, that it has none (said in this one line)."""
+    points = _operating_points(card)
+    if points is None:
+        threshold = card.get("threshold", 0.5) if isinstance(card, Mapping) else 0.5
+        return (f"max logit ≥ {logit:.2f}. This model's card has no operating points (written before they were "
+                f"stored): the run uses its threshold {_fmt_number(threshold)}.")
+    label = points.at_logit(logit)
+    return f"max logit ≥ {logit:.2f}: {label.text}; hit rule {points.hit_rule}"
+
+
+def not_shown_text(not_shown: int, budget: int) -> str:
+    """The line under the lesion table when the display budget left lesions out ('' when none)."""
+    if not_shown <= 0:
+        return ""
+    return (f"{not_shown} more lesion(s), less confident, are counted but not shown as segments "
+            f"(the {budget} most confident are); “Show next {budget}” adds them.")
 
 
 def legend_html(colors: Mapping[str, Sequence[int]] = SIZE_GROUP_COLORS) -> str:

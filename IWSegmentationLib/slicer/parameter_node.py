@@ -24,6 +24,7 @@ PREDICTION_FIELDS = {
     "threshold": "--threshold",
     "inputVolume": "--input",
     "organMask": "--organ-mask",
+    "operatingPoint": "--operating-point",
 }
 
 #: parameter-node fields that are not prediction parameters, and what each is for.
@@ -34,6 +35,7 @@ OTHER_FIELDS = {
     "serverUrl": "where the job runs",
     "serverTokenFile": "how the module proves itself to the server",
     "outputSegmentation": "the result the run makes",
+    "segmentBudget": "display only: how many of the most confident lesions become segments (the rest are counted)",
 }
 
 
@@ -41,8 +43,12 @@ def predict_options(node: Any) -> PredictOptions:
     """The :class:`PredictOptions` of a parameter node (any object with its fields): the checkpoint,
     the device (its label mapped by :data:`panel.DEVICE_CHOICES`), the overlap and the threshold.
     The outputs are what the module loads: the mask, the logit map (confidences are maximum
-    logits, the probability volume its sigmoid) and the lesion table."""
+    logits, the probability volume its sigmoid) and the lesion table. An ``operatingPoint``
+    (``1fp``; empty: none) replaces the threshold: the card's logit threshold at that rate."""
     checkpoint = str(node.checkpointPath or "").strip()
+    operating_point = str(getattr(node, "operatingPoint", "") or "").strip() or None
     return PredictOptions(models=(checkpoint,) if checkpoint else (), device=panel.DEVICE_CHOICES[node.device],
-                          overlap=float(node.overlap), threshold=float(node.threshold),
+                          overlap=float(node.overlap),
+                          threshold=None if operating_point else float(node.threshold),
+                          operating_point=operating_point,
                           probabilities=False, logits=True, lesions=True)

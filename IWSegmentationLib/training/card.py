@@ -12,8 +12,9 @@ if TYPE_CHECKING:
 
 
 def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validation_metrics: Mapping | None,
-               world_size: int = 1) -> dict:
-    """The checkpoint metadata of this run (see docs/checkpoints.md)."""
+               world_size: int = 1, operating_points: Mapping | None = None) -> dict:
+    """The checkpoint metadata of this run (see docs/checkpoints.md); ``operating_points``: the
+    card's section measured by the validation the checkpoint is saved after (None: none)."""
     thresholds = config.size_groups()
     card = {
         "architecture": config.model_config(data.channels),  # save_checkpoint writes the model's own
@@ -51,6 +52,8 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
     card["organ_mask"] = organ_mask_entry(config, data)
     if config.crop_to_organ is not None:  # written only when set: a card without it means no crop
         card["crop_to_organ"] = config.crop_to_organ
+    if operating_points:  # written only when measured: a card without them keeps its threshold
+        card["operating_points"] = dict(operating_points)
     return card
 
 

@@ -140,6 +140,7 @@ class _Run:
         self.out = Path(config.out)
         self.best: dict[str, Any] = {"metric": config.val_metric, "value": None, "epoch": None}
         self.latest_validation: dict | None = None
+        self.latest_operating_points: dict | None = None  # the card's section, from the latest validation
         self.history: list[dict] = []
         self.start_epoch = 0
         self.logger: RunLogger | None = None
@@ -441,6 +442,7 @@ class _Run:
             self.scaler.load_state_dict(state["scaler"])
         self.best = dict(state.get("best") or self.best)
         self.latest_validation = state.get("latest_validation")
+        self.latest_operating_points = state.get("latest_operating_points")
         self.start_epoch = int(state["epoch"]) + 1
         restore_rng_state(state["rng"])
         if self.verbose:
@@ -498,6 +500,8 @@ class _Run:
         improved = False
         if report is not None:
             self.latest_validation = compact_metrics(report, epoch + 1)
+            points = report.get("operating_points")
+            self.latest_operating_points = None if points is None else {**points, "epoch": epoch + 1}
             row.update(metric_row(report))
             value = metric_value(report, config.val_metric)
             if value is not None and (self.best["value"] is None or value > self.best["value"]):
@@ -517,7 +521,7 @@ class _Run:
 
         config, model = self.config, self.model
         card = model_card(config, self.data, epoch=epoch, validation_metrics=self.latest_validation,
-                          world_size=self.info.world_size)
+                          world_size=self.info.world_size, operating_points=self.latest_operating_points)
         _guarded_write(self.out / LAST_CHECKPOINT, lambda p: save_checkpoint(p, model, card))
         if improved:
             _guarded_write(self.out / BEST_CHECKPOINT, lambda p: save_checkpoint(p, model, card))
@@ -530,6 +534,7 @@ class _Run:
             "rng": capture_rng_state(),
             "best": self.best,
             "latest_validation": self.latest_validation,
+            "latest_operating_points": self.latest_operating_points,
             "architecture": config.model_config(self.data.channels),
             "config": config.to_dict(),
             "splits": self.data.splits,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from ..core.confidence import probability_to_logit
 from ..data.cases import load_case, with_automatic_organ
 from ..evaluation.matching import match_case
-from ..evaluation.report import evaluate_cases
+from ..evaluation.report import evaluate_cases, operating_points_of_cases
 from .config import MERGE_WARNING_DICE, MERGE_WARNING_RECALL
 
 if TYPE_CHECKING:
@@ -24,7 +25,9 @@ def validate(model, cases: Sequence, config: TrainConfig, card: Mapping[str, Any
     and ``iwseg evaluate --logits`` do, so the best checkpoint is chosen on the same CPM), and
     the report built by :func:`metrics.evaluate_cases`.
     ``cache`` (a dict) keeps loaded cases between validations. Returns the report (see
-    :func:`metrics.evaluate_cases`); the model is left in eval mode.
+    :func:`metrics.evaluate_cases`) with ``operating_points`` (the card's section,
+    :func:`~IWSegmentationLib.evaluation.report.operating_points_of_cases`: the logit thresholds of
+    1/8 ... 8 FP/scan on this validation); the model is left in eval mode.
     """
     from tqdm import tqdm  # lazy: `iwseg` starts without tqdm (~0.25 s)
 
@@ -49,7 +52,11 @@ def validate(model, cases: Sequence, config: TrainConfig, card: Mapping[str, Any
                                   connectivity=config.connectivity, case=record.id,
                                   hit_rule=hit_rule, min_lesion_size=min_size, score="logit"))
     bar.close()
-    return evaluate_cases(results, seed=config.seed)
+    report = evaluate_cases(results, seed=config.seed)
+    if results:
+        report["operating_points"] = operating_points_of_cases(
+            results, floor_logit=probability_to_logit(config.threshold)).as_dict()
+    return report
 
 
 def metric_row(report: Mapping[str, Any] | None) -> dict[str, float | None]:

@@ -134,7 +134,8 @@ class FakeRun:
 class FakeLogic:
     def __init__(self):
         self.node = types.SimpleNamespace(inputVolume="volume", checkpointPath="", confidenceThreshold=0.0,
-                                          outputSegmentation=None, device="CPU", threshold=0.5)
+                                          outputSegmentation=None, device="CPU", threshold=0.5,
+                                          operatingPoint="", segmentBudget=200)
         self.gui_log: list[str] = []
         self.results = None
         self.python, self.env = sys.executable, None
@@ -160,8 +161,9 @@ def make_widget(module):
     widget = module.IWSegmentationWidget()
     names = ("applyButton", "statusLabel", "summaryLabel", "countsLabel", "progressBar", "modelCardLabel",
              "resultsCollapsibleButton", "lesionTableWidget", "deviceInfoLabel", "checkpointPathLineEdit",
-             "deviceComboBox")
+             "deviceComboBox", "confidenceSliderWidget")
     widget.ui = types.SimpleNamespace(**{name: FakeWidget() for name in names})
+    widget.showMoreButton = FakeWidget()
     widget.ui.checkpointPathLineEdit.currentPath = ""
     widget.logic = FakeLogic()
     widget._gui = module.panel.GuiBinding(widget.ui)
@@ -170,10 +172,11 @@ def make_widget(module):
     return widget
 
 
-def ok_result(n_lesions=2):
+def ok_result(n_lesions=2, not_shown=()):
     lesions = [{"name": f"Lesion {i}"} for i in range(n_lesions)]
     rows = [{"name": f"Lesion {i}", "status": "TP"} for i in range(n_lesions)]
-    loaded = types.SimpleNamespace(segmentation="segmentation node", rows=rows, lesions=lesions)
+    loaded = types.SimpleNamespace(segmentation="segmentation node", rows=rows, lesions=lesions,
+                                   not_shown=list(not_shown))
     return RunResult(Outcome.OK, 0, "done", loaded=loaded, seconds=3.0)
 
 
@@ -185,6 +188,15 @@ def test_a_run_finishing_while_in_another_module_fills_the_results(module):
     assert module.shown_errors == []
     assert widget.logic.node.outputSegmentation == "segmentation node"
     assert widget.ui.lesionTableWidget.rowCount == 2
+
+
+def test_lesions_left_out_by_the_display_budget_offer_a_show_next_button(module):
+    widget = make_widget(module)
+    widget.onFinished(ok_result())
+    assert widget.showMoreButton.visible is False  # nothing left out: no button
+    widget.onFinished(ok_result(not_shown=["a", "b", "c"]))
+    assert widget.showMoreButton.visible is True and widget.showMoreButton.text == "Show next 200 lesions"
+    assert widget.showMoreButton.toolTip.startswith("3 more lesion(s), less confident, are counted")
 
 
 def test_reentering_connects_the_gui_once_on_slicer_5_6(module):

@@ -47,6 +47,10 @@ BAD = [
     ({"connectivity": 8}, "--connectivity must be one of 6, 18, 26, got 8"),
     ({"size_thresholds": (20.0, 10.0)}, "--size-thresholds needs 0 < S < M, got 20 10"),
     ({"min_lesion_size": "ten"}, "--min-lesion-size: minimum lesion size 'ten': write a number and a unit, e.g. 10vox or 5mm3"),
+    ({"operating_point": "1fp", "threshold": 0.5}, "--operating-point and --threshold cannot both be given"),
+    ({"operating_point": "often"},
+     "--operating-point must be a false-positive rate per scan such as 1fp, 0.5fp or 1/8fp, got 'often'"),
+    ({"operating_point": "0fp"}, "--operating-point must be a positive false-positive rate per scan, got '0fp'"),
 ]
 
 
@@ -88,16 +92,21 @@ _sizes = st.one_of(
     st.sampled_from(sorted(SIZE_PRESETS)).map(lambda preset: {"size_preset": preset}),
     st.tuples(st.floats(0.5, 10.0), st.floats(10.5, 50.0)).map(lambda sm: {"size_thresholds": sm}),
 )
+# a probability threshold or an operating point of the card (never both)
+_thresholds = st.one_of(
+    (st.none() | st.floats(0.0, 1.0, exclude_max=True)).map(lambda t: {"threshold": t}),
+    st.sampled_from(["1fp", "1/8fp", "0.5fp", "8fp"]).map(lambda o: {"operating_point": o}),
+)
 options_strategy = st.tuples(st.fixed_dictionaries(dict(
     models=st.lists(st.sampled_from(["a.safetensors", "b.safetensors", "c.safetensors"]), min_size=1, max_size=3,
                     unique=True).map(lambda names: tuple(Path("/ckpt") / n for n in names)),
     device=st.sampled_from(DEVICES), precision=st.sampled_from(PRECISIONS), engine=st.sampled_from(ENGINES),
-    overlap=st.none() | st.floats(0.0, 0.9), threshold=st.none() | st.floats(0.0, 1.0, exclude_max=True),
+    overlap=st.none() | st.floats(0.0, 0.9),
     batch_size=st.none() | st.integers(1, 64), tta=st.booleans(), no_skip=st.booleans(), force=st.booleans(),
     threads=st.none() | st.just(1), probabilities=st.booleans(), probabilities_uint8=st.booleans(),
     logits=st.booleans(), lesions=st.booleans(), connectivity=st.sampled_from(CONNECTIVITIES),
     min_lesion_size=st.none() | st.sampled_from(["10vox", "5mm3", "none", "3"]),
-)), _sizes).map(lambda parts: PredictOptions(**parts[0], **parts[1]))
+)), _sizes, _thresholds).map(lambda parts: PredictOptions(**parts[0], **parts[1], **parts[2]))
 
 
 @settings(max_examples=150, deadline=None)

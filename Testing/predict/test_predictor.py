@@ -41,7 +41,7 @@ def parameter_node_fields() -> list[str]:
 
 def test_every_parameter_node_field_is_a_prediction_field_or_said_to_be_something_else():
     found = parameter_node_fields()
-    assert len(found) == 12  # 12 fields today: a new one must be placed in one of the two tables
+    assert len(found) == 14  # 14 fields today: a new one must be placed in one of the two tables
     assert set(found) == set(PREDICTION_FIELDS) | set(OTHER_FIELDS)
     assert not set(PREDICTION_FIELDS) & set(OTHER_FIELDS)
 
@@ -72,21 +72,31 @@ class CapturedBackend:
         pass
 
 
-def test_every_prediction_field_of_the_parameter_node_reaches_the_command_line(tmp_path, fake_checkpoint):
+@pytest.mark.parametrize("operating_point", ["", "1/8fp"])
+def test_every_prediction_field_of_the_parameter_node_reaches_the_command_line(tmp_path, fake_checkpoint,
+                                                                               operating_point):
+    """Run twice: the threshold and the operating point exclude each other, so each reaches the
+    command line in its own run (and the other is then absent)."""
     # values that differ from every default, so a field that is dropped cannot pass by luck
     node = SimpleNamespace(checkpointPath=str(fake_checkpoint), device="CPU", overlap=0.5, threshold=0.3,
                            inputVolume=object(), organMask=object(), referenceSegmentation=None,
                            confidenceThreshold=2.0, runOn="this computer", serverUrl="", serverTokenFile="",
-                           outputSegmentation=None)
+                           outputSegmentation=None, operatingPoint=operating_point, segmentBudget=7)
     CapturedBackend.commands.clear()
     run = InferenceRun(predict_options(node), workdir_parent=tmp_path, backend_factory=CapturedBackend)
     run.start(write_input=lambda p: p.write_bytes(b"volume"), write_organ_mask=lambda p: p.write_bytes(b"organ"))
     try:
         (argv,) = CapturedBackend.commands
         expected = {"checkpointPath": str(fake_checkpoint.resolve()), "device": "cpu", "overlap": "0.5",
-                    "threshold": "0.3", "inputVolume": str(run.input_path), "organMask": str(run.organ_mask_path)}
+                    "threshold": "0.3", "inputVolume": str(run.input_path), "organMask": str(run.organ_mask_path),
+                    "operatingPoint": "1/8fp"}
         assert set(expected) == set(PREDICTION_FIELDS)
+        exclusive = {"threshold", "operatingPoint"}
+        present = {"operatingPoint"} if operating_point else {"threshold"}
         for name, flag in PREDICTION_FIELDS.items():
+            if name in exclusive - present:
+                assert flag not in argv, (name, argv)
+                continue
             assert argv[argv.index(flag) + 1] == expected[name], (name, flag, argv)
         assert "--logits" in argv and "--probabilities" not in argv  # what the module loads
     finally:

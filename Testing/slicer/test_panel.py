@@ -449,3 +449,29 @@ def test_the_docs_say_pip_ensure_needs_slicer_5_12():
         assert not re.search(r"(>=|≥|newer than|from)\s*(Slicer\s*)?5\.10", text), path.name
         spans = [text[max(m.start() - 150, 0):m.end() + 150] for m in re.finditer("pip_ensure", text)]
         assert any("5.12" in span for span in spans), path.name  # said where it is explained
+
+
+# ---------------------------------------------------------------- the slider in FP/scan and recall
+
+_CARD_WITH_POINTS = {"threshold": 0.5, "operating_points": {
+    "points": [{"fp_per_scan": 0.5, "logit_threshold": 2.5, "recall": 0.5, "achieved_fp_per_scan": 0.5},
+               {"fp_per_scan": 1.0, "logit_threshold": 2.0, "recall": 0.6, "achieved_fp_per_scan": 1.0},
+               {"fp_per_scan": 2.0, "logit_threshold": 0.0, "recall": 0.75, "achieved_fp_per_scan": 2.0}],
+    "hit_rule": "paper", "n_images": 2, "n_lesions": 4}}
+
+
+def test_the_confidence_slider_starts_at_1_fp_per_scan_else_at_the_cards_threshold():
+    assert panel.default_confidence(_CARD_WITH_POINTS) == 2.0  # the 1 FP/scan point's logit
+    # no operating points: logit(0.5) = 0, logit(0.9) = log 9 = 2.197 (every lesion of the run is above it)
+    assert panel.default_confidence({"threshold": 0.5}) == 0.0
+    assert panel.default_confidence({"threshold": 0.9}) == pytest.approx(2.1972, abs=1e-4)
+
+
+def test_the_confidence_slider_is_labelled_in_fp_per_scan_and_recall():
+    # 1.0 lies halfway between logit 0 (2 FP/scan, recall 0.75) and 2.0 (1 FP/scan, 0.6):
+    # 1.5 FP/scan, recall 67.5% -> "68%"; nearest: a tie between 2fp and 1fp, the stricter (1fp) wins
+    assert panel.confidence_slider_text(_CARD_WITH_POINTS, 1.0) == (
+        "max logit ≥ 1.00: ≈ 1.5 FP/scan, recall 68% (validation; nearest: 1fp); hit rule paper")
+    assert panel.confidence_slider_text({"threshold": 0.5}, 0.0) == (
+        "max logit ≥ 0.00. This model's card has no operating points (written before they were stored): "
+        "the run uses its threshold 0.5.")

@@ -93,6 +93,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--min-lesion-size", default=None, metavar="SIZE",
                    help="drop predicted lesions smaller than SIZE from the mask and lesion table, e.g. 10vox or "
                         "5mm3 (default: the checkpoint's min_lesion_size, else keep all; 'none' keeps all)")
+    p.add_argument("--operating-point", default=None, metavar="RATE",
+                   help="threshold at a validation operating point of the checkpoint's card, named by its false "
+                        "positives per scan: 1/8fp, 1/4fp, 0.5fp, 1fp, 2fp, 4fp or 8fp (instead of --threshold; "
+                        "iwseg inspect lists them)")
     p.add_argument("--shard", default=None, metavar="i/n",
                    help="folder input: process cases i, i+n, i+2n, ... (0 <= i < n) of the sorted list, to split "
                         "a cohort across processes; 'auto' reads RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/NTASKS")
@@ -117,6 +121,7 @@ def options_from_arguments(args: argparse.Namespace) -> PredictOptions:
         size_thresholds=None if args.size_thresholds is None else tuple(args.size_thresholds),
         connectivity=args.connectivity, min_lesion_size=args.min_lesion_size,
         allow_unmasked=args.allow_unmasked,
+        operating_point=args.operating_point,
     )
 
 

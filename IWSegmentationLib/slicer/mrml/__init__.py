@@ -51,6 +51,7 @@ from .geometry import (  # noqa: F401  (re-exported)
 from .loading import (  # noqa: F401  (re-exported)
     PredictionResults,
     load_prediction,
+    show_more_results,
 )
 from .matching import (  # noqa: F401  (re-exported)
     DiceMatch,
@@ -68,16 +69,22 @@ from .scene import (  # noqa: F401  (re-exported)
 from .segments import (  # noqa: F401  (re-exported)
     ATTR_CONFIDENCE_THRESHOLD,
     ATTR_LESION_COUNT,
+    ATTR_NOT_SHOWN,
     ATTR_SIZE_THRESHOLDS,
     CLOSED_SURFACE,
+    DEFAULT_SEGMENT_BUDGET,
     LABELMAP,
     TAG_PREFIX,
     TAGS,
+    NotShownLesions,
+    budgeted_lesion_segmentation,
+    confidence_order,
     get_tag,
     lesion_segmentation,
     list_segment_ids,
     segment_rows,
     set_confidence_threshold,
+    show_more_lesions,
 )
 from .tables import (  # noqa: F401  (re-exported)
     DICE_TABLE_COLUMNS,
@@ -123,4 +130,11 @@ __all__ = [
     "dice_table_node",
     "PredictionResults",
     "load_prediction",
+    "show_more_results",
+    "ATTR_NOT_SHOWN",
+    "DEFAULT_SEGMENT_BUDGET",
+    "NotShownLesions",
+    "budgeted_lesion_segmentation",
+    "confidence_order",
+    "show_more_lesions",
 ]

@@ -8,7 +8,8 @@ in :mod:`.matching`, which imports this module (never the other way).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from ...core.lesions import (
     segment_name,
 )
 from ..lesion_row import LesionRow
+from ..panel import DEFAULT_SEGMENT_BUDGET
 from .geometry import centroid_ras, check_volume_node, to_vtk_matrix, volume_geometry, volume_ijk_to_ras
 from .scene import ensure_converter_rules, slicer_module
 
@@ -49,6 +51,11 @@ ATTR_SIZE_THRESHOLDS = TAG_PREFIX + "SizeThresholdsMm"  # "small;large"
 
 
 ATTR_CONFIDENCE_THRESHOLD = TAG_PREFIX + "ConfidenceThreshold"
+
+
+ATTR_NOT_SHOWN = TAG_PREFIX + "LesionsNotShown"  # lesions counted but not (yet) made segments
+
+
 
 
 LABELMAP = "Binary labelmap"
@@ -93,7 +100,8 @@ def lesion_segmentation(
     connectivity: int = 26,
     closed_surface: bool = True,
 ):
-    """Build a segmentation node with one segment per lesion of ``lesion_mask``.
+    """Build a segmentation node with one segment per lesion of ``lesion_mask`` (every lesion; the
+    module's results use :func:`budgeted_lesion_segmentation`).
 
     Args:
         scene: the MRML scene (``slicer.mrmlScene`` inside Slicer).
@@ -115,6 +123,64 @@ def lesion_segmentation(
     attribute ``IWSegmentation.LesionCount`` (0 for an empty mask: the node is still made, so
     the caller can say "no lesions found").
     """
+    node, _ = budgeted_lesion_segmentation(
+        scene, volume_node, lesion_mask, logits=logits, size_thresholds_mm=size_thresholds_mm, name=name,
+        connectivity=connectivity, closed_surface=closed_surface, budget=None)
+    return node
+
+
+@dataclass
+class NotShownLesions:
+    """The lesions of a result that are counted but not segments yet (display budget): what
+    :func:`show_more_lesions` needs to add them later without analysing the mask again.
+    ``lesions`` are most confident first; each keeps its lesion number (1 = largest of all)."""
+
+    labels: np.ndarray
+    lesions: list[tuple[int, Any]] = field(default_factory=list)  # (lesion number, lesions.Lesion)
+    ijk_to_ras: np.ndarray | None = None
+    width: int = 2
+    closed_surface: bool = True
+
+    def __len__(self) -> int:
+        return len(self.lesions)
+
+    def rows(self) -> list[LesionRow]:
+        """The lesions not shown as lesion-table rows (``row="not shown"``, no segment), most confident first."""
+        return [LesionRow(row="not shown", segment_id=None, name=segment_name(n, les.diameter_mm, les.size_group,
+                                                                              self.width),
+                          id=n, component_id=int(les.id), voxels=int(les.voxels), volume_mm3=float(les.volume_mm3),
+                          diameter_mm=float(les.diameter_mm), size_group=les.size_group,
+                          confidence=None if les.confidence is None else float(les.confidence),
+                          center_ras=tuple(centroid_ras(self.ijk_to_ras, les.centroid)), visible=False)
+                for n, les in self.lesions]
+
+
+def confidence_order(found: Sequence) -> list:
+    """Lesions most confident first (maximum logit; without one, the largest first); ties: the larger, then scan order."""
+    return sorted(found, key=lambda les: (-(les.confidence if les.confidence is not None else -math.inf),
+                                          -les.voxels, les.id))
+
+
+def budgeted_lesion_segmentation(
+    scene,
+    volume_node,
+    lesion_mask: np.ndarray,
+    *,
+    logits: np.ndarray | None = None,
+    size_thresholds_mm: Sequence[float] | SizeThresholds | str | None = None,
+    name: str | None = None,
+    connectivity: int = 26,
+    closed_surface: bool = True,
+    budget: int | None = DEFAULT_SEGMENT_BUDGET,
+) -> tuple[Any, NotShownLesions]:
+    """:func:`lesion_segmentation` with a display budget: only the ``budget`` most confident lesions
+    (:func:`confidence_order`) become segments (None: all). Every lesion keeps its number (1 = the
+    largest of all), so a segment's name does not change when more are shown. The node's
+    ``IWSegmentation.LesionCount`` counts all lesions and ``IWSegmentation.LesionsNotShown`` the
+    others; they are returned as :class:`NotShownLesions` (:func:`show_more_lesions` adds them).
+    """
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        raise InputError(f"segment budget must be a whole number >= 0 or None, got {budget!r}")
     check_volume_node(volume_node, "volume_node")
     _check_mask_arrays(volume_node, lesion_mask, logits)
     thresholds = parse_size_thresholds(size_thresholds_mm)
@@ -124,24 +190,52 @@ def lesion_segmentation(
         scores=logits,
     )
     # numbered by lesions.number_lesions (largest first), as iwseg predict's lesion JSON and DICOM SEG
+    numbered = [(les.id, les) for les in found]
     ijk_to_ras = volume_ijk_to_ras(volume_node)
+    width = max(2, len(str(len(found))))
+    rank = {id(les): i for i, les in enumerate(confidence_order(found))}
+    chosen = numbered if budget is None else [(n, les) for n, les in numbered if rank[id(les)] < budget]
+    rest = [] if budget is None else sorted(((n, les) for n, les in numbered if rank[id(les)] >= budget),
+                                            key=lambda item: rank[id(item[1])])
 
     node = _empty_segmentation(scene, volume_node, name, len(found), thresholds)
-    if not found:
-        return node
-    image = _shared_labelmap(labels, found, ijk_to_ras)
-    width = max(2, len(str(len(found))))
+    node.SetAttribute(ATTR_NOT_SHOWN, str(len(rest)))
+    pending = NotShownLesions(labels if rest else np.zeros((0, 0, 0), np.uint8), rest, ijk_to_ras, width,
+                              closed_surface)
+    if chosen:
+        _add_segments(node, labels, chosen, ijk_to_ras, width, closed_surface)
+    return node, pending
+
+
+def show_more_lesions(segmentation_node, pending: NotShownLesions, count: int = DEFAULT_SEGMENT_BUDGET) -> int:
+    """Make segments of the next ``count`` most confident lesions of ``pending`` (taken from it) and
+    update ``IWSegmentation.LesionsNotShown``; returns how many were added."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise InputError(f"count must be a whole number >= 0, got {count!r}")
+    batch, pending.lesions = pending.lesions[:count], pending.lesions[count:]
+    if batch:
+        _add_segments(segmentation_node, pending.labels, sorted(batch, key=lambda item: item[0]),
+                      pending.ijk_to_ras, pending.width, pending.closed_surface)
+    if not pending.lesions:
+        pending.labels = np.zeros((0, 0, 0), np.uint8)  # nothing left to add: free the label volume
+    segmentation_node.SetAttribute(ATTR_NOT_SHOWN, str(len(pending.lesions)))
+    return len(batch)
+
+
+def _add_segments(node, labels: np.ndarray, numbered: Sequence, ijk_to_ras: np.ndarray, width: int,
+                  closed_surface: bool) -> None:
+    """Add one segment per ``(number, lesion)``, sharing one labelmap (value = lesion number)."""
+    image = _shared_labelmap(labels, numbered, ijk_to_ras)
     segmentation = node.GetSegmentation()
     was_modifying = node.StartModify()
     try:
-        for number, les in enumerate(found, start=1):
+        for number, les in numbered:
             segmentation.AddSegment(_lesion_segment(number, les, image, ijk_to_ras, width),
                                     f"lesion_{number:0{width}d}")
     finally:
         node.EndModify(was_modifying)
     if closed_surface:
         node.CreateClosedSurfaceRepresentation()
-    return node
 
 
 def _empty_segmentation(scene, volume_node, name: str | None, count: int, thresholds: SizeThresholds):
@@ -160,16 +254,17 @@ def _empty_segmentation(scene, volume_node, name: str | None, count: int, thresh
     return node
 
 
-def _shared_labelmap(labels: np.ndarray, found: Sequence, ijk_to_ras: np.ndarray):
-    """One labelmap for all segments (value = lesion number), cropped to the union of the lesions' boxes."""
+def _shared_labelmap(labels: np.ndarray, numbered: Sequence, ijk_to_ras: np.ndarray):
+    """One labelmap for the segments ``(number, lesion)`` (value = lesion number; the other lesions 0),
+    cropped to the union of their boxes."""
     slicer = slicer_module()
     from vtkmodules.util import numpy_support  # lazy: Slicer's own; importable without it
 
-    lut = np.zeros(int(labels.max()) + 1, dtype=_smallest_uint(len(found)))
-    for number, les in enumerate(found, start=1):
+    lut = np.zeros(int(labels.max()) + 1, dtype=_smallest_uint(max(n for n, _ in numbered) + 1))
+    for number, les in numbered:
         lut[les.id] = number
-    lo = np.min([les.bbox[:3] for les in found], axis=0)
-    hi = np.max([les.bbox[3:] for les in found], axis=0)
+    lo = np.min([les.bbox[:3] for _, les in numbered], axis=0)
+    hi = np.max([les.bbox[3:] for _, les in numbered], axis=0)
     crop = lut[labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]]
     image = slicer.vtkOrientedImageData()
     image.SetExtent(int(lo[2]), int(hi[2]) - 1, int(lo[1]), int(hi[1]) - 1, int(lo[0]), int(hi[0]) - 1)
