@@ -57,6 +57,10 @@ OPTIONAL_FIELDS: dict[str, Any] = {
 #: Optional fields written only when set: the sliding-window defaults, the training settings,
 #: the smallest lesion kept at inference and the organ crop (a margin in voxels).
 SECTION_FIELDS = ("inference", "training", "min_lesion_size", "crop_to_organ")
+#: Optional field written only when known: the training voxel spacing ``[sz, sy, sx]`` mm (the
+#: median over the training cases after any ``preprocessing.target_spacing``), which inference
+#: resamples its input to (:func:`card_spacing`). A card without it keeps the input's grid.
+SPACING_FIELD = "spacing"
 
 # ---------------------------------------------------------------------------------- limits
 #: Largest side of ``patch_size`` (and of ``inference.patch_size``) in voxels.
@@ -180,6 +184,8 @@ class ModelCard:
     #: Margin (voxels of the network's grid) of the organ box inference crops to when given an
     #: organ mask, as the network was trained (``crop_to_organ``); None: the whole volume.
     crop_to_organ: int | None = None
+    #: The training voxel spacing ``(sz, sy, sx)`` in mm (``spacing``; see :func:`card_spacing`).
+    spacing: tuple[float, float, float] | None = None
     description: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -224,6 +230,7 @@ class ModelCard:
             training=check.section(card.get("training"), "training"),
             crop_to_organ=(None if card.get("crop_to_organ") is None
                            else check.integer(card["crop_to_organ"], "crop_to_organ", 0, MAX_CROP_MARGIN)),
+            spacing=_spacing(card.get(SPACING_FIELD), check),
             description=check.text(card.get("description", ""), "description") or "",
             format=_format(card.get("format", FORMAT), check),
             format_version=check.integer(card.get("format_version", FORMAT_VERSION), "format_version", 1,
@@ -259,6 +266,8 @@ class ModelCard:
             value = getattr(self, key)
             if value is not None:
                 out[key] = value.as_dict() if isinstance(value, MinLesionSize) else value
+        if self.spacing is not None:
+            out[SPACING_FIELD] = list(self.spacing)
         out.update(self.extra)
         return copy.deepcopy(out)
 
@@ -268,10 +277,49 @@ class ModelCard:
         """Image channels the network takes (``architecture.in_channels``; see :func:`card_in_channels`)."""
         return card_in_channels(self.to_dict())
 
+    @property
+    def modality(self) -> str | None:
+        """The modality the model was trained on (see :func:`card_modality`)."""
+        return card_modality(self.to_dict())
+
     def size_groups(self):
         """The card's size groups as :class:`~IWSegmentationLib.core.lesions.SizeThresholds`, or None
         when it records none (each of the three written shapes is understood)."""
         return None if self.size_thresholds is None else parse_size_thresholds(self.size_thresholds)
+
+
+def card_modality(card: Mapping[str, Any]) -> str | None:
+    """The modality a model was trained on, ``"CT"``, ``"MR"`` or ``"other"``: the card's
+    ``preprocessing.modality`` (every preset has one), the one place it is read from; None for a
+    card without it (not a card of this package)."""
+    pre = card.get("preprocessing") if isinstance(card, Mapping) else None
+    value = pre.get("modality") if isinstance(pre, Mapping) else None
+    return value.strip().upper() if isinstance(value, str) and value.strip() else None
+
+
+def card_spacing(card: Mapping[str, Any]) -> tuple[float | None, float | None, float | None] | None:
+    """The voxel spacing ``(sz, sy, sx)`` mm inference resamples its input to, or None (keep the
+    input's grid). In order: the card's ``spacing`` (what ``iwseg train`` records: the median
+    training spacing after ``target_spacing``); for a card written before that field, the same
+    median as older versions kept it (``training_data.median_spacing_zyx``), else
+    ``preprocessing.target_spacing`` (its ``None`` entries keep that axis of the input)."""
+    if not isinstance(card, Mapping):
+        return None
+    candidates = [card.get(SPACING_FIELD)]
+    data = card.get("training_data")
+    if isinstance(data, Mapping):
+        candidates.append(data.get("median_spacing_zyx"))
+    pre = card.get("preprocessing")
+    if isinstance(pre, Mapping):
+        candidates.append(pre.get("target_spacing"))
+    low, high = SPACING_RANGE_MM
+    for value in candidates:
+        if (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high)
+                        for v in value)
+                and any(v is not None for v in value)):
+            return tuple(None if v is None else float(v) for v in value)  # type: ignore[return-value]
+    return None
 
 
 def card_in_channels(card: Mapping[str, Any]) -> int:
@@ -330,6 +378,19 @@ def _preprocessing(value: Any, check: _Checker) -> dict[str, Any]:
             raise check.fail("preprocessing.target_spacing", f"entries must be in [{low:g}, {high:g}] mm",
                              params["target_spacing"])
     return params
+
+
+def _spacing(value: Any, check: _Checker) -> tuple[float, float, float] | None:
+    """Three spacings in mm (z, y, x), each within :data:`SPACING_RANGE_MM`, or None."""
+    if value is None:
+        return None
+    low, high = SPACING_RANGE_MM
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise check.fail(SPACING_FIELD, "must be 3 spacings in mm (z, y, x)", value)
+    out = tuple(check.number(v, SPACING_FIELD) for v in value)
+    if not all(low <= v <= high for v in out):
+        raise check.fail(SPACING_FIELD, f"entries must be in [{low:g}, {high:g}] mm", value)
+    return out  # type: ignore[return-value]
 
 
 def _threshold(value: Any, check: _Checker) -> float:

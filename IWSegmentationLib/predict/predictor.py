@@ -40,6 +40,7 @@ from .cases import (
     resolve_dataset_root,
     split_channel_inputs,
 )
+from .model_match import check_modality, no_spacing_note, spacing_note
 from .options import PredictOptions
 from .outputs import (
     attach_dicom_seg,
@@ -133,6 +134,9 @@ class Predictor:
         warning = organ_mask_warning(card, organ_mask is not None)
         if warning:
             reporter.emit("warning", case=None, message=warning)
+        note = no_spacing_note(card, options.keep_spacing)  # said once per run, not per case
+        if note:
+            reporter.emit("load", case=None, message=note)
         thresholds = size_thresholds_for(options, card)
         min_size = min_lesion_size_for(options.min_lesion_size, card)
 
@@ -195,13 +199,17 @@ class Predictor:
             diffs = geometry.differences(organ_geometry)
             if diffs:
                 raise InputError(f"organ mask {case.organ_mask} is not on the grid of {case.image}: {'; '.join(diffs)}")
-        reporter.emit("preprocess", case=case.name)
+        mismatch = check_modality(card, image, str(case.image), options.allow_modality_mismatch)
+        if mismatch:
+            reporter.emit("warning", case=case.name, message=mismatch)
+        note = spacing_note(card, geometry, options.keep_spacing)  # one line when the input is resampled
+        reporter.emit("preprocess", case=case.name, **({"message": note} if note else {}))
         try:
             prediction = predict_volume(
                 model, image, card, geometry=geometry, organ_mask=organ, device=device, overlap=options.overlap,
                 threshold=options.threshold, batch_size=options.batch_size, precision=precision,
                 skip_background=not options.no_skip, engine=options.engine, tta=options.tta,
-                progress=Throttled(reporter.inference_callback(case.name)), cancel=self.cancel,
+                keep_spacing=options.keep_spacing, progress=Throttled(reporter.inference_callback(case.name)), cancel=self.cancel,
                 on_warning=lambda message: reporter.emit("warning", case=case.name, message=message),
             )
         except InputError as exc:

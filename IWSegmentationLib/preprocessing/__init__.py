@@ -24,6 +24,7 @@ from .presets import (  # noqa: F401  (re-exported)
 )
 from .resampling import (  # noqa: F401  (re-exported)
     MAX_RESAMPLED_VOXELS,
+    check_resampled_memory,
     prepare_case,
     prepare_channels,
     resample_to_geometry,
@@ -45,6 +46,7 @@ __all__ = [
     "foreground_mask",
     "lung_field",
     "MAX_RESAMPLED_VOXELS",
+    "check_resampled_memory",
     "resampled_geometry",
     "resample_to_geometry",
     "resample_to_spacing",

@@ -24,6 +24,7 @@ PREDICTION_FIELDS = {
     "threshold": "--threshold",
     "inputVolume": "--input",
     "organMask": "--organ-mask",
+    "keepSpacing": "--keep-spacing",
 }
 
 #: parameter-node fields that are not prediction parameters, and what each is for.
@@ -37,12 +38,19 @@ OTHER_FIELDS = {
 }
 
 
-def predict_options(node: Any) -> PredictOptions:
+def predict_options(node: Any, *, allow_modality_mismatch: bool = False) -> PredictOptions:
     """The :class:`PredictOptions` of a parameter node (any object with its fields): the checkpoint,
-    the device (its label mapped by :data:`panel.DEVICE_CHOICES`), the overlap and the threshold.
+    the device (its label mapped by :data:`panel.DEVICE_CHOICES`), the overlap, the threshold and
+    whether to keep the volume's own voxel spacing.
     The outputs are what the module loads: the mask, the logit map (confidences are maximum
-    logits, the probability volume its sigmoid) and the lesion table."""
+    logits, the probability volume its sigmoid) and the lesion table.
+
+    ``allow_modality_mismatch``: the user saw :func:`panel.compatibility_warnings` say that the
+    volume does not look like the model's modality and chose to run anyway (the module asks
+    before it starts, with the DICOM tag the backend cannot see); ``iwseg predict`` would
+    otherwise refuse such a volume."""
     checkpoint = str(node.checkpointPath or "").strip()
     return PredictOptions(models=(checkpoint,) if checkpoint else (), device=panel.DEVICE_CHOICES[node.device],
                           overlap=float(node.overlap), threshold=float(node.threshold),
-                          probabilities=False, logits=True, lesions=True)
+                          probabilities=False, logits=True, lesions=True,
+                          keep_spacing=bool(node.keepSpacing), allow_modality_mismatch=allow_modality_mismatch)

@@ -42,6 +42,8 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
         },
         "description": f"{config.loss} U-Net trained by iwseg train on {data.summary['dataset']}",
     }
+    if data.spacing is not None:  # the training voxel spacing: inference resamples its input to it
+        card["spacing"] = list(data.spacing)
     if config.crop_to_organ is not None:  # written only when set: a card without it means no crop
         card["crop_to_organ"] = config.crop_to_organ
     return card
