@@ -376,16 +376,12 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
         return self.lesionLogic.check_inputs(volume, card, modality)
 
     def start(self, parameters, onProgress=None, onFinished=None, confirmed=False):
-        """Install missing dependencies (first use), then start the backend; returns the running job.
-        ``confirmed``: the user chose to run despite the warnings of ``checkInputs`` (a modality
-        mismatch among them), which the backend then does not refuse."""
+        """Install missing dependencies (first use), then start the backend; returns the running job."""
         self.lesionLogic.run_on(parameters.runOn, parameters.serverUrl, parameters.serverTokenFile)
-        options = self.lesionLogic.check_checkpoint(
-            parameter_node.predict_options(parameters, allow_modality_mismatch=confirmed))  # ranges, file
+        options = self.lesionLogic.check_checkpoint(parameter_node.predict_options(parameters, confirmed))
         if self.lesionLogic.runs_locally:  # a server needs no PyTorch here
             slicer_deps.ensure_in_slicer()
-        return self.lesionLogic.start(
-            parameters.inputVolume, options, organ_mask=parameters.organMask,
+        return self.lesionLogic.start(parameters.inputVolume, options, organ_mask=parameters.organMask,
             reference=parameters.referenceSegmentation, on_progress=onProgress, on_finished=onFinished,
             on_log=lambda line: logging.info(f"[iwseg] {line}"))
 

@@ -51,7 +51,7 @@ def test_the_module_starts_its_logic_with_the_node_as_predict_options():
     and the organ mask (the two fields that are files) to the logic, which writes them."""
     source = MODULE.read_text(encoding="utf-8")
     start = source[source.index("    def start(self, parameters"):source.index("    def process(self")]
-    assert "parameter_node.predict_options(parameters, allow_modality_mismatch=confirmed)" in start
+    assert "parameter_node.predict_options(parameters, confirmed)" in start
     assert "parameters.inputVolume, options, organ_mask=parameters.organMask" in start
 
 

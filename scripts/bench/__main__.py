@@ -34,6 +34,7 @@ BENCHMARKS = {
     "dicom_seg": "writing a DICOM SEG for a CT-sized lesion mask",
     "multichannel": "what a second input channel costs at inference, and what it buys",
     "startup": "iwseg train's start-up to the first step (--old REF: against an older commit)",
+    "resampling": "resampling to the model's voxel spacing and back: lung1 and a 512x512x300 CT",
 }
 
 
