@@ -91,6 +91,7 @@ class IWSegmentationParameterNode:
     device: Annotated[str, Choice(list(panel.DEVICE_CHOICES))] = "Auto"
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
+    keepSpacing: bool = False
     # a logit (a lesion's confidence is its maximum logit); the minimum, -5, is below every lesion's
     # (each lies above logit(threshold) >= logit(0.05) = -2.9), so the default shows them all
     confidenceThreshold: Annotated[float, WithinRange(-5.0, 50.0)] = -5.0
@@ -267,7 +268,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateApplyButton()
             try:
                 self._run = self.logic.start(self._parameterNode, onProgress=self.onProgress,
-                                             onFinished=self.onFinished)
+                                             onFinished=self.onFinished, confirmed=bool(warnings))
             finally:
                 self._installing = False
             if not self._card:
@@ -399,10 +400,10 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
                                                    getattr(slicer, "dicomDatabase", None))
         return self.lesionLogic.check_inputs(volume, card, modality)
 
-    def start(self, parameters, onProgress=None, onFinished=None):
+    def start(self, parameters, onProgress=None, onFinished=None, confirmed=False):
         """Install missing dependencies (first use), then start the backend; returns the running job."""
         self.lesionLogic.run_on(parameters.runOn, parameters.serverUrl, parameters.serverTokenFile)
-        options = self.lesionLogic.check_checkpoint(parameter_node.predict_options(parameters))  # ranges, file
+        options = self.lesionLogic.check_checkpoint(parameter_node.predict_options(parameters, confirmed))
         if self.lesionLogic.runs_locally:  # a server needs no PyTorch here
             slicer_deps.ensure_in_slicer()
         self.lesionLogic.segment_budget = int(parameters.segmentBudget)  # display budget of the result

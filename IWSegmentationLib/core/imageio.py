@@ -254,6 +254,26 @@ def read_image(path: str | os.PathLike, *, what: str = "image", dtype=None) -> t
     return array, Geometry.from_sitk(image)
 
 
+def read_geometry(path: str | os.PathLike, *, what: str = "image") -> Geometry:
+    """The :class:`Geometry` of an image file from its header alone (no voxels read), or of a
+    DICOM series folder (read whole: ITK gives a series' spacing only after reading it); errors as
+    :func:`read_sitk`. Training uses it to record the spacing of cases it loads lazily."""
+    sitk = _sitk()
+    path = Path(path)
+    if path.is_dir() or not path.exists():
+        return Geometry.from_sitk(read_sitk(path, what=what))
+    _check_regular(path, what)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read {what} {path}: {itk_message(exc)}") from None
+    if reader.GetDimension() != 3:
+        raise InputError(f"{what} {path} is {reader.GetDimension()}D; a 3D volume is needed")
+    return Geometry.from_sitk(reader)
+
+
 def read_channels(paths: Sequence[str | os.PathLike], *, what: str = "image", dtype=None) -> tuple[np.ndarray, Geometry]:
     """Read the channel files of one case (e.g. the T1 and FLAIR of a multi-sequence MR) with
     :func:`read_image`: one file gives its ``[z, y, x]`` array, several give ``[C, z, y, x]`` in

@@ -54,6 +54,7 @@ from .. import __version__
 from ..core.errors import InputError
 from ..core.imageio import Geometry, write_image
 from ..core.lesions import check_spacing
+from ..core.memory import physical_memory
 from ..core.outputs import atomic_output
 from .synth_anatomy import ANATOMY, SynthLesion, correlated_noise, norm_coords, place_lesions
 
@@ -115,14 +116,6 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     if len(out) != 3 or min(out) < MIN_SIDE or any(int(v) != v for v in shape):
         raise InputError(f"size must be three integers D H W, each >= {MIN_SIDE}, got {tuple(shape)}")
     return out  # type: ignore[return-value]
-
-
-def physical_memory() -> int | None:
-    """This machine's physical memory in bytes (None where the system does not say)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def check_memory(shape: Sequence[int], available: int | None = None) -> None:

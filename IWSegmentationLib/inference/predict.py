@@ -13,11 +13,16 @@ from torch import nn
 from ..core.confidence import SKIPPED_LOGIT, probability_to_logit, sigmoid
 from ..core.errors import InputError
 from ..core.imageio import Geometry
-from ..nn.model_card import check_in_channels
+from ..nn.model_card import card_spacing, check_in_channels
 from ..preprocessing.cropping import OrganBox, organ_box
 from ..preprocessing.foreground import foreground_mask
 from ..preprocessing.presets import validate_params
-from ..preprocessing.resampling import prepare_case, resample_to_geometry
+from ..preprocessing.resampling import (
+    check_resampled_memory,
+    prepare_case,
+    resample_to_geometry,
+    resampled_geometry,
+)
 from .devices import resolve_device, resolve_precision
 from .engine import prepare_network
 from .predictors import EnsemblePredictor, MirroredPredictor
@@ -101,6 +106,7 @@ def predict_volume(
     channels_last: bool | None = None,
     engine: str = "auto",
     tta: bool = False,
+    keep_spacing: bool = False,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     on_warning: Callable[[str], None] | None = None,
@@ -108,8 +114,9 @@ def predict_volume(
 ) -> VolumePrediction:
     """Lesion logits (and the mask) of a raw 3D image with a trained network and its model card.
 
-    Steps: :func:`preprocessing.prepare_case` (resampling to the card's target spacing, if any,
-    then intensity scaling and the organ mask), the foreground for skipping
+    Steps: :func:`preprocessing.prepare_case` (resampling to the model's voxel spacing,
+    :func:`~IWSegmentationLib.nn.model_card.card_spacing`, unless ``keep_spacing``; then intensity
+    scaling and the organ mask), the foreground for skipping
     (:func:`preprocessing.foreground_mask`: the organ mask, else the lung field for ``ct-lung``,
     else the preset's body threshold),
     :func:`sliding_window_inference` of the logits ``model(x)`` (blended), resampling the logits
@@ -149,6 +156,8 @@ def predict_volume(
         logit_threshold: the mask's threshold given as a logit (an operating point of the card,
             ``core.operating_points``), used instead of ``threshold``; the result's ``threshold``
             is its sigmoid. A logit, so a threshold above logit 37 (probability 1.0 in float64) stays exact.
+        keep_spacing: run the network on the input's own grid, not resampled to the model's
+            spacing (nor to the preset's ``target_spacing``).
     """
     models = [model] if isinstance(model, nn.Module) else list(model)
     if not models or not all(isinstance(m, nn.Module) for m in models):
@@ -157,6 +166,8 @@ def predict_volume(
         raise InputError("checkpoint metadata lacks 'preprocessing': cannot prepare the image")
     settings = inference_settings(metadata)
     params = validate_params(dict(metadata["preprocessing"]))
+    # the model's voxel spacing replaces the preset's target_spacing (it agrees with it where set)
+    params["target_spacing"] = None if keep_spacing else card_spacing(metadata)
     if logit_threshold is None:
         threshold = float(metadata.get("threshold", 0.5) if threshold is None else threshold)
         logit_threshold = probability_to_logit(threshold)
@@ -180,6 +191,9 @@ def predict_volume(
         stats.warnings.append(message)
         report(message)
 
+    if params["target_spacing"] is not None:  # refused before anything is allocated
+        check_resampled_memory(geometry, resampled_geometry(geometry, params["target_spacing"]),
+                               channels=1 if image.ndim == 3 else image.shape[0])
     network_input, work_geometry, work_organ = prepare_case(image, geometry, params, organ_mask)
     foreground = None
     if skip_background:

@@ -60,6 +60,10 @@ OPTIONAL_FIELDS: dict[str, Any] = {
 #: Optional fields written only when set: the sliding-window defaults, the training settings,
 #: the smallest lesion kept at inference and the organ crop (a margin in voxels).
 SECTION_FIELDS = ("inference", "training", "min_lesion_size", "crop_to_organ", "organ_mask")
+#: Optional field written only when known: the training voxel spacing ``[sz, sy, sx]`` mm (the
+#: median over the training cases after any ``preprocessing.target_spacing``), which inference
+#: resamples its input to (:func:`card_spacing`). A card without it keeps the input's grid.
+SPACING_FIELD = "spacing"
 
 # ---------------------------------------------------------------------------------- limits
 #: Largest side of ``patch_size`` (and of ``inference.patch_size``) in voxels.
@@ -203,6 +207,8 @@ class ModelCard:
     #: The validation's operating points (``core.operating_points.OperatingPoints.as_dict``): the
     #: logit threshold and recall at 1/8 ... 8 FP/scan; None in a card written before them.
     operating_points: dict[str, Any] | None = None
+    #: The training voxel spacing ``(sz, sy, sx)`` in mm (``spacing``; see :func:`card_spacing`).
+    spacing: tuple[float, float, float] | None = None
     description: str = ""
     #: The model's licence: an SPDX expression (``Apache-2.0``, ``CC-BY-NC-4.0``,
     #: ``LicenseRef-...``) or ``"not stated"``; a URL and the full text are optional.
@@ -254,6 +260,7 @@ class ModelCard:
                            else check.integer(card["crop_to_organ"], "crop_to_organ", 0, MAX_CROP_MARGIN)),
             organ_mask=_organ_mask(card.get("organ_mask"), check),
             operating_points=_operating_points(card.get("operating_points"), check),
+            spacing=_spacing(card.get(SPACING_FIELD), check),
             description=check.text(card.get("description", ""), "description") or "",
             license=_license(card.get("license", LICENSE_NOT_STATED), check),
             license_url=_license_url(card.get("license_url"), check),
@@ -298,6 +305,8 @@ class ModelCard:
                 out[key] = value.as_dict() if isinstance(value, MinLesionSize) else value
         if self.operating_points is not None:  # written only when measured
             out["operating_points"] = self.operating_points
+        if self.spacing is not None:
+            out[SPACING_FIELD] = list(self.spacing)
         out.update(self.extra)
         return copy.deepcopy(out)
 
@@ -306,6 +315,11 @@ class ModelCard:
     def in_channels(self) -> int:
         """Image channels the network takes (``architecture.in_channels``; see :func:`card_in_channels`)."""
         return card_in_channels(self.to_dict())
+
+    @property
+    def modality(self) -> str | None:
+        """The modality the model was trained on (see :func:`card_modality`)."""
+        return card_modality(self.to_dict())
 
     def size_groups(self):
         """The card's size groups as :class:`~IWSegmentationLib.core.lesions.SizeThresholds`, or None
@@ -340,6 +354,40 @@ def license_summary(card: Mapping[str, Any]) -> str:
 def _operating_points(value: Any, check: _Checker) -> dict[str, Any] | None:
     """The ``operating_points`` section, validated by :class:`OperatingPoints` (None: not stored)."""
     return None if value is None else OperatingPoints.from_dict(value, check.where).as_dict()
+
+
+def card_modality(card: Mapping[str, Any]) -> str | None:
+    """The modality a model was trained on, ``"CT"``, ``"MR"`` or ``"other"``: the card's
+    ``preprocessing.modality`` (every preset has one), the one place it is read from; None for a
+    card without it (not a card of this package)."""
+    pre = card.get("preprocessing") if isinstance(card, Mapping) else None
+    value = pre.get("modality") if isinstance(pre, Mapping) else None
+    return value.strip().upper() if isinstance(value, str) and value.strip() else None
+
+
+def card_spacing(card: Mapping[str, Any]) -> tuple[float | None, float | None, float | None] | None:
+    """The voxel spacing ``(sz, sy, sx)`` mm inference resamples its input to, or None (keep the
+    input's grid). In order: the card's ``spacing`` (what ``iwseg train`` records: the median
+    training spacing after ``target_spacing``); for a card written before that field, the same
+    median as older versions kept it (``training_data.median_spacing_zyx``), else
+    ``preprocessing.target_spacing`` (its ``None`` entries keep that axis of the input)."""
+    if not isinstance(card, Mapping):
+        return None
+    candidates = [card.get(SPACING_FIELD)]
+    data = card.get("training_data")
+    if isinstance(data, Mapping):
+        candidates.append(data.get("median_spacing_zyx"))
+    pre = card.get("preprocessing")
+    if isinstance(pre, Mapping):
+        candidates.append(pre.get("target_spacing"))
+    low, high = SPACING_RANGE_MM
+    for value in candidates:
+        if (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high)
+                        for v in value)
+                and any(v is not None for v in value)):
+            return tuple(None if v is None else float(v) for v in value)  # type: ignore[return-value]
+    return None
 
 
 def card_in_channels(card: Mapping[str, Any]) -> int:
@@ -452,6 +500,19 @@ def _organ_mask(value: Any, check: _Checker) -> dict[str, Any] | None:
     if value["source"] not in ORGAN_MASK_SOURCES:
         raise check.fail("organ_mask.source", f"must be one of {', '.join(ORGAN_MASK_SOURCES)}", value["source"])
     return dict(value)
+
+
+def _spacing(value: Any, check: _Checker) -> tuple[float, float, float] | None:
+    """Three spacings in mm (z, y, x), each within :data:`SPACING_RANGE_MM`, or None."""
+    if value is None:
+        return None
+    low, high = SPACING_RANGE_MM
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise check.fail(SPACING_FIELD, "must be 3 spacings in mm (z, y, x)", value)
+    out = tuple(check.number(v, SPACING_FIELD) for v in value)
+    if not all(low <= v <= high for v in out):
+        raise check.fail(SPACING_FIELD, f"entries must be in [{low:g}, {high:g}] mm", value)
+    return out  # type: ignore[return-value]
 
 
 def _threshold(value: Any, check: _Checker) -> float:

@@ -86,6 +86,10 @@ class PredictOptions:
     #: the card's operating point ("1fp", "0.5fp", "1/8fp"): its logit threshold instead of
     #: ``threshold`` (exclusive with it); None: the threshold
     operating_point: str | None = None
+    #: run the network on the input's own grid, not resampled to the model's voxel spacing
+    keep_spacing: bool = False
+    #: run a CT model on an input that looks like MR (or the reverse) instead of refusing it
+    allow_modality_mismatch: bool = False
 
     def __post_init__(self) -> None:
         # normalised (so equal options compare equal whatever sequence type they came in)
@@ -176,6 +180,9 @@ class PredictOptions:
         if self.size_thresholds is not None:
             args += ["--size-thresholds", *(repr(float(v)) for v in self.size_thresholds)]
         for name in ("probabilities_uint8", "no_skip", "tta", "force", "allow_unmasked"):
+            if getattr(self, name):
+                args.append(flag(name))
+        for name in ("keep_spacing", "allow_modality_mismatch"):  # the model's spacing and modality
             if getattr(self, name):
                 args.append(flag(name))
         return args

@@ -42,6 +42,7 @@ from .cases import (
     resolve_dataset_root,
     split_channel_inputs,
 )
+from .model_match import check_modality, no_spacing_note, spacing_note
 from .options import PredictOptions
 from .outputs import (
     attach_dicom_seg,
@@ -142,6 +143,9 @@ class Predictor:
         self.organ_plan, note = organ_mask_plan(card, organ_mask is not None, options.allow_unmasked)
         if note:
             reporter.emit("warning" if self.organ_plan == "unmasked" else "load", case=None, message=note)
+        note = no_spacing_note(card, options.keep_spacing)  # said once per run, not per case
+        if note:
+            reporter.emit("load", case=None, message=note)
         thresholds = size_thresholds_for(options, card)
         min_size = min_lesion_size_for(options.min_lesion_size, card)
         self.logit_threshold, note = operating_threshold(options, card)
@@ -225,14 +229,18 @@ class Predictor:
         # the SEG's source images are read (and matched to the grid) before inference, so a series
         # that cannot be referenced fails in seconds, not after the network has run
         dicom_source = None if case.dicom_seg is None else dicom_seg_writer.source_series(case.image, geometry)
+        mismatch = check_modality(card, image, str(case.image), options.allow_modality_mismatch)
+        if mismatch:
+            reporter.emit("warning", case=case.name, message=mismatch)
         organ = self.read_organ_mask(case, image, geometry, card)
-        reporter.emit("preprocess", case=case.name)
+        note = spacing_note(card, geometry, options.keep_spacing)  # one line when the input is resampled
+        reporter.emit("preprocess", case=case.name, **({"message": note} if note else {}))
         try:
             prediction = predict_volume(
                 model, image, card, geometry=geometry, organ_mask=organ, device=device, overlap=options.overlap,
                 threshold=options.threshold, batch_size=options.batch_size, precision=precision,
                 skip_background=not options.no_skip, engine=options.engine, tta=options.tta,
-                progress=Throttled(reporter.inference_callback(case.name)), cancel=self.cancel,
+                keep_spacing=options.keep_spacing, progress=Throttled(reporter.inference_callback(case.name)), cancel=self.cancel,
                 on_warning=lambda message: reporter.emit("warning", case=case.name, message=message),
                 logit_threshold=self.logit_threshold,
             )

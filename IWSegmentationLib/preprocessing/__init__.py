@@ -29,6 +29,7 @@ from .presets import (  # noqa: F401  (re-exported)
 )
 from .resampling import (  # noqa: F401  (re-exported)
     MAX_RESAMPLED_VOXELS,
+    check_resampled_memory,
     prepare_case,
     prepare_channels,
     resample_to_geometry,
@@ -53,6 +54,7 @@ __all__ = [
     "automatic_organ_mask",
     "automatic_mask_available",
     "MAX_RESAMPLED_VOXELS",
+    "check_resampled_memory",
     "resampled_geometry",
     "resample_to_geometry",
     "resample_to_spacing",

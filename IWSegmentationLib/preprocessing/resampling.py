@@ -2,18 +2,46 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..core.errors import InputError
 from ..core.imageio import Geometry, to_sitk
+from ..core.memory import physical_memory
 from .intensity import check_image, check_mask, preprocess, preprocess_inplace
 from .presets import validate_params
 
 #: Largest grid :func:`resampled_geometry` makes: 2^31 voxels (8 GiB as float32), so a crafted
 #: target spacing cannot ask for terabytes (a 512 x 512 x 1000 CT upsampled 2x per axis fits).
 MAX_RESAMPLED_VOXELS = 2 ** 31
+#: Bytes a prediction holds per voxel of the resampled grid at its peak, per image channel plus
+#: two: the float32 network input of each channel, the float32 logit accumulator of the
+#: sliding window and SimpleITK's float32 copy while resampling (:func:`check_resampled_memory`).
+RESAMPLED_BYTES_PER_VOXEL = 4
+
+
+def grid_text(geometry: Geometry) -> str:
+    """``512x512x300 voxels of 0.7x0.7x5 mm`` (x, y, z, as ITK and the viewers list them), for messages."""
+    return (f"{'x'.join(str(int(v)) for v in geometry.size)} voxels of "
+            f"{'x'.join(f'{round(float(v), 4):g}' for v in geometry.spacing)} mm")
+
+
+def check_resampled_memory(geometry: Geometry, target: Geometry, *, channels: int = 1,
+                           available: int | None = None) -> None:
+    """Refuse, before anything is allocated, a prediction whose resampled grid ``target`` needs
+    more than this machine's physical memory (``available`` bytes when given):
+    ``RESAMPLED_BYTES_PER_VOXEL * (channels + 2)`` bytes per resampled voxel. The message names
+    the input grid, the resampled grid and the limit."""
+    available = physical_memory() if available is None else available
+    need = math.prod(int(v) for v in target.size) * RESAMPLED_BYTES_PER_VOXEL * (int(channels) + 2)
+    if available and need > available:
+        raise InputError(
+            f"resampling the input ({grid_text(geometry)}) to the model's spacing gives {grid_text(target)}, "
+            f"which needs about {need / 2**30:.3g} GiB of memory, more than this machine's "
+            f"{available / 2**30:.3g} GiB; crop the volume, or predict on its own grid (--keep-spacing)"
+        )
 
 
 def resampled_geometry(geometry: Geometry, spacing_zyx: Sequence[float | None]) -> Geometry:
@@ -29,9 +57,10 @@ def resampled_geometry(geometry: Geometry, spacing_zyx: Sequence[float | None]) 
     size = np.maximum(1, np.floor(np.asarray(geometry.size) * old_xyz / new_xyz + 0.5 + 1e-9))
     if float(np.prod(size)) > MAX_RESAMPLED_VOXELS:
         raise InputError(
-            f"resampling the {tuple(geometry.size)} grid (spacing {tuple(round(v, 4) for v in geometry.spacing)} mm) "
-            f"to target spacing {list(spacing_zyx)} mm would make {float(np.prod(size)):.3g} voxels, more than "
-            f"{MAX_RESAMPLED_VOXELS} (8 GiB as float32); check the target spacing"
+            f"resampling the input ({grid_text(geometry)}, x y z) to target spacing {list(spacing_zyx)} mm (z, y, x) "
+            f"would make {float(np.prod(size)):.3g} voxels ({'x'.join(str(int(v)) for v in size)}), more than "
+            f"{MAX_RESAMPLED_VOXELS}, the limit (preprocessing.MAX_RESAMPLED_VOXELS, 8 GiB as float32); check the "
+            "target spacing"
         )
     size = size.astype(int)
     origin = np.asarray(geometry.origin) + geometry.direction_matrix @ (0.5 * (new_xyz - old_xyz))

@@ -284,6 +284,10 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
                                                                  "1/8fp (instead of threshold)"),
         force: bool = Query(False, description="run on an input that looks like a label map"),
         logits: bool = Query(False, description="also return the blended logit map (result 'logits', float32)"),
+        keep_spacing: bool = Query(False, description="segment on the volume's own grid, not resampled to the "
+                                                      "model's voxel spacing"),
+        allow_modality_mismatch: bool = Query(False, description="run a CT model on what looks like MR, or the "
+                                                                 "reverse, instead of failing"),
         who: str = Depends(owner),
     ):
         declared = request.headers.get("content-length")
@@ -294,6 +298,7 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
                        precision=precision, engine=engine, size_preset=size_preset, size_thresholds=size_thresholds,
                        connectivity=connectivity, tta=tta, min_lesion_size=min_lesion_size, force=force, logits=logits,
                        operating_point=operating_point)
+        options.update(keep_spacing=keep_spacing, allow_modality_mismatch=allow_modality_mismatch)
         # a query key that is no parameter here is refused by PredictOptions.from_request, not ignored
         options.update({key: request.query_params[key] for key in request.query_params
                         if key not in options and key not in ("model", "filename", "output_format")})

@@ -30,9 +30,10 @@ from ..core.confidence import probability_to_logit
 from ..core.errors import InputError
 from ..core.lesion_guards import LesionSummary
 from ..core.lesions import SIZE_GROUP_COLORS, parse_size_thresholds
+from ..core.modality import guess_modality, modality_mismatch
 from ..core.operating_points import OperatingPoints
 from ..core.progress import ProgressEvent
-from ..nn.model_card import license_summary
+from ..nn.model_card import card_modality, card_spacing, license_summary
 from .lesion_row import LesionRow
 
 #: Free GPU memory (MiB) under which the panel warns: the paper network at a 128³ patch needs
@@ -162,7 +163,7 @@ def model_card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
         raise InputError(f"model card must be a mapping, got {type(card).__name__}")
     pre = card.get("preprocessing") if isinstance(card.get("preprocessing"), Mapping) else {}
     rows: list[tuple[str, str]] = []
-    rows.append(("Modality", str(pre.get("modality") or card.get("modality") or "unknown")))
+    rows.append(("Modality", card_modality(card) or "unknown"))
     preset = str(pre.get("name") or card.get("preset") or "unknown")
     if pre.get("mask"):
         preset += f" (organ mask: {pre['mask']})"
@@ -172,9 +173,9 @@ def model_card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("Patch size", " × ".join(str(p) for p in patch)))
     elif patch is not None:
         rows.append(("Patch size", str(patch)))
-    spacing = pre.get("target_spacing")
-    if isinstance(spacing, Sequence) and not isinstance(spacing, str):
-        rows.append(("Spacing", " × ".join("native" if s is None else f"{s:g}" for s in spacing) + " mm"))
+    spacing = card_spacing(card)  # z, y, x; shown x × y × z, as Slicer lists a volume's spacing
+    rows.append(("Spacing", "input's own (not recorded)" if spacing is None else
+                 " × ".join("input's" if s is None else f"{s:.3g}" for s in spacing[::-1]) + " mm (input resampled to it)"))
     loss = card.get("loss")
     if isinstance(loss, Mapping):
         loss = loss.get("name") or ", ".join(f"{k}={v}" for k, v in loss.items())
@@ -230,25 +231,6 @@ def check_volume_shape(dimensions_xyz: Sequence[int], components: int, name: str
         )
 
 
-def guess_modality(minimum: float, maximum: float, dicom_modality: str | None = None) -> str | None:
-    """``"CT"``, ``"MR"`` or None (unsure), from the DICOM tag when known, else from intensities.
-
-    CT in Hounsfield units reaches air at about -1000, so a minimum below -200 means CT. MR
-    intensities are arbitrary but non-negative: a minimum >= 0 *suggests* MR (or an unrescaled
-    CT), which is only reported, not asserted, by :func:`compatibility_warnings`.
-    """
-    if dicom_modality:
-        tag = dicom_modality.strip().upper()
-        if tag in ("CT", "MR"):
-            return tag
-        return None
-    if minimum < -200:
-        return "CT"
-    if minimum >= 0:
-        return "MR"
-    return None
-
-
 def dicom_modality(instance_uids: str | None, database: Any) -> str | None:
     """The DICOM Modality (0008,0060) of a volume's first instance, read from Slicer's DICOM
     database (``slicer.dicomDatabase``), or None for a volume not loaded from DICOM."""
@@ -263,17 +245,11 @@ def compatibility_warnings(
 ) -> list[str]:
     """Reasons to doubt that the checkpoint fits this volume; empty when nothing is suspicious."""
     pre = card.get("preprocessing") if isinstance(card.get("preprocessing"), Mapping) else {}
-    expected = str(pre.get("modality") or "").upper() or None
+    expected = card_modality(card)
     warnings = []
     guess = guess_modality(minimum, maximum, dicom_modality)
-    if expected in ("CT", "MR") and guess is not None and guess != expected:
-        if dicom_modality:
-            why = f"the volume's DICOM modality is {dicom_modality.strip().upper()}"
-        elif guess == "CT":
-            why = f"the volume has values down to {minimum:g}, like CT in Hounsfield units"
-        else:
-            why = (f"the volume has no negative values (range {minimum:g} … {maximum:g}), "
-                   "unusual for CT in Hounsfield units")
+    why = modality_mismatch(expected, minimum, maximum, dicom_modality)
+    if why:
         warnings.append(f"The model was trained on {expected} ({pre.get('name', 'its preset')}) but {why}.")
     clip = pre.get("clip")
     if expected == "CT" and isinstance(clip, Sequence) and len(clip) == 2 and guess == "CT" and maximum < clip[0]:

@@ -25,6 +25,7 @@ PREDICTION_FIELDS = {
     "inputVolume": "--input",
     "organMask": "--organ-mask",
     "operatingPoint": "--operating-point",
+    "keepSpacing": "--keep-spacing",
 }
 
 #: parameter-node fields that are not prediction parameters, and what each is for.
@@ -39,16 +40,23 @@ OTHER_FIELDS = {
 }
 
 
-def predict_options(node: Any) -> PredictOptions:
+def predict_options(node: Any, *, allow_modality_mismatch: bool = False) -> PredictOptions:
     """The :class:`PredictOptions` of a parameter node (any object with its fields): the checkpoint,
-    the device (its label mapped by :data:`panel.DEVICE_CHOICES`), the overlap and the threshold.
+    the device (its label mapped by :data:`panel.DEVICE_CHOICES`), the overlap, the threshold and
+    whether to keep the volume's own voxel spacing.
     The outputs are what the module loads: the mask, the logit map (confidences are maximum
     logits, the probability volume its sigmoid) and the lesion table. An ``operatingPoint``
-    (``1fp``; empty: none) replaces the threshold: the card's logit threshold at that rate."""
+    (``1fp``; empty: none) replaces the threshold: the card's logit threshold at that rate.
+
+    ``allow_modality_mismatch``: the user saw :func:`panel.compatibility_warnings` say that the
+    volume does not look like the model's modality and chose to run anyway (the module asks
+    before it starts, with the DICOM tag the backend cannot see); ``iwseg predict`` would
+    otherwise refuse such a volume."""
     checkpoint = str(node.checkpointPath or "").strip()
     operating_point = str(getattr(node, "operatingPoint", "") or "").strip() or None
     return PredictOptions(models=(checkpoint,) if checkpoint else (), device=panel.DEVICE_CHOICES[node.device],
                           overlap=float(node.overlap),
                           threshold=None if operating_point else float(node.threshold),
                           operating_point=operating_point,
-                          probabilities=False, logits=True, lesions=True)
+                          probabilities=False, logits=True, lesions=True,
+                          keep_spacing=bool(node.keepSpacing), allow_modality_mismatch=allow_modality_mismatch)

@@ -50,6 +50,8 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
     if config.license_url is not None:
         card["license_url"] = config.license_url
     card["organ_mask"] = organ_mask_entry(config, data)
+    if data.spacing is not None:  # the training voxel spacing: inference resamples its input to it
+        card["spacing"] = list(data.spacing)
     if config.crop_to_organ is not None:  # written only when set: a card without it means no crop
         card["crop_to_organ"] = config.crop_to_organ
     if operating_points:  # written only when measured: a card without them keeps its threshold

@@ -48,7 +48,7 @@ from typing import (
 
 from ..core.errors import InputError
 from ..core.lesions import SIZE_PRESETS, parse_min_lesion_size, size_thresholds
-from ..data.synth import physical_memory
+from ..core.memory import physical_memory
 from ..evaluation.hit_rules import parse_hit_rule
 from ..nn.architecture import default_config, model_stride
 from ..nn.model_card import check_license

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.imageio import read_geometry
 from ..core.lesions import label_components
 from ..data.cases import CaseVolume, load_prepared_case
 from ..data.datasets import load_dataset
 from ..data.sampling import PatchSampler, augment_patch
 from ..data.splits import make_splits, read_splits
+from ..preprocessing.resampling import resampled_geometry
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -60,6 +62,8 @@ class TrainingData:
     #: Image channels of every case (``_0000``, ``_0001``... files): the network's ``in_channels``.
     channels: int = 1
     lesion_counts: dict[str, int] | None = None
+    #: The training voxel spacing ``[sz, sy, sx]`` mm (:func:`training_spacing`), the card's ``spacing``.
+    spacing: list[float] | None = None
 
 
 def print_note(message: str) -> None:
@@ -139,7 +143,7 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
                 raise InputError(f"no training case of {config.data} contains a lesion, so case_sampling: lesions "
                                  "has no case to draw; check lesion_values")
 
-    spacings = [v.geometry.spacing_zyx for v in train_cases if hasattr(v, "geometry")]
+    spacing = training_spacing(train_cases, params)
     summary = {
         "dataset": str(Path(config.data).name),
         "root": str(Path(config.data).resolve()),
@@ -149,12 +153,31 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
         "split_seed": None if config.splits else config.split_seed,
         "split_file": config.splits,
         "train_lesions": int(sum(lesion_counts.values())) if lesion_counts else None,
-        "median_spacing_zyx": [float(v) for v in np.median(np.asarray(spacings), axis=0)] if spacings else None,
         "channels": channels,
         "organ_masks": sum(getattr(r, "mask", None) is not None for r in train_records),  # from the dataset
     }
     return TrainingData(Path(config.data), dataset.layout, splits, params, train_cases, val_records, summary,
-                        channels, lesion_counts or None)
+                        channels, lesion_counts or None, spacing)
+
+
+def training_spacing(cases: Sequence, params: Mapping[str, Any]) -> list[float] | None:
+    """The voxel spacing the network was trained at, ``[sz, sy, sx]`` mm: per axis, the median over
+    ``cases`` of their spacing after the preset's ``target_spacing`` (an axis it leaves ``None``
+    keeps each case's own). Prepared volumes give their grid; cases loaded lazily (``cache_size``)
+    are read from their image headers and the target spacing applied as preparing them would.
+    The model card records it as ``spacing``, and inference resamples its input to it."""
+    spacings = []
+    for case in cases:
+        if hasattr(case, "geometry"):  # a prepared CaseVolume: its grid is the network's
+            spacings.append(case.geometry.spacing_zyx)
+            continue
+        geometry = read_geometry(case.image, what=f"case {case.id}: image")
+        if params.get("target_spacing") is not None:
+            geometry = resampled_geometry(geometry, params["target_spacing"])
+        spacings.append(geometry.spacing_zyx)
+    if not spacings:
+        return None
+    return [float(v) for v in np.median(np.asarray(spacings, dtype=float), axis=0)]
 
 
 def _count_lesions(records: Sequence, params: Mapping[str, Any], config: TrainConfig, verbose: bool) -> dict[str, int]:

@@ -345,6 +345,8 @@ def test_parameter_bindings_name_declared_parameters_of_a_matching_type():
                 assert all(repr(item) in annotation for item in items), f"{name} offers {items}, {parameter} is {annotation}"
         elif cls == "QLineEdit":
             assert annotation == "str", f"{name} edits text, parameter {parameter} is {annotation}"
+        elif cls == "QCheckBox":
+            assert annotation == "bool", f"{name} is a switch, parameter {parameter} is {annotation}"
         else:
             raise AssertionError(f"no check for widget class {cls} ({name})")
 

@@ -213,7 +213,7 @@ def test_apply_cannot_start_a_second_install(module, monkeypatch):
     widget.enter()
     seen = []
 
-    def start(parameters, onProgress=None, onFinished=None):
+    def start(parameters, onProgress=None, onFinished=None, confirmed=False):
         widget.logic.started += 1
         seen.append(widget.ui.applyButton.enabled)
         if widget.logic.started == 1:

@@ -250,7 +250,7 @@ def test_a_target_spacing_within_the_card_limits_still_cannot_ask_for_terabytes(
     model, card = load_checkpoint(path)
     image = np.full((64, 64, 64), -500.0, np.float32)
     t0 = time.perf_counter()
-    with pytest.raises(InputError, match=r"would make 2\.62e\+11 voxels, more than 2147483648"):
+    with pytest.raises(InputError, match=r"64x64x64 voxels of 1x1x1 mm.*would make 2\.62e\+11 voxels \(6400x6400x6400\), more than 2147483648"):
         predict_volume(model, image, card, geometry=Geometry.identity(image.shape), device="cpu")
     assert time.perf_counter() - t0 < 5
 

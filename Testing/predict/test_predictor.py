@@ -41,7 +41,7 @@ def parameter_node_fields() -> list[str]:
 
 def test_every_parameter_node_field_is_a_prediction_field_or_said_to_be_something_else():
     found = parameter_node_fields()
-    assert len(found) == 14  # 14 fields today: a new one must be placed in one of the two tables
+    assert len(found) == 15  # 15 fields today: a new one must be placed in one of the two tables
     assert set(found) == set(PREDICTION_FIELDS) | set(OTHER_FIELDS)
     assert not set(PREDICTION_FIELDS) & set(OTHER_FIELDS)
 
@@ -51,7 +51,7 @@ def test_the_module_starts_its_logic_with_the_node_as_predict_options():
     and the organ mask (the two fields that are files) to the logic, which writes them."""
     source = MODULE.read_text(encoding="utf-8")
     start = source[source.index("    def start(self, parameters"):source.index("    def process(self")]
-    assert "parameter_node.predict_options(parameters)" in start
+    assert "parameter_node.predict_options(parameters, confirmed)" in start
     assert "parameters.inputVolume, options, organ_mask=parameters.organMask" in start
 
 
@@ -81,7 +81,8 @@ def test_every_prediction_field_of_the_parameter_node_reaches_the_command_line(t
     node = SimpleNamespace(checkpointPath=str(fake_checkpoint), device="CPU", overlap=0.5, threshold=0.3,
                            inputVolume=object(), organMask=object(), referenceSegmentation=None,
                            confidenceThreshold=2.0, runOn="this computer", serverUrl="", serverTokenFile="",
-                           outputSegmentation=None, operatingPoint=operating_point, segmentBudget=7)
+                           outputSegmentation=None, operatingPoint=operating_point, segmentBudget=7,
+                           keepSpacing=True)
     CapturedBackend.commands.clear()
     run = InferenceRun(predict_options(node), workdir_parent=tmp_path, backend_factory=CapturedBackend)
     run.start(write_input=lambda p: p.write_bytes(b"volume"), write_organ_mask=lambda p: p.write_bytes(b"organ"))
@@ -89,7 +90,7 @@ def test_every_prediction_field_of_the_parameter_node_reaches_the_command_line(t
         (argv,) = CapturedBackend.commands
         expected = {"checkpointPath": str(fake_checkpoint.resolve()), "device": "cpu", "overlap": "0.5",
                     "threshold": "0.3", "inputVolume": str(run.input_path), "organMask": str(run.organ_mask_path),
-                    "operatingPoint": "1/8fp"}
+                    "operatingPoint": "1/8fp", "keepSpacing": None}  # None: a switch, present without a value
         assert set(expected) == set(PREDICTION_FIELDS)
         exclusive = {"threshold", "operatingPoint"}
         present = {"operatingPoint"} if operating_point else {"threshold"}
@@ -97,7 +98,9 @@ def test_every_prediction_field_of_the_parameter_node_reaches_the_command_line(t
             if name in exclusive - present:
                 assert flag not in argv, (name, argv)
                 continue
-            assert argv[argv.index(flag) + 1] == expected[name], (name, flag, argv)
+            assert flag in argv, (name, flag, argv)
+            if expected[name] is not None:
+                assert argv[argv.index(flag) + 1] == expected[name], (name, flag, argv)
         assert "--logits" in argv and "--probabilities" not in argv  # what the module loads
     finally:
         run.close()
@@ -142,7 +145,7 @@ def test_a_range_check_says_the_same_from_the_cli_the_server_and_the_module(
     assert (refused.value.status, refused.value.message) == (400, message)
     assert manager.uploading() == 0  # the refused request gave its slot back
     # the module: its parameter node through the logic's mapping
-    node = SimpleNamespace(checkpointPath=str(model), device="Auto", overlap=0.25, threshold=0.5)
+    node = SimpleNamespace(checkpointPath=str(model), device="Auto", overlap=0.25, threshold=0.5, keepSpacing=False)
     setattr(node, field, value)
     with pytest.raises(InputError) as caught:
         predict_options(node)

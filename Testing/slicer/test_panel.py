@@ -97,7 +97,7 @@ def test_model_card_rows_summarise_the_card():
         ("Modality", "CT"),
         ("Preset", "ct-lung (organ mask: lung)"),
         ("Patch size", "128 × 128 × 128"),
-        ("Spacing", "1.25 × native × native mm"),
+        ("Spacing", "input's × input's × 1.25 mm (input resampled to it)"),  # x × y × z
         ("Training loss", "iw-dice"),
         ("Threshold", "0.4"),
         ("Size groups", "small < 10 mm ≤ medium < 20 mm ≤ large"),
@@ -130,8 +130,8 @@ def test_model_card_of_a_real_checkpoint(tmp_path):
 
 def test_model_card_of_a_sparse_card_says_unknown():
     assert panel.model_card_rows({}) == [
-        ("Modality", "unknown"), ("Preset", "unknown"), ("Training loss", "unknown"), ("Validation", "no metrics recorded"),
-        ("Licence", "not stated"),
+        ("Modality", "unknown"), ("Preset", "unknown"), ("Spacing", "input's own (not recorded)"),
+        ("Training loss", "unknown"), ("Validation", "no metrics recorded"), ("Licence", "not stated"),
     ]
     with pytest.raises(InputError, match="model card"):
         panel.model_card_rows(["not", "a", "card"])
@@ -153,15 +153,6 @@ def test_check_volume_shape_refuses_what_the_network_cannot_take(dims, component
 
 def test_check_volume_shape_accepts_a_3d_scalar_volume():
     panel.check_volume_shape((512, 512, 300), 1)
-
-
-@pytest.mark.parametrize(
-    ("low", "high", "dicom", "expected"),
-    [(-1024, 3000, None, "CT"), (0, 900, None, "MR"), (-50, 200, None, None), (0, 900, "CT", "CT"),
-     (-1024, 900, " mr ", "MR"), (0, 255, "US", None)],
-)
-def test_guess_modality(low, high, dicom, expected):
-    assert panel.guess_modality(low, high, dicom) == expected
 
 
 def test_compatibility_warnings():

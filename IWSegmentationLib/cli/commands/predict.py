@@ -83,6 +83,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="segment an input that looks like a label map (few integer values) instead of refusing it")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument("--keep-spacing", action="store_true",
+                   help="run the network on the input's own voxel grid instead of resampling it to the model's "
+                        "voxel spacing (the model card's spacing) and the result back")
+    p.add_argument("--allow-modality-mismatch", action="store_true",
+                   help="run a CT model on an input that looks like MR, or the reverse, instead of refusing it "
+                        "(e.g. an MR subtraction image with negative values)")
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--size-preset", choices=sorted(SIZE_PRESETS), default=None,
                        help="lesion size groups (default: the checkpoint's, else lung)")
@@ -122,6 +128,7 @@ def options_from_arguments(args: argparse.Namespace) -> PredictOptions:
         connectivity=args.connectivity, min_lesion_size=args.min_lesion_size,
         allow_unmasked=args.allow_unmasked,
         operating_point=args.operating_point,
+        keep_spacing=args.keep_spacing, allow_modality_mismatch=args.allow_modality_mismatch,
     )
 
 
