@@ -254,7 +254,7 @@ def test_authors_records_and_paper_bootstrap(tmp_path):
     test_saturated_records_rank_by_logit_not_by_probability): CPM 4.40625/7 ranked by logit,
     3.984375/7 by the probability; the paper's bootstrap always draws both images with records
     over all 3 images, so its mean is the CPM."""
-    fixture = Path(__file__).parent / "fixtures" / "prc_records_synthetic_saturated.json"
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "prc_records_synthetic_saturated.json"
     for score, expected in (("logit", 4.40625 / 7), ("stat", 3.984375 / 7)):
         proc = iwseg("--records", fixture, "--records-score", score, "--bootstrap", "paper", "--size-preset", "liver",
                      "--json", tmp_path / "r.json")

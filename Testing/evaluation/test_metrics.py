@@ -514,7 +514,7 @@ def test_paper_bootstrap_quirk_by_hand(tmp_path):
 # Synthetic records in the authors' prc_records.json format (written for these tests; see
 # "Per-lesion records" in docs/metrics.md). The authors' own records are not committed (their
 # repository has no licence): the Table 2 tests below read them from a local copy and skip without one.
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"  # Testing/fixtures
 SATURATED_RECORDS = FIXTURES / "prc_records_synthetic_saturated.json"
 LOGITS_ONLY_RECORDS = FIXTURES / "prc_records_synthetic_logits_only.json"
 LIVER = SizeThresholds(12.0, 24.0)
