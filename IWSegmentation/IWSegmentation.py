@@ -92,6 +92,7 @@ class IWSegmentationParameterNode:
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     keepSpacing: bool = False
+    allowUnmasked: bool = False
     # a logit (a lesion's confidence is its maximum logit); the minimum, -5, is below every lesion's
     # (each lies above logit(threshold) >= logit(0.05) = -2.9), so the default shows them all
     confidenceThreshold: Annotated[float, WithinRange(-5.0, 50.0)] = -5.0
@@ -227,6 +228,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except errors.InputError as exc:
                 text = f"Cannot use this checkpoint: {exc}"
         self.ui.modelCardLabel.text = text
+        panel.organ_mask_hint(self._card).show(self.ui.organMaskLabel, self.ui.organMaskSelector)
         self.updateApplyButton()
 
     def startDeviceProbe(self):

@@ -15,6 +15,8 @@ import numpy as np
 from ..core.errors import InputError, IWSegError
 from ..core.files import IMAGE_SUFFIXES, case_name, group_channels, list_images, preview_names
 from ..core.imageio import Geometry, check_output_format, format_numbers, output_suffix
+from ..core.label_maps import LABEL_MAP_MAX_VALUES, label_map_values  # noqa: F401  (the names predict used)
+from ..core.organ_masks import ORGAN_MASK_HOWTO, check_organ_mask, totalsegmentator_roi  # noqa: F401
 from ..core.outputs import check_not_overwriting, check_output_path, check_writable, remove_stale_partials_of
 
 
@@ -76,15 +78,6 @@ def is_dicom_folder(path: Path) -> bool:
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 
 
-#: An input whose voxels take at most this many distinct integer values looks like a label map
-#: (a lesion or organ mask given as the image): a scan has hundreds of grey values or more.
-LABEL_MAP_MAX_VALUES = 16
-
-
-#: Voxels of the evenly strided sample checked first, so a real scan is cleared in milliseconds.
-LABEL_SAMPLE_VOXELS = 1 << 20
-
-
 @contextlib.contextmanager
 def itk_warnings_off() -> Iterator[None]:
     """Silence ITK's own warnings (printed by C++ straight to stderr, e.g. ``GDCMSeriesFileNames
@@ -97,24 +90,6 @@ def itk_warnings_off() -> Iterator[None]:
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(before)
-
-
-def label_map_values(image: np.ndarray, max_values: int = LABEL_MAP_MAX_VALUES) -> np.ndarray | None:
-    """The distinct values of ``image`` when there are at most ``max_values`` and all are integers
-    (what a mask or label map looks like), else None. A strided sample of about a million voxels
-    is looked at first; only an image that already looks like a label map there pays a full pass."""
-    flat = image.reshape(-1)
-    step = max(1, flat.size // LABEL_SAMPLE_VOXELS)
-    values = np.unique(flat[::step])
-    if values.size > max_values:
-        return None
-    if step > 1:
-        values = np.unique(flat)
-        if values.size > max_values:
-            return None
-    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
-        return None  # NaN also ends up here (NaN != NaN)
-    return values
 
 
 def check_label_map(image: np.ndarray, path: Path, *, force: bool, warn) -> None:
@@ -150,16 +125,6 @@ def check_volume_grid(geometry: Geometry, path: Path) -> None:
                          f"[{low:g}, {high:g}] mm: is the header in metres or wrong? Fix the spacing first")
 
 
-#: How to get an organ mask, for the messages: TotalSegmentator segments 100+ structures of CT
-#: (lungs, liver, ...), and Slicer users have it as an extension.
-ORGAN_MASK_HOWTO = ("TotalSegmentator makes one from the CT (e.g. `TotalSegmentator -i CT.nii.gz -o seg --roi_subset "
-                    "{roi}`, or its 3D Slicer extension), as does any segmentation saved as a label map")
-
-#: TotalSegmentator's names of the organs the presets mask (``--roi_subset``).
-TOTALSEGMENTATOR_ROIS = {"liver": "liver", "lung": "lung_upper_lobe_left lung_lower_lobe_left lung_upper_lobe_right "
-                                                    "lung_middle_lobe_right lung_lower_lobe_right"}
-
-
 def organ_mask_plan(card: dict, given: bool, allow_unmasked: bool) -> tuple[str, str | None]:
     """How a run gets the organ mask the model needs (``nn.model_card.organ_mask_need``), and the
     one line that says so: ``("given", None)``, ``("none", None)`` (the model needs none),
@@ -175,7 +140,7 @@ def organ_mask_plan(card: dict, given: bool, allow_unmasked: bool) -> tuple[str,
     if not need.required:
         return "none", None
     organ = need.organ
-    roi = TOTALSEGMENTATOR_ROIS.get(organ or "", organ or "ORGAN")
+    roi = totalsegmentator_roi(organ)
     if allow_unmasked:
         return "unmasked", (
             f"WARNING: --allow-unmasked: the model was trained on {organ}-masked input (model card organ_mask) and "
@@ -189,21 +154,6 @@ def organ_mask_plan(card: dict, given: bool, allow_unmasked: bool) -> tuple[str,
         f"was given: pass --organ-mask {(organ or 'organ').upper()}_MASK.nii.gz (non-zero inside the {organ}, on the "
         f"image's grid; with a folder of cases, a folder of masks named like the cases). "
         + ORGAN_MASK_HOWTO.format(roi=roi) + ". --allow-unmasked segments without one (not as trained)")
-
-
-def check_organ_mask(organ: np.ndarray, path: Path, image: Path) -> None:
-    """Refuse an organ mask that cannot be one: empty (no non-zero voxel), or not a label map (a
-    scan given by mistake: negative values, or more than :data:`LABEL_MAP_MAX_VALUES` distinct
-    values, or non-integer values). The message names the mask and the image."""
-    if not organ.any():
-        raise InputError(f"organ mask {path} (for {image}) is empty: it has no non-zero voxel, so there is no organ "
-                         "to segment in; give the organ's mask (non-zero inside the organ)")
-    values = label_map_values(organ)
-    if values is None or float(values.min()) < 0:
-        low, high = float(organ.min()), float(organ.max())
-        shown = "negative values" if low < 0 else f"more than {LABEL_MAP_MAX_VALUES} distinct or fractional values"
-        raise InputError(f"organ mask {path} (for {image}) is not a label map: it has {shown} (range {low:g} … "
-                         f"{high:g}), as a scan has; give the organ's mask (non-zero inside the organ), not the scan")
 
 
 def msd_images_folder(root: Path) -> Path | None:

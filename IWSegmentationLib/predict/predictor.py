@@ -22,8 +22,9 @@ import numpy as np
 
 from .. import __version__
 from ..core import dicom_seg as dicom_seg_writer
+from ..core import organ_masks
 from ..core.errors import InputError
-from ..core.imageio import read_channels, read_image
+from ..core.imageio import read_channels
 from ..core.lesions import remove_small_components
 from ..core.progress import CancelState, ProgressReporter
 from ..nn.checkpoint import load_checkpoint
@@ -32,7 +33,6 @@ from .cases import (
     PredictJob,
     check_case_channels,
     check_label_map,
-    check_organ_mask,
     check_volume_grid,
     collect_cases,
     model_channels,
@@ -199,12 +199,7 @@ class Predictor:
         from ..preprocessing.lung_mask import automatic_organ_mask
 
         if case.organ_mask is not None:
-            organ, organ_geometry = read_image(case.organ_mask, what="organ mask")
-            diffs = geometry.differences(organ_geometry)
-            if diffs:
-                raise InputError(f"organ mask {case.organ_mask} is not on the grid of {case.image}: {'; '.join(diffs)}")
-            check_organ_mask(organ, case.organ_mask, case.image)
-            return organ
+            return organ_masks.read_organ_mask(case.organ_mask, case.image, geometry)
         if self.organ_plan != "automatic":
             return None
         organ = automatic_organ_mask(image, card["preprocessing"], geometry)

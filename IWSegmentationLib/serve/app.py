@@ -22,6 +22,7 @@ file names reduced to a checked image suffix (never used as a path), one token's
 """
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -31,7 +32,7 @@ import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Dict, List, Optional
 
 from .. import __version__
@@ -50,12 +51,14 @@ from .jobs import (  # noqa: F401  (re-exported: the app's names for its jobs)
     Job,
     JobManager,
     JobRun,
+    check_uploaded_organ_mask,
     format_event,
     list_models,
     relabel_lesion_report,
     single_file_suffix,
     upload_name,
 )
+from .multipart import MultipartReader, is_multipart
 from .workdir import WORKDIR_PREFIX, hold_workdir, remove_stale_job_folders, remove_stale_workdirs
 
 #: Seconds between two looks at a job's new events while streaming them.
@@ -174,7 +177,6 @@ def host_allowed(header: str, server_host: str) -> bool:
 
 def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
     """The FastAPI application of ``iwseg serve`` (the manager's thread runs during its lifespan)."""
-    import contextlib
 
     from fastapi import Depends, FastAPI, Query, Request
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -267,7 +269,8 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
                 listed.append({"name": name, "card": None, "error": str(exc).replace(str(path), name)})
         return listed
 
-    @app.post("/v1/jobs", status_code=202, summary="Submit a job: the request body is the volume file")
+    @app.post("/v1/jobs", status_code=202, summary="Submit a job: the request body is the volume file, or a "
+                                                   "multipart/form-data body with the parts image and organ_mask")
     async def submit(
         request: Request,
         model: str = Query(..., description="a name from GET /v1/models"),
@@ -288,6 +291,8 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
                                                       "model's voxel spacing"),
         allow_modality_mismatch: bool = Query(False, description="run a CT model on what looks like MR, or the "
                                                                  "reverse, instead of failing"),
+        allow_unmasked: bool = Query(False, description="segment without an organ mask although the model needs one "
+                                                        "(not as trained; the job warns)"),
         who: str = Depends(owner),
     ):
         declared = request.headers.get("content-length")
@@ -299,12 +304,13 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
                        connectivity=connectivity, tta=tta, min_lesion_size=min_lesion_size, force=force, logits=logits,
                        operating_point=operating_point)
         options.update(keep_spacing=keep_spacing, allow_modality_mismatch=allow_modality_mismatch)
+        options.update(allow_unmasked=allow_unmasked)
         # a query key that is no parameter here is refused by PredictOptions.from_request, not ignored
         options.update({key: request.query_params[key] for key in request.query_params
                         if key not in options and key not in ("model", "filename", "output_format")})
         job = manager.new_job(who, model, filename, options, output_format)  # takes a slot before the body is read
         try:
-            await _receive(request, job.run.input_path, config.max_upload_bytes, config.upload_timeout_s)
+            await _receive_job_files(request, job.run, filename, config.max_upload_bytes, config.upload_timeout_s)
         except BaseException:
             manager.discard(job)
             raise
@@ -352,19 +358,69 @@ def _too_large(limit: int) -> str:
     return f"the upload is larger than this server's limit of {limit / 2**20:g} MB (iwseg serve --max-upload-mb)"
 
 
+#: The parts of a multipart job upload: the volume file and, optionally, its organ mask.
+JOB_PARTS = ("image", "organ_mask")
 #: Seconds an upload may send nothing before it is dropped (within ``--upload-timeout``).
 UPLOAD_IDLE_S = 60.0
 
 
-async def _receive(request, target: Path, limit: int, timeout_s: float = 600.0) -> None:
-    """Stream the request body into ``target``; 413 (and no file) once it exceeds ``limit`` bytes,
-    408 once it has taken ``timeout_s`` seconds in all or :data:`UPLOAD_IDLE_S` without a byte
-    (a client trickling bytes cannot hold a slot and a connection for ever)."""
+async def _receive_job_files(request, run: JobRun, filename: str, limit: int, timeout_s: float) -> None:
+    """Read a job's upload into its run folder: the body is the volume file, or (``multipart/form-data``)
+    the parts ``image`` and ``organ_mask``, each a file. The limits of :func:`_receive` hold for the
+    whole body; a part missing or named otherwise, or an organ mask ``iwseg predict`` would refuse
+    (another grid, empty: :func:`~IWSegmentationLib.serve.jobs.check_uploaded_organ_mask`, run off
+    the event loop), is a 400 with that message."""
+    content_type = request.headers.get("content-type")
+    if not is_multipart(content_type):
+        await _receive(request, run.input_path, limit, timeout_s)
+        return
+    opened: Dict[str, Path] = {}
+    mask_name = "organ_mask"  # what the messages call it: the client's file name, without folders
+
+    def open_part(name: str, part_filename: Optional[str]):
+        nonlocal mask_name
+        if name in opened or name not in JOB_PARTS:
+            raise InputError(f"multipart part {name!r}: the parts are {', '.join(JOB_PARTS)}, each once")
+        if name == "organ_mask":
+            mask_name = PurePosixPath((part_filename or "").replace("\\", "/")).name or mask_name
+        path = run.input_path if name == "image" else run.set_organ_mask_name(part_filename or "")
+        opened[name] = path
+        return open(path, "wb")
+
+    try:
+        reader = MultipartReader(content_type, open_part)
+    except InputError as exc:
+        raise ApiError(400, str(exc)) from None
+    try:
+        await _receive(request, reader, limit, timeout_s)
+    except InputError as exc:
+        raise ApiError(400, str(exc)) from None
+    finally:
+        reader.close_file()
+    for name, what in (("image", "the volume file"), ("organ_mask", "the organ mask file")):
+        path = opened.get(name)
+        if name == "image" and path is None:
+            raise ApiError(400, "the multipart body has no part 'image' (the volume file)")
+        if path is not None and path.stat().st_size == 0:
+            raise ApiError(400, f"the multipart part {name!r} ({what}) is empty")
+    if "organ_mask" in opened:
+        try:
+            await asyncio.to_thread(check_uploaded_organ_mask, run, filename, mask_name)
+        except InputError as exc:
+            raise ApiError(400, str(exc)) from None
+
+
+async def _receive(request, target: "Path | MultipartReader", limit: int, timeout_s: float = 600.0) -> None:
+    """Stream the request body into ``target`` (a file, or a :class:`MultipartReader` fed the
+    chunks); 413 (and no file) once it exceeds ``limit`` bytes, 408 once it has taken
+    ``timeout_s`` seconds in all or :data:`UPLOAD_IDLE_S` without a byte (a client trickling
+    bytes cannot hold a slot and a connection for ever)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     size = 0
+    reader = target if isinstance(target, MultipartReader) else None
     try:
-        with open(target, "wb") as f:
+        with contextlib.nullcontext(reader) if reader is not None else open(target, "wb") as f:
             chunks = request.stream().__aiter__()
             while True:
                 left = deadline - loop.time()
@@ -380,12 +436,16 @@ async def _receive(request, target: Path, limit: int, timeout_s: float = 600.0) 
                 size += len(chunk)
                 if size > limit:
                     raise ApiError(413, _too_large(limit))
-                f.write(chunk)
+                f.feed(chunk) if reader is not None else f.write(chunk)
+            if reader is not None:
+                reader.close()
     except BaseException:
-        target.unlink(missing_ok=True)
+        if reader is None:
+            target.unlink(missing_ok=True)
         raise
     if size == 0:
-        target.unlink(missing_ok=True)
+        if reader is None:
+            target.unlink(missing_ok=True)
         raise ApiError(400, "the request body (the volume file) is empty")
 
 

@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import queue
+import secrets
 import shutil
 import threading
 import time
@@ -39,6 +40,7 @@ from ..core.outputs import atomic_output
 from ..core.progress import ProgressEvent, ProgressReporter, parse_progress_line
 from ..predict.lesion_json import relabelled_lesion_report
 from ..predict.options import PredictOptions
+from .multipart import encode_closing, encode_part_header
 
 #: Seconds a request may wait for the server (the event stream sends a keep-alive line every 15 s).
 DEFAULT_TIMEOUT_S = 60.0
@@ -74,7 +76,8 @@ class ServerClient:
     # -- plumbing ------------------------------------------------------------------------------
 
     def _open(self, method: str, path: str, *, query: Mapping[str, Any] | None = None, body=None,
-              length: int | None = None, timeout: float | None = None):
+              length: int | None = None, timeout: float | None = None,
+              content_type: str = "application/octet-stream"):
         url = self.url + path
         if query:
             url += "?" + urllib.parse.urlencode(
@@ -85,7 +88,7 @@ class ServerClient:
             request.add_header("Authorization", f"Bearer {self.token}")
         if length is not None:
             request.add_header("Content-Length", str(length))
-            request.add_header("Content-Type", "application/octet-stream")
+            request.add_header("Content-Type", content_type)
         try:
             return urllib.request.urlopen(request, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as exc:
@@ -146,19 +149,37 @@ class ServerClient:
         raise ServerInputError(f"server {self.url} has no model {name!r}; it has: "
                                f"{', '.join(entry['name'] for entry in models) or '(none)'}")
 
-    def submit(self, image: str | os.PathLike, model: str, options: Mapping[str, Any] | None = None) -> dict:
-        """Upload ``image`` (streamed from disk) as a new job; returns its status (``id``, ``state``)."""
+    def submit(self, image: str | os.PathLike, model: str, options: Mapping[str, Any] | None = None,
+               organ_mask: str | os.PathLike | None = None) -> dict:
+        """Upload ``image`` (streamed from disk) as a new job; returns its status (``id``, ``state``).
+
+        With ``organ_mask`` the body is ``multipart/form-data`` with the parts ``image`` and
+        ``organ_mask`` (docs/server.md); the server checks the mask as ``iwseg predict`` does."""
         image = Path(image)
         query = {"model": model, "filename": image.name, **(options or {})}
-        with open(image, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with contextlib.ExitStack() as stack:
+            files = [("image", image, stack.enter_context(open(image, "rb")))]
+            if organ_mask is not None:
+                files.append(("organ_mask", Path(organ_mask), stack.enter_context(open(organ_mask, "rb"))))
+            sizes = [os.fstat(f.fileno()).st_size for _, _, f in files]
             # The server answers 401, 413 or 429 from the headers and closes; a client still sending
             # a large body would only see a broken pipe. So the token and the limit are checked first.
             limit = self.limits().get("max_upload_bytes")
-            if isinstance(limit, int) and size > limit:
-                raise ServerInputError(f"server {self.url}: {image.name} ({size / 2**20:.1f} MB) is larger than "
+            what = " + ".join(path.name for _, path, _ in files)
+            if isinstance(limit, int) and sum(sizes) > limit:
+                raise ServerInputError(f"server {self.url}: {what} ({sum(sizes) / 2**20:.1f} MB) is larger than "
                                        f"the server's upload limit of {limit / 2**20:g} MB (413)")
-            return self._json("POST", "/v1/jobs", query=query, body=f, length=size, timeout=max(self.timeout, 600.0))
+            if organ_mask is None:
+                return self._json("POST", "/v1/jobs", query=query, body=files[0][2], length=sizes[0],
+                                  timeout=max(self.timeout, 600.0))
+            boundary = "iwseg-" + secrets.token_hex(16)
+            heads = [encode_part_header(boundary, name, path.name, first=i == 0)
+                     for i, (name, path, _) in enumerate(files)]
+            tail = encode_closing(boundary)
+            length = sum(map(len, heads)) + sum(sizes) + len(tail)
+            body = _multipart_chunks(heads, [f for _, _, f in files], tail)
+            return self._json("POST", "/v1/jobs", query=query, body=body, length=length,
+                              timeout=max(self.timeout, 600.0), content_type=f"multipart/form-data; boundary={boundary}")
 
     def status(self, job_id: str) -> dict:
         return self._json("GET", f"/v1/jobs/{_quote(job_id)}")
@@ -216,6 +237,15 @@ class ServerClient:
 FINAL_STATES = tuple(o.value for o in Outcome)
 
 
+def _multipart_chunks(heads: list[bytes], files: list, tail: bytes) -> Iterator[bytes]:
+    """A multipart body streamed from open files: each part's header, then its file in chunks."""
+    for head, f in zip(heads, files):
+        yield head
+        while chunk := f.read(DOWNLOAD_CHUNK):
+            yield chunk
+    yield tail
+
+
 def _quote(part: str) -> str:
     return urllib.parse.quote(str(part), safe="")
 
@@ -250,14 +280,15 @@ def download_outputs(client: ServerClient, job_id: str, outputs: Mapping[str, Pa
 
 
 def predict_on_server(client: ServerClient, model: str, image: Path, case_name: str, outputs: Mapping[str, Path],
-                      options: Mapping[str, Any], reporter: ProgressReporter, state) -> int:
+                      options: Mapping[str, Any], reporter: ProgressReporter, state,
+                      organ_mask: Path | None = None) -> int:
     """Run one job on the server and write its ``outputs`` (``mask``, ``probabilities``, ``logits``,
     ``lesions`` -> path) where a local run puts them; ``options`` is the job's request
     (:meth:`~IWSegmentationLib.predict.options.PredictOptions.to_request` and ``output_format``).
     The progress events go to ``reporter`` as a local run's would; ``state`` defers signals
-    while the outputs are renamed."""
+    while the outputs are renamed. ``organ_mask`` is uploaded with the image (``--organ-mask``)."""
     t0 = time.monotonic()
-    job = client.submit(image, model, options)
+    job = client.submit(image, model, options, organ_mask=organ_mask)
     held: list[ProgressEvent] = []
     try:
 
@@ -340,6 +371,7 @@ class RemoteInferenceRun(FolderJob):
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
+        self._with_organ_mask = False
         super().__init__(options, workdir_parent=workdir_parent, loader=loader)
 
     @property
@@ -353,13 +385,12 @@ class RemoteInferenceRun(FolderJob):
 
     def start(self, write_input: Callable[[Path], Any] | None = None,
               write_organ_mask: Callable[[Path], Any] | None = None) -> None:
-        """Write the input, then upload and follow the job on a background thread."""
+        """Write the input (and the organ mask, if ``write_organ_mask`` is given: it is uploaded
+        with the input), then upload and follow the job on a background thread."""
         if self._thread is not None or self.result is not None:
             raise RuntimeError("this RemoteInferenceRun was already started; create a new one")
         try:
-            if write_organ_mask is not None:
-                raise InputError("an organ mask cannot be sent to a server yet; run on this computer")
-            self._write_inputs(write_input, None)
+            self._with_organ_mask = self._write_inputs(write_input, write_organ_mask)
         except BaseException:
             self.discard()
             raise
@@ -369,7 +400,8 @@ class RemoteInferenceRun(FolderJob):
 
     def _work(self) -> None:
         try:
-            job = self.client.submit(self.input_path, self.model, self.request())
+            job = self.client.submit(self.input_path, self.model, self.request(),
+                                     organ_mask=self.organ_mask_path if self._with_organ_mask else None)
             self.job_id = job["id"]
             if self._cancel.is_set():
                 self.client.cancel(self.job_id)

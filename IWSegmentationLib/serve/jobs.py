@@ -30,6 +30,8 @@ from ..backend.interpreter import backend_environment, default_command_prefix
 from ..backend.job import Outcome, RunResult
 from ..backend.local_run import InferenceRun
 from ..core.errors import EXIT_CANCELLED, InputError
+from ..core.imageio import read_geometry
+from ..core.organ_masks import read_organ_mask
 from ..core.outputs import atomic_output
 from ..predict.lesion_json import relabelled_lesion_report
 from ..predict.options import PredictOptions
@@ -120,7 +122,18 @@ class JobRun(InferenceRun):
                  **kwargs: Any) -> None:
         self.input_name = input_name
         self.output_format = single_file_suffix(output_format)
+        #: the uploaded organ mask's stored name (``organ_mask`` + its suffix); None: no mask uploaded
+        self.organ_mask_name: Optional[str] = None
         super().__init__(options, **kwargs)
+
+    @property
+    def organ_mask_path(self) -> Path:
+        return self._folder() / (self.organ_mask_name or self.ORGAN_MASK_NAME)
+
+    def set_organ_mask_name(self, filename: str) -> Path:
+        """Name the organ mask part ``filename`` (only its suffix is used); the path it goes to."""
+        self.organ_mask_name = "organ_mask" + single_file_suffix(filename, what="organ mask file name")
+        return self.organ_mask_path
 
     @property
     def input_path(self) -> Path:
@@ -379,8 +392,8 @@ class JobManager:
         job.run.finished.connect(lambda result, job=job: self._on_finished(job, result))
         job.state, job.started = RUNNING, time.time()
         self._slots[job.id] = slot
-        try:
-            job.run.start()
+        try:  # an uploaded organ mask is already in the run's folder: the writer only names it
+            job.run.start(write_organ_mask=(lambda _path: None) if job.run.organ_mask_name else None)
         except Exception as exc:  # the interpreter is missing, the input vanished: the job failed
             self._end(job, Outcome.FAILED.value, None, f"the backend could not start: {exc}")
 
@@ -428,6 +441,17 @@ class JobManager:
             shutil.rmtree(job.result_dir, ignore_errors=True)
             job.result_dir = None
         job.results = {}
+
+
+def check_uploaded_organ_mask(run: JobRun, image_name: str, mask_name: str) -> None:
+    """Refuse (:class:`InputError`) an uploaded organ mask that ``iwseg predict`` would refuse (not
+    on the image's grid, empty, not a label map: :func:`~IWSegmentationLib.core.organ_masks.read_organ_mask`),
+    with its message, naming the files as the client named them (never the server's paths)."""
+    try:
+        read_organ_mask(run.organ_mask_path, run.input_path, read_geometry(run.input_path))
+    except InputError as exc:
+        message = str(exc).replace(str(run.organ_mask_path), mask_name).replace(str(run.input_path), image_name)
+        raise InputError(message) from None
 
 
 def relabel_lesion_report(path: Path, image: str) -> None:

@@ -32,8 +32,9 @@ from ..core.lesion_guards import LesionSummary
 from ..core.lesions import SIZE_GROUP_COLORS, parse_size_thresholds
 from ..core.modality import guess_modality, modality_mismatch
 from ..core.operating_points import OperatingPoints
+from ..core.organ_masks import totalsegmentator_roi
 from ..core.progress import ProgressEvent
-from ..nn.model_card import card_modality, card_spacing, license_summary
+from ..nn.model_card import card_modality, card_spacing, license_summary, organ_mask_need
 from .lesion_row import LesionRow
 
 #: Free GPU memory (MiB) under which the panel warns: the paper network at a 128³ patch needs
@@ -192,6 +193,59 @@ def model_card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
         if card.get(key):
             rows.append((label, str(card[key])))
     return rows
+
+
+@dataclass(frozen=True)
+class OrganMaskHint:
+    """What the organ-mask selector says for a model card (:func:`organ_mask_hint`): its
+    ``label``, the text of its empty choice (``none_display``), its ``tooltip``; ``required``:
+    the model was trained on organ-masked input; ``automatic``: an empty choice runs with the
+    automatic mask the backend makes (``preprocessing.automatic_organ_mask``, the CT lungs)."""
+
+    label: str
+    none_display: str
+    tooltip: str
+    required: bool = False
+    automatic: bool = False
+
+    def show(self, label: Any, selector: Any) -> None:
+        """Put the texts on the module's label and node selector (any objects with these attributes)."""
+        label.text, selector.noneDisplay = self.label, self.none_display
+        label.toolTip = selector.toolTip = self.tooltip
+
+
+def organ_mask_hint(card: Mapping[str, Any] | None) -> OrganMaskHint:
+    """The organ-mask selector's texts for ``card`` (None or {}: no checkpoint yet).
+
+    A model that needs no mask: optional. One that needs a mask with an automatic one (ct-lung):
+    the empty choice is the automatic mask, made by the backend (the module sends no mask).
+    One that needs a mask without an automatic one: the empty choice says to choose it, and the
+    tooltip names TotalSegmentator's structure (its 3D Slicer extension makes it) and "Allow
+    unmasked" (``--allow-unmasked``, not as trained)."""
+    generic = ("A segmentation of the organ (its segments are merged; voxels outside it are background). "
+               "Models trained on organ-masked input need it.")
+    if not card:
+        return OrganMaskHint("Organ mask (optional):", "None", generic)
+    need = organ_mask_need(card)
+    organ = need.organ or "organ"
+    if not need.required:
+        return OrganMaskHint("Organ mask (optional):", "None (the model needs no organ mask)",
+                             generic.replace("Models trained on organ-masked input need it.",
+                                             "This model was not trained on organ-masked input; a mask only "
+                                             "limits where it looks."))
+    get_it = (f"TotalSegmentator's {totalsegmentator_roi(need.organ)} (its 3D Slicer extension makes it from the CT), "
+              f"or any segmentation of the {organ}")
+    if need.automatic:
+        return OrganMaskHint(
+            f"Organ mask ({organ}):", f"Automatic {organ} mask",
+            f"The model was trained on {organ}-masked input (model card organ_mask). Leave 'Automatic {organ} mask' "
+            f"and the backend makes it from the CT (the mask iwseg train used), or choose your own: {get_it}.",
+            required=True, automatic=True)
+    return OrganMaskHint(
+        f"Organ mask ({organ}, required):", f"None: choose the {organ} mask",
+        f"The model was trained on {organ}-masked input (model card organ_mask) and there is no automatic {organ} "
+        f"mask: choose a segmentation of the {organ}, e.g. {get_it}. 'Allow unmasked' runs without one (not as "
+        "trained: expect many false positives).", required=True)
 
 
 def model_card_text(card: Mapping[str, Any]) -> str:

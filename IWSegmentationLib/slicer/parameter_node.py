@@ -26,6 +26,7 @@ PREDICTION_FIELDS = {
     "organMask": "--organ-mask",
     "operatingPoint": "--operating-point",
     "keepSpacing": "--keep-spacing",
+    "allowUnmasked": "--allow-unmasked",
 }
 
 #: parameter-node fields that are not prediction parameters, and what each is for.
@@ -59,4 +60,5 @@ def predict_options(node: Any, *, allow_modality_mismatch: bool = False) -> Pred
                           threshold=None if operating_point else float(node.threshold),
                           operating_point=operating_point,
                           probabilities=False, logits=True, lesions=True,
-                          keep_spacing=bool(node.keepSpacing), allow_modality_mismatch=allow_modality_mismatch)
+                          keep_spacing=bool(node.keepSpacing), allow_modality_mismatch=allow_modality_mismatch,
+                          allow_unmasked=bool(getattr(node, "allowUnmasked", False)))

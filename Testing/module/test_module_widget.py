@@ -161,7 +161,7 @@ def make_widget(module):
     widget = module.IWSegmentationWidget()
     names = ("applyButton", "statusLabel", "summaryLabel", "countsLabel", "progressBar", "modelCardLabel",
              "resultsCollapsibleButton", "lesionTableWidget", "deviceInfoLabel", "checkpointPathLineEdit",
-             "deviceComboBox", "confidenceSliderWidget")
+             "deviceComboBox", "confidenceSliderWidget", "organMaskLabel", "organMaskSelector")
     widget.ui = types.SimpleNamespace(**{name: FakeWidget() for name in names})
     widget.showMoreButton = FakeWidget()
     widget.ui.checkpointPathLineEdit.currentPath = ""

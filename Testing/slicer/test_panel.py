@@ -7,6 +7,7 @@ import math
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -466,3 +467,27 @@ def test_the_confidence_slider_is_labelled_in_fp_per_scan_and_recall():
     assert panel.confidence_slider_text({"threshold": 0.5}, 0.0) == (
         "max logit ≥ 0.00. This model's card has no operating points (written before they were stored): "
         "the run uses its threshold 0.5.")
+
+
+# ---------------------------------------------------------------------------- the organ-mask selector
+
+
+def test_organ_mask_hint_says_when_the_model_needs_a_mask_and_offers_the_automatic_one():
+    # ct-lung: a lung mask is needed and the backend makes the automatic one (the selector's empty choice)
+    lung = panel.organ_mask_hint({"organ_mask": {"organ": "lung", "required": True, "automatic": True}})
+    assert (lung.label, lung.none_display, lung.required, lung.automatic) == (
+        "Organ mask (lung):", "Automatic lung mask", True, True)
+    assert "TotalSegmentator's lung_upper_lobe_left" in lung.tooltip
+    # a liver model: no automatic mask, so the user is told what to use, and about Allow unmasked
+    liver = panel.organ_mask_hint({"preprocessing": {"name": "ct-liver", "mask": "liver"}})  # a card before organ_mask
+    assert (liver.label, liver.none_display, liver.required, liver.automatic) == (
+        "Organ mask (liver, required):", "None: choose the liver mask", True, False)
+    assert "TotalSegmentator's liver (its 3D Slicer extension" in liver.tooltip and "'Allow unmasked'" in liver.tooltip
+    # an mr model: optional; no checkpoint yet: optional, plain "None"
+    mr = panel.organ_mask_hint({"preprocessing": {"name": "mr", "mask": None}})
+    assert (mr.label, mr.none_display, mr.required) == ("Organ mask (optional):", "None (the model needs no organ mask)",
+                                                         False)
+    assert panel.organ_mask_hint(None).none_display == "None" == panel.organ_mask_hint({}).none_display
+    label, selector = types.SimpleNamespace(), types.SimpleNamespace()
+    lung.show(label, selector)
+    assert (label.text, selector.noneDisplay, selector.toolTip) == (lung.label, lung.none_display, lung.tooltip)

@@ -178,8 +178,8 @@ def _run_on_server(args: argparse.Namespace, options: PredictOptions, targets: O
     if image.is_dir():
         raise InputError(f"--input {image}: with --server give one image file (folders and DICOM series "
                          "are not sent to a server)")
-    if args.organ_mask is not None:
-        raise InputError("--organ-mask cannot be sent to a server yet; run without --server")
+    if args.organ_mask is not None:  # uploaded with the image; the server checks it as a local run does
+        single_file_suffix(args.organ_mask.name, what="with --server, --organ-mask")
     if args.dicom_seg is not None:
         raise InputError("--dicom-seg needs a DICOM series, which is not sent to a server; run without --server")
     if len(options.models) != 1:
@@ -188,11 +188,13 @@ def _run_on_server(args: argparse.Namespace, options: PredictOptions, targets: O
     for flag, path in (("--probabilities", targets.probabilities), ("--logits", targets.logits)):
         if path is not None and single_file_suffix(path.name, what=flag) != output_format:
             raise InputError(f"with --server, {flag} must use the format of --output ({output_format}), got {path.name}")
-    case = collect_cases(image, targets, models=options.models, overwrite=args.overwrite)[0]
+    case = collect_cases(image, targets, models=options.models, overwrite=args.overwrite,
+                         organ_mask=args.organ_mask)[0]
     if options.device != "auto":
         reporter.emit("warning", case=None, message=f"--device {options.device} is ignored: the server picks the device")
     outputs = {"mask": case.mask, "probabilities": case.probabilities, "logits": case.logits, "lesions": case.lesions}
     client = ServerClient.from_token_file(args.server, args.token_file)
     return predict_on_server(client, model_name(options.models[0]), case.image, case.name,
                              {k: v for k, v in outputs.items() if v is not None},
-                             {**options.to_request(), "output_format": output_format}, reporter, state)
+                             {**options.to_request(), "output_format": output_format}, reporter, state,
+                             organ_mask=case.organ_mask)
