@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core import dicom_seg as dicom_seg_writer
+from ..core.doubt import DOUBT_SD_LOGIT, SECOND_LOOK_NOTE, lesion_doubt, second_look
 from ..core.errors import InputError
 from ..core.imageio import Geometry, write_image
 from ..core.lesion_guards import LesionSummary
@@ -19,7 +20,6 @@ from ..core.lesions import (
     parse_size_thresholds,
     size_thresholds,
 )
-from ..core.doubt import DOUBT_SD_LOGIT, SECOND_LOOK_NOTE, lesion_doubt, second_look
 from ..core.operating_points import OperatingPoints
 from ..core.outputs import atomic_output, folder_lock
 from ..core.prediction_maps import PROBABILITY_UINT8_NOTE, probabilities_to_uint8

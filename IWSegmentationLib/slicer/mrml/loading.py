@@ -13,7 +13,13 @@ from ...core.lesions import (
     SizeThresholds,
 )
 from ..lesion_row import LesionRow, with_doubt
-from .geometry import add_volume_from_array, centroid_ras, check_on_volume_grid, volume_geometry, volume_ijk_to_ras
+from .geometry import (
+    add_volume_from_array,
+    centroid_ras,
+    check_on_volume_grid,
+    volume_geometry,
+    volume_ijk_to_ras,
+)
 from .matching import lesion_rows, match_segmentations, reference_volume_node
 from .segments import DEFAULT_SEGMENT_BUDGET, NotShownLesions, budgeted_lesion_segmentation, show_more_lesions
 from .tables import dice_table_node
