@@ -195,6 +195,10 @@ def segment_description(lesion: Mapping[str, Any]) -> str:
         value = lesion.get(key)
         if value is not None:
             parts.append(f"{text} {float(value):.{digits}f}{unit}")
+    doubt = lesion.get("doubt")  # with TTA or an ensemble (core.doubt): "found by 1/2, sd 3.00, doubtful"
+    if doubt:
+        parts.append(f"found by {doubt['found_by']}/{doubt['members']}, sd {float(doubt['confidence_sd']):.2f}"
+                     + (", doubtful" if doubt["doubtful"] else ""))
     return ", ".join(parts)
 
 

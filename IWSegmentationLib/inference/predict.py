@@ -25,7 +25,7 @@ from ..preprocessing.resampling import (
 )
 from .devices import resolve_device, resolve_precision
 from .engine import prepare_network
-from .predictors import EnsemblePredictor, MirroredPredictor
+from .predictors import EnsemblePredictor, MemberPredictor, MirroredPredictor
 from .sliding_window import InferenceStats, as_triple, sliding_window_inference
 
 
@@ -46,6 +46,11 @@ class VolumePrediction:
     mask: np.ndarray
     threshold: float
     stats: InferenceStats
+    #: the mask's threshold as a logit (``logits > logit_threshold`` is the mask)
+    logit_threshold: float | None = None
+    #: with ``members=True`` and TTA or an ensemble: each member's own logit map, float16
+    #: ``[M, z, y, x]`` on the input grid (:func:`member_logit_maps`); else None
+    members: np.ndarray | None = None
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -111,6 +116,7 @@ def predict_volume(
     cancel: Callable[[], bool] | None = None,
     on_warning: Callable[[str], None] | None = None,
     logit_threshold: float | None = None,
+    members: bool = False,
 ) -> VolumePrediction:
     """Lesion logits (and the mask) of a raw 3D image with a trained network and its model card.
 
@@ -158,6 +164,10 @@ def predict_volume(
             is its sigmoid. A logit, so a threshold above logit 37 (probability 1.0 in float64) stays exact.
         keep_spacing: run the network on the input's own grid, not resampled to the model's
             spacing (nor to the preset's ``target_spacing``).
+        members: with ``tta`` or several models, also return each member's logit map
+            (:attr:`VolumePrediction.members`, for per-lesion doubt): the window blends every
+            member as a channel (:class:`MemberPredictor`) in the same pass, and the logits are
+            their mean. Ignored (None) for one model without TTA; see :func:`member_logit_maps`.
     """
     models = [model] if isinstance(model, nn.Module) else list(model)
     if not models or not all(isinstance(m, nn.Module) for m in models):
@@ -210,6 +220,11 @@ def predict_volume(
     predictor: nn.Module = EnsemblePredictor(networks) if len(networks) > 1 else networks[0]
     if tta:
         predictor = MirroredPredictor(predictor)
+    if members and (tta or len(networks) > 1):
+        predictor = MemberPredictor(networks, tta)
+        member_count = predictor.count
+    else:
+        member_count = 0
     try:
         logits = sliding_window_inference(
             network_input,
@@ -232,9 +247,16 @@ def predict_volume(
         for m in models:
             m.to(memory_format=torch.contiguous_format)
     del network_input, foreground
+    member_maps = None
+    if member_count:  # the mean of the members is the blended logit map; the members kept as float16
+        member_maps = logits.astype(np.float16)
+        logits = logits.mean(axis=0, dtype=np.float32, keepdims=True)
     if logits.shape[0] != 1:
         raise InputError(f"the model returns {logits.shape[0]} channels; lesion segmentation needs 1")
     logits = logits[0]
+    if member_maps is not None:
+        member_maps = member_logit_maps(member_maps, box, work_geometry, geometry,
+                                        organ_mask if params["mask"] is not None else None)
     if box is not None:
         logits = box.paste(logits, fill=SKIPPED_LOGIT)  # outside the organ box: no lesion (probability 0)
     if work_geometry != geometry:
@@ -244,4 +266,33 @@ def predict_volume(
         # outside the organ the input was masked away: no lesion there, probability exactly 0
         np.copyto(logits, np.float32(SKIPPED_LOGIT), where=np.asarray(organ_mask) == 0)
     mask = (logits > logit_threshold).view(np.uint8)
-    return VolumePrediction(logits=logits, mask=mask, threshold=threshold, stats=stats)
+    return VolumePrediction(logits=logits, mask=mask, threshold=threshold, stats=stats,
+                            logit_threshold=float(logit_threshold), members=member_maps)
+
+
+def member_logit_maps(members: np.ndarray, box: OrganBox | None, work_geometry: Geometry, geometry: Geometry,
+                      organ_mask: np.ndarray | None) -> np.ndarray:
+    """The members' float16 logit maps ``[M, ...]`` of the network's grid brought to the input grid
+    as the blended map is (organ box pasted back, resampled, SKIPPED_LOGIT outside the organ mask),
+    one member at a time in float32, so only one float32 member map is held besides the result.
+
+    Why float16 maps and one pass (measured in docs/benchmarks.md, "TTA doubt"): the alternative, a
+    second pass that keeps a running maximum per member over the final lesions, would run every
+    window twice, and per-lesion doubt is to cost what TTA costs. The window accumulates the M
+    members in float32 (M times the blended map's memory, 8 for TTA: the price of one pass); then
+    they are kept as float16, half of that: 8 x 2 bytes per voxel for TTA, 1 GB for a
+    512 x 512 x 128 CT. Float16 keeps a logit to 3 significant digits (0.008 at logit 10), finer
+    than the spread that makes a lesion doubtful (:data:`~IWSegmentationLib.core.doubt.DOUBT_SD_LOGIT`);
+    SKIPPED_LOGIT (-1e4) is exact in float16."""
+    out = np.empty((members.shape[0], *geometry.shape_zyx), dtype=np.float16)
+    outside = None if organ_mask is None else np.asarray(organ_mask) == 0
+    for m in range(members.shape[0]):
+        member = members[m].astype(np.float32)
+        if box is not None:
+            member = box.paste(member, fill=SKIPPED_LOGIT)
+        if work_geometry != geometry:
+            member = resample_to_geometry(member, work_geometry, geometry, default_value=SKIPPED_LOGIT)
+        if outside is not None:
+            np.copyto(member, np.float32(SKIPPED_LOGIT), where=outside)
+        out[m] = member
+    return out

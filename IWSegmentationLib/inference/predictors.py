@@ -48,12 +48,17 @@ class MirroredPredictor(nn.Module):
         self.flips = [dims for r in range(len(self.AXES) + 1) for dims in itertools.combinations(self.AXES, r)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mean_of_flips(self.predictor, x, self.flips)
+
+    @staticmethod
+    def mean_of_flips(predictor, x: torch.Tensor, flips) -> torch.Tensor:
+        """The mean of ``flip(predictor(flip(x, a)), a)`` over the axis subsets ``flips``."""
         total = None
-        for dims in self.flips:
-            out = self.predictor(torch.flip(x, dims) if dims else x).float()
+        for dims in flips:
+            out = predictor(torch.flip(x, dims) if dims else x).float()
             out = torch.flip(out, dims) if dims else out
             total = out if total is None else total.add_(out)
-        return total.div_(len(self.flips))
+        return total.div_(len(flips))
 
 
 class EnsemblePredictor(nn.Module):
@@ -73,3 +78,35 @@ class EnsemblePredictor(nn.Module):
             out = member(x).float()
             total = out if total is None else total.add_(out)
         return total.div_(len(self.members))
+
+
+class MemberPredictor(nn.Module):
+    """The members' logits side by side, one output channel each, for per-lesion doubt
+    (:mod:`IWSegmentationLib.core.doubt`): the 8 flips of :class:`MirroredPredictor` (one network),
+    or the networks of an ensemble (each mirrored when ``tta``; then a member is a network, its
+    flips averaged). The sliding window blends each channel on its own; the blend is linear, so the
+    mean of the blended channels is the blended mean that :class:`MirroredPredictor` /
+    :class:`EnsemblePredictor` give (equal up to float32 rounding). Each member must return one
+    channel. A module, so the OOM fallback can move it."""
+
+    def __init__(self, members: Sequence[nn.Module], tta: bool):
+        super().__init__()
+        if not members:
+            raise InputError("doubt needs at least one model")
+        self.members = nn.ModuleList(members)
+        self.tta = bool(tta)
+        self.flips = MirroredPredictor(members[0]).flips
+        #: how many channels :meth:`forward` returns
+        self.count = len(self.flips) if len(members) == 1 else len(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.members) == 1:  # the members are the flips of one network
+            net = self.members[0]
+            outs = [(torch.flip(net(torch.flip(x, dims)).float(), dims) if dims else net(x).float())
+                    for dims in self.flips]
+        else:  # the members are the networks (each mirrored with TTA)
+            outs = [(MirroredPredictor.mean_of_flips(m, x, self.flips) if self.tta else m(x).float())
+                    for m in self.members]
+        if any(o.shape[1] != 1 for o in outs):
+            raise InputError(f"the model returns {outs[0].shape[1]} channels; lesion segmentation needs 1")
+        return torch.cat(outs, dim=1)

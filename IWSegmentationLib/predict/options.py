@@ -90,6 +90,8 @@ class PredictOptions:
     keep_spacing: bool = False
     #: run a CT model on an input that looks like MR (or the reverse) instead of refusing it
     allow_modality_mismatch: bool = False
+    #: with --tta or an ensemble, skip the per-lesion doubt (core.doubt) and keep no member maps
+    no_doubt: bool = False
 
     def __post_init__(self) -> None:
         # normalised (so equal options compare equal whatever sequence type they came in)
@@ -185,6 +187,8 @@ class PredictOptions:
         for name in ("keep_spacing", "allow_modality_mismatch"):  # the model's spacing and modality
             if getattr(self, name):
                 args.append(flag(name))
+        if self.no_doubt:
+            args.append(flag("no_doubt"))
         return args
 
     # -- a server's request --------------------------------------------------------------------

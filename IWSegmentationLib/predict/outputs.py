@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core import dicom_seg as dicom_seg_writer
+from ..core.doubt import DOUBT_SD_LOGIT, SECOND_LOOK_NOTE, lesion_doubt, second_look
 from ..core.errors import InputError
 from ..core.imageio import Geometry, write_image
 from ..core.lesion_guards import LesionSummary
@@ -109,23 +110,11 @@ def lesion_report(case: PredictJob, prediction, geometry: Geometry, thresholds: 
     indices and in physical LPS mm, and its ``confidence``: the maximum blended logit inside it
     (probability ``sigmoid(confidence)``; a float32 probability would be exactly 1.0 for every
     lesion above logit 17, see :mod:`IWSegmentationLib.core.confidence`)."""
-    _, lesions = analyze_lesions(
+    labels, lesions = analyze_lesions(
         prediction.mask, geometry.spacing_zyx, connectivity=connectivity, thresholds=thresholds,
         scores=prediction.logits,
     )
-    rows = []
-    for les in lesions:
-        rows.append({
-            "id": les.id,
-            "voxels": les.voxels,
-            "volume_mm3": round(les.volume_mm3, 4),
-            "diameter_mm": round(les.diameter_mm, 4),
-            "size_group": les.size_group,
-            "confidence": None if les.confidence is None else round(les.confidence, 6),
-            "centroid_lps_mm": [round(v, 4) for v in geometry.index_to_physical(les.centroid)],
-            "centroid_zyx": [round(v, 3) for v in les.centroid],
-            "bbox_zyx": list(les.bbox),
-        })
+    rows = [lesion_row(les, geometry) for les in lesions]
     report = {
         "case": case.name,
         "image": str(case.image),
@@ -139,7 +128,45 @@ def lesion_report(case: PredictJob, prediction, geometry: Geometry, thresholds: 
                        "(exclusive ends): voxel indices in array order",
         "lesions": rows,
     }
+    add_doubt(report, prediction, labels, geometry, thresholds, connectivity)
     return report, len(rows)
+
+
+def add_doubt(report: dict, prediction, labels: np.ndarray, geometry: Geometry, thresholds: SizeThresholds,
+              connectivity: int) -> None:
+    """Per-lesion doubt (with member maps: TTA or an ensemble) into each lesion row's ``doubt`` and the
+    report's ``doubt`` note (None without members), and the ``second_look`` list (:mod:`..core.doubt`)."""
+    rows = report["lesions"]
+    t = prediction.logit_threshold
+    if prediction.members is not None:
+        for row, doubt in zip(rows, lesion_doubt(labels, len(rows), prediction.members, t)):
+            row["doubt"] = doubt.as_dict()
+    report["doubt"] = None if prediction.members is None else {
+        "members": int(prediction.members.shape[0]), "logit_threshold": round(t, 6),
+        "doubtful_sd_logit": DOUBT_SD_LOGIT,
+        "note": "per member (a flip or a network): its maximum logit inside the lesion; found when above the "
+                "logit threshold; doubtful when found by fewer than all members or the members' standard "
+                f"deviation is above {DOUBT_SD_LOGIT:g} logit"}
+    listed, count = second_look(prediction.logits, t, geometry.spacing_zyx, thresholds=thresholds,
+                                connectivity=connectivity)
+    report["second_look_note"] = SECOND_LOOK_NOTE
+    report["second_look_count"] = count
+    report["second_look"] = [lesion_row(les, geometry) for les in listed]
+
+
+def lesion_row(les, geometry: Geometry) -> dict:
+    """A lesion's (or a second-look component's) entry in the lesion JSON."""
+    return {
+        "id": les.id,
+        "voxels": les.voxels,
+        "volume_mm3": round(les.volume_mm3, 4),
+        "diameter_mm": round(les.diameter_mm, 4),
+        "size_group": les.size_group,
+        "confidence": None if les.confidence is None else round(les.confidence, 6),
+        "centroid_lps_mm": [round(v, 4) for v in geometry.index_to_physical(les.centroid)],
+        "centroid_zyx": [round(v, 3) for v in les.centroid],
+        "bbox_zyx": list(les.bbox),
+    }
 
 
 def guard_region(image: np.ndarray, card: dict, organ: np.ndarray | None) -> dict:

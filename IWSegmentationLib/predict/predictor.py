@@ -238,6 +238,7 @@ class Predictor:
                 keep_spacing=options.keep_spacing, progress=Throttled(reporter.inference_callback(case.name)), cancel=self.cancel,
                 on_warning=lambda message: reporter.emit("warning", case=case.name, message=message),
                 logit_threshold=self.logit_threshold,
+                members=not options.no_doubt,  # per-lesion doubt: only with --tta or an ensemble
             )
         except InputError as exc:
             raise InputError(f"{case.image}: {exc}") from None
@@ -250,6 +251,7 @@ class Predictor:
                                                       options.connectivity).astype(np.uint8)
         # the lesion count goes into the progress protocol, so lesions are analysed even without --lesions
         report, n_lesions = lesion_report(case, prediction, geometry, thresholds, options.connectivity)
+        prediction.members = None  # the members' maps are reduced to the lesions' doubt: freed before writing
         summary = summarize(report, geometry, region)
         for message in summary.warnings():
             reporter.emit("warning", case=case.name, message=message)

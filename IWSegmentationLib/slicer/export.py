@@ -7,8 +7,9 @@ else is here, without Qt, and runs under the ``slicer-core`` wheel in the tests.
   builds (the rows the panel shows, missed reference lesions included) with the columns of
   :data:`CSV_COLUMNS`: id, name, equivalent diameter, volume, size group, confidence (the
   lesion's maximum logit, as in ``iwseg predict``'s lesion JSON), Dice, status
-  (TP/FP/FN) and the centroid in LPS millimetres (DICOM's patient coordinates; the rows hold RAS,
-  Slicer's, and ``L = -R``, ``P = -A``). Numbers are rounded as in ``iwseg predict``'s lesion JSON.
+  (TP/FP/FN), the centroid in LPS millimetres (DICOM's patient coordinates; the rows hold RAS,
+  Slicer's, and ``L = -R``, ``P = -A``) and, with TTA or an ensemble, the lesion's doubt
+  (:mod:`IWSegmentationLib.core.doubt`: how many members found it, of how many, their spread, doubtful). Numbers are rounded as in ``iwseg predict``'s lesion JSON.
 * :func:`export_results` writes that CSV and, when the volume was loaded from Slicer's DICOM
   database, the segmentation as a DICOM SEG (:mod:`IWSegmentationLib.core.dicom_seg`) referencing the
   volume's own DICOM files (:func:`instance_files`).
@@ -33,6 +34,7 @@ from ..core.errors import InputError
 from ..core.outputs import atomic_output
 from . import deps as slicer_deps
 from . import mrml
+from .lesion_row import with_doubt
 from .mrml.geometry import LPS_TO_RAS
 
 #: ``(CSV column, row key, decimals)``; ``centroid_lps`` is computed from the row's ``center_ras``.
@@ -48,6 +50,11 @@ CSV_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("centroid_L_mm", "centroid_lps.0", 4),
     ("centroid_P_mm", "centroid_lps.1", 4),
     ("centroid_S_mm", "centroid_lps.2", 4),
+    # per-lesion doubt (TTA or an ensemble; empty without): core.doubt, the lesion JSON's "doubt"
+    ("found_by", "doubt.found_by", None),
+    ("members", "doubt.members", None),
+    ("confidence_sd", "doubt.confidence_sd", 6),
+    ("doubtful", "doubt.doubtful", None),
 )
 #: Volume-node attribute that Slicer's DICOM plugins set: the SOP instance UIDs of its files.
 DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
@@ -76,6 +83,8 @@ def lesion_csv_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
         lps = centroid_lps(row.get("center_ras"))
         for axis in range(3):
             values[f"centroid_lps.{axis}"] = None if lps is None else lps[axis]
+        for key, value in (row.get("doubt") or {}).items():
+            values[f"doubt.{key}"] = value
         out.append({column: _cell(values.get(key), decimals) for column, key, decimals in CSV_COLUMNS})
     return out
 
@@ -142,6 +151,7 @@ def export_results(results, path: str | os.PathLike, source_files: Sequence[str 
         geometry = mrml.volume_geometry(volume)
         source = dicom_seg.order_by_slice(dicom_seg.read_headers(source_files), geometry,
                                           what=f"the DICOM series of volume {volume.GetName()!r}")
+        segments = with_doubt(segments, results.doubt)  # into the segment descriptions
         labels = mrml.labelmap_on_volume_grid(results.segmentation, volume, [r["segment_id"] for r in segments])
         result.dicom_seg = dicom_seg.write_lesion_seg(base.parent / f"{base.name}.dcm", labels, segments, source)
     return result

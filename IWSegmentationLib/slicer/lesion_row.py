@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,9 @@ class LesionRow(Mapping):
     #: a reference lesion: its reference segmentation node and the segment of its best detection
     reference_segmentation: str | None = None
     matched_segment_id: str | None = None
+    #: with TTA or an ensemble: the lesion JSON's ``doubt`` entry (``members, found_by, fraction,
+    #: confidence_sd, confidence_min, confidence_max, doubtful``; :mod:`IWSegmentationLib.core.doubt`)
+    doubt: Mapping[str, Any] | None = None
 
     def replace(self, **changes: Any) -> LesionRow:
         """A copy with ``changes`` (unknown field names raise ``TypeError``)."""
@@ -64,3 +67,18 @@ class LesionRow(Mapping):
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(LesionRow))
+
+
+def with_doubt(rows: Sequence[LesionRow], doubt: Mapping[int, Mapping[str, Any]] | None) -> list[LesionRow]:
+    """``rows`` with each detection's ``doubt`` from the lesion JSON, keyed by the lesion number
+    (the JSON's ``id``, the row's ``id``: both number lesions by ``core.lesions.number_lesions``).
+    ``doubt`` maps the number to ``(voxels, doubt entry)``; a row whose voxel count differs (a segment
+    the reader edited, another connectivity) gets none rather than another lesion's."""
+    if not doubt:
+        return list(rows)
+    out = []
+    for row in rows:
+        voxels, entry = doubt.get(row.id, (None, None)) if row.row == "detection" else (None, None)
+        same = entry is not None and (row.voxels is None or row.voxels == voxels)
+        out.append(row.replace(doubt=dict(entry)) if same else row)
+    return out

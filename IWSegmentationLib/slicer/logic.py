@@ -29,7 +29,9 @@ When the scene closes, :attr:`LesionSegmentationLogic.results` is dropped: its n
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ..backend.job import JobFactory, RunResult, SegmentationJob
@@ -205,11 +207,14 @@ class LesionSegmentationLogic:
 
         mask, mask_geometry = imageio.read_image(outputs["mask"], what="lesion mask")
         logits, logits_geometry = imageio.read_image(outputs["logits"], what="logit map")
+        # the lesion JSON carries what the maps do not: per-lesion doubt (TTA, ensembles) and the second look
+        report = json.loads(Path(outputs["lesions"]).read_text()) if outputs.get("lesions") else None
         with scene_rollback(self.scene):
             self.results = mrml.load_prediction(
                 self.scene, volume_node, mask, logits, reference=reference,
                 size_thresholds_mm=size_thresholds_mm, keep_probabilities=True,
                 geometry=mask_geometry, logits_geometry=logits_geometry, budget=self.segment_budget,
+                lesion_report=report,
             )
         return self.results
 

@@ -356,7 +356,16 @@ RUN_ON = ("this computer", "server")
 RUN_ON_SIGNALS = {"runOnComboBox": "currentIndexChanged(int)", "serverUrlLineEdit": "editingFinished()",
                   "serverTokenFileLineEdit": "editingFinished()"}
 
-LESION_COLUMNS = ("Lesion", "Diameter (mm)", "Volume (mm³)", "Size", "Max logit", "Dice", "Status")
+LESION_COLUMNS = ("Lesion", "Diameter (mm)", "Volume (mm³)", "Size", "Max logit", "Dice", "Status", "Doubt")
+
+
+def doubt_cell(doubt: Mapping[str, Any] | None) -> str:
+    """The lesion table's *Doubt* cell: ``⚠ 1/2`` (doubtful: found by 1 of 2 members, or a spread
+    above ``core.doubt.DOUBT_SD_LOGIT``), ``8/8`` (not doubtful), ``–`` (no TTA or ensemble)."""
+    if not doubt:
+        return "–"
+    found = f"{doubt.get('found_by')}/{doubt.get('members')}"
+    return f"⚠ {found}" if doubt.get("doubtful") else found
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -376,13 +385,13 @@ def lesion_cells(row: LesionRow) -> list[str]:
     ``row`` is a row of :func:`IWSegmentationLib.slicer.mrml.lesion_rows` (built there from the scene
     and the reference match; this only formats it): name, diameter (mm, 1 decimal), volume
     (mm³, whole), size group, confidence (the maximum logit, 2 decimals), Dice (2 decimals) and
-    status (``TP``, ``FP``, ``FN``). What a row does not have (no reference, no logit map) shows
-    as ``–``.
+    status (``TP``, ``FP``, ``FN``) and doubt (:func:`doubt_cell`). What a row does not have (no
+    reference, no logit map, no TTA or ensemble) shows as ``–``.
     """
     return [
         str(row.get("name") or f"Lesion {row.get('id')}"), _fmt(row.get("diameter_mm"), 1),
         _fmt(row.get("volume_mm3"), 0), str(row.get("size_group") or "–"), _fmt(row.get("confidence"), 2),
-        _fmt(row.get("dice"), 2), str(row.get("status") or "–"),
+        _fmt(row.get("dice"), 2), str(row.get("status") or "–"), doubt_cell(row.get("doubt")),
     ]
 
 

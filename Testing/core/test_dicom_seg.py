@@ -271,3 +271,16 @@ def test_check_references_fills_type_2_attributes_and_refuses_two_frames(series)
     del headers[2].PixelSpacing
     with pytest.raises(InputError, match=r"series X: image .* has no PixelSpacing"):
         dicom_seg.check_references(headers, what="series X")
+
+
+def test_a_segment_description_carries_the_lesions_doubt():
+    # the lesion JSON's row of a lesion found by 1 of 2 networks (sd 3): the description says so
+    lesion = {"size_group": "small", "diameter_mm": 4.16, "volume_mm3": 37.7, "confidence": 1.0,
+              "doubt": {"members": 2, "found_by": 1, "fraction": 0.5, "confidence_sd": 3.0, "confidence_min": -2.0,
+                        "confidence_max": 4.0, "doubtful": True}}
+    assert dicom_seg.segment_description(lesion) == ("small lesion, equivalent diameter 4.2 mm, volume 37.7 mm3, "
+                                                     "max logit 1.00, found by 1/2, sd 3.00, doubtful")
+    lesion["doubt"] = {**lesion["doubt"], "found_by": 2, "confidence_sd": 0.25, "doubtful": False}
+    assert dicom_seg.segment_description(lesion).endswith("max logit 1.00, found by 2/2, sd 0.25")
+    del lesion["doubt"]  # no TTA or ensemble
+    assert dicom_seg.segment_description(lesion).endswith("max logit 1.00")

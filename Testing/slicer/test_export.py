@@ -39,15 +39,19 @@ def test_csv_cells_without_slicer(tmp_path):
     # a row as lesion_rows makes it without a reference: no Dice, no status; RAS (1, -2, 3) is LPS (-1, 2, 3)
     rows = [{"id": 3, "name": "Lesion 03 · 2.5 mm · small", "diameter_mm": 2.48140474, "volume_mm3": 8.0,
              "size_group": "small", "confidence": 0.123456789, "dice": None, "status": None,
-             "center_ras": (1.0, -2.0, 3.0)},
+             "center_ras": (1.0, -2.0, 3.0),
+             "doubt": {"members": 2, "found_by": 1, "fraction": 0.5, "confidence_sd": 3.0, "confidence_min": -2.0,
+                       "confidence_max": 4.0, "doubtful": True}},
             {"id": 4, "name": "drawn by hand", "center_ras": None, "diameter_mm": math.nan}]
     path = export.write_lesion_csv(tmp_path / "table.csv", rows)
     got = _read_csv(path)
     assert list(got[0]) == [c for c, _, _ in export.CSV_COLUMNS]
     assert got[0] == {"id": "3", "name": "Lesion 03 · 2.5 mm · small", "diameter_mm": "2.4814", "volume_mm3": "8.0",
                       "size_group": "small", "confidence": "0.123457", "dice": "", "status": "",
-                      "centroid_L_mm": "-1.0", "centroid_P_mm": "2.0", "centroid_S_mm": "3.0"}
+                      "centroid_L_mm": "-1.0", "centroid_P_mm": "2.0", "centroid_S_mm": "3.0",
+                      "found_by": "1", "members": "2", "confidence_sd": "3.0", "doubtful": "True"}
     assert got[1]["id"] == "4" and got[1]["diameter_mm"] == "" and got[1]["centroid_S_mm"] == ""
+    assert (got[1]["found_by"], got[1]["doubtful"]) == ("", "")  # no TTA or ensemble: no doubt
     assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]  # no temporary file left
 
 
@@ -62,8 +66,20 @@ def test_csv_of_the_panel_rows_by_hand(scene, tmp_path):
     logits = np.where(mask > 0, np.float32(2.2), np.float32(-8.0))
     volume = mrml.add_volume_from_array(scene, (mask * 100).astype(np.int16), g, "Tiny")
     ref_node = mrml.lesion_segmentation(scene, volume, reference, name="Reference", closed_surface=False)
+    # the backend's lesion JSON: lesion 1 (8 voxels) found by 7 of 8 flips; one second-look component
+    doubt = {"members": 8, "found_by": 7, "fraction": 0.875, "confidence_sd": 0.5, "confidence_min": -0.1,
+             "confidence_max": 2.9, "doubtful": True}
+    report = {"lesions": [{"id": 1, "voxels": 8, "doubt": doubt}],
+              "second_look": [{"id": 1, "voxels": 1, "volume_mm3": 1.0, "diameter_mm": 1.2407, "size_group": "small",
+                               "confidence": -0.4, "centroid_zyx": [7.0, 2.0, 1.0]}]}
     results = mrml.load_prediction(scene, volume, mask, logits, reference=ref_node, size_thresholds_mm=(5, 10),
-                                   make_table=False, closed_surface=False)
+                                   make_table=False, closed_surface=False, lesion_report=report)
+    assert results.rows[0].doubt == doubt and results.rows[1].doubt is None  # the FN row has none
+    # the second look: a hidden row, no segment; voxel (x, y, z) = (1, 2, 7) -> LPS (10.5, 22, 44) -> RAS (-10.5, -22, 44)
+    (second,) = results.second_look
+    assert (second.row, second.segment_id, second.visible, second.confidence) == ("second look", None, False, -0.4)
+    assert second.center_ras == pytest.approx((-10.5, -22.0, 44.0))
+    assert results.segmentation.GetSegmentation().GetNumberOfSegments() == 1  # not a segment
     path = export.write_lesion_csv(tmp_path / "lesions.csv", results.rows)
     detection, missed = _read_csv(path)
     # detection: V = 8 mm^3, d = (6 V / pi)^(1/3) = (15.279)^(1/3) = 2.4814 mm < 5 -> small; confidence
@@ -71,7 +87,8 @@ def test_csv_of_the_panel_rows_by_hand(scene, tmp_path):
     # centroid index (x, y, z) = (4.5, 3.5, 2.5) -> LPS (10 + 4.5 * 0.5, 20 + 3.5 * 1, 30 + 2.5 * 2)
     assert detection == {"id": "1", "name": "Lesion 01 · 2.5 mm · small", "diameter_mm": "2.4814",
                          "volume_mm3": "8.0", "size_group": "small", "confidence": "2.2", "dice": "1.0",
-                         "status": "TP", "centroid_L_mm": "12.25", "centroid_P_mm": "23.5", "centroid_S_mm": "35.0"}
+                         "status": "TP", "centroid_L_mm": "12.25", "centroid_P_mm": "23.5", "centroid_S_mm": "35.0",
+                         "found_by": "7", "members": "8", "confidence_sd": "0.5", "doubtful": "True"}
     # missed: reference lesion 2 (scan order), 1 voxel: d = (6 / pi)^(1/3) = 1.2407 mm, no confidence,
     # Dice 0; voxel (x, y, z) = (6, 6, 6) -> LPS (10 + 3, 20 + 6, 30 + 12)
     assert missed["id"] == "2" and missed["status"] == "FN" and missed["name"].startswith("Reference 02 · 1.2 mm")

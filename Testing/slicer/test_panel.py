@@ -228,13 +228,22 @@ def test_lesion_cells_format_the_rows_mrml_builds():
     ]
     assert [panel.lesion_cells(r) for r in rows] == [
         # the confidence column is the maximum logit, 2 decimals
-        ["Lesion 01 · 14.0 mm · large", "14.0", "1437", "large", "46.12", "0.80", "TP"],
-        ["Lesion 2", "6.2", "125", "medium", "0.62", "0.00", "FP"],
-        ["Reference 03 · 2.5 mm · small (Segment_1)", "2.5", "8", "small", "–", "0.00", "FN"],
-        ["Lesion 04 · 3.9 mm · small", "3.9", "31", "small", "–", "–", "–"],
+        ["Lesion 01 · 14.0 mm · large", "14.0", "1437", "large", "46.12", "0.80", "TP", "–"],
+        ["Lesion 2", "6.2", "125", "medium", "0.62", "0.00", "FP", "–"],
+        ["Reference 03 · 2.5 mm · small (Segment_1)", "2.5", "8", "small", "–", "0.00", "FN", "–"],
+        ["Lesion 04 · 3.9 mm · small", "3.9", "31", "small", "–", "–", "–", "–"],
     ]
     assert all(len(panel.lesion_cells(r)) == len(panel.LESION_COLUMNS) for r in rows)
     assert panel.lesion_cells({"id": 7, "diameter_mm": float("nan")})[:2] == ["Lesion 7", "–"]
+
+
+def test_the_doubt_column_marks_doubtful_lesions():
+    # found by 1 of 2 networks: doubtful; 8 of 8 flips with a small spread: not; no TTA/ensemble: a dash
+    assert panel.LESION_COLUMNS[-1] == "Doubt"
+    assert panel.lesion_cells({"id": 1, "doubt": {"members": 2, "found_by": 1, "doubtful": True}})[-1] == "⚠ 1/2"
+    assert panel.lesion_cells({"id": 1, "doubt": {"members": 8, "found_by": 8, "doubtful": False}})[-1] == "8/8"
+    assert panel.lesion_cells({"id": 1, "doubt": {"members": 8, "found_by": 8, "doubtful": True}})[-1] == "⚠ 8/8"
+    assert panel.lesion_cells({"id": 1})[-1] == "–"
 
 
 def test_result_texts_say_no_lesions_found():

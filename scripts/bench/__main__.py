@@ -37,6 +37,7 @@ BENCHMARKS = {
     "startup": "iwseg train's start-up to the first step (--old REF: against an older commit)",
     "segments": "building the Slicer scene of 5,000 and 20,000 lesions: all as segments vs the display budget",
     "resampling": "resampling to the model's voxel spacing and back: lung1 and a 512x512x300 CT",
+    "doubt": "iwseg predict --tta with and without the per-lesion doubt: time and peak memory",
 }
 
 

@@ -79,6 +79,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-skip", action="store_true", help="run every window (no background skipping)")
     p.add_argument("--tta", action="store_true",
                    help="test-time mirroring: average the logits of the 8 flips over the 3 axes (8x the time)")
+    p.add_argument("--no-doubt", action="store_true",
+                   help="with --tta or several --model: skip the per-lesion doubt (the members' spread and how many "
+                        "found each lesion, in the lesion JSON; it keeps every member's logit map as float16)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     p.add_argument("--force", action="store_true",
                    help="segment an input that looks like a label map (few integer values) instead of refusing it")
@@ -129,6 +132,7 @@ def options_from_arguments(args: argparse.Namespace) -> PredictOptions:
         allow_unmasked=args.allow_unmasked,
         operating_point=args.operating_point,
         keep_spacing=args.keep_spacing, allow_modality_mismatch=args.allow_modality_mismatch,
+        no_doubt=args.no_doubt,
     )
 
 

@@ -50,6 +50,7 @@ from .geometry import (  # noqa: F401  (re-exported)
 )
 from .loading import (  # noqa: F401  (re-exported)
     PredictionResults,
+    lesion_report_extras,
     load_prediction,
     show_more_results,
 )

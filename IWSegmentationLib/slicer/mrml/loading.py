@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -12,8 +12,14 @@ from ...core.imageio import Geometry
 from ...core.lesions import (
     SizeThresholds,
 )
-from ..lesion_row import LesionRow
-from .geometry import add_volume_from_array, check_on_volume_grid, volume_geometry
+from ..lesion_row import LesionRow, with_doubt
+from .geometry import (
+    add_volume_from_array,
+    centroid_ras,
+    check_on_volume_grid,
+    volume_geometry,
+    volume_ijk_to_ras,
+)
 from .matching import lesion_rows, match_segmentations, reference_volume_node
 from .segments import DEFAULT_SEGMENT_BUDGET, NotShownLesions, budgeted_lesion_segmentation, show_more_lesions
 from .tables import dice_table_node
@@ -30,7 +36,10 @@ class PredictionResults:
     without a reference. ``table``: the table node holding ``rows``. ``probabilities``: the
     probability volume node, ``sigmoid(logits)`` (when kept). ``not_shown``: the lesions the
     display budget left out (counted, not segments; :func:`show_more_results` adds the next ones);
-    the rows and the reference match cover the segments only.
+    the rows and the reference match cover the segments only. ``doubt``: the lesion JSON's per-lesion
+    doubt by lesion number, as ``(voxels, doubt entry)`` (empty without TTA or an ensemble), which
+    the detection rows carry; ``second_look``: the JSON's second-look components as rows
+    (``row="second look"``, no segment, hidden), most confident first (:func:`lesion_report_extras`).
     """
 
     segmentation: Any
@@ -41,6 +50,8 @@ class PredictionResults:
     probabilities: Any = None
     not_shown: NotShownLesions | None = None
     connectivity: int = 26
+    doubt: dict[int, tuple[int, dict]] = field(default_factory=dict)
+    second_look: list[LesionRow] = field(default_factory=list)
 
     @property
     def lesions(self) -> list[LesionRow]:
@@ -65,6 +76,7 @@ def load_prediction(
     geometry: Geometry | None = None,
     logits_geometry: Geometry | None = None,
     budget: int | None = DEFAULT_SEGMENT_BUDGET,
+    lesion_report: Mapping[str, Any] | None = None,
 ) -> PredictionResults:
     """Turn the backend's outputs (read onto the volume's grid) into segments and table rows.
 
@@ -78,7 +90,8 @@ def load_prediction(
     :class:`GeometryMismatchError` naming what differs, before anything is added to the scene
     — the arrays alone cannot tell. ``budget``: how many lesions become segments, the most
     confident (:func:`~IWSegmentationLib.slicer.mrml.segments.budgeted_lesion_segmentation`;
-    None: all); the rest are ``not_shown``.
+    None: all); the rest are ``not_shown``. ``lesion_report``: the backend's lesion JSON, for the
+    per-lesion doubt and the second-look list (:func:`lesion_report_extras`).
     """
     if geometry is not None:
         check_on_volume_grid(geometry, volume_node, "the backend's lesion mask")
@@ -92,7 +105,8 @@ def load_prediction(
     if reference is not None:
         match = match_segmentations(segmentation, reference, reference_segment_ids, volume_node,
                                     connectivity=connectivity)
-    rows = lesion_rows(segmentation, match)
+    doubt, second_look = lesion_report_extras(lesion_report, volume_ijk_to_ras(volume_node))
+    rows = with_doubt(lesion_rows(segmentation, match), doubt)
     table = dice_table_node(scene, rows, f"{segmentation.GetName()} table") if make_table else None
     probability_node = None
     if keep_probabilities and logits is not None:
@@ -102,7 +116,26 @@ def load_prediction(
         if volume_node.GetTransformNodeID():
             probability_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     return PredictionResults(segmentation, rows, match.references if match else None, reference, table,
-                             probability_node, not_shown, connectivity)
+                             probability_node, not_shown, connectivity, doubt, second_look)
+
+
+def lesion_report_extras(report: Mapping[str, Any] | None, ijk_to_ras) -> tuple[dict[int, tuple[int, dict]],
+                                                                                list[LesionRow]]:
+    """From ``iwseg predict``'s lesion JSON: each lesion's ``doubt`` by lesion number, as ``(voxels,
+    entry)`` (for :func:`~IWSegmentationLib.slicer.lesion_row.with_doubt`), and the ``second_look``
+    components as hidden rows (``row="second look"``), centred by their voxel centroid on the grid
+    ``ijk_to_ras``. Both empty without a report (or one written before they existed)."""
+    if not report:
+        return {}, []
+    doubt = {int(row["id"]): (int(row["voxels"]), dict(row["doubt"]))
+             for row in report.get("lesions") or () if row.get("doubt")}
+    second = [LesionRow(row="second look", segment_id=None, name=f"Second look {int(r['id']):02d}", id=int(r["id"]),
+                        voxels=int(r["voxels"]), volume_mm3=float(r["volume_mm3"]),
+                        diameter_mm=float(r["diameter_mm"]), size_group=r.get("size_group"),
+                        confidence=r.get("confidence"), center_ras=centroid_ras(ijk_to_ras, r["centroid_zyx"]),
+                        visible=False)
+              for r in report.get("second_look") or ()]
+    return doubt, second
 
 
 def show_more_results(scene, results: PredictionResults, count: int = DEFAULT_SEGMENT_BUDGET) -> int:
@@ -115,7 +148,7 @@ def show_more_results(scene, results: PredictionResults, count: int = DEFAULT_SE
     if results.reference is not None:
         match = match_segmentations(results.segmentation, results.reference, None, reference_volume_node(
             results.segmentation), connectivity=results.connectivity)
-    results.rows = lesion_rows(results.segmentation, match)
+    results.rows = with_doubt(lesion_rows(results.segmentation, match), results.doubt)
     results.matches = match.references if match else None
     if results.table is not None:
         name = results.table.GetName()
