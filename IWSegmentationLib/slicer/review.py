@@ -14,6 +14,7 @@ everything else is here, without Qt, tested under ``slicer-core``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -181,3 +182,34 @@ def model_identity(card: Mapping[str, Any], checkpoint: str | os.PathLike | None
     """``(name, weights sha256)`` of the model a result came from: the checkpoint's stem and the card's
     ``weights_sha256`` (None in a card written without it)."""
     return (Path(checkpoint).stem if checkpoint else "model"), card.get("weights_sha256")
+
+
+def open_review(results, mask: np.ndarray, outputs: Mapping[str, Any], checkpoint, card: Mapping[str, Any]
+                ) -> tuple[LesionReview, str]:
+    """The review of a freshly loaded result, with the verdicts already saved beside the case when
+    there are some; returns it and a line for the status (a verdict file for another case, model or
+    lesion set is not loaded, and the line says what differs). The threshold and connectivity come
+    from the backend's lesion JSON (``outputs["lesions"]``) when there is one."""
+    report: dict = {}
+    if outputs.get("lesions") and Path(outputs["lesions"]).is_file():
+        report = json.loads(Path(outputs["lesions"]).read_text(encoding="utf-8"))
+    name, sha = model_identity(card, checkpoint)
+    review = LesionReview(results, mask, model_name=name, model_sha256=sha, threshold=report.get("threshold"),
+                          connectivity=int(report.get("connectivity", results.connectivity)))
+    try:
+        loaded = review.load()
+    except InputError as exc:
+        return review, f"Earlier verdicts not loaded: {exc}"
+    return review, (f"Loaded {len(review.verdicts)} verdict(s) of {review.case}" if loaded else "")
+
+
+def record_verdict(review: LesionReview, row: Mapping[str, Any], verdict: str, reviewer: str = "") -> str:
+    """The module's Accept / Reject buttons: give the lesion of table ``row`` the verdict and save the
+    verdicts beside the case when its image came from a file; returns the status line."""
+    if row.get("row") != "detection":
+        raise InputError("Select a detected lesion: a missed reference lesion has no verdict")
+    review.set_verdict(int(row["id"]), verdict, reviewer)
+    said = f"{row['name']}: {review.verdict_of(int(row['id']))}"
+    if review.folder is None:
+        return f"{said} (saved with Export: the volume was not loaded from a file)"
+    return f"{said}; saved {review.save(reviewer=reviewer)}"
