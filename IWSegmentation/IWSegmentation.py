@@ -307,6 +307,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if seconds is not None:
             self.ui.statusLabel.text, self.ui.summaryLabel.text = panel.result_texts(
                 len(results.lesions), seconds, getattr(self._progress, "summary", None))
+            self.ui.statusLabel.text += f" {getattr(self.logic.lesionLogic, 'review_note', '')}".rstrip()  # verdicts
         hidden = len(results.not_shown) if results.not_shown is not None else 0
         self.showMoreButton.text = f"Show next {parameters.segmentBudget} lesions"
         self.showMoreButton.toolTip = panel.not_shown_text(hidden, parameters.segmentBudget)
@@ -358,6 +359,17 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.exportButton.toolTip = "The lesion table as CSV and, for a volume loaded from DICOM, the lesions as DICOM SEG"
         self.ui.resultsCollapsibleButton.layout().addWidget(self.exportButton)
         self.exportButton.connect("clicked(bool)", self.onExportButton)
+        for verdict, label in (("accepted", "Accept lesion"), ("rejected", "Reject lesion")):  # docs/verdicts.md
+            button = qt.QPushButton(label)
+            button.toolTip = "The selected lesion's verdict, saved beside the case (edited: found on saving)"
+            self.ui.resultsCollapsibleButton.layout().addWidget(button)
+            button.connect("clicked(bool)", lambda _=False, v=verdict: self.onVerdict(v))
+
+    def onVerdict(self, verdict):
+        row = self.ui.lesionTableWidget.currentRow()
+        with slicer.util.tryWithErrorDisplay("Could not record the verdict.", waitCursor=True):
+            self.ui.statusLabel.text = self.logic.lesionLogic.set_verdict(
+                self._rows[row] if 0 <= row < len(self._rows) else {}, verdict)
 
     def onExportButton(self):
         from IWSegmentationLib.slicer import export
@@ -368,7 +380,8 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if path:
             with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
                 database = getattr(slicer, "dicomDatabase", None)
-                self.ui.statusLabel.text = export.export_in_slicer(results, path, database).message
+                self.ui.statusLabel.text = export.export_in_slicer(results, path, database,
+                                                                   self.logic.lesionLogic.review).message
 
 
 class IWSegmentationLogic(ScriptedLoadableModuleLogic):

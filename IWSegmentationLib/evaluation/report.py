@@ -78,6 +78,15 @@ def low_dice_hits(cases: Sequence[CaseResult]) -> int:
     return sum(1 for c in cases for les in c.lesions if 0 < les.hit_dice < LOW_HIT_DICE)
 
 
+def detection_summary(cases: Sequence[CaseResult]) -> dict:
+    """The headline numbers of a set of cases, for a side-by-side row: ``recall`` (at the segmentation
+    threshold), ``fp_per_image``, ``cpm``, mean ``object_dice`` and ``low_dice_hits``."""
+    pool = CasePool.from_cases(check_cases(cases))
+    return {"recall": json_float(pool.recall()), "fp_per_image": sum(c.n_false_positives for c in cases) / len(cases),
+            "cpm": json_float(cpm(pool.froc())), "object_dice": pool.object_dice()["mean"],
+            "low_dice_hits": low_dice_hits(cases)}
+
+
 def compare_hit_rules(results: Mapping[str, Sequence[CaseResult]]) -> dict:
     """The same cases matched under several hit rules (``{rule: cases}``), side by side.
 
@@ -87,15 +96,7 @@ def compare_hit_rules(results: Mapping[str, Sequence[CaseResult]]) -> dict:
     :data:`LOW_HIT_DICE` (low-Dice hits): then the detection numbers depend on the rule, not on
     the model alone, and neither should be quoted without the other.
     """
-    rows = []
-    for rule, cases in results.items():
-        pool = CasePool.from_cases(check_cases(cases))
-        rows.append({
-            "hit_rule": rule, "recall": json_float(pool.recall()),
-            "fp_per_image": sum(c.n_false_positives for c in cases) / len(cases),
-            "cpm": json_float(cpm(pool.froc())), "object_dice": pool.object_dice()["mean"],
-            "low_dice_hits": low_dice_hits(cases),
-        })
+    rows = [{"hit_rule": rule, **detection_summary(cases)} for rule, cases in results.items()]
     reasons = []
     for key, name in (("cpm", "CPM"), ("recall", "recall")):
         values = [r[key] for r in rows if r[key] is not None]

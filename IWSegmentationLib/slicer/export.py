@@ -55,6 +55,7 @@ CSV_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("members", "doubt.members", None),
     ("confidence_sd", "doubt.confidence_sd", 6),
     ("doubtful", "doubt.doubtful", None),
+    ("verdict", "verdict", None),  # the reader's verdict (accepted, rejected, edited; docs/verdicts.md), "" if none
 )
 #: Volume-node attribute that Slicer's DICOM plugins set: the SOP instance UIDs of its files.
 DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
@@ -75,11 +76,16 @@ def _cell(value: Any, decimals: int | None) -> str:
     return str(value)
 
 
-def lesion_csv_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """The CSV cells (strings, ``""`` for a missing value) of lesion-table rows, per :data:`CSV_COLUMNS`."""
+def lesion_csv_rows(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[int, str] | None = None
+                    ) -> list[dict[str, str]]:
+    """The CSV cells (strings, ``""`` for a missing value) of lesion-table rows, per :data:`CSV_COLUMNS`;
+    ``verdicts`` (``{lesion number: verdict}``, :meth:`~IWSegmentationLib.slicer.review.LesionReview.by_lesion`)
+    fill the detections' ``verdict``."""
     out = []
     for row in rows:
         values = dict(row)
+        if verdicts and row.get("row", "detection") != "reference":
+            values["verdict"] = verdicts.get(row.get("id"))
         lps = centroid_lps(row.get("center_ras"))
         for axis in range(3):
             values[f"centroid_lps.{axis}"] = None if lps is None else lps[axis]
@@ -89,12 +95,13 @@ def lesion_csv_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     return out
 
 
-def write_lesion_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+def write_lesion_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
+                     verdicts: Mapping[int, str] | None = None) -> Path:
     """Write the lesion table (rows of :func:`IWSegmentationLib.slicer.mrml.lesion_rows`) as UTF-8 CSV, atomically."""
     with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=[column for column, _, _ in CSV_COLUMNS])
         writer.writeheader()
-        writer.writerows(lesion_csv_rows(rows))
+        writer.writerows(lesion_csv_rows(rows, verdicts))
     return Path(path)
 
 
@@ -126,7 +133,8 @@ class ExportResult:
         return ". ".join([written, *self.notes]) + "."
 
 
-def export_results(results, path: str | os.PathLike, source_files: Sequence[str | os.PathLike] = ()) -> ExportResult:
+def export_results(results, path: str | os.PathLike, source_files: Sequence[str | os.PathLike] = (),
+                   verdicts: Mapping[int, str] | None = None) -> ExportResult:
     """Write ``<path>.csv`` (the lesion table) and, given the volume's DICOM files, ``<path>.dcm``.
 
     ``results`` is the module's :class:`~IWSegmentationLib.slicer.mrml.PredictionResults`; the SEG holds
@@ -137,7 +145,7 @@ def export_results(results, path: str | os.PathLike, source_files: Sequence[str 
     base = Path(path)
     if base.suffix.lower() in (".csv", ".dcm"):
         base = base.with_suffix("")
-    result = ExportResult(write_lesion_csv(base.parent / f"{base.name}.csv", results.rows))
+    result = ExportResult(write_lesion_csv(base.parent / f"{base.name}.csv", results.rows, verdicts))
     segments = mrml.lesion_rows(results.segmentation)  # one row per segment, in segment order
     if not source_files:
         result.notes.append("No DICOM SEG: the input volume was not loaded from DICOM (load the series with the "
@@ -157,13 +165,20 @@ def export_results(results, path: str | os.PathLike, source_files: Sequence[str 
     return result
 
 
-def export_in_slicer(results, path: str | os.PathLike, database) -> ExportResult:
+def export_in_slicer(results, path: str | os.PathLike, database, review=None) -> ExportResult:
     """The module's Export button: :func:`export_results` with the input volume's files from Slicer's
-    DICOM database (``slicer.dicomDatabase``), installing highdicom on first use (Slicer's own
+    DICOM database (``slicer.dicomDatabase``) and, given the ``review``
+    (:class:`~IWSegmentationLib.slicer.review.LesionReview`), its verdicts in the CSV and its verdict file
+    beside it; installing highdicom on first use (Slicer's own
     pydicom, numpy and SimpleITK are pinned, never replaced; see :mod:`IWSegmentationLib.slicer.deps`)."""
     volume = mrml.reference_volume_node(results.segmentation)
     sources = instance_files(volume, database) if volume is not None else []
     if sources:
         slicer_deps.ensure_in_slicer(requirements=(dicom_seg.HIGHDICOM_REQUIREMENT,), torch=False,
                                      protected=(*slicer_deps.PROTECTED_PACKAGES, "pydicom"))
-    return export_results(results, path, sources)
+    if review is None:
+        return export_results(results, path, sources)
+    review.detect_edits()  # the reader's verdicts in the CSV, and their verdict file beside it
+    result = export_results(results, path, sources, review.by_lesion())
+    result.notes.append(f"Verdicts: {review.save(result.csv.parent)}")
+    return result

@@ -100,13 +100,15 @@ class LesionSegmentationLogic:
         #: how many of the most confident lesions a result makes segments (None: all); see :meth:`show_more`
         self.segment_budget: int | None = panel.DEFAULT_SEGMENT_BUDGET
         self._close_observer = scene.AddObserver(scene.StartCloseEvent, self._on_scene_close)
+        #: the reader's verdicts on :attr:`results` (``slicer.review.LesionReview``) and the status line of loading them
+        self.review, self.review_note, self._model = None, "", (None, {})
 
     def _on_scene_close(self, caller=None, event=None) -> None:
         self.clear_results()
 
     def clear_results(self) -> None:
         """Forget the last results (their nodes left with the scene)."""
-        self.results = None
+        self.results, self.review = None, None
 
     def close(self) -> None:
         """Stop observing the scene (the module's ``cleanup()``)."""
@@ -183,6 +185,7 @@ class LesionSegmentationLogic:
         check_volume_node(volume_node)
         card = self.job_factory.model_card(options)
         check_single_channel(card, options.checkpoint)
+        self._model = (options.checkpoint, card)  # the verdict files name the model (slicer.review)
         sizes = panel.card_size_thresholds(card)
         array, geometry = mrml.array_from_volume(volume_node)
 
@@ -216,7 +219,18 @@ class LesionSegmentationLogic:
                 geometry=mask_geometry, logits_geometry=logits_geometry, budget=self.segment_budget,
                 lesion_report=report,
             )
+        from .review import open_review  # lazy: imports mrml (vtk), as this method's other imports
+
+        self.review, self.review_note = open_review(self.results, mask, outputs, *self._model)
         return self.results
+
+    def set_verdict(self, row: Mapping[str, Any], verdict: str) -> str:
+        """Accept or reject the lesion of a table row (``slicer.review.record_verdict``); returns the status line."""
+        if self.review is None:
+            raise InputError("No result to review: run the segmentation first.")
+        from .review import record_verdict  # lazy: imports mrml (vtk)
+
+        return record_verdict(self.review, row, verdict)
 
     def show_more(self, count: int | None = None) -> int:
         """Make segments of the next ``count`` (default :attr:`segment_budget`) most confident lesions

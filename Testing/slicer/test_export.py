@@ -49,7 +49,7 @@ def test_csv_cells_without_slicer(tmp_path):
     assert got[0] == {"id": "3", "name": "Lesion 03 · 2.5 mm · small", "diameter_mm": "2.4814", "volume_mm3": "8.0",
                       "size_group": "small", "confidence": "0.123457", "dice": "", "status": "",
                       "centroid_L_mm": "-1.0", "centroid_P_mm": "2.0", "centroid_S_mm": "3.0",
-                      "found_by": "1", "members": "2", "confidence_sd": "3.0", "doubtful": "True"}
+                      "found_by": "1", "members": "2", "confidence_sd": "3.0", "doubtful": "True", "verdict": ""}
     assert got[1]["id"] == "4" and got[1]["diameter_mm"] == "" and got[1]["centroid_S_mm"] == ""
     assert (got[1]["found_by"], got[1]["doubtful"]) == ("", "")  # no TTA or ensemble: no doubt
     assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]  # no temporary file left
@@ -88,7 +88,7 @@ def test_csv_of_the_panel_rows_by_hand(scene, tmp_path):
     assert detection == {"id": "1", "name": "Lesion 01 · 2.5 mm · small", "diameter_mm": "2.4814",
                          "volume_mm3": "8.0", "size_group": "small", "confidence": "2.2", "dice": "1.0",
                          "status": "TP", "centroid_L_mm": "12.25", "centroid_P_mm": "23.5", "centroid_S_mm": "35.0",
-                         "found_by": "7", "members": "8", "confidence_sd": "0.5", "doubtful": "True"}
+                         "found_by": "7", "members": "8", "confidence_sd": "0.5", "doubtful": "True", "verdict": ""}
     # missed: reference lesion 2 (scan order), 1 voxel: d = (6 / pi)^(1/3) = 1.2407 mm, no confidence,
     # Dice 0; voxel (x, y, z) = (6, 6, 6) -> LPS (10 + 3, 20 + 6, 30 + 12)
     assert missed["id"] == "2" and missed["status"] == "FN" and missed["name"].startswith("Reference 02 · 1.2 mm")

@@ -46,6 +46,12 @@ from ...evaluation.hit_rules import parse_hit_rule
 from ...evaluation.matching import CaseResult, match_case
 from ...evaluation.records import RECORD_SCORES, load_records
 from ...evaluation.report import LOW_HIT_DICE, compare_hit_rules, evaluate_cases
+from ..reader_comparison import (
+    add_verdicts_argument,
+    check_verdicts_sources,
+    print_reader_comparison,
+    reader_results,
+)
 
 CSV_COLUMNS = (
     "case", "lesion_id", "voxels", "volume_mm3", "diameter_mm", "size_group",
@@ -108,6 +114,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--froc-png", type=Path, metavar="OUT", help="write the FROC plot as PNG")
     p.add_argument("--seed", type=int, default=None, help="bootstrap seed (default 0; 42 with --bootstrap paper)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_verdicts_argument(p)
     p.set_defaults(func=run)
     return p
 
@@ -123,6 +130,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not (0.0 <= args.threshold < 1.0):
         raise InputError(f"--threshold must be in [0, 1), got {args.threshold}")
     _check_sources(args)
+    check_verdicts_sources(args)
     if args.seed is not None and not 0 <= args.seed < 2**32:
         raise InputError(f"--seed must be in [0, 2^32), got {args.seed}")
     args.pred_values = parse_prediction_values(args.pred_values)
@@ -161,6 +169,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_cases(results, seed=args.seed, bootstrap_mode=args.bootstrap)
     print_summary(report, results, thresholds, threshold=args.threshold)
+    if args.verdicts is not None:  # model alone vs model + reader (docs/verdicts.md)
+        reader = reader_results(args, thresholds, results, _prediction_source(args)[1])
+        report["model_plus_reader"] = print_reader_comparison(results, reader, seed=args.seed,
+                                                              bootstrap_mode=args.bootstrap)
     if comparison is not None:
         report["hit_rule_comparison"] = comparison
         report["warnings"] = comparison["reasons"]
