@@ -87,7 +87,7 @@ def lesion_groups(lesions: Sequence[Mapping[str, Any]], seg: Any, provenance: Pr
     kind_code = hd.sr.CodedConcept(t_value, t_scheme, t_meaning)
     algorithm = hd.sr.AlgorithmIdentification(
         name="IWSegmentation", version=provenance.engine_version,
-        parameters=[f"{key}={value}" for key, value in provenance.parameters().items()])
+        parameters=[",".join(f"{key}={value}" for key, value in provenance.parameters().items())])
     source_series = hd.sr.SourceSeriesForSegmentation(str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID))
     units = {"mm3": codes.UCUM.CubicMillimeter, "mm": codes.UCUM.Millimeter, "1": codes.UCUM.NoUnits}
     groups = []
@@ -98,8 +98,7 @@ def lesion_groups(lesions: Sequence[Mapping[str, Any]], seg: Any, provenance: Pr
                                 ("diameter_mm", _code(hd, EQUIVALENT_DIAMETER), "mm"),
                                 ("confidence", _code(hd, MAXIMUM_LOGIT), "1")):
             if lesion.get(key) is not None:
-                measurements.append(hd.sr.Measurement(name=name, value=float(lesion[key]), unit=units[unit],
-                                                      algorithm_id=algorithm))
+                measurements.append(hd.sr.Measurement(name=name, value=float(lesion[key]), unit=units[unit]))
         evaluations = [hd.sr.QualitativeEvaluation(_code(hd, SIZE_GROUP),
                                                    _word_code(hd, lesion.get("size_group") or "unknown", "size group"))]
         if lesion.get("verdict") is not None:
@@ -141,7 +140,7 @@ def lesion_sr(lesions: Sequence[Mapping[str, Any]], seg: Any, source: Sequence[A
     scheme = hd.coding_schemes.CodingSchemeIdentificationItem(
         designator=SCHEME, name="IWSegmentation concepts", responsible_organization="IWSegmentation")
     return hd.sr.Comprehensive3DSR(
-        evidence=[*source, seg], content=report[0], series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
+        evidence=[seg], content=report[0], series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="IWSegmentation", is_complete=True,
         series_description=series_description, software_versions=__version__, content_qualification="RESEARCH",
         coding_schemes=[scheme], manufacturer_model_name="IWSegmentation", device_serial_number="0",

@@ -21,6 +21,7 @@ Standard library only (the Slicer module's GUI process reads it back from the le
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -100,6 +101,21 @@ class Provenance:
         return {"model": self.model, "weights_sha256": self.weights_sha256, "threshold": repr(self.threshold),
                 "logit_threshold": repr(self.logit_threshold), "operating_point": self.operating_point or "",
                 "engine_version": self.engine_version}
+
+
+def read_provenance(lesion_json: str | os.PathLike | None) -> Provenance | None:
+    """The ``provenance`` of a lesion JSON file of ``iwseg predict``; None without a file, or for a
+    file written before provenance was recorded. :class:`InputError` naming the file when it is not
+    JSON or its record is malformed."""
+    if lesion_json is None:
+        return None
+    try:
+        report = json.loads(Path(lesion_json).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"lesion table {lesion_json}: cannot be read as JSON ({exc})") from None
+    if not isinstance(report, dict) or report.get("provenance") is None:
+        return None
+    return Provenance.from_dict(report["provenance"], where=f"lesion table {lesion_json}: provenance")
 
 
 #: The columns :meth:`Provenance.csv_cells` fills, in order.

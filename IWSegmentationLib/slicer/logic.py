@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Mapping
 from ..backend.job import JobFactory, RunResult, SegmentationJob
 from ..backend.local_run import LocalJobFactory, check_local_checkpoints
 from ..core.errors import InputError
+from ..core.provenance import read_provenance
 from ..predict.options import PredictOptions
 from . import panel
 
@@ -211,6 +212,7 @@ class LesionSegmentationLogic:
                 size_thresholds_mm=size_thresholds_mm, keep_probabilities=True,
                 geometry=mask_geometry, logits_geometry=logits_geometry, budget=self.segment_budget,
             )
+        self.results.provenance = read_provenance(outputs.get("lesions"))
         return self.results
 
     def show_more(self, count: int | None = None) -> int:

@@ -130,9 +130,11 @@ def test_groups_reference_the_seg_segments_and_the_source_series(run, series):
     evidence = {item.SeriesInstanceUID: {ref.ReferencedSOPInstanceUID for ref in item.ReferencedSOPSequence}
                 for study in sr.CurrentRequestedProcedureEvidenceSequence
                 for item in study.ReferencedSeriesSequence}
-    assert evidence[seg.SeriesInstanceUID] == {seg.SOPInstanceUID}
-    assert evidence[source.SeriesInstanceUID] == {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
-                                                  for f in files}
+    # the evidence is what the content references: the SEG (the source series is named in each group,
+    # and the SEG itself references every source image)
+    assert evidence == {seg.SeriesInstanceUID: {seg.SOPInstanceUID}}
+    assert {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} \
+        == {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
 
 
 def test_provenance_is_the_same_in_the_json_the_seg_and_the_sr(run, checkpoint):
@@ -151,7 +153,7 @@ def test_provenance_is_the_same_in_the_json_the_seg_and_the_sr(run, checkpoint):
         assert items["Algorithm Version"].TextValue == __version__
         params = [item.TextValue for item in group[0].ContentSequence
                   if item.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"]
-        assert params == expected.split(",")
+        assert params == [expected]  # one item, as the SEG's AlgorithmParameters
     (device,) = sr.content.get_observer_contexts(observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"))
     assert device.observer_identifying_attributes.model_name == "lung-threshold"
     assert sr.SoftwareVersions == __version__

@@ -41,6 +41,9 @@ class PredictionResults:
     probabilities: Any = None
     not_shown: NotShownLesions | None = None
     connectivity: int = 26
+    #: what made the lesions (the run's lesion JSON ``provenance``; :mod:`IWSegmentationLib.core.provenance`),
+    #: None for a result not read from an ``iwseg predict`` run: the export's CSV columns and DICOM SR
+    provenance: Any = None
 
     @property
     def lesions(self) -> list[LesionRow]:
