@@ -40,6 +40,7 @@ from .errors import InputError, IWSegError
 from .imageio import Geometry
 from .lesions import LESION_TERMINOLOGY, SIZE_GROUP_COLORS, segment_name
 from .outputs import atomic_output
+from .provenance import Provenance
 
 #: What ``pip install`` needs for this module (also the ``dicom`` extra of pyproject.toml).
 HIGHDICOM_REQUIREMENT = "highdicom>=0.22"
@@ -202,7 +203,7 @@ def segment_description(lesion: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def lesion_segment_descriptions(lesions: Sequence[Mapping[str, Any]]) -> list[Any]:
+def lesion_segment_descriptions(lesions: Sequence[Mapping[str, Any]], provenance: Provenance | None = None) -> list[Any]:
     """One highdicom ``SegmentDescription`` per lesion row, segment numbers ``1..len(lesions)``.
 
     A row is a lesion-table row, as :func:`IWSegmentationLib.slicer.mrml.lesion_rows` or the lesion JSON of
@@ -216,7 +217,8 @@ def lesion_segment_descriptions(lesions: Sequence[Mapping[str, Any]]) -> list[An
     category = hd.sr.CodedConcept(c_value, c_scheme, c_meaning)
     kind = hd.sr.CodedConcept(t_value, t_scheme, t_meaning)
     algorithm = hd.AlgorithmIdentificationSequence(
-        name="IWSegmentation", family=codes.cid7162.ArtificialIntelligence, version=__version__)
+        name="IWSegmentation", family=codes.cid7162.ArtificialIntelligence, version=__version__,
+        parameters=None if provenance is None else provenance.parameters())
     width = max(2, len(str(len(lesions))))
     out = []
     for number, lesion in enumerate(lesions, start=1):
@@ -238,11 +240,12 @@ def lesion_segment_descriptions(lesions: Sequence[Mapping[str, Any]]) -> list[An
 
 
 def lesion_seg(labels: np.ndarray, lesions: Sequence[Mapping[str, Any]], source: Sequence[Any], *,
-               series_description: str = "IWSegmentation lesions") -> Any:
+               series_description: str = "IWSegmentation lesions", provenance: Provenance | None = None) -> Any:
     """The DICOM SEG dataset of a lesion label map.
 
     ``labels``: ``[z, y, x]`` integers on the source grid, 0 background and ``n`` the voxels of
-    ``lesions[n - 1]``; ``source``: the source images in slice order (:func:`order_by_slice`).
+    ``lesions[n - 1]``; ``source``: the source images in slice order (:func:`order_by_slice`);
+    ``provenance``: what made the lesions (each segment's ``AlgorithmParameters``).
     """
     hd = require_highdicom()
     labels = np.asarray(labels)
@@ -259,7 +262,7 @@ def lesion_seg(labels: np.ndarray, lesions: Sequence[Mapping[str, Any]], source:
     array = labels.astype(np.uint8 if len(lesions) < 2**8 else np.uint16 if len(lesions) < 2**16 else np.uint32)
     return hd.seg.Segmentation(
         source_images=list(source), pixel_array=array, segmentation_type="BINARY",
-        segment_descriptions=lesion_segment_descriptions(lesions), series_instance_uid=hd.UID(),
+        segment_descriptions=lesion_segment_descriptions(lesions, provenance), series_instance_uid=hd.UID(),
         series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="IWSegmentation", manufacturer_model_name="IWSegmentation", software_versions=__version__,
         device_serial_number="0", content_description="Lesions, one segment each (IWSegmentation)",
@@ -270,7 +273,11 @@ def lesion_seg(labels: np.ndarray, lesions: Sequence[Mapping[str, Any]], source:
 def write_lesion_seg(path: str | os.PathLike, labels: np.ndarray, lesions: Sequence[Mapping[str, Any]],
                      source: Sequence[Any], **options) -> Path:
     """Write :func:`lesion_seg` to ``path`` atomically (a temporary name, then a rename)."""
-    dataset = lesion_seg(labels, lesions, source, **options)
+    save_dataset(path, lesion_seg(labels, lesions, source, **options))
+    return Path(path)
+
+
+def save_dataset(path: str | os.PathLike, dataset: Any) -> None:
+    """Save a DICOM dataset (a SEG, an SR) to ``path`` atomically (a temporary name, then a rename)."""
     with atomic_output(path) as tmp:
         dataset.save_as(str(tmp))
-    return Path(path)

@@ -30,6 +30,8 @@ class OutputTargets:
     logits: Path | None = None
     lesions: Path | None = None
     dicom_seg: Path | None = None
+    #: the DICOM SR measurement report (``--dicom-sr``; needs ``dicom_seg``)
+    dicom_sr: Path | None = None
 
 
 @dataclass
@@ -46,6 +48,7 @@ class PredictJob:
     #: Channels 1, 2, ... of a multi-channel image (``image`` is channel 0).
     more_channels: tuple[Path, ...] = ()
     logits: Path | None = None
+    dicom_sr: Path | None = None
 
     @property
     def image_files(self) -> tuple[Path, ...]:
@@ -383,7 +386,7 @@ def prepare_outputs(cases: list[PredictJob]) -> None:
     device such as ``/dev/null``, a folder: the final rename would replace it), then remove the
     temporary files a killed earlier run left next to these outputs."""
     for case in cases:
-        for flag, path in (*case.outputs.items(), ("--dicom-seg", case.dicom_seg)):
+        for flag, path in (*case.outputs.items(), ("--dicom-seg", case.dicom_seg), ("--dicom-sr", case.dicom_sr)):
             if path is not None:
                 check_output_path(path, flag)
-    remove_stale_partials_of([p for c in cases for p in (*c.output_paths(), c.dicom_seg)])
+    remove_stale_partials_of([p for c in cases for p in (*c.output_paths(), c.dicom_seg, c.dicom_sr)])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core import dicom_seg as dicom_seg_writer
+from ..core import dicom_sr as dicom_sr_writer
 from ..core.doubt import DOUBT_SD_LOGIT, SECOND_LOOK_NOTE, lesion_doubt, second_look
 from ..core.errors import InputError
 from ..core.imageio import Geometry, write_image
@@ -24,6 +25,7 @@ from ..core.operating_points import OperatingPoints
 from ..core.outputs import atomic_output, folder_lock
 from ..core.prediction_maps import PROBABILITY_UINT8_NOTE, probabilities_to_uint8
 from ..core.progress import CancelState
+from ..core.provenance import Provenance
 from ..preprocessing.foreground import body_mask
 from ..preprocessing.presets import validate_params
 from .cases import PredictJob, check_output_file, check_output_folder
@@ -57,6 +59,28 @@ def attach_dicom_seg(cases: list[PredictJob], src: Path, target: Path) -> None:
         if case.dicom_seg.resolve().parent in series_folders:
             raise InputError(f"--dicom-seg {case.dicom_seg} is inside a source DICOM series folder; write it "
                              "elsewhere (a second series there would make the folder unreadable as one series)")
+
+
+def attach_dicom_sr(cases: list[PredictJob], src: Path, target: Path) -> None:
+    """Set where each case's DICOM SR goes (``--dicom-sr``, after :func:`attach_dicom_seg`): the
+    given file for one series, else ``<folder>/<case>.dcm``. The SR measures the SEG's segments, so
+    ``--dicom-seg`` must be given, and the two must not be one file or one folder."""
+    if any(c.dicom_seg is None for c in cases):
+        raise InputError("--dicom-sr needs --dicom-seg: the SR's measurements reference the SEG's segments")
+    if len(cases) == 1 and cases[0].image == src:
+        check_output_file("--dicom-sr", target, image=False)
+        cases[0].dicom_sr = target
+    else:
+        check_output_folder("--dicom-sr", target)
+        for case in cases:
+            case.dicom_sr = target / f"{case.name}.dcm"
+    for case in cases:
+        others = {p.resolve() for p in (*case.outputs.values(), case.dicom_seg) if p is not None}
+        if case.dicom_sr.resolve() in others:
+            raise InputError(f"--dicom-sr {case.dicom_sr} is also another output (--dicom-seg, --output, --lesions, "
+                             "...); give the SR its own file (or folder)")
+        if case.dicom_sr.resolve().parent == case.image.resolve():
+            raise InputError(f"--dicom-sr {case.dicom_sr} is inside the source DICOM series folder; write it elsewhere")
 
 
 def size_thresholds_for(options: PredictOptions, card: dict) -> SizeThresholds:
@@ -222,15 +246,24 @@ def write_case_outputs(case: PredictJob, prediction, geometry: Geometry, report:
             tmp.write_text(format_lesion_report(report))
             outputs["lesions"] = str(case.lesions)
         if case.dicom_seg is not None and not report["lesions"]:
+            sr = "" if case.dicom_sr is None else f" and no DICOM SR to {case.dicom_sr}"
             reporter.emit("warning", case=case.name, message=f"no lesions found: no DICOM SEG written to {case.dicom_seg}"
-                                                             " (a DICOM SEG needs at least one segment)")
+                                                             f"{sr} (a DICOM SEG needs at least one segment)")
         elif case.dicom_seg is not None:
             tmp = stack.enter_context(atomic_output(case.dicom_seg))
             reporter.emit("write", case=case.name, path=str(case.dicom_seg))
             # analyze_lesions numbers the lesions as the lesion JSON does: segment n = JSON lesion id n
             labels, _ = analyze_lesions(prediction.mask, geometry.spacing_zyx, connectivity=options.connectivity)
-            dicom_seg_writer.write_lesion_seg(tmp, labels, report["lesions"], dicom_source)
+            provenance = Provenance.from_dict(report["provenance"])  # Predictor.predict_case adds it
+            seg = dicom_seg_writer.lesion_seg(labels, report["lesions"], dicom_source, provenance=provenance)
+            dicom_seg_writer.save_dataset(tmp, seg)
             outputs["dicom_seg"] = str(case.dicom_seg)
+            if case.dicom_sr is not None:  # the SR measures the SEG's segments: lesion n = segment n
+                tmp = stack.enter_context(atomic_output(case.dicom_sr))
+                reporter.emit("write", case=case.name, path=str(case.dicom_sr))
+                dicom_seg_writer.save_dataset(tmp, dicom_sr_writer.lesion_sr(report["lesions"], seg, dicom_source,
+                                                                              provenance))
+                outputs["dicom_sr"] = str(case.dicom_sr)
         with folder_lock(case.mask.parent), state.deferred():  # two writers of one set: the last wins whole
             stack.close()
     return outputs

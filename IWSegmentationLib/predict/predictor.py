@@ -23,10 +23,12 @@ import numpy as np
 from .. import __version__
 from ..core import dicom_seg as dicom_seg_writer
 from ..core import organ_masks
+from ..core.confidence import probability_to_logit
 from ..core.errors import InputError
 from ..core.imageio import read_channels
 from ..core.lesions import remove_small_components
 from ..core.progress import CancelState, ProgressReporter
+from ..core.provenance import Provenance
 from ..nn.checkpoint import load_checkpoint
 from .cases import (
     OutputTargets,
@@ -46,6 +48,7 @@ from .model_match import check_modality, no_spacing_note, spacing_note
 from .options import PredictOptions
 from .outputs import (
     attach_dicom_seg,
+    attach_dicom_sr,
     check_finite,
     guard_region,
     lesion_report,
@@ -101,6 +104,8 @@ class Predictor:
         self.organ_plan = "none"
         #: the logit threshold of --operating-point, looked up in the card when the run starts
         self.logit_threshold: float | None = None
+        #: the model cards of ``options.models``, read when a run starts (:meth:`load_models`)
+        self.cards: list[dict] = []
 
     def run(self, inputs: Sequence[Path], targets: OutputTargets, *, organ_mask: Path | None = None,
             shard: str | None = None, overwrite: bool = False) -> int:
@@ -131,6 +136,8 @@ class Predictor:
                               organ_mask=organ_mask, shard=shard, models=options.models, overwrite=overwrite)
         if targets.dicom_seg is not None:
             attach_dicom_seg(cases, src, targets.dicom_seg)
+        if targets.dicom_sr is not None:
+            attach_dicom_sr(cases, src, targets.dicom_sr)
         prepare_outputs(cases)
         device = resolve_device(device_name(options.device))
         precision = resolve_precision(options.precision, device)
@@ -190,7 +197,16 @@ class Predictor:
             models.append(model)
             cards.append((str(path), card))
         check_ensemble(cards)
+        self.cards = [card for _, card in cards]  # every model's card: the provenance's weights
         return models, cards[0][1]
+
+    def provenance(self, threshold: float) -> Provenance:
+        """What made this run's lesions: the models, their weights' sha256, the threshold (``threshold``
+        the probability the prediction used; the logit of ``--operating-point`` when one was given)
+        and the engine version (:mod:`IWSegmentationLib.core.provenance`)."""
+        logit = self.logit_threshold if self.logit_threshold is not None else probability_to_logit(threshold)
+        return Provenance.of_models(self.options.models, self.cards, threshold=threshold, logit_threshold=logit,
+                                    operating_point=self.options.operating_point)
 
     def read_organ_mask(self, case: PredictJob, image: np.ndarray, geometry, card: dict) -> np.ndarray | None:
         """The case's organ mask: its ``--organ-mask`` file, checked (the image's grid, not empty,
@@ -251,6 +267,7 @@ class Predictor:
                                                       options.connectivity).astype(np.uint8)
         # the lesion count goes into the progress protocol, so lesions are analysed even without --lesions
         report, n_lesions = lesion_report(case, prediction, geometry, thresholds, options.connectivity)
+        report["provenance"] = self.provenance(prediction.threshold).as_dict()  # the JSON, the SEG and the SR
         prediction.members = None  # the members' maps are reduced to the lesions' doubt: freed before writing
         summary = summarize(report, geometry, region)
         for message in summary.warnings():

@@ -29,9 +29,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..core import dicom_seg
+from ..core import dicom_seg, dicom_sr
 from ..core.errors import InputError
 from ..core.outputs import atomic_output
+from ..core.provenance import CSV_COLUMNS as PROVENANCE_COLUMNS
+from ..core.provenance import Provenance
 from . import deps as slicer_deps
 from . import mrml
 from .lesion_row import with_doubt
@@ -96,12 +98,15 @@ def lesion_csv_rows(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[int, st
 
 
 def write_lesion_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
-                     verdicts: Mapping[int, str] | None = None) -> Path:
-    """Write the lesion table (rows of :func:`IWSegmentationLib.slicer.mrml.lesion_rows`) as UTF-8 CSV, atomically."""
+                     verdicts: Mapping[int, str] | None = None, provenance: Provenance | None = None) -> Path:
+    """Write the lesion table (rows of :func:`IWSegmentationLib.slicer.mrml.lesion_rows`) as UTF-8 CSV, atomically;
+    with ``provenance``, its columns (:data:`IWSegmentationLib.core.provenance.CSV_COLUMNS`) follow, the same in every row."""
+    extra = {} if provenance is None else provenance.csv_cells()
     with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[column for column, _, _ in CSV_COLUMNS])
+        writer = csv.DictWriter(handle, fieldnames=[column for column, _, _ in CSV_COLUMNS]
+                                + (list(PROVENANCE_COLUMNS) if extra else []))
         writer.writeheader()
-        writer.writerows(lesion_csv_rows(rows, verdicts))
+        writer.writerows({**cells, **extra} for cells in lesion_csv_rows(rows, verdicts))
     return Path(path)
 
 
@@ -126,10 +131,12 @@ class ExportResult:
     csv: Path
     dicom_seg: Path | None = None
     notes: list[str] = field(default_factory=list)
+    dicom_sr: Path | None = None
 
     @property
     def message(self) -> str:
         written = f"Wrote {self.csv}" + (f" and the DICOM SEG {self.dicom_seg}" if self.dicom_seg else "")
+        written += f" and the DICOM SR {self.dicom_sr}" if self.dicom_sr else ""
         return ". ".join([written, *self.notes]) + "."
 
 
@@ -145,7 +152,8 @@ def export_results(results, path: str | os.PathLike, source_files: Sequence[str 
     base = Path(path)
     if base.suffix.lower() in (".csv", ".dcm"):
         base = base.with_suffix("")
-    result = ExportResult(write_lesion_csv(base.parent / f"{base.name}.csv", results.rows, verdicts))
+    provenance = getattr(results, "provenance", None)
+    result = ExportResult(write_lesion_csv(base.parent / f"{base.name}.csv", results.rows, verdicts, provenance))
     segments = mrml.lesion_rows(results.segmentation)  # one row per segment, in segment order
     if not source_files:
         result.notes.append("No DICOM SEG: the input volume was not loaded from DICOM (load the series with the "
@@ -161,7 +169,14 @@ def export_results(results, path: str | os.PathLike, source_files: Sequence[str 
                                           what=f"the DICOM series of volume {volume.GetName()!r}")
         segments = with_doubt(segments, results.doubt)  # into the segment descriptions
         labels = mrml.labelmap_on_volume_grid(results.segmentation, volume, [r["segment_id"] for r in segments])
-        result.dicom_seg = dicom_seg.write_lesion_seg(base.parent / f"{base.name}.dcm", labels, segments, source)
+        seg = dicom_seg.lesion_seg(labels, segments, source, provenance=provenance)
+        result.dicom_seg = base.parent / f"{base.name}.dcm"
+        dicom_seg.save_dataset(result.dicom_seg, seg)
+        if provenance is None:
+            result.notes.append("No DICOM SR: the result records no model and threshold (not from an iwseg predict run)")
+        else:  # the TID 1500 report over the SEG's segments (core.dicom_sr), verdicts included when rows have them
+            result.dicom_sr = base.parent / f"{base.name}_sr.dcm"
+            dicom_seg.save_dataset(result.dicom_sr, dicom_sr.lesion_sr(segments, seg, source, provenance))
     return result
 
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Mapping
 from ..backend.job import JobFactory, RunResult, SegmentationJob
 from ..backend.local_run import LocalJobFactory, check_local_checkpoints
 from ..core.errors import InputError
+from ..core.provenance import read_provenance
 from ..predict.options import PredictOptions
 from . import panel
 
@@ -219,6 +220,7 @@ class LesionSegmentationLogic:
                 geometry=mask_geometry, logits_geometry=logits_geometry, budget=self.segment_budget,
                 lesion_report=report,
             )
+        self.results.provenance = read_provenance(outputs.get("lesions"))
         from .review import open_review  # lazy: imports mrml (vtk), as this method's other imports
 
         self.review, self.review_note = open_review(self.results, mask, outputs, *self._model)

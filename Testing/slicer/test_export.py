@@ -55,6 +55,19 @@ def test_csv_cells_without_slicer(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]  # no temporary file left
 
 
+def test_csv_records_the_provenance_in_every_row(tmp_path):
+    from IWSegmentationLib.core.provenance import CSV_COLUMNS, Provenance
+
+    provenance = Provenance("lung-model", "ab" * 32, 0.5, 0.0, operating_point="1fp", engine_version="9.9")
+    rows = [{"id": 1, "name": "a", "center_ras": None}, {"id": 2, "name": "b", "center_ras": None}]
+    got = _read_csv(export.write_lesion_csv(tmp_path / "t.csv", rows, provenance))
+    assert list(got[0]) == [c for c, _, _ in export.CSV_COLUMNS] + list(CSV_COLUMNS)
+    for row in got:  # the same record in each row, as the lesion JSON's provenance
+        assert {k: row[k] for k in CSV_COLUMNS} == {"model": "lung-model", "weights_sha256": "ab" * 32,
+                                                    "threshold": "0.5", "logit_threshold": "0.0",
+                                                    "operating_point": "1fp", "engine_version": "9.9"}
+
+
 @needs_slicer
 def test_csv_of_the_panel_rows_by_hand(scene, tmp_path):
     # Grid: spacing (sz, sy, sx) = (2, 1, 0.5) mm -> 1 mm^3 per voxel; origin LPS (10, 20, 30); axis-aligned.
@@ -139,6 +152,19 @@ def test_export_writes_csv_and_a_seg_on_the_source_slices(scene, tmp_path):
     done = export.export_in_slicer(results, tmp_path / "out" / "lesions.dcm", _Database(files))  # the button's call
     assert done.dicom_seg == tmp_path / "out" / "lesions.dcm" and done.csv == tmp_path / "out" / "lesions.csv"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lesions.csv", "lesions.dcm"]
+    assert done.dicom_sr is None and "No DICOM SR" in done.message  # no provenance: not from iwseg predict
+
+    # with the run's provenance (logic.load_results reads it from the lesion JSON): the SR too, over the SEG
+    from IWSegmentationLib.core.provenance import Provenance
+
+    results.provenance = Provenance("m", "c" * 64, 0.5, 0.0)
+    done = export.export_in_slicer(results, tmp_path / "out" / "lesions.dcm", _Database(files))
+    assert done.dicom_sr == tmp_path / "out" / "lesions_sr.dcm"
+    sr, seg_now = pydicom.dcmread(done.dicom_sr), pydicom.dcmread(done.dicom_seg)
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert [item.ReferencedSOPInstanceUID for item in evidence] == [seg_now.SOPInstanceUID]
+    assert "weights_sha256=" + "c" * 64 in seg_now.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]\
+        .AlgorithmParameters
     seg = pydicom.dcmread(done.dicom_seg)
     rebuilt = segments_from_seg(seg, files, case.reference.shape)
     # segment n is the n-th segment of the panel (largest first), voxel for voxel

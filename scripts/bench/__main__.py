@@ -32,6 +32,7 @@ BENCHMARKS = {
     "precision": "fp32 against bf16 autocast on the demo's trained checkpoint (needs make demo)",
     "server": "iwseg serve's overhead over a local iwseg predict",
     "dicom_seg": "writing a DICOM SEG for a CT-sized lesion mask",
+    "dicom_sr": "writing the DICOM SEG and the DICOM SR (TID 1500) of 100 lesions (target: under 5 s together)",
     "lung_mask": "the automatic CT lung mask on a 512x512x300 CT and on lung1",
     "multichannel": "what a second input channel costs at inference, and what it buys",
     "startup": "iwseg train's start-up to the first step (--old REF: against an older commit)",

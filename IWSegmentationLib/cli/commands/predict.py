@@ -57,6 +57,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dicom-seg", type=Path, metavar="DCM|DIR",
                    help="DICOM series input: also write the lesions as a DICOM SEG referencing the series, one "
                         "segment per lesion (or a folder: <case>.dcm); needs highdicom")
+    p.add_argument("--dicom-sr", type=Path, metavar="DCM|DIR",
+                   help="with --dicom-seg: also write a DICOM SR measurement report (TID 1500) referencing the SEG's "
+                        "segments and the series: volume, equivalent diameter, confidence and size group per lesion "
+                        "(or a folder: <case>.dcm); docs/dicom.md")
     p.add_argument("--organ-mask", type=Path, metavar="MASK|DIR",
                    help="organ mask the checkpoint's preprocessing uses (e.g. lungs for ct-lung), or a folder "
                         "of them named like the cases; also limits the windows that run. Without it a model that "
@@ -139,7 +143,7 @@ def options_from_arguments(args: argparse.Namespace) -> PredictOptions:
 def targets_from_arguments(args: argparse.Namespace) -> OutputTargets:
     """Where the outputs of a parsed ``iwseg predict`` command line go."""
     return OutputTargets(mask=args.output, probabilities=args.probabilities, logits=args.logits,
-                         lesions=args.lesions, dicom_seg=args.dicom_seg)
+                         lesions=args.lesions, dicom_seg=args.dicom_seg, dicom_sr=args.dicom_sr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         with state.installed():
             options = options_from_arguments(args)
             targets = targets_from_arguments(args)
+            if targets.dicom_sr is not None and targets.dicom_seg is None:
+                raise InputError("--dicom-sr needs --dicom-seg: the SR's measurements reference the SEG's segments")
             if args.server:
                 return _run_on_server(args, options, targets, reporter, state)
             return Predictor(options, reporter, state).run(args.input, targets, organ_mask=args.organ_mask,
@@ -184,8 +190,9 @@ def _run_on_server(args: argparse.Namespace, options: PredictOptions, targets: O
                          "are not sent to a server)")
     if args.organ_mask is not None:  # uploaded with the image; the server checks it as a local run does
         single_file_suffix(args.organ_mask.name, what="with --server, --organ-mask")
-    if args.dicom_seg is not None:
-        raise InputError("--dicom-seg needs a DICOM series, which is not sent to a server; run without --server")
+    if args.dicom_seg is not None or args.dicom_sr is not None:
+        flag = "--dicom-seg" if args.dicom_seg is not None else "--dicom-sr"
+        raise InputError(f"{flag} needs a DICOM series, which is not sent to a server; run without --server")
     if len(options.models) != 1:
         raise InputError("--server runs one model; an ensemble (several --model) runs on this computer")
     output_format = single_file_suffix(targets.mask.name, what="--output")

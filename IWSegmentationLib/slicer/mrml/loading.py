@@ -52,6 +52,9 @@ class PredictionResults:
     connectivity: int = 26
     doubt: dict[int, tuple[int, dict]] = field(default_factory=dict)
     second_look: list[LesionRow] = field(default_factory=list)
+    #: what made the lesions (the run's lesion JSON ``provenance``; :mod:`IWSegmentationLib.core.provenance`),
+    #: None for a result not read from an ``iwseg predict`` run: the export's CSV columns and DICOM SR
+    provenance: Any = None
 
     @property
     def lesions(self) -> list[LesionRow]:
