@@ -16,6 +16,11 @@ from IWSegmentationLib.nn.unet import build_model, default_config
 
 GAIN = 40.0  # logit = GAIN * (x - 0.5): +100 HU -> +13.8, -800 HU -> -13.8
 
+#: The card entry of a threshold model trained without organ masks: predict needs none (a card
+#: without it is read from its ct-lung preset, which asks for the automatic lung mask, and the
+#: flat phantoms here have no lungs for it to find).
+NO_ORGAN_MASK = {"organ": "lung", "required": False, "automatic": True, "source": "none"}
+
 
 def threshold_model() -> torch.nn.Module:
     model = build_model(default_config("tiny"))

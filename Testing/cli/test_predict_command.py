@@ -88,9 +88,11 @@ def test_end_to_end_oblique_anisotropic_jsonl(tmp_path, checkpoint):
     evs = [e for e in evs if e.stage != "warning"]
     stages = [e.stage for e in evs]
     first_inf, last_inf = stages.index("inference"), len(stages) - 1 - stages[::-1].index("inference")
-    # the checkpoint, the note that its card records no voxel spacing (so no resampling), the image
-    assert stages[:first_inf] == ["start", "load", "load", "load", "preprocess"]
+    # the checkpoint, the notes that its card records no voxel spacing (so no resampling) and no
+    # operating points (so the card's threshold), the image
+    assert stages[:first_inf] == ["start", "load", "load", "load", "load", "preprocess"]
     assert "records no voxel spacing" in evs[2].get("message")
+    assert "has no operating points" in evs[3].get("message")
     assert set(stages[first_inf:last_inf + 1]) == {"inference"}
     assert stages[last_inf + 1:] == ["postprocess", "write", "write", "write", "write", "case_done", "done"]
     inference = [e for e in evs if e.stage == "inference"]

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from _threshold_model import ct_volume, threshold_model
+from _threshold_model import NO_ORGAN_MASK, ct_volume, threshold_model
 
 from IWSegmentationLib.cli.main import main
 from IWSegmentationLib.core.imageio import Geometry, write_image
@@ -24,6 +24,7 @@ def checkpoint(tmp_path_factory):
     save_checkpoint(path, threshold_model(), {
         "patch_size": [16, 16, 16], "preprocessing": get_preset("ct-lung"), "threshold": 0.5,
         "size_thresholds": [2.5, 5.0], "description": "hand-set voxel-wise threshold at -350 HU (tests)",
+        "organ_mask": NO_ORGAN_MASK,
     })
     return path
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _threshold_model import threshold_model
+from _threshold_model import NO_ORGAN_MASK, threshold_model
 
 from IWSegmentationLib.cli.main import main
 from IWSegmentationLib.core.errors import InputError
@@ -32,7 +32,7 @@ def logit_of(hu: float) -> float:
 
 def checkpoint(path: Path, spacing=None, preset="ct-lung", patch=(16, 16, 16)) -> Path:
     card = {"patch_size": list(patch), "preprocessing": get_preset(preset), "threshold": 0.5,
-            "description": "hand-set voxel-wise threshold at -350 HU (tests)"}
+            "description": "hand-set voxel-wise threshold at -350 HU (tests)", "organ_mask": NO_ORGAN_MASK}
     if spacing is not None:
         card["spacing"] = list(spacing)
     save_checkpoint(path, threshold_model(), card)

@@ -100,7 +100,10 @@ def test_scan_gives_no_label_map_warning(tmp_path, mr_ckpt, capsys):
     write_image(src, scan(), Geometry.identity((8, 20, 20)))
     assert predict("--model", mr_ckpt, "--input", src, "--output", tmp_path / "m.nii.gz", "--progress-format",
                    "jsonl") == 0
-    assert warnings_of(capsys.readouterr().out) == []  # mr: no organ mask in the card either
+    warned = warnings_of(capsys.readouterr().out)
+    # a noisy scan is no label map; mr: no organ mask in the card either. (The untrained network
+    # paints half of this tiny volume, so the absurd-result guard may speak: not this test's concern.)
+    assert not [w for w in warned if "label map" in w or "organ" in w], warned
 
 
 # --------------------------------------------------------------------------- organ mask

@@ -35,20 +35,21 @@ def test_training_stores_operating_points_and_predict_uses_them(dataset, tmp_pat
     assert thresholds == sorted(thresholds, reverse=True)
 
     image = dataset / "imagesTr" / "synth_000.nii.gz"
+    organ = ["--organ-mask", str(dataset / "masksTr" / "synth_000.nii.gz")]  # the model was trained liver-masked
     point = points.lookup("1fp")
     probability = 1.0 / (1.0 + math.exp(-point.logit_threshold))
     by_point, by_threshold = tmp_path / "op.nii.gz", tmp_path / "t.nii.gz"
     lesions = tmp_path / "op.json"
     assert cli_main(["predict", "--model", str(best), "--input", str(image), "--output", str(by_point),
-                     "--lesions", str(lesions), "--operating-point", "1fp", "--device", "cpu"]) == 0
+                     "--lesions", str(lesions), "--operating-point", "1fp", "--device", "cpu", *organ]) == 0
     assert cli_main(["predict", "--model", str(best), "--input", str(image), "--output", str(by_threshold),
-                     "--threshold", repr(probability), "--device", "cpu"]) == 0
+                     "--threshold", repr(probability), "--device", "cpu", *organ]) == 0
     assert np.array_equal(read_image(by_point)[0], read_image(by_threshold)[0])
     assert json.loads(lesions.read_text())["threshold"] == np.float32(probability).item()
 
     # a rate the card lacks: the card's points are listed
     code = cli_main(["predict", "--model", str(best), "--input", str(image), "--output", str(tmp_path / "x.nii.gz"),
-                     "--operating-point", "3fp", "--device", "cpu"])
+                     "--operating-point", "3fp", "--device", "cpu", *organ])
     assert code == 2
     assert f"the model card of {best} has no operating point at 3 FP/scan; it has 1/8fp, 1/4fp, 1/2fp, 1fp, 2fp, 4fp, 8fp" \
         in capsys.readouterr().err
