@@ -60,7 +60,7 @@ from IWSegmentationLib.backend.local_run import LocalJobFactory  # noqa: E402
 from IWSegmentationLib.core import errors, lesions  # noqa: E402
 from IWSegmentationLib.slicer import deps as slicer_deps  # noqa: E402
 from IWSegmentationLib.slicer import logic as slicer_logic  # noqa: E402
-from IWSegmentationLib.slicer import model_choices, panel, parameter_node  # noqa: E402
+from IWSegmentationLib.slicer import model_choices, panel  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the module
 
@@ -135,8 +135,11 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.checkpointPathLineEdit.currentPath))
         self.ui.confidenceSliderWidget.connect("valueChanged(double)", self.onConfidenceChanged)
         self.ui.lesionTableWidget.connect("cellClicked(int, int)", self.onLesionClicked)
-        self.ui.lesionTableWidget.setColumnCount(len(panel.LESION_COLUMNS))
-        self.ui.lesionTableWidget.setHorizontalHeaderLabels(list(panel.LESION_COLUMNS))
+        panel.fill_lesion_table(self.ui.lesionTableWidget, [], qt.QTableWidgetItem)  # the headers
+        self.ui.showMoreButton.connect("clicked(bool)", self.onShowMoreLesions)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.ui.acceptLesionButton.connect("clicked(bool)", lambda *a: self.onVerdict("accepted"))  # docs/verdicts.md
+        self.ui.rejectLesionButton.connect("clicked(bool)", lambda *a: self.onVerdict("rejected"))
         self.ui.progressBar.visible = False
         self.ui.legendLabel.text = panel.legend_html()
 
@@ -147,8 +150,6 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.connect("timeout()", self.onPoll)
         self.startDeviceProbe()
         self.initializeParameterNode()
-        self.setupExport()
-        self.setupShowMore()
 
     def cleanup(self):
         """Slicer closes: no backend, no probe, no copy of the patient's volume is left behind."""
@@ -212,22 +213,12 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- inputs: checkpoint and device -----------------------------------------------------------
 
     def onCheckpointChanged(self, path):
-        self._card, text = None, "No checkpoint selected."
         if self._parameterNode:
             self._parameterNode.checkpointPath = path
-        if path:
-            try:
-                self._card = self.logic.readModelCard(path, self._parameterNode)
-                text = panel.model_card_text(self._card)
-                self.ui.checkpointPathLineEdit.addCurrentPathToHistory()  # the settingKey's recent paths
-                if self._parameterNode:
-                    self._parameterNode.threshold = min(max(float(self._card.get("threshold", 0.5)), 0.05), 0.95)
-                    self._parameterNode.confidenceThreshold = panel.default_confidence(self._card)
-            except ImportError:  # PyTorch not installed yet: Apply installs it, then the card shows
-                self._card, text = {}, "The model card shows once Apply has installed PyTorch."
-            except errors.InputError as exc:
-                text = f"Cannot use this checkpoint: {exc}"
-        self.ui.modelCardLabel.text = text
+        # the card sets the node's threshold and confidence; {}: PyTorch is not installed yet
+        self._card, self.ui.modelCardLabel.text = self.logic.lesionLogic.describe_checkpoint(path, self._parameterNode)
+        if self._card:
+            self.ui.checkpointPathLineEdit.addCurrentPathToHistory()  # the settingKey's recent paths
         panel.organ_mask_hint(self._card).show(self.ui.organMaskLabel, self.ui.organMaskSelector)
         self.updateApplyButton()
 
@@ -308,17 +299,9 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text, self.ui.summaryLabel.text = panel.result_texts(
                 len(results.lesions), seconds, getattr(self._progress, "summary", None))
             self.ui.statusLabel.text += f" {getattr(self.logic.lesionLogic, 'review_note', '')}".rstrip()  # verdicts
-        hidden = len(results.not_shown) if results.not_shown is not None else 0
-        self.showMoreButton.text = f"Show next {parameters.segmentBudget} lesions"
-        self.showMoreButton.toolTip = panel.not_shown_text(hidden, parameters.segmentBudget)
-        self.showMoreButton.visible = hidden > 0
+        panel.show_more_button(results.not_shown, parameters.segmentBudget).show(self.ui.showMoreButton)
         self.ui.resultsCollapsibleButton.enabled = True
-        table = self.ui.lesionTableWidget
-        table.setRowCount(len(self._rows))
-        for r, row in enumerate(self._rows):
-            for c, text in enumerate(panel.lesion_cells(row)):
-                table.setItem(r, c, qt.QTableWidgetItem(text))
-        table.resizeColumnsToContents()
+        panel.fill_lesion_table(self.ui.lesionTableWidget, self._rows, qt.QTableWidgetItem)
         self.onConfidenceChanged(parameters.confidenceThreshold)
 
     def clearResults(self):
@@ -346,24 +329,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if 0 <= row < len(self._rows):
             self.logic.centerOnLesion(self._rows[row])
 
-    # ---- Export: the lesion table as CSV and, for a DICOM volume, the lesions as DICOM SEG (IWSegmentationLib.slicer.export)
-
-    def setupShowMore(self):
-        self.showMoreButton = qt.QPushButton("Show next lesions")
-        self.showMoreButton.visible = False
-        self.ui.resultsCollapsibleButton.layout().addWidget(self.showMoreButton)
-        self.showMoreButton.connect("clicked(bool)", self.onShowMoreLesions)
-
-    def setupExport(self):
-        self.exportButton = qt.QPushButton("Export lesions (CSV + DICOM SEG)…")
-        self.exportButton.toolTip = "The lesion table as CSV and, for a volume loaded from DICOM, the lesions as DICOM SEG"
-        self.ui.resultsCollapsibleButton.layout().addWidget(self.exportButton)
-        self.exportButton.connect("clicked(bool)", self.onExportButton)
-        for verdict, label in (("accepted", "Accept lesion"), ("rejected", "Reject lesion")):  # docs/verdicts.md
-            button = qt.QPushButton(label)
-            button.toolTip = "The selected lesion's verdict, saved beside the case (edited: found on saving)"
-            self.ui.resultsCollapsibleButton.layout().addWidget(button)
-            button.connect("clicked(bool)", lambda _=False, v=verdict: self.onVerdict(v))
+    # ---- the reader's verdicts and the export (CSV and, for a DICOM volume, DICOM SEG: IWSegmentationLib.slicer.export)
 
     def onVerdict(self, verdict):
         row = self.ui.lesionTableWidget.currentRow()
@@ -372,16 +338,13 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._rows[row] if 0 <= row < len(self._rows) else {}, verdict)
 
     def onExportButton(self):
-        from IWSegmentationLib.slicer import export
-
         results = self.logic.results
         path = results and qt.QFileDialog.getSaveFileName(
             self.parent, "Export lesions (.csv, .dcm)", results.segmentation.GetName(), "Lesion table (*.csv)")
         if path:
             with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
                 database = getattr(slicer, "dicomDatabase", None)
-                self.ui.statusLabel.text = export.export_in_slicer(results, path, database,
-                                                                   self.logic.lesionLogic.review).message
+                self.ui.statusLabel.text = self.logic.lesionLogic.export(path, database).message
 
 
 class IWSegmentationLogic(ScriptedLoadableModuleLogic):
@@ -404,28 +367,18 @@ class IWSegmentationLogic(ScriptedLoadableModuleLogic):
         return IWSegmentationParameterNode(super().getParameterNode())
 
     def readModelCard(self, path, parameters=None):
-        if parameters is not None:  # the card of the model that will run: the file's, or the chosen server's
-            self.lesionLogic.run_on(parameters.runOn, parameters.serverUrl, parameters.serverTokenFile)
-        return self.lesionLogic.read_model_card(path)
+        """The card of the model that will run: the file's, or the server's the parameter node chose."""
+        return self.lesionLogic.read_model_card(path, parameters)
 
     def checkInputs(self, parameters, card):
         """Refuse unusable inputs (raises InputError); return warnings the user should confirm."""
-        volume = parameters.inputVolume
-        modality = volume and panel.dicom_modality(volume.GetAttribute("DICOM.instanceUIDs"),
-                                                   getattr(slicer, "dicomDatabase", None))
-        return self.lesionLogic.check_inputs(volume, card, modality)
+        return self.lesionLogic.check_node_inputs(parameters, card, getattr(slicer, "dicomDatabase", None))
 
     def start(self, parameters, onProgress=None, onFinished=None, confirmed=False):
         """Install missing dependencies (first use), then start the backend; returns the running job."""
-        self.lesionLogic.run_on(parameters.runOn, parameters.serverUrl, parameters.serverTokenFile)
-        options = self.lesionLogic.check_checkpoint(parameter_node.predict_options(parameters, confirmed))
-        if self.lesionLogic.runs_locally:  # a server needs no PyTorch here
-            slicer_deps.ensure_in_slicer()
-        self.lesionLogic.segment_budget = int(parameters.segmentBudget)  # display budget of the result
-        return self.lesionLogic.start(
-            parameters.inputVolume, options, organ_mask=parameters.organMask,
-            reference=parameters.referenceSegmentation, on_progress=onProgress, on_finished=onFinished,
-            on_log=lambda line: logging.info(f"[iwseg] {line}"))
+        return self.lesionLogic.start_node(
+            parameters, confirmed=confirmed, install=slicer_deps.ensure_in_slicer, on_progress=onProgress,
+            on_finished=onFinished, on_log=lambda line: logging.info(f"[iwseg] {line}"))
 
     def process(self, parameters, timeout=None):
         """Blocking mode for scripts and tests: run, wait, return the results; raise with the report on failure."""

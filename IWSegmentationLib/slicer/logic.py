@@ -39,7 +39,7 @@ from ..backend.local_run import LocalJobFactory, check_local_checkpoints
 from ..core.errors import InputError
 from ..core.provenance import read_provenance
 from ..predict.options import PredictOptions
-from . import panel
+from . import panel, parameter_node
 
 
 @contextlib.contextmanager
@@ -117,8 +117,11 @@ class LesionSegmentationLogic:
             self.scene.RemoveObserver(self._close_observer)
             self._close_observer = None
 
-    def read_model_card(self, checkpoint_path: str | os.PathLike) -> dict:
-        """The model card of the checkpoint, from where the jobs run (the file here, or the server)."""
+    def read_model_card(self, checkpoint_path: str | os.PathLike, node: Any = None) -> dict:
+        """The model card of the checkpoint, from where the jobs run (the file here, or the server);
+        given the module's parameter ``node``, from where it says they run (:meth:`run_on_node`)."""
+        if node is not None:
+            self.run_on_node(node)
         return self.job_factory.model_card(PredictOptions(models=(checkpoint_path,)))
 
     def run_on(self, where: str = panel.RUN_ON[0], server_url: str = "",
@@ -134,6 +137,39 @@ class LesionSegmentationLogic:
             self.job_factory = self._local_factory
         else:
             self.job_factory = RemoteJobFactory(ServerClient.from_token_file(server_url.strip(), token_file or None))
+
+    def describe_checkpoint(self, checkpoint_path: str | os.PathLike, node: Any = None) -> tuple[dict | None, str]:
+        """The model card of ``checkpoint_path`` and the module's text for it (:func:`panel.model_card_text`):
+        ``(None, why)`` for no checkpoint or one that cannot be used, ``({}, a note)`` while PyTorch is
+        not installed (Apply installs it; then the card shows). Given the parameter ``node``, the card is
+        read where it says the model runs, and the node's threshold and confidence slider start where
+        the card says (:func:`~IWSegmentationLib.slicer.parameter_node.apply_model_card`)."""
+        if not checkpoint_path:
+            return None, "No checkpoint selected."
+        try:
+            card = self.read_model_card(checkpoint_path, node)
+            text = panel.model_card_text(card)
+        except ImportError:  # PyTorch not installed yet: Apply installs it, then the card shows
+            return {}, "The model card shows once Apply has installed PyTorch."
+        except InputError as exc:
+            return None, f"Cannot use this checkpoint: {exc}"
+        if node is not None:
+            parameter_node.apply_model_card(node, card)
+        return card, text
+
+    def export(self, path: str | os.PathLike, dicom_database: Any = None):
+        """The Export button: :attr:`results` as CSV (with the reader's verdicts) and, for a volume of
+        ``dicom_database`` (``slicer.dicomDatabase``), as DICOM SEG; returns the
+        :class:`~IWSegmentationLib.slicer.export.ExportResult`."""
+        from .export import export_in_slicer  # lazy: imports mrml (vtk), as this class's other scene methods
+
+        if self.results is None:
+            raise InputError("No result to export: run the segmentation first.")
+        return export_in_slicer(self.results, path, dicom_database, self.review)
+
+    def run_on_node(self, node: Any) -> None:
+        """:meth:`run_on` where the module's parameter node says: its ``runOn``, ``serverUrl`` and ``serverTokenFile``."""
+        self.run_on(node.runOn, node.serverUrl, node.serverTokenFile)
 
     @property
     def runs_locally(self) -> bool:
@@ -157,6 +193,32 @@ class LesionSegmentationLogic:
         check_single_channel(card)
         low, high = volume_node.GetImageData().GetScalarRange()
         return panel.compatibility_warnings(card, minimum=low, maximum=high, dicom_modality=dicom_modality)
+
+    def check_node_inputs(self, node: Any, card: Mapping[str, Any] | None, dicom_database: Any = None) -> list[str]:
+        """:meth:`check_inputs` of the parameter node's ``inputVolume``, with the modality of its DICOM
+        series read from ``dicom_database`` (``slicer.dicomDatabase``; None: not from DICOM)."""
+        volume = node.inputVolume
+        modality = volume and panel.dicom_modality(volume.GetAttribute("DICOM.instanceUIDs"), dicom_database)
+        return self.check_inputs(volume, card, modality)
+
+    def start_node(self, node: Any, *, confirmed: bool = False, install: Callable[[], Any] | None = None,
+                   on_progress: Callable[[Any], Any] | None = None,
+                   on_finished: Callable[[RunResult], Any] | None = None,
+                   on_log: Callable[[str], Any] | None = None) -> SegmentationJob:
+        """:meth:`start` with what the module's parameter node says: where to run (:meth:`run_on_node`),
+        the options (:func:`~IWSegmentationLib.slicer.parameter_node.predict_options`, the checkpoint checked
+        first), the volume, organ mask, reference and display budget (``segmentBudget``).
+
+        ``confirmed``: the user confirmed :meth:`check_inputs`' warnings (a modality mismatch runs anyway).
+        ``install`` (``slicer.deps.ensure_in_slicer`` in Slicer) is called before a job on this computer,
+        which needs PyTorch; a server needs nothing installed here."""
+        self.run_on_node(node)
+        options = self.check_checkpoint(parameter_node.predict_options(node, allow_modality_mismatch=confirmed))
+        if install is not None and self.runs_locally:
+            install()
+        self.segment_budget = int(node.segmentBudget)
+        return self.start(node.inputVolume, options, organ_mask=node.organMask, reference=node.referenceSegmentation,
+                          on_progress=on_progress, on_finished=on_finished, on_log=on_log)
 
     def start(
         self,

@@ -17,14 +17,15 @@ for the texts, rows and warnings and only puts them into widgets.
   found, "no lesions found" included, with the backend's summary and its guards' warnings;
 * :func:`confidence_slider_text` labels the confidence slider in expected false positives per
   scan and recall (the card's operating points), :func:`default_confidence` is where it starts;
-  :func:`not_shown_text` says how many lesions the display budget left out.
+  :func:`not_shown_text` says how many lesions the display budget left out, :func:`show_more_button`
+  is the button that shows them; :func:`fill_lesion_table` puts the rows into the table widget.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, Sized
 
 from ..core.confidence import probability_to_logit
 from ..core.errors import InputError
@@ -519,6 +520,39 @@ def not_shown_text(not_shown: int, budget: int) -> str:
         return ""
     return (f"{not_shown} more lesion(s), less confident, are counted but not shown as segments "
             f"(the {budget} most confident are); “Show next {budget}” adds them.")
+
+
+@dataclass(frozen=True)
+class ShowMoreButton:
+    """What the "Show next N lesions" button under the lesion table shows (:func:`show_more_button`)."""
+
+    text: str
+    tooltip: str
+    visible: bool
+
+    def show(self, button: Any) -> None:
+        """Put the state on the module's button (any object with these attributes)."""
+        button.text, button.toolTip, button.visible = self.text, self.tooltip, self.visible
+
+
+def show_more_button(not_shown: Sized | None, budget: int) -> ShowMoreButton:
+    """The button for a result whose display budget left ``not_shown`` lesions out (None: none):
+    it offers the next ``budget`` and is visible only when some were left out."""
+    count = len(not_shown) if not_shown is not None else 0
+    return ShowMoreButton(f"Show next {budget} lesions", not_shown_text(count, budget), count > 0)
+
+
+def fill_lesion_table(table: Any, rows: Sequence[LesionRow], item: Callable[[str], Any]) -> None:
+    """Put ``rows`` into the module's lesion table (a ``QTableWidget``): the :data:`LESION_COLUMNS`
+    headers, one table row each, its :func:`lesion_cells` made into cells by ``item``
+    (``qt.QTableWidgetItem``), then the columns fitted. No rows: the empty table with its headers."""
+    table.setColumnCount(len(LESION_COLUMNS))
+    table.setHorizontalHeaderLabels(list(LESION_COLUMNS))
+    table.setRowCount(len(rows))
+    for r, row in enumerate(rows):
+        for c, text in enumerate(lesion_cells(row)):
+            table.setItem(r, c, item(text))
+    table.resizeColumnsToContents()
 
 
 def legend_html(colors: Mapping[str, Sequence[int]] = SIZE_GROUP_COLORS) -> str:

@@ -5,12 +5,12 @@ keeps what the user chose in a parameter node. Every field of it is either a pre
 which becomes an ``iwseg predict`` option (:data:`PREDICTION_FIELDS`), or something else, said in
 :data:`OTHER_FIELDS`; a test reads the node's fields from the module's source and checks that
 each is in exactly one of the two, and that each prediction field reaches the command line.
-Qt-free and torch-free.
+:func:`apply_model_card` sets the fields a chosen checkpoint's card decides. Qt-free and torch-free.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from ..predict.options import PredictOptions
 from . import panel
@@ -62,3 +62,11 @@ def predict_options(node: Any, *, allow_modality_mismatch: bool = False) -> Pred
                           probabilities=False, logits=True, lesions=True,
                           keep_spacing=bool(node.keepSpacing), allow_modality_mismatch=allow_modality_mismatch,
                           allow_unmasked=bool(getattr(node, "allowUnmasked", False)))
+
+
+def apply_model_card(node: Any, card: Mapping[str, Any]) -> None:
+    """A checkpoint was chosen: start the node's ``threshold`` at the card's (0.5 without one), within
+    the slider's range 0.05 to 0.95, and its ``confidenceThreshold`` at :func:`panel.default_confidence`
+    (the card's 1 false positive per scan, else its threshold as a logit)."""
+    node.threshold = min(max(float(card.get("threshold", 0.5)), 0.05), 0.95)
+    node.confidenceThreshold = panel.default_confidence(card)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from IWSegmentationLib.backend.job import Outcome, RunResult
+from IWSegmentationLib.slicer.logic import LesionSegmentationLogic
 
 MODULE_PY = Path(__file__).resolve().parents[2] / "IWSegmentation" / "IWSegmentation.py"
 
@@ -131,6 +132,26 @@ class FakeRun:
         self.closed, self.running = True, False
 
 
+class FakeLesionLogic:
+    """The engine's logic with no backend: its real ``describe_checkpoint`` over a card reader that
+    records where it was asked to read (the node says where the model runs)."""
+
+    describe_checkpoint = LesionSegmentationLogic.describe_checkpoint
+
+    def __init__(self, owner):
+        self.owner, self.card_read_with = owner, None
+
+    def clear_results(self):
+        self.owner.results = None
+
+    def close(self):
+        pass
+
+    def read_model_card(self, path, node=None):
+        self.card_read_with = node
+        return {"threshold": 0.4}
+
+
 class FakeLogic:
     def __init__(self):
         self.node = types.SimpleNamespace(inputVolume="volume", checkpointPath="", confidenceThreshold=0.0,
@@ -139,8 +160,7 @@ class FakeLogic:
         self.gui_log: list[str] = []
         self.results = None
         self.python, self.env = sys.executable, None
-        self.lesionLogic = types.SimpleNamespace(clear_results=lambda: setattr(self, "results", None),
-                                                 close=lambda: None)
+        self.lesionLogic = FakeLesionLogic(self)
         self.started = 0
 
     def getParameterNode(self):  # noqa: N802
@@ -148,10 +168,6 @@ class FakeLogic:
 
     def checkInputs(self, parameters, card):  # noqa: N802
         return []
-
-    def readModelCard(self, path, parameters=None):  # noqa: N802
-        self.card_read_with = parameters  # the module passes its node: where to run decides where the card is
-        return {"threshold": 0.4}
 
     def setConfidenceThreshold(self, results, value):  # noqa: N802
         return types.SimpleNamespace(text=lambda: f"{len(results.lesions)} shown")
@@ -161,9 +177,10 @@ def make_widget(module):
     widget = module.IWSegmentationWidget()
     names = ("applyButton", "statusLabel", "summaryLabel", "countsLabel", "progressBar", "modelCardLabel",
              "resultsCollapsibleButton", "lesionTableWidget", "deviceInfoLabel", "checkpointPathLineEdit",
-             "deviceComboBox", "confidenceSliderWidget", "organMaskLabel", "organMaskSelector")
+             "deviceComboBox", "confidenceSliderWidget", "organMaskLabel", "organMaskSelector",
+             "showMoreButton", "exportButton", "acceptLesionButton", "rejectLesionButton", "legendLabel",
+             *module.panel.RUN_ON_SIGNALS)
     widget.ui = types.SimpleNamespace(**{name: FakeWidget() for name in names})
-    widget.showMoreButton = FakeWidget()
     widget.ui.checkpointPathLineEdit.currentPath = ""
     widget.logic = FakeLogic()
     widget._gui = module.panel.GuiBinding(widget.ui)
@@ -193,10 +210,10 @@ def test_a_run_finishing_while_in_another_module_fills_the_results(module):
 def test_lesions_left_out_by_the_display_budget_offer_a_show_next_button(module):
     widget = make_widget(module)
     widget.onFinished(ok_result())
-    assert widget.showMoreButton.visible is False  # nothing left out: no button
+    assert widget.ui.showMoreButton.visible is False  # nothing left out: no button
     widget.onFinished(ok_result(not_shown=["a", "b", "c"]))
-    assert widget.showMoreButton.visible is True and widget.showMoreButton.text == "Show next 200 lesions"
-    assert widget.showMoreButton.toolTip.startswith("3 more lesion(s), less confident, are counted")
+    assert widget.ui.showMoreButton.visible is True and widget.ui.showMoreButton.text == "Show next 200 lesions"
+    assert widget.ui.showMoreButton.toolTip.startswith("3 more lesion(s), less confident, are counted")
 
 
 def test_reentering_connects_the_gui_once_on_slicer_5_6(module):
@@ -271,4 +288,50 @@ def test_a_readable_checkpoint_goes_into_the_path_history(module):
     widget.enter()
     widget.onCheckpointChanged("/models/liver.safetensors")
     assert ("addCurrentPathToHistory",) in widget.ui.checkpointPathLineEdit.calls
+    assert widget.logic.lesionLogic.card_read_with.parameterNode is widget.logic.node  # read where the node runs
     assert widget.logic.node.threshold == 0.4
+    assert widget.logic.node.confidenceThreshold == pytest.approx(-0.405, abs=1e-3)  # logit(0.4) = ln(0.4 / 0.6)
+    assert widget.ui.modelCardLabel.text == module.panel.model_card_text({"threshold": 0.4})
+
+
+def test_an_unreadable_checkpoint_says_why_and_stays_out_of_the_history(module):
+    widget = make_widget(module)
+    widget.enter()
+
+    def unreadable(path, node=None):
+        raise module.errors.InputError(f"{path}: not a checkpoint")
+
+    widget.logic.lesionLogic.read_model_card = unreadable
+    widget.onCheckpointChanged("/models/notes.txt")
+    assert widget._card is None and widget.ui.modelCardLabel.text == "Cannot use this checkpoint: /models/notes.txt: not a checkpoint"
+    assert ("addCurrentPathToHistory",) not in widget.ui.checkpointPathLineEdit.calls
+    assert widget.ui.applyButton.enabled is False  # no card: nothing to run
+
+
+def test_the_result_buttons_are_connected_to_their_handlers(module):
+    """setup() as Slicer runs it, on the stand-ins: the .ui's buttons get their slots (the .ui
+    declares them; test_extension_layout checks that every self.ui name the module uses is there)."""
+    widget = make_widget(module)
+    # what setup() takes from Slicer and the engine, all stand-ins of this test's module object
+    module.ScriptedLoadableModuleWidget.setup = lambda self: None
+    module.slicer.util.loadUI = lambda path: FakeWidget()
+    module.slicer.util.childWidgetVariables = lambda ui: widget.ui
+    module.slicer.mrmlScene.GetFirstNodeByClass = lambda cls: None
+    module.IWSegmentationLogic = FakeLogic
+    module.model_choices = types.SimpleNamespace(ModelMenu=lambda *args, **kwargs: None)
+    module.DeviceProbe = lambda *args, **kwargs: FakeWidget()
+    module.qt.QComboBox = FakeWidget
+    widget.resourcePath, widget.layout = lambda rel: rel, FakeWidget()
+    widget.setup()
+    slots = {name: getattr(widget.ui, name).calls for name in
+             ("showMoreButton", "exportButton", "acceptLesionButton", "rejectLesionButton")}
+    assert [c[:2] for c in slots["showMoreButton"]] == [("connect", "clicked(bool)")]
+    assert slots["showMoreButton"][0][2] == widget.onShowMoreLesions
+    assert slots["exportButton"][0][2] == widget.onExportButton
+    verdicts = []
+    widget.onVerdict = verdicts.append
+    slots["acceptLesionButton"][0][2](False)
+    slots["rejectLesionButton"][0][2](False)
+    assert verdicts == ["accepted", "rejected"]
+    headers = [c for c in widget.ui.lesionTableWidget.calls if c[0] == "setHorizontalHeaderLabels"]
+    assert headers == [("setHorizontalHeaderLabels", list(module.panel.LESION_COLUMNS))]

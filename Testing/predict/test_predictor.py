@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import os
 import time
@@ -25,6 +26,7 @@ from IWSegmentationLib.backend.local_run import InferenceRun
 from IWSegmentationLib.cli.main import main
 from IWSegmentationLib.core.errors import InputError
 from IWSegmentationLib.core.imageio import Geometry, write_image
+from IWSegmentationLib.slicer.logic import LesionSegmentationLogic
 from IWSegmentationLib.slicer.parameter_node import OTHER_FIELDS, PREDICTION_FIELDS, predict_options
 from IWSegmentationLib.testing.phantom import phantom_case, threshold_checkpoint
 
@@ -41,18 +43,21 @@ def parameter_node_fields() -> list[str]:
 
 def test_every_parameter_node_field_is_a_prediction_field_or_said_to_be_something_else():
     found = parameter_node_fields()
-    assert len(found) == 15  # 15 fields today: a new one must be placed in one of the two tables
+    assert len(found) == 16  # 16 fields today: a new one must be placed in one of the two tables
     assert set(found) == set(PREDICTION_FIELDS) | set(OTHER_FIELDS)
     assert not set(PREDICTION_FIELDS) & set(OTHER_FIELDS)
 
 
 def test_the_module_starts_its_logic_with_the_node_as_predict_options():
-    """The module's ``start`` builds the options with :func:`predict_options` and hands the volume
-    and the organ mask (the two fields that are files) to the logic, which writes them."""
+    """The module's ``start`` hands its node to ``LesionSegmentationLogic.start_node``, which builds
+    the options with :func:`predict_options` and hands the volume and the organ mask (the two fields
+    that are files) to ``start``, which writes them (run for real in Testing/slicer/test_slicer_logic.py)."""
     source = MODULE.read_text(encoding="utf-8")
     start = source[source.index("    def start(self, parameters"):source.index("    def process(self")]
-    assert "parameter_node.predict_options(parameters, confirmed)" in start
-    assert "parameters.inputVolume, options, organ_mask=parameters.organMask" in start
+    assert "self.lesionLogic.start_node(" in start and "confirmed=confirmed" in start
+    start_node = inspect.getsource(LesionSegmentationLogic.start_node)
+    assert "parameter_node.predict_options(node, allow_modality_mismatch=confirmed)" in start_node
+    assert "node.inputVolume, options, organ_mask=node.organMask" in start_node
 
 
 class CapturedBackend:
@@ -82,7 +87,7 @@ def test_every_prediction_field_of_the_parameter_node_reaches_the_command_line(t
                            inputVolume=object(), organMask=object(), referenceSegmentation=None,
                            confidenceThreshold=2.0, runOn="this computer", serverUrl="", serverTokenFile="",
                            outputSegmentation=None, operatingPoint=operating_point, segmentBudget=7,
-                           keepSpacing=True)
+                           keepSpacing=True, allowUnmasked=True)
     CapturedBackend.commands.clear()
     run = InferenceRun(predict_options(node), workdir_parent=tmp_path, backend_factory=CapturedBackend)
     run.start(write_input=lambda p: p.write_bytes(b"volume"), write_organ_mask=lambda p: p.write_bytes(b"organ"))
@@ -90,7 +95,8 @@ def test_every_prediction_field_of_the_parameter_node_reaches_the_command_line(t
         (argv,) = CapturedBackend.commands
         expected = {"checkpointPath": str(fake_checkpoint.resolve()), "device": "cpu", "overlap": "0.5",
                     "threshold": "0.3", "inputVolume": str(run.input_path), "organMask": str(run.organ_mask_path),
-                    "operatingPoint": "1/8fp", "keepSpacing": None}  # None: a switch, present without a value
+                    "operatingPoint": "1/8fp", "keepSpacing": None,  # None: a switch, present without a value
+                    "allowUnmasked": None}
         assert set(expected) == set(PREDICTION_FIELDS)
         exclusive = {"threshold", "operatingPoint"}
         present = {"operatingPoint"} if operating_point else {"threshold"}

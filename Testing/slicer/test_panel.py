@@ -500,3 +500,59 @@ def test_organ_mask_hint_says_when_the_model_needs_a_mask_and_offers_the_automat
     label, selector = types.SimpleNamespace(), types.SimpleNamespace()
     lung.show(label, selector)
     assert (label.text, selector.noneDisplay, selector.toolTip) == (lung.label, lung.none_display, lung.tooltip)
+
+
+# ---------------------------------------------------------------------------- the results' widgets
+
+
+class _RecordingTable:
+    """A QTableWidget as the panel fills it: what was set, cell by cell."""
+
+    def __init__(self):
+        self.columns, self.headers, self.rows, self.cells, self.fitted = 0, [], 0, {}, 0
+
+    def setColumnCount(self, n):  # noqa: N802 (Qt's names)
+        self.columns = n
+
+    def setHorizontalHeaderLabels(self, labels):  # noqa: N802
+        self.headers = list(labels)
+
+    def setRowCount(self, n):  # noqa: N802
+        self.rows = n
+
+    def setItem(self, row, column, item):  # noqa: N802
+        self.cells[row, column] = item
+
+    def resizeColumnsToContents(self):  # noqa: N802
+        self.fitted += 1
+
+
+def test_fill_lesion_table_puts_each_rows_cells_into_the_table():
+    rows = [{"row": "detection", "id": 1, "name": "Lesion 1", "diameter_mm": 12.345, "volume_mm3": 985.0,
+             "size_group": "large", "confidence": 6.2, "dice": 0.81, "status": "TP"},
+            {"row": "reference", "id": 2, "name": "Reference 2", "diameter_mm": 2.5, "volume_mm3": 8.2,
+             "size_group": "small", "confidence": None, "dice": 0.0, "status": "FN"}]
+    table = _RecordingTable()
+    panel.fill_lesion_table(table, rows, lambda text: ("item", text))
+    assert table.headers == list(panel.LESION_COLUMNS) and table.columns == 8  # Lesion ... Doubt
+    assert table.rows == 2 and table.fitted == 1
+    assert len(table.cells) == 2 * 8  # every cell of both rows
+    for r, row in enumerate(rows):
+        assert [table.cells[r, c] for c in range(8)] == [("item", t) for t in panel.lesion_cells(row)]
+    # by hand: 12.345 mm -> "12.3", 985 mm³ -> "985", max logit 2 decimals, Dice 2 decimals, no doubt: a dash
+    assert [table.cells[0, c][1] for c in range(8)] == ["Lesion 1", "12.3", "985", "large", "6.20", "0.81", "TP", "–"]
+    assert [table.cells[1, c][1] for c in range(8)] == ["Reference 2", "2.5", "8", "small", "–", "0.00", "FN", "–"]
+    panel.fill_lesion_table(table, [], str)  # the module's setup: the headers, no rows
+    assert table.rows == 0 and table.headers == list(panel.LESION_COLUMNS)
+
+
+def test_the_show_next_button_appears_only_when_the_budget_left_lesions_out():
+    button = types.SimpleNamespace(text="", toolTip="", visible=True)
+    panel.show_more_button(None, 200).show(button)  # a result without a budget: nothing left out
+    assert (button.text, button.toolTip, button.visible) == ("Show next 200 lesions", "", False)
+    panel.show_more_button([], 50).show(button)
+    assert button.visible is False
+    panel.show_more_button(["a", "b", "c"], 50).show(button)
+    assert button.text == "Show next 50 lesions" and button.visible is True
+    assert button.toolTip == ("3 more lesion(s), less confident, are counted but not shown as segments "
+                              "(the 50 most confident are); “Show next 50” adds them.")

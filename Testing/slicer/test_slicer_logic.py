@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from IWSegmentationLib.core.progress import parse_progress_line  # noqa: E402
 from IWSegmentationLib.predict.options import PredictOptions  # noqa: E402
 from IWSegmentationLib.slicer import mrml, panel  # noqa: E402
 from IWSegmentationLib.slicer.logic import LesionSegmentationLogic, scene_rollback  # noqa: E402
+from IWSegmentationLib.slicer.parameter_node import apply_model_card  # noqa: E402
 from IWSegmentationLib.testing import phantom  # noqa: E402
 
 pytestmark = pytest.mark.slicer
@@ -327,3 +329,144 @@ def test_closing_the_scene_clears_the_results(phantom_scene, scene, tmp_path):
     logic.load_results(write_outputs(tmp_path, case.reference, case.reference, geometry), volume)
     scene.Clear(0)
     assert logic.results is not None
+
+
+# ---------------------------------------------------------------------------- the module's parameter node
+# The module's IWSegmentationLogic hands its parameter node to these methods; a SimpleNamespace
+# with the node's fields stands in for it (the fields are read by name, as the wrapper gives them).
+
+
+def parameter_node(**fields) -> SimpleNamespace:
+    defaults = dict(runOn=panel.RUN_ON[0], serverUrl="", serverTokenFile="", checkpointPath="", device="Auto",
+                    overlap=0.25, threshold=0.5, operatingPoint="", keepSpacing=False, allowUnmasked=False,
+                    inputVolume=None, organMask=None, referenceSegmentation=None, confidenceThreshold=-5.0,
+                    segmentBudget=panel.DEFAULT_SEGMENT_BUDGET)
+    return SimpleNamespace(**{**defaults, **fields})
+
+
+class KnownAnswerFactory:
+    """A JobFactory without a process: the card read here, each job a :class:`KnownAnswerJob`."""
+
+    def __init__(self, folder, mask, geometry):
+        self.folder, self.mask, self.geometry, self.jobs = folder, mask, geometry, []
+
+    def model_card(self, parameters):
+        return LocalJobFactory().model_card(parameters)
+
+    def __call__(self, parameters, *, loader):
+        self.jobs.append(KnownAnswerJob(parameters, loader, self.folder, self.mask, self.geometry))
+        return self.jobs[-1]
+
+
+def test_start_node_runs_what_the_parameter_node_says(phantom_scene, scene, tmp_path):
+    case, volume, reference = phantom_scene
+    checkpoint = phantom.threshold_checkpoint(tmp_path / "threshold.safetensors")
+    factory = KnownAnswerFactory(tmp_path, case.reference, mrml.volume_geometry(volume))
+    logic = LesionSegmentationLogic(scene, job_factory=factory)
+    node = parameter_node(checkpointPath=str(checkpoint), device="CPU", overlap=0.5, threshold=0.4,
+                          inputVolume=volume, referenceSegmentation=reference, segmentBudget=2)
+    installs, finished = [], []
+    job = logic.start_node(node, confirmed=True, install=lambda: installs.append("torch"),
+                           on_finished=finished.append)
+    assert installs == ["torch"], "a job on this computer installs its dependencies first"
+    options = job.parameters
+    assert (options.device, options.overlap, options.threshold) == ("cpu", 0.5, 0.4)
+    assert options.allow_modality_mismatch is True  # the user confirmed the warnings
+    result = job.wait()
+    assert finished == [result] and result.loaded is logic.results
+    # the phantom's 3 lesions, a display budget of 2: the 2 most confident are segments, 1 is counted
+    assert logic.segment_budget == 2
+    assert logic.results.segmentation.GetSegmentation().GetNumberOfSegments() == 2
+    assert len(logic.results.not_shown) == 1
+
+
+def test_start_node_refuses_a_missing_checkpoint_before_installing(phantom_scene, scene, tmp_path):
+    _, volume, _ = phantom_scene
+    logic = make_logic(scene, tmp_path)
+    installs, before = [], node_ids(scene)
+    for path in ("", str(tmp_path / "missing.safetensors")):
+        with pytest.raises(InputError):
+            logic.start_node(parameter_node(checkpointPath=path, inputVolume=volume),
+                             install=lambda: installs.append("torch"))
+    assert installs == [] and node_ids(scene) == before
+
+
+def test_check_node_inputs_reads_the_dicom_modality(scene, tmp_path):
+    logic = make_logic(scene, tmp_path)
+    mr_looking = mrml.add_volume_from_array(scene, np.full((8, 8, 8), 300.0, np.float32),
+                                            imageio.Geometry.identity((8, 8, 8)), "Series")
+    card = {"preprocessing": {"name": "ct-liver", "modality": "CT"}}
+    with pytest.raises(InputError, match="Select an input volume"):
+        logic.check_node_inputs(parameter_node(), card)
+
+    class Database:  # slicer.dicomDatabase: the file of an instance, a tag of a file
+        def fileForInstance(self, uid):  # noqa: N802
+            return f"/dicom/{uid}.dcm"
+
+        def fileValue(self, path, tag):  # noqa: N802
+            return {("/dicom/1.2.3.dcm", "0008,0060"): "MR"}.get((path, tag), "")
+
+    node = parameter_node(inputVolume=mr_looking)
+    (warning,) = logic.check_node_inputs(node, card, Database())  # not from DICOM: the voxel values decide
+    assert "has no negative values (range 300 … 300)" in warning
+    mr_looking.SetAttribute("DICOM.instanceUIDs", "1.2.3 1.2.4")  # the first instance's Modality tag decides
+    assert logic.check_node_inputs(node, card, Database()) == [
+        "The model was trained on CT (ct-liver) but the volume's DICOM modality is MR."]
+
+
+def test_describe_checkpoint_sets_the_node_from_the_card(scene, tmp_path):
+    checkpoint = phantom.threshold_checkpoint(tmp_path / "threshold.safetensors")
+    logic = make_logic(scene, tmp_path)
+    assert logic.describe_checkpoint("") == (None, "No checkpoint selected.")
+    card, text = logic.describe_checkpoint(tmp_path / "missing.safetensors")
+    assert card is None and text.startswith("Cannot use this checkpoint: ") and "missing.safetensors" in text
+    node = parameter_node(threshold=0.9, confidenceThreshold=30.0)
+    card, text = logic.describe_checkpoint(str(checkpoint), node)
+    assert card == logic.read_model_card(checkpoint) and text == panel.model_card_text(card)
+    assert node.threshold == min(max(float(card.get("threshold", 0.5)), 0.05), 0.95)
+    assert node.confidenceThreshold == panel.default_confidence(card)
+    assert node.threshold != 0.9 or node.confidenceThreshold != 30.0, "the node was not set from the card"
+
+
+def test_describe_checkpoint_without_pytorch_waits_for_apply(scene):
+    class NoTorch:
+        def model_card(self, options):
+            raise ImportError("No module named 'torch'")
+
+    node = parameter_node(threshold=0.3)
+    logic = LesionSegmentationLogic(scene, job_factory=NoTorch())
+    assert logic.describe_checkpoint("model.safetensors", node) == (
+        {}, "The model card shows once Apply has installed PyTorch.")
+    assert node.threshold == 0.3  # nothing read, nothing set
+
+
+def test_apply_model_card_clamps_the_threshold_to_the_slider():
+    node = parameter_node()
+    apply_model_card(node, {"threshold": 0.99})
+    assert node.threshold == 0.95 and node.confidenceThreshold == pytest.approx(math.log(0.99 / 0.01))  # 4.60
+    apply_model_card(node, {"threshold": 0.4})
+    assert node.threshold == 0.4 and node.confidenceThreshold == pytest.approx(math.log(0.4 / 0.6))  # -0.41
+    apply_model_card(node, {})  # no threshold: 0.5, logit 0
+    assert node.threshold == 0.5 and node.confidenceThreshold == 0.0
+
+
+def test_run_on_node_follows_the_node(scene, tmp_path):
+    logic = make_logic(scene, tmp_path)
+    logic.run_on_node(parameter_node(runOn="server", serverUrl=" http://127.0.0.1:8000 "))
+    assert not logic.runs_locally
+    logic.run_on_node(parameter_node())
+    assert logic.runs_locally and logic.job_factory == LocalJobFactory(sys.executable, backend_environment(), tmp_path)
+    with pytest.raises(InputError, match="run on must be one of"):
+        logic.run_on_node(parameter_node(runOn="the cloud"))
+
+
+def test_export_needs_a_result_then_writes_the_table(phantom_scene, scene, tmp_path):
+    case, volume, reference = phantom_scene
+    logic = make_logic(scene, tmp_path)
+    with pytest.raises(InputError, match="No result to export"):
+        logic.export(tmp_path / "lesions.csv")
+    logic.load_results(write_outputs(tmp_path, case.reference, case.reference, mrml.volume_geometry(volume)),
+                       volume, reference)
+    result = logic.export(tmp_path / "lesions.csv")  # not from DICOM: the CSV alone
+    lines = result.csv.read_text().splitlines()
+    assert len(lines) == 1 + 3  # the header and the phantom's 3 lesions
