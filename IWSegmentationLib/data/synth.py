@@ -313,8 +313,9 @@ def write_dataset(
         raise InputError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"output folder {out} is not empty; choose another folder or pass --force to overwrite")
-    if not out.parent.is_dir():
-        raise InputError(f"output {out}: folder {out.parent} does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise InputError(f"output {out}: {out.parent} is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)  # as before the staging folder: --out a/b/c makes a/b
     # everything is written into a staging folder next to ``out`` and moved in only when complete:
     # a full disk or a cancel leaves no partial dataset (the staging folder is removed)
     staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"

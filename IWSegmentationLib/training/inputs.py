@@ -173,7 +173,10 @@ def training_spacing(cases: Sequence, params: Mapping[str, Any]) -> list[float] 
             continue
         geometry = read_geometry(case.image, what=f"case {case.id}: image")
         if params.get("target_spacing") is not None:
-            geometry = resampled_geometry(geometry, params["target_spacing"])
+            try:
+                geometry = resampled_geometry(geometry, params["target_spacing"])
+            except InputError as exc:  # name the case, as preparing it would
+                raise InputError(f"case {case.id} ({case.image}): {exc}") from None
         spacings.append(geometry.spacing_zyx)
     if not spacings:
         return None

@@ -544,7 +544,8 @@ def test_sigterm_cancels_synth_with_exit_3_and_no_partial_files(tmp_path):
                              "--size", "32", "64", "64"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not list(out.glob("imagesTr/*.nii.gz")):
+        # synth writes into a staging folder next to ``out`` (``.d.partial-*``) and moves it in when complete
+        while time.monotonic() < deadline and not list(tmp_path.glob(".d.partial-*/imagesTr/*.nii.gz")):
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -553,7 +554,8 @@ def test_sigterm_cancels_synth_with_exit_3_and_no_partial_files(tmp_path):
             proc.kill()
     assert proc.returncode == 3, err
     assert "cancelled" in err and "Traceback" not in err
-    assert not [p for p in out.rglob("*") if ".partial-" in p.name]
+    assert not [p for p in tmp_path.rglob("*") if ".partial-" in p.name]  # neither the staging folder nor a file
+    assert not out.exists() or not any(out.iterdir())  # no partial dataset
 
 
 # --------------------------------------------------------------------------- a result set under a lock (16.6)
