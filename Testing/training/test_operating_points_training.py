@@ -61,11 +61,11 @@ def test_training_stores_operating_points_and_predict_uses_them(dataset, tmp_pat
     old = tmp_path / "old.safetensors"
     save_checkpoint(old, model, old_card)
     code = cli_main(["predict", "--model", str(old), "--input", str(image), "--output", str(tmp_path / "y.nii.gz"),
-                     "--operating-point", "1fp", "--device", "cpu"])
+                     "--operating-point", "1fp", "--device", "cpu", *organ])
     assert code == 2
     assert f"--operating-point 1fp: the model card of {old} has no operating points" in capsys.readouterr().err
     assert cli_main(["predict", "--model", str(old), "--input", str(image), "--output", str(tmp_path / "z.nii.gz"),
-                     "--device", "cpu", "--progress-format", "jsonl"]) == 0
+                     "--device", "cpu", "--progress-format", "jsonl", *organ]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     notes = [e["message"] for e in lines if "no operating points" in str(e.get("message", ""))]
     assert notes == [f"the model card of {old} has no operating points (written before they were stored): "
