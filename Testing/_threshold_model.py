@@ -9,10 +9,14 @@ HU > -350. ``ct_volume`` is a CT whose lesions are known by hand.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from IWSegmentationLib.nn.checkpoint import save_checkpoint
 from IWSegmentationLib.nn.unet import build_model, default_config
+from IWSegmentationLib.preprocessing import get_preset
 
 GAIN = 40.0  # logit = GAIN * (x - 0.5): +100 HU -> +13.8, -800 HU -> -13.8
 
@@ -56,3 +60,15 @@ def ct_volume(shape=(24, 40, 48)) -> tuple[np.ndarray, np.ndarray]:
         lesions[d // 2, h // 2 : h // 2 + 2, w // 2 : w // 2 + 2] = True
     image[lesions] = 100
     return image, lesions
+
+
+def save_threshold_checkpoint(path: Path, **card) -> Path:
+    """``threshold_model`` saved at ``path`` with the card the predict tests share: the ``ct-lung``
+    preset, 16^3 patches, threshold 0.5, size groups at 2.5 / 5 mm, no organ mask needed;
+    ``card`` entries are added or replace these."""
+    save_checkpoint(path, threshold_model(), {
+        "patch_size": [16, 16, 16], "preprocessing": get_preset("ct-lung"), "threshold": 0.5,
+        "size_thresholds": [2.5, 5.0], "description": "hand-set voxel-wise threshold at -350 HU (tests)",
+        "organ_mask": NO_ORGAN_MASK, **card,
+    })
+    return path

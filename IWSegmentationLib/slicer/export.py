@@ -98,7 +98,7 @@ def lesion_csv_rows(rows: Sequence[Mapping[str, Any]], verdicts: Mapping[int, st
 
 
 def write_lesion_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
-                     verdicts: Mapping[int, str] | None = None, provenance: Provenance | None = None) -> Path:
+                     verdicts: Mapping[int, str] | None = None, *, provenance: Provenance | None = None) -> Path:
     """Write the lesion table (rows of :func:`IWSegmentationLib.slicer.mrml.lesion_rows`) as UTF-8 CSV, atomically;
     with ``provenance``, its columns (:data:`IWSegmentationLib.core.provenance.CSV_COLUMNS`) follow, the same in every row."""
     extra = {} if provenance is None else provenance.csv_cells()
@@ -153,7 +153,7 @@ def export_results(results, path: str | os.PathLike, source_files: Sequence[str 
     if base.suffix.lower() in (".csv", ".dcm"):
         base = base.with_suffix("")
     provenance = getattr(results, "provenance", None)
-    result = ExportResult(write_lesion_csv(base.parent / f"{base.name}.csv", results.rows, verdicts, provenance))
+    result = ExportResult(write_lesion_csv(base.parent / f"{base.name}.csv", results.rows, verdicts, provenance=provenance))
     segments = mrml.lesion_rows(results.segmentation)  # one row per segment, in segment order
     if not source_files:
         result.notes.append("No DICOM SEG: the input volume was not loaded from DICOM (load the series with the "

@@ -20,25 +20,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from _threshold_model import ct_volume, threshold_model
+from _threshold_model import ct_volume, save_threshold_checkpoint, threshold_model
 
 from IWSegmentationLib.cli import build_parser, main
 from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
 from IWSegmentationLib.core.progress import parse_progress_line
-from IWSegmentationLib.nn.checkpoint import save_checkpoint
-from IWSegmentationLib.preprocessing import get_preset
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "threshold.safetensors"
-    save_checkpoint(path, threshold_model(), {
-        "patch_size": [16, 16, 16], "preprocessing": get_preset("ct-lung"), "threshold": 0.5,
-        "size_thresholds": [2.5, 5.0], "description": "hand-set voxel-wise threshold at -350 HU (tests)",
-        # a model trained without organ masks: it needs none (the organ-mask runs: Testing/predict/test_organ_masks.py)
-        "organ_mask": {"organ": "lung", "required": False, "automatic": True, "source": "none"},
-    })
-    return path
+    # a model trained without organ masks: it needs none (the organ-mask runs: Testing/predict/test_organ_masks.py)
+    return save_threshold_checkpoint(path)
 
 
 def oblique_geometry(shape_zyx) -> Geometry:

@@ -24,14 +24,13 @@ hd = pytest.importorskip("highdicom")
 
 from _dicom import write_ct_series  # noqa: E402
 from _subprocess import run_in_group  # noqa: E402
-from _threshold_model import GAIN, ct_volume, threshold_model  # noqa: E402
+from _threshold_model import GAIN, ct_volume, save_threshold_checkpoint  # noqa: E402
 
 from IWSegmentationLib import __version__  # noqa: E402
 from IWSegmentationLib.core import dicom_seg, dicom_sr, imageio  # noqa: E402
 from IWSegmentationLib.core.errors import InputError  # noqa: E402
 from IWSegmentationLib.core.provenance import Provenance  # noqa: E402
-from IWSegmentationLib.nn.checkpoint import read_metadata, save_checkpoint  # noqa: E402
-from IWSegmentationLib.preprocessing import get_preset  # noqa: E402
+from IWSegmentationLib.nn.checkpoint import read_metadata  # noqa: E402
 
 SPACING_XYZ = (0.7, 0.9, 2.5)
 VOXEL_MM3 = 0.7 * 0.9 * 2.5  # 1.575 mm3
@@ -49,12 +48,7 @@ def series(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "lung-threshold.safetensors"
-    save_checkpoint(path, threshold_model(), {
-        "patch_size": [16, 16, 16], "preprocessing": get_preset("ct-lung"), "threshold": 0.5,
-        "size_thresholds": [2.5, 5.0], "description": "hand-set voxel-wise threshold at -350 HU (tests)",
-        "organ_mask": {"organ": "lung", "required": False, "automatic": False, "source": "none"},
-    })
-    return path
+    return save_threshold_checkpoint(path)
 
 
 def _predict(*args):

@@ -8,25 +8,18 @@ import math
 
 import numpy as np
 import pytest
-from _threshold_model import NO_ORGAN_MASK, ct_volume, threshold_model
+from _threshold_model import ct_volume, save_threshold_checkpoint
 
 from IWSegmentationLib.cli.main import main
 from IWSegmentationLib.core.imageio import Geometry, write_image
 from IWSegmentationLib.core.lesion_guards import LARGE_LESION_PERCENT
 from IWSegmentationLib.core.progress import parse_progress_line
-from IWSegmentationLib.nn.checkpoint import save_checkpoint
-from IWSegmentationLib.preprocessing import get_preset
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "threshold.safetensors"
-    save_checkpoint(path, threshold_model(), {
-        "patch_size": [16, 16, 16], "preprocessing": get_preset("ct-lung"), "threshold": 0.5,
-        "size_thresholds": [2.5, 5.0], "description": "hand-set voxel-wise threshold at -350 HU (tests)",
-        "organ_mask": NO_ORGAN_MASK,
-    })
-    return path
+    return save_threshold_checkpoint(path)
 
 
 def _predict(checkpoint, image, tmp_path, *extra):

@@ -22,13 +22,6 @@ from IWSegmentationLib.slicer import export, mrml
 needs_slicer = pytest.mark.slicer
 
 
-@pytest.fixture
-def scene():
-    pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 'slicer-core==5.13.*')")
-    scene, app_logic = mrml.headless_scene()
-    yield scene
-    del app_logic
-
 
 def _read_csv(path):
     with open(path, newline="", encoding="utf-8") as handle:
@@ -60,7 +53,7 @@ def test_csv_records_the_provenance_in_every_row(tmp_path):
 
     provenance = Provenance("lung-model", "ab" * 32, 0.5, 0.0, operating_point="1fp", engine_version="9.9")
     rows = [{"id": 1, "name": "a", "center_ras": None}, {"id": 2, "name": "b", "center_ras": None}]
-    got = _read_csv(export.write_lesion_csv(tmp_path / "t.csv", rows, provenance))
+    got = _read_csv(export.write_lesion_csv(tmp_path / "t.csv", rows, provenance=provenance))
     assert list(got[0]) == [c for c, _, _ in export.CSV_COLUMNS] + list(CSV_COLUMNS)
     for row in got:  # the same record in each row, as the lesion JSON's provenance
         assert {k: row[k] for k in CSV_COLUMNS} == {"model": "lung-model", "weights_sha256": "ab" * 32,

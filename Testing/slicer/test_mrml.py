@@ -96,13 +96,6 @@ def slicer():
     return pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 'slicer-core==5.13.*')")
 
 
-@pytest.fixture
-def scene(slicer):
-    scene, app_logic = mrml.headless_scene()
-    yield scene  # app_logic stays alive for the test, as Slicer's does
-    del app_logic
-
-
 def _sphere(shape, center_zyx, radius_vox) -> np.ndarray:
     zz, yy, xx = np.indices(shape)
     c = center_zyx

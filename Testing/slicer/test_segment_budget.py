@@ -10,14 +10,6 @@ from IWSegmentationLib.core import imageio
 from IWSegmentationLib.slicer import mrml
 
 
-@pytest.fixture
-def scene():
-    pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 'slicer-core==5.13.*')")
-    scene, app_logic = mrml.headless_scene()
-    yield scene
-    del app_logic
-
-
 def _many_lesions(n: int, seed: int = 0):
     """``n`` one-voxel lesions on even coordinates (never touching, even diagonally) of a 20x40x40
     grid, with distinct maximum logits: a random permutation of 1.00, 1.01, ... (n values)."""
