@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.files import case_name
 from ..core.imageio import Geometry, check_same_grid, read_channels, read_image
 from ..preprocessing.cropping import organ_box
 from ..preprocessing.lung_mask import automatic_organ_mask
 from ..preprocessing.resampling import prepare_case, resample_to_geometry
+from .reviewed import read_reviewed, reviewed_masks
 
 if TYPE_CHECKING:
     from .datasets import Case
@@ -28,6 +30,8 @@ class CaseVolume:
     makes "prepared exactly once" checkable: :func:`prepare_volume` refuses a prepared case.
     ``organ_crop`` is the margin (voxels) of the organ box the prepared case was cropped to
     (``crop_to_organ``), or None when it was not cropped; ``geometry`` is then the box's grid.
+    ``negatives`` (uint8 {0, 1} or None) marks the voxels of the lesions a reader rejected
+    (:mod:`.reviewed`): the sampler's hard negatives, resampled and cropped with the lesion mask.
     """
 
     id: str
@@ -37,6 +41,7 @@ class CaseVolume:
     geometry: Geometry
     preprocessing: dict | None = None
     organ_crop: int | None = None
+    negatives: np.ndarray | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -85,6 +90,9 @@ def _as_label_values(values: Sequence[float], dtype: np.dtype) -> np.ndarray:
 def load_case(case: Case, *, dtype=np.float32) -> CaseVolume:
     """Read a case: the image as ``dtype``, the binary lesion mask and the organ mask (if any).
 
+    A case with a verdict file (``case.verdicts``) gets the reviewed label and the rejected lesions
+    as ``negatives`` (:func:`.reviewed.reviewed_masks`).
+
     Raises :class:`~IWSegmentationLib.core.errors.GeometryMismatchError` naming the case when the
     label or mask is not on the image's voxel grid, and :class:`InputError` naming the case for
     unexpected label values or unreadable files.
@@ -104,7 +112,11 @@ def load_case(case: Case, *, dtype=np.float32) -> CaseVolume:
             organ = (mask_array != 0).astype(np.uint8)
         else:
             organ = np.isin(mask_array, _as_label_values(case.mask_values, mask_array.dtype)).astype(np.uint8)
-    return CaseVolume(case.id, image, lesion, organ, geometry)
+    negatives = None
+    if case.verdicts is not None:
+        verdicts, labels = read_reviewed(case.verdicts, names=(case.id, case_name(case.image)), grid=geometry)
+        lesion, negatives = reviewed_masks(lesion, labels, verdicts)
+    return CaseVolume(case.id, image, lesion, organ, geometry, negatives=negatives)
 
 
 def prepare_volume(volume: CaseVolume, params: Mapping[str, Any], crop_to_organ: int | None = None) -> CaseVolume:
@@ -127,11 +139,13 @@ def prepare_volume(volume: CaseVolume, params: Mapping[str, Any], crop_to_organ:
         image, geometry, organ = prepare_case(volume.image, volume.geometry, dict(params), volume.organ)
     except InputError as exc:
         raise InputError(f"case {volume.id}: {exc}") from None
-    lesion = volume.lesion
+    lesion, negatives = volume.lesion, volume.negatives
     if geometry != volume.geometry:
         lesion = resample_to_geometry(lesion, volume.geometry, geometry, is_mask=True)
+        if negatives is not None:
+            negatives = resample_to_geometry(negatives, volume.geometry, geometry, is_mask=True)
     if crop_to_organ is None:
-        return CaseVolume(volume.id, image, lesion, organ, geometry, preprocessing=dict(params))
+        return CaseVolume(volume.id, image, lesion, organ, geometry, preprocessing=dict(params), negatives=negatives)
     if organ is None:
         raise InputError(f"case {volume.id} has no organ mask, and crop_to_organ ({crop_to_organ} voxels) crops "
                          "every case to its organ's bounding box; give the dataset organ masks or set crop_to_organ: null")
@@ -139,7 +153,8 @@ def prepare_volume(volume: CaseVolume, params: Mapping[str, Any], crop_to_organ:
     if box is None:
         raise InputError(f"case {volume.id}: its organ mask is empty, so crop_to_organ has no box to crop to")
     return CaseVolume(volume.id, box.crop(image), box.crop(lesion), box.crop(organ), box.geometry(geometry),
-                      preprocessing=dict(params), organ_crop=int(crop_to_organ))
+                      preprocessing=dict(params), organ_crop=int(crop_to_organ),
+                      negatives=None if negatives is None else box.crop(negatives))
 
 
 def load_prepared_case(case: Case, params: Mapping[str, Any], crop_to_organ: int | None = None,

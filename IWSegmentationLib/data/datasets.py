@@ -81,6 +81,10 @@ class Case:
     ``image`` is the image file, or its first channel when the case has several (multi-sequence
     MR: ``case_0000``, ``case_0001``, ... in the MSD / nnU-Net naming); ``more_channels`` are the
     files of channels 1, 2, ... in order.
+
+    ``verdicts`` is the case's reviewer verdict file (``CASE.verdicts.json``, set by the trainer's
+    ``reviewed`` key; :mod:`IWSegmentationLib.data.reviewed`), or None: :func:`~IWSegmentationLib.data.cases.load_case`
+    then trains on the reviewed label and the rejected lesions as hard negatives.
     """
 
     id: str
@@ -91,6 +95,7 @@ class Case:
     other_values: tuple[float, ...] = ()
     mask_values: tuple[float, ...] | None = None
     more_channels: tuple[Path, ...] = ()
+    verdicts: Path | None = None
 
     @property
     def image_files(self) -> tuple[Path, ...]:

@@ -25,8 +25,8 @@ class PatchDataset(IterableDataset):
 
     Each item is one *batch* (a dict): ``image`` float32 ``(B, C, D, H, W)`` (C image channels),
     ``target`` float32 ``(B, 1, D, H, W)``, ``labels`` int32 ``(B, 1, D, H, W)`` (cropped whole-image component
-    ids, for :func:`~IWSegmentationLib.core.weights.component_weights`), ``lesion_centred`` bool
-    ``(B,)``, ``origin`` int64 ``(B, 3)`` (each patch's corner on its case's grid), ``case``
+    ids, for :func:`~IWSegmentationLib.core.weights.component_weights`), ``lesion_centred`` and
+    ``hard_negative`` bool ``(B,)``, ``origin`` int64 ``(B, 3)`` (each patch's corner on its case's grid), ``case``
     (list of ids) and ``step``.
 
     **Determinism.** Batch ``step`` is drawn from its own generator
@@ -111,7 +111,7 @@ class PatchDataset(IterableDataset):
             return hit
         source = self.cases[index]
         volume = self.loader(source) if isinstance(source, Case) else source
-        prepared = self.sampler.prepare(volume.image, volume.lesion, volume.id)
+        prepared = self.sampler.prepare(volume.image, volume.lesion, volume.id, volume.negatives)
         self._cache[index] = prepared
         if self.cache_size is not None:
             while len(self._cache) > self.cache_size:
@@ -157,6 +157,7 @@ class PatchDataset(IterableDataset):
             "target": torch.from_numpy(np.stack([p.target for p in patches])[:, None].astype(np.float32)),
             "labels": torch.from_numpy(np.stack([p.labels for p in patches])[:, None]),
             "lesion_centred": torch.tensor([p.lesion_centred for p in patches]),
+            "hard_negative": torch.tensor([p.hard_negative for p in patches]),
             "origin": torch.tensor([p.origin for p in patches], dtype=torch.int64),
             "case": [p.case for p in patches],
             "step": step,

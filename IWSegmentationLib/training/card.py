@@ -38,6 +38,7 @@ def model_card(config: TrainConfig, data: TrainingData, *, epoch: int, validatio
                           "nesterov": config.nesterov},
             "lesion_probability": config.lesion_probability,
             "case_sampling": config.case_sampling,
+            "hard_negative_probability": config.hard_negatives,
             "checkpoint_choice": config.checkpoint_choice,
             "augment": config.augment,
             "seed": config.seed,

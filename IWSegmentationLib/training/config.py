@@ -93,6 +93,11 @@ CASE_SAMPLINGS = ("uniform", "lesions")
 CHECKPOINT_CHOICES = ("best", "last")
 
 
+#: ``hard_negative_probability`` when it is null and ``reviewed`` is set: a third of a reviewed
+#: case's patches go to the lesions its reader rejected.
+HARD_NEGATIVE_PROBABILITY = 0.33
+
+
 @dataclass(frozen=True)
 class Vector:
     """Type marker of a list of ``n`` numbers of type ``item`` (``Annotated[list, Vector(3, int)]``)."""
@@ -169,6 +174,11 @@ class TrainConfig:
                                  "(preprocessing.automatic_organ_mask: the CT lung mask, for ct-lung), the mask "
                                  "iwseg predict makes when no --organ-mask is given, so training and inference "
                                  "mask alike; stored in the model card (organ_mask.source).", section="data")
+    reviewed: Optional[str] = _key(None, "Reviewed cases: a folder of reviewer verdict files (CASE.verdicts.json with "
+                                   "its reviewed label map CASE.verdicts.nii.gz; docs/verdicts.md) or one such file. "
+                                   "A training case with one trains on (its label + accepted + edited lesions) - "
+                                   "rejected lesions, and its rejected lesions become hard negatives. null: none.",
+                                   section="data")
     # -- model and loss ----------------------------------------------------------------------
     model_size: str = _key("paper", "Network preset of models.default_config: paper (11.07 M parameters), "
                            "small (0.71 M, the CPU config's) or tiny (86 k, the demo's and the tests').", section="model")
@@ -204,6 +214,12 @@ class TrainConfig:
                                   section="sampling")
     intensity_shift: float = _key(0.1, "Intensity shifted by U(-s, s) when 'augment' is on.",
                                   section="sampling")
+    hard_negative_probability: Optional[float] = _key(None, "Probability that a patch of a reviewed case with "
+                                                      "rejected lesions is centred on a random voxel of one of them "
+                                                      "(a hard negative; the other patches follow "
+                                                      "lesion_probability). null: "
+                                                      f"{HARD_NEGATIVE_PROBABILITY} with 'reviewed', else 0.",
+                                                      section="sampling")
     # -- optimisation ------------------------------------------------------------------------
     epochs: int = _key(100, "Number of epochs.", section="optimisation")
     iters_per_epoch: int = _key(100, "Optimizer steps per epoch.", section="optimisation")
@@ -319,6 +335,10 @@ class TrainConfig:
         need(all(v > 0 for v in self.patch_size), "patch_size", "must be three positive sizes")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(0 <= self.lesion_probability <= 1, "lesion_probability", "must be in [0, 1]")
+        need(self.hard_negative_probability is None or 0 <= self.hard_negative_probability <= 1,
+             "hard_negative_probability", "must be in [0, 1] or null")
+        need(not self.hard_negative_probability or self.reviewed is not None, "hard_negative_probability",
+             "needs 'reviewed' (the verdict files whose rejected lesions are the hard negatives)")
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
         need(self.prefetch_factor >= 1, "prefetch_factor", "must be >= 1")
         need(0 <= self.flip_prob <= 1, "flip_prob", "must be in [0, 1]")
@@ -412,6 +432,15 @@ class TrainConfig:
 
         defaults = loss_parameters(self.loss)
         return {k: self.loss_params.get(k, defaults[k]) for k in ("mode", "w_min", "w_max") if k in defaults}
+
+    @property
+    def hard_negatives(self) -> float:
+        """The probability the sampler centres a reviewed case's patch on a rejected lesion:
+        ``hard_negative_probability``, or when null :data:`HARD_NEGATIVE_PROBABILITY` with
+        ``reviewed`` and 0 without."""
+        if self.hard_negative_probability is not None:
+            return self.hard_negative_probability
+        return HARD_NEGATIVE_PROBABILITY if self.reviewed is not None else 0.0
 
     @property
     def inverse_weighted(self) -> bool:

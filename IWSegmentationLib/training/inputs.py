@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.files import case_name
 from ..core.imageio import read_geometry
 from ..core.lesions import label_components
+from ..core.verdicts import find_verdict_files
 from ..data.cases import CaseVolume, load_prepared_case
-from ..data.datasets import load_dataset
+from ..data.datasets import Case, Dataset, load_dataset
 from ..data.sampling import PatchSampler, augment_patch
 from ..data.splits import make_splits, read_splits
 from ..preprocessing.resampling import resampled_geometry
@@ -76,6 +78,9 @@ def print_note(message: str) -> None:
 def load_training_data(config: TrainConfig, *, verbose: bool = True) -> TrainingData:
     """Read the dataset listing, split it, load and preprocess the training cases.
 
+    With ``reviewed``, each training case with a verdict file is read as the reader left it
+    (:func:`attach_verdicts`, :mod:`IWSegmentationLib.data.reviewed`).
+
     Errors name the case or key: an empty split, a case whose label/mask is not on its image's
     grid or holds unexpected values, training cases without lesions (``empty_cases: error``)
     or a training split without any lesion at all.
@@ -100,6 +105,9 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
         raise InputError(f"the training split of {config.data} is empty")
     params = config.preprocessing_params()
     train_records = dataset.subset(splits["train"])
+    reviewed_cases = 0
+    if config.reviewed is not None:
+        train_records, reviewed_cases = attach_verdicts(train_records, dataset, config.reviewed, verbose=verbose)
     val_records = dataset.subset(splits.get("val", []))
     if config.val_max_cases is not None:
         val_records = val_records[: config.val_max_cases]
@@ -155,9 +163,36 @@ def load_training_data(config: TrainConfig, *, verbose: bool = True) -> Training
         "train_lesions": int(sum(lesion_counts.values())) if lesion_counts else None,
         "channels": channels,
         "organ_masks": sum(getattr(r, "mask", None) is not None for r in train_records),  # from the dataset
+        "reviewed_cases": reviewed_cases,
     }
     return TrainingData(Path(config.data), dataset.layout, splits, params, train_cases, val_records, summary,
                         channels, lesion_counts or None, spacing)
+
+
+def attach_verdicts(records: Sequence[Case], dataset: Dataset, reviewed: str, *,
+                    verbose: bool = True) -> tuple[list[Case], int]:
+    """The training ``records``, each with its verdict file from ``reviewed`` (a folder of
+    ``CASE.verdicts.json`` or one file; ``Case.verdicts``), and how many have one. A file is
+    matched by the case name inside it: the case id or its image's name without extension. A
+    file for no case of the dataset is refused (a typo or another dataset), one for a validation
+    or test case is left out with a note (those are scored against their reference)."""
+    files = find_verdict_files(reviewed, flag="config key 'reviewed'")
+    owner = {}
+    for case in dataset.cases:
+        owner.setdefault(case.id, case.id)
+        owner.setdefault(case_name(case.image), case.id)
+    unknown = sorted(name for name in files if name not in owner)
+    if unknown:
+        raise InputError(f"config key 'reviewed': verdict file {files[unknown[0]]} is for case {unknown[0]!r}, which is "
+                         f"not a case of the dataset {dataset.root} ({len(unknown)} such file(s))")
+    by_case = {owner[name]: path for name, path in files.items()}
+    train_ids = {r.id for r in records}
+    left_out = sorted(cid for cid in by_case if cid not in train_ids)
+    if left_out and verbose:
+        print_note(f"note: reviewed: {len(left_out)} verdict file(s) of cases outside the training split are not used: "
+                   + ", ".join(left_out[:10]))
+    out = [replace(r, verdicts=by_case[r.id]) if r.id in by_case else r for r in records]
+    return out, sum(r.id in by_case for r in records)
 
 
 def training_spacing(cases: Sequence, params: Mapping[str, Any]) -> list[float] | None:
@@ -238,7 +273,7 @@ def make_patch_dataset(config: TrainConfig, cases: Sequence, params: Mapping[str
                            "prepared with these parameters and organ crop (data.prepare_volume)")
 
     sampler = PatchSampler(config.patch_size, lesion_probability=config.lesion_probability,
-                           connectivity=config.connectivity)
+                           connectivity=config.connectivity, hard_negative_probability=config.hard_negatives)
     augment = None
     if config.augment:
         augment = functools.partial(augment_patch, flip_probability=config.flip_prob,
