@@ -110,6 +110,9 @@ class PredictOptions:
                 continue
             if value not in allowed:
                 raise InputError(f"{flag(name)} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        for field_ in fields(self):  # a switch is a bool: a server's undeclared query value "false" is a string
+            if field_.type in ("bool", bool) and not isinstance(getattr(self, field_.name), bool):
+                raise InputError(f"{flag(field_.name)} is a switch (true or false), got {getattr(self, field_.name)!r}")
         low, high = OVERLAP_RANGE
         if self.overlap is not None and not low <= _number(self.overlap, "overlap") <= high:
             raise InputError(f"--overlap must be in [{low:g}, {high:g}], got {self.overlap}")

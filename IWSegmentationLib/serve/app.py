@@ -293,6 +293,7 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
                                                                  "reverse, instead of failing"),
         allow_unmasked: bool = Query(False, description="segment without an organ mask although the model needs one "
                                                         "(not as trained; the job warns)"),
+        no_doubt: bool = Query(False, description="with tta, skip the per-lesion doubt (members' spread)"),
         who: str = Depends(owner),
     ):
         declared = request.headers.get("content-length")
@@ -304,7 +305,7 @@ def create_app(config: ServerConfig, manager: Optional[JobManager] = None):
                        connectivity=connectivity, tta=tta, min_lesion_size=min_lesion_size, force=force, logits=logits,
                        operating_point=operating_point)
         options.update(keep_spacing=keep_spacing, allow_modality_mismatch=allow_modality_mismatch)
-        options.update(allow_unmasked=allow_unmasked)
+        options.update(allow_unmasked=allow_unmasked, no_doubt=no_doubt)
         # a query key that is no parameter here is refused by PredictOptions.from_request, not ignored
         options.update({key: request.query_params[key] for key in request.query_params
                         if key not in options and key not in ("model", "filename", "output_format")})

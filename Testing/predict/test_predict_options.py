@@ -129,3 +129,13 @@ def test_a_request_round_trips(options):
     back = PredictOptions.from_request(options.to_request(), models=options.models, device=options.device,
                                        threads=options.threads)
     assert back == options
+
+
+def test_a_switch_must_be_a_bool_whoever_sends_it():
+    """A server's undeclared query parameter arrives as the string "false", which Python reads as
+    true: PredictOptions refuses any switch that is not a bool, naming its flag."""
+    with pytest.raises(InputError, match=r"--no-doubt is a switch \(true or false\), got 'false'"):
+        PredictOptions(models=("m.safetensors",), no_doubt="false")
+    with pytest.raises(InputError, match="--tta is a switch"):
+        PredictOptions.from_request({"tta": 1}, models=("m.safetensors",))
+    assert PredictOptions(models=("m.safetensors",), tta=True).tta is True
