@@ -57,7 +57,7 @@ from IWSegmentationLib.backend.device_probe import DeviceProbe  # noqa: E402
 from IWSegmentationLib.backend.interpreter import backend_environment  # noqa: E402
 from IWSegmentationLib.backend.job import Outcome  # noqa: E402
 from IWSegmentationLib.backend.local_run import LocalJobFactory  # noqa: E402
-from IWSegmentationLib.core import errors, lesions  # noqa: E402
+from IWSegmentationLib.core import errors, lesion_sizes  # noqa: E402
 from IWSegmentationLib.slicer import deps as slicer_deps  # noqa: E402
 from IWSegmentationLib.slicer import logic as slicer_logic  # noqa: E402
 from IWSegmentationLib.slicer import model_choices, panel  # noqa: E402
@@ -438,7 +438,7 @@ class IWSegmentationTest(ScriptedLoadableModuleTest):
         self.assertEqual([c["size_group"] for c in results.lesions], ["large", "medium", "small"])  # largest first
         for lesion in results.lesions:
             color = segmentation.GetSegment(lesion["segment_id"]).GetColor()
-            expected = [v / 255.0 for v in lesions.SIZE_GROUP_COLORS[lesion["size_group"]]]
+            expected = [v / 255.0 for v in lesion_sizes.SIZE_GROUP_COLORS[lesion["size_group"]]]
             self.assertEqual([round(v, 3) for v in color], [round(v, 3) for v in expected])
             self.assertAlmostEqual(lesion["hit_dice"], 1.0, places=6)  # the prediction is the reference
         self.assertEqual([r["status"] for r in results.rows], ["TP"] * 3)

@@ -16,7 +16,7 @@ import torch
 
 from IWSegmentationLib.nn.checkpoint import save_checkpoint
 from IWSegmentationLib.nn.unet import build_model, default_config
-from IWSegmentationLib.preprocessing import get_preset
+from IWSegmentationLib.preprocessing.presets import get_preset
 
 GAIN = 40.0  # logit = GAIN * (x - 0.5): +100 HU -> +13.8, -800 HU -> -13.8
 

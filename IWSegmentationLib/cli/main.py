@@ -1,4 +1,5 @@
-"""The ``iwseg`` command line: one sub-command per job, each in :mod:`IWSegmentationLib.cli.commands`.
+"""The ``iwseg`` command line: one sub-command per job, its flags in :mod:`IWSegmentationLib.cli.flags` and
+what it does in :mod:`IWSegmentationLib.cli.commands`.
 
 Exit codes, the same for every command (defined in :mod:`IWSegmentationLib.core.errors`):
 
@@ -20,11 +21,12 @@ import argparse
 import contextlib
 import errno
 import importlib
+import importlib.util
 import os
 import signal
 import sys
 import threading
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .. import __version__
 from ..core.errors import (
@@ -37,32 +39,46 @@ from ..core.errors import (
     IWSegError,
 )
 
-#: sub-command name -> module in IWSegmentationLib.cli.commands; each module defines
-#: ``register(subparsers)`` that adds its parser and sets ``func=run``.
-COMMANDS = {
-    "evaluate": "evaluate",
-    "predict": "predict",
-    "train": "train",
-    "synth": "synth",
-    "inspect": "inspect",
-    "serve": "serve",
-    "models": "models",
+#: sub-command -> the engine folder it needs beyond those every installation has (None: none).
+#: Each command is two modules of the same name: ``cli.flags.NAME`` (``register(subparsers)``: its
+#: flags) and ``cli.commands.NAME`` (``run(args)``: what it does), imported once the flags are read.
+#: The 3D Slicer extension ships no ``training/`` or ``data/`` (IWSegmentation/CMakeLists.txt), so its
+#: ``iwseg`` has no ``train`` or ``synth``.
+COMMANDS: dict[str, str | None] = {
+    "evaluate": None,
+    "predict": None,
+    "train": "training",
+    "synth": "data",
+    "inspect": None,
+    "serve": None,
+    "models": None,
 }
 
 #: OSError numbers that mean the system could not store a file (exit code 4, not a traceback).
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
 
 
-def _not_installed(exc: ModuleNotFoundError, module_name: str) -> bool:
-    """Whether a command is left out because it, or the engine folder it needs, is not installed:
-    the 3D Slicer extension ships no ``training/`` or ``data/`` (see IWSegmentation/CMakeLists.txt),
-    so its ``iwseg`` has no ``train`` or ``synth``."""
-    name = exc.name or ""
-    engine = __package__.split(".")[0]
-    return name.endswith(f"commands.{module_name}") or name.startswith(f"{engine}.")
+def command_installed(name: str) -> bool:
+    """Whether the engine folder command ``name`` needs is installed (found without importing it)."""
+    folder = COMMANDS[name]
+    return folder is None or importlib.util.find_spec(f"{__package__.split('.')[0]}.{folder}") is not None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested_commands(argv: Sequence[str]) -> tuple[str, ...]:
+    """The sub-commands whose flags ``iwseg ARGV`` needs: only the one it names, when its first
+    argument is a command, else all of them (``iwseg --help`` lists every command).
+
+    Why: ``iwseg predict`` (the process the Slicer module starts for every run) then reads only its
+    own flags; the other commands' flags import their names and ranges (evaluation, data).
+    """
+    if argv and argv[0] in COMMANDS:
+        return (argv[0],)
+    return tuple(COMMANDS)
+
+
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``iwseg`` parser with the sub-commands ``commands`` (default: all of them); a command
+    whose engine folder is not installed (the Slicer extension ships no trainer) is left out."""
     parser = argparse.ArgumentParser(
         prog="iwseg",
         description="Inverse-weighted 3D lesion segmentation: train, predict, evaluate.",
@@ -72,14 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"iwseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module_name in COMMANDS.values():
-        try:
-            module = importlib.import_module(f".commands.{module_name}", __package__)
-        except ModuleNotFoundError as exc:
-            if _not_installed(exc, module_name):
-                continue
-            raise
-        module.register(sub)
+    for name in COMMANDS if commands is None else commands:
+        if command_installed(name):
+            importlib.import_module(f".flags.{name}", __package__).register(sub)
     return parser
 
 
@@ -114,7 +125,8 @@ def _silence_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(requested_commands(argv))
     args = parser.parse_args(argv)
     try:
         with _sigterm_cancels():
@@ -134,7 +146,8 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Run the sub-command; map every expected failure to its exit code and one line on stderr."""
     try:
-        return int(args.func(args) or 0)
+        command = importlib.import_module(f".commands.{args.command}", __package__)
+        return int(command.run(args) or 0)
     except Cancelled as exc:
         print(f"iwseg {args.command}: cancelled{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return EXIT_CANCELLED

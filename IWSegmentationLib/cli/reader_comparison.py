@@ -25,13 +25,6 @@ from ..evaluation.reader import predicted_lesions, reader_scores
 from ..evaluation.report import detection_summary, evaluate_cases
 
 
-def add_verdicts_argument(parser: argparse.ArgumentParser) -> None:
-    """The ``--verdicts`` flag of ``iwseg evaluate``."""
-    parser.add_argument("--verdicts", type=Path, metavar="DIR_OR_FILE",
-                        help="reviewer verdicts (CASE.verdicts.json files, or one file): also report the model plus "
-                             "reader, rejected lesions removed and edited ones as edited (docs/verdicts.md)")
-
-
 def check_verdicts_sources(args: argparse.Namespace) -> None:
     """``--verdicts`` needs the score maps (``--logits``/``--pred`` with ``--ref``), not records."""
     if args.verdicts is not None and args.records is not None:

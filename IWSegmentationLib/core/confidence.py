@@ -8,17 +8,18 @@ authors rank components by their maximum logit; so does this project. A threshol
 given as a probability (the card's ``threshold``, 0.5 by default) and applied in logit space:
 ``sigmoid(x) > t`` is ``x > log(t / (1 - t))``, which a positive scaling of the logits leaves
 unchanged at ``t = 0.5``.
+
+Standard library only (the Slicer panel checks thresholds with it); the array function
+``sigmoid`` is :func:`IWSegmentationLib.core.prediction_maps.sigmoid`.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from .errors import InputError
 
-__all__ = ["SKIPPED_LOGIT", "probability_to_logit", "sigmoid"]
+__all__ = ["SKIPPED_LOGIT", "probability_to_logit"]
 
 #: The logit given to voxels no sliding window covered (windows skipped outside the
 #: foreground): ``sigmoid(-1e4)`` is exactly 0 in float32, so they read as probability 0, and
@@ -39,15 +40,3 @@ def probability_to_logit(threshold: float, name: str = "threshold") -> float:
     if t == 0.0:
         return SKIPPED_LOGIT
     return math.log(t) - math.log1p(-t)
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Float32 probabilities ``1 / (1 + exp(-x))`` of a logit array, without overflow warnings."""
-    x = np.asarray(logits, dtype=np.float32)
-    out = np.empty_like(x)
-    np.negative(x, out=out)
-    with np.errstate(over="ignore"):  # exp overflows to inf below about -88: sigmoid is then exactly 0
-        np.exp(out, out=out)
-    out += 1.0
-    np.reciprocal(out, out=out)
-    return out

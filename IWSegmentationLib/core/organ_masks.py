@@ -3,7 +3,7 @@ module's segmentation): read and checked once, with the messages that say how to
 
 ``iwseg predict`` reads a case's mask with :func:`read_organ_mask`; ``iwseg serve`` runs the same
 function on an uploaded mask before it queues the job, so a bad mask is the same message (a 400
-there, exit 2 here). The Slicer panel's hint names the same TotalSegmentator structures.
+there, exit 2 here). How to get a mask is said by :mod:`IWSegmentationLib.core.organs`.
 """
 
 from __future__ import annotations
@@ -16,20 +16,6 @@ import numpy as np
 from .errors import InputError
 from .imageio import Geometry, read_image
 from .label_maps import LABEL_MAP_MAX_VALUES, label_map_values
-
-#: How to get an organ mask, for the messages: TotalSegmentator segments 100+ structures of CT
-#: (lungs, liver, ...), and Slicer users have it as an extension.
-ORGAN_MASK_HOWTO = ("TotalSegmentator makes one from the CT (e.g. `TotalSegmentator -i CT.nii.gz -o seg --roi_subset "
-                    "{roi}`, or its 3D Slicer extension), as does any segmentation saved as a label map")
-
-#: TotalSegmentator's names of the organs the presets mask (``--roi_subset``).
-TOTALSEGMENTATOR_ROIS = {"liver": "liver", "lung": "lung_upper_lobe_left lung_lower_lobe_left lung_upper_lobe_right "
-                                                    "lung_middle_lobe_right lung_lower_lobe_right"}
-
-
-def totalsegmentator_roi(organ: str | None) -> str:
-    """TotalSegmentator's structure name(s) for ``organ`` (the organ's own name when unknown)."""
-    return TOTALSEGMENTATOR_ROIS.get(organ or "", organ or "ORGAN")
 
 
 def check_organ_mask(organ: np.ndarray, path: str | os.PathLike, image: str | os.PathLike) -> None:

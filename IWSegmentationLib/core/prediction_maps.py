@@ -1,4 +1,5 @@
-"""What a stored prediction's voxel values mean: a probability, a uint8-scaled probability or a label.
+"""What a prediction map's voxel values mean: the probabilities of a logit map (:func:`sigmoid`), a
+stored probability, a uint8-scaled probability or a label.
 
 ``iwseg predict --probabilities-uint8`` stores ``round(255 p)`` and records it in the file's notes
 (:data:`PROBABILITY_UINT8_NOTE`, ITK's ``ITK_FileNotes``: the NIfTI ``descrip`` field, a
@@ -23,6 +24,18 @@ PROBABILITY_UINT8_NOTE = "iwseg probabilities uint8: p = value / 255"
 PREDICTION_VALUES = ("auto", "probability", "uint8")
 #: The flag that says it, named in the refusal.
 PREDICTION_VALUES_FLAG = "--pred-values"
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Float32 probabilities ``1 / (1 + exp(-x))`` of a logit array, without overflow warnings."""
+    x = np.asarray(logits, dtype=np.float32)
+    out = np.empty_like(x)
+    np.negative(x, out=out)
+    with np.errstate(over="ignore"):  # exp overflows to inf below about -88: sigmoid is then exactly 0
+        np.exp(out, out=out)
+    out += 1.0
+    np.reciprocal(out, out=out)
+    return out
 
 
 def probabilities_to_uint8(probabilities: np.ndarray) -> np.ndarray:

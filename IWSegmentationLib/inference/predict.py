@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.confidence import SKIPPED_LOGIT, probability_to_logit, sigmoid
+from ..core.confidence import SKIPPED_LOGIT, probability_to_logit
 from ..core.errors import InputError
 from ..core.imageio import Geometry
+from ..core.prediction_maps import sigmoid
 from ..nn.model_card import card_spacing, check_in_channels
 from ..preprocessing.cropping import OrganBox, organ_box
 from ..preprocessing.foreground import foreground_mask

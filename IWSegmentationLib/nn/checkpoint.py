@@ -33,13 +33,12 @@ import datetime
 import hashlib
 import json
 import math
+import numbers
 import os
 import struct
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
-
-import numpy as np
 
 from .. import __version__
 from ..core.errors import CheckpointError, InputError, OutputError
@@ -106,11 +105,12 @@ def _to_json_value(value: Any, where: str) -> Any:
     converted; non-finite floats become ``None`` (strict JSON has no NaN)."""
     if value is None or isinstance(value, (bool, str)):
         return value
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, numbers.Integral):  # numpy integers are registered as Integral
         return int(value)
-    if isinstance(value, (float, np.floating)):
+    if isinstance(value, numbers.Real):  # numpy floats as Real
         return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.ndarray):
+    numpy = sys.modules.get("numpy")  # an array can only come from a caller that imported numpy
+    if numpy is not None and isinstance(value, numpy.ndarray):
         return _to_json_value(value.tolist(), where)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor) and value.numel() <= 1024:

@@ -27,11 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..core.errors import CheckpointError, InputError
-from ..core.lesions import MIN_SIZE_UNITS, SIZE_PRESETS, MinLesionSize, parse_size_thresholds
+from ..core.lesion_sizes import MIN_SIZE_UNITS, SIZE_PRESETS, MinLesionSize, parse_size_thresholds
 from ..core.operating_points import OperatingPoints
-from ..preprocessing.cropping import MAX_CROP_MARGIN
-from ..preprocessing.lung_mask import automatic_mask_available
-from ..preprocessing.presets import PRESETS, validate_params
+from ..preprocessing.presets import MAX_CROP_MARGIN, PRESETS, automatic_mask_available, validate_params
 from .architecture import validate_config
 
 FORMAT = "iwsegmentation.checkpoint"

@@ -16,7 +16,7 @@ from ..core.errors import InputError, IWSegError
 from ..core.files import IMAGE_SUFFIXES, case_name, group_channels, list_images, preview_names
 from ..core.imageio import Geometry, check_output_format, format_numbers, output_suffix
 from ..core.label_maps import LABEL_MAP_MAX_VALUES, label_map_values  # noqa: F401  (the names predict used)
-from ..core.organ_masks import ORGAN_MASK_HOWTO, check_organ_mask, totalsegmentator_roi  # noqa: F401
+from ..core.organs import ORGAN_MASK_HOWTO, totalsegmentator_roi
 from ..core.outputs import check_not_overwriting, check_output_path, check_writable, remove_stale_partials_of
 
 

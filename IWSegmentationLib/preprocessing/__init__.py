@@ -1,63 +1,8 @@
-"""Preprocessing, one code path for training and inference: presets, intensities, foreground, the
-automatic lung mask, resampling, the organ crop.
+"""Preprocessing, one code path for training and inference: the presets and their parameters
+(:mod:`.presets`), intensities (:mod:`.intensity`), the foreground (:mod:`.foreground`), the automatic
+lung mask (:mod:`.lung_mask`), resampling (:mod:`.resampling`), the organ crop (:mod:`.cropping`).
+
+Nothing is re-exported here on purpose: the model card (:mod:`IWSegmentationLib.nn.model_card`, which
+the Slicer panel reads) checks presets with :mod:`.presets` alone, which needs no numpy; importing this
+package must not load the array code.
 """
-
-from .cropping import (  # noqa: F401  (re-exported)
-    MAX_CROP_MARGIN,
-    OrganBox,
-    organ_box,
-)
-from .foreground import (  # noqa: F401  (re-exported)
-    foreground_mask,
-    lung_field,
-)
-from .intensity import (  # noqa: F401  (re-exported)
-    preprocess,
-)
-from .lung_mask import (  # noqa: F401  (re-exported)
-    automatic_mask_available,
-    automatic_organ_mask,
-    lung_mask,
-)
-from .presets import (  # noqa: F401  (re-exported)
-    MODALITIES,
-    PARAM_KEYS,
-    PRESETS,
-    SCALINGS,
-    get_preset,
-    validate_params,
-)
-from .resampling import (  # noqa: F401  (re-exported)
-    MAX_RESAMPLED_VOXELS,
-    check_resampled_memory,
-    prepare_case,
-    prepare_channels,
-    resample_to_geometry,
-    resample_to_spacing,
-    resampled_geometry,
-)
-
-__all__ = [
-    "MAX_CROP_MARGIN",
-    "OrganBox",
-    "organ_box",
-    "SCALINGS",
-    "MODALITIES",
-    "PARAM_KEYS",
-    "PRESETS",
-    "get_preset",
-    "validate_params",
-    "preprocess",
-    "foreground_mask",
-    "lung_field",
-    "lung_mask",
-    "automatic_organ_mask",
-    "automatic_mask_available",
-    "MAX_RESAMPLED_VOXELS",
-    "check_resampled_memory",
-    "resampled_geometry",
-    "resample_to_geometry",
-    "resample_to_spacing",
-    "prepare_case",
-    "prepare_channels",
-]

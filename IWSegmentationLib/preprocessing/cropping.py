@@ -18,10 +18,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.imageio import Geometry
-
-#: Largest margin a config or model card may ask for, in voxels: far above the authors' 5, it
-#: only bounds what a crafted card can ask for.
-MAX_CROP_MARGIN = 512
+from .presets import MAX_CROP_MARGIN
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The automatic CT lung mask, and the one place that says which organs have an automatic mask.
+"""The automatic CT lung mask, and the finder of each organ that has an automatic mask.
 
 A ``ct-lung`` model is trained on lungs masked out of the chest (voxels outside set to -1000 HU),
 so at inference it needs the same mask. Chest CT lungs are the one organ a few lines of
@@ -228,13 +228,9 @@ def upsample(mask: np.ndarray, steps: tuple[int, int, int], shape: tuple[int, ..
     return np.ascontiguousarray(out[: shape[0], : shape[1], : shape[2]])
 
 
-#: Organs with an automatic mask, by (modality, organ): the function that finds the organ.
+#: The function that finds each organ of :data:`~IWSegmentationLib.preprocessing.presets.AUTOMATIC_MASK_ORGANS`
+#: in the image, by (modality, organ).
 AUTOMATIC_MASKS: dict[tuple[str, str], Callable[..., np.ndarray | None]] = {("CT", "lung"): lung_mask}
-
-
-def automatic_mask_available(params: Mapping[str, Any]) -> bool:
-    """Whether the preset's organ (``params['mask']``) has an automatic mask for its modality."""
-    return (params.get("modality"), params.get("mask")) in AUTOMATIC_MASKS
 
 
 def automatic_organ_mask(image: np.ndarray, params: Mapping[str, Any], geometry: Geometry | None = None) -> np.ndarray | None:

@@ -40,13 +40,25 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
-
-import numpy as np
+import numbers
+from typing import Any, Mapping
 
 from ..core.errors import InputError
 
 SCALINGS = ("window", "percentile", "zscore", "none")
+
+#: The largest organ-crop margin in voxels (a model card's and a training config's ``crop_to_organ``):
+#: far above the authors' 5, it only bounds what a crafted card can ask for.
+MAX_CROP_MARGIN = 512
+
+#: The (modality, organ) pairs that have an automatic organ mask, found in the image itself
+#: (:data:`IWSegmentationLib.preprocessing.lung_mask.AUTOMATIC_MASKS` holds their finders).
+AUTOMATIC_MASK_ORGANS = frozenset({("CT", "lung")})
+
+
+def automatic_mask_available(params: Mapping[str, Any]) -> bool:
+    """Whether the preset's organ (``params['mask']``) has an automatic mask for its modality."""
+    return (params.get("modality"), params.get("mask")) in AUTOMATIC_MASK_ORGANS
 
 
 MODALITIES = ("CT", "MR", "other")
@@ -92,7 +104,7 @@ def get_preset(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
             or not math.isfinite(value):
         raise InputError(f"preprocessing {what} must be a finite number, got {value!r}")
     return float(value)

@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Sized
 from ..core.confidence import probability_to_logit
 from ..core.errors import InputError
 from ..core.lesion_guards import LesionSummary
-from ..core.lesions import SIZE_GROUP_COLORS, parse_size_thresholds
+from ..core.lesion_sizes import SIZE_GROUP_COLORS, parse_size_thresholds
 from ..core.modality import guess_modality, modality_mismatch
 from ..core.operating_points import OperatingPoints
-from ..core.organ_masks import totalsegmentator_roi
+from ..core.organs import totalsegmentator_roi
 from ..core.progress import ProgressEvent
 from ..nn.model_card import card_modality, card_spacing, license_summary, organ_mask_need
 from .lesion_row import LesionRow

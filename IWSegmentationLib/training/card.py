@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-from ..preprocessing.lung_mask import automatic_mask_available
+from ..preprocessing.presets import automatic_mask_available
 
 if TYPE_CHECKING:
     from .config import TrainConfig

@@ -52,9 +52,7 @@ from ..core.memory import physical_memory
 from ..evaluation.hit_rules import parse_hit_rule
 from ..nn.architecture import default_config, model_stride
 from ..nn.model_card import check_license
-from ..preprocessing.cropping import MAX_CROP_MARGIN
-from ..preprocessing.lung_mask import automatic_mask_available
-from ..preprocessing.presets import PRESETS, get_preset
+from ..preprocessing.presets import MAX_CROP_MARGIN, PRESETS, automatic_mask_available, get_preset
 
 #: Metrics a run can select its best checkpoint by (keys of the validation report; higher is better).
 #: ``cpm_object_dice`` (the default) is the harmonic mean of CPM and object Dice: a model that

@@ -6,7 +6,7 @@ import sys
 
 from IWSegmentationLib.nn.checkpoint import save_checkpoint
 from IWSegmentationLib.nn.unet import build_model, default_config
-from IWSegmentationLib.preprocessing import get_preset
+from IWSegmentationLib.preprocessing.presets import get_preset
 
 
 def iwseg(*args, **kw):

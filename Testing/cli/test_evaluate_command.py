@@ -313,7 +313,7 @@ def test_predict_min_lesion_size_from_flag_and_card(tmp_path):
     (96, 8 and 1 voxels, 1 mm grid). The card's min_lesion_size (2 voxels) drops the 1-voxel one;
     --min-lesion-size overrides the card (10vox keeps only the 96-voxel lesion, 'none' keeps all)."""
     from IWSegmentationLib.nn.checkpoint import save_checkpoint
-    from IWSegmentationLib.preprocessing import get_preset
+    from IWSegmentationLib.preprocessing.presets import get_preset
 
     ckpt = tmp_path / "model.safetensors"
     save_checkpoint(ckpt, threshold_model(), {

@@ -283,7 +283,7 @@ def test_bad_input_exit_code_in_a_real_process(tmp_path, checkpoint):
 
 def test_device_precision_and_engine_names_have_one_definition():
     """The parser, the backend wrapper, the panel and the engine use core.devices' tuples, not copies."""
-    from IWSegmentationLib.cli.commands import predict
+    from IWSegmentationLib.cli.flags import predict
     from IWSegmentationLib.core import devices
     from IWSegmentationLib.inference import devices as inference_devices
     from IWSegmentationLib.inference import engine

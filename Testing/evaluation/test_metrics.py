@@ -649,7 +649,7 @@ def test_confident_false_positives_below_more_confident_hits_rank_by_logit_not_p
     (1 FP/image, recall 1); recall at 1/8, 1/4, 1/2 is interpolated 0.125, 0.25, 0.5, then 1 at
     1, 2, 4, 8: CPM (0.875 + 4) / 7 = 0.696. The model that orders its detections right must
     score higher, and does only by logit."""
-    from IWSegmentationLib.core.confidence import sigmoid
+    from IWSegmentationLib.core.prediction_maps import sigmoid
 
     ref = np.zeros((6, 6, 6), np.uint8)
     ref[1:3, 1:3, 1:3] = 1

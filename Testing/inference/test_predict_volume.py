@@ -282,7 +282,7 @@ def test_predict_volume_resamples_back_and_skips():
     the body threshold (-900 HU for ct-lung) skips the air windows, which get probability 0."""
     from IWSegmentationLib.core.imageio import Geometry
     from IWSegmentationLib.nn.unet import build_model, default_config
-    from IWSegmentationLib.preprocessing import get_preset
+    from IWSegmentationLib.preprocessing.presets import get_preset
 
     torch.manual_seed(0)
     model = build_model(default_config("tiny"))
@@ -324,7 +324,7 @@ def test_resampling_back_never_makes_lesions_from_the_fill_value():
     lesion; the uncovered slice must read as skipped (probability 0, no lesion), not as logit
     0, which is probability 0.5 and would be lesion at this threshold."""
     from IWSegmentationLib.core.imageio import Geometry
-    from IWSegmentationLib.preprocessing import get_preset
+    from IWSegmentationLib.preprocessing.presets import get_preset
 
     image = np.random.default_rng(0).normal(100, 10, (5, 16, 16)).astype(np.float32)
     geometry = Geometry(size=(16, 16, 5), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
@@ -403,7 +403,7 @@ def test_engine_resolution():
 
 def test_predict_volume_frozen_and_eager_agree():
     """The default (frozen) and the eager engine give the same probabilities on a whole volume."""
-    from IWSegmentationLib.preprocessing import get_preset
+    from IWSegmentationLib.preprocessing.presets import get_preset
 
     model = unet_with_running_stats()
     image = np.random.default_rng(0).normal(0, 300, (20, 40, 36)).astype(np.float32)

@@ -23,7 +23,7 @@ from IWSegmentationLib.inference import (
 )
 from IWSegmentationLib.nn.checkpoint import save_checkpoint
 from IWSegmentationLib.nn.unet import build_model, default_config
-from IWSegmentationLib.preprocessing import get_preset
+from IWSegmentationLib.preprocessing.presets import get_preset
 
 
 class ZRamp(torch.nn.Module):

@@ -333,11 +333,16 @@ def test_the_checker_allows_what_the_rules_allow():
     assert violations(LIB / "serve" / "client.py", "from ..predict.options import PredictOptions\n") == []
 
 
-def _loads_torch(modules: list[str]) -> bool:
-    code = f"import sys\nfor m in {modules!r}:\n    __import__(m)\nprint('torch' in sys.modules)"
+def _loaded(modules: list[str], heavy: str = "torch") -> bool:
+    """Whether importing ``modules`` in a fresh interpreter loads ``heavy``."""
+    code = f"import sys\nfor m in {modules!r}:\n    __import__(m)\nprint({heavy!r} in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip() == "True"
+
+
+def _loads_torch(modules: list[str]) -> bool:
+    return _loaded(modules, "torch")
 
 
 def test_the_slicer_side_loads_no_torch():
@@ -346,6 +351,26 @@ def test_the_slicer_side_loads_no_torch():
     modules += [f"{PACKAGE}.backend.{m}" for m in ("local_run", "device_probe")]
     modules += [f"{PACKAGE}.slicer.model_choices", f"{PACKAGE}.models.library"]
     assert not _loads_torch(modules)
+
+
+def test_the_modules_gui_process_loads_no_numpy():
+    """What the module's GUI process imports when the module opens (the panel, the logic, the job
+    contract, the card reader) loads the standard library only: it opens faster (docs/benchmarks.md,
+    entry points). The scene code (``slicer.mrml``) and the views need numpy and load it later."""
+    modules = [f"{PACKAGE}.slicer.{m}" for m in ("panel", "logic", "parameter_node", "lesion_row", "deps")]
+    modules += [f"{PACKAGE}.backend.{m}" for m in ("job", "local_run", "device_probe")]
+    modules += [f"{PACKAGE}.nn.checkpoint", f"{PACKAGE}.serve.client"]
+    assert not _loaded(modules, "numpy")
+    # the check can fail: the scene code does load numpy
+    assert _loaded([f"{PACKAGE}.slicer.mrml.geometry"], "numpy")
+
+
+def test_predict_flags_are_read_without_the_pipeline():
+    """``iwseg predict --help`` (and a bad flag) is answered before numpy or the predictor loads."""
+    code = (f"import sys\nfrom {PACKAGE}.cli.main import main\ntry:\n    main(['predict', '--help'])\n"
+            f"except SystemExit:\n    pass\nprint('numpy' in sys.modules, '{PACKAGE}.predict.predictor' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.split()[-2:] == ["False", "False"], done.stderr
 
 
 def test_evaluation_and_the_cli_start_without_torch():

@@ -38,7 +38,7 @@ from IWSegmentationLib.core.prediction_maps import (
     probabilities_to_uint8,
 )
 from IWSegmentationLib.nn.checkpoint import MAX_HEADER_BYTES, load_checkpoint, read_header, save_checkpoint
-from IWSegmentationLib.preprocessing import get_preset
+from IWSegmentationLib.preprocessing.presets import get_preset
 from IWSegmentationLib.testing.phantom import phantom_case, threshold_checkpoint, threshold_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from IWSegmentationLib.core.confidence import SKIPPED_LOGIT, probability_to_logit, sigmoid
+from IWSegmentationLib.core.confidence import SKIPPED_LOGIT, probability_to_logit
 from IWSegmentationLib.core.errors import InputError
+from IWSegmentationLib.core.prediction_maps import sigmoid
 from IWSegmentationLib.evaluation import evaluate_cases, match_case
 from IWSegmentationLib.inference import predict_volume
-from IWSegmentationLib.preprocessing import get_preset
+from IWSegmentationLib.preprocessing.presets import get_preset
 from IWSegmentationLib.testing import phantom
 
 

@@ -27,7 +27,8 @@ from IWSegmentationLib.nn.architecture import default_config
 from IWSegmentationLib.nn.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from IWSegmentationLib.nn.model_card import ModelCard, card_in_channels
 from IWSegmentationLib.nn.unet import build_model
-from IWSegmentationLib.preprocessing import get_preset, prepare_case
+from IWSegmentationLib.preprocessing.presets import get_preset
+from IWSegmentationLib.preprocessing.resampling import prepare_case
 from IWSegmentationLib.training import TrainConfig, train
 
 

@@ -31,7 +31,7 @@ from IWSegmentationLib.nn.training_state import (
     save_training_state,
 )
 from IWSegmentationLib.nn.unet import SMALL_CONFIG, TINY_CONFIG, build_model
-from IWSegmentationLib.preprocessing import get_preset
+from IWSegmentationLib.preprocessing.presets import get_preset
 
 
 def _metadata(**extra):

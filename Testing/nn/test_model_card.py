@@ -29,7 +29,7 @@ from IWSegmentationLib.nn.model_card import (
     license_summary,
 )
 from IWSegmentationLib.nn.unet import TINY_CONFIG, build_model
-from IWSegmentationLib.preprocessing import get_preset
+from IWSegmentationLib.preprocessing.presets import get_preset
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from IWSegmentationLib.core.errors import InputError
 from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
 from IWSegmentationLib.core.progress import parse_progress_line
 from IWSegmentationLib.nn.checkpoint import save_checkpoint
-from IWSegmentationLib.preprocessing import get_preset
+from IWSegmentationLib.preprocessing.presets import get_preset
 from IWSegmentationLib.preprocessing.resampling import check_resampled_memory
 
 

@@ -17,7 +17,8 @@ from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
 from IWSegmentationLib.core.progress import parse_progress_line
 from IWSegmentationLib.nn.checkpoint import save_checkpoint
 from IWSegmentationLib.nn.model_card import organ_mask_need
-from IWSegmentationLib.preprocessing import get_preset, lung_mask
+from IWSegmentationLib.preprocessing.lung_mask import lung_mask
+from IWSegmentationLib.preprocessing.presets import get_preset
 from IWSegmentationLib.testing.phantom import threshold_model
 
 SHAPE = (24, 64, 64)

@@ -20,7 +20,7 @@ from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
 from IWSegmentationLib.core.progress import parse_progress_line
 from IWSegmentationLib.nn.checkpoint import save_checkpoint
 from IWSegmentationLib.predict.cases import LABEL_MAP_MAX_VALUES, label_map_values
-from IWSegmentationLib.preprocessing import get_preset
+from IWSegmentationLib.preprocessing.presets import get_preset
 from IWSegmentationLib.testing.phantom import threshold_model
 
 

@@ -14,7 +14,7 @@ from IWSegmentationLib.cli.main import main
 from IWSegmentationLib.core.imageio import Geometry, write_image
 from IWSegmentationLib.nn.checkpoint import save_checkpoint
 from IWSegmentationLib.predict.cases import SPACING_RANGE_MM
-from IWSegmentationLib.preprocessing import get_preset
+from IWSegmentationLib.preprocessing.presets import get_preset
 from IWSegmentationLib.testing.phantom import threshold_model
 
 

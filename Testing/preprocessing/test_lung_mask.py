@@ -6,13 +6,17 @@ import numpy as np
 import pytest
 
 from IWSegmentationLib.core.imageio import Geometry, read_image
-from IWSegmentationLib.preprocessing import get_preset
 from IWSegmentationLib.preprocessing.lung_mask import (
-    automatic_mask_available,
+    AUTOMATIC_MASKS,
     automatic_organ_mask,
     closing,
     lung_mask,
     superior_last,
+)
+from IWSegmentationLib.preprocessing.presets import (
+    AUTOMATIC_MASK_ORGANS,
+    automatic_mask_available,
+    get_preset,
 )
 
 
@@ -102,6 +106,8 @@ def test_only_ct_lung_has_an_automatic_mask():
     assert automatic_mask_available(get_preset("ct-lung"))
     assert not automatic_mask_available(get_preset("ct-liver"))
     assert not automatic_mask_available(get_preset("mr"))
+    # what the presets say has an automatic mask (numpy-free, read by the model card) is what has a finder
+    assert set(AUTOMATIC_MASKS) == AUTOMATIC_MASK_ORGANS
     image, geometry = chest()
     found = automatic_organ_mask(image, get_preset("ct-lung"), geometry)
     assert found.dtype == np.uint8 and set(np.unique(found)) == {0, 1}

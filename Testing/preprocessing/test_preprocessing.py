@@ -13,18 +13,14 @@ from hypothesis.extra.numpy import arrays
 
 from IWSegmentationLib.core.errors import InputError
 from IWSegmentationLib.core.imageio import Geometry, read_image
-from IWSegmentationLib.preprocessing import (
-    PARAM_KEYS,
-    PRESETS,
-    foreground_mask,
-    get_preset,
-    lung_field,
+from IWSegmentationLib.preprocessing.foreground import foreground_mask, lung_field
+from IWSegmentationLib.preprocessing.intensity import preprocess
+from IWSegmentationLib.preprocessing.presets import PARAM_KEYS, PRESETS, get_preset, validate_params
+from IWSegmentationLib.preprocessing.resampling import (
     prepare_case,
-    preprocess,
     resample_to_geometry,
     resample_to_spacing,
     resampled_geometry,
-    validate_params,
 )
 
 

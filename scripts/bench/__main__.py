@@ -36,6 +36,7 @@ BENCHMARKS = {
     "lung_mask": "the automatic CT lung mask on a 512x512x300 CT and on lung1",
     "multichannel": "what a second input channel costs at inference, and what it buys",
     "startup": "iwseg train's start-up to the first step (--old REF: against an older commit)",
+    "entry_points": "start-up of the Slicer side's import, iwseg --help and a phantom iwseg predict (--old REF)",
     "segments": "building the Slicer scene of 5,000 and 20,000 lesions: all as segments vs the display budget",
     "resampling": "resampling to the model's voxel spacing and back: lung1 and a 512x512x300 CT",
     "doubt": "iwseg predict --tta with and without the per-lesion doubt: time and peak memory",

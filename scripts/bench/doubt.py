@@ -52,7 +52,7 @@ def measure(repeats: int, threads: int, shape: tuple[int, int, int], net: str) -
     from IWSegmentationLib.nn.architecture import default_config
     from IWSegmentationLib.nn.checkpoint import save_checkpoint
     from IWSegmentationLib.nn.unet import build_model
-    from IWSegmentationLib.preprocessing import get_preset
+    from IWSegmentationLib.preprocessing.presets import get_preset
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

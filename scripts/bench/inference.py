@@ -99,7 +99,8 @@ BODY_THRESHOLD = -900.0  # the ct-lung preset's body threshold
 
 def network_input(volume: np.ndarray) -> np.ndarray:
     """The ct-lung preset's scaling: clip to [-1000, 300] HU, map onto [0, 1]."""
-    from IWSegmentationLib.preprocessing import get_preset, preprocess
+    from IWSegmentationLib.preprocessing.intensity import preprocess
+    from IWSegmentationLib.preprocessing.presets import get_preset
 
     return preprocess(volume, get_preset("ct-lung"))
 
@@ -338,7 +339,7 @@ def part_ct(args, tmp: Path) -> tuple[list[str], dict]:
 
     from IWSegmentationLib.core.imageio import Geometry, write_image
     from IWSegmentationLib.nn.checkpoint import save_checkpoint
-    from IWSegmentationLib.preprocessing import get_preset
+    from IWSegmentationLib.preprocessing.presets import get_preset
 
     shape = (64, 96, 96) if args.quick else tuple(args.ct_shape)
     net, patch = ("tiny", 32) if args.quick else ("paper", 128)

@@ -40,7 +40,8 @@ def cost(repeats: int, shape: tuple[int, int, int] = (48, 128, 128), net: str = 
     from IWSegmentationLib.inference import predict_volume
     from IWSegmentationLib.nn.architecture import default_config
     from IWSegmentationLib.nn.unet import build_model, network_macs_per_voxel
-    from IWSegmentationLib.preprocessing import get_preset, prepare_case
+    from IWSegmentationLib.preprocessing.presets import get_preset
+    from IWSegmentationLib.preprocessing.resampling import prepare_case
 
     case = synth_case((0, 0), shape, "mr")
     image = np.stack([case.image, second_sequence(case, (0, 0, 1))]).astype(np.float32)

@@ -7,11 +7,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ...core.confidence import sigmoid
 from ...core.imageio import Geometry
 from ...core.lesions import (
     SizeThresholds,
 )
+from ...core.prediction_maps import sigmoid
 from ..lesion_row import LesionRow, with_doubt
 from .geometry import (
     add_volume_from_array,
