@@ -141,7 +141,10 @@ def operating_points(
         if math.isinf(tau):
             cut = float(conf[-1]) if conf.size else float(floor_logit)
         elif below.size:
-            cut = max(0.5 * (tau + float(below[-1])), float(floor_logit))
+            # the midpoint, unless the two are adjacent floats and it rounds up to tau: then the
+            # lower confidence itself (kept for ``> cut`` is then exactly the point's components)
+            middle = 0.5 * (tau + float(below[-1]))
+            cut = max(middle if middle < tau else float(below[-1]), float(floor_logit))
         else:
             cut = float(floor_logit)
         points.append(OperatingPoint(fp_per_scan=float(rate), logit_threshold=cut,

@@ -36,6 +36,15 @@ def test_when_the_most_confident_component_is_false_no_component_is_kept():
     assert (points[3].fp_per_scan, points[3].logit_threshold, points[3].recall) == (1.0, -1.0, 1.0)
 
 
+def test_a_threshold_exists_between_adjacent_floats():
+    # 10.0 and the float just below it: their midpoint rounds to 10.0, which would drop the hit at
+    # 10.0 (kept for confidence > t); the cut is then the lower value itself, so the hit is kept
+    # and the false positive just below it is not
+    below = float(np.nextafter(10.0, 0.0))
+    (point,) = operating_points([10.0], [below], 1, floor_logit=-0.5, rates=(0.125,))
+    assert (point.logit_threshold, point.recall, point.achieved_fp_per_scan) == (below, 1.0, 0.0)
+
+
 @given(st.lists(st.floats(0.0, 10.0), min_size=1, max_size=20),
        st.lists(st.floats(0.0, 10.0), max_size=30), st.integers(1, 5))
 def test_keeping_components_above_the_threshold_gives_the_stored_recall_and_fp(hits, fps, n_images):

@@ -120,7 +120,7 @@ def test_predict_on_a_full_disk_exits_4_and_keeps_the_old_mask(tmp_path, model, 
 def _predict_flags() -> set[str]:
     import argparse
 
-    from IWSegmentationLib.cli.commands import predict
+    from IWSegmentationLib.cli.flags import predict
 
     parser = predict.register(argparse.ArgumentParser().add_subparsers())
     return {flag for action in parser._actions for flag in action.option_strings}

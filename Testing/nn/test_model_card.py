@@ -22,7 +22,9 @@ from IWSegmentationLib.core.lesions import SIZE_PRESETS, SizeThresholds
 from IWSegmentationLib.nn.checkpoint import load_checkpoint, read_header, read_metadata, save_checkpoint
 from IWSegmentationLib.nn.model_card import (
     MAX_DEPTH,
+    MAX_PATCH_SIDE,
     MAX_PATCH_VOXELS,
+    MIN_PATCH_SIDE,
     MinLesionSize,
     ModelCard,
     check_license,
@@ -226,11 +228,11 @@ def test_saving_validates_with_the_same_rules(tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
-@given(t=st.floats(allow_nan=True, allow_infinity=True), side=st.integers(-5, 2000))
+@given(t=st.floats(allow_nan=True, allow_infinity=True), side=st.integers(-5, 2000) | st.sampled_from([7, 8, 512, 513]))
 def test_threshold_and_patch_are_accepted_exactly_inside_their_bounds(t, side):
     card = {"architecture": dict(TINY_CONFIG), "patch_size": [side, 16, 16], "preprocessing": get_preset("mr"),
             "threshold": t}
-    ok = (0.0 < t < 1.0) and 1 <= side <= 512
+    ok = (0.0 < t < 1.0) and MIN_PATCH_SIDE <= side <= MAX_PATCH_SIDE  # 8 and 512
     if ok:
         record = ModelCard.from_dict(card)
         assert record.threshold == t and record.patch_size == (side, 16, 16)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from IWSegmentationLib.cli.commands import predict as predict_command
+from IWSegmentationLib.cli.flags import predict as predict_flags
 from IWSegmentationLib.core.devices import DEVICES, ENGINES, PRECISIONS
 from IWSegmentationLib.core.errors import InputError
 from IWSegmentationLib.core.lesions import CONNECTIVITIES, SIZE_PRESETS
@@ -83,7 +84,7 @@ def test_a_request_with_an_unknown_key_or_a_server_choice_is_refused():
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    predict_command.register(parser.add_subparsers())
+    predict_flags.register(parser.add_subparsers())
     return parser
 
 
