@@ -93,6 +93,7 @@ class IWSegmentationParameterNode:
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     keepSpacing: bool = False
     allowUnmasked: bool = False
+    tta: bool = False
     # a logit (a lesion's confidence is its maximum logit); the minimum, -5, is below every lesion's
     # (each lies above logit(threshold) >= logit(0.05) = -2.9), so the default shows them all
     confidenceThreshold: Annotated[float, WithinRange(-5.0, 50.0)] = -5.0

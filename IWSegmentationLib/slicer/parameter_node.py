@@ -27,6 +27,7 @@ PREDICTION_FIELDS = {
     "operatingPoint": "--operating-point",
     "keepSpacing": "--keep-spacing",
     "allowUnmasked": "--allow-unmasked",
+    "tta": "--tta",
 }
 
 #: parameter-node fields that are not prediction parameters, and what each is for.
@@ -43,8 +44,9 @@ OTHER_FIELDS = {
 
 def predict_options(node: Any, *, allow_modality_mismatch: bool = False) -> PredictOptions:
     """The :class:`PredictOptions` of a parameter node (any object with its fields): the checkpoint,
-    the device (its label mapped by :data:`panel.DEVICE_CHOICES`), the overlap, the threshold and
-    whether to keep the volume's own voxel spacing.
+    the device (its label mapped by :data:`panel.DEVICE_CHOICES`), the overlap, the threshold,
+    whether to keep the volume's own voxel spacing, and test-time mirroring (``tta``: 8 flips
+    averaged, about 8x the time; it also gives each lesion its doubt, the panel's Doubt column).
     The outputs are what the module loads: the mask, the logit map (confidences are maximum
     logits, the probability volume its sigmoid) and the lesion table. An ``operatingPoint``
     (``1fp``; empty: none) replaces the threshold: the card's logit threshold at that rate.
@@ -61,7 +63,8 @@ def predict_options(node: Any, *, allow_modality_mismatch: bool = False) -> Pred
                           operating_point=operating_point,
                           probabilities=False, logits=True, lesions=True,
                           keep_spacing=bool(node.keepSpacing), allow_modality_mismatch=allow_modality_mismatch,
-                          allow_unmasked=bool(getattr(node, "allowUnmasked", False)))
+                          allow_unmasked=bool(getattr(node, "allowUnmasked", False)),
+                          tta=bool(getattr(node, "tta", False)))
 
 
 def apply_model_card(node: Any, card: Mapping[str, Any]) -> None:

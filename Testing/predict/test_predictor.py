@@ -43,7 +43,7 @@ def parameter_node_fields() -> list[str]:
 
 def test_every_parameter_node_field_is_a_prediction_field_or_said_to_be_something_else():
     found = parameter_node_fields()
-    assert len(found) == 16  # 16 fields today: a new one must be placed in one of the two tables
+    assert len(found) == 17  # 17 fields today: a new one must be placed in one of the two tables
     assert set(found) == set(PREDICTION_FIELDS) | set(OTHER_FIELDS)
     assert not set(PREDICTION_FIELDS) & set(OTHER_FIELDS)
 
@@ -87,7 +87,7 @@ def test_every_prediction_field_of_the_parameter_node_reaches_the_command_line(t
                            inputVolume=object(), organMask=object(), referenceSegmentation=None,
                            confidenceThreshold=2.0, runOn="this computer", serverUrl="", serverTokenFile="",
                            outputSegmentation=None, operatingPoint=operating_point, segmentBudget=7,
-                           keepSpacing=True, allowUnmasked=True)
+                           keepSpacing=True, allowUnmasked=True, tta=True)
     CapturedBackend.commands.clear()
     run = InferenceRun(predict_options(node), workdir_parent=tmp_path, backend_factory=CapturedBackend)
     run.start(write_input=lambda p: p.write_bytes(b"volume"), write_organ_mask=lambda p: p.write_bytes(b"organ"))
@@ -96,7 +96,7 @@ def test_every_prediction_field_of_the_parameter_node_reaches_the_command_line(t
         expected = {"checkpointPath": str(fake_checkpoint.resolve()), "device": "cpu", "overlap": "0.5",
                     "threshold": "0.3", "inputVolume": str(run.input_path), "organMask": str(run.organ_mask_path),
                     "operatingPoint": "1/8fp", "keepSpacing": None,  # None: a switch, present without a value
-                    "allowUnmasked": None}
+                    "allowUnmasked": None, "tta": None}
         assert set(expected) == set(PREDICTION_FIELDS)
         exclusive = {"threshold", "operatingPoint"}
         present = {"operatingPoint"} if operating_point else {"threshold"}
