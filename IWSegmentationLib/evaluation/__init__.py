@@ -25,9 +25,11 @@ from .hit_rules import (  # noqa: F401  (re-exported)
     parse_hit_rule,
 )
 from .matching import (  # noqa: F401  (re-exported)
+    CaseOverlaps,
     CaseResult,
     ComponentResult,
     LesionResult,
+    case_overlaps,
     dice_from_counts,
     match_case,
     voxel_dice,
@@ -49,6 +51,8 @@ __all__ = [
     "dice_from_counts",
     "voxel_dice",
     "match_case",
+    "CaseOverlaps",
+    "case_overlaps",
     "CPM_FP_RATES",
     "AVG_RECALL_FP_RATES",
     "Froc",

@@ -57,7 +57,10 @@ mean/std when no lesion is hit, ``voxel_dice`` when both masks are empty.
 
 All pairwise lesion/component overlaps of a case are counted in one pass over the
 predicted voxels (a ``np.unique`` over (lesion id, component id) codes); nothing loops over
-voxels, and no loop is O(lesions x components).
+voxels, and no loop is O(lesions x components). That voxel work does not depend on the hit
+rule: :func:`case_overlaps` does it once per case, and :meth:`CaseOverlaps.match` derives each
+rule's matching from the overlap pairs (:func:`match_case` is the two in a row), so matching a
+case under several rules (``iwseg evaluate``'s side-by-side comparison) labels it only once.
 """
 
 from __future__ import annotations
@@ -327,8 +330,113 @@ def match_case(
         on_warning: called with a message naming ``pred_name`` when logits look like a
             probability map (every value in [0, 1]); found in the pass that checks them.
 
-    Returns a :class:`CaseResult`. Costs two labellings, two lesion tables and one pass
-    over the predicted voxels; raises :class:`InputError` naming the input on bad data.
+    Returns a :class:`CaseResult`: :func:`case_overlaps`, then :meth:`CaseOverlaps.match`
+    under ``hit_rule``. To match one case under several hit rules, call those two yourself: the
+    labelling and overlap counting are then done once. Raises :class:`InputError` naming the
+    input on bad data.
+    """
+    rule = parse_hit_rule(hit_rule)  # a bad rule fails before the labelling
+    overlaps = case_overlaps(
+        prob, ref, spacing, threshold=threshold, thresholds=thresholds, connectivity=connectivity, case=case,
+        pred_name=pred_name, ref_name=ref_name, min_lesion_size=min_lesion_size, score=score, on_warning=on_warning,
+    )
+    return overlaps.match(rule, keep_labels=keep_labels)
+
+
+@dataclass
+class CaseOverlaps:
+    """Everything about one case that does not depend on the hit rule: its two label maps and
+    lesion tables, each component's confidence and every (lesion, component) overlap.
+
+    Made by :func:`case_overlaps` (two labellings, two lesion tables, one pass over the
+    predicted voxels); :meth:`match` then pairs lesions and components under a hit rule from
+    the overlap pairs alone, so one case costs one labelling per volume however many rules it is
+    matched under (``iwseg evaluate`` compares several). Arrays are indexed by component or
+    lesion id (0 = background); ``pair_*`` hold one entry per overlapping (lesion, component).
+    """
+
+    case: str
+    threshold: float
+    spacing: tuple[float, float, float]
+    score: str
+    ref_table: list[Lesion]
+    pred_table: list[Lesion]
+    ref_sizes: np.ndarray
+    pred_sizes: np.ndarray
+    confidence: np.ndarray
+    pair_lesion: np.ndarray
+    pair_comp: np.ndarray
+    pair_overlap: np.ndarray
+    pair_dice: np.ndarray
+    ref_labels: np.ndarray = field(repr=False)
+    pred_labels: np.ndarray = field(repr=False)
+
+    def match(self, hit_rule: HitRule | str | None = None, *, keep_labels: bool = False) -> CaseResult:
+        """The :class:`CaseResult` of this case under ``hit_rule`` (default the paper's rule).
+
+        Costs O(pairs log pairs) plus the two tables; no voxel is read. With ``keep_labels``
+        the result holds this object's label maps (shared, not copied, between the results of
+        several rules: do not edit them in place).
+        """
+        rule = parse_hit_rule(hit_rule)
+        ok = rule.accepts(self.pair_overlap, self.ref_sizes[self.pair_lesion], self.pred_sizes[self.pair_comp],
+                          self.pair_dice)
+        lesion_best, comp_best = _match_pairs(self.pair_lesion[ok], self.pair_comp[ok], self.pair_dice[ok],
+                                              self.confidence, rule.matching)
+        confidence = self.confidence
+        lesions = []
+        for les in self.ref_table:
+            hit = lesion_best.get(les.id)
+            lesions.append(
+                LesionResult(
+                    **_lesion_fields(les),
+                    hit_dice=hit[1] if hit else 0.0,
+                    component=hit[0] if hit else None,
+                    confidence=float(confidence[hit[0]]) if hit else None,
+                )
+            )
+        components = []
+        for comp in self.pred_table:
+            hit = comp_best.get(comp.id)
+            components.append(
+                ComponentResult(
+                    **_lesion_fields(comp),
+                    confidence=float(confidence[comp.id]),
+                    hit_dice=hit[1] if hit else 0.0,
+                    lesion=hit[0] if hit else None,
+                )
+            )
+        return CaseResult(
+            case=self.case, lesions=lesions, components=components, threshold=self.threshold, spacing=self.spacing,
+            ref_voxels=int(self.ref_sizes.sum()), pred_voxels=int(self.pred_sizes.sum()),
+            overlap_voxels=int(self.pair_overlap.sum()),
+            ref_labels=self.ref_labels if keep_labels else None, pred_labels=self.pred_labels if keep_labels else None,
+            hit_rule=str(rule), score=self.score,
+        )
+
+
+def case_overlaps(
+    prob: np.ndarray,
+    ref: np.ndarray,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    *,
+    threshold: float = 0.5,
+    thresholds: SizeThresholds | None = None,
+    connectivity: int = 26,
+    case: str = "case",
+    pred_name: str | None = None,
+    ref_name: str | None = None,
+    min_lesion_size: MinLesionSize | str | None = None,
+    score: str = "probability",
+    on_warning: Callable[[str], object] | None = None,
+) -> CaseOverlaps:
+    """The hit-rule-independent part of :func:`match_case` (the same arguments, less
+    ``hit_rule`` and ``keep_labels``): checks the inputs, thresholds, labels both volumes, builds
+    the two lesion tables (after dropping components under ``min_lesion_size``) and counts each
+    component's confidence and all overlaps in one pass over the predicted voxels.
+
+    Costs two labellings, two lesion tables and that pass; raises :class:`InputError` naming
+    the input on bad data. Match the result under each hit rule with :meth:`CaseOverlaps.match`.
     """
     pred_name = pred_name or case
     ref_name = ref_name or case
@@ -347,7 +455,6 @@ def match_case(
         raise InputError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity}")
     thresholds = thresholds or SIZE_PRESETS[DEFAULT_SIZE_PRESET]
     spacing = tuple(float(s) for s in spacing)
-    rule = parse_hit_rule(hit_rule)
     min_size = parse_min_lesion_size(min_lesion_size)
 
     pred_mask = prob > cut
@@ -371,36 +478,11 @@ def match_case(
     pair_code, pair_overlap = np.unique(code, return_counts=True)
     pair_lesion, pair_comp = np.divmod(pair_code, n_pred + 1)
     pair_dice = 2.0 * pair_overlap / (ref_sizes[pair_lesion] + pred_sizes[pair_comp])
-    ok = rule.accepts(pair_overlap, ref_sizes[pair_lesion], pred_sizes[pair_comp], pair_dice)
-    lesion_best, comp_best = _match_pairs(pair_lesion[ok], pair_comp[ok], pair_dice[ok], confidence, rule.matching)
-
-    lesions = []
-    for les in ref_table:
-        hit = lesion_best.get(les.id)
-        lesions.append(
-            LesionResult(
-                **_lesion_fields(les),
-                hit_dice=hit[1] if hit else 0.0,
-                component=hit[0] if hit else None,
-                confidence=float(confidence[hit[0]]) if hit else None,
-            )
-        )
-    components = []
-    for comp in pred_table:
-        hit = comp_best.get(comp.id)
-        components.append(
-            ComponentResult(
-                **_lesion_fields(comp),
-                confidence=float(confidence[comp.id]),
-                hit_dice=hit[1] if hit else 0.0,
-                lesion=hit[0] if hit else None,
-            )
-        )
-    return CaseResult(
-        case=case, lesions=lesions, components=components, threshold=float(threshold), spacing=spacing,
-        ref_voxels=int(ref_sizes.sum()), pred_voxels=int(pred_sizes.sum()), overlap_voxels=int(pair_overlap.sum()),
-        ref_labels=ref_labels if keep_labels else None, pred_labels=pred_labels if keep_labels else None,
-        hit_rule=str(rule), score=score,
+    return CaseOverlaps(
+        case=case, threshold=float(threshold), spacing=spacing, score=score, ref_table=ref_table,
+        pred_table=pred_table, ref_sizes=ref_sizes, pred_sizes=pred_sizes, confidence=confidence,
+        pair_lesion=pair_lesion, pair_comp=pair_comp, pair_overlap=pair_overlap, pair_dice=pair_dice,
+        ref_labels=ref_labels, pred_labels=pred_labels,
     )
 
 

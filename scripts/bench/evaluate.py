@@ -10,6 +10,11 @@ one warm-up run:
   the two lesion tables, confidences and all overlaps (:mod:`IWSegmentationLib.evaluation`);
 * ``evaluate_cases``: FROC, CPM, avg recall, object Dice, 100 bootstrap resamples, for all
   lesions and the three size groups;
+* the matching ``iwseg evaluate`` does per case: under the hit rules it compares side by side
+  (``COMPARED_HIT_RULES``, paper and one-to-one), once with one ``case_overlaps`` and a
+  ``CaseOverlaps.match`` per rule (what it does now: one labelling per volume), and once with a
+  ``match_case`` per rule (how it matched before: the case labelled again for every rule);
+  the two interleaved, median of ``--repeats`` rounds after one warm-up round;
 * ``read 2 files``: reading the prediction and reference as uncompressed NRRD (``--with-io``).
 
 Run quietly (``python -m scripts.bench evaluate`` sets the allocator), e.g.::
@@ -24,13 +29,15 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
+from IWSegmentationLib.cli.commands.evaluate import COMPARED_HIT_RULES
 from IWSegmentationLib.core.imageio import Geometry, read_image, write_image
 from IWSegmentationLib.core.lesions import SIZE_PRESETS
-from IWSegmentationLib.evaluation import evaluate_cases, match_case
+from IWSegmentationLib.evaluation import case_overlaps, evaluate_cases, match_case
 from scripts.bench import report, timing
 
 TARGET_S = 1.5
@@ -81,9 +88,13 @@ def run(shape, n_lesions: int, repeats: int, with_io: bool) -> tuple[list[tuple[
     t_match, case = timing.median_time(lambda: match_case(prob, ref, SPACING, thresholds=thresholds, case="bench"),
                                        repeats)
     t_report, scores = timing.median_time(lambda: evaluate_cases([case]), repeats)
+    t_shared, t_per_rule = _compared_rules_times(prob, ref, thresholds, repeats)
+    n = len(COMPARED_HIT_RULES)
     rows = [("match_case (checks, 2x label, 2x lesion table, overlaps)", t_match),
             ("evaluate_cases (FROC, CPM, avg recall, 4x100 bootstrap)", t_report),
-            ("total in memory", t_match + t_report)]
+            ("total in memory", t_match + t_report),
+            (f"{n} compared hit rules: case_overlaps + {n}x match (iwseg evaluate)", t_shared),
+            (f"{n} compared hit rules: {n}x match_case (one labelling per rule)", t_per_rule)]
     if with_io:
         geometry = Geometry.identity(shape, SPACING)
         with tempfile.TemporaryDirectory() as tmp:
@@ -96,6 +107,27 @@ def run(shape, n_lesions: int, repeats: int, with_io: bool) -> tuple[list[tuple[
     info = {"lesions": len(case.lesions), "components": len(case.components),
             "false positives": case.n_false_positives, "cpm": scores["cpm"]}
     return rows, info
+
+
+def _compared_rules_times(prob, ref, thresholds, repeats: int) -> tuple[float, float]:
+    """Median seconds of matching the case under :data:`COMPARED_HIT_RULES` from one shared
+    :func:`case_overlaps`, and with one :func:`match_case` per rule; the two interleaved."""
+
+    def shared():
+        overlaps = case_overlaps(prob, ref, SPACING, thresholds=thresholds, case="bench")
+        return [overlaps.match(rule) for rule in COMPARED_HIT_RULES]
+
+    def per_rule():
+        return [match_case(prob, ref, SPACING, thresholds=thresholds, case="bench", hit_rule=rule)
+                for rule in COMPARED_HIT_RULES]
+
+    def timed(fn):
+        start = time.perf_counter()
+        fn()
+        return {"seconds": time.perf_counter() - start}
+
+    kept = timing.interleaved({"shared": lambda: timed(shared), "per_rule": lambda: timed(per_rule)}, repeats)
+    return timing.medians(kept["shared"])["seconds"], timing.medians(kept["per_rule"])["seconds"]
 
 
 def markdown_table(rows, shape, n_lesions, info, repeats) -> str:

@@ -1,7 +1,8 @@
 """``iwseg evaluate``: lesion-wise evaluation of predicted logit or probability maps against references.
 
 Pairs prediction (``--logits`` or ``--pred``) and reference files by case name, matches lesions per case
-(:func:`IWSegmentationLib.evaluation.match_case`), or reads per-lesion records
+(:func:`IWSegmentationLib.evaluation.case_overlaps`, labelled and counted once, then matched under each
+compared hit rule), or reads per-lesion records
 (:func:`IWSegmentationLib.evaluation.records.load_records`), pools the cases
 (:func:`IWSegmentationLib.evaluation.evaluate_cases`), prints a summary table and optionally
 writes a JSON report, a per-lesion CSV and a FROC plot. Definitions: ``docs/metrics.md``.
@@ -40,7 +41,7 @@ from ...evaluation.bootstrap import (
 )
 from ...evaluation.froc import CPM_FP_RATES
 from ...evaluation.hit_rules import parse_hit_rule
-from ...evaluation.matching import CaseResult, match_case
+from ...evaluation.matching import CaseResult, case_overlaps
 from ...evaluation.records import load_records
 from ...evaluation.report import LOW_HIT_DICE, compare_hit_rules, evaluate_cases
 from ..reader_comparison import (
@@ -180,12 +181,13 @@ def _evaluate_pair(name, pred_path, ref_path, args, thresholds, geometries, rule
     check_same_grid(ref_geom, pred_geom, f"reference {ref_path}", f"prediction {pred_path}")
     geom = ref_geom if args.spacing_from == "ref" else pred_geom
     geometries[name] = geom
-    return {rule_name: match_case(
+    overlaps = case_overlaps(  # labelled and counted once, then matched under each rule
         pred, ref, geom.spacing_zyx, threshold=args.threshold, thresholds=thresholds,
         connectivity=args.connectivity, case=name, pred_name=str(pred_path), ref_name=str(ref_path),
-        hit_rule=rule, min_lesion_size=args.min_lesion_size, score="logit" if logits else "probability",
-        on_warning=(lambda message: print(f"warning: --logits: {message}", file=sys.stderr)) if first else None,
-    ) for first, (rule_name, rule) in zip((True, *[False] * len(rules)), rules.items())}
+        min_lesion_size=args.min_lesion_size, score="logit" if logits else "probability",
+        on_warning=lambda message: print(f"warning: --logits: {message}", file=sys.stderr),
+    )
+    return {rule_name: overlaps.match(rule) for rule_name, rule in rules.items()}
 
 
 # --------------------------------------------------------------------------------------
