@@ -94,6 +94,21 @@ class LibraryEntry:
 
 
 @dataclass(frozen=True)
+class Stored:
+    """What :meth:`ModelLibrary.add` or :meth:`ModelLibrary.fetch` did with a name.
+
+    ``action`` is ``added`` (a new name), ``unchanged`` (the same file, by sha256, was already
+    there under the name: nothing copied, the entry kept as it was; only a licence acceptance
+    given now is recorded), ``restored`` (the same file, whose copy in the library had gone
+    missing, copied again) or ``replaced`` (another file was there, and ``replace`` was given;
+    ``previous`` is its entry)."""
+
+    entry: LibraryEntry
+    action: str
+    previous: LibraryEntry | None = None
+
+
+@dataclass(frozen=True)
 class VerifyResult:
     """What :meth:`ModelLibrary.verify` found for one entry: ``ok`` or the problem."""
 
@@ -192,13 +207,17 @@ class ModelLibrary:
 
     # -- changing --------------------------------------------------------------------------------
 
-    def add(self, file: str | os.PathLike, name: str | None = None, *, accept_license: bool = False) -> LibraryEntry:
+    def add(self, file: str | os.PathLike, name: str | None = None, *, accept_license: bool = False,
+            replace: bool = False) -> Stored:
         """Copy the checkpoint ``file`` into the library as ``name`` (default: its file name's stem).
 
         The card must read (a safetensors checkpoint with a valid card; pickles are refused). A
         card asking for its licence to be accepted needs ``accept_license`` (refused otherwise,
-        nothing copied). The same file added again under its name changes nothing but the
-        acceptance.
+        nothing copied). The same file (by sha256) added again under its name changes nothing but
+        the acceptance (``Stored.action`` ``unchanged``), so a script may run it again. Another
+        file under a name already taken is refused with :class:`InputError` naming the entry there
+        (its sha256 and when it was added), unless ``replace``: a model someone configured by name
+        is never swapped without being asked to.
         """
         file = Path(file)
         card = read_metadata(file)
@@ -208,10 +227,10 @@ class ModelLibrary:
                              license=licence or NOT_STATED, license_requires_acceptance=requires,
                              source=str(file.resolve()), description=card_summary(card), added=_now())
         self._check_accepted(entry, accept_license)
-        return self._store(entry, lambda target: shutil.copyfile(file, target), accept_license)
+        return self._store(entry, lambda target: shutil.copyfile(file, target), accept_license, replace)
 
     def fetch(self, item: ManifestEntry, *, accept_license: bool = False, progress: Progress | None = None,
-              cancelled: Callable[[], bool] | None = None) -> LibraryEntry:
+              cancelled: Callable[[], bool] | None = None, replace: bool = False) -> Stored:
         """Download a manifest entry into the library (resuming an interrupted download), check its
         sha256 and its card, and record it.
 
@@ -219,7 +238,9 @@ class ModelLibrary:
         ``accept_license``. When only the downloaded card asks for acceptance, the model is kept
         in the library, not accepted, and :class:`InputError` says how to accept it (``iwseg
         predict`` refuses it until then). Fetching a model already there with the same sha256
-        downloads nothing.
+        downloads nothing and keeps its entry (``unchanged``). A name already taken by another
+        file is refused before any byte is fetched, as :meth:`add` refuses it, unless ``replace``:
+        then the new file is downloaded and checked first and replaces the old one in one rename.
         """
         entry = LibraryEntry(name=check_name(item.name), file=f"{item.name}.safetensors", sha256=item.sha256,
                              license=item.license, license_requires_acceptance=item.license_requires_acceptance,
@@ -227,12 +248,20 @@ class ModelLibrary:
                              organ=item.organ, added=_now())
         self._check_accepted(entry, accept_license, item.license_url)
         existing = self._read_index().get(entry.name)
-        if existing is not None and existing.sha256 != entry.sha256:
-            raise InputError(f"model {entry.name!r} is already in the library {self.root} with another file "
-                             f"(sha256 {existing.sha256}, the manifest's is {entry.sha256}); "
-                             f"`iwseg models remove {entry.name}` first")
-        if existing is not None and self.path_of(existing).is_file():
-            return self._store(entry, None, accept_license)
+        if existing is not None and existing.sha256 != entry.sha256 and not replace:
+            raise self._name_taken(existing, entry, "fetch")
+        if existing is not None and existing.sha256 == entry.sha256 and self.path_of(existing).is_file():
+            stored = self._store(entry, None, accept_license, command="fetch")  # nothing downloaded
+        else:
+            stored = self._download(item, entry, accept_license, replace, progress, cancelled)
+        if stored.entry.needs_acceptance:
+            raise InputError(f"{stored.entry.licence_notice()} (its model card says so); it is in the library but "
+                             f"must be accepted before first use: `iwseg models accept {stored.entry.name}`")
+        return stored
+
+    def _download(self, item: ManifestEntry, entry: LibraryEntry, accept_license: bool, replace_existing: bool,
+                  progress: Progress | None, cancelled: Callable[[], bool] | None) -> Stored:
+        """Download ``item`` beside the library, check its card, and store it as ``entry``."""
         self.root.mkdir(parents=True, exist_ok=True)
         downloaded = self.root / f".{entry.file}.download"
         download(item.url, downloaded, item.sha256, size=item.size, progress=progress, cancelled=cancelled)
@@ -242,17 +271,12 @@ class ModelLibrary:
             except CheckpointError as exc:
                 raise CheckpointError(f"{item.url} is not a usable checkpoint (the download was deleted): {exc}") \
                     from None
-            licence, requires = card_licence(card)
-            entry = replace(entry, license_requires_acceptance=entry.license_requires_acceptance or requires,
-                            license=entry.license if entry.license != NOT_STATED else licence or NOT_STATED)
-            entry = self._store(entry, lambda tmp: os.replace(downloaded, tmp), accept_license)
+            entry = self._with_card_licence(entry, card)
+            stored = self._store(entry, lambda tmp: os.replace(downloaded, tmp), accept_license, replace_existing, "fetch")
         finally:
             if downloaded.exists():
                 downloaded.unlink()
-        if entry.needs_acceptance:
-            raise InputError(f"{entry.licence_notice()} (its model card says so); it is in the library but must be "
-                             f"accepted before first use: `iwseg models accept {entry.name}`")
-        return entry
+        return stored
 
     def accept(self, name: str) -> LibraryEntry:
         """Record that the licence of ``name`` was accepted (now, unless it already was)."""
@@ -294,29 +318,55 @@ class ModelLibrary:
             self.get(name)  # raises, listing the names
         return index[name]
 
-    def _store(self, entry: LibraryEntry, write: Callable[[Path], Any] | None, accept_license: bool) -> LibraryEntry:
+    @staticmethod
+    def _with_card_licence(entry: LibraryEntry, card: Mapping[str, Any]) -> LibraryEntry:
+        """A fetched entry with its card's licence: the card may ask for acceptance the manifest did
+        not, and names the licence when the manifest does not."""
+        licence, requires = card_licence(card)
+        return replace(entry, license_requires_acceptance=entry.license_requires_acceptance or requires,
+                       license=entry.license if entry.license != NOT_STATED else licence or NOT_STATED)
+
+    def _name_taken(self, existing: LibraryEntry, entry: LibraryEntry, command: str) -> InputError:
+        """The refusal of another file under a name already taken: which entry is there, and the way out."""
+        when = f"added {existing.added}" if existing.added else "added at a time not recorded"
+        other = "add it under another --name" if command == "add" else f"`iwseg models remove {entry.name}` first"
+        return InputError(f"model {entry.name!r} is already in the library {self.root}: sha256 "
+                          f"{existing.sha256[:12]}..., {when}, from {existing.source or 'a source not recorded'}; "
+                          f"this file's sha256 is {entry.sha256[:12]}..., another file. Nothing was changed: give "
+                          f"--replace to `iwseg models {command}` to replace it, or {other}")
+
+    def _store(self, entry: LibraryEntry, write: Callable[[Path], Any] | None, accept_license: bool,
+               replace_existing: bool = False, command: str = "add") -> Stored:
         """Put ``entry``'s file in place (``write(path)`` fills a temporary path beside it, renamed
-        when whole) and record the entry, under the folder's lock."""
+        when whole, over the old file when one is replaced) and record the entry, under the
+        folder's lock, so the check for a name already taken and the write are one step."""
         with self._locked() as index:
             existing = index.get(entry.name)
-            if existing is not None and existing.sha256 != entry.sha256:
-                raise InputError(f"model {entry.name!r} is already in the library {self.root} with another file "
-                                 f"(sha256 {existing.sha256}); `iwseg models remove {entry.name}` first, or "
-                                 "add it under another --name")
-            target = self.path_of(entry)
-            if write is not None and (existing is None or not target.is_file()):
-                with atomic_output(target) as tmp:
+            same = existing is not None and existing.sha256 == entry.sha256
+            if existing is not None and not same and not replace_existing:
+                raise self._name_taken(existing, entry, command)
+            if same and self.path_of(existing).is_file():
+                action = "unchanged"  # the entry as it was (its source, card, licence), not the new one's
+                entry = replace(existing, license_requires_acceptance=existing.license_requires_acceptance
+                                or entry.license_requires_acceptance)
+            else:
+                if write is None:
+                    raise InputError(f"model {entry.name!r}: its file {self.path_of(entry)} went missing; try again")
+                with atomic_output(self.path_of(entry)) as tmp:
                     write(tmp)
                     if file_sha256(tmp) != entry.sha256:  # it changed while it was copied
                         raise InputError(f"{entry.source} changed while it was copied into the library; try again")
-            accepted = existing.accepted if existing is not None else None
+                action = "added" if existing is None else "restored" if same else "replaced"
+                if same:
+                    entry = replace(entry, added=existing.added, accepted=existing.accepted)
+                elif existing is not None and existing.file != entry.file and self.path_of(existing).is_file():
+                    self.path_of(existing).unlink()  # an index written elsewhere named another file
+            accepted = entry.accepted if same else None  # a replacing file's licence is accepted anew
             if accept_license and entry.license_requires_acceptance:
                 accepted = accepted or _now()
-            if existing is not None:
-                entry = replace(entry, added=existing.added)
             index[entry.name] = replace(entry, accepted=accepted)
             self._write_index(index)
-            return index[entry.name]
+            return Stored(index[entry.name], action, existing if action == "replaced" else None)
 
     def _read_index(self) -> dict[str, LibraryEntry]:
         path = self.index_path

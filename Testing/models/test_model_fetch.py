@@ -260,3 +260,41 @@ def test_a_card_asking_for_acceptance_keeps_the_model_unaccepted(tmp_path, serve
         ModelLibrary(tmp_path / "lib").resolve("phantom")
     assert main(["models", "accept", "phantom", "--library", str(tmp_path / "lib")]) == 0
     assert ModelLibrary(tmp_path / "lib").resolve("phantom").read_bytes() == data
+
+
+def test_fetch_refuses_a_name_taken_by_another_file_before_downloading(tmp_path, server, model_bytes, capsys):
+    """As ``add`` does: the entry there is named, nothing is fetched, ``--replace`` is the way out."""
+    lib = tmp_path / "lib"
+    mine = threshold_checkpoint(tmp_path / "mine.safetensors", gain=10.0)  # another file than the server's
+    assert main(["models", "add", str(mine), "--name", "phantom", "--library", str(lib)]) == 0
+    old = ModelLibrary(lib).get("phantom")
+    manifest = write_manifest(tmp_path / "models.json", server, model_bytes)
+    capsys.readouterr()
+    assert fetch(lib, manifest) == 2
+    err = capsys.readouterr().err
+    assert f"model 'phantom' is already in the library {lib}: sha256 {old.sha256[:12]}..., added {old.added}" in err
+    assert "give --replace to `iwseg models fetch`" in err and "`iwseg models remove phantom` first" in err
+    assert server.requests == [] and ModelLibrary(lib).get("phantom") == old
+
+    assert fetch(lib, manifest, "--replace") == 0
+    assert f"replaced phantom ({lib / 'phantom.safetensors'}): sha256 {old.sha256[:12]}..." in capsys.readouterr().err
+    entry = ModelLibrary(lib).get("phantom")
+    assert entry.sha256 == hashlib.sha256(model_bytes).hexdigest() and entry.source == f"{server.url}/phantom.safetensors"
+    assert (lib / "phantom.safetensors").read_bytes() == model_bytes and server.requests == [None]
+
+
+def test_fetching_again_keeps_the_card_licence_gate(tmp_path, server, capsys):
+    """A model whose card (not the manifest) asks for acceptance, fetched twice without accepting:
+    the second fetch downloads nothing and must not drop the card's requirement."""
+    path = tmp_path / "licensed.safetensors"
+    save_checkpoint(path, threshold_model(), {"patch_size": [32, 32, 32], "preprocessing": get_preset("mr"),
+                                              "license": "LicenseRef-research-only", "license_requires_acceptance": True})
+    server.files["/licensed.safetensors"] = path.read_bytes()
+    manifest = write_manifest(tmp_path / "models.json", server, path.read_bytes(),
+                              url=f"{server.url}/licensed.safetensors", license="see the model card")
+    assert fetch(tmp_path / "lib", manifest) == 2
+    assert fetch(tmp_path / "lib", manifest) == 2  # still not accepted, and still said
+    assert capsys.readouterr().err.count("iwseg models accept phantom") == 2
+    assert server.requests == [None] and ModelLibrary(tmp_path / "lib").get("phantom").needs_acceptance
+    assert fetch(tmp_path / "lib", manifest, "--accept-license") == 0
+    assert not ModelLibrary(tmp_path / "lib").get("phantom").needs_acceptance

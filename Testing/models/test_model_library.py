@@ -103,9 +103,9 @@ def test_add_refuses_what_is_not_a_safe_checkpoint(tmp_path, checkpoints):
     library.add(checkpoints["plain"], "m")
     other = tmp_path / "other.safetensors"
     threshold_checkpoint(other, gain=10.0)
-    with pytest.raises(InputError, match="'m' is already in the library .* with another file"):
+    with pytest.raises(InputError, match="'m' is already in the library .*: sha256 .*another file"):
         library.add(other, "m")
-    assert library.add(checkpoints["plain"], "m").name == "m"  # the same file again: no change
+    assert library.add(checkpoints["plain"], "m").action == "unchanged"  # the same file again: no change
     assert library.entries()[0].sha256 == hashlib.sha256(checkpoints["plain"].read_bytes()).hexdigest()
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from ...core.errors import EXIT_BAD_INPUT, InputError
 from ...core.progress import CancelState, EtaEstimator, ProgressReporter
 from ...models.download import RateLimit
-from ...models.library import ModelLibrary, card_summary
+from ...models.library import ModelLibrary, Stored, card_summary
 from ...models.manifest import find_entry, read_manifest
 from ..flags.models import MANIFEST_ENV
 
@@ -53,10 +53,25 @@ def _list(library: ModelLibrary, args: argparse.Namespace) -> int:
 
 
 def _add(library: ModelLibrary, args: argparse.Namespace) -> int:
-    entry = library.add(args.file, args.name, accept_license=args.accept_license)
-    print(f"added {entry.name} ({library.path_of(entry)}), licence: {entry.license}"
-          + (", accepted" if entry.accepted else ""))
+    stored = library.add(args.file, args.name, accept_license=args.accept_license, replace=args.replace)
+    print(stored_message(library, stored))
     return 0
+
+
+def stored_message(library: ModelLibrary, stored: Stored) -> str:
+    """What ``add`` or ``fetch`` did, in one line: added, unchanged (the same file was there),
+    restored (its missing copy) or replaced (with the old file's sha256 and when it was added)."""
+    entry = stored.entry
+    where = f"{entry.name} ({library.path_of(entry)})"
+    licence = f"licence: {entry.license}" + (", accepted" if entry.accepted else "")
+    if stored.action == "unchanged":
+        return (f"{where} is already in the library with this file (sha256 {entry.sha256[:12]}...): not copied "
+                f"again, its entry kept; {licence}")
+    if stored.action == "replaced" and stored.previous is not None:
+        old = stored.previous
+        return (f"replaced {where}: sha256 {old.sha256[:12]}... (added {old.added or 'at a time not recorded'}) "
+                f"by {entry.sha256[:12]}...; {licence}")
+    return f"{stored.action} {where}, {licence}"
 
 
 def _verify(library: ModelLibrary, args: argparse.Namespace) -> int:
@@ -105,7 +120,9 @@ def _fetch(library: ModelLibrary, args: argparse.Namespace) -> int:
 
     state = CancelState()
     with state.installed():
-        entry = library.fetch(item, accept_license=args.accept_license, progress=RateLimit(progress), cancelled=state)
+        stored = library.fetch(item, accept_license=args.accept_license, progress=RateLimit(progress), cancelled=state,
+                               replace=args.replace)
+    entry = stored.entry
     reporter.emit("done", model=entry.name, path=str(library.path_of(entry)), sha256=entry.sha256,
-                  license=entry.license, message=f"{entry.name} is in {library.root} (sha256 {entry.sha256} checked)")
+                  license=entry.license, message=f"{stored_message(library, stored)} (sha256 checked)")
     return 0

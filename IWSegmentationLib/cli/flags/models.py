@@ -27,6 +27,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     add.add_argument("--name", help="the model's name in the library (default: the file name without .safetensors)")
     add.add_argument("--accept-license", action="store_true",
                      help="accept the model's licence, where its card asks for acceptance")
+    add.add_argument("--replace", action="store_true",
+                     help="replace the model already in the library under this name with another file (refused "
+                          "without it; the same file again changes nothing)")
     verify = sub.add_parser("verify", parents=[common], help="check each model's file against its sha256")
     verify.add_argument("name", nargs="?", help="one model (default: all)")
     remove = sub.add_parser("remove", parents=[common], help="delete a model and its file from the library")
@@ -37,6 +40,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                        help=f"the manifest (default: ${MANIFEST_ENV}, else manifest.json in the library)")
     fetch.add_argument("--accept-license", action="store_true",
                        help="accept the model's licence, where the manifest or card asks for acceptance")
+    fetch.add_argument("--replace", action="store_true",
+                       help="replace the model already in the library under this name when the manifest's file is "
+                            "another one (refused without it)")
     fetch.add_argument("--progress-format", default="text", choices=("text", "jsonl"),
                        help="text: a progress bar on stderr; jsonl: one JSON object per line on stdout")
     accept = sub.add_parser("accept", parents=[common], help="show a model's licence and record its acceptance")
