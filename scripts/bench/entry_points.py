@@ -15,14 +15,15 @@ Every measurement is the wall time of a fresh interpreter (``python -c`` or ``py
 IWSegmentationLib``, ``PYTHONPATH=<tree>``, run in an empty folder so that no other checkout is on
 its path), from just before the child starts to its exit. Trees run in turns, ``--rounds`` rounds
 after ``--warmup`` rounds that are not counted (:func:`scripts.bench.timing.interleaved`); the table
-gives medians and this tree's time over the old one's (below 1: this tree is faster). The phantom
-checkpoint is written by the last tree given (the oldest), so that every tree can read it. ``--quick`` (two rounds, no warm-up) only
-checks that it works.
+gives medians and the median of each round's ratio of this tree's time to the old one's (below 1:
+this tree is faster). The phantom checkpoint is written by the last tree given (the oldest), so
+that every tree can read it. ``--quick`` (two rounds, no warm-up) only checks that it works.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,10 +82,13 @@ def markdown(trees: list[tuple[str, Path, str]], runs: dict[str, list[dict]], ro
     head += "".join(f" | {names[0]} / {n}" for n in names[1:]) + " |"
     rows = [head, "|---|" + "---:|" * (len(names) * 2 - 1)]
     for key, (what, _) in ENTRIES.items():
-        cells = [f"{med[n][key]:.3f}" for n in names] + [f"{med[names[0]][key] / med[n][key]:.2f}" for n in names[1:]]
+        # the ratio round by round (the two ran back to back), then its median: robust to drift
+        ratios = [statistics.median(a[key] / b[key] for a, b in zip(runs[names[0]], runs[n])) for n in names[1:]]
+        cells = [f"{med[n][key]:.3f}" for n in names] + [f"{r:.2f}" for r in ratios]
         rows.append(f"| {what} | " + " | ".join(cells) + " |")
     return "\n".join([
-        f"Medians of {rounds} interleaved rounds; wall seconds of a fresh interpreter each, start to exit.",
+        f"Medians of {rounds} interleaved rounds; wall seconds of a fresh interpreter each, start to exit. "
+        "The ratio is the median of the rounds' ratios (each round ran the trees back to back).",
         "", *rows, "", timing.machine_line(),
     ])
 

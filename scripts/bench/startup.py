@@ -12,8 +12,9 @@ labelled and padded before the first step with ``cache_size: null``), and the co
 run an older checkout unchanged. ``--old REF`` extracts the commit with ``git archive`` into a
 temporary folder; every measurement is a fresh interpreter running
 ``scripts/bench/train_runs.py`` (this tree's harness) with ``PYTHONPATH=<tree>`` (that tree's
-library). Both trees get this tree's demo settings, without ``val_metric`` (the run never
-validates, and older trees know fewer metrics).
+library). Both trees get this tree's demo settings, without ``val_metric`` and ``license``
+(:data:`scripts.bench.train_runs.NOT_TIMED`: the run never validates, and older trees know fewer
+keys).
 
 What is measured, per run (one child process each):
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import signal
 
+from ...backend.device_probe import DeviceProbe
 from ...core.errors import InputError
 
 
@@ -13,9 +14,6 @@ def _cuda_devices(device: str) -> int:
     """CUDA GPUs the jobs may use (asked in a child interpreter: the server never imports torch)."""
     if device not in ("auto", "cuda"):
         return 0
-    from ...backend.device_probe import DeviceProbe  # lazy: `iwseg` starts without it
-
-
     return len(DeviceProbe().run_blocking().get("cuda") or [])
 
 

@@ -10,18 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ...core.progress import CancelState
+import yaml
 
-# Imported at registration (numpy only; torch loads when a run starts): where training/ is not
-# installed (the 3D Slicer extension), this import fails and the CLI leaves `train` out.
-from ...training import load_config, train
+from ...core.progress import CancelState
+from ...training import load_config, train  # numpy only: torch loads when a run starts
 
 
 def run(args: argparse.Namespace) -> int:
     """Train; SIGINT and SIGTERM cancel the run (exit code 3) with its temporary files removed,
     even when the shell started it with SIGINT ignored (a background job)."""
-    import yaml  # lazy: `iwseg` starts without yaml
-
     config = load_config(args.config, args.overrides)
     if args.print_config:
         sys.stdout.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
