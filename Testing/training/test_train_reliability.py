@@ -311,11 +311,11 @@ def test_evaluate_subprocess_sigterm_exits_3(tmp_path):
     driver = textwrap.dedent(f"""\
         import os, signal, sys
         import IWSegmentationLib.cli.commands.evaluate as ev
-        real = ev.match_case
-        def match_case(*args, **kwargs):
+        real = ev.case_overlaps
+        def case_overlaps(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGTERM)
             return real(*args, **kwargs)
-        ev.match_case = match_case
+        ev.case_overlaps = case_overlaps
         from IWSegmentationLib.cli import main
         sys.exit(main(["evaluate", "--pred", {str(pred)!r}, "--ref", {str(ref)!r},
                        "--json", {str(tmp_path / "r.json")!r}, "--no-progress"]))
