@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ...core.lesion_sizes import CONNECTIVITIES, SIZE_PRESETS
 from ...evaluation.bootstrap import BOOTSTRAP_MODES
 from ...evaluation.records import RECORD_SCORES
+from .lesion_sizes import add_lesion_size_flags
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -53,13 +53,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "logit > log(T / (1 - T)) with --logits (default 0.5)")
     p.add_argument("--spacing-from", choices=("ref", "pred"), default="ref",
                    help="image whose voxel spacing gives volumes and diameters (default ref)")
-    sizes = p.add_mutually_exclusive_group()
-    sizes.add_argument("--size-preset", choices=sorted(SIZE_PRESETS), default=None,
-                       help="size-group diameter cut-offs (default lung: small < 10 mm <= medium < 20 mm <= large)")
-    sizes.add_argument("--size-thresholds", type=float, nargs=2, metavar=("S", "M"), default=None,
-                       help="size-group cut-offs in mm: small if d < S, medium if S <= d < M, large if d >= M")
-    p.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=26,
-                   help="connected-component connectivity for lesions and predictions (default 26)")
+    add_lesion_size_flags(
+        p, size_preset_help="size-group diameter cut-offs (default lung: small < 10 mm <= medium < 20 mm <= large)",
+        connectivity_help="connected-component connectivity for lesions and predictions (default 26)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the full report as JSON")
     p.add_argument("--csv", type=Path, metavar="OUT",
                    help="write one row per reference lesion, then per false positive, as CSV")

@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 
 from ...core.devices import DEVICES, ENGINES, PRECISIONS
-from ...core.lesion_sizes import CONNECTIVITIES, SIZE_PRESETS
 from ...predict.options import OVERLAP_RANGE
+from .lesion_sizes import add_lesion_size_flags
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -84,13 +84,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allow-modality-mismatch", action="store_true",
                    help="run a CT model on an input that looks like MR, or the reverse, instead of refusing it "
                         "(e.g. an MR subtraction image with negative values)")
-    sizes = p.add_mutually_exclusive_group()
-    sizes.add_argument("--size-preset", choices=sorted(SIZE_PRESETS), default=None,
-                       help="lesion size groups (default: the checkpoint's, else lung)")
-    sizes.add_argument("--size-thresholds", type=float, nargs=2, metavar=("S", "M"), default=None,
-                       help="size-group cut-offs in mm: small if d < S, medium if S <= d < M, large if d >= M")
-    p.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=26,
-                   help="lesion connected-component connectivity (default 26)")
+    add_lesion_size_flags(p, size_preset_help="lesion size groups (default: the checkpoint's, else lung)",
+                          connectivity_help="lesion connected-component connectivity (default 26)")
     p.add_argument("--min-lesion-size", default=None, metavar="SIZE",
                    help="drop predicted lesions smaller than SIZE from the mask and lesion table, e.g. 10vox or "
                         "5mm3 (default: the checkpoint's min_lesion_size, else keep all; 'none' keeps all)")
