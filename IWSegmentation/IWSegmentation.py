@@ -61,6 +61,7 @@ from IWSegmentationLib.core import errors, lesion_sizes  # noqa: E402
 from IWSegmentationLib.slicer import deps as slicer_deps  # noqa: E402
 from IWSegmentationLib.slicer import logic as slicer_logic  # noqa: E402
 from IWSegmentationLib.slicer import model_choices, panel  # noqa: E402
+from IWSegmentationLib.slicer import reloading as slicer_reloading  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the module
 
@@ -163,7 +164,7 @@ class IWSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def onReload(self):
-        slicer_deps.reload_engine()
+        slicer_reloading.reload_engine()
         ScriptedLoadableModuleWidget.onReload(self)
 
     # -- the parameter node (Slicer's scripted-module template) ----------------------------------

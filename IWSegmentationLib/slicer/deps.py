@@ -24,9 +24,7 @@ without Slicer; :func:`ensure_in_slicer` is the thin Slicer-side driver.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -48,28 +46,6 @@ PROTECTED_PACKAGES: tuple[str, ...] = ("numpy", "SimpleITK", "torch")
 
 #: Oldest torch the backend supports (``torch.inference_mode``, safetensors loading).
 MINIMUM_TORCH = "2.1"
-
-#: The engine's modules the module brings into Slicer, dependencies first: the developer "Reload"
-#: button reloads those already imported, so an edit takes effect without restarting Slicer.
-RELOAD_ORDER = ("core.errors", "core.devices", "core.progress", "core.lesions", "core.files", "core.outputs",
-                "core.imageio", "evaluation.hit_rules", "evaluation.matching", "evaluation.froc", "evaluation.bootstrap",
-                "evaluation.report", "evaluation",
-                "slicer.mrml.scene", "slicer.mrml.geometry", "slicer.mrml.segments", "slicer.mrml.matching",
-                "slicer.mrml.tables", "slicer.mrml.loading", "slicer.mrml", "slicer.panel", "predict.lesion_json",
-                "predict.options", "slicer.parameter_node", "models.manifest", "models.download", "models.library",
-                "slicer.model_choices", "backend.job", "backend.process_tree", "backend.child_process", "backend.interpreter", "backend.local_run",
-                "backend.device_probe", "serve.client", "slicer.deps", "slicer.logic")
-
-
-def reload_engine() -> list[str]:
-    """Reload the engine's modules of :data:`RELOAD_ORDER` that are imported; return their names."""
-    reloaded = []
-    for name in RELOAD_ORDER:
-        module = sys.modules.get(f"IWSegmentationLib.{name}")
-        if module is not None:
-            importlib.reload(module)
-            reloaded.append(name)
-    return reloaded
 
 VersionLookup = Callable[[str], "str | None"]
 

@@ -16,6 +16,7 @@ run time, in a fresh interpreter: the Slicer side and the evaluation load no tor
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -357,7 +358,7 @@ def test_the_modules_gui_process_loads_no_numpy():
     """What the module's GUI process imports when the module opens (the panel, the logic, the job
     contract, the card reader) loads the standard library only: it opens faster (docs/benchmarks.md,
     entry points). The scene code (``slicer.mrml``) and the views need numpy and load it later."""
-    modules = [f"{PACKAGE}.slicer.{m}" for m in ("panel", "logic", "parameter_node", "lesion_row", "deps")]
+    modules = [f"{PACKAGE}.slicer.{m}" for m in ("panel", "logic", "parameter_node", "lesion_row", "deps", "reloading")]
     modules += [f"{PACKAGE}.backend.{m}" for m in ("job", "local_run", "device_probe")]
     modules += [f"{PACKAGE}.nn.checkpoint", f"{PACKAGE}.serve.client"]
     assert not _loaded(modules, "numpy")
@@ -380,26 +381,45 @@ def test_evaluation_and_the_cli_start_without_torch():
     assert done.stdout.strip() == "False", done.stderr
 
 
-def test_the_modules_reload_list_names_real_modules():
-    """The module's developer Reload button reloads these, dependencies first."""
-    from IWSegmentationLib.slicer.deps import RELOAD_ORDER
-
-    names = list(RELOAD_ORDER)
-    missing = [n for n in names if not ((LIB / n.replace(".", "/")).with_suffix(".py").is_file()
-                                        or (LIB / n.replace(".", "/") / "__init__.py").is_file())]
-    assert names and not missing, missing
-
-
-def test_the_reload_button_reloads_the_imported_modules_dependencies_first():
-    """In a fresh interpreter (a reload makes new classes; the other tests must keep theirs)."""
-    code = (f"import {PACKAGE}.slicer.logic as logic\nfrom {PACKAGE}.slicer.deps import RELOAD_ORDER, reload_engine\n"
-            f"old = logic.LesionSegmentationLogic\nnames = reload_engine()\nimport sys\n"
-            f"print(names == [n for n in RELOAD_ORDER if '{PACKAGE}.' + n in sys.modules], 'slicer.logic' in names,\n"
-            f"      sys.modules['{PACKAGE}.slicer.logic'].LesionSegmentationLogic is not old, 'serve.client' in names)")
+def test_the_reload_button_reloads_every_imported_engine_module_dependencies_first():
+    """In a fresh interpreter (a reload makes new classes; the other tests must keep theirs): after
+    the module's imports, the Reload button reloads every engine module then loaded, each after the
+    engine modules its source imports; the logic is a new class afterwards."""
+    code = (f"import json, sys\nimport {PACKAGE}.slicer.logic as logic, {PACKAGE}.slicer.panel\n"
+            f"from {PACKAGE}.slicer.reloading import engine_imports, reload_engine\n"
+            f"loaded = sorted(n for n in sys.modules if n.startswith('{PACKAGE}.'))\n"
+            f"known = {{n: sys.modules[n] for n in loaded}}\n"
+            f"imports = {{n: sorted(engine_imports(sys.modules[n], known)) for n in loaded}}\n"
+            f"old = logic.LesionSegmentationLogic\nnames = reload_engine()\n"
+            f"new = sys.modules['{PACKAGE}.slicer.logic'].LesionSegmentationLogic is not old\n"
+            f"print(json.dumps([loaded, imports, names, new]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    # every imported module of the list, in its order; the logic is a new class; the client is not
-    # imported by the logic until "Run on: server" is chosen, so it is not reloaded
-    assert done.stdout.split() == ["True", "True", "True", "False"], done.stderr
+    loaded, imports, names, new_class = json.loads(done.stdout.splitlines()[-1])
+    full = [f"{PACKAGE}.{n}" for n in names]
+    assert sorted(full) == loaded and new_class  # every loaded engine module, once
+    position = {n: i for i, n in enumerate(full)}
+    late = [(n, d) for n in full for d in imports[n] if position[d] > position[n]]
+    assert not late, late  # a module never comes before one it imports
+    # e.g. the logic imports the panel, which imports the lesion sizes
+    assert position[f"{PACKAGE}.core.lesion_sizes"] < position[f"{PACKAGE}.slicer.panel"] < \
+        position[f"{PACKAGE}.slicer.logic"]
+
+
+def test_the_reload_order_follows_a_made_up_import_chain(tmp_path):
+    """Three made-up modules, a imports b (relative, inside a function), b imports c: c, b, a."""
+    from types import ModuleType
+
+    from IWSegmentationLib.slicer.reloading import reload_order
+
+    sources = {"a": "def f():\n    from .b import g\n", "b": f"from {PACKAGE}.c import h\n", "c": "h = 1\n"}
+    modules = {}
+    for name, source in sources.items():
+        (tmp_path / f"{name}.py").write_text(source)
+        module = ModuleType(f"{PACKAGE}.{name}")
+        module.__file__ = str(tmp_path / f"{name}.py")
+        modules[module.__name__] = module
+    assert reload_order(dict(reversed(modules.items()))) == [f"{PACKAGE}.c", f"{PACKAGE}.b", f"{PACKAGE}.a"]
+    assert reload_order({"numpy": ModuleType("numpy")}) == []  # only the engine's modules
 
 
 # ---------------------------------------------------------------------------- the tests' own layout

@@ -374,7 +374,7 @@ def test_module_file_stays_thin_and_follows_the_current_template():
     top_imports |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
     assert not top_imports & {"torch", "numpy", "SimpleITK", "scipy"}, "heavy imports at module load"
     assert not re.search(r"^\s*import imp\b|\bimp\.reload\b", text, re.M), "use importlib.reload, never imp"
-    deps = (LIB_DIR / "slicer" / "deps.py").read_text()
+    deps = (LIB_DIR / "slicer" / "reloading.py").read_text()
     assert "importlib.reload" in deps and not re.search(r"\bimp\.reload\b", deps), "Reload uses importlib.reload"
     for idiom in ("parameterNodeWrapper", "tryWithErrorDisplay", "reload_engine()", "panel.GuiBinding"):
         assert idiom in text, f"the module does not use {idiom}"
