@@ -1,5 +1,6 @@
 """The evaluation's hand-worked case: three 10^3 images whose matches, FROC, CPM and object Dice
-are worked out by hand in Testing/evaluation/test_metrics.py and reused by the ``iwseg evaluate`` tests."""
+are worked out by hand in Testing/evaluation/test_metrics.py and reused by the ``iwseg evaluate`` tests;
+and the blob case the hit rules disagree on (Testing/evaluation/test_hit_rule_comparison.py)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,14 @@ def hand_case_arrays():
     # Image C: nothing at all (still counts as an image in FP/image).
     ref_c, prob_c = np.zeros(shape, np.uint8), np.zeros(shape, np.float32)
     return {"A": (prob_a, ref_a), "B": (prob_b, ref_b), "C": (prob_c, ref_c)}
+
+
+def blob_case():
+    """Three 2x2x2 lesions (8 voxels each) under one 10x10x10 blob (1000 voxels) of probability
+    0.9: the paper's rule counts 3 hits, one-to-one 1 (worked in test_hit_rule_comparison.py)."""
+    ref = np.zeros((12, 12, 12), np.uint8)
+    for z in (1, 5, 8):
+        ref[z:z + 2, 2:4, 2:4] = 1
+    blob = np.zeros(ref.shape, np.float32)
+    blob[1:11, 1:11, 1:11] = 0.9
+    return blob, ref

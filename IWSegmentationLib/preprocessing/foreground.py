@@ -47,6 +47,26 @@ def body_mask(image: np.ndarray, params: dict[str, Any]) -> np.ndarray | None:
         return None
     return np.asarray(image) > params["body_threshold"]
 
+def enclosed_air(air: np.ndarray, min_fraction: float) -> np.ndarray | None:
+    """The air inside the body: the 6-connected components of ``air`` (uint8 ``[z, y, x]``, 1 =
+    air-like) that touch no in-plane side of the scan (the air around the patient does) and hold
+    at least ``min_fraction`` of its voxels (bowel gas does not). A bool mask of ``air``'s shape,
+    or None when there is none. The start of both :func:`lung_field` and the automatic lung mask
+    (:func:`IWSegmentationLib.preprocessing.lung_mask.lung_mask`)."""
+    import cc3d  # lazy: `iwseg` starts without loading cc3d
+
+    labels = cc3d.connected_components(air, connectivity=6)
+    if int(labels.max()) == 0:
+        return None
+    outside = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
+                                        labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    keep = component_sizes(labels) >= min_fraction * labels.size
+    keep[outside] = False
+    keep[0] = False
+    if not keep.any():
+        return None
+    return keep[labels]
+
 
 def lung_field(image: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0), *, air_below: float = -400.0,
                margin_mm: float = 15.0, min_fraction: float = 0.002) -> np.ndarray | None:
@@ -63,7 +83,6 @@ def lung_field(image: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)
     Returns a bool mask on the image's grid, or None when no such air is found (an image that is
     not a chest CT) — the caller then falls back to the body threshold.
     """
-    import cc3d  # lazy: `iwseg` starts without loading cc3d
     from scipy import ndimage  # lazy: scipy takes ~1.5 s to load, and only the lung field needs it
 
     image = np.asarray(image)
@@ -71,20 +90,9 @@ def lung_field(image: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)
         raise InputError(f"lung_field needs a 3D image, got shape {image.shape}")
     depth, height, width = image.shape
     step = max(1, min(height, width) // 128)
-    air = np.ascontiguousarray(image[:, ::step, ::step] < air_below).view(np.uint8)
-    labels = cc3d.connected_components(air, connectivity=6)
-    if int(labels.max()) == 0:
+    field = enclosed_air(np.ascontiguousarray(image[:, ::step, ::step] < air_below).view(np.uint8), min_fraction)
+    if field is None:
         return None
-    outside = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
-                                        labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    voxels = component_sizes(labels)
-    keep = voxels >= min_fraction * labels.size
-    keep[outside] = False
-    keep[0] = False
-    if not keep.any():
-        return None
-    field = keep[labels]
-    del labels, air
     for z in range(depth):
         if field[z].any():
             ndimage.binary_fill_holes(field[z], output=field[z])

@@ -25,6 +25,7 @@ import numpy as np
 from ..core.errors import InputError
 from ..core.imageio import Geometry
 from ..core.lesions import component_sizes
+from .foreground import enclosed_air
 
 #: HU below which a voxel is air-like (aerated lung is about -850, soft tissue about +40).
 AIR_BELOW_HU = -400.0
@@ -75,7 +76,6 @@ def lung_mask(image: np.ndarray, geometry: Geometry | None = None, *, air_below:
     increasing towards the head, as ITK's LPS). None is returned for an image without air
     inside the body (not a chest CT): the caller says so.
     """
-    import cc3d  # lazy: `iwseg` starts without loading cc3d
 
     image = np.asarray(image)
     if image.ndim != 3 or image.size == 0:
@@ -86,22 +86,9 @@ def lung_mask(image: np.ndarray, geometry: Geometry | None = None, *, air_below:
     steps = tuple(max(1, min(int(round(GRID_MM / s)), n // MIN_GRID_SIDE)) for s, n in zip(spacing, image.shape))
     grid_mm = spacing * np.asarray(steps)
     small = image[::steps[0], ::steps[1], ::steps[2]]
-    air = np.ascontiguousarray(small < air_below).view(np.uint8)
-
-    labels = cc3d.connected_components(air, connectivity=6)
-    del air
-    if int(labels.max()) == 0:
+    candidate = enclosed_air(np.ascontiguousarray(small < air_below).view(np.uint8), MIN_LUNG_FRACTION)
+    if candidate is None:
         return None
-    outside = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
-                                        labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    sizes = component_sizes(labels)
-    keep = sizes >= MIN_LUNG_FRACTION * labels.size
-    keep[outside] = False
-    keep[0] = False
-    if not keep.any():
-        return None
-    candidate = keep[labels]
-    del labels
 
     candidate &= ~airway(candidate, small, tuple(grid_mm), superior_last(geometry))
     lungs = two_largest(candidate, MIN_LUNG_FRACTION * candidate.size)

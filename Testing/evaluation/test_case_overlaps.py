@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from _hand_cases import HAND_SIZES, hand_case_arrays
+from _hand_cases import HAND_SIZES, blob_case, hand_case_arrays
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -42,19 +42,8 @@ def assert_same_result(shared: CaseResult, fresh: CaseResult) -> None:
     assert shared.as_dict() == fresh.as_dict()
 
 
-def _blob_case():
-    """Three 2x2x2 lesions under one 10x10x10 blob of probability 0.9 (the worked example of
-    test_hit_rule_comparison.py): paper counts 3 hits, one-to-one 1."""
-    ref = np.zeros((12, 12, 12), np.uint8)
-    for z in (1, 5, 8):
-        ref[z:z + 2, 2:4, 2:4] = 1
-    blob = np.zeros(ref.shape, np.float32)
-    blob[1:11, 1:11, 1:11] = 0.9
-    return blob, ref
-
-
 def hand_arrays() -> dict:
-    return {**hand_case_arrays(), "blob": _blob_case()}
+    return {**hand_case_arrays(), "blob": blob_case()}
 
 
 @pytest.mark.parametrize("min_lesion_size", [None, "3vox"])
@@ -74,7 +63,7 @@ def test_the_blob_case_still_differs_between_the_rules():
     # The equality above must not hold because every rule gives the same answer: on the blob case
     # (Dice of each 8-voxel lesion with the 1000-voxel blob = 2*8/1008) paper hits all three lesions,
     # one-to-one one of them, and panoptica (IoU 8/1000 <= 0.5) none.
-    prob, ref = _blob_case()
+    prob, ref = blob_case()
     overlaps = case_overlaps(prob, ref)
     hits = {rule: sum(les.detected for les in overlaps.match(rule).lesions) for rule in ("paper", "one-to-one",
                                                                                         "panoptica")}
@@ -132,7 +121,7 @@ def label_counter(monkeypatch) -> LabelCounter:
 
 
 def test_one_labelling_per_volume_however_many_rules(label_counter):
-    prob, ref = _blob_case()
+    prob, ref = blob_case()
     overlaps = case_overlaps(prob, ref)
     # the reference (3 lesions of 8 voxels: 24) and the prediction (the 1000-voxel blob > 0.5), once each
     assert sorted(label_counter.calls) == [((12, 12, 12), 24), ((12, 12, 12), 1000)]

@@ -4,21 +4,12 @@ import json
 
 import numpy as np
 import pytest
+from _hand_cases import blob_case
 
 from IWSegmentationLib.cli.main import main
 from IWSegmentationLib.core.imageio import Geometry, write_image
 from IWSegmentationLib.evaluation.matching import match_case
 from IWSegmentationLib.evaluation.report import LOW_HIT_DICE, compare_hit_rules
-
-
-def _blob_case():
-    """Three 2x2x2 lesions (8 voxels each) under one 10x10x10 blob (1000 voxels) of probability 0.9."""
-    ref = np.zeros((12, 12, 12), np.uint8)
-    for z in (1, 5, 8):
-        ref[z:z + 2, 2:4, 2:4] = 1
-    blob = np.zeros(ref.shape, np.float32)
-    blob[1:11, 1:11, 1:11] = 0.9
-    return blob, ref
 
 
 def _by_rule(pred, ref):
@@ -29,7 +20,7 @@ def test_known_bad_blob_disagrees():
     # Dice of each lesion with the blob: 2 * 8 / (8 + 1000) = 0.0159 < 0.05 -> 3 low-Dice hits (paper)
     # paper (many-to-one): all 3 lesions hit, 0 FP, recall 1, CPM 1, object Dice 0.0159
     # one-to-one: the blob pairs with one lesion: recall 1/3, 0 FP, CPM 1/3 (recall 1/3 at every FP rate)
-    comparison = compare_hit_rules(_by_rule(*_blob_case()))
+    comparison = compare_hit_rules(_by_rule(*blob_case()))
     paper, one = comparison["rules"]
     assert paper["hit_rule"] == "paper" and one["hit_rule"] == "one-to-one"
     assert paper["recall"] == 1.0 and paper["cpm"] == 1.0 and paper["fp_per_image"] == 0.0
@@ -44,7 +35,7 @@ def test_known_bad_blob_disagrees():
 
 
 def test_known_good_perfect_prediction_agrees():
-    _, ref = _blob_case()
+    _, ref = blob_case()
     comparison = compare_hit_rules(_by_rule(ref.astype(np.float32), ref))
     assert comparison == {"rules": [
         {"hit_rule": "paper", "recall": 1.0, "fp_per_image": 0.0, "cpm": 1.0, "object_dice": 1.0, "low_dice_hits": 0},
@@ -54,7 +45,7 @@ def test_known_good_perfect_prediction_agrees():
 
 
 def test_evaluate_command_says_loudly_when_the_rules_disagree(tmp_path, capsys):
-    blob, ref = _blob_case()
+    blob, ref = blob_case()
     for name, pred in (("bad", blob), ("good", ref.astype(np.float32))):
         (tmp_path / name / "pred").mkdir(parents=True)
         (tmp_path / name / "ref").mkdir()
